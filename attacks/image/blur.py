@@ -1,0 +1,78 @@
+"""Gaussian blur."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench import ConfigError, ImageAttack, Param, image_attacks
+
+
+def default_sigma(kernel_size: int) -> float:
+    """The sigma OpenCV and torchvision derive from a kernel size: ``0.3 * ((k - 1) / 2 - 1) + 0.8``."""
+    return 0.3 * ((kernel_size - 1) * 0.5 - 1.0) + 0.8
+
+
+def _gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[N, C, H, W]`` with reflect padding (replicate when the image is too small)."""
+    if kernel_size <= 1:
+        return x.clone()
+    half = (kernel_size - 1) / 2.0
+    t = torch.linspace(-half, half, kernel_size, dtype=torch.float64)
+    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
+    k1 = (k1 / k1.sum()).to(x.dtype)
+    n, c, h, w = x.shape
+    pad = kernel_size // 2
+    mode = "reflect" if pad < h and pad < w else "replicate"
+    y = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    kh = k1.view(1, 1, kernel_size, 1).expand(c, 1, kernel_size, 1)
+    kw = k1.view(1, 1, 1, kernel_size).expand(c, 1, 1, kernel_size)
+    y = F.conv2d(y, kh, groups=c)
+    y = F.conv2d(y, kw, groups=c)
+    return y
+
+
+@image_attacks.register("gaussian_blur")
+class GaussianBlur(ImageAttack):
+    """Gaussian blur with an odd square kernel (separable convolution, reflect padding).
+
+    ``sigma`` unset means the OpenCV/torchvision rule ``sigma = 0.3 * ((k - 1) / 2 - 1) + 0.8``.
+
+    Strength mapping (WAVES kernel range 0-20): ``k = round(20 * s)``, bumped to the next odd number (so k runs
+    1, 3, ..., 21; k = 1 is the identity) and ``sigma`` by the rule above (s=0.5: k=11, sigma=2.0, the defaults).
+
+    Origin: WAVES (An et al., ICML 2024, "WAVES: Benchmarking the Robustness of Image Watermarks"), "Gaussian
+    blur" distortion with kernel size 0-20.
+    """
+
+    version = "1"
+    params = (
+        Param("kernel_size", "int", 11, "odd kernel side in pixels (1 = no blur)", low=1, high=101),
+        Param("sigma", "float", None, "standard deviation in pixels; unset = derived from kernel_size",
+              low=0.01, high=100.0, optional=True),
+        Param("strength", "float", None, "normalised strength; sets kernel_size = odd(round(20 s)) and sigma",
+              low=0.0, high=1.0, optional=True),
+    )
+
+    def __init__(self, **given: Any):
+        super().__init__(**given)
+        if int(self.kernel_size) % 2 != 1:
+            raise ConfigError(f"kernel_size = {self.kernel_size} is invalid for '{self.name or 'gaussian_blur'}': "
+                              f"it must be an odd integer in [1, 101]")
+
+    @classmethod
+    def from_strength(cls, strength: float) -> dict[str, Any]:
+        s = min(max(float(strength), 0.0), 1.0)
+        k = int(math.floor(20.0 * s + 0.5))
+        if k % 2 == 0:
+            k += 1
+        return {"kernel_size": k, "sigma": default_sigma(k)}
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = images.detach().to(torch.float32)
+        k = int(self.kernel_size)
+        sigma = float(self.sigma) if self.sigma is not None else default_sigma(k)
+        return _gaussian_blur(x, k, sigma).clamp(0.0, 1.0).contiguous()

@@ -1,0 +1,56 @@
+"""JPEG compression with the real codec (Pillow / libjpeg)."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench import ImageAttack, Param, image_attacks
+
+
+@image_attacks.register("jpeg")
+class JPEG(ImageAttack):
+    """JPEG compression: encode and decode each image with Pillow's JPEG codec at a given quality.
+
+    Each image is quantised to 8 bits (``round(x * 255)``), encoded in memory with ``PIL.Image.save(format="JPEG",
+    quality=q, subsampling=...)`` and decoded back; the output is the decoded image divided by 255.
+
+    Strength mapping (WAVES range): ``quality = round(90 - 80 * s)``, i.e. quality 90 at s=0 down to 10 at s=1
+    (s=0.5 gives the default 50).
+
+    Origin: WAVES (An et al., ICML 2024, "WAVES: Benchmarking the Robustness of Image Watermarks"), "JPEG
+    compression" distortion with quality 90-10.
+    """
+
+    version = "1"
+    params = (
+        Param("quality", "int", 50, "JPEG quality factor (1 = worst, 100 = best)", low=1, high=100),
+        Param("subsampling", "str", "4:2:0", "chroma subsampling used by the encoder",
+              choices=("4:4:4", "4:2:2", "4:2:0")),
+        Param("strength", "float", None, "normalised strength; sets quality = round(90 - 80 s)",
+              low=0.0, high=1.0, optional=True),
+    )
+
+    @classmethod
+    def from_strength(cls, strength: float) -> dict[str, Any]:
+        s = min(max(float(strength), 0.0), 1.0)
+        return {"quality": int(math.floor(90.0 - 80.0 * s + 0.5))}
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = images.detach().to(torch.float32).clamp(0.0, 1.0)
+        arrays = (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        out = np.empty_like(arrays)
+        for i, arr in enumerate(arrays):
+            buf = io.BytesIO()
+            Image.fromarray(arr, mode="RGB").save(buf, format="JPEG", quality=int(self.quality),
+                                                  subsampling=self.subsampling)
+            buf.seek(0)
+            with Image.open(buf) as decoded:
+                out[i] = np.asarray(decoded.convert("RGB"))
+        result = torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return result.clamp(0.0, 1.0).contiguous()

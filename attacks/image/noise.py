@@ -1,0 +1,42 @@
+"""Additive Gaussian noise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bench import ImageAttack, Param, image_attacks
+
+
+@image_attacks.register("gaussian_noise")
+class GaussianNoise(ImageAttack):
+    """Additive i.i.d. Gaussian noise per pixel and channel: ``clamp(x + std * n)``, ``n ~ N(0, 1)``.
+
+    The noise is drawn from the stage generator for the whole batch at once, so every image (and channel) gets
+    its own independent draw.
+
+    Strength mapping (WAVES range): ``std = 0.1 * s`` (on the [0, 1] pixel scale; s=0.5 gives the default 0.05).
+
+    Origin: WAVES (An et al., ICML 2024, "WAVES: Benchmarking the Robustness of Image Watermarks"), "Gaussian
+    noise" distortion with std 0-0.1.
+    """
+
+    version = "1"
+    params = (
+        Param("std", "float", 0.05, "noise standard deviation on the [0, 1] pixel scale", low=0.0, high=1.0),
+        Param("strength", "float", None, "normalised strength; sets std = 0.1 s", low=0.0, high=1.0,
+              optional=True),
+    )
+
+    @classmethod
+    def from_strength(cls, strength: float) -> dict[str, Any]:
+        s = min(max(float(strength), 0.0), 1.0)
+        return {"std": 0.1 * s}
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = images.detach().to(torch.float32)
+        if float(self.std) == 0.0:
+            return x.clamp(0.0, 1.0).clone()
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+        return (x + float(self.std) * noise).clamp(0.0, 1.0).contiguous()

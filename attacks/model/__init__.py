@@ -1,0 +1,1 @@
+"""Model-level attack plugins: a pipeline in, a pipeline out."""

@@ -1,0 +1,16 @@
+"""The unattacked model (identity)."""
+
+from __future__ import annotations
+
+from bench import ModelAttack, model_attacks
+
+
+@model_attacks.register("none")
+class NoModelAttack(ModelAttack):
+    """No model attack: the model as the defence left it. The planner adds no stage for an identity attack."""
+
+    version = "1"
+    identity = True
+
+    def apply(self, pipe, ctx):
+        return pipe

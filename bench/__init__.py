@@ -1,0 +1,36 @@
+"""MarkBench: a robustness benchmark for watermarks in text-to-image diffusion models.
+
+The public API for plugins (importing it loads neither torch nor diffusers)::
+
+    from bench import Defense, ImageAttack, ModelAttack, Metric, Param, defenses, image_attacks, ...
+"""
+
+from .errors import ConfigError, PluginError, PluginValidationError, UserError
+from .params import Param
+from .plugins import (
+    Defense,
+    Detection,
+    DetectionKind,
+    Embedding,
+    GenerationRequest,
+    ImageAttack,
+    MarkLocation,
+    MeasureContext,
+    Measurement,
+    Metric,
+    ModelAttack,
+    NegativePolicy,
+    Secret,
+    StageContext,
+    Verification,
+)
+from .registries import defenses, image_attacks, metrics, model_attacks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "PluginError", "PluginValidationError", "UserError", "Param", "Defense", "Detection",
+    "DetectionKind", "Embedding", "GenerationRequest", "ImageAttack", "MarkLocation", "MeasureContext",
+    "Measurement", "Metric", "ModelAttack", "NegativePolicy", "Secret", "StageContext", "Verification",
+    "defenses", "image_attacks", "metrics", "model_attacks", "__version__",
+]

@@ -1,0 +1,336 @@
+"""The ``bench`` command line.
+
+User errors (bad config, unknown plugin, missing folder ...) print one sentence and exit with code 2; ``--debug``
+shows the traceback. A run whose cells partly failed exits with code 1 after a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import BenchError, UserError
+
+EPILOG_MAIN = """\
+examples:
+  bench run                                  run the grid in ./bench.toml (or the shipped default)
+  bench run --config configs/my.toml --only 'dwtdct/*'
+  bench run --set run.num_images=8 --dry-run show the plan with an override, compute nothing
+  bench show --metric bit_accuracy           the results matrix of the last run
+  bench ls defenses                          what can be benchmarked, with parameters
+  bench validate configs/my.toml             check a config without running it
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench", description="MarkBench: robustness of watermarks in text-to-image diffusion models.",
+        epilog=EPILOG_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cfg_args(sp, positional: bool = False):
+        if positional:
+            sp.add_argument("config", nargs="?", default=None, help="config file (default: ./bench.toml)")
+        else:
+            sp.add_argument("--config", "-c", default=None, help="config file (default: ./bench.toml)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set run.num_images=8 (repeatable)")
+        sp.add_argument("--output", "-o", default=None, help="output folder (overrides run.output)")
+
+    r = sub.add_parser("run", help="run the grid of a config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Cross defences with attacks and store a results matrix.",
+                       epilog=textwrap.dedent("""\
+                           examples:
+                             bench run
+                             bench run --config configs/finetune.toml --only 'dwtdct*jpeg*'
+                             bench run --rerun-failed
+                             bench run --dry-run --set run.seeds=[0,1]
+                           Re-running the same command resumes: finished cells and cached stages are kept."""))
+    cfg_args(r)
+    r.add_argument("--dry-run", action="store_true", help="print the plan (cells, stages, cache hits) and stop")
+    r.add_argument("--only", default=None, metavar="PATTERN",
+                   help="only cells whose label 'defence/model_attack/image_attack/sN' matches (glob, or substring)")
+    r.add_argument("--rerun-failed", action="store_true", help="retry cells that failed in an earlier run")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--executor", choices=("local",), default="local", help="where stages run")
+
+    ls = sub.add_parser("ls", help="list plugins with their parameters",
+                        epilog="examples:\n  bench ls\n  bench ls attacks\n  bench ls defenses -v",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.add_argument("kind", nargs="?", default="all",
+                    choices=("all", "defenses", "attacks", "image-attacks", "model-attacks", "metrics"))
+    ls.add_argument("-v", "--verbose", action="store_true", help="full docstrings")
+
+    v = sub.add_parser("validate", help="check a config file without running it",
+                       epilog="example:\n  bench validate configs/my.toml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg_args(v, positional=True)
+
+    s = sub.add_parser("show", help="print the results matrix (defences x attacks)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  bench show\n  bench show --metric bit_accuracy\n"
+                              "  bench show --format csv > matrix.csv")
+    cfg_args(s)
+    s.add_argument("--metric", "-m", default=None, help="metric to show (default: run.primary_metric)")
+    s.add_argument("--format", "-f", choices=("table", "csv", "json"), default="table")
+
+    e = sub.add_parser("export", help="export all results (one row per cell and metric) to CSV, Parquet or JSON",
+                       epilog="examples:\n  bench export --to results.csv\n  bench export --to results.parquet",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg_args(e)
+    e.add_argument("--to", required=True, help="output file: .csv, .parquet or .json")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return {"run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "show": cmd_show,
+                "export": cmd_export}[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BenchError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _load(args, check_output: bool = True):
+    from .config import load_config, parse_override
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.output:
+        overrides["run.output"] = args.output
+    return load_config(args.config, overrides, check_output=check_output)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from .progress import Progress
+    from .runner import Runner
+
+    cfg = _load(args)
+    console = _console()
+    err = _console(stderr=True)
+    show_bars = not args.no_progress and err.is_terminal
+    runner = Runner(cfg, progress=Progress(enabled=show_bars, console=err),
+                    log=(lambda m: None) if show_bars else (lambda m: err.print(m, markup=False)))
+    cells = runner.plan.select(args.only)
+    if args.only and not cells:
+        raise UserError(f"--only {args.only!r} matches no cell; labels look like "
+                        f"'{runner.plan.cells[0].label}'")
+    if args.dry_run:
+        _print_plan(runner, cells, console)
+        return 0
+    summary = runner.run(only=args.only, rerun_failed=args.rerun_failed,
+                         command="bench " + " ".join(sys.argv[1:]))
+    console.print(f"[bold]{summary.cells_ok}[/] cells computed, {summary.cells_skipped} already done, "
+                  f"{len(summary.cells_failed)} failed; stages run: "
+                  + (", ".join(f"{k} {v}" for k, v in sorted(summary.stages_run.items())) or "none")
+                  + f"; cached stages reused: {summary.stages_cached}; {summary.seconds:.1f} s")
+    _print_matrix(cfg, None, "table", console)
+    if summary.cells_failed:
+        console.print(f"[red]{len(summary.cells_failed)} cell(s) failed:[/]")
+        for label, error in summary.cells_failed:
+            console.print(f"  {label}: {error}", markup=False)
+        console.print(f"tracebacks: sqlite3 {cfg.output / 'results.sqlite'} "
+                      "\"select label, traceback from cells where status='failed'\"", markup=False)
+        return 1
+    console.print(f"results: {cfg.output / 'results.sqlite'}", markup=False)
+    return 0
+
+
+def _print_plan(runner, cells, console) -> None:
+    stages = runner.plan.closure(cells)
+    by_kind: dict[str, list[int]] = {}
+    for s in stages:
+        cached = s.kind == "base" or runner.artifacts.exists(s.key)
+        entry = by_kind.setdefault(s.kind, [0, 0])
+        entry[0] += 1
+        entry[1] += int(cached)
+    console.print(f"{len(cells)} cells, {len(stages)} stages")
+    for kind, (n, cached) in by_kind.items():
+        console.print(f"  {kind:13s} {n:4d} stages, {cached:4d} cached, {n - cached:4d} to run")
+    for c in cells:
+        console.print(f"  {c.label}", markup=False)
+
+
+def cmd_validate(args) -> int:
+    from .plan import build_plan
+
+    cfg = _load(args)
+    plan = build_plan(cfg)
+    print(f"{cfg.path}: ok: {len(cfg.defenses)} defences x {len(cfg.model_attacks)} model attacks x "
+          f"{len(cfg.image_attacks)} image attacks x {len(cfg.run.seeds)} seed(s) = {len(plan.cells)} cells, "
+          f"{len(plan.stages)} stages, {cfg.run.num_images} images each")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from .params import describe
+    from .registries import REGISTRIES
+
+    kinds = {"all": ("defenses", "image_attacks", "model_attacks", "metrics"),
+             "defenses": ("defenses",), "attacks": ("image_attacks", "model_attacks"),
+             "image-attacks": ("image_attacks",), "model-attacks": ("model_attacks",),
+             "metrics": ("metrics",)}[args.kind]
+    console = _console()
+    from rich.table import Table
+
+    for kind in kinds:
+        reg = REGISTRIES[kind]
+        table = Table(title=kind.replace("_", " "), show_lines=False, title_justify="left")
+        table.add_column("name", style="bold")
+        table.add_column("what")
+        table.add_column("parameters (default; allowed)")
+        for name in reg.names():
+            cls = reg.get(name)
+            doc = (cls.__doc__ or "").strip()
+            what = doc if args.verbose else (doc.splitlines()[0] if doc else "")
+            origin = reg.origin(name)
+            if origin != "markbench":
+                what += f" [from {origin}]"
+            params = "\n".join(f"{d.name}: {d.type} = {d.default!r}; {d.allowed}" for d in describe(cls.params))
+            table.add_row(name, what, params or "-")
+        console.print(table)
+    return 0
+
+
+def _results(args):
+    from .store import ResultStore
+
+    cfg = _load(args, check_output=False)
+    db = cfg.output / "results.sqlite"
+    if not db.exists():
+        raise UserError(f"{db}: no results yet; run 'bench run' with this config first")
+    store = ResultStore(db)
+    try:
+        return cfg, store.dataframe()
+    finally:
+        store.close()
+
+
+def cmd_show(args) -> int:
+    cfg, _ = _results(args)
+    _print_matrix(cfg, args.metric, args.format, _console())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .store import export
+
+    _, df = _results(args)
+    out = export(df, args.to)
+    print(f"wrote {len(df)} rows to {out}")
+    return 0
+
+
+def matrix(df, metric: str):
+    """Defences x attacks for one metric: a frame of formatted strings and one of values."""
+    sub = df[(df["metric"] == metric) & (df["status"] == "ok")].copy()
+    if sub.empty:
+        return None
+    multi_ma = sub["model_attack_label"].nunique() > 1
+    sub["column"] = (sub["model_attack_label"] + " | " if multi_ma else "") + sub["image_attack_label"]
+    multi_seed = sub["seed"].nunique() > 1
+    sub["row"] = sub["defense_label"] + (" s" + sub["seed"].astype(str) if multi_seed else "")
+    sub = sub.drop_duplicates(["row", "column"], keep="last")
+    order_cols = list(dict.fromkeys(sub["column"]))
+    order_rows = list(dict.fromkeys(sub["row"]))
+    return sub, order_rows, order_cols
+
+
+def _fmt_cell(r) -> str:
+    v = r["value"]
+    if v is None or v != v:
+        return "-"
+    s = f"{v:.3f}" if abs(v) < 1000 else f"{v:.3g}"
+    if r["low"] is not None and r["low"] == r["low"] and r["high"] is not None and r["high"] == r["high"]:
+        s += f" [{r['low']:.2f},{r['high']:.2f}]"
+    return s + f" n={int(r['n'])}"
+
+
+def _print_matrix(cfg, metric: str | None, fmt: str, console) -> None:
+    from .store import ResultStore
+
+    db = cfg.output / "results.sqlite"
+    if not db.exists():
+        return
+    store = ResultStore(db)
+    try:
+        df = store.dataframe()
+    finally:
+        store.close()
+    metric = metric or cfg.run.primary_metric
+    available = sorted(df["metric"].unique()) if not df.empty else []
+    if metric not in available:
+        if df.empty:
+            console.print("no results yet")
+            return
+        from .registry import suggest
+
+        raise UserError(f"--metric {metric!r}: no such metric in the results{suggest(metric, available)}; "
+                        f"available: {', '.join(available)}")
+    sub, rows, cols = matrix(df, metric)
+    if fmt in ("csv", "json"):
+        table = {row: {col: None for col in cols} for row in rows}
+        for _, r in sub.iterrows():
+            table[r["row"]][r["column"]] = {"value": r["value"], "low": r["low"], "high": r["high"],
+                                            "n": int(r["n"]), "note": r["note"]}
+        if fmt == "json":
+            print(json.dumps({"metric": metric, "rows": rows, "columns": cols, "cells": table}, indent=1))
+        else:
+            import csv
+
+            w = csv.writer(sys.stdout)
+            w.writerow(["defense", "attack", "metric", "value", "low", "high", "n"])
+            for row in rows:
+                for col in cols:
+                    c = table[row][col]
+                    if c is not None:
+                        w.writerow([row, col, metric, c["value"], c["low"], c["high"], c["n"]])
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{metric} (95% interval, N) - {db}", title_justify="left")
+    t.add_column("defence \\ attack", style="bold")
+    for col in cols:
+        t.add_column(col, overflow="fold")
+    cells = {(r["row"], r["column"]): _fmt_cell(r) for _, r in sub.iterrows()}
+    for row in rows:
+        t.add_row(row, *[cells.get((row, col), "") for col in cols])
+    console.print(t)
+    notes = sorted(set(n for n in sub["note"] if n))
+    for n in notes:
+        console.print(f"note: {n}", markup=False)
+
+
+def entry() -> None:  # console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

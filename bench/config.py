@@ -1,0 +1,465 @@
+"""Typed configuration loaded from ``bench.toml``.
+
+Precedence, said once: **command-line options > the config file > the defaults in these dataclasses**.
+
+Everything is validated here, before any model loads: unknown sections or keys, wrong types, values out of range,
+unknown plugins (with "did you mean"), a missing model folder, an unwritable output folder. Each problem is one
+:class:`~bench.errors.ConfigError` sentence naming the file, the key, the value and what is allowed.
+
+Plugin tables (``[[defenses]]``, ``[[image_attacks]]``, ``[[model_attacks]]``, ``[[metrics]]``) hold ``name`` and the
+plugin's parameters. A list given for a scalar parameter is a *sweep*: it expands into one column per value (several
+swept parameters expand to their product).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .params import Param
+from .plugins import NegativePolicy
+from .registry import Registry, suggest
+
+DEFAULT_CONFIG_NAME = "bench.toml"
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One configured plugin instance: registry kind, name, fully resolved parameters, version and origin."""
+
+    kind: str
+    name: str
+    params: tuple[tuple[str, Any], ...]
+    version: str
+    origin: str = "markbench"
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params}
+
+    def instantiate(self):
+        from . import registries
+
+        return registries.REGISTRIES[self.kind].get(self.name)(**self.param_dict)
+
+    def identity(self) -> dict[str, Any]:
+        """What goes into cache keys: name, version and every resolved parameter."""
+        return {"name": self.name, "version": self.version, "params": self.param_dict}
+
+    @property
+    def label(self) -> str:
+        cls = _registry(self.kind).get(self.name)
+        defaults = {p.name: p.default for p in cls.params}
+        changed = {k: v for k, v in self.param_dict.items() if defaults.get(k) != v}
+        if "strength" in changed:  # a strength sets the natural parameters: show only the strength
+            changed = {"strength": changed["strength"]}
+        if not changed:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={_short(v)}" for k, v in sorted(changed.items())) + ")"
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list):
+        return "[" + "+".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+@dataclass
+class RunConfig:
+    name: str = "markbench"
+    output: str = "runs/default"
+    cache: str = ""  # artifact cache folder; empty: <output>/cache
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_images: int = 16
+    batch_size: int = 8
+    negatives: str = "attacked"
+    target_fprs: list[float] = field(default_factory=lambda: [1e-6, 1e-2])
+    primary_metric: str = "tpr@1e-06"
+    device: str = "cpu"
+    include_identity: bool = True
+
+
+@dataclass
+class ModelConfig:
+    builtin: str = ""
+    path: str = ""
+    hub_id: str = ""
+    revision: str = "main"
+    dtype: str = "float32"
+    height: int = 64
+    width: int = 64
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+
+    @property
+    def source(self) -> str:
+        return self.builtin and f"builtin:{self.builtin}" or self.path or self.hub_id
+
+
+@dataclass
+class PromptConfig:
+    builtin: str = ""
+    file: str = ""
+    list: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchConfig:
+    path: str
+    run: RunConfig
+    model: ModelConfig
+    prompts: PromptConfig
+    defenses: list[PluginSpec]
+    model_attacks: list[PluginSpec]
+    image_attacks: list[PluginSpec]
+    metrics: list[PluginSpec]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Path:
+        return Path(self.run.output)
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.run.cache) if self.run.cache else self.output / "cache"
+
+    @property
+    def negative_policy(self) -> NegativePolicy:
+        return NegativePolicy(self.run.negatives)
+
+    def prompt_list(self) -> list[str]:
+        return load_prompts(self.prompts, self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "run": asdict(self.run),
+            "model": asdict(self.model),
+            "prompts": asdict(self.prompts),
+            **{k: [s.identity() | {"origin": s.origin} for s in getattr(self, k)]
+               for k in ("defenses", "model_attacks", "image_attacks", "metrics")},
+        }
+
+
+_SECTIONS = {"run": RunConfig, "model": ModelConfig, "prompts": PromptConfig}
+_PLUGIN_SECTIONS = ("defenses", "model_attacks", "image_attacks", "metrics")
+_ALLOWED_DTYPES = ("float32", "bfloat16", "float16")
+_ALLOWED_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def _registry(kind: str) -> Registry:
+    from . import registries
+
+    return registries.REGISTRIES[kind]
+
+
+def default_config_path() -> Path:
+    """``./bench.toml`` if present, else the grid shipped next to the package."""
+    local = Path(DEFAULT_CONFIG_NAME)
+    if local.exists():
+        return local
+    return Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
+                check_output: bool = True) -> BenchConfig:
+    """Load, override (``{"run.num_images": 8}``) and validate a config file."""
+    p = Path(path) if path is not None else default_config_path()
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file") from None
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value, p)
+    return parse_config(raw, str(p), check_output=check_output)
+
+
+def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in _SECTIONS:
+        raise ConfigError(
+            f"--set {key}: expected SECTION.KEY with SECTION one of {', '.join(_SECTIONS)} (e.g. run.num_images=8)"
+        )
+    raw.setdefault(parts[0], {})[parts[1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``KEY=VALUE`` from the command line; VALUE is read as TOML (numbers, lists, booleans, strings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. run.num_images=8")
+    key, _, value = text.partition("=")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare string
+    return key.strip(), parsed
+
+
+def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_output: bool = True) -> BenchConfig:
+    known = set(_SECTIONS) | set(_PLUGIN_SECTIONS)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{path}: unknown section '{key}'{suggest(key, known)}; allowed: {', '.join(sorted(known))}"
+            )
+    sections = {name: _parse_section(raw.get(name, {}), cls, name, path) for name, cls in _SECTIONS.items()}
+    run: RunConfig = sections["run"]
+    model: ModelConfig = sections["model"]
+    prompts: PromptConfig = sections["prompts"]
+    _check_run(run, path)
+    _check_model(model, path)
+    _check_prompts(prompts, path)
+
+    specs = {kind: _parse_plugins(raw.get(kind), kind, path) for kind in _PLUGIN_SECTIONS}
+    if not specs["defenses"]:
+        raise ConfigError(f"{path}: defenses: at least one defence is needed, e.g. [[defenses]] name = \"dwtdct\"")
+    if not specs["metrics"]:
+        specs["metrics"] = _parse_plugins(["bit_accuracy", "tpr", "pvalue", "auc"], "metrics", path)
+    if run.include_identity:
+        for kind in ("model_attacks", "image_attacks"):
+            if not any(_is_identity(s) for s in specs[kind]):
+                specs[kind].insert(0, _spec(kind, "none", {}, f"{path}: {kind}"))
+    for kind in ("model_attacks", "image_attacks"):
+        if not specs[kind]:
+            raise ConfigError(f"{path}: {kind}: the list is empty and run.include_identity is false")
+    for kind in _PLUGIN_SECTIONS:
+        seen: dict[str, int] = {}
+        for i, s in enumerate(specs[kind]):
+            ident = json.dumps(s.identity(), sort_keys=True)
+            if ident in seen:
+                raise ConfigError(f"{path}: {kind}: '{s.label}' is listed twice")
+            seen[ident] = i
+    cfg = BenchConfig(path, run, model, prompts, specs["defenses"], specs["model_attacks"],
+                      specs["image_attacks"], specs["metrics"], raw)
+    if check_output:
+        check_output_writable(cfg)
+    return cfg
+
+
+def _is_identity(spec: PluginSpec) -> bool:
+    return bool(getattr(_registry(spec.kind).get(spec.name), "identity", False))
+
+
+def _parse_section(table: Any, cls: type, name: str, path: str):
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: '{name}' must be a table ([{name}]), got {table!r}")
+    by_name = {f.name: f for f in fields(cls)}
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in by_name:
+            raise ConfigError(
+                f"{path}: {name}.{key}: unknown key{suggest(key, by_name)}; allowed: {', '.join(by_name)}"
+            )
+        expected = getattr(defaults, key)
+        values[key] = _check_type(value, expected, f"{path}: {name}.{key}")
+    return replace(defaults, **values)
+
+
+def _check_type(value: Any, expected: Any, where: str) -> Any:
+    def bad(what: str):
+        return ConfigError(f"{where} = {value!r} is invalid: it must be {what}")
+
+    if isinstance(expected, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(expected, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer")
+    elif isinstance(expected, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad("a number")
+        value = float(value)
+    elif isinstance(expected, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif isinstance(expected, list):
+        if not isinstance(value, list):
+            raise bad("a list")
+        if expected and isinstance(expected[0], float):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise bad("a list of numbers")
+            value = [float(v) for v in value]
+        elif expected and isinstance(expected[0], int):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise bad("a list of integers")
+        elif not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+    return value
+
+
+def _check_run(run: RunConfig, path: str) -> None:
+    def bad(key: str, value: Any, allowed: str):
+        return ConfigError(f"{path}: run.{key} = {value!r} is invalid: it must be {allowed}")
+
+    if run.num_images < 1:
+        raise bad("num_images", run.num_images, "an integer >= 1")
+    if run.batch_size < 1:
+        raise bad("batch_size", run.batch_size, "an integer >= 1")
+    if not run.seeds or len(set(run.seeds)) != len(run.seeds) or any(s < 0 for s in run.seeds):
+        raise bad("seeds", run.seeds, "a non-empty list of distinct integers >= 0")
+    if run.negatives not in [p.value for p in NegativePolicy]:
+        raise bad("negatives", run.negatives, "one of " + ", ".join(repr(p.value) for p in NegativePolicy))
+    if not run.target_fprs or not all(0 < f < 1 for f in run.target_fprs) or \
+            len(set(run.target_fprs)) != len(run.target_fprs):
+        raise bad("target_fprs", run.target_fprs, "a non-empty list of distinct numbers in (0, 1)")
+    if not _ALLOWED_DEVICE.match(run.device):
+        raise bad("device", run.device, "'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if not run.output:
+        raise bad("output", run.output, "a folder path")
+
+
+def _check_model(model: ModelConfig, path: str) -> None:
+    given = [k for k in ("builtin", "path", "hub_id") if getattr(model, k)]
+    if len(given) != 1:
+        raise ConfigError(
+            f"{path}: model: set exactly one of model.builtin, model.path or model.hub_id "
+            f"(got {', '.join(given) or 'none'})"
+        )
+    if model.builtin:
+        from .models import BUILTIN_MODELS
+
+        if model.builtin not in BUILTIN_MODELS:
+            raise ConfigError(
+                f"{path}: model.builtin = {model.builtin!r} is unknown{suggest(model.builtin, BUILTIN_MODELS)}; "
+                f"available: {', '.join(BUILTIN_MODELS)}"
+            )
+    if model.path:
+        folder = _resolve(model.path, path)
+        if not folder.is_dir():
+            raise ConfigError(f"{path}: model.path = {model.path!r}: no such folder ({folder})")
+        if not (folder / "model_index.json").exists():
+            raise ConfigError(
+                f"{path}: model.path = {model.path!r} is not a diffusers pipeline folder (no model_index.json)"
+            )
+    if model.hub_id and not re.match(r"^[\w.-]+/[\w.-]+$", model.hub_id):
+        raise ConfigError(f"{path}: model.hub_id = {model.hub_id!r} is invalid: it must look like 'org/name'")
+    if model.dtype not in _ALLOWED_DTYPES:
+        raise ConfigError(f"{path}: model.dtype = {model.dtype!r} is invalid: it must be one of "
+                          + ", ".join(repr(d) for d in _ALLOWED_DTYPES))
+    for key in ("height", "width"):
+        v = getattr(model, key)
+        if v < 8 or v % 8:
+            raise ConfigError(f"{path}: model.{key} = {v!r} is invalid: it must be a multiple of 8, at least 8")
+    if model.num_inference_steps < 1 or model.num_inference_steps > 1000:
+        raise ConfigError(f"{path}: model.num_inference_steps = {model.num_inference_steps!r} is invalid: "
+                          "it must be an integer in [1, 1000]")
+    if model.guidance_scale < 0:
+        raise ConfigError(f"{path}: model.guidance_scale = {model.guidance_scale!r} is invalid: it must be >= 0")
+
+
+def _check_prompts(prompts: PromptConfig, path: str) -> None:
+    given = [k for k in ("builtin", "file", "list") if getattr(prompts, k)]
+    if len(given) > 1:
+        raise ConfigError(f"{path}: prompts: set only one of prompts.builtin, prompts.file or prompts.list "
+                          f"(got {', '.join(given)})")
+    if prompts.builtin:
+        from .prompts import BUILTIN_PROMPTS
+
+        if prompts.builtin not in BUILTIN_PROMPTS:
+            raise ConfigError(
+                f"{path}: prompts.builtin = {prompts.builtin!r} is unknown{suggest(prompts.builtin, BUILTIN_PROMPTS)}"
+                f"; available: {', '.join(BUILTIN_PROMPTS)}"
+            )
+    if prompts.file and not _resolve(prompts.file, path).is_file():
+        raise ConfigError(f"{path}: prompts.file = {prompts.file!r}: no such file")
+
+
+def _resolve(p: str, config_path: str) -> Path:
+    """Relative paths in a config file are relative to the current folder (like the CLI's own options)."""
+    return Path(os.path.expanduser(p))
+
+
+def load_prompts(prompts: PromptConfig, path: str = "") -> list[str]:
+    from .prompts import BUILTIN_PROMPTS
+
+    if prompts.list:
+        return list(prompts.list)
+    if prompts.file:
+        lines = [ln.strip() for ln in _resolve(prompts.file, path).read_text(encoding="utf-8").splitlines()]
+        out = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not out:
+            raise ConfigError(f"{path}: prompts.file = {prompts.file!r} holds no prompts")
+        return out
+    return list(BUILTIN_PROMPTS[prompts.builtin or "micro"])
+
+
+def _parse_plugins(entries: Any, kind: str, path: str) -> list[PluginSpec]:
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: {kind} must be a list of tables ([[{kind}]]) or of names, got {entries!r}")
+    out: list[PluginSpec] = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: {kind}[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table with a 'name' or a plugin name, got {entry!r}")
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: 'name' is missing (it must be a string naming a {kind[:-1]} plugin)")
+        cls = _registry(kind).get(name, where=f"{where}.name")
+        for combo in _expand_sweep(cls.params, entry, where):
+            out.append(_spec(kind, name, combo, where))
+    return out
+
+
+def _expand_sweep(declared, entry: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    by_name: dict[str, Param] = {p.name: p for p in declared}
+    axes: list[list[tuple[str, Any]]] = []
+    for key, value in entry.items():
+        p = by_name.get(key)
+        sweep = isinstance(value, list) and (
+            p is None or not p.type.startswith("list[") or (value and all(isinstance(v, list) for v in value))
+        )
+        if sweep:
+            if not value:
+                raise ConfigError(f"{where}.{key} = []: a sweep needs at least one value")
+            axes.append([(key, v) for v in value])
+        else:
+            axes.append([(key, value)])
+    return [dict(c) for c in itertools.product(*axes)] if axes else [{}]
+
+
+def _spec(kind: str, name: str, given: dict[str, Any], where: str) -> PluginSpec:
+    from .params import resolve_params
+
+    reg = _registry(kind)
+    cls = reg.get(name, where=where)
+    if "strength" in given and given.get("strength") is not None:
+        natural = [k for k in given if k != "strength"]
+        if natural and kind == "image_attacks":
+            raise ConfigError(
+                f"{where}: set either 'strength' or the natural parameter(s) {', '.join(natural)} of '{name}', not both"
+            )
+    resolved = resolve_params(name, cls.params, given, where=where)
+    if kind == "image_attacks" and resolved.get("strength") is not None:
+        resolved.update(cls.from_strength(float(resolved["strength"])))
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resolved.items()))
+    return PluginSpec(kind, name, frozen, cls.version, reg.origin(name))
+
+
+def check_output_writable(cfg: BenchConfig) -> None:
+    for folder, key in ((cfg.output, "run.output"), (cfg.cache_dir, "run.cache")):
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
+            raise ConfigError(f"{cfg.path}: {key} = {str(folder)!r} is not writable "
+                              f"({probe} is {'not a folder' if not probe.is_dir() else 'read-only'})")

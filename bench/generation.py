@@ -1,0 +1,53 @@
+"""The harness's standard text-to-image sampling.
+
+Each image's initial noise comes from its own seed (one ``torch.Generator`` per image), so an image depends only on
+its prompt and seed, never on the batch it was sampled in or on other cells. Defences that change the initial noise
+(Tree-Ring, Gaussian Shading) pass ``latents`` built with :func:`initial_latents` and then changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .plugins import GenerationRequest
+
+
+def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    return (pipe.unet.config.in_channels, height // factor, width // factor)
+
+
+def initial_latents(pipe, seeds: Iterable[int], height: int, width: int) -> torch.Tensor:
+    """The standard-normal initial latents ``[N, C, h, w]`` the pipeline would draw for these seeds (unscaled)."""
+    shape = latent_shape(pipe, height, width)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def generate_images(pipe, request: GenerationRequest, *, device: str = "cpu", latents: torch.Tensor | None = None,
+                    prompt_prefix: str = "", progress: Callable[..., Iterable] | None = None,
+                    **pipe_kwargs: Any) -> torch.Tensor:
+    """Sample ``len(request.prompts)`` images as float ``[N, 3, H, W]`` in ``[0, 1]`` on the CPU."""
+    n = len(request.prompts)
+    if len(request.seeds) != n:
+        raise ValueError(f"{n} prompts but {len(request.seeds)} seeds")
+    if latents is None:
+        latents = initial_latents(pipe, request.seeds, request.height, request.width)
+    dtype = pipe.unet.dtype
+    batches = range(0, n, request.batch_size)
+    if progress is not None:
+        batches = progress(batches, total=len(batches), description="generate")
+    out = []
+    for start in batches:
+        sl = slice(start, start + request.batch_size)
+        prompts = [prompt_prefix + p for p in request.prompts[sl]]
+        kwargs = dict(pipe_kwargs)
+        if request.negative_prompt:
+            kwargs.setdefault("negative_prompt", [request.negative_prompt] * len(prompts))
+        with torch.inference_mode():
+            result = pipe(prompt=prompts, height=request.height, width=request.width,
+                          num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                          latents=latents[sl].to(device=device, dtype=dtype), output_type="pt", **kwargs)
+        out.append(result.images.float().cpu())
+    return torch.cat(out).clamp(0, 1)

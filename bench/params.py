@@ -1,0 +1,170 @@
+"""Declared plugin parameters.
+
+Every plugin declares its parameters as class attribute ``params = (Param(...), ...)``. The declaration is
+checked when the plugin registers (types, defaults inside their own ranges) and every value is checked when a
+config is loaded, so a bad value is refused before any model loads, with the key, the value and what is
+allowed in one sentence. The resolved values are recorded with every result (like diffusers'
+``register_to_config``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from .errors import ConfigError, PluginValidationError
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (float, int),
+    "bool": (bool,),
+    "str": (str,),
+    "list[str]": (list,),
+    "list[float]": (list,),
+    "list[int]": (list,),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of a plugin.
+
+    ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``list[int]``, ``list[float]``.
+    ``low``/``high`` bound numbers (inclusive), ``choices`` bound strings. ``default=None`` with
+    ``optional=True`` means "not set" (e.g. a ``strength`` that, when given, sets the natural parameter).
+    """
+
+    name: str
+    type: str
+    default: Any
+    doc: str = ""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    optional: bool = False
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        base = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(
+            self.type, f"a {self.type}"
+        )
+        if self.low is not None and self.high is not None:
+            base += f" in [{_fmt(self.low)}, {_fmt(self.high)}]"
+        elif self.low is not None:
+            base += f" >= {_fmt(self.low)}"
+        elif self.high is not None:
+            base += f" <= {_fmt(self.high)}"
+        if self.optional:
+            base += " (or unset)"
+        return base
+
+    def check(self, value: Any) -> Any:
+        """Return the normalised value, or raise ``ValueError`` with what is allowed."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ValueError(f"must be {self.allowed()}")
+        ok_types = _TYPES[self.type]
+        if isinstance(value, bool) and self.type != "bool":
+            raise ValueError(f"must be {self.allowed()}")
+        if not isinstance(value, ok_types):
+            raise ValueError(f"must be {self.allowed()}")
+        if self.type == "float":
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"must be {self.allowed()}")
+        if self.type.startswith("list["):
+            inner = self.type[5:-1]
+            inner_types = _TYPES[inner]
+            if not all(isinstance(v, inner_types) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"must be {self.allowed()}")
+            if self.choices is not None and not all(v in self.choices for v in value):
+                raise ValueError(f"must contain only {', '.join(repr(c) for c in self.choices)}")
+            return list(value)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"must be {self.allowed()}")
+        if self.low is not None and value < self.low:
+            raise ValueError(f"must be {self.allowed()}")
+        if self.high is not None and value > self.high:
+            raise ValueError(f"must be {self.allowed()}")
+        return value
+
+
+def _fmt(x: float) -> str:
+    return repr(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def validate_declarations(owner: str, params: Sequence[Param]) -> None:
+    """Check a plugin's parameter declarations; raise :class:`PluginValidationError` if they do not fit."""
+    seen: set[str] = set()
+    for p in params:
+        if not isinstance(p, Param):
+            raise PluginValidationError(f"{owner}: every entry of 'params' must be a bench.Param, got {p!r}")
+        if p.name in seen:
+            raise PluginValidationError(f"{owner}: parameter '{p.name}' is declared twice")
+        if not p.name.isidentifier():
+            raise PluginValidationError(f"{owner}: parameter name {p.name!r} is not a valid identifier")
+        if p.name in ("name", "version"):
+            raise PluginValidationError(f"{owner}: parameter name '{p.name}' is reserved")
+        seen.add(p.name)
+        if p.type not in _TYPES:
+            raise PluginValidationError(
+                f"{owner}: parameter '{p.name}' has type {p.type!r}; allowed types: {', '.join(_TYPES)}"
+            )
+        if p.low is not None and p.high is not None and p.low > p.high:
+            raise PluginValidationError(f"{owner}: parameter '{p.name}' has low > high")
+        try:
+            p.check(p.default)
+        except ValueError as exc:
+            raise PluginValidationError(
+                f"{owner}: default {p.default!r} of parameter '{p.name}' is invalid: it {exc}"
+            ) from None
+
+
+def resolve_params(
+    owner: str, declared: Sequence[Param], given: Mapping[str, Any], where: str = ""
+) -> dict[str, Any]:
+    """Merge ``given`` over the declared defaults, validating every value.
+
+    ``where`` prefixes error messages (e.g. ``"bench.toml: defenses[1]"``) so the sentence names the file and
+    key. Unknown keys are refused with the list of known ones.
+    """
+    from .registry import suggest
+
+    by_name = {p.name: p for p in declared}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key not in by_name:
+            known = ", ".join(sorted(by_name)) or "none"
+            hint = suggest(key, by_name)
+            raise ConfigError(
+                f"{where}{'.' if where else ''}{key}: '{owner}' has no parameter '{key}'"
+                f"{hint}; its parameters are: {known}"
+            )
+        try:
+            out[key] = by_name[key].check(value)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{where}{'.' if where else ''}{key} = {value!r} is invalid for '{owner}': it {exc}"
+            ) from None
+    for p in declared:
+        out.setdefault(p.name, p.default)
+    return out
+
+
+@dataclass(frozen=True)
+class ParamDoc:
+    """Rendering helper for ``bench ls``."""
+
+    name: str
+    type: str
+    default: Any
+    allowed: str
+    doc: str = field(default="")
+
+
+def describe(params: Sequence[Param]) -> list[ParamDoc]:
+    return [ParamDoc(p.name, p.type, p.default, p.allowed(), p.doc) for p in params]

@@ -1,0 +1,202 @@
+"""The planner: expands a config into cells and the graph of stages they need.
+
+A cell is (defence, model attack, image attack, seed). Its stages, each keyed by a content hash of its inputs' keys,
+the plugin's name, version and parameters, and the seed:
+
+``base`` -> ``embed`` (defence) -> ``model_attack`` -> ``generate`` (or ``mark`` for post-hoc defences) ->
+``image_attack`` -> ``detect``; then the cell is *measured* (metrics into the results database).
+
+Sharing falls out of the keys: the base model's plain images under a model attack are both the ``none`` defence's
+images, the clean twins for quality metrics and the negatives for every defence; a defence that does not change the
+weights (post-hoc, initial-noise) shares the attacked base model; identity attacks add no stage at all.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cache import stable_hash
+from .config import BenchConfig, PluginSpec
+from .models import model_fingerprint
+from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy
+
+STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "detect")
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str
+    key: str
+    inputs: tuple[str, ...]
+    plugin: PluginSpec | None = None
+    seed: int = 0
+    label: str = ""
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def extra_dict(self) -> dict[str, Any]:
+        return dict(self.extra)
+
+
+@dataclass(frozen=True)
+class Cell:
+    defense: PluginSpec
+    model_attack: PluginSpec
+    image_attack: PluginSpec
+    seed: int
+    key: str
+    embed: str
+    images: str
+    unattacked: str
+    clean_twins: str
+    negatives: str
+    detect_pos: str
+    detect_neg: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.defense.label}/{self.model_attack.label}/{self.image_attack.label}/s{self.seed}"
+
+    def stage_keys(self) -> tuple[str, ...]:
+        return (self.detect_pos, self.detect_neg, self.images, self.unattacked, self.clean_twins, self.negatives)
+
+
+@dataclass
+class Plan:
+    stages: dict[str, Stage] = field(default_factory=dict)  # insertion order is a valid execution order
+    cells: list[Cell] = field(default_factory=list)
+    requests: dict[int, GenerationRequest] = field(default_factory=dict)
+
+    def closure(self, cells: list[Cell]) -> list[Stage]:
+        """Every stage the given cells need, in dependency order."""
+        needed: set[str] = set()
+        stack = [k for c in cells for k in c.stage_keys()]
+        while stack:
+            k = stack.pop()
+            if k in needed:
+                continue
+            needed.add(k)
+            stack.extend(self.stages[k].inputs)
+        return [s for k, s in self.stages.items() if k in needed]
+
+    def select(self, pattern: str | None) -> list[Cell]:
+        if not pattern:
+            return list(self.cells)
+        pat = pattern if any(ch in pattern for ch in "*?[") else f"*{pattern}*"
+        return [c for c in self.cells if fnmatch.fnmatchcase(c.label, pat)]
+
+
+def image_seed(run_seed: int, index: int) -> int:
+    """The sampler seed of image ``index``: shared by every defence so that images are paired across cells."""
+    return int(stable_hash(["image-seed", run_seed, index])[:15], 16)
+
+
+def stage_seed(run_seed: int, key: str) -> int:
+    """The seed of a stage's ``torch.Generator``: a function of the run seed and the stage key only."""
+    return int(stable_hash(["stage-seed", run_seed, key])[:15], 16)
+
+
+def generation_request(cfg: BenchConfig, run_seed: int) -> GenerationRequest:
+    prompts = cfg.prompt_list()
+    n = cfg.run.num_images
+    m = cfg.model
+    return GenerationRequest(
+        prompts=tuple(prompts[i % len(prompts)] for i in range(n)),
+        seeds=tuple(image_seed(run_seed, i) for i in range(n)),
+        height=m.height, width=m.width, num_inference_steps=m.num_inference_steps,
+        guidance_scale=m.guidance_scale, batch_size=cfg.run.batch_size, negative_prompt=m.negative_prompt or None,
+    )
+
+
+def _cls(spec: PluginSpec):
+    from .registries import REGISTRIES
+
+    return REGISTRIES[spec.kind].get(spec.name)
+
+
+def modifies_model(defense_cls: type[Defense]) -> bool:
+    return defense_cls.location in (MarkLocation.MODEL_WEIGHTS, MarkLocation.VAE_DECODER)
+
+
+def custom_generation(defense_cls: type[Defense]) -> bool:
+    return defense_cls.generate is not Defense.generate
+
+
+class _Builder:
+    def __init__(self, cfg: BenchConfig):
+        self.cfg = cfg
+        self.plan = Plan()
+
+    def add(self, kind: str, inputs: tuple[str, ...], plugin: PluginSpec | None = None, seed: int = 0,
+            label: str = "", **extra: Any) -> str:
+        key = stable_hash({"kind": kind, "inputs": list(inputs), "plugin": plugin.identity() if plugin else None,
+                           "seed": seed, "extra": extra})
+        if key not in self.plan.stages:
+            self.plan.stages[key] = Stage(kind, key, inputs, plugin, seed, label or kind,
+                                          tuple(sorted(extra.items())))
+        return key
+
+    def base(self) -> str:
+        return self.add("base", (), label="base model", model=model_fingerprint(self.cfg.model),
+                        source=self.cfg.model.source)
+
+    def request_identity(self, request: GenerationRequest) -> dict[str, Any]:
+        return {"prompts": list(request.prompts), "seeds": list(request.seeds), "height": request.height,
+                "width": request.width, "steps": request.num_inference_steps, "cfg": request.guidance_scale,
+                "negative_prompt": request.negative_prompt, "device": self.cfg.run.device.split(":")[0]}
+
+    def attacked_model(self, model_key: str, ma: PluginSpec, seed: int) -> str:
+        if getattr(_cls(ma), "identity", False):
+            return model_key
+        return self.add("model_attack", (model_key,), ma, seed, label=f"model attack {ma.label}")
+
+    def plain_images(self, model_key: str, request: GenerationRequest, run_seed: int) -> str:
+        return self.add("generate", (model_key,), None, 0, label="generate", request=self.request_identity(request),
+                        run_seed=run_seed)
+
+    def attacked_images(self, images_key: str, ia: PluginSpec, seed: int) -> str:
+        if getattr(_cls(ia), "identity", False):
+            return images_key
+        return self.add("image_attack", (images_key,), ia, seed, label=f"image attack {ia.label}")
+
+
+def build_plan(cfg: BenchConfig) -> Plan:
+    """Expand the config's grid into cells and stages (no model work; cheap)."""
+    b = _Builder(cfg)
+    base = b.base()
+    for seed in cfg.run.seeds:
+        request = generation_request(cfg, seed)
+        b.plan.requests[seed] = request
+        for d in cfg.defenses:
+            dcls = _cls(d)
+            embed = b.add("embed", (base,), d, seed, label=f"embed {d.label}")
+            for ma in cfg.model_attacks:
+                model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed)
+                clean_model = b.attacked_model(base, ma, seed)
+                clean_twins = b.plain_images(clean_model, request, seed)
+                if dcls.location is MarkLocation.POST_HOC:
+                    unattacked = b.add("mark", (clean_twins, embed), d, seed, label=f"mark {d.label}")
+                elif custom_generation(dcls):
+                    unattacked = b.add("generate", (model, embed), d, seed, label=f"generate {d.label}",
+                                       request=b.request_identity(request), run_seed=seed)
+                else:
+                    unattacked = b.plain_images(model, request, seed)
+                for ia in cfg.image_attacks:
+                    images = b.attacked_images(unattacked, ia, seed)
+                    if cfg.negative_policy is NegativePolicy.ATTACKED:
+                        negatives = b.attacked_images(clean_twins, ia, seed)
+                    else:
+                        negatives = b.plain_images(base, request, seed)
+                    det_pos = b.add("detect", (embed, images), d, seed, label=f"detect {d.label}")
+                    det_neg = b.add("detect", (embed, negatives), d, seed, label=f"detect {d.label} (negatives)")
+                    key = stable_hash({
+                        "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives],
+                        "metrics": [m.identity() for m in cfg.metrics],
+                        "target_fprs": list(cfg.run.target_fprs),
+                        "negatives": cfg.run.negatives,
+                    })
+                    b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
+                                             negatives, det_pos, det_neg))
+    return b.plan

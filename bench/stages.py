@@ -1,0 +1,206 @@
+"""Executing one stage: read its inputs from the artifact store, call the plugin, check and write its output.
+
+A stage function needs only the config and the artifact store, so it can run in this process, in a pool or on a
+Ray worker alike (the in-memory caches below are per process and only an optimisation).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from .cache import ArtifactStore, quantize
+from .config import BenchConfig, PluginSpec
+from .errors import PluginError
+from .models import apply_overrides, diff_pipeline, load_pipeline
+from .plan import Plan, Stage, stage_seed
+from .plugins import Detection, DetectionKind, Embedding, GenerationRequest, Secret, StageContext
+
+SECRET_PREFIX = "secret."
+MODEL_PREFIX = "model."
+
+
+class StageEnv:
+    """Per-process state for executing stages: the config, the artifact store and small in-memory caches."""
+
+    def __init__(self, cfg: BenchConfig, plan: Plan, store: ArtifactStore, progress=None):
+        self.cfg = cfg
+        self.plan = plan
+        self.store = store
+        self.progress = progress
+        self._base = None
+        self._pipes: OrderedDict[str, Any] = OrderedDict()
+        self._plugins: dict[Any, Any] = {}
+
+    # -- plugins & models -----------------------------------------------------------------------------------
+    def plugin(self, spec: PluginSpec):
+        if spec not in self._plugins:
+            self._plugins[spec] = spec.instantiate()
+        return self._plugins[spec]
+
+    def base_pipeline(self):
+        if self._base is None:
+            self._base = load_pipeline(self.cfg.model, device=self.cfg.run.device)
+        return self._base
+
+    def pipeline(self, model_key: str):
+        """The pipeline of a ``base``, ``embed`` or ``model_attack`` stage (base + stored overrides)."""
+        stage = self.plan.stages[model_key]
+        if stage.kind == "base":
+            return self.base_pipeline()
+        if model_key in self._pipes:
+            self._pipes.move_to_end(model_key)
+            return self._pipes[model_key]
+        tensors = self.store.tensors(model_key)
+        overrides = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+        pipe = apply_overrides(self.base_pipeline(), overrides)
+        self._pipes[model_key] = pipe
+        while len(self._pipes) > 2:
+            self._pipes.popitem(last=False)
+        return pipe
+
+    def secret(self, embed_key: str) -> Secret:
+        tensors = self.store.tensors(embed_key)
+        meta = self.store.meta(embed_key).get("secret_meta", {})
+        return Secret({k[len(SECRET_PREFIX):]: v for k, v in tensors.items() if k.startswith(SECRET_PREFIX)}, meta)
+
+    def detection(self, key: str) -> Detection:
+        t = self.store.tensors(key)
+        return Detection(bits=t.get("bits"), scores=t.get("scores"))
+
+    def request(self, seed: int) -> GenerationRequest:
+        return self.plan.requests[seed]
+
+    def context(self, stage: Stage) -> StageContext:
+        gen = torch.Generator().manual_seed(stage_seed(stage.seed, stage.key))
+        track = self.progress.track if self.progress is not None else None
+        return StageContext(gen, self.cfg.run.device, progress=track, stage=stage.kind,
+                            generate=lambda pipe, req, **kw: _generate(pipe, req, self.cfg.run.device, track, **kw))
+
+
+def _generate(pipe, request, device, track, **kwargs):
+    from .generation import generate_images
+
+    return generate_images(pipe, request, device=device, progress=track, **kwargs)
+
+
+def copy_pipeline(pipe):
+    """A copy whose weights a plugin may change in place without touching the cached base."""
+    components = dict(pipe.components)
+    for name in ("unet", "vae", "text_encoder"):
+        if components.get(name) is not None:
+            components[name] = copy.deepcopy(components[name])
+    new = type(pipe)(**components)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def check_images(images: Any, who: str, expected: tuple[int, ...] | None) -> torch.Tensor:
+    """Refuse what no later stage could use, in one sentence naming the plugin."""
+    if not isinstance(images, torch.Tensor):
+        raise PluginError(f"{who} returned {type(images).__name__}, expected a float tensor [N, 3, H, W]")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise PluginError(f"{who} returned images of shape {tuple(images.shape)}, expected [N, 3, H, W]")
+    if expected is not None and tuple(images.shape) != expected:
+        raise PluginError(f"{who} returned images of shape {tuple(images.shape)}, expected {expected}")
+    images = images.detach().float().cpu()
+    if not torch.isfinite(images).all():
+        bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+        raise PluginError(f"{who} returned {bad} image(s) containing NaN or infinite values")
+    if images.min() < -1e-3 or images.max() > 1 + 1e-3:
+        raise PluginError(f"{who} returned values in [{images.min():.3g}, {images.max():.3g}], expected [0, 1]")
+    return quantize(images.clamp(0, 1))
+
+
+def check_detection(det: Any, who: str, n: int, kind: DetectionKind, n_bits: int | None) -> Detection:
+    if not isinstance(det, Detection):
+        raise PluginError(f"{who}.detect returned {type(det).__name__}, expected bench.Detection")
+    if kind is DetectionKind.BITS:
+        if det.bits is None or det.bits.ndim != 2 or det.bits.shape[0] != n:
+            shape = None if det.bits is None else tuple(det.bits.shape)
+            raise PluginError(f"{who}.detect returned bits of shape {shape}, expected [{n}, k]")
+        if n_bits is not None and det.bits.shape[1] != n_bits:
+            raise PluginError(f"{who}.detect returned {det.bits.shape[1]} bits per image, but its message has "
+                              f"{n_bits}")
+        return Detection(bits=det.bits.bool().cpu(),
+                         scores=None if det.scores is None else det.scores.float().cpu())
+    if det.scores is None or det.scores.shape != (n,) or not torch.isfinite(det.scores).all():
+        shape = None if det.scores is None else tuple(det.scores.shape)
+        raise PluginError(f"{who}.detect returned scores of shape {shape} (or non-finite), expected [{n}] finite")
+    return Detection(bits=None if det.bits is None else det.bits.bool().cpu(), scores=det.scores.float().cpu())
+
+
+def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
+    """Compute one stage and write it to the store; returns its metadata (timings, costs)."""
+    store = env.store
+    t0 = time.perf_counter()
+    ctx = env.context(stage)
+    meta: dict[str, Any] = {"kind": stage.kind, "label": stage.label, "inputs": list(stage.inputs),
+                            "plugin": stage.plugin.identity() if stage.plugin else None, "seed": stage.seed}
+    tensors: dict[str, torch.Tensor] | None = None
+    images: torch.Tensor | None = None
+    who = f"{stage.plugin.kind[:-1].replace('_', ' ')} '{stage.plugin.label}'" if stage.plugin else stage.kind
+
+    if stage.kind == "base":
+        env.base_pipeline()
+    elif stage.kind == "embed":
+        defense = env.plugin(stage.plugin)
+        base = env.base_pipeline()
+        out = defense.embed(copy_pipeline(base) if _modifies(defense) else base, ctx)
+        if not isinstance(out, Embedding):
+            raise PluginError(f"{who}.embed returned {type(out).__name__}, expected bench.Embedding")
+        tensors = {SECRET_PREFIX + k: v for k, v in out.secret.tensors.items()}
+        if out.pipeline is not None and out.pipeline is not base:
+            tensors.update({MODEL_PREFIX + k: v for k, v in diff_pipeline(base, out.pipeline).items()})
+        meta["secret_meta"] = out.secret.meta
+    elif stage.kind == "model_attack":
+        attack = env.plugin(stage.plugin)
+        pipe = copy_pipeline(env.pipeline(stage.inputs[0]))
+        out = attack.apply(pipe, ctx)
+        if out is None:
+            raise PluginError(f"{who}.apply returned None, expected a pipeline")
+        tensors = {MODEL_PREFIX + k: v for k, v in diff_pipeline(env.base_pipeline(), out).items()}
+    elif stage.kind == "generate":
+        request = env.request(stage.extra_dict["run_seed"])
+        pipe = env.pipeline(stage.inputs[0])
+        if stage.plugin is None:
+            images = ctx.generate(pipe, request)
+        else:
+            defense = env.plugin(stage.plugin)
+            images = defense.generate(pipe, env.secret(stage.inputs[1]), request, ctx)
+        n = len(request.prompts)
+        images = check_images(images, who if stage.plugin else "generation", (n, 3, request.height, request.width))
+    elif stage.kind == "mark":
+        defense = env.plugin(stage.plugin)
+        clean = store.images(stage.inputs[0])
+        images = check_images(defense.mark(clean.clone(), env.secret(stage.inputs[1]), ctx), f"{who}.mark",
+                              tuple(clean.shape))
+    elif stage.kind == "image_attack":
+        attack = env.plugin(stage.plugin)
+        src = store.images(stage.inputs[0])
+        images = check_images(attack.apply(src.clone(), ctx.generator), who, tuple(src.shape))
+    elif stage.kind == "detect":
+        defense = env.plugin(stage.plugin)
+        secret = env.secret(stage.inputs[0])
+        imgs = store.images(stage.inputs[1])
+        n_bits = int(defense.message(secret).numel()) if defense.detection is DetectionKind.BITS else None
+        det = check_detection(defense.detect(secret, imgs, ctx), who, imgs.shape[0], defense.detection, n_bits)
+        tensors = {k: v for k, v in (("bits", det.bits), ("scores", det.scores)) if v is not None}
+    else:  # pragma: no cover - the planner makes no other kind
+        raise ValueError(f"unknown stage kind {stage.kind}")
+
+    meta["seconds"] = time.perf_counter() - t0
+    meta["costs"] = ctx.costs
+    if stage.kind != "base":
+        store.write(stage.key, meta=meta, tensors=tensors, images=images)
+    return meta
+
+
+def _modifies(defense) -> bool:
+    from .plan import modifies_model
+
+    return modifies_model(type(defense))

@@ -1,0 +1,141 @@
+"""The results database: ``<output>/results.sqlite``.
+
+Tables: ``runs`` (one row per invocation: config, versions, git hash), ``cells`` (one row per cell: status,
+parameters, timings, costs, error and traceback), ``results`` (one row per cell and metric: value, interval, N, note).
+The view ``results_full`` joins them into one row per cell and metric with everything that made the number. Every
+cell is committed as soon as it is measured, so an interrupted run loses nothing already computed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, started REAL, finished REAL, status TEXT, command TEXT, config_path TEXT,
+    config_json TEXT, versions_json TEXT, git_hash TEXT, summary_json TEXT
+);
+CREATE TABLE IF NOT EXISTS cells (
+    cell_id TEXT PRIMARY KEY, run_id TEXT, label TEXT, seed INTEGER,
+    defense TEXT, defense_label TEXT, defense_params TEXT, defense_version TEXT, defense_origin TEXT,
+    model_attack TEXT, model_attack_label TEXT, model_attack_params TEXT, model_attack_version TEXT,
+    image_attack TEXT, image_attack_label TEXT, image_attack_params TEXT, image_attack_version TEXT,
+    negatives TEXT, n_images INTEGER, status TEXT, error TEXT, traceback TEXT,
+    timings_json TEXT, costs_json TEXT, stage_keys_json TEXT, updated REAL
+);
+CREATE TABLE IF NOT EXISTS results (
+    cell_id TEXT, metric TEXT, value REAL, low REAL, high REAL, n INTEGER, note TEXT, higher_is_better INTEGER,
+    PRIMARY KEY (cell_id, metric)
+);
+CREATE VIEW IF NOT EXISTS results_full AS
+    SELECT c.label AS cell, c.defense, c.defense_label, c.model_attack, c.model_attack_label, c.image_attack,
+           c.image_attack_label, c.seed, r.metric, r.value, r.low, r.high, r.n, r.note, r.higher_is_better,
+           c.negatives, c.status, c.defense_params, c.model_attack_params, c.image_attack_params,
+           c.defense_version, c.model_attack_version, c.image_attack_version, c.defense_origin,
+           c.timings_json, c.costs_json, u.versions_json, u.git_hash, c.run_id, c.cell_id, c.updated
+    FROM results r JOIN cells c ON r.cell_id = c.cell_id LEFT JOIN runs u ON c.run_id = u.run_id;
+"""
+
+
+class ResultStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = sqlite3.connect(str(self.path), timeout=30)
+        self.con.executescript(_SCHEMA)
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.con.commit()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- runs -----------------------------------------------------------------------------------------------
+    def start_run(self, run_id: str, command: str, config_path: str, config: dict[str, Any],
+                  versions: dict[str, str], git_hash: str) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (run_id, time.time(), None, "running", command, config_path, json.dumps(config, default=str),
+             json.dumps(versions), git_hash, None),
+        )
+        self.con.commit()
+
+    def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        self.con.execute("UPDATE runs SET finished=?, status=?, summary_json=? WHERE run_id=?",
+                         (time.time(), status, json.dumps(summary, default=str), run_id))
+        self.con.commit()
+
+    # -- cells ----------------------------------------------------------------------------------------------
+    def cell_status(self) -> dict[str, str]:
+        return dict(self.con.execute("SELECT cell_id, status FROM cells"))
+
+    def write_cell(self, run_id: str, cell, status: str, measurements: Iterable = (), *, n_images: int,
+                   negatives: str, error: str = "", traceback: str = "", timings: dict | None = None,
+                   costs: dict | None = None) -> None:
+        """Write one cell and its measurements in a single transaction."""
+        def spec(s):
+            return (s.name, s.label, json.dumps(s.param_dict, sort_keys=True), s.version)
+
+        with self.con:
+            self.con.execute("DELETE FROM results WHERE cell_id=?", (cell.key,))
+            self.con.execute(
+                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?, ?,?,?,?, ?,?,?,?,?, ?,?,?,?)",
+                (cell.key, run_id, cell.label, cell.seed, *spec(cell.defense), cell.defense.origin,
+                 *spec(cell.model_attack), *spec(cell.image_attack), negatives, n_images, status, error, traceback,
+                 json.dumps(timings or {}), json.dumps(costs or {}, default=str),
+                 json.dumps(list(cell.stage_keys())), time.time()),
+            )
+            self.con.executemany(
+                "INSERT INTO results VALUES (?,?,?,?,?,?,?,?)",
+                [(cell.key, m.name, _num(m.value), _num(m.low), _num(m.high), int(m.n), m.note,
+                  None if m.higher_is_better is None else int(m.higher_is_better)) for m in measurements],
+            )
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def dataframe(self, cell_ids: Iterable[str] | None = None):
+        """``results_full`` as a pandas DataFrame (optionally only some cells)."""
+        import pandas as pd
+
+        df = pd.read_sql_query("SELECT * FROM results_full ORDER BY updated, metric", self.con)
+        if cell_ids is not None:
+            df = df[df["cell_id"].isin(set(cell_ids))]
+        return df
+
+    def cells_frame(self):
+        import pandas as pd
+
+        return pd.read_sql_query("SELECT * FROM cells ORDER BY updated", self.con)
+
+    def runs_frame(self):
+        import pandas as pd
+
+        return pd.read_sql_query("SELECT * FROM runs ORDER BY started", self.con)
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    return float(x)
+
+
+def export(df, out: str | Path) -> Path:
+    """Write a results frame to ``.csv`` or ``.parquet`` (by the file's suffix)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        df.to_csv(out, index=False)
+    elif out.suffix in (".parquet", ".pq"):
+        df.to_parquet(out, index=False)
+    elif out.suffix == ".json":
+        df.to_json(out, orient="records", indent=1)
+    else:
+        from .errors import UserError
+
+        raise UserError(f"--to {str(out)!r}: unknown format '{out.suffix}'; allowed: .csv, .parquet, .json")
+    return out

@@ -1,0 +1,1 @@
+"""Report rendering (HTML reports, leaderboards): pure functions of the results database."""

@@ -1,0 +1,59 @@
+"""Shared fixtures: a micro config on the built-in micro pipeline (random weights, fixed seed), tiny N."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+MICRO_TOML = """
+metrics = ["bit_accuracy", "tpr", "pvalue", "auc", "psnr", "ssim"]
+
+[run]
+output = "{output}"
+seeds = [0]
+num_images = 4
+batch_size = 4
+target_fprs = [1e-6, 0.1]
+
+[model]
+builtin = "micro-sd"
+height = 64
+width = 64
+num_inference_steps = 2
+
+[prompts]
+builtin = "micro"
+
+[[defenses]]
+name = "none"
+
+[[defenses]]
+name = "dwtdctsvd"
+
+[[image_attacks]]
+name = "jpeg"
+quality = [90, 50]
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _markbench_home(tmp_path_factory):
+    """Built-in models are built once per test session into a temporary MARKBENCH_HOME (unless one is set)."""
+    if "MARKBENCH_HOME" not in os.environ:
+        os.environ["MARKBENCH_HOME"] = str(tmp_path_factory.mktemp("markbench-home"))
+    yield
+
+
+def write_config(tmp_path: Path, text: str = MICRO_TOML, name: str = "bench.toml", **fmt) -> Path:
+    fmt.setdefault("output", str(tmp_path / "out"))
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text).format(**fmt))
+    return p
+
+
+@pytest.fixture
+def micro_config(tmp_path) -> Path:
+    return write_config(tmp_path)
