@@ -7,6 +7,7 @@ shows the traceback. A run whose cells partly failed exits with code 1 after a s
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import textwrap
@@ -85,7 +86,24 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg_args(e)
     e.add_argument("--to", required=True, help="output file: .csv, .parquet or .json")
+
+    # Command groups owned by other packages: each module's add_parsers(sub, cfg_args) returns {command: handler}.
+    p.set_defaults(_extra={})
+    extra: dict = {}
+    for module in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if not (exc.name and module.startswith(exc.name)):
+                raise
+            continue
+        extra.update(mod.add_parsers(sub, cfg_args))
+    p.set_defaults(_extra=extra)
     return p
+
+
+#: Modules that add subcommands (lightweight imports only: no torch/diffusers at module top).
+_COMMAND_MODULES = ("reports.cli", "bench.zoo.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,9 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    handlers = {"run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "show": cmd_show, "export": cmd_export,
+                **args._extra}
     try:
-        return {"run": cmd_run, "ls": cmd_ls, "validate": cmd_validate, "show": cmd_show,
-                "export": cmd_export}[args.command](args)
+        return handlers[args.command](args)
     except UserError as exc:
         if args.debug:
             raise
@@ -110,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def load_config_from_args(args, check_output: bool = True):
+    """The config named by ``--config``/``--set``/``--output`` (shared by every command that reads one)."""
+    return _load(args, check_output)
 
 
 def _load(args, check_output: bool = True):
@@ -150,12 +174,12 @@ def cmd_run(args) -> int:
     console.print(f"[bold]{summary.cells_ok}[/] cells computed, {summary.cells_skipped} already done, "
                   f"{len(summary.cells_failed)} failed; stages run: "
                   + (", ".join(f"{k} {v}" for k, v in sorted(summary.stages_run.items())) or "none")
-                  + f"; cached stages reused: {summary.stages_cached}; {summary.seconds:.1f} s")
+                  + f"; cached stages reused: {summary.stages_cached}; {summary.seconds:.1f} s", soft_wrap=True)
     _print_matrix(cfg, None, "table", console)
     if summary.cells_failed:
         console.print(f"[red]{len(summary.cells_failed)} cell(s) failed:[/]")
         for label, error in summary.cells_failed:
-            console.print(f"  {label}: {error}", markup=False)
+            console.print(f"  {label}: {error}", markup=False, soft_wrap=True)
         console.print(f"tracebacks: sqlite3 {cfg.output / 'results.sqlite'} "
                       "\"select label, traceback from cells where status='failed'\"", markup=False)
         return 1

@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import json
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +138,9 @@ def load_pipeline_folder(folder: str | os.PathLike, dtype: str = "float32", devi
     import torch
     from diffusers import DiffusionPipeline
 
+    _quiet_loading()
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True,
-                                             torch_dtype=getattr(torch, _DTYPES[dtype]),
+                                             dtype=getattr(torch, _DTYPES[dtype]),
                                              safety_checker=None, requires_safety_checker=False)
     return _prepare(pipe, device)
 
@@ -154,10 +154,20 @@ def load_pipeline(model_cfg, device: str = "cpu"):
     import torch
     from diffusers import DiffusionPipeline
 
+    _quiet_loading()
     pipe = DiffusionPipeline.from_pretrained(model_cfg.hub_id, revision=model_cfg.revision,
-                                             torch_dtype=getattr(torch, _DTYPES[model_cfg.dtype]),
+                                             dtype=getattr(torch, _DTYPES[model_cfg.dtype]),
                                              safety_checker=None, requires_safety_checker=False)
     return _prepare(pipe, device)
+
+
+def _quiet_loading() -> None:
+    """No per-component loading bars from diffusers/transformers: the harness shows its own progress."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def _prepare(pipe, device: str):
@@ -233,8 +243,3 @@ def apply_overrides(base, overrides: dict[str, Any]):
     pipe = type(base)(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@lru_cache(maxsize=1)
-def _noop() -> None:  # pragma: no cover
-    return None

@@ -141,7 +141,7 @@ class Runner:
                     self._seen_cached.add(stage.key)
                     summary.stages_cached += 1
                 continue
-            if stage.kind == "base" and env._base is not None:
+            if stage.kind == "base":  # loaded lazily by the first stage that needs a pipeline
                 continue
             fut = self.executor.submit(run_stage, stage, env)
             try:

@@ -1,0 +1,15 @@
+"""The tiny world's model zoo: the domain generator, the training of its models, and the shipped artifacts.
+
+``bench zoo build`` rebuilds every artifact from a seed; ``bench zoo info`` prints what is shipped. The built models
+live in ``bench/zoo/artifacts/`` (``tiny-sd/``: a diffusers Stable Diffusion folder; ``tiny-clip/``: an open_clip
+model) with a ``manifest.json`` of sizes, checksums, training settings and quality figures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+TINY_SD = ARTIFACTS / "tiny-sd"
+TINY_CLIP = ARTIFACTS / "tiny-clip"
+MANIFEST = ARTIFACTS / "manifest.json"

@@ -1,0 +1,243 @@
+"""Leaderboards: defences ranked by robustness across the grid, with quality beside it (one entry per defence).
+
+The JSON file is versioned (``"schema_version": 1``; documented in ``docs/reports.md``); the Markdown fits a
+pull-request comment or a CI job summary. Both are pure functions of the results database: the aggregate columns
+(mean and worst over attacked cells) summarise stored values; no metric is recomputed.
+
+* **Ranking metric**: the run's primary metric (``run.primary_metric``, e.g. ``tpr@1e-06``) unless told otherwise.
+* **Attacked cells**: every cell of the defence except the clean one (no model attack and no image attack).
+* **robustness.mean**: the mean of the ranking metric over the attacked cells that measured it (failed cells are
+  counted in ``n_failed`` and left out of the mean); **robustness.worst**: the worst of them and which attack.
+* Ranked by ``robustness.mean`` (best first, per the metric's direction), then ``robustness.worst``, then ``clean``;
+  defences without a value come last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.errors import UserError
+
+from .data import CellRow, Results, Value, is_quality_metric, load_results, mean
+
+SCHEMA_VERSION = 1
+KIND = "markbench-leaderboard"
+
+
+def _summary(values: list[Value]) -> dict[str, Any] | None:
+    """One cell: its value, interval and N. Several (seeds): the mean value, no interval, the summed N."""
+    vals = [v for v in values if v is not None and v.value is not None]
+    if not vals:
+        return None
+    if len(vals) == 1:
+        v = vals[0]
+        return {"value": v.value, "low": v.low, "high": v.high, "n": v.n, "n_cells": 1}
+    return {"value": mean(v.value for v in vals), "low": None, "high": None, "n": sum(v.n for v in vals),
+            "n_cells": len(vals)}
+
+
+def build(results: Results, metric: str | None = None) -> dict[str, Any]:
+    """The leaderboard document (schema version 1) of a loaded results database."""
+    metric = metric or results.primary_metric
+    available = results.metric_order
+    if available and metric not in available:
+        from bench.registry import suggest
+
+        raise UserError(f"--metric {metric!r}: no such metric in {results.path}{suggest(metric, available)}; "
+                        f"available: {', '.join(available)}")
+    hib = results.higher_is_better(metric)
+    if hib is None:
+        hib = True
+    quality = [m for m in available if is_quality_metric(m)]
+    entries = []
+    for defense in results.defense_labels():
+        cells = [c for c in results.cells if c.defense_label == defense]
+        clean = [c for c in cells if c.is_clean]
+        attacked = [c for c in cells if not c.is_clean]
+        measured = [(c, results.value(c, metric)) for c in attacked if c.ok]
+        measured = [(c, v) for c, v in measured if v is not None]
+        robustness: dict[str, Any] = {"mean": None, "worst": None, "worst_attack": None,
+                                      "n_cells": len(measured), "n_attacked": len(attacked)}
+        if measured:
+            worst_c, worst_v = (min if hib else max)(measured, key=lambda cv: cv[1].value)
+            robustness.update(mean=mean(v.value for _, v in measured), worst=worst_v.value,
+                              worst_attack=_attack_name(results, worst_c))
+        per_attack: dict[str, list[float]] = {}
+        for c, v in measured:
+            per_attack.setdefault(results.column(c), []).append(v.value)
+        ref = clean or cells
+        first = cells[0]
+        entries.append({
+            "rank": None,
+            "defense": first.defense,
+            "defense_label": defense,
+            "defense_params": first.defense_params,
+            "defense_version": first.defense_version,
+            "defense_origin": first.defense_origin,
+            "control": first.defense == "none",
+            "clean": _summary([results.value(c, metric) for c in clean if c.ok]),
+            "robustness": robustness,
+            "per_attack": {k: mean(v) for k, v in per_attack.items()},
+            "quality": {q: s for q in quality
+                        if (s := _summary([results.value(c, q) for c in ref if c.ok])) is not None},
+            "n_cells": len(cells),
+            "n_failed": sum(1 for c in cells if not c.ok),
+        })
+
+    def sort_key(e):
+        sign = -1 if hib else 1
+        r = e["robustness"]
+        clean = (e["clean"] or {}).get("value")
+        return (r["mean"] is None, sign * (r["mean"] or 0.0), r["worst"] is None, sign * (r["worst"] or 0.0),
+                clean is None, sign * (clean or 0.0))
+
+    entries.sort(key=sort_key)
+    for i, e in enumerate(entries, 1):
+        e["rank"] = i
+    run = results.latest_run
+    run_cfg = results.run_config
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "database": str(results.path),
+            "run_ids": [r.run_id for r in results.runs],
+            "run_name": run_cfg.get("name", ""),
+            "config_path": run.config_path if run else "",
+            "git_hash": run.git_hash if run else "",
+            "versions": run.versions if run else {},
+        },
+        "metric": metric,
+        "higher_is_better": hib,
+        "negatives": run_cfg.get("negatives", ""),
+        "n_images": run_cfg.get("num_images"),
+        "grid": {
+            "defenses": results.defense_labels(),
+            "model_attacks": list(dict.fromkeys(c.model_attack_label for c in results.cells)),
+            "image_attacks": list(dict.fromkeys(c.image_attack_label for c in results.cells)),
+            "seeds": sorted({c.seed for c in results.cells}),
+            "metrics": available,
+        },
+        "entries": entries,
+        "cells": [
+            {"defense_label": c.defense_label, "model_attack_label": c.model_attack_label,
+             "image_attack_label": c.image_attack_label, "seed": c.seed, "metric": m,
+             "value": v.value, "low": v.low, "high": v.high, "n": v.n, "higher_is_better": v.higher_is_better}
+            for c in results.ok_cells for m, v in c.metrics.items()
+        ],
+    }
+
+
+def _attack_name(results: Results, c: CellRow) -> str:
+    return results.column(c) + (f" s{c.seed}" if results.multi_seed else "")
+
+
+# -- Markdown -----------------------------------------------------------------------------------------------------
+def _md(text: Any) -> str:
+    """Text safe inside a Markdown table cell (GitHub renders some HTML: escape it; pipes split cells)."""
+    s = str(text)
+    for a, b in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("|", "\\|"), ("\n", " "), ("`", "\\`"),
+                 ("*", "\\*"), ("_", "\\_"), ("[", "\\["), ("]", "\\]")):
+        s = s.replace(a, b)
+    return s
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    a = abs(v)
+    if a < 10:
+        return f"{v:.3f}"
+    if a < 1e4:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def _fmt_summary(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "-"
+    out = fmt(s["value"])
+    if s.get("low") is not None and s.get("high") is not None:
+        out += f" [{fmt(s['low'])}, {fmt(s['high'])}]"
+    return out
+
+
+def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
+    """A Markdown table of a leaderboard document."""
+    metric = board["metric"]
+    quality = list(dict.fromkeys(q for e in board["entries"] for q in e["quality"]))
+    direction = "higher is better" if board["higher_is_better"] else "lower is better"
+    src = board.get("source", {})
+    lines = [f"### MarkBench leaderboard: `{metric}` ({direction})", ""]
+    head = ["rank", "defence", f"clean {_md(metric)}", "mean over attacks", "worst (attack)"]
+    head += [_md(q) for q in quality] + ["failed cells"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---:"] + [":---"] + ["---:"] * (len(head) - 2)) + "|")
+    for e in board["entries"]:
+        r = e["robustness"]
+        name = _md(e["defense_label"]) + (" (control)" if e.get("control") else "")
+        worst = "-" if r["worst"] is None else f"{fmt(r['worst'])} ({_md(r['worst_attack'])})"
+        mean_s = "-" if r["mean"] is None else f"{fmt(r['mean'])} ({r['n_cells']} cells)"
+        row = [str(e["rank"]), name, _fmt_summary(e["clean"]), mean_s, worst]
+        row += [_fmt_summary(e["quality"].get(q)) for q in quality] + [str(e["n_failed"])]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    grid = board.get("grid", {})
+    facts = [f"negatives: {_md(board.get('negatives', ''))}", f"N = {board.get('n_images')} images per cell",
+             f"seeds: {', '.join(str(s) for s in grid.get('seeds', []))}",
+             f"{len(grid.get('model_attacks', []))} model attack(s) x {len(grid.get('image_attacks', []))} "
+             f"image attack(s)"]
+    if src.get("git_hash"):
+        facts.append(f"code `{_md(src['git_hash'][:12] + ('+dirty' if src['git_hash'].endswith('+dirty') else ''))}`")
+    lines.append("; ".join(facts) + ". Clean = no attack, with its 95% interval; mean and worst over the attacked "
+                                    "cells. Quality: the mark's cost (marked vs. clean twin).")
+    if per_attack and any(e["per_attack"] for e in board["entries"]):
+        cols = list(dict.fromkeys(k for e in board["entries"] for k in e["per_attack"]))
+        lines += ["", f"<details><summary>{_md(metric)} per attack</summary>", "",
+                  "| defence | " + " | ".join(_md(c) for c in cols) + " |",
+                  "|:---|" + "---:|" * len(cols)]
+        for e in board["entries"]:
+            lines.append(f"| {_md(e['defense_label'])} | "
+                         + " | ".join(fmt(e["per_attack"].get(c)) for c in cols) + " |")
+        lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+# -- files --------------------------------------------------------------------------------------------------------
+def write_leaderboard(db_path: str | Path, out_json: str | Path | None = None, out_md: str | Path | None = None,
+                      metric: str | None = None) -> dict[str, Any]:
+    """Build the leaderboard of a database and write it as JSON and/or Markdown; returns the document."""
+    board = build(load_results(db_path), metric)
+    if out_json is not None:
+        p = Path(out_json)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(board, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    if out_md is not None:
+        p = Path(out_md)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(to_markdown(board), encoding="utf-8")
+    return board
+
+
+def load_leaderboard(path: str | Path) -> dict[str, Any]:
+    """Read a leaderboard JSON file, checking its kind and schema version (a :class:`UserError` otherwise)."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read the leaderboard file ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{p}: not a JSON file ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise UserError(f"{p}: not a MarkBench leaderboard (expected \"kind\": \"{KIND}\")")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{p}: leaderboard schema_version {version!r} is not supported; this MarkBench reads "
+                        f"version {SCHEMA_VERSION}")
+    if not isinstance(doc.get("cells"), list) or not isinstance(doc.get("entries"), list):
+        raise UserError(f"{p}: leaderboard has no 'cells' and 'entries' lists")
+    return doc

@@ -1,0 +1,1 @@
+"""MarkBench test suite."""

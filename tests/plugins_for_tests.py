@@ -1,0 +1,65 @@
+"""Plugins that misbehave on purpose, registered under names starting with ``_test``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bench import ImageAttack, ModelAttack, Param, image_attacks, model_attacks
+
+
+class _Base(ImageAttack):
+    version = "1"
+    params = (Param("strength", "float", None, "unused", low=0.0, high=1.0, optional=True),)
+
+    @classmethod
+    def from_strength(cls, s):
+        return {}
+
+
+if "_test_crash" not in image_attacks:
+    @image_attacks.register("_test_crash")
+    class Crash(_Base):
+        """Raises unless the file named by $MARKBENCH_TEST_FIXED exists."""
+
+        def apply(self, images, generator):
+            if os.path.exists(os.environ.get("MARKBENCH_TEST_FIXED", "/nonexistent")):
+                return images.flip(-1)
+            raise RuntimeError("boom: this attack always fails")
+
+    @image_attacks.register("_test_nan")
+    class NaNs(_Base):
+        """Returns NaN images."""
+
+        def apply(self, images, generator):
+            return images * float("nan")
+
+    @image_attacks.register("_test_shape")
+    class WrongShape(_Base):
+        """Returns images of the wrong size."""
+
+        def apply(self, images, generator):
+            return images[:, :, :16, :16]
+
+    @image_attacks.register("_test_interrupt")
+    class Interrupt(_Base):
+        """Simulates Ctrl-C while the file named by $MARKBENCH_TEST_INTERRUPT exists."""
+
+        def apply(self, images, generator):
+            if os.path.exists(os.environ.get("MARKBENCH_TEST_INTERRUPT", "/nonexistent")):
+                raise KeyboardInterrupt
+            return images.flip(-2)
+
+    @model_attacks.register("_test_scale")
+    class ScaleConvIn(ModelAttack):
+        """Scales the UNet's first convolution (a stand-in model attack)."""
+
+        version = "1"
+        params = (Param("factor", "float", 0.5, low=0.0, high=10.0),)
+
+        def apply(self, pipe, ctx):
+            with torch.no_grad():
+                pipe.unet.conv_in.weight.mul_(self.factor)
+            ctx.record_cost(steps=0, trainable_params=int(pipe.unet.conv_in.weight.numel()))
+            return pipe

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.config import load_config, parse_override
+from bench.errors import ConfigError
+
+from .conftest import MICRO_TOML, write_config
+
+
+def _cfg(tmp_path, text=MICRO_TOML, **kw):
+    return load_config(write_config(tmp_path, text), **kw)
+
+
+def test_micro_config_loads_typed(micro_config):
+    cfg = load_config(micro_config)
+    assert cfg.run.num_images == 4 and cfg.run.target_fprs == [1e-6, 0.1]
+    assert cfg.model.builtin == "micro-sd" and cfg.model.guidance_scale == 7.5  # default kept
+    assert [d.name for d in cfg.defenses] == ["none", "dwtdctsvd"]
+    # identity columns are inserted; the sweep expands into one column per value
+    assert [a.label for a in cfg.image_attacks] == ["none", "jpeg(quality=90)", "jpeg"]
+    assert [a.name for a in cfg.model_attacks] == ["none"]
+    assert {m.name for m in cfg.metrics} >= {"tpr", "bit_accuracy"}
+
+
+def test_sweep_product_of_two_lists(tmp_path):
+    text = MICRO_TOML + '\n[[image_attacks]]\nname = "crop"\nscale = [0.5, 0.8]\nmode = ["center", "random"]\n'
+    cfg = _cfg(tmp_path, text)
+    crops = [a for a in cfg.image_attacks if a.name == "crop"]
+    assert len(crops) == 4
+    assert {(a.param_dict["scale"], a.param_dict["mode"]) for a in crops} == {
+        (0.5, "center"), (0.5, "random"), (0.8, "center"), (0.8, "random")}
+
+
+def test_list_typed_parameter_is_not_a_sweep(tmp_path):
+    text = MICRO_TOML + '\n[[image_attacks]]\nname = "combination"\nmembers = ["jpeg", "gaussian_blur"]\n'
+    cfg = _cfg(tmp_path, text)
+    combos = [a for a in cfg.image_attacks if a.name == "combination"]
+    assert len(combos) == 1 and combos[0].param_dict["members"] == ["jpeg", "gaussian_blur"]
+
+
+def test_strength_maps_to_natural_parameter(tmp_path):
+    text = MICRO_TOML + '\n[[image_attacks]]\nname = "gaussian_noise"\nstrength = [0.0, 1.0]\n'
+    noise = [a for a in _cfg(tmp_path, text).image_attacks if a.name == "gaussian_noise"]
+    assert [a.param_dict["std"] for a in noise] == pytest.approx([0.0, 0.1])
+    assert noise[1].label == "gaussian_noise(strength=1)"
+
+
+def test_cli_overrides_beat_the_file(micro_config):
+    cfg = load_config(micro_config, {"run.num_images": 7, "model.num_inference_steps": 3})
+    assert cfg.run.num_images == 7 and cfg.model.num_inference_steps == 3
+    assert parse_override("run.seeds=[0, 1]") == ("run.seeds", [0, 1])
+    assert parse_override("run.output=some/dir") == ("run.output", "some/dir")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[run]\nnum_images = \n", ["invalid TOML", "line 2, column"]),
+    (MICRO_TOML + "\n[runn]\nx=1\n", ["unknown section 'runn'", "did you mean 'run'"]),
+    (MICRO_TOML.replace("num_images = 4", "num_imgs = 4"), ["run.num_imgs", "did you mean 'num_images'"]),
+    (MICRO_TOML.replace("num_images = 4", 'num_images = "four"'), ["run.num_images = 'four'", "an integer"]),
+    (MICRO_TOML.replace("num_images = 4", "num_images = 0"), ["run.num_images = 0", ">= 1"]),
+    (MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "dwtdctsvdd"'),
+     ["defenses[1].name", "unknown defense 'dwtdctsvdd'", "did you mean 'dwtdctsvd'", "available:"]),
+    (MICRO_TOML.replace("quality = [90, 50]", "quality = [90, 150]"),
+     ["image_attacks[0].quality = 150", "'jpeg'", "an integer in [1, 100]"]),
+    (MICRO_TOML.replace("quality = [90, 50]", 'quality = "high"'), ["quality = 'high'", "an integer"]),
+    (MICRO_TOML.replace("quality = [90, 50]", "qualty = 50"), ["has no parameter 'qualty'", "did you mean 'quality'"]),
+    (MICRO_TOML.replace("quality = [90, 50]", "quality = 50\nstrength = 0.5"), ["either 'strength' or"]),
+    (MICRO_TOML.replace('builtin = "micro-sd"', 'path = "/nonexistent/sd15"'), ["model.path", "no such folder"]),
+    (MICRO_TOML.replace('builtin = "micro-sd"', 'builtin = "micro-sd"\nhub_id = "a/b"'), ["exactly one of"]),
+    (MICRO_TOML.replace("height = 64", "height = 60"), ["model.height = 60", "multiple of 8"]),
+    (MICRO_TOML.replace("target_fprs = [1e-6, 0.1]", "target_fprs = [0, 0.1]"), ["run.target_fprs", "(0, 1)"]),
+    (MICRO_TOML.replace('builtin = "micro"', 'builtin = "mikro"'), ["prompts.builtin", "did you mean 'micro'"]),
+])
+def test_bad_input_is_one_clear_sentence(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as e:
+        _cfg(tmp_path, text)
+    msg = str(e.value)
+    assert str(tmp_path / "bench.toml") in msg, msg  # names the file
+    for piece in expected:
+        assert piece in msg, msg
+    assert "\n" not in msg
+
+
+def test_unwritable_output_refused(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"run.output = .*not writable.*not a folder"):
+        _cfg(tmp_path, MICRO_TOML, overrides={"run.output": str(blocker / "out")})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_shipped_config_is_valid():
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "bench.toml", check_output=False)
+    assert cfg.defenses and cfg.image_attacks

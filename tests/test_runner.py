@@ -1,0 +1,140 @@
+"""End-to-end runs of the harness on the micro pipeline (random weights, fixed seed, 4 images, 2 DDIM steps)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from bench.cli import main
+from bench.config import load_config
+from bench.runner import Runner
+from bench.store import ResultStore
+
+from . import plugins_for_tests  # noqa: F401  (registers the _test plugins)
+from .conftest import MICRO_TOML, write_config
+
+
+def _run(path, only=None, rerun_failed=False, overrides=None):
+    cfg = load_config(path, overrides or {})
+    return cfg, Runner(cfg).run(only=only, rerun_failed=rerun_failed)
+
+
+def _values(cfg, metric):
+    store = ResultStore(cfg.output / "results.sqlite")
+    df = store.dataframe()
+    store.close()
+    df = df[df.metric == metric]
+    return {r.cell: r.value for r in df.itertuples()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    path = write_config(tmp)
+    cfg, summary = _run(path)
+    return tmp, path, cfg, summary
+
+
+def test_grid_runs_and_stores_every_metric(finished):
+    _, _, cfg, summary = finished
+    assert summary.ok and summary.cells_ok == 6 and summary.cells_total == 6
+    # shared work: one plain generation serves the control, the post-hoc mark and all negatives
+    assert summary.stages_run["generate"] == 1 and summary.stages_run["mark"] == 1
+    store = ResultStore(cfg.output / "results.sqlite")
+    df = store.dataframe()
+    cells = store.cells_frame()
+    store.close()
+    assert set(cells.status) == {"ok"} and len(cells) == 6
+    assert {"bit_accuracy", "tpr@1e-06", "fpr@1e-06", "auc", "psnr_watermark", "ssim_attack"} <= set(df.metric)
+    row = df[(df.cell == "dwtdctsvd/none/none/s0") & (df.metric == "bit_accuracy")].iloc[0]
+    assert row.n == 4 and row.value > 0.9 and row.low <= row.value <= row.high
+    assert '"bits": 48' in row.defense_params and row.git_hash is not None and "torch" in row.versions_json
+    tpr = _values(cfg, "tpr@1e-06")
+    assert tpr["dwtdctsvd/none/none/s0"] == 1.0
+    assert tpr["none/none/none/s0"] == 0.0  # the control sits at chance: nothing at FPR 1e-6
+
+
+def test_rerun_does_no_model_work(finished):
+    _, path, _, _ = finished
+    _, summary = _run(path)
+    assert summary.stages_run == {} and summary.cells_skipped == 6 and summary.ok
+
+
+def test_adding_an_attack_recomputes_only_its_stages(finished):
+    tmp, _, _, _ = finished
+    text = MICRO_TOML + '\n[[image_attacks]]\nname = "crop"\nscale = 0.5\nmode = "center"\n'
+    path = write_config(tmp, text, name="bench_plus_crop.toml")
+    cfg, summary = _run(path)
+    # crop on the plain images (= the control's images = every negative) and on the marked ones; detection:
+    # the control's positives and negatives are the same images (one stage), dwtdctsvd's are two
+    assert summary.stages_run == {"image_attack": 2, "detect": 3}
+    assert summary.cells_ok == 2 and summary.cells_skipped == 6
+
+
+def test_cell_numbers_do_not_depend_on_other_cells(finished, tmp_path):
+    _, _, cfg_full, _ = finished
+    path = write_config(tmp_path)
+    cfg, summary = _run(path, only="dwtdctsvd/none/jpeg/*")
+    assert summary.cells_total == 1 and summary.ok
+    full = _values(cfg_full, "bit_accuracy")
+    alone = _values(cfg, "bit_accuracy")
+    assert alone == {"dwtdctsvd/none/jpeg/s0": full["dwtdctsvd/none/jpeg/s0"]}
+
+
+def test_model_attack_stage_and_costs(tmp_path):
+    text = MICRO_TOML + '\n[[model_attacks]]\nname = "_test_scale"\nfactor = 0.5\n'
+    cfg, summary = _run(write_config(tmp_path, text), only="*/_test_scale/none/*")
+    assert summary.ok and summary.stages_run["model_attack"] == 1  # shared: no defence here changes weights
+    cells = ResultStore(cfg.output / "results.sqlite").cells_frame()
+    assert '"trainable_params": ' in cells.costs_json.iloc[0]
+
+
+def test_failing_plugin_fails_only_its_cells(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MARKBENCH_TEST_FIXED", str(tmp_path / "fixed"))
+    text = MICRO_TOML + "\n".join(f'\n[[image_attacks]]\nname = "{n}"\n' for n in ("_test_crash", "_test_nan",
+                                                                                  "_test_shape"))
+    path = write_config(tmp_path, text)
+    code = main(["run", "--config", str(path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "6 failed" in out and "boom: this attack always fails" in out
+    assert "returned 4 image(s) containing NaN" in out
+    assert "returned images of shape (4, 3, 16, 16), expected (4, 3, 64, 64)" in out
+    con = sqlite3.connect(tmp_path / "out" / "results.sqlite")
+    rows = dict(con.execute("select label, status from cells"))
+    assert sum(v == "ok" for v in rows.values()) == 6 and sum(v == "failed" for v in rows.values()) == 6
+    tb = con.execute("select traceback from cells where label like '%_test_crash%'").fetchone()[0]
+    assert "RuntimeError: boom" in tb
+    con.close()
+    # without --rerun-failed the failed cells stay failed; with it, the fixed plugin succeeds
+    (tmp_path / "fixed").write_text("")
+    cfg, summary = _run(path, only="_test_crash")
+    assert summary.stages_run == {} and len(summary.cells_failed) == 2
+    cfg, summary = _run(path, only="_test_crash", rerun_failed=True)
+    assert summary.cells_ok == 2 and summary.ok
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    flag = tmp_path / "interrupt"
+    flag.write_text("")
+    monkeypatch.setenv("MARKBENCH_TEST_INTERRUPT", str(flag))
+    text = MICRO_TOML + '\n[[image_attacks]]\nname = "_test_interrupt"\n'
+    path = write_config(tmp_path, text)
+    cfg = load_config(path)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg).run()
+    done = ResultStore(cfg.output / "results.sqlite").cell_status()
+    assert 0 < len(done) < 8 and set(done.values()) == {"ok"}
+    flag.unlink()
+    _, summary = _run(path)
+    assert summary.cells_skipped == len(done) and summary.cells_ok == 8 - len(done)
+    assert "generate" not in summary.stages_run and summary.stages_cached >= 2  # the finished work is reused
+
+
+def test_cli_dry_run_and_show(micro_config, capsys):
+    assert main(["run", "--config", str(micro_config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 cells" in out and "generate" in out and "to run" in out
+    assert main(["show", "--config", str(micro_config)]) == 2
+    assert "no results yet" in capsys.readouterr().err
