@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     cfg_args(s)
     s.add_argument("--metric", "-m", default=None, help="metric to show (default: run.primary_metric)")
     s.add_argument("--format", "-f", choices=("table", "csv", "json"), default="table")
+    s.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
+                   help="attacks as rows (default: automatic, when there are many attack columns)")
 
     e = sub.add_parser("export", help="export all results (one row per cell and metric) to CSV, Parquet or JSON",
                        epilog="examples:\n  bench export --to results.csv\n  bench export --to results.parquet",
@@ -259,7 +261,7 @@ def _results(args):
 
 def cmd_show(args) -> int:
     cfg, _ = _results(args)
-    _print_matrix(cfg, args.metric, args.format, _console())
+    _print_matrix(cfg, args.metric, args.format, _console(), transpose=args.transpose)
     return 0
 
 
@@ -287,17 +289,17 @@ def matrix(df, metric: str):
     return sub, order_rows, order_cols
 
 
-def _fmt_cell(r) -> str:
+def _fmt_cell(r, with_n: bool = True) -> str:
     v = r["value"]
     if v is None or v != v:
         return "-"
     s = f"{v:.3f}" if abs(v) < 1000 else f"{v:.3g}"
     if r["low"] is not None and r["low"] == r["low"] and r["high"] is not None and r["high"] == r["high"]:
         s += f" [{r['low']:.2f},{r['high']:.2f}]"
-    return s + f" n={int(r['n'])}"
+    return s + (f" n={int(r['n'])}" if with_n else "")
 
 
-def _print_matrix(cfg, metric: str | None, fmt: str, console) -> None:
+def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | None = None) -> None:
     from .store import ResultStore
 
     db = cfg.output / "results.sqlite"
@@ -339,13 +341,25 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console) -> None:
         return
     from rich.table import Table
 
-    t = Table(title=f"{metric} (95% interval, N) - {db}", title_justify="left")
-    t.add_column("defence \\ attack", style="bold")
-    for col in cols:
-        t.add_column(col, overflow="fold")
-    cells = {(r["row"], r["column"]): _fmt_cell(r) for _, r in sub.iterrows()}
-    for row in rows:
-        t.add_row(row, *[cells.get((row, col), "") for col in cols])
+    ns = set(int(n) for n in sub["n"])
+    uniform_n = len(ns) == 1
+    cells = {(r["row"], r["column"]): _fmt_cell(r, with_n=not uniform_n) for _, r in sub.iterrows()}
+    # defences x attacks; with many attack columns the table is shown with attacks as rows so it fits a terminal
+    flip = transpose if transpose is not None else len(cols) > max(4, len(rows))
+    n_text = f"N={ns.pop()}" if uniform_n else "N per cell"
+    t = Table(title=f"{metric}: value [95% interval], {n_text}  ({db})", title_justify="left")
+    if flip:
+        t.add_column("attack \\ defence", style="bold", no_wrap=True)
+        for row in rows:
+            t.add_column(row)
+        for col in cols:
+            t.add_row(col, *[cells.get((row, col), "") for row in rows])
+    else:
+        t.add_column("defence \\ attack", style="bold")
+        for col in cols:
+            t.add_column(col, overflow="fold")
+        for row in rows:
+            t.add_row(row, *[cells.get((row, col), "") for col in cols])
     console.print(t)
     notes = sorted(set(n for n in sub["note"] if n))
     for n in notes:

@@ -39,6 +39,7 @@ class PluginSpec:
     params: tuple[tuple[str, Any], ...]
     version: str
     origin: str = "markbench"
+    given: tuple[str, ...] = ()  # the parameters the config set explicitly (shown in labels)
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -57,7 +58,7 @@ class PluginSpec:
     def label(self) -> str:
         cls = _registry(self.kind).get(self.name)
         defaults = {p.name: p.default for p in cls.params}
-        changed = {k: v for k, v in self.param_dict.items() if defaults.get(k) != v}
+        changed = {k: v for k, v in self.param_dict.items() if defaults.get(k) != v or k in self.given}
         if "strength" in changed:  # a strength sets the natural parameters: show only the strength
             changed = {"strength": changed["strength"]}
         if not changed:
@@ -452,7 +453,7 @@ def _spec(kind: str, name: str, given: dict[str, Any], where: str) -> PluginSpec
     if kind == "image_attacks" and resolved.get("strength") is not None:
         resolved.update(cls.from_strength(float(resolved["strength"])))
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resolved.items()))
-    return PluginSpec(kind, name, frozen, cls.version, reg.origin(name))
+    return PluginSpec(kind, name, frozen, cls.version, reg.origin(name), tuple(sorted(given)))
 
 
 def check_output_writable(cfg: BenchConfig) -> None:

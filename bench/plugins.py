@@ -171,6 +171,8 @@ class Plugin:
     name: ClassVar[str] = ""
     version: ClassVar[str] = ""
     params: ClassVar[Sequence[Param]] = ()
+    #: Parameters for the registry-wide smoke tests (e.g. a few training steps instead of thousands).
+    smoke_params: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, **given: Any):
         resolved = resolve_params(self.name or type(self).__name__, self.params, given)

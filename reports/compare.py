@@ -204,13 +204,13 @@ def _pt(p: Point) -> str:
 
 def to_markdown(cmp: Comparison, limit: int = 50) -> str:
     """A Markdown summary: counts, then tables of regressions, improvements and direction-less changes."""
-    from .leaderboard import _md, fmt
+    from .leaderboard import _code, _md, fmt
 
     keys = [c.key for c in cmp.regressions + cmp.improvements + cmp.changed] + cmp.missing + cmp.new
     seeds = len({k[3] for k in keys}) > 1
     verdict = (f"**{len(cmp.regressions)} regression(s)**" if cmp.regressions else "no regression")
     lines = [f"### MarkBench compare: {verdict}", "",
-             f"`{_md(cmp.current)}` against baseline `{_md(cmp.baseline)}` (tolerance {cmp.tolerance:g}; a move "
+             f"{_code(cmp.current)} against baseline {_code(cmp.baseline)} (tolerance {cmp.tolerance:g}; a move "
              f"counts when the 95% intervals do not overlap and the change exceeds the tolerance).", "",
              f"{len(cmp.regressions)} regressed, {len(cmp.improvements)} improved, {len(cmp.changed)} changed "
              f"(no direction), {cmp.within_noise} within noise, {len(cmp.missing)} missing, {len(cmp.new)} new, "

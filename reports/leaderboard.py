@@ -8,8 +8,8 @@ pull-request comment or a CI job summary. Both are pure functions of the results
 * **Attacked cells**: every cell of the defence except the clean one (no model attack and no image attack).
 * **robustness.mean**: the mean of the ranking metric over the attacked cells that measured it (failed cells are
   counted in ``n_failed`` and left out of the mean); **robustness.worst**: the worst of them and which attack.
-* Ranked by ``robustness.mean`` (best first, per the metric's direction), then ``robustness.worst``, then ``clean``;
-  defences without a value come last.
+* Ranked by ``robustness.mean`` (best first, per the metric's direction), then ``robustness.worst``, then ``clean``,
+  then the control (the defence named ``none``) after the others; defences without a value come last.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
         r = e["robustness"]
         clean = (e["clean"] or {}).get("value")
         return (r["mean"] is None, sign * (r["mean"] or 0.0), r["worst"] is None, sign * (r["worst"] or 0.0),
-                clean is None, sign * (clean or 0.0))
+                clean is None, sign * (clean or 0.0), e["control"])
 
     entries.sort(key=sort_key)
     for i, e in enumerate(entries, 1):
@@ -146,6 +146,11 @@ def _md(text: Any) -> str:
     return s
 
 
+def _code(text: Any) -> str:
+    """A Markdown code span (no escapes work inside one: backticks are the only thing to keep out)."""
+    return "`" + str(text).replace("`", "'").replace("\n", " ") + "`"
+
+
 def fmt(v: float | None) -> str:
     if v is None:
         return "-"
@@ -172,7 +177,7 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
     quality = list(dict.fromkeys(q for e in board["entries"] for q in e["quality"]))
     direction = "higher is better" if board["higher_is_better"] else "lower is better"
     src = board.get("source", {})
-    lines = [f"### MarkBench leaderboard: `{metric}` ({direction})", ""]
+    lines = [f"### MarkBench leaderboard: {_code(metric)} ({direction})", ""]
     head = ["rank", "defence", f"clean {_md(metric)}", "mean over attacks", "worst (attack)"]
     head += [_md(q) for q in quality] + ["failed cells"]
     lines.append("| " + " | ".join(head) + " |")
@@ -192,7 +197,7 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
              f"{len(grid.get('model_attacks', []))} model attack(s) x {len(grid.get('image_attacks', []))} "
              f"image attack(s)"]
     if src.get("git_hash"):
-        facts.append(f"code `{_md(src['git_hash'][:12] + ('+dirty' if src['git_hash'].endswith('+dirty') else ''))}`")
+        facts.append(f"code {_code(src['git_hash'][:12] + ('+dirty' if src['git_hash'].endswith('+dirty') else ''))}")
     lines.append("; ".join(facts) + ". Clean = no attack, with its 95% interval; mean and worst over the attacked "
                                     "cells. Quality: the mark's cost (marked vs. clean twin).")
     if per_attack and any(e["per_attack"] for e in board["entries"]):

@@ -20,7 +20,7 @@ def test_micro_config_loads_typed(micro_config):
     assert cfg.model.builtin == "micro-sd" and cfg.model.guidance_scale == 7.5  # default kept
     assert [d.name for d in cfg.defenses] == ["none", "dwtdctsvd"]
     # identity columns are inserted; the sweep expands into one column per value
-    assert [a.label for a in cfg.image_attacks] == ["none", "jpeg(quality=90)", "jpeg"]
+    assert [a.label for a in cfg.image_attacks] == ["none", "jpeg(quality=90)", "jpeg(quality=50)"]
     assert [a.name for a in cfg.model_attacks] == ["none"]
     assert {m.name for m in cfg.metrics} >= {"tpr", "bit_accuracy"}
 

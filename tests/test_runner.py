@@ -75,11 +75,11 @@ def test_adding_an_attack_recomputes_only_its_stages(finished):
 def test_cell_numbers_do_not_depend_on_other_cells(finished, tmp_path):
     _, _, cfg_full, _ = finished
     path = write_config(tmp_path)
-    cfg, summary = _run(path, only="dwtdctsvd/none/jpeg/*")
+    cfg, summary = _run(path, only="dwtdctsvd/none/jpeg(quality=50)/*")
     assert summary.cells_total == 1 and summary.ok
     full = _values(cfg_full, "bit_accuracy")
     alone = _values(cfg, "bit_accuracy")
-    assert alone == {"dwtdctsvd/none/jpeg/s0": full["dwtdctsvd/none/jpeg/s0"]}
+    assert alone == {"dwtdctsvd/none/jpeg(quality=50)/s0": full["dwtdctsvd/none/jpeg(quality=50)/s0"]}
 
 
 def test_model_attack_stage_and_costs(tmp_path):

@@ -208,24 +208,32 @@ def render(item: Item, size: int = IMAGE_SIZE) -> np.ndarray:
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
     poly = _outline(item.shape)
+    box = (cx - half, cy - half, cx + half, cy + half)
     if poly is None:
-        draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=255)
+        draw.ellipse(box, fill=255)
     else:
         draw.polygon([(cx + half * x, cy + half * y) for x, y in poly], fill=255)
     m = np.asarray(mask, dtype=np.float32) / 255.0
     if item.style == "striped":
-        period = STRIPE_PERIOD_PX * scale * ss
-        yy, xx = np.mgrid[0:big, 0:big]
-        stripes = (((xx + yy) % period) < period / 2).astype(np.float32)
-        # a 2-px outline keeps the silhouette readable
-        from PIL import ImageFilter
-
-        k = int(2 * 2 * scale * ss) + 1
-        inner = np.asarray(mask.filter(ImageFilter.MinFilter(k)), dtype=np.float32) / 255.0
-        m = np.maximum(m * stripes, m - inner)
+        # diagonal stripes inside the shape, and a 2-px outline that keeps the silhouette readable
+        edge = Image.new("L", (big, big), 0)
+        width = int(round(2 * scale * ss))
+        if poly is None:
+            ImageDraw.Draw(edge).ellipse(box, outline=255, width=width)
+        else:
+            ImageDraw.Draw(edge).polygon([(cx + half * x, cy + half * y) for x, y in poly], outline=255,
+                                         width=width)
+        e = np.asarray(edge, dtype=np.float32) / 255.0
+        m = np.maximum(m * _stripes(big, STRIPE_PERIOD_PX * scale * ss), np.minimum(m, e))
     img = (1.0 - m)[..., None] * np.asarray(bg, np.float32) + m[..., None] * np.asarray(fg, np.float32)
     img = img.reshape(size, ss, size, ss, 3).mean(axis=(1, 3))
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=4)
+def _stripes(big: int, period: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:big, 0:big]
+    return (((xx + yy) % period) < period / 2).astype(np.float32)
 
 
 def make_dataset(split: str, n: int, seed: int = 0, start: int = 0, size: int = IMAGE_SIZE

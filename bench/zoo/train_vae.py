@@ -1,0 +1,240 @@
+"""Training of the tiny-world VAE (diffusers ``AutoencoderKL``, Stable Diffusion's component and key names).
+
+64x64x3 images <-> 4x16x16 latents (a x4 VAE: three encoder levels, two downsamplings). Why x4: at x8 a shape
+would be 4 to 6 latent pixels wide and the decoder would have to invent its edges (PSNR suffers, and the UNet must
+learn shape from very few positions); at x4 a shape spans 7 to 12 latent pixels and the UNet still runs on only
+256 positions.
+
+Trained on every style the world will ever show (base, striped style, the arrow subject) so that fine-tuning
+attacks do not fail in the VAE. Two stages:
+
+1. encoder + decoder: L1 + MSE reconstruction with a tiny KL weight (SD uses 1e-6), on the mixture of styles;
+2. decoder only, encoder frozen: keeps the latent space (which the UNet is trained on) fixed while the decoder
+   sharpens edges and stripes; SD's "ft-MSE" VAE decoder was made the same way.
+
+After stage 1 ``scaling_factor`` is set to 1/std of the training latents (SD's 0.18215 was found the same way).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import shapes
+from .common import Logger, NullBar, cached_dataset, load_checkpoint, lr_at, save_checkpoint, step_rng
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), latent_channels=4,
+    layers_per_block=1, norm_num_groups=16, sample_size=shapes.IMAGE_SIZE, act_fn="silu",
+)
+
+
+@dataclass
+class VaeSettings:
+    steps: int = 4000  # stage 1: encoder + decoder
+    decoder_steps: int = 4000  # stage 2: decoder only
+    batch_size: int = 16
+    lr: float = 1e-3
+    decoder_lr: float = 5e-4
+    warmup: int = 200
+    kl_weight: float = 1e-6
+    mse_weight: float = 1.0
+    l1_weight: float = 1.0
+    mix: tuple[float, float, float] = (0.6, 0.25, 0.15)  # base, style, subject
+    n_train: int = 20000
+    n_style: int = 3000
+    n_subject: int = 3000
+    n_eval: int = 256
+    eval_every: int = 500
+    checkpoint_seconds: float = 120.0
+
+
+def build_vae(seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def psnr_round_trip(vae, images: np.ndarray, batch_size: int = 64) -> float:
+    """Mean per-image PSNR (dB) of uint8 images against their uint8 round trip encode(mean) -> decode."""
+    import torch
+
+    vals = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = shapes.to_tensor(images[i:i + batch_size])
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            y8 = ((y.clamp(-1, 1) + 1) * 127.5).round()
+            x8 = torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2).float()
+            mse = ((y8 - x8) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+            vals.append(10 * torch.log10(255.0 ** 2 / mse))
+    return float(torch.cat(vals).mean())
+
+
+def latent_std(vae, images: np.ndarray, batch_size: int = 128) -> tuple[float, float]:
+    import torch
+
+    zs = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            zs.append(vae.encode(shapes.to_tensor(images[i:i + batch_size])).latent_dist.mode())
+    z = torch.cat(zs)
+    return float(z.mean()), float(z.std())
+
+
+def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None = None, resume: bool = True,
+              bar: NullBar | None = None, log: Logger | None = None, stage1_out: Path | None = None) -> dict:
+    """Train (or resume) the VAE; save it with ``save_pretrained`` to ``out``; return its PSNR figures.
+
+    ``stage1_out``: where to also save the VAE after stage 1 (its encoder is final: the UNet can start from it).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    s = settings or VaeSettings()
+    bar = bar or NullBar()
+    log = log or Logger()
+    work = Path(work)
+    ckpt_path = work / "vae" / "checkpoint.pt"
+    vae = build_vae(seed)
+    total = s.steps + s.decoder_steps
+    step, history, cpu_seconds = 0, [], 0.0
+
+    def make_opt(stage: int):
+        params = vae.parameters() if stage == 1 else vae.decoder.parameters()
+        return torch.optim.AdamW(params, lr=s.lr if stage == 1 else s.decoder_lr, weight_decay=0.0)
+
+    opt = make_opt(1)
+    state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        step, history, cpu_seconds = state["step"], state["history"], state.get("cpu_seconds", 0.0)
+        vae.register_to_config(scaling_factor=state["scaling_factor"])
+        if step >= s.steps:
+            opt = make_opt(2)
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
+        if state.get("stage") == (1 if step < s.steps else 2):
+            opt.load_state_dict(state["opt"])
+        log(f"vae: resumed at step {step}")
+
+    pools = [cached_dataset(work, "train", s.n_train, seed, log), cached_dataset(work, "style", s.n_style, seed, log),
+             cached_dataset(work, "subject", s.n_subject, seed, log)]
+    evals = {"heldout": cached_dataset(work, "heldout", s.n_eval, seed + 1, log)[0],
+             "style": cached_dataset(work, "style", s.n_eval, seed + 1, log)[0],
+             "subject": cached_dataset(work, "subject", s.n_eval, seed + 1, log)[0]}
+    mix = np.asarray(s.mix) / np.sum(s.mix)
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                                    "stage": 1 if step < s.steps else 2, "history": history,
+                                    "scaling_factor": vae.config.scaling_factor,
+                                    "cpu_seconds": cpu_seconds, "settings": asdict(s)})
+
+    def evaluate(n: int | None = None) -> dict:
+        vae.eval()
+        res = {k: round(psnr_round_trip(vae, v[:n]), 2) for k, v in evals.items()}
+        vae.train()
+        return res
+
+    def finish_stage1():
+        nonlocal opt
+        mean, std = latent_std(vae, pools[0][0][:2048])
+        vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+        log(f"vae stage 1 done at step {step}: latent mean {mean:.3f} std {std:.3f} -> scaling_factor "
+            f"{vae.config.scaling_factor}")
+        if stage1_out is not None:
+            vae.save_pretrained(stage1_out)
+        opt = make_opt(2)
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+
+    if step == s.steps and stage1_out is not None and not (Path(stage1_out) / "config.json").exists():
+        finish_stage1()
+    bar.start("vae", total, step)
+    last_ckpt = time.time()
+    vae.train()
+    while step < total:
+        t0 = time.process_time()
+        stage = 1 if step < s.steps else 2
+        rng = step_rng(seed, step)
+        which = rng.choice(3, size=s.batch_size, p=mix)
+        batch = np.stack([pools[w][0][rng.integers(len(pools[w][0]))] for w in which])
+        x = shapes.to_tensor(batch)
+        flip = torch.from_numpy(rng.random(s.batch_size) < 0.5)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if stage == 1:
+            lr = lr_at(step, s.lr, s.warmup, s.steps)
+        else:
+            lr = lr_at(step - s.steps, s.decoder_lr, s.warmup, s.decoder_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        y = vae.decode(z).sample
+        loss = s.l1_weight * F.l1_loss(y, x) + s.mse_weight * F.mse_loss(y, x)
+        if stage == 1:
+            loss = loss + s.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        cpu_seconds += time.process_time() - t0
+        bar.advance("vae", step, f"stage {stage} loss {loss.item():.4f}")
+        if step % 50 == 0:
+            log(f"vae step {step}/{total} stage {stage} loss {loss.item():.5f} lr {lr:.2e} cpu {cpu_seconds:.0f}s")
+        if step % s.eval_every == 0:
+            res = evaluate(64)
+            history.append({"step": step, "cpu_seconds": round(cpu_seconds, 1), **res})
+            log(f"vae eval step {step}: PSNR " + " ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        if step == s.steps:
+            finish_stage1()
+            checkpoint()
+            last_ckpt = time.time()
+        if time.time() - last_ckpt > s.checkpoint_seconds:
+            checkpoint()
+            last_ckpt = time.time()
+    checkpoint()
+    bar.stop("vae")
+    vae.eval()
+    res = evaluate()
+    log(f"vae final PSNR (n={s.n_eval} each): " + " ".join(f"{k} {v:.2f}" for k, v in res.items()))
+    vae.save_pretrained(out)
+    return {"settings": asdict(s), "config": {k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in VAE_CONFIG.items()},
+            "seed": seed, "steps": step, "cpu_seconds": round(cpu_seconds, 1), "psnr": res, "n": s.n_eval,
+            "scaling_factor": vae.config.scaling_factor, "history": history}
+
+
+def main(argv=None) -> int:  # python -m bench.zoo.train_vae WORK OUT [--seed N]
+    import argparse
+    import json
+
+    import torch
+
+    p = argparse.ArgumentParser()
+    p.add_argument("work")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=VaeSettings.steps)
+    p.add_argument("--decoder-steps", type=int, default=VaeSettings.decoder_steps)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    work = Path(a.work)
+    log = Logger(work / "vae" / "train.log", quiet=True)
+    res = train_vae(work, Path(a.out), a.seed, VaeSettings(steps=a.steps, decoder_steps=a.decoder_steps), log=log,
+                    stage1_out=work / "vae" / "stage1")
+    (work / "vae" / "result.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Subcommands ``bench report``, ``bench leaderboard`` and ``bench compare`` (registered by :mod:`bench.cli`).
+
+Nothing heavy is imported here: each handler imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable
+
+EPILOG_REPORT = textwrap.dedent("""\
+    examples:
+      bench report                                  the report of the run in ./bench.toml's output folder
+      bench report --output runs/default            the report of the run in runs/default
+      bench report --config configs/my.toml --out my-report.html
+    The report is one self-contained HTML file (no network): heatmap, robustness curves, quality vs. robustness,
+    image panels and the run's manifest. It reads the results database; it never recomputes a metric.""")
+
+EPILOG_LEADERBOARD = textwrap.dedent("""\
+    examples:
+      bench leaderboard                             write <output>/leaderboard.json and leaderboard.md
+      bench leaderboard --output runs/ci --out-json reports/leaderboard.json
+      bench leaderboard --metric tpr@0.01 >> "$GITHUB_STEP_SUMMARY"
+    The Markdown table also goes to standard output. The JSON schema (schema_version 1) is in docs/reports.md.""")
+
+EPILOG_COMPARE = textwrap.dedent("""\
+    examples:
+      bench compare reports/leaderboard.json runs/ci/leaderboard.json
+      bench compare runs/main runs/my-branch --tolerance 0.02
+      bench compare old/results.sqlite new/results.sqlite --out-md compare.md
+    BASELINE and CURRENT are each a leaderboard JSON file, a results.sqlite file or a run folder. A regression is a
+    cell (defence, model attack, image attack, seed, metric) that moved the bad way with non-overlapping 95%
+    intervals by more than the tolerance. Exit codes: 0 no regression, 1 regression(s), 2 bad input.""")
+
+
+def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add the report commands to ``bench``'s subparsers; returns ``{command: handler}``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    r = sub.add_parser("report", help="render the self-contained HTML report of a run", formatter_class=fmt,
+                       description="Render the HTML report of a run's results database.", epilog=EPILOG_REPORT)
+    cfg_args(r)
+    r.add_argument("--out", default=None, metavar="FILE", help="the HTML file to write (default: <output>/report.html)")
+    r.add_argument("--cache", default=None, metavar="DIR",
+                   help="artifact cache holding the images (default: run.cache, else <output>/cache)")
+
+    lb = sub.add_parser("leaderboard", help="write the leaderboard (JSON and Markdown) of a run", formatter_class=fmt,
+                        description="Rank defences by robustness across the grid, with quality beside it.",
+                        epilog=EPILOG_LEADERBOARD)
+    cfg_args(lb)
+    lb.add_argument("--out-json", default=None, metavar="FILE",
+                    help="leaderboard JSON (default: <output>/leaderboard.json)")
+    lb.add_argument("--out-md", default=None, metavar="FILE",
+                    help="leaderboard Markdown (default: <output>/leaderboard.md)")
+    lb.add_argument("--metric", "-m", default=None, help="ranking metric (default: run.primary_metric)")
+    lb.add_argument("--quiet", "-q", action="store_true", help="do not print the Markdown table")
+
+    c = sub.add_parser("compare", help="compare two runs cell by cell; exit 1 on a regression", formatter_class=fmt,
+                       description="Compare two leaderboards, results databases or run folders cell by cell.",
+                       epilog=EPILOG_COMPARE)
+    c.add_argument("baseline", metavar="BASELINE", help="leaderboard .json, results.sqlite or run folder")
+    c.add_argument("current", metavar="CURRENT", help="leaderboard .json, results.sqlite or run folder")
+    c.add_argument("--tolerance", "-t", type=float, default=0.0, metavar="X",
+                   help="absolute change a move must exceed to count (default: 0)")
+    c.add_argument("--fail-on-missing", action="store_true",
+                   help="also exit 1 when cells of the baseline are missing from the current results")
+    c.add_argument("--out-md", default=None, metavar="FILE", help="also write the Markdown summary to FILE")
+    c.add_argument("--out-json", default=None, metavar="FILE", help="also write every classified cell as JSON")
+    return {"report": cmd_report, "leaderboard": cmd_leaderboard, "compare": cmd_compare}
+
+
+def _db_and_config(args: argparse.Namespace):
+    from bench.cli import load_config_from_args
+    from bench.errors import UserError
+
+    cfg = load_config_from_args(args, check_output=False)
+    db = cfg.output / "results.sqlite"
+    if not db.exists():
+        raise UserError(f"{db}: no results yet; run 'bench run' with this config (or pass --output RUN_FOLDER)")
+    return cfg, db
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .html import render_report
+
+    cfg, db = _db_and_config(args)
+    cache = args.cache
+    if cache is None and cfg.cache_dir.is_dir():
+        cache = cfg.cache_dir
+    out = render_report(db, args.out or cfg.output / "report.html", cache)
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import to_markdown, write_leaderboard
+
+    cfg, db = _db_and_config(args)
+    out_json = Path(args.out_json) if args.out_json else cfg.output / "leaderboard.json"
+    out_md = Path(args.out_md) if args.out_md else cfg.output / "leaderboard.md"
+    board = write_leaderboard(db, out_json, out_md, metric=args.metric)
+    if not args.quiet:
+        sys.stdout.write(to_markdown(board))
+    print(f"wrote {out_json} and {out_md}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.errors import UserError
+
+    from .compare import compare, to_markdown, write_json
+
+    if not (args.tolerance >= 0):  # also refuses nan
+        raise UserError(f"--tolerance {args.tolerance}: must be a number >= 0")
+    result = compare(args.baseline, args.current, args.tolerance)
+    text = to_markdown(result)
+    sys.stdout.write(text)
+    if args.out_md:
+        p = Path(args.out_md)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    if args.out_json:
+        write_json(result, args.out_json)
+    if result.regressions:
+        return 1
+    if args.fail_on_missing and result.missing:
+        print(f"{len(result.missing)} baseline cell-metric pair(s) missing from {args.current}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,856 @@
+"""The HTML report: one self-contained file rendered from a results database (and the images it points to).
+
+``render_report(db, out)`` is a pure function of the database: it reads values, intervals and N as stored and never
+recomputes a metric. The only pixels it computes are for display (thumbnails and the amplified difference between
+a clean and a watermarked image). Everything the page needs is inline: styles, the script that draws the charts,
+the data it draws them from (a JSON block) and the images (base64 PNG data URIs). Nothing is fetched.
+
+Escaping: every string from the database (labels, prompts, errors, parameters) goes through :func:`html.escape`
+on the server, through ``textContent``/``setAttribute`` in the script, and the JSON block has ``<``, ``>`` and ``&``
+written as ``\\u003c``/``\\u003e``/``\\u0026`` so it cannot close its ``<script>`` element.
+
+Sections: leaderboard; results heatmap (defences x attacks, switchable metric, interval and N in every cell);
+robustness curves (metric against strength for every swept attack, one line per defence, interval bands);
+quality against robustness (every cell: a quality metric against the selected metric); image panels (clean,
+watermarked, amplified difference, each attack's output); manifest (config, plugins and parameters, seeds, versions,
+git hash, timings, failed cells, negative policy) and a glossary of the metrics. The page's script reads
+``#metric=NAME`` (and ``&x=NAME`` for the scatter's x axis) from the URL, and sets ``data-render="ok"`` (or
+``"error: ..."``) on the ``<html>`` element when it has drawn everything.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .data import (IDENTITY, CellRow, Results, describe_metric, is_quality_metric, load_results, prompts_of)
+from .leaderboard import build as build_leaderboard
+from .leaderboard import fmt
+
+#: How many prompts get an image panel, how many attack outputs one panel row shows, and the thumbnail side.
+MAX_PROMPTS = 3
+MAX_ATTACK_IMAGES = 8
+THUMB_PX = 128
+DIFF_GAIN = 10
+
+
+def e(x: Any) -> str:
+    """Escape any value for HTML text or a quoted attribute."""
+    return html.escape("" if x is None else str(x), quote=True)
+
+
+def render_report(db_path: str | os.PathLike, out_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                  *, max_prompts: int = MAX_PROMPTS, max_attack_images: int = MAX_ATTACK_IMAGES) -> Path:
+    """Render the report of ``db_path`` into the single file ``out_path``; returns its path.
+
+    ``cache_dir`` is the artifact cache holding the images (default: ``<db folder>/cache``, else the run's
+    ``run.cache`` or ``<run.output>/cache``); without one the image panels say where they looked.
+    """
+    db = Path(db_path)
+    results = load_results(db)
+    cache, looked = find_cache(results, db, cache_dir)
+    page = _page(results, cache, looked, max_prompts, max_attack_images)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def find_cache(results: Results, db: Path, cache_dir: str | os.PathLike | None) -> tuple[Path | None, list[str]]:
+    """The artifact cache folder to read images from, and every place looked at."""
+    if cache_dir is not None:
+        candidates = [Path(cache_dir)]
+    else:
+        run = results.run_config
+        candidates = [db.parent / "cache"]
+        if run.get("cache"):
+            candidates.append(Path(run["cache"]))
+        if run.get("output"):
+            candidates.append(Path(run["output"]) / "cache")
+    for c in candidates:
+        if c.is_dir():
+            return c, [str(c)]
+    return None, [str(c) for c in candidates]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data for the script
+# ------------------------------------------------------------------------------------------------------------------
+def chart_data(results: Results) -> dict[str, Any]:
+    """What the page's script draws from (also embedded as JSON: tests read it back)."""
+    notes: dict[str, int] = {}
+
+    def note_id(text: str) -> int | None:
+        if not text:
+            return None
+        return notes.setdefault(text, len(notes))
+
+    cells = []
+    for c in results.cells:
+        cells.append({
+            "row": results.row(c), "col": results.column(c), "label": c.label, "defense": c.defense_label,
+            "ok": c.ok, "clean": c.is_clean, "error": c.error,
+            "v": {m: [v.value, v.low, v.high, v.n, note_id(v.note)] for m, v in c.metrics.items()},
+        })
+    sweeps = []
+    for s in results.sweeps():
+        def col(ia_label: str) -> str:
+            return f"{s.model_attack_label} | {ia_label}" if results.multi_model_attack else ia_label
+
+        ref = next((results.column(c) for c in results.cells
+                    if c.model_attack_label == s.model_attack_label and c.image_attack == IDENTITY), None)
+        sweeps.append({"attack": s.attack, "ma": s.model_attack_label, "x": s.x_name,
+                       "multi_ma": results.multi_model_attack,
+                       "points": [[x, col(label)] for x, label in s.points], "ref": ref})
+    metrics = [{"name": m, "hib": results.higher_is_better(m), "about": describe_metric(m)}
+               for m in _metric_order(results)]
+    return {
+        "primary": results.primary_metric,
+        "metrics": metrics,
+        "rows": results.rows(),
+        "cols": results.columns(),
+        "cells": cells,
+        "notes": list(notes),
+        "sweeps": sweeps,
+        "quality": [m for m in results.metric_order if is_quality_metric(m)],
+    }
+
+
+def _metric_order(results: Results) -> list[str]:
+    primary = results.primary_metric
+    return ([primary] if primary in results.metric_order else []) + [m for m in results.metric_order if m != primary]
+
+
+def _json_block(data: Any) -> str:
+    text = json.dumps(data, separators=(",", ":"), default=str)
+    for a, b in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"),
+                 ("\u2029", "\\u2029")):
+        text = text.replace(a, b)
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the server-rendered heatmap (what a reader without JavaScript sees; the script redraws it the same way)
+# ------------------------------------------------------------------------------------------------------------------
+def value_range(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 1.0
+    lo, hi = min(values), max(values)
+    if lo >= 0 and hi <= 1:
+        return 0.0, 1.0
+    return lo, hi
+
+
+def colour(v: float, lo: float, hi: float, hib: bool | None) -> str:
+    """Cell colour: red (bad) to green (good) for a metric with a direction, white to blue without one."""
+    t = 0.5 if hi <= lo else min(1.0, max(0.0, (v - lo) / (hi - lo)))
+    if hib is None:
+        return f"hsl(210,60%,{round(95 - 30 * t)}%)"
+    good = t if hib else 1 - t
+    return f"hsl({round(120 * good)},55%,80%)"
+
+
+def heatmap_html(results: Results, metric: str) -> str:
+    rows, cols = results.rows(), results.columns()
+    by = {(results.row(c), results.column(c)): c for c in results.cells}
+    hib = results.higher_is_better(metric)
+    vals = [v.value for c in results.ok_cells if (v := results.value(c, metric)) is not None]
+    lo, hi = value_range(vals)
+    out = [f'<table class="hm" data-metric="{e(metric)}"><thead><tr><th class="corner">defence \\ attack</th>']
+    out += [f'<th scope="col">{e(c)}</th>' for c in cols]
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        out.append(f'<tr><th scope="row">{e(r)}</th>')
+        for col in cols:
+            c = by.get((r, col))
+            out.append(_td(c, metric, results, lo, hi, hib))
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _td(c: CellRow | None, metric: str, results: Results, lo: float, hi: float, hib: bool | None) -> str:
+    if c is None:
+        return '<td class="na" title="not in the grid">&#8211;</td>'
+    if not c.ok:
+        return (f'<td class="failed" data-cell="{e(c.label)}" title="{e(c.label)}: failed: {e(c.error)}">'
+                f'<span class="v">failed</span></td>')
+    v = results.value(c, metric)
+    if v is None:
+        return (f'<td class="na" data-cell="{e(c.label)}" title="{e(c.label)}: {e(metric)} not measured">'
+                f'&#8211;</td>')
+    ci = f"[{fmt(v.low)}, {fmt(v.high)}]" if v.low is not None and v.high is not None else "no interval"
+    tip = f"{c.label}\n{metric} = {fmt(v.value)} (95% interval {ci}, N = {v.n})" + (f"\n{v.note}" if v.note else "")
+    return (f'<td class="c" data-cell="{e(c.label)}" data-value="{v.value!r}" style="background:'
+            f'{colour(v.value, lo, hi, hib)}" title="{e(tip)}"><span class="v">{e(fmt(v.value))}</span>'
+            f'<span class="ci">{e(ci)}</span><span class="n">n={v.n}</span></td>')
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# image panels
+# ------------------------------------------------------------------------------------------------------------------
+def _png_uri(arr) -> str:
+    from PIL import Image
+
+    img = Image.fromarray(arr)
+    if max(img.size) > THUMB_PX:
+        img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _load(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def amplified_difference(clean, marked, gain: int = DIFF_GAIN):
+    """|marked - clean| x gain, clipped to 8 bits (for display only); resizes ``marked`` if the sizes differ."""
+    import numpy as np
+    from PIL import Image
+
+    if marked.shape != clean.shape:
+        marked = np.asarray(Image.fromarray(marked).resize((clean.shape[1], clean.shape[0]), Image.Resampling.BILINEAR))
+    diff = np.abs(marked.astype(np.int16) - clean.astype(np.int16)) * gain
+    return np.clip(diff, 0, 255).astype(np.uint8)
+
+
+def _image_file(cache: Path, key: str | None, index: int) -> Path | None:
+    if not key:
+        return None
+    p = cache / key[:2] / key / "images" / f"{index:05d}.png"
+    return p if p.is_file() else None
+
+
+def _figure(uri: str, caption: str, title: str = "") -> str:
+    return (f'<figure><img src="{uri}" alt="{e(caption)}" width="{THUMB_PX}" height="{THUMB_PX}" '
+            f'title="{e(title or caption)}"><figcaption>{e(caption)}</figcaption></figure>')
+
+
+def image_panels(results: Results, cache: Path | None, looked: list[str], max_prompts: int,
+                 max_attack_images: int) -> str:
+    if cache is None:
+        return (f'<p class="muted">No image panels: no artifact cache found (looked in '
+                f'{e(", ".join(looked))}). Pass <code>cache_dir</code> / run <code>bench report</code> with the '
+                f'run\'s config.</p>')
+    prompts = prompts_of(results)
+    defenses = results.defense_labels()
+    non_control = [d for d in defenses if not any(c.defense_label == d and c.defense == "none" for c in results.cells)]
+    shown = non_control or defenses
+    seed = min((c.seed for c in results.cells), default=0)
+    out: list[str] = []
+    for d in shown:
+        cells = [c for c in results.cells if c.defense_label == d and c.seed == seed]
+        if not cells:
+            continue
+        mas = list(dict.fromkeys(c.model_attack_label for c in cells))
+        base_ma = next((c.model_attack_label for c in cells if c.model_attack == IDENTITY), mas[0])
+        ref = next((c for c in cells if c.model_attack_label == base_ma and c.image_attack == IDENTITY),
+                   next(c for c in cells if c.model_attack_label == base_ma))
+        attacked = [(c.image_attack_label, c.attacked_key, c) for c in cells
+                    if c.model_attack_label == base_ma and c.image_attack != IDENTITY]
+        attacked += [(f"model attack: {c.model_attack_label}", c.watermarked_key, c) for c in cells
+                     if c.model_attack_label != base_ma and c.image_attack == IDENTITY]
+        attacked = attacked[:max_attack_images]
+        rows = []
+        for i in range(max_prompts):
+            clean_p, marked_p = _image_file(cache, ref.clean_key, i), _image_file(cache, ref.watermarked_key, i)
+            if clean_p is None or marked_p is None:
+                break
+            clean, marked = _load(clean_p), _load(marked_p)
+            figs = [_figure(_png_uri(clean), "clean"), _figure(_png_uri(marked), "watermarked"),
+                    _figure(_png_uri(amplified_difference(clean, marked)), f"difference x{DIFF_GAIN}",
+                            f"|watermarked - clean| x {DIFF_GAIN}, clipped")]
+            for label, key, c in attacked:
+                p = _image_file(cache, key, i)
+                if p is None:
+                    figs.append(f'<figure class="missing"><div class="noimg">not in cache</div>'
+                                f'<figcaption>{e(label)}</figcaption></figure>')
+                else:
+                    figs.append(_figure(_png_uri(_load(p)), label, f"{c.label}: image {i}"))
+            prompt = prompts[i % len(prompts)] if prompts else f"image {i}"
+            rows.append(f'<div class="panel-row"><p class="prompt">#{i}: {e(prompt)}</p>'
+                        f'<div class="figs">{"".join(figs)}</div></div>')
+        if not rows:
+            out.append(f'<h3>{e(d)}</h3><p class="muted">images of this defence are not in the cache '
+                       f'{e(cache)}.</p>')
+            continue
+        ma_note = "" if base_ma == IDENTITY else f" under model attack {e(base_ma)}"
+        out.append(f'<h3>{e(d)}{ma_note}</h3>' + "".join(rows))
+    note = (f'<p class="muted">Images from the artifact cache <code>{e(cache)}</code> (seed {seed}), shown at most '
+            f'{THUMB_PX} px. The difference is |watermarked - clean| amplified {DIFF_GAIN} times.'
+            + (' The control defence is not shown.' if non_control and len(non_control) < len(defenses) else '')
+            + '</p>')
+    return note + "".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# manifest and glossary
+# ------------------------------------------------------------------------------------------------------------------
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
+
+
+def _kv_table(pairs: list[tuple[str, Any]], cls: str = "kv") -> str:
+    return (f'<table class="{cls}">' + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in pairs)
+            + "</table>")
+
+
+def _pre_json(obj: Any) -> str:
+    return f"<pre>{e(json.dumps(obj, indent=1, sort_keys=True, default=str))}</pre>"
+
+
+_NEGATIVES = {
+    "attacked": "attacked: the negatives are the unwatermarked model's images for the same prompts and seeds, under "
+                "the same model attack and image attack (the fair comparison for the false positive rate).",
+    "clean": "clean: the negatives are the unwatermarked base model's images with no attack at all.",
+}
+
+
+def manifest(results: Results) -> str:
+    run = results.latest_run
+    cfg = results.config
+    run_cfg = results.run_config
+    parts = ["<h3>Runs</h3>"]
+    rows = []
+    for r in results.runs:
+        secs = (r.finished - r.started) if r.finished and r.started else None
+        rows.append(f"<tr><td><code>{e(r.run_id)}</code></td><td>{e(r.status)}</td><td>{e(_when(r.started))}</td>"
+                    f"<td>{e(fmt(secs)) if secs is not None else '-'} s</td><td><code>{e(r.git_hash or '-')}</code>"
+                    f"</td><td><code>{e(r.command)}</code></td></tr>")
+    parts.append('<table class="grid"><thead><tr><th>run</th><th>status</th><th>started</th><th>took</th>'
+                 '<th>git hash</th><th>command</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+    seeds = run_cfg.get("seeds", sorted({c.seed for c in results.cells}))
+    neg = run_cfg.get("negatives") or (results.cells[0].negatives if results.cells else "")
+    parts.append("<h3>Seeds and negatives</h3>" + _kv_table([
+        ("run seeds", ", ".join(str(s) for s in seeds)),
+        ("image seeds", "derived from (run seed, image index) by SHA-256; identical across defences, so images are "
+                        "paired (bench.plan.image_seed)"),
+        ("stage random generators", "torch.Generator seeded from (run seed, stage key) (bench.plan.stage_seed)"),
+        ("negative policy", _NEGATIVES.get(neg, neg)),
+        ("images per cell", run_cfg.get("num_images", "-")),
+        ("target FPRs", ", ".join(f"{x:g}" for x in run_cfg.get("target_fprs", []))),
+        ("primary metric", results.primary_metric),
+    ]))
+    plug_rows: dict[tuple, str] = {}
+    for c in results.cells:
+        for kind, name, label, params, version, origin in (
+                ("defence", c.defense, c.defense_label, c.defense_params, c.defense_version, c.defense_origin),
+                ("model attack", c.model_attack, c.model_attack_label, c.model_attack_params,
+                 c.model_attack_version, ""),
+                ("image attack", c.image_attack, c.image_attack_label, c.image_attack_params,
+                 c.image_attack_version, "")):
+            key = (kind, label)
+            if key not in plug_rows:
+                plug_rows[key] = (f"<tr><td>{e(kind)}</td><td>{e(label)}</td><td>{e(name)}</td><td>{e(version)}</td>"
+                                  f"<td>{e(origin)}</td><td><code>{e(json.dumps(params, sort_keys=True))}</code>"
+                                  f"</td></tr>")
+    parts.append('<h3>Plugins and parameters</h3><table class="grid"><thead><tr><th>kind</th><th>label</th>'
+                 '<th>plugin</th><th>version</th><th>origin</th><th>parameters (resolved)</th></tr></thead><tbody>'
+                 + "".join(plug_rows.values()) + "</tbody></table>")
+    if run is not None:
+        parts.append("<h3>Versions</h3>" + _kv_table(sorted(run.versions.items()) + [("git hash", run.git_hash or "-")]))
+    # timings
+    summary = run.summary if run else {}
+    parts.append("<h3>Timings</h3>")
+    if summary:
+        parts.append(_kv_table([
+            ("run seconds", summary.get("seconds", "-")),
+            ("cells", f"{summary.get('cells_ok', 0)} computed, {summary.get('cells_skipped', 0)} already done, "
+                      f"{len(summary.get('cells_failed', []))} failed, of {summary.get('cells_total', 0)}"),
+            ("stages run", ", ".join(f"{k} {v}" for k, v in sorted((summary.get("stages_run") or {}).items()))
+             or "none"),
+            ("cached stages reused", summary.get("stages_cached", 0)),
+        ]))
+    kinds = list(dict.fromkeys(k for c in results.cells for k in c.timings))
+    if kinds:
+        trs = []
+        for c in results.cells:
+            total = sum(float(v) for v in c.timings.values() if isinstance(v, (int, float)))
+            trs.append(f"<tr><td>{e(c.label)}</td>" + "".join(
+                f"<td>{e(fmt(c.timings[k])) if isinstance(c.timings.get(k), (int, float)) else ''}</td>"
+                for k in kinds) + f"<td>{e(fmt(total))}</td></tr>")
+        parts.append(f'<details><summary>seconds per cell and stage ({len(results.cells)} cells; a stage shared by '
+                     f'several cells is counted where it ran)</summary><table class="grid"><thead><tr><th>cell</th>'
+                     + "".join(f"<th>{e(k)}</th>" for k in kinds) + "<th>total</th></tr></thead><tbody>"
+                     + "".join(trs) + "</tbody></table></details>")
+    costs = [(c.label, c.costs) for c in results.cells if c.costs]
+    if costs:
+        parts.append("<details><summary>costs recorded by embedding and model-attack stages</summary>"
+                     '<table class="grid">' + "".join(f"<tr><td>{e(label)}</td><td><code>"
+                                                       f"{e(json.dumps(cost, sort_keys=True, default=str))}</code>"
+                                                       f"</td></tr>" for label, cost in costs) + "</table></details>")
+    # failures
+    failed = results.failed_cells
+    parts.append(f'<h3 id="failed">Failed cells ({len(failed)})</h3>')
+    if failed:
+        parts.append("".join(
+            f'<div class="failure"><p><strong>{e(c.label)}</strong>: {e(c.error)}</p>'
+            + (f"<details><summary>traceback</summary><pre>{e(c.traceback)}</pre></details>" if c.traceback else "")
+            + "</div>" for c in failed))
+    else:
+        parts.append('<p class="muted">none</p>')
+    parts.append("<h3>Config</h3><details><summary>the full resolved config of the latest run"
+                 + (f" ({e(run.config_path)})" if run and run.config_path else "") + "</summary>"
+                 + _pre_json(cfg) + "</details>")
+    return "".join(parts)
+
+
+def glossary(results: Results) -> str:
+    items = []
+    for m in _metric_order(results):
+        hib = results.higher_is_better(m)
+        direction = {True: "higher is better", False: "lower is better", None: "no direction"}[hib]
+        note = results.notes.get(m, "")
+        items.append(f"<dt><code>{e(m)}</code> <span class=\"muted\">({direction})</span></dt><dd>"
+                     f"{e(describe_metric(m))}" + (f'<br><span class="muted">e.g. {e(note)}</span>' if note else "")
+                     + "</dd>")
+    items.append("<dt>95% interval, N</dt><dd>Every value comes with a two-sided 95% interval (exact Clopper-Pearson "
+                 "for rates, bootstrap over images for means and medians, Student-t for image-quality means) and the "
+                 "sample size N it rests on. Non-overlapping intervals are what <code>bench compare</code> treats as "
+                 "a real move.</dd>")
+    return "<dl>" + "".join(items) + "</dl>"
+
+
+def leaderboard_html(results: Results) -> str:
+    if not results.cells:
+        return '<p class="muted">no cells</p>'
+    board = build_leaderboard(results)
+    quality = list(dict.fromkeys(q for en in board["entries"] for q in en["quality"]))
+
+    def summ(s):
+        if not s:
+            return "-"
+        t = fmt(s["value"])
+        if s.get("low") is not None and s.get("high") is not None:
+            t += f' <span class="ci">[{fmt(s["low"])}, {fmt(s["high"])}]</span>'
+        return t
+
+    head = ("<tr><th>rank</th><th>defence</th><th>clean</th><th>mean over attacks</th><th>worst (attack)</th>"
+            + "".join(f"<th>{e(q)}</th>" for q in quality) + "<th>failed</th></tr>")
+    body = []
+    for en in board["entries"]:
+        r = en["robustness"]
+        worst = "-" if r["worst"] is None else f"{e(fmt(r['worst']))} ({e(r['worst_attack'])})"
+        body.append(f"<tr><td>{en['rank']}</td><td>{e(en['defense_label'])}"
+                    + (' <span class="muted">(control)</span>' if en["control"] else "") + "</td>"
+                    f"<td>{summ(en['clean'])}</td><td>{e(fmt(r['mean']))} "
+                    f"<span class=\"muted\">({r['n_cells']} cells)</span></td><td>{worst}</td>"
+                    + "".join(f"<td>{summ(en['quality'].get(q))}</td>" for q in quality)
+                    + f"<td>{en['n_failed']}</td></tr>")
+    direction = "higher is better" if board["higher_is_better"] else "lower is better"
+    return (f'<p>Ranked by the mean of <code>{e(board["metric"])}</code> ({direction}) over the attacked cells; '
+            f'clean = no attack (with its 95% interval); quality = the mark\'s cost.</p>'
+            f'<table class="grid lb"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the page
+# ------------------------------------------------------------------------------------------------------------------
+def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: int, max_attack_images: int) -> str:
+    run = results.latest_run
+    name = results.run_config.get("name") or "MarkBench run"
+    data = chart_data(results)
+    primary = results.primary_metric
+    n_failed = len(results.failed_cells)
+    options = "".join(f'<option value="{e(m["name"])}"{" selected" if m["name"] == primary else ""}>{e(m["name"])}'
+                      f'</option>' for m in data["metrics"])
+    x_options = "".join(f'<option value="{e(q)}">{e(q)}</option>' for q in data["quality"])
+    facts = [f"database <code>{e(results.path)}</code>",
+             f"{len(results.cells)} cells ({n_failed} failed)",
+             f"N = {e(results.run_config.get('num_images', '-'))} images per cell",
+             f"negatives: {e(results.run_config.get('negatives', '-'))}"]
+    if run:
+        facts += [f"run <code>{e(run.run_id)}</code>", f"code <code>{e(run.git_hash or '-')}</code>",
+                  f"finished {e(_when(run.finished or run.started))}"]
+    metric_about = describe_metric(primary)
+    return "".join([
+        "<!DOCTYPE html>\n<html lang=\"en\" data-render=\"pending\"><head><meta charset=\"utf-8\">",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">",
+        f"<title>MarkBench report: {e(name)}</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>MarkBench report: {e(name)}</h1><p class=\"facts\">{' &middot; '.join(facts)}</p>",
+        '<p id="js-errors" class="error" hidden></p>',
+        '<nav><a href="#leaderboard">leaderboard</a> <a href="#matrix">results matrix</a> '
+        '<a href="#curves">robustness curves</a> <a href="#tradeoff">quality vs. robustness</a> '
+        '<a href="#images">images</a> <a href="#manifest">manifest</a> <a href="#glossary">glossary</a></nav></header>',
+        '<main>',
+        f'<section id="leaderboard"><h2>Leaderboard</h2>{leaderboard_html(results)}</section>',
+        '<section id="matrix"><h2>Results matrix</h2>',
+        f'<p><label>metric <select id="metric">{options}</select></label> '
+        f'<span id="metric-about" class="muted">{e(metric_about)}</span></p>',
+        '<p class="muted">Each cell: the value, its 95% interval and N (hover for the note). Green is good, red is '
+        'bad, for the metric\'s direction; blue for metrics without one. Failed cells are hatched.</p>',
+        f'<div id="heatmap" class="scroll">{heatmap_html(results, primary) if results.cells else ""}</div></section>',
+        '<section id="curves"><h2>Robustness curves</h2>',
+        '<p class="muted">The selected metric against each swept attack\'s strength (or its natural parameter), one '
+        'line per defence, with the 95% interval as a band; the dashed line is the same defence without an image '
+        'attack.</p>',
+        '<div id="curve-legend" class="legend"></div><div id="curve-plots" class="plots">'
+        '<noscript>The charts need JavaScript.</noscript></div></section>',
+        '<section id="tradeoff"><h2>Quality vs. robustness</h2>',
+        (f'<p><label>quality (x axis) <select id="xmetric">{x_options}</select></label> '
+         f'<span class="muted">against the selected metric (y axis); one point per cell, whiskers are 95% '
+         f'intervals.</span></p>' if data["quality"] else
+         '<p class="muted">No quality metric (PSNR, SSIM, FID, CLIP score) in these results.</p>'),
+        '<div id="scatter" class="plots"></div></section>',
+        f'<section id="images"><h2>Images</h2>{image_panels(results, cache, looked, max_prompts, max_attack_images)}'
+        '</section>',
+        f'<section id="manifest"><h2>Manifest</h2>{manifest(results)}</section>',
+        f'<section id="glossary"><h2>Glossary</h2>{glossary(results)}</section>',
+        '</main><footer class="muted">Rendered by MarkBench from the results database alone; no metric is recomputed '
+        'here.</footer>',
+        f'<script type="application/json" id="report-data">{_json_block(data)}</script>',
+        f"<script>{_JS}</script></body></html>\n",
+    ])
+
+
+_CSS = """
+:root{--fg:#1b1f24;--muted:#5a6470;--line:#d0d7de;--bg:#fff;--accent:#0b5cad}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg);
+  margin:0 auto;max-width:1400px;padding:0 20px 40px}
+header{border-bottom:1px solid var(--line);margin-bottom:8px}
+h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid var(--line)}
+h3{font-size:15px;margin:18px 0 6px}
+nav a{margin-right:12px;color:var(--accent);text-decoration:none}
+.facts{color:var(--muted);margin:2px 0 8px}.muted{color:var(--muted)}
+.error{background:#ffebe9;border:1px solid #d1242f;padding:6px 10px;color:#82071e}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
+pre{background:#f6f8fa;padding:8px;overflow:auto;max-height:420px;white-space:pre-wrap;word-break:break-all}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse}
+table.grid td,table.grid th,table.kv td,table.kv th{border:1px solid var(--line);padding:3px 7px;text-align:left;
+  vertical-align:top}
+table.kv th{background:#f6f8fa;font-weight:600;white-space:nowrap}
+table.grid thead th{background:#f6f8fa}
+table.lb td:first-child{text-align:right}
+.ci{color:var(--muted);font-size:11px}
+table.hm{font-size:12px}
+table.hm th{padding:4px 6px;border:1px solid var(--line);background:#f6f8fa;font-weight:600}
+table.hm thead th{max-width:120px;word-break:break-word;vertical-align:bottom}
+table.hm tbody th{text-align:left;white-space:nowrap}
+table.hm td{border:1px solid var(--line);padding:3px 6px;text-align:center;min-width:76px;vertical-align:middle}
+table.hm td .v{display:block;font-weight:600;font-size:13px}
+table.hm td .ci,table.hm td .n{display:block;color:#3d4650;font-size:10px}
+table.hm td.failed{background:repeating-linear-gradient(45deg,#ffe3e0,#ffe3e0 5px,#fff 5px,#fff 10px);
+  color:#82071e}
+table.hm td.na{color:var(--muted);background:#fafafa}
+.plots{display:flex;flex-wrap:wrap;gap:14px}
+.plot{border:1px solid var(--line);padding:6px}
+.plot h4{margin:0 0 4px;font-size:13px}
+.legend{display:flex;flex-wrap:wrap;gap:12px;margin:4px 0 8px}
+.legend span.sw{display:inline-block;width:14px;height:10px;margin-right:4px;vertical-align:middle}
+svg text{font:10px system-ui,sans-serif;fill:#333}
+.panel-row{margin:6px 0 12px}.prompt{margin:2px 0;font-style:italic}
+.figs{display:flex;flex-wrap:nowrap;gap:6px;overflow-x:auto;padding-bottom:4px}
+figure{flex:none}
+figure{margin:0;width:128px}
+figure img{width:128px;height:128px;object-fit:contain;image-rendering:pixelated;border:1px solid var(--line);
+  background:#eee}
+figcaption{font-size:11px;color:var(--muted);word-break:break-word}
+.noimg{width:128px;height:128px;border:1px dashed var(--line);display:flex;align-items:center;justify-content:center;
+  color:var(--muted);font-size:11px}
+.failure{border-left:3px solid #d1242f;padding-left:8px;margin:6px 0}
+dl dt{font-weight:600;margin-top:8px}dl dd{margin-left:16px}
+footer{margin-top:30px;border-top:1px solid var(--line);padding-top:8px}
+"""
+
+_JS = r"""
+(function () {
+  "use strict";
+  var errors = [];
+  function finish() {
+    document.documentElement.setAttribute("data-render", errors.length ? "error: " + errors.join("; ") : "ok");
+    var box = document.getElementById("js-errors");
+    if (box && errors.length) { box.hidden = false; box.textContent = "Report script error: " + errors.join("; "); }
+  }
+  window.addEventListener("error", function (ev) { errors.push(String(ev.message || ev)); finish(); });
+
+  var NS = "http://www.w3.org/2000/svg";
+  var PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                 "#7f7f7f", "#bcbd22"];
+  var D, info = {}, byPos = {}, rowColour = {};
+
+  function fmt(v) {
+    if (v === null || v === undefined || isNaN(v)) return "-";
+    var a = Math.abs(v);
+    if (a < 10) return v.toFixed(3);
+    if (a < 1e4) return v.toFixed(1);
+    return v.toPrecision(3);
+  }
+  function el(tag, attrs, text) {
+    var n = document.createElement(tag);
+    if (attrs) Object.keys(attrs).forEach(function (k) { n.setAttribute(k, attrs[k]); });
+    if (text !== undefined) n.textContent = text;
+    return n;
+  }
+  function sv(parent, tag, attrs, text) {
+    var n = document.createElementNS(NS, tag);
+    if (attrs) Object.keys(attrs).forEach(function (k) { n.setAttribute(k, String(attrs[k])); });
+    if (text !== undefined) n.textContent = text;
+    if (parent) parent.appendChild(n);
+    return n;
+  }
+  function val(cell, metric) {
+    if (!cell || !cell.ok) return null;
+    var v = cell.v[metric];
+    if (!v || v[0] === null) return null;
+    return {value: v[0], low: v[1], high: v[2], n: v[3], note: v[4] === null ? "" : D.notes[v[4]]};
+  }
+  function ciText(v) { return (v.low !== null && v.high !== null) ? "[" + fmt(v.low) + ", " + fmt(v.high) + "]" : "no interval"; }
+  function range(values) {
+    if (!values.length) return [0, 1];
+    var lo = Math.min.apply(null, values), hi = Math.max.apply(null, values);
+    if (lo >= 0 && hi <= 1) return [0, 1];
+    return [lo, hi];
+  }
+  function colour(v, lo, hi, hib) {
+    var t = hi <= lo ? 0.5 : Math.min(1, Math.max(0, (v - lo) / (hi - lo)));
+    if (hib === null || hib === undefined) return "hsl(210,60%," + Math.round(95 - 30 * t) + "%)";
+    var good = hib ? t : 1 - t;
+    return "hsl(" + Math.round(120 * good) + ",55%,80%)";
+  }
+  function metricValues(metric) {
+    var out = [];
+    D.cells.forEach(function (c) { var v = val(c, metric); if (v) out.push(v.value); });
+    return out;
+  }
+
+  // -- heatmap --------------------------------------------------------------------------------------------
+  function renderHeatmap(metric) {
+    var hib = info[metric] ? info[metric].hib : null;
+    var rng = range(metricValues(metric));
+    var table = el("table", {"class": "hm", "data-metric": metric});
+    var thead = el("thead"), tr = el("tr");
+    tr.appendChild(el("th", {"class": "corner"}, "defence \\ attack"));
+    D.cols.forEach(function (c) { tr.appendChild(el("th", {scope: "col"}, c)); });
+    thead.appendChild(tr); table.appendChild(thead);
+    var tbody = el("tbody");
+    D.rows.forEach(function (r) {
+      var row = el("tr");
+      row.appendChild(el("th", {scope: "row"}, r));
+      D.cols.forEach(function (col) {
+        var cell = byPos[r + "\u0000" + col], td;
+        if (!cell) { td = el("td", {"class": "na", title: "not in the grid"}, "\u2013"); }
+        else if (!cell.ok) {
+          td = el("td", {"class": "failed", "data-cell": cell.label, title: cell.label + ": failed: " + cell.error});
+          td.appendChild(el("span", {"class": "v"}, "failed"));
+        } else {
+          var v = val(cell, metric);
+          if (!v) { td = el("td", {"class": "na", "data-cell": cell.label, title: cell.label + ": " + metric + " not measured"}, "\u2013"); }
+          else {
+            var tip = cell.label + "\n" + metric + " = " + fmt(v.value) + " (95% interval " + ciText(v) + ", N = " + v.n + ")" + (v.note ? "\n" + v.note : "");
+            td = el("td", {"class": "c", "data-cell": cell.label, "data-value": String(v.value), title: tip});
+            td.style.background = colour(v.value, rng[0], rng[1], hib);
+            td.appendChild(el("span", {"class": "v"}, fmt(v.value)));
+            td.appendChild(el("span", {"class": "ci"}, ciText(v)));
+            td.appendChild(el("span", {"class": "n"}, "n=" + v.n));
+          }
+        }
+        row.appendChild(td);
+      });
+      tbody.appendChild(row);
+    });
+    table.appendChild(tbody);
+    var box = document.getElementById("heatmap");
+    box.textContent = "";
+    box.appendChild(table);
+    box.setAttribute("data-metric", metric);
+  }
+
+  // -- charts ---------------------------------------------------------------------------------------------
+  function ticks(lo, hi, count) {
+    var span = hi - lo;
+    if (!(span > 0)) return [lo];
+    var step = Math.pow(10, Math.floor(Math.log(span / count) / Math.LN10));
+    var err = span / count / step;
+    if (err >= 7.5) step *= 10; else if (err >= 3.5) step *= 5; else if (err >= 1.5) step *= 2;
+    var out = [];
+    for (var t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) out.push(+t.toFixed(10));
+    return out;
+  }
+  function axes(svg, W, H, M, xr, yr, xlabel, ylabel) {
+    var sx = function (x) { return M.l + (xr[1] === xr[0] ? 0.5 : (x - xr[0]) / (xr[1] - xr[0])) * (W - M.l - M.r); };
+    var sy = function (y) { return H - M.b - (yr[1] === yr[0] ? 0.5 : (y - yr[0]) / (yr[1] - yr[0])) * (H - M.t - M.b); };
+    sv(svg, "rect", {x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b, fill: "#fbfbfc", stroke: "#ccc"});
+    ticks(yr[0], yr[1], 5).forEach(function (t) {
+      sv(svg, "line", {x1: M.l, x2: W - M.r, y1: sy(t), y2: sy(t), stroke: "#e5e5e5"});
+      sv(svg, "text", {x: M.l - 4, y: sy(t) + 3, "text-anchor": "end"}, fmt(t));
+    });
+    ticks(xr[0], xr[1], 5).forEach(function (t) {
+      sv(svg, "line", {x1: sx(t), x2: sx(t), y1: H - M.b, y2: H - M.b + 4, stroke: "#888"});
+      sv(svg, "text", {x: sx(t), y: H - M.b + 14, "text-anchor": "middle"}, fmt(t));
+    });
+    sv(svg, "text", {x: (M.l + W - M.r) / 2, y: H - 4, "text-anchor": "middle"}, xlabel);
+    sv(svg, "text", {x: 12, y: (M.t + H - M.b) / 2, "text-anchor": "middle",
+                     transform: "rotate(-90 12 " + (M.t + H - M.b) / 2 + ")"}, ylabel);
+    return [sx, sy];
+  }
+  function padRange(vals, unit) {
+    if (!vals.length) return [0, 1];
+    var lo = Math.min.apply(null, vals), hi = Math.max.apply(null, vals);
+    if (unit && lo >= 0 && hi <= 1) return [0, 1];
+    var pad = (hi - lo) * 0.08 || Math.abs(hi) * 0.1 || 1;
+    return [lo - pad, hi + pad];
+  }
+  function legend(boxId, rows) {
+    var box = document.getElementById(boxId);
+    if (!box) return;
+    box.textContent = "";
+    rows.forEach(function (r) {
+      var item = el("span", {"class": "item"});
+      var sw = el("span", {"class": "sw"}); sw.style.background = rowColour[r];
+      item.appendChild(sw); item.appendChild(document.createTextNode(r));
+      box.appendChild(item);
+    });
+  }
+
+  function renderCurves(metric) {
+    var box = document.getElementById("curve-plots");
+    box.textContent = "";
+    if (!D.sweeps.length) {
+      box.appendChild(el("p", {"class": "muted"}, "No attack was swept over two or more strengths in this grid."));
+      legend("curve-legend", []);
+      return;
+    }
+    var used = {};
+    D.sweeps.forEach(function (s) {
+      var W = 380, H = 250, M = {l: 48, r: 12, t: 10, b: 34};
+      var series = [], all = [], xs = s.points.map(function (p) { return p[0]; });
+      D.rows.forEach(function (r) {
+        var pts = [];
+        s.points.forEach(function (p) {
+          var v = val(byPos[r + "\u0000" + p[1]], metric);
+          if (v) { pts.push({x: p[0], v: v, col: p[1]}); all.push(v.value); if (v.low !== null) all.push(v.low); if (v.high !== null) all.push(v.high); }
+        });
+        var ref = s.ref ? val(byPos[r + "\u0000" + s.ref], metric) : null;
+        if (ref) all.push(ref.value);
+        if (pts.length) { series.push({row: r, pts: pts, ref: ref}); used[r] = true; }
+      });
+      var wrap = el("div", {"class": "plot curve", "data-attack": s.attack});
+      wrap.appendChild(el("h4", null, s.attack + " (" + s.x + ")" + (s.multi_ma ? " under " + s.ma : "")));
+      var svg = sv(null, "svg", {width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img"});
+      sv(svg, "title", null, metric + " against " + s.attack + " " + s.x);
+      var xr = padRange(xs, false), yr = padRange(all, true);
+      var f = axes(svg, W, H, M, xr, yr, s.x, metric), sx = f[0], sy = f[1];
+      series.forEach(function (se) {
+        var c = rowColour[se.row];
+        if (se.ref) sv(svg, "line", {x1: M.l, x2: W - M.r, y1: sy(se.ref.value), y2: sy(se.ref.value), stroke: c,
+                                     "stroke-dasharray": "4 3", "stroke-opacity": 0.7});
+        var band = se.pts.filter(function (p) { return p.v.low !== null && p.v.high !== null; });
+        if (band.length > 1) {
+          var up = band.map(function (p) { return sx(p.x) + "," + sy(p.v.high); });
+          var down = band.slice().reverse().map(function (p) { return sx(p.x) + "," + sy(p.v.low); });
+          sv(svg, "polygon", {points: up.concat(down).join(" "), fill: c, "fill-opacity": 0.15, stroke: "none",
+                              "class": "band"});
+        }
+        sv(svg, "polyline", {points: se.pts.map(function (p) { return sx(p.x) + "," + sy(p.v.value); }).join(" "),
+                             fill: "none", stroke: c, "stroke-width": 2, "class": "line", "data-row": se.row});
+        se.pts.forEach(function (p) {
+          var dot = sv(svg, "circle", {cx: sx(p.x), cy: sy(p.v.value), r: 3.5, fill: c});
+          sv(dot, "title", null, se.row + " / " + p.col + ": " + metric + " = " + fmt(p.v.value) + " " + ciText(p.v) + " n=" + p.v.n);
+        });
+      });
+      if (!series.length) sv(svg, "text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, "no values for " + metric);
+      wrap.appendChild(svg);
+      box.appendChild(wrap);
+    });
+    legend("curve-legend", D.rows.filter(function (r) { return used[r]; }));
+  }
+
+  function renderScatter(metric, xmetric) {
+    var box = document.getElementById("scatter");
+    box.textContent = "";
+    if (!xmetric) return;
+    var W = 560, H = 340, M = {l: 52, r: 14, t: 10, b: 36};
+    var pts = [], xs = [], ys = [];
+    D.cells.forEach(function (c) {
+      var x = val(c, xmetric), y = val(c, metric);
+      if (!x || !y) return;
+      pts.push({c: c, x: x, y: y});
+      [x.value, x.low, x.high].forEach(function (v) { if (v !== null) xs.push(v); });
+      [y.value, y.low, y.high].forEach(function (v) { if (v !== null) ys.push(v); });
+    });
+    var wrap = el("div", {"class": "plot scatter"});
+    var svg = sv(null, "svg", {width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img"});
+    sv(svg, "title", null, metric + " against " + xmetric);
+    var f = axes(svg, W, H, M, padRange(xs, false), padRange(ys, true), xmetric, metric), sx = f[0], sy = f[1];
+    pts.forEach(function (p) {
+      var col = rowColour[p.c.row];
+      if (p.y.low !== null && p.y.high !== null)
+        sv(svg, "line", {x1: sx(p.x.value), x2: sx(p.x.value), y1: sy(p.y.low), y2: sy(p.y.high), stroke: col, "stroke-opacity": 0.5});
+      if (p.x.low !== null && p.x.high !== null)
+        sv(svg, "line", {x1: sx(p.x.low), x2: sx(p.x.high), y1: sy(p.y.value), y2: sy(p.y.value), stroke: col, "stroke-opacity": 0.5});
+      var dot = sv(svg, "circle", {cx: sx(p.x.value), cy: sy(p.y.value), r: p.c.clean ? 5.5 : 3.5, fill: col,
+                                   stroke: p.c.clean ? "#000" : "none", "class": "pt"});
+      sv(dot, "title", null, p.c.label + ": " + xmetric + " = " + fmt(p.x.value) + ", " + metric + " = " + fmt(p.y.value) + " " + ciText(p.y));
+    });
+    if (!pts.length) sv(svg, "text", {x: W / 2, y: H / 2, "text-anchor": "middle"}, "no cell has both metrics");
+    wrap.appendChild(svg);
+    var lg = el("div", {"class": "legend", id: "scatter-legend"});
+    wrap.appendChild(lg);
+    box.appendChild(wrap);
+    var rows = []; pts.forEach(function (p) { if (rows.indexOf(p.c.row) < 0) rows.push(p.c.row); });
+    legend("scatter-legend", rows);
+    lg.appendChild(el("span", {"class": "muted"}, "large outlined point: no attack"));
+  }
+
+  // -- state ----------------------------------------------------------------------------------------------
+  function readHash() {
+    var out = {};
+    location.hash.replace(/^#/, "").split("&").forEach(function (kv) {
+      var i = kv.indexOf("=");
+      if (i > 0) { try { out[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1)); } catch (err) { } }
+    });
+    return out;
+  }
+  function apply() {
+    var h = readHash();
+    var metric = info[h.metric] ? h.metric : D.primary;
+    var sel = document.getElementById("metric");
+    if (sel) sel.value = metric;
+    var xsel = document.getElementById("xmetric");
+    var xmetric = D.quality.indexOf(h.x) >= 0 ? h.x : (xsel ? xsel.value : D.quality[0]);
+    if (xsel && xmetric) xsel.value = xmetric;
+    var about = document.getElementById("metric-about");
+    if (about && info[metric]) about.textContent = info[metric].about;
+    renderHeatmap(metric);
+    renderCurves(metric);
+    renderScatter(metric, xmetric);
+  }
+  function setHash() {
+    var sel = document.getElementById("metric"), xsel = document.getElementById("xmetric");
+    var h = "metric=" + encodeURIComponent(sel.value) + (xsel ? "&x=" + encodeURIComponent(xsel.value) : "");
+    if (history.replaceState) { history.replaceState(null, "", "#" + h); apply(); } else { location.hash = h; }
+  }
+
+  try {
+    D = JSON.parse(document.getElementById("report-data").textContent);
+    D.metrics.forEach(function (m) { info[m.name] = m; });
+    D.cells.forEach(function (c) { byPos[c.row + "\u0000" + c.col] = c; });
+    D.rows.forEach(function (r, i) { rowColour[r] = PALETTE[i % PALETTE.length]; });
+    document.getElementById("metric").addEventListener("change", setHash);
+    var xsel = document.getElementById("xmetric");
+    if (xsel) xsel.addEventListener("change", setHash);
+    window.addEventListener("hashchange", function () { try { apply(); } catch (err) { errors.push(String(err)); finish(); } });
+    apply();
+  } catch (err) {
+    errors.push(String(err && err.message ? err.message : err));
+  }
+  finish();
+})();
+"""

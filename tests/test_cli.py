@@ -1,0 +1,59 @@
+"""The CLI as a person meets it: one sentence, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.cli import main
+
+from .conftest import MICRO_TOML, write_config
+
+
+def _bench(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[run\nx=1\n", "invalid TOML"),
+    (MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "dwtdtcsvd"'), "did you mean 'dwtdctsvd'"),
+    (MICRO_TOML.replace('builtin = "micro-sd"', 'path = "missing/folder"'), "no such folder"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, text, needle):
+    path = write_config(tmp_path, text)
+    out = _bench("run", "--config", str(path))
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr and str(path) in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_traceback(tmp_path):
+    path = write_config(tmp_path, "[run\n")
+    out = _bench("--debug", "validate", str(path))
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_validate_ok_and_set_override(micro_config, capsys):
+    assert main(["validate", str(micro_config), "--set", "run.seeds=[0,1]"]) == 0
+    assert "= 12 cells" in capsys.readouterr().out
+
+
+def test_bad_override_and_unknown_only(micro_config, capsys):
+    assert main(["validate", str(micro_config), "--set", "runs.x=1"]) == 2
+    assert "expected SECTION.KEY" in capsys.readouterr().err
+    assert main(["run", "--config", str(micro_config), "--only", "nothing-matches", "--dry-run"]) == 2
+    assert "matches no cell" in capsys.readouterr().err
+
+
+def test_ls_lists_parameters(capsys):
+    assert main(["ls", "attacks"]) == 0
+    out = capsys.readouterr().out
+    assert "jpeg" in out and "quality" in out and "strength" in out
+
+
+def test_help_has_examples():
+    out = _bench("run", "--help")
+    assert out.returncode == 0 and "examples:" in out.stdout and "--rerun-failed" in out.stdout

@@ -1,0 +1,87 @@
+"""Planner expansion and cache keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.cache import stable_hash
+from bench.config import load_config
+from bench.plan import build_plan, image_seed, stage_seed
+
+from .conftest import MICRO_TOML, write_config
+
+
+def _plan(tmp_path, text=MICRO_TOML, overrides=None, name="bench.toml"):
+    return build_plan(load_config(write_config(tmp_path, text, name=name), overrides or {}))
+
+
+def test_expansion_counts(tmp_path):
+    plan = _plan(tmp_path, overrides={"run.seeds": [0, 1]})
+    assert len(plan.cells) == 2 * 1 * 3 * 2  # defences x model attacks x image attacks x seeds
+    kinds = [s.kind for s in plan.stages.values()]
+    assert kinds.count("generate") == 2  # one plain generation per seed, shared by every defence
+    assert kinds.count("mark") == 2 and kinds.count("embed") == 4
+    assert kinds.count("image_attack") == 2 * 2 * 2  # 2 jpeg settings x {plain, marked} x seeds
+    labels = {c.label for c in plan.cells}
+    assert "dwtdctsvd/none/jpeg(quality=90)/s1" in labels
+
+
+def test_same_inputs_same_keys(tmp_path):
+    a = _plan(tmp_path)
+    b = _plan(tmp_path, name="copy.toml")
+    assert list(a.stages) == list(b.stages) and [c.key for c in a.cells] == [c.key for c in b.cells]
+
+
+@pytest.mark.parametrize("override, changed_kinds", [
+    ({"run.num_images": 5}, {"generate", "mark", "image_attack", "detect"}),
+    ({"model.num_inference_steps": 3}, {"generate", "mark", "image_attack", "detect"}),
+    ({"run.seeds": [7]}, {"embed", "generate", "mark", "image_attack", "detect"}),
+])
+def test_any_change_gives_new_keys(tmp_path, override, changed_kinds):
+    base = _plan(tmp_path)
+    other = _plan(tmp_path, overrides=override, name="other.toml")
+    new = {s.kind for k, s in other.stages.items() if k not in base.stages}
+    assert changed_kinds <= new
+
+
+def test_plugin_parameter_change_changes_only_downstream_keys(tmp_path):
+    base = _plan(tmp_path)
+    other = _plan(tmp_path, MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "dwtdctsvd"\nbits = 32'), name="o.toml")
+    new = [s for k, s in other.stages.items() if k not in base.stages]
+    assert {s.kind for s in new} == {"embed", "mark", "image_attack", "detect"}
+    assert all(s.plugin is None or s.plugin.name in ("dwtdctsvd", "jpeg") for s in new)
+    # the control and the plain generation are untouched
+    assert all(s.plugin is None or s.plugin.name != "none" for s in new)
+
+
+def test_plugin_version_is_part_of_the_key(tmp_path, monkeypatch):
+    from bench import image_attacks
+
+    base = _plan(tmp_path)
+    monkeypatch.setattr(image_attacks.get("jpeg"), "version", "999")
+    other = _plan(tmp_path, name="v.toml")
+    assert {s.kind for k, s in other.stages.items() if k not in base.stages} == {"image_attack", "detect"}
+
+
+def test_seeds_are_functions_of_run_seed_and_key_only():
+    assert image_seed(0, 3) == image_seed(0, 3) != image_seed(1, 3)
+    assert stage_seed(0, "abc") == stage_seed(0, "abc") != stage_seed(0, "abd")
+    assert stable_hash({"a": 1, "b": [1.5, "x"]}) == stable_hash({"b": [1.5, "x"], "a": 1})
+
+
+def test_only_pattern_selects_cells(tmp_path):
+    plan = _plan(tmp_path)
+    assert {c.label for c in plan.select("dwtdctsvd/*")} == {
+        "dwtdctsvd/none/none/s0", "dwtdctsvd/none/jpeg(quality=90)/s0", "dwtdctsvd/none/jpeg(quality=50)/s0"}
+    assert len(plan.select("quality=90")) == 2  # substring when there is no wildcard
+    closure = plan.closure(plan.select("none/none/none/s0"))
+    assert {s.kind for s in closure} == {"base", "embed", "generate", "detect"}
+
+
+def test_clean_negative_policy_uses_unattacked_base_images(tmp_path):
+    plan = _plan(tmp_path, overrides={"run.negatives": "clean"})
+    jpeg_cells = [c for c in plan.cells if c.image_attack.name == "jpeg"]
+    assert all(plan.stages[c.negatives].kind == "generate" for c in jpeg_cells)
+    attacked = _plan(tmp_path, name="a.toml")
+    jpeg_cells = [c for c in attacked.cells if c.image_attack.name == "jpeg"]
+    assert all(attacked.stages[c.negatives].kind == "image_attack" for c in jpeg_cells)
