@@ -178,6 +178,13 @@ def cmd_run(args) -> int:
                   + (", ".join(f"{k} {v}" for k, v in sorted(summary.stages_run.items())) or "none")
                   + f"; cached stages reused: {summary.stages_cached}; {summary.seconds:.1f} s", soft_wrap=True)
     _print_matrix(cfg, None, "table", console)
+    try:
+        from reports.html import render_report
+
+        report = render_report(cfg.output / "results.sqlite", cfg.output / "report.html", cfg.cache_dir)
+        console.print(f"report: {report}", markup=False)
+    except Exception as exc:  # a report that cannot render must not hide the run's outcome
+        err.print(f"warning: report not written: {exc}", markup=False)
     if summary.cells_failed:
         console.print(f"[red]{len(summary.cells_failed)} cell(s) failed:[/]")
         for label, error in summary.cells_failed:

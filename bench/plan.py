@@ -54,10 +54,16 @@ class Cell:
     negatives: str
     detect_pos: str
     detect_neg: str
+    variant: str = ""
+
+    @property
+    def defense_label(self) -> str:
+        """The defence's label, with ``[variant]`` for a generation variant (e.g. ``sleepermark[no_trigger]``)."""
+        return self.defense.label + (f"[{self.variant}]" if self.variant else "")
 
     @property
     def label(self) -> str:
-        return f"{self.defense.label}/{self.model_attack.label}/{self.image_attack.label}/s{self.seed}"
+        return f"{self.defense_label}/{self.model_attack.label}/{self.image_attack.label}/s{self.seed}"
 
     def stage_keys(self) -> tuple[str, ...]:
         return (self.detect_pos, self.detect_neg, self.images, self.unattacked, self.clean_twins, self.negatives)
@@ -176,27 +182,31 @@ def build_plan(cfg: BenchConfig) -> Plan:
                 model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed)
                 clean_model = b.attacked_model(base, ma, seed)
                 clean_twins = b.plain_images(clean_model, request, seed)
-                if dcls.location is MarkLocation.POST_HOC:
-                    unattacked = b.add("mark", (clean_twins, embed), d, seed, label=f"mark {d.label}")
-                elif custom_generation(dcls):
-                    unattacked = b.add("generate", (model, embed), d, seed, label=f"generate {d.label}",
-                                       request=b.request_identity(request), run_seed=seed)
-                else:
-                    unattacked = b.plain_images(model, request, seed)
-                for ia in cfg.image_attacks:
-                    images = b.attacked_images(unattacked, ia, seed)
-                    if cfg.negative_policy is NegativePolicy.ATTACKED:
-                        negatives = b.attacked_images(clean_twins, ia, seed)
+                for variant in dcls.variants:
+                    if dcls.location is MarkLocation.POST_HOC:
+                        unattacked = b.add("mark", (clean_twins, embed), d, seed, label=f"mark {d.label}")
+                    elif custom_generation(dcls):
+                        unattacked = b.add("generate", (model, embed), d, seed,
+                                           label=f"generate {d.label}" + (f"[{variant}]" if variant else ""),
+                                           request=b.request_identity(request), run_seed=seed, variant=variant)
                     else:
-                        negatives = b.plain_images(base, request, seed)
-                    det_pos = b.add("detect", (embed, images), d, seed, label=f"detect {d.label}")
-                    det_neg = b.add("detect", (embed, negatives), d, seed, label=f"detect {d.label} (negatives)")
-                    key = stable_hash({
-                        "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives],
-                        "metrics": [m.identity() for m in cfg.metrics],
-                        "target_fprs": list(cfg.run.target_fprs),
-                        "negatives": cfg.run.negatives,
-                    })
-                    b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
-                                             negatives, det_pos, det_neg))
+                        unattacked = b.plain_images(model, request, seed)
+                    for ia in cfg.image_attacks:
+                        images = b.attacked_images(unattacked, ia, seed)
+                        if cfg.negative_policy is NegativePolicy.ATTACKED:
+                            negatives = b.attacked_images(clean_twins, ia, seed)
+                        else:
+                            negatives = b.plain_images(base, request, seed)
+                        det_pos = b.add("detect", (embed, images), d, seed, label=f"detect {d.label}")
+                        det_neg = b.add("detect", (embed, negatives), d, seed,
+                                        label=f"detect {d.label} (negatives)")
+                        key = stable_hash({
+                            "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives],
+                            "metrics": [m.identity() for m in cfg.metrics],
+                            "target_fprs": list(cfg.run.target_fprs),
+                            "negatives": cfg.run.negatives,
+                            "variant": variant,
+                        })
+                        b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
+                                                 negatives, det_pos, det_neg, variant))
     return b.plan

@@ -135,13 +135,15 @@ class StageContext:
     def __init__(self, generator: "torch.Generator", device: str = "cpu", *,
                  progress: Callable[..., Iterable] | None = None,
                  generate: Callable[..., "torch.Tensor"] | None = None,
-                 data: Any = None, stage: str = "", record: Callable[[str, Any], None] | None = None):
+                 data: Any = None, stage: str = "", record: Callable[[str, Any], None] | None = None,
+                 variant: str = ""):
         self.generator = generator
         self.device = device
         self._progress = progress
         self._generate = generate
         self.data = data
         self.stage = stage
+        self.variant = variant
         self._record = record
         self.costs: dict[str, Any] = {}
 
@@ -218,6 +220,9 @@ class Defense(Plugin):
     location: ClassVar[MarkLocation] = MarkLocation.NONE
     verification: ClassVar[Verification] = Verification.BLACK_BOX
     detection: ClassVar[DetectionKind] = DetectionKind.BITS
+    #: Generation variants, each its own row of results (read as ``ctx.variant`` in :meth:`generate`). E.g.
+    #: SleeperMark: ``("", "no_trigger")``: with the trigger (the mark) and without it (the sleeper must sleep).
+    variants: ClassVar[tuple[str, ...]] = ("",)
 
     @classmethod
     def validate_class(cls, owner: str) -> None:
@@ -231,6 +236,11 @@ class Defense(Plugin):
             raise PluginValidationError(f"{owner}: a post-hoc defence must implement mark()")
         if cls.detect is Defense.detect:
             raise PluginValidationError(f"{owner} must implement detect()")
+        if not cls.variants or not all(isinstance(v, str) for v in cls.variants) or \
+                len(set(cls.variants)) != len(cls.variants):
+            raise PluginValidationError(f"{owner}: 'variants' must be a tuple of distinct strings")
+        if len(cls.variants) > 1 and cls.generate is Defense.generate:
+            raise PluginValidationError(f"{owner}: generation variants need a generate() that reads ctx.variant")
 
     def embed(self, pipe: Any, ctx: StageContext) -> Embedding:
         """Return the watermarked pipeline (or None if unchanged) and the secret."""

@@ -79,6 +79,7 @@ class StageEnv:
         gen = torch.Generator().manual_seed(stage_seed(stage.seed, stage.key))
         track = self.progress.track if self.progress is not None else None
         return StageContext(gen, self.cfg.run.device, progress=track, stage=stage.kind,
+                            variant=stage.extra_dict.get("variant", ""),
                             generate=lambda pipe, req, **kw: _generate(pipe, req, self.cfg.run.device, track, **kw))
 
 

@@ -79,14 +79,14 @@ class ResultStore:
                    negatives: str, error: str = "", traceback: str = "", timings: dict | None = None,
                    costs: dict | None = None) -> None:
         """Write one cell and its measurements in a single transaction."""
-        def spec(s):
-            return (s.name, s.label, json.dumps(s.param_dict, sort_keys=True), s.version)
+        def spec(s, label=None):
+            return (s.name, label or s.label, json.dumps(s.param_dict, sort_keys=True), s.version)
 
         with self.con:
             self.con.execute("DELETE FROM results WHERE cell_id=?", (cell.key,))
             self.con.execute(
                 "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?, ?,?,?,?, ?,?,?,?,?, ?,?,?,?)",
-                (cell.key, run_id, cell.label, cell.seed, *spec(cell.defense), cell.defense.origin,
+                (cell.key, run_id, cell.label, cell.seed, *spec(cell.defense, cell.defense_label), cell.defense.origin,
                  *spec(cell.model_attack), *spec(cell.image_attack), negatives, n_images, status, error, traceback,
                  json.dumps(timings or {}), json.dumps(costs or {}, default=str),
                  json.dumps(list(cell.stage_keys())), time.time()),

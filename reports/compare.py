@@ -219,7 +219,8 @@ def to_markdown(cmp: Comparison, limit: int = 50) -> str:
                          ("Changed (metric without a direction)", cmp.changed)):
         if not items:
             continue
-        lines += ["", f"#### {title}", "", "| cell | metric | baseline | current | change |", "|:---|:---|---:|---:|---:|"]
+        lines += ["", f"#### {title}", "", "| cell | metric | baseline | current | change |",
+                  "|:---|:---|---:|---:|---:|"]
         for c in items[:limit]:
             lines.append(f"| {_md(_label(c.key, seeds))} | {_md(c.key[4])} | {_pt(c.baseline)} | {_pt(c.current)} "
                          f"| {'+' if c.delta > 0 else ''}{fmt(c.delta)} |")

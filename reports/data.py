@@ -18,6 +18,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import quote
 
 from bench.errors import UserError
 
@@ -274,7 +275,7 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a results.sqlite file")
     try:
-        con = sqlite3.connect(f"file:{path.resolve().as_posix()}?mode=ro", uri=True)
+        con = sqlite3.connect(f"file:{quote(path.resolve().as_posix())}?mode=ro", uri=True)
         names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
     except sqlite3.DatabaseError as exc:
         raise UserError(f"{path}: not a MarkBench results database ({exc})") from None

@@ -36,6 +36,7 @@ from .leaderboard import fmt
 #: How many prompts get an image panel, how many attack outputs one panel row shows, and the thumbnail side.
 MAX_PROMPTS = 3
 MAX_ATTACK_IMAGES = 8
+MAX_IMAGES = 96  # in all panels together: fewer prompts per defence when there are many defences
 THUMB_PX = 128
 DIFF_GAIN = 10
 
@@ -250,6 +251,8 @@ def image_panels(results: Results, cache: Path | None, looked: list[str], max_pr
     non_control = [d for d in defenses if not any(c.defense_label == d and c.defense == "none" for c in results.cells)]
     shown = non_control or defenses
     seed = min((c.seed for c in results.cells), default=0)
+    per_row = 3 + max_attack_images
+    n_prompts = max(1, min(max_prompts, MAX_IMAGES // max(1, len(shown) * per_row)))
     out: list[str] = []
     for d in shown:
         cells = [c for c in results.cells if c.defense_label == d and c.seed == seed]
@@ -265,7 +268,7 @@ def image_panels(results: Results, cache: Path | None, looked: list[str], max_pr
                      if c.model_attack_label != base_ma and c.image_attack == IDENTITY]
         attacked = attacked[:max_attack_images]
         rows = []
-        for i in range(max_prompts):
+        for i in range(n_prompts):
             clean_p, marked_p = _image_file(cache, ref.clean_key, i), _image_file(cache, ref.watermarked_key, i)
             if clean_p is None or marked_p is None:
                 break
@@ -289,8 +292,9 @@ def image_panels(results: Results, cache: Path | None, looked: list[str], max_pr
             continue
         ma_note = "" if base_ma == IDENTITY else f" under model attack {e(base_ma)}"
         out.append(f'<h3>{e(d)}{ma_note}</h3>' + "".join(rows))
-    note = (f'<p class="muted">Images from the artifact cache <code>{e(cache)}</code> (seed {seed}), shown at most '
-            f'{THUMB_PX} px. The difference is |watermarked - clean| amplified {DIFF_GAIN} times.'
+    note = (f'<p class="muted">Images from the artifact cache <code>{e(cache)}</code> (seed {seed}), the first '
+            f'{n_prompts} prompt(s), shown at most {THUMB_PX} px. The difference is |watermarked - clean| amplified '
+            f'{DIFF_GAIN} times.'
             + (' The control defence is not shown.' if non_control and len(non_control) < len(defenses) else '')
             + '</p>')
     return note + "".join(out)
@@ -361,7 +365,8 @@ def manifest(results: Results) -> str:
                  '<th>plugin</th><th>version</th><th>origin</th><th>parameters (resolved)</th></tr></thead><tbody>'
                  + "".join(plug_rows.values()) + "</tbody></table>")
     if run is not None:
-        parts.append("<h3>Versions</h3>" + _kv_table(sorted(run.versions.items()) + [("git hash", run.git_hash or "-")]))
+        versions = sorted(run.versions.items()) + [("git hash", run.git_hash or "-")]
+        parts.append("<h3>Versions</h3>" + _kv_table(versions))
     # timings
     summary = run.summary if run else {}
     parts.append("<h3>Timings</h3>")

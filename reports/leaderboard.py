@@ -192,8 +192,11 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     grid = board.get("grid", {})
-    facts = [f"negatives: {_md(board.get('negatives', ''))}", f"N = {board.get('n_images')} images per cell",
-             f"seeds: {', '.join(str(s) for s in grid.get('seeds', []))}",
+    if not board["entries"]:
+        lines += ["_No results in this database._", ""]
+    facts = [f"negatives: {_md(board.get('negatives') or '-')}",
+             f"N = {board.get('n_images') if board.get('n_images') is not None else '-'} images per cell",
+             f"seeds: {', '.join(str(s) for s in grid.get('seeds', [])) or '-'}",
              f"{len(grid.get('model_attacks', []))} model attack(s) x {len(grid.get('image_attacks', []))} "
              f"image attack(s)"]
     if src.get("git_hash"):

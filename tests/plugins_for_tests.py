@@ -63,3 +63,28 @@ if "_test_crash" not in image_attacks:
                 pipe.unet.conv_in.weight.mul_(self.factor)
             ctx.record_cost(steps=0, trainable_params=int(pipe.unet.conv_in.weight.numel()))
             return pipe
+
+
+from bench import Defense, Detection, Embedding, MarkLocation, Secret, defenses  # noqa: E402
+
+if "_test_sleeper" not in defenses:
+    @defenses.register("_test_sleeper")
+    class Sleeper(Defense):
+        """A toy in-sampler defence with two generation variants: the mark only appears with the 'trigger'."""
+
+        version = "1"
+        location = MarkLocation.INITIAL_NOISE
+        variants = ("", "no_trigger")
+
+        def embed(self, pipe, ctx):
+            return Embedding(Secret({"message": torch.ones(8, dtype=torch.bool)}))
+
+        def generate(self, pipe, secret, request, ctx):
+            images = ctx.generate(pipe, request)
+            if ctx.variant == "":
+                images[:, :, :8, :8] = 1.0  # the "mark": a white corner
+            return images
+
+        def detect(self, secret, images, ctx):
+            corner = images[:, :, :8, :8].mean((1, 2, 3)) > 0.99
+            return Detection(bits=corner[:, None].repeat(1, 8))

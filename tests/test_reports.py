@@ -221,6 +221,36 @@ def test_report_without_images(fixture_dir, tmp_path):
     assert not [a for t, a in tags(page) if t == "img"]
 
 
+def test_report_and_leaderboard_with_seeds_and_model_attacks(tmp_path):
+    from reports.data import load_results
+    from reports.html import render_report
+    from reports.leaderboard import build
+
+    fx.make_fixture(tmp_path, seeds=(0, 1), model_attacks=("none", "finetune(steps=10)"))
+    res = load_results(tmp_path / "results.sqlite")
+    assert len(res.cells) == 2 * 2 * 21
+    assert res.rows() == ["none s0", "alpha s0", f"{fx.EVIL} s0", "none s1", "alpha s1", f"{fx.EVIL} s1"]
+    cols = res.columns()  # grouped by model attack, the unattacked column first
+    assert cols[0] == "none | none" and cols[7] == "finetune(steps=10) | none"
+    assert cols[8] == "finetune(steps=10) | jpeg(quality=90)" and len(cols) == 14
+    assert sorted((s.model_attack_label, s.attack) for s in res.sweeps()) == [
+        ("finetune(steps=10)", "gaussian_blur"), ("finetune(steps=10)", "jpeg"), ("none", "gaussian_blur"),
+        ("none", "jpeg")]
+    board = build(res)
+    a = next(e for e in board["entries"] if e["defense_label"] == "alpha")
+    assert a["clean"] == {"value": pytest.approx((1.0 + 0.98) / 2), "low": None, "high": None, "n": 64, "n_cells": 2}
+    assert a["robustness"]["n_attacked"] == 2 * 2 * 7 - 2  # every cell but the two clean ones
+    assert a["robustness"]["worst_attack"] == "finetune(steps=10) | gaussian_blur(strength=0.75) s1"
+    assert a["per_attack"]["finetune(steps=10) | none"] == pytest.approx((0.5 + 0.49) / 2)
+    page = render_report(tmp_path / "results.sqlite", tmp_path / "r.html").read_text()
+    data = report_data(page)
+    assert data["cols"] == res.columns() and data["rows"] == res.rows()
+    assert {s["ref"] for s in data["sweeps"]} == {"none | none", "finetune(steps=10) | none"}
+    alts = [a["alt"] for t, a in tags(page) if t == "img"]
+    assert "model attack: finetune(steps=10)" in alts
+    assert fx.MARKUP not in page
+
+
 def test_render_leaves_the_database_alone(fixture_dir, tmp_path):
     from reports.html import render_report
 

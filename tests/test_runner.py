@@ -84,7 +84,7 @@ def test_cell_numbers_do_not_depend_on_other_cells(finished, tmp_path):
 
 def test_model_attack_stage_and_costs(tmp_path):
     text = MICRO_TOML + '\n[[model_attacks]]\nname = "_test_scale"\nfactor = 0.5\n'
-    cfg, summary = _run(write_config(tmp_path, text), only="*/_test_scale/none/*")
+    cfg, summary = _run(write_config(tmp_path, text), only="*/_test_scale*/none/*")
     assert summary.ok and summary.stages_run["model_attack"] == 1  # shared: no defence here changes weights
     cells = ResultStore(cfg.output / "results.sqlite").cells_frame()
     assert '"trainable_params": ' in cells.costs_json.iloc[0]
@@ -138,3 +138,12 @@ def test_cli_dry_run_and_show(micro_config, capsys):
     assert "6 cells" in out and "generate" in out and "to run" in out
     assert main(["show", "--config", str(micro_config)]) == 2
     assert "no results yet" in capsys.readouterr().err
+
+
+def test_generation_variants_are_rows_of_their_own(tmp_path):
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "_test_sleeper"')
+    cfg, summary = _run(write_config(tmp_path, text), only="_test_sleeper*/none/none/*")
+    assert summary.ok and summary.cells_ok == 2
+    acc = _values(cfg, "bit_accuracy")
+    assert acc["_test_sleeper/none/none/s0"] == 1.0
+    assert acc["_test_sleeper[no_trigger]/none/none/s0"] < 0.5

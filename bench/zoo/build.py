@@ -1,0 +1,168 @@
+"""``bench zoo build``: rebuild every tiny-world artifact from a seed, with checkpoints that resume.
+
+Stages (each resumable; ``--only`` runs one):
+
+1. ``clip``: the tiny CLIP (:mod:`bench.zoo.train_clip`) -> ``artifacts/tiny-clip/``
+2. ``vae``: the VAE (:mod:`bench.zoo.train_vae`); its stage-1 encoder fixes the latent space
+3. ``unet``: the latent UNet on that latent space, with the CLIP's text tower as text encoder
+   (:mod:`bench.zoo.train_unet`) -> ``artifacts/tiny-sd/`` (a diffusers Stable Diffusion folder)
+4. measure: the quality figures (:mod:`bench.zoo.evaluate`) -> ``artifacts/manifest.json`` with sizes, sha256
+   checksums, training settings, CPU seconds, versions.
+
+Work files (rendered datasets, checkpoints, logs) live in ``--work`` (default ``$MARKBENCH_HOME/zoo-build/seed-N``).
+Every training step is seeded by (seed, step), so with the same seed, library versions and thread count a build is
+reproducible, and a resumed build follows the same trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import ARTIFACTS, MANIFEST
+from .common import Logger, NullBar, file_sha256
+
+STAGES = ("clip", "vae", "unet")
+MAX_BYTES = 60 * 1024 * 1024
+
+
+@dataclass
+class BuildPlan:
+    seed: int = 0
+    work: Path | None = None
+    out: Path = ARTIFACTS
+    only: str | None = None
+    resume: bool = False
+    measure: bool = True
+    quick_measure: bool = False
+    clip: Any = None  # ClipSettings
+    vae: Any = None  # VaeSettings
+    unet: Any = None  # UnetSettings
+    extra: dict = field(default_factory=dict)
+
+
+def work_dir(seed: int) -> Path:
+    from .common import default_work_dir
+
+    return default_work_dir() / f"seed-{seed}"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "diffusers", "transformers", "open-clip-torch", "numpy", "pillow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def file_table(folder: Path) -> dict[str, dict]:
+    """``{relative path: {bytes, sha256}}`` of every file under ``folder``."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+def _fresh(path: Path) -> None:
+    if path.exists():
+        path.unlink()
+
+
+def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None) -> dict:
+    """Run the plan; return the manifest written to ``plan.out/manifest.json``."""
+    from .train_clip import ClipSettings, train_clip
+    from .train_unet import UnetSettings, train_unet
+    from .train_vae import VaeSettings, train_vae
+
+    bar = bar or NullBar()
+    work = Path(plan.work or work_dir(plan.seed))
+    out = Path(plan.out)
+    log = log or Logger(work / "build.log")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    training = manifest.setdefault("training", {})
+    stages = [plan.only] if plan.only else list(STAGES)
+    t_start = time.time()
+    log(f"zoo build: seed {plan.seed}, stages {', '.join(stages)}, work {work}, out {out}")
+    if "clip" in stages:
+        if not plan.resume:
+            _fresh(work / "clip" / "checkpoint.pt")
+        res = train_clip(work, work / "clip" / "final", plan.seed, plan.clip or ClipSettings(), resume=plan.resume,
+                         bar=bar, log=log)
+        _copy_folder(work / "clip" / "final", out / "tiny-clip")
+        training["clip"] = res
+    if "vae" in stages:
+        if not plan.resume:
+            _fresh(work / "vae" / "checkpoint.pt")
+            if (work / "vae" / "stage1").exists():
+                shutil.rmtree(work / "vae" / "stage1")
+        training["vae"] = train_vae(work, work / "vae" / "final", plan.seed, plan.vae or VaeSettings(),
+                                    resume=plan.resume, bar=bar, log=log, stage1_out=work / "vae" / "stage1")
+    if "unet" in stages:
+        for need in (work / "vae" / "stage1", work / "vae" / "final", work / "clip" / "final"):
+            if not (need / "config.json").exists() and not (need / "open_clip_config.json").exists():
+                raise FileNotFoundError(f"{need} is missing: build the clip and vae stages first")
+        if not plan.resume:
+            _fresh(work / "unet" / "checkpoint.pt")
+        training["unet"] = train_unet(work, work / "unet" / "pipeline", work / "vae" / "stage1",
+                                      work / "clip" / "final", plan.seed, plan.unet or UnetSettings(),
+                                      resume=plan.resume, bar=bar, log=log, final_vae_dir=work / "vae" / "final")
+        _copy_folder(work / "unet" / "pipeline", out / "tiny-sd")
+    manifest.update(write_manifest_core(out, plan.seed, time.time() - t_start, manifest))
+    if plan.measure and (out / "tiny-sd" / "model_index.json").exists() and (out / "tiny-clip").exists():
+        from .evaluate import check_targets, measure_all
+
+        manifest["quality"] = measure_all(out / "tiny-sd", out / "tiny-clip", quick=plan.quick_measure, log=log)
+        manifest["targets_met"] = check_targets(manifest["quality"])
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    log(f"zoo build done in {time.time() - t_start:.0f} s; manifest {out / 'manifest.json'}")
+    return manifest
+
+
+def write_manifest_core(out: Path, seed: int, seconds: float, previous: dict) -> dict:
+    """The manifest fields that describe files and provenance (not the quality figures)."""
+    from . import shapes
+
+    files = {}
+    for comp in ("tiny-sd", "tiny-clip"):
+        if (out / comp).exists():
+            files[comp] = file_table(out / comp)
+    total = sum(f["bytes"] for comp in files.values() for f in comp.values())
+    if total > MAX_BYTES:
+        raise RuntimeError(f"artifacts are {total / 2**20:.1f} MiB, over the {MAX_BYTES / 2**20:.0f} MiB budget")
+    return {
+        "format": 1,
+        "seed": seed,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "build_seconds_last_run": round(seconds, 1),
+        "versions": _versions(),
+        "world": {
+            "image_size": shapes.IMAGE_SIZE, "shapes": list(shapes.SHAPES), "colours": list(shapes.COLOURS),
+            "backgrounds": list(shapes.BACKGROUNDS), "sizes": shapes.SIZES, "styles": list(shapes.STYLES),
+            "subject_token": shapes.SUBJECT_TOKEN, "subject_shape": shapes.SUBJECT_SHAPE,
+            "caption_grammar": "a {size} {colour} [striped ]{shape} on a {background} background",
+            "heldout": "disjoint (shape, colour, background) combinations: one background per (shape, colour) pair, "
+                       f"fixed by WORLD_SEED={shapes.WORLD_SEED}; held-out images also use seed+1",
+            "n_train_combinations": len(shapes.combinations()[0]),
+            "n_heldout_combinations": len(shapes.combinations()[1]),
+        },
+        "files": files,
+        "total_bytes": total,
+    }
