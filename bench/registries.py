@@ -40,6 +40,7 @@ BUILTIN_DEFENSES = {
     "none": "defenses.none:NoWatermark",
     "dwtdct": "defenses.invisible:DwtDct",
     "dwtdctsvd": "defenses.invisible:DwtDctSvd",
+    "sleepermark": "defenses.sleepermark:SleeperMark",
 }
 BUILTIN_IMAGE_ATTACKS = {
     "none": "attacks.image.identity:Identity",
@@ -59,6 +60,15 @@ BUILTIN_IMAGE_ATTACKS = {
 }
 BUILTIN_MODEL_ATTACKS = {
     "none": "attacks.model.identity:NoModelAttack",
+    "finetune": "attacks.model.finetune:FineTune",
+    "lora": "attacks.model.lora:LoRAFineTune",
+    "dreambooth": "attacks.model.dreambooth:DreamBooth",
+    "vae_decoder": "attacks.model.vae_decoder:VAEDecoderFineTune",
+    "text_encoder": "attacks.model.text_encoder:TextEncoderFineTune",
+    "prune": "attacks.model.prune:Prune",
+    "quantize": "attacks.model.quantize:Quantize",
+    "weight_noise": "attacks.model.weight_noise:WeightNoise",
+    "merge": "attacks.model.merge:Merge",
 }
 BUILTIN_METRICS = {
     "bit_accuracy": "bench.measures.detection:BitAccuracy",

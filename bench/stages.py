@@ -79,8 +79,36 @@ class StageEnv:
         gen = torch.Generator().manual_seed(stage_seed(stage.seed, stage.key))
         track = self.progress.track if self.progress is not None else None
         return StageContext(gen, self.cfg.run.device, progress=track, stage=stage.kind,
+                            data=Resources(self.base_pipeline, self.cfg.model.height, self.cfg.model.width,
+                                           self.cfg.prompt_list),
                             variant=stage.extra_dict.get("variant", ""),
                             generate=lambda pipe, req, **kw: _generate(pipe, req, self.cfg.run.device, track, **kw))
+
+
+class Resources:
+    """What a training plugin may use besides its input model (``ctx.data``): the clean base model and datasets.
+
+    A model attack gets no access to any defence's secret: only this, its parameters and the pipeline.
+    """
+
+    def __init__(self, base_pipeline, height: int, width: int, prompts=None):
+        self._base = base_pipeline  # a callable returning the (shared, read-only) base pipeline
+        self.height = height
+        self.width = width
+        self._prompts = prompts or (lambda: [])
+
+    def base_pipeline(self):
+        """A private copy of the clean base model (e.g. for merging attacks)."""
+        return copy_pipeline(self._base())
+
+    def dataset(self, spec: str, n: int, seed: int = 0):
+        """``(images [N,3,H,W] in [0,1], captions)`` at the run's resolution; see :mod:`bench.data`."""
+        from .data import load_image_captions
+
+        return load_image_captions(spec, n, self.height, self.width, seed)
+
+    def prompts(self) -> list[str]:
+        return list(self._prompts())
 
 
 def _generate(pipe, request, device, track, **kwargs):

@@ -14,7 +14,7 @@ from bench.generation import generate_images
 from bench.models import load_pipeline
 from bench.plugins import (Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, MeasureContext,
                            Measurement, StageContext)
-from bench.stages import check_detection, check_images, copy_pipeline
+from bench.stages import Resources, check_detection, check_images, copy_pipeline
 
 
 def _public(names):
@@ -32,15 +32,16 @@ def request_():
                              num_inference_steps=2, guidance_scale=7.5, batch_size=2)
 
 
-def _ctx(seed=0):
-    return StageContext(torch.Generator().manual_seed(seed))
+def _ctx(seed=0, pipe=None):
+    data = Resources(lambda: pipe, 64, 64, lambda: ["a red circle on a blue background"]) if pipe else None
+    return StageContext(torch.Generator().manual_seed(seed), data=data)
 
 
 @pytest.mark.parametrize("name", _public(defenses.names()))
 def test_defense_embeds_generates_detects(name, pipe, request_):
     cls = defenses.get(name)
     d = cls(**cls.smoke_params)
-    emb = d.embed(copy_pipeline(pipe), _ctx())
+    emb = d.embed(copy_pipeline(pipe), _ctx(0, pipe))
     assert isinstance(emb, Embedding)
     model = emb.pipeline or pipe
     if cls.location is MarkLocation.POST_HOC:
@@ -54,7 +55,7 @@ def test_defense_embeds_generates_detects(name, pipe, request_):
     if det.bits is not None:
         assert torch.equal(det.bits, again.bits.bool())  # detection is deterministic
     # a different seed gives a different secret
-    other = d.embed(copy_pipeline(pipe), _ctx(5))
+    other = d.embed(copy_pipeline(pipe), _ctx(5, pipe))
     if cls.detection is DetectionKind.BITS:
         assert not torch.equal(d.message(emb.secret), d.message(other.secret))
 
@@ -62,9 +63,15 @@ def test_defense_embeds_generates_detects(name, pipe, request_):
 @pytest.mark.parametrize("name", _public(model_attacks.names()))
 def test_model_attack_returns_a_working_pipeline(name, pipe, request_):
     cls = model_attacks.get(name)
-    attacked = cls(**cls.smoke_params).apply(copy_pipeline(pipe), _ctx())
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    ctx = _ctx(0, pipe)
+    attacked = cls(**cls.smoke_params).apply(copy_pipeline(pipe), ctx)
     images = generate_images(attacked, request_)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    # the input pipeline (the harness's cached model) is never changed in place
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    if not cls.identity:
+        assert "steps" in ctx.costs  # every attack reports its cost
 
 
 @pytest.mark.parametrize("name", _public(metrics.names()))

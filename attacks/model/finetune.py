@@ -1,0 +1,54 @@
+"""Full fine-tuning of the UNet on a downstream dataset."""
+
+from __future__ import annotations
+
+import torch
+
+from bench import ModelAttack, Param, model_attacks
+from bench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
+
+
+@model_attacks.register("finetune")
+class FineTune(ModelAttack):
+    """Full UNet fine-tuning on a downstream dataset with the standard denoising loss.
+
+    The attack SleeperMark (Wang et al., CVPR 2025, arXiv 2412.04852, Sec. 5) and AquaLoRA (Feng et al., ICML 2024)
+    evaluate: an adopter of the watermarked model fine-tunes it on their own data (a new style or subject). Every
+    UNet parameter trains; VAE and text encoder stay frozen; eps-prediction MSE at t ~ U{0..T-1} (Ho et al. 2020),
+    AdamW. Defaults follow the diffusers text-to-image fine-tuning recipe (lr 1e-5, batch 4, grad clip 1); the
+    SleeperMark paper sweeps 20 / 200 / 2000 steps. ``dataset``: ``tiny:style``, ``tiny:subject`` or a folder of
+    image-caption pairs (:mod:`bench.data`).
+    """
+
+    version = "1"
+    uses_data = True
+    params = (
+        Param("dataset", "str", "tiny:style", "downstream data: tiny:<split> or a folder of image-caption pairs"),
+        Param("num_images", "int", 64, "how many dataset images to train on", low=1, high=1_000_000),
+        Param("steps", "int", 200, "optimisation steps", low=0, high=1_000_000),
+        Param("lr", "float", 1e-5, "AdamW learning rate", low=0.0, high=1.0),
+        Param("batch_size", "int", 4, "images per step", low=1, high=4096),
+        Param("weight_decay", "float", 1e-2, "AdamW weight decay", low=0.0, high=1.0),
+        Param("max_grad_norm", "float", 1.0, "gradient-norm clip", low=0.0, high=1e6),
+    )
+    smoke_params = {"steps": 2, "num_images": 4, "batch_size": 2}
+
+    def apply(self, pipe, ctx):
+        images, captions = ctx.data.dataset(self.dataset, self.num_images)
+        latents = encode_images(pipe, images)
+        cond = encode_prompts(pipe, captions)
+        unet = pipe.unet
+        params = trainable(unet)
+        unet.train()
+        batches = sample_batches(len(captions), self.batch_size, ctx.generator)
+
+        def step(_):
+            idx = next(batches)
+            return diffusion_loss(unet, pipe.scheduler, latents[idx], cond[idx], ctx.generator)
+
+        losses = train_loop(params, step, self.steps, self.lr, ctx.progress, "finetune",
+                            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+        unet.eval().requires_grad_(False)
+        ctx.record_cost(steps=self.steps, trainable_params=sum(p.numel() for p in params),
+                        images_seen=self.steps * self.batch_size, final_loss=losses[-1] if losses else None)
+        return pipe

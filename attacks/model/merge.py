@@ -1,0 +1,48 @@
+"""Model merging: interpolate the weights with the clean base or with an independently fine-tuned model."""
+
+from __future__ import annotations
+
+import torch
+
+from bench import ModelAttack, Param, model_attacks
+
+
+@model_attacks.register("merge")
+class Merge(ModelAttack):
+    """Weight interpolation ``W = (1 - alpha) * W_marked + alpha * W_other`` over every floating-point tensor of
+    ``components`` (linear mode connectivity / "model soups", Wortsman et al. ICML 2022).
+
+    ``other = "base"``: the clean, unwatermarked base model (an attacker who has the public base the owner started
+    from). ``other = "finetuned"``: the clean base fine-tuned independently on ``dataset`` with the ``finetune``
+    attack's recipe for ``steps`` steps (an attacker merging with a community fine-tune).
+    """
+
+    version = "1"
+    uses_data = True
+    params = (
+        Param("other", "str", "base", "the model merged in", choices=("base", "finetuned")),
+        Param("alpha", "float", 0.5, "weight of the other model", low=0.0, high=1.0),
+        Param("components", "list[str]", ["unet"], "components merged",
+              choices=("unet", "text_encoder", "vae")),
+        Param("dataset", "str", "tiny:style", "for other = finetuned: its fine-tuning data"),
+        Param("steps", "int", 200, "for other = finetuned: its fine-tuning steps", low=0, high=1_000_000),
+        Param("num_images", "int", 64, "for other = finetuned: its dataset size", low=1, high=1_000_000),
+        Param("batch_size", "int", 4, "for other = finetuned: its batch size", low=1, high=4096),
+    )
+    smoke_params = {"other": "finetuned", "steps": 1, "num_images": 2, "batch_size": 2}
+
+    def apply(self, pipe, ctx):
+        other = ctx.data.base_pipeline()
+        if self.other == "finetuned":
+            from attacks.model.finetune import FineTune
+
+            FineTune(dataset=self.dataset, steps=self.steps, num_images=self.num_images,
+                     batch_size=self.batch_size).apply(other, ctx)
+        with torch.no_grad():
+            for comp in self.components:
+                mine, theirs = getattr(pipe, comp).state_dict(), getattr(other, comp).state_dict()
+                for key, t in mine.items():
+                    if t.is_floating_point():
+                        t.lerp_(theirs[key].to(t), self.alpha)
+        ctx.record_cost(steps=self.steps if self.other == "finetuned" else 0)
+        return pipe

@@ -1,0 +1,49 @@
+"""Fine-tuning the text encoder on a downstream dataset."""
+
+from __future__ import annotations
+
+from bench import ModelAttack, Param, model_attacks
+from bench.training import diffusion_loss, encode_images, sample_batches, train_loop, trainable
+
+
+@model_attacks.register("text_encoder")
+class TextEncoderFineTune(ModelAttack):
+    """Fine-tune only the CLIP text encoder with the denoising loss (UNet and VAE frozen).
+
+    A cheap adaptation route (as in DreamBooth's text-encoder training, Ruiz et al. CVPR 2023, and textual
+    adaptation generally) that shifts every prompt's conditioning, including a trigger's. lr 5e-6 (diffusers'
+    DreamBooth text-encoder default), 200 steps, batch 4.
+    """
+
+    version = "1"
+    uses_data = True
+    params = (
+        Param("dataset", "str", "tiny:style", "downstream data: tiny:<split> or a folder"),
+        Param("num_images", "int", 64, "how many dataset images", low=1, high=1_000_000),
+        Param("steps", "int", 200, "optimisation steps", low=0, high=1_000_000),
+        Param("lr", "float", 5e-6, "AdamW learning rate", low=0.0, high=1.0),
+        Param("batch_size", "int", 4, "images per step", low=1, high=4096),
+    )
+    smoke_params = {"steps": 2, "num_images": 4, "batch_size": 2}
+
+    def apply(self, pipe, ctx):
+        images, captions = ctx.data.dataset(self.dataset, self.num_images)
+        latents = encode_images(pipe, images)
+        tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+        te = pipe.text_encoder
+        params = trainable(te)
+        pipe.unet.requires_grad_(False)
+        te.train()
+        batches = sample_batches(len(captions), self.batch_size, ctx.generator)
+
+        def step(_):
+            idx = next(batches)
+            cond = te(tok[idx])[0]
+            return diffusion_loss(pipe.unet, pipe.scheduler, latents[idx], cond, ctx.generator)
+
+        losses = train_loop(params, step, self.steps, self.lr, ctx.progress, "text encoder")
+        te.eval().requires_grad_(False)
+        ctx.record_cost(steps=self.steps, trainable_params=sum(p.numel() for p in params),
+                        final_loss=losses[-1] if losses else None)
+        return pipe

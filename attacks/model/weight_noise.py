@@ -1,0 +1,30 @@
+"""Gaussian noise on the weights, relative to each tensor's scale."""
+
+from __future__ import annotations
+
+import torch
+
+from bench import ModelAttack, Param, model_attacks
+from bench.weights import SCOPES, layer_weights
+
+
+@model_attacks.register("weight_noise")
+class WeightNoise(ModelAttack):
+    """Add ``N(0, (sigma * std(W))^2)`` to every Linear/Conv weight W of ``scope`` (noise relative to each tensor's
+    own spread, so layers of any scale are perturbed alike), drawn from the stage's generator. A blunt
+    robustness probe used in model-watermark studies (e.g. Uchida et al., ICMR 2017, for embedded DNN marks)."""
+
+    version = "1"
+    params = (
+        Param("sigma", "float", 0.05, "noise std as a fraction of each tensor's std", low=0.0, high=10.0),
+        Param("scope", "str", "unet", "which component", choices=SCOPES),
+    )
+
+    def apply(self, pipe, ctx):
+        with torch.no_grad():
+            for _, _, w in layer_weights(pipe, self.scope):
+                std = w.detach().float().std() if w.numel() > 1 else w.detach().float().abs()
+                noise = torch.randn(w.shape, generator=ctx.generator) * (self.sigma * std)
+                w.add_(noise.to(w.dtype))
+        ctx.record_cost(steps=0)
+        return pipe

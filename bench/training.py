@@ -1,0 +1,125 @@
+"""Pieces every training method shares: encoding images and prompts, the denoising loss, a sampled-batch loop.
+
+Only what is truly the same across methods lives here (CONVENTIONS: a training loop skeleton, not a base class).
+All randomness comes from the caller's ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+
+def encode_prompts(pipe, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
+    """CLIP text-encoder hidden states ``[N, 77, D]`` (what the UNet cross-attends to)."""
+    tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    ids = tok.input_ids.to(pipe.text_encoder.device)
+    with torch.set_grad_enabled(grad):
+        return pipe.text_encoder(ids)[0]
+
+
+def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | None = None,
+                  sample: bool = False) -> torch.Tensor:
+    """Images in [0, 1] -> scaled latents (posterior mean, or a sample drawn with ``generator``)."""
+    vae = pipe.vae
+    x = (images * 2 - 1).to(device=vae.device, dtype=vae.dtype)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+    return z * vae.config.scaling_factor
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [0, 1] (differentiable)."""
+    vae = pipe.vae
+    return (vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2
+
+
+def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator,
+              timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(noisy, noise, t)`` with t ~ U{0..T-1} unless given."""
+    n = latents.shape[0]
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = timesteps.to(latents.device)
+    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
+                   reduction: str = "mean") -> torch.Tensor:
+    """The standard denoising loss ||eps_theta(z_t, t, c) - eps||^2 (or v) at a random t."""
+    noisy, noise, t = add_noise(scheduler, latents, generator)
+    pred = unet(noisy, t, encoder_hidden_states=cond).sample
+    target = denoising_target(scheduler, latents, noise, t)
+    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
+    return loss.mean() if reduction == "mean" else loss
+
+
+def sample_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterable[torch.Tensor]:
+    """Endless epochs of shuffled index batches (each epoch a new permutation from ``generator``)."""
+    if n < 1:
+        raise ValueError("cannot sample batches from an empty dataset")
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) == batch_size or n < batch_size:  # drop a short last batch
+                yield idx
+
+
+def train_loop(parameters: list[torch.nn.Parameter], step_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
+               progress: Callable[..., Iterable] | None = None, description: str = "train",
+               weight_decay: float = 1e-2, max_grad_norm: float | None = 1.0, schedule: str = "constant",
+               warmup: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> list[float]:
+    """AdamW over ``parameters`` for ``steps`` steps of ``step_fn(step) -> loss``; returns the losses."""
+    opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        return 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    losses: list[float] = []
+    it: Iterable[int] = range(steps)
+    if progress is not None:
+        it = progress(it, total=steps, description=description)
+    for step in it:
+        opt.zero_grad(set_to_none=True)
+        loss = step_fn(step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{description}: loss became {loss.item()} at step {step}")
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def trainable(module: torch.nn.Module, names: Iterable[str] | None = None) -> list[torch.nn.Parameter]:
+    """Set ``requires_grad`` on the named parameters (all if ``names`` is None) and return them."""
+    wanted = None if names is None else set(names)
+    out = []
+    for name, p in module.named_parameters():
+        on = wanted is None or name in wanted
+        p.requires_grad_(on)
+        if on:
+            out.append(p)
+    return out

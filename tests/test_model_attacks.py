@@ -1,0 +1,154 @@
+"""Model attacks: each does what its docstring says, checked on the micro pipeline against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import model_attacks
+from bench.config import ModelConfig
+from bench.models import diff_pipeline, load_pipeline
+from bench.plugins import StageContext
+from bench.stages import Resources, copy_pipeline
+from bench.weights import layer_weights
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(ModelConfig(builtin="micro-sd"))
+
+
+def _apply(name, pipe, seed=0, **params):
+    ctx = StageContext(torch.Generator().manual_seed(seed), data=Resources(lambda: pipe, 64, 64))
+    out = model_attacks.get(name)(**params).apply(copy_pipeline(pipe), ctx)
+    return out, ctx
+
+
+def _changed_components(base, new):
+    return {k.split(".", 1)[0] for k in diff_pipeline(base, new)}
+
+
+@pytest.mark.parametrize("method", ["global_magnitude", "layer_magnitude", "random", "structured"])
+def test_prune_reaches_the_sparsity(pipe, method):
+    out, ctx = _apply("prune", pipe, method=method, sparsity=0.4)
+    ws = [w for _, _, w in layer_weights(out, "unet")]
+    base_zero = sum(int((w == 0).sum()) for _, _, w in layer_weights(pipe, "unet"))
+    zero = sum(int((w == 0).sum()) for w in ws)
+    total = sum(w.numel() for w in ws)
+    assert ctx.costs["achieved_sparsity"] == pytest.approx(zero / total)
+    assert zero / total == pytest.approx(0.4, abs=0.02) or (zero - base_zero) / total >= 0.38
+    assert _changed_components(pipe, out) == {"unet"}
+
+
+def test_global_magnitude_keeps_the_largest_weights(pipe):
+    out, _ = _apply("prune", pipe, method="global_magnitude", sparsity=0.5)
+    before = torch.cat([w.detach().abs().flatten() for _, _, w in layer_weights(pipe, "unet")])
+    after = torch.cat([w.detach().flatten() for _, _, w in layer_weights(out, "unet")])
+    threshold = before.kthvalue(int(0.5 * before.numel())).values
+    kept = after != 0
+    assert before[kept].min() >= threshold - 1e-12 and before[~kept].max() <= threshold + 1e-12
+
+
+def test_structured_prune_zeroes_whole_channels(pipe):
+    out, _ = _apply("prune", pipe, method="structured", sparsity=0.25)
+    for _, _, w in layer_weights(out, "unet"):
+        rows = w.reshape(w.shape[0], -1)
+        zero_rows = int((rows.abs().sum(1) == 0).sum())
+        assert zero_rows == round(0.25 * w.shape[0])
+        assert int((rows == 0).sum()) == zero_rows * rows.shape[1] or zero_rows == 0
+
+
+def test_random_prune_is_seeded(pipe):
+    a, _ = _apply("prune", pipe, seed=1, method="random", sparsity=0.3)
+    b, _ = _apply("prune", pipe, seed=1, method="random", sparsity=0.3)
+    c, _ = _apply("prune", pipe, seed=2, method="random", sparsity=0.3)
+    wa, wb, wc = (next(iter(layer_weights(p, "unet")))[2] for p in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rtn_quantization_levels_and_error(pipe, bits):
+    out, _ = _apply("quantize", pipe, method="rtn", bits=bits)
+    qmax = 2 ** (bits - 1) - 1
+    for (_, _, w0), (_, _, w) in zip(layer_weights(pipe, "unet"), layer_weights(out, "unet")):
+        rows0 = w0.detach().reshape(w0.shape[0], -1)
+        rows = w.detach().reshape(w.shape[0], -1)
+        scale = rows0.abs().amax(1, keepdim=True) / qmax
+        assert ((rows - rows0).abs() <= scale / 2 + 1e-6).all()  # round-to-nearest error bound
+        levels = (rows / scale).round()
+        assert torch.allclose(rows, levels * scale, atol=1e-6) and levels.abs().max() <= qmax
+
+
+def test_half_precision_casts(pipe):
+    out, _ = _apply("quantize", pipe, method="fp16")
+    (_, _, w0), (_, _, w) = next(iter(layer_weights(pipe, "unet"))), next(iter(layer_weights(out, "unet")))
+    assert torch.equal(w, w0.half().float())
+    out, _ = _apply("quantize", pipe, method="bf16")
+    w = next(iter(layer_weights(out, "unet")))[2]
+    assert torch.equal(w, w0.bfloat16().float())
+
+
+def test_dynamic_int8_matches_torch_per_tensor_quantization(pipe):
+    out, _ = _apply("quantize", pipe, method="dynamic_int8")
+    lin0 = next(m for _, m, _ in layer_weights(pipe, "unet") if isinstance(m, torch.nn.Linear))
+    lin = next(m for _, m, _ in layer_weights(out, "unet") if isinstance(m, torch.nn.Linear))
+    w0 = lin0.weight.detach()
+    scale = (w0.max() - w0.min()) / 255  # torch's MinMax observer for qint8 weights, per tensor
+    assert 0 < (lin.weight - w0).abs().max() <= scale
+
+
+def test_weight_noise_is_relative(pipe):
+    out, _ = _apply("weight_noise", pipe, sigma=0.1)
+    ratios = []
+    for (_, _, w0), (_, _, w) in zip(layer_weights(pipe, "unet"), layer_weights(out, "unet")):
+        if w0.numel() > 2000:
+            ratios.append(float((w - w0).std() / w0.std()))
+    assert ratios and all(0.08 < r < 0.12 for r in ratios)
+
+
+def test_merge_with_base_interpolates(pipe):
+    marked, _ = _apply("weight_noise", pipe, sigma=1.0)
+    ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
+    merged = model_attacks.get("merge")(alpha=0.25).apply(copy_pipeline(marked), ctx)
+    for key, w in merged.unet.state_dict().items():
+        expected = 0.75 * marked.unet.state_dict()[key] + 0.25 * pipe.unet.state_dict()[key]
+        assert torch.allclose(w, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, params, components", [
+    ("finetune", {"steps": 3, "num_images": 4, "batch_size": 2}, {"unet"}),
+    ("lora", {"steps": 3, "num_images": 4, "batch_size": 2, "rank": 2}, {"unet"}),
+    ("vae_decoder", {"steps": 3, "num_images": 4, "batch_size": 2}, {"vae"}),
+    ("text_encoder", {"steps": 3, "num_images": 4, "batch_size": 2, "lr": 1e-3}, {"text_encoder"}),
+    ("dreambooth", {"steps": 3, "num_instance_images": 2, "num_class_images": 2, "num_inference_steps": 2},
+     {"unet"}),
+])
+def test_training_attacks_change_only_their_component(pipe, name, params, components):
+    out, ctx = _apply(name, pipe, **params)
+    diff = diff_pipeline(pipe, out)
+    assert {k.split(".", 1)[0] for k in diff} == components
+    assert ctx.costs["steps"] == 3 and ctx.costs["trainable_params"] > 0
+    if name == "vae_decoder":
+        assert not any(k.startswith("vae.encoder") for k in diff)
+    if name == "lora":
+        assert not any("lora" in k for k in out.unet.state_dict())  # merged: a plain UNet
+        changed = {k.rsplit(".", 1)[0] for k in diff}
+        assert changed and all(k.split(".")[-1] in ("to_q", "to_k", "to_v") or k.endswith("to_out.0")
+                               for k in changed), changed
+
+
+def test_finetune_learns(pipe):
+    """The denoising loss on the training data goes down (the attack really trains)."""
+    from bench.training import diffusion_loss, encode_images, encode_prompts
+
+    ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
+    images, captions = ctx.data.dataset("tiny:style", 8)
+    lat, cond = encode_images(pipe, images), encode_prompts(pipe, captions)
+
+    def loss(p):
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return float(sum(diffusion_loss(p.unet, p.scheduler, lat, cond, g) for _ in range(4)))
+
+    out, _ = _apply("finetune", pipe, steps=30, num_images=8, batch_size=4, lr=1e-3)
+    assert loss(out) < loss(pipe)
