@@ -55,6 +55,7 @@ class Cell:
     detect_pos: str
     detect_neg: str
     variant: str = ""
+    reference: str = ""  # the unattacked base model's plain images (FID / CLIP-score reference)
 
     @property
     def defense_label(self) -> str:
@@ -66,7 +67,8 @@ class Cell:
         return f"{self.defense_label}/{self.model_attack.label}/{self.image_attack.label}/s{self.seed}"
 
     def stage_keys(self) -> tuple[str, ...]:
-        return (self.detect_pos, self.detect_neg, self.images, self.unattacked, self.clean_twins, self.negatives)
+        keys = (self.detect_pos, self.detect_neg, self.images, self.unattacked, self.clean_twins, self.negatives)
+        return keys + ((self.reference,) if self.reference else ())
 
 
 @dataclass
@@ -175,6 +177,7 @@ def build_plan(cfg: BenchConfig) -> Plan:
     for seed in cfg.run.seeds:
         request = generation_request(cfg, seed)
         b.plan.requests[seed] = request
+        reference = b.plain_images(base, request, seed)
         for d in cfg.defenses:
             dcls = _cls(d)
             embed = b.add("embed", (base,), d, seed, label=f"embed {d.label}")
@@ -201,12 +204,12 @@ def build_plan(cfg: BenchConfig) -> Plan:
                         det_neg = b.add("detect", (embed, negatives), d, seed,
                                         label=f"detect {d.label} (negatives)")
                         key = stable_hash({
-                            "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives],
+                            "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives, reference],
                             "metrics": [m.identity() for m in cfg.metrics],
                             "target_fprs": list(cfg.run.target_fprs),
                             "negatives": cfg.run.negatives,
                             "variant": variant,
                         })
                         b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
-                                                 negatives, det_pos, det_neg, variant))
+                                                 negatives, det_pos, det_neg, variant, reference))
     return b.plan

@@ -334,6 +334,10 @@ class MeasureContext:
     * ``images()``: the cell's final images (watermarked, model- and image-attacked).
     * ``unattacked_images()``: the same before the image attack.
     * ``clean_twins()``: the unwatermarked model's images for the same prompts and seeds (same model attack).
+    * ``reference()``: the clean base model's images for the same prompts and seeds (no attack at all): the
+      reference of FID and CLIP-score changes. ``reference_key`` identifies it, so a metric can keep reference
+      statistics in ``shared`` (a dict that lives for the whole run) and compute them once per run.
+    * ``prompts``: the prompt of each image; ``device``: where metrics may compute.
     """
 
     defense: Defense
@@ -343,6 +347,10 @@ class MeasureContext:
     target_fprs: tuple[float, ...]
     generator: "torch.Generator"
     loaders: Mapping[str, Callable[[], "torch.Tensor"]] = field(default_factory=dict)
+    prompts: tuple[str, ...] = ()
+    reference_key: str = ""
+    shared: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
 
     def images(self) -> "torch.Tensor":
         return self.loaders["images"]()
@@ -352,6 +360,9 @@ class MeasureContext:
 
     def clean_twins(self) -> "torch.Tensor":
         return self.loaders["clean_twins"]()
+
+    def reference(self) -> "torch.Tensor":
+        return self.loaders["reference"]()
 
 
 class Metric(Plugin):

@@ -65,6 +65,7 @@ class Runner:
         self.artifacts = ArtifactStore(cfg.cache_dir)
         self.log = log or (lambda msg: None)
         self._seen_cached: set[str] = set()
+        self._shared: dict[str, Any] = {}  # metrics' per-run state (e.g. FID reference statistics)
 
     def run(self, only: str | None = None, rerun_failed: bool = False, command: str = "bench run") -> RunSummary:
         cfg = self.cfg
@@ -182,7 +183,9 @@ class Runner:
             message=message, target_fprs=tuple(self.cfg.run.target_fprs),
             generator=torch.Generator().manual_seed(stage_seed(cell.seed, cell.key)),
             loaders={"images": loader(cell.images), "unattacked": loader(cell.unattacked),
-                     "clean_twins": loader(cell.clean_twins)},
+                     "clean_twins": loader(cell.clean_twins), "reference": loader(cell.reference)},
+            prompts=env.request(cell.seed).prompts, reference_key=cell.reference, shared=self._shared,
+            device=self.cfg.run.device,
         )
         out: list[Measurement] = []
         for spec in self.cfg.metrics:
