@@ -240,6 +240,16 @@ def apply_overrides(base, overrides: dict[str, Any]):
                 raise ValueError(f"override {comp}.{k} has shape {tuple(t.shape)}, expected {tuple(state[k].shape)}")
         module.load_state_dict(tensors, strict=False)
         components[comp] = module
-    pipe = type(base)(**components)
+    return rebuild_pipeline(base, components)
+
+
+def rebuild_pipeline(like, components: dict[str, Any]):
+    """A pipeline of ``like``'s class from ``components`` (quietly: no safety-checker notice for every copy)."""
+    import inspect
+
+    kwargs = dict(components)
+    if "requires_safety_checker" in inspect.signature(type(like).__init__).parameters:
+        kwargs["requires_safety_checker"] = bool(getattr(like.config, "requires_safety_checker", False))
+    pipe = type(like)(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe

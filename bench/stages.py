@@ -16,7 +16,7 @@ import torch
 from .cache import ArtifactStore, quantize
 from .config import BenchConfig, PluginSpec
 from .errors import PluginError
-from .models import apply_overrides, diff_pipeline, load_pipeline
+from .models import apply_overrides, diff_pipeline, load_pipeline, rebuild_pipeline
 from .plan import Plan, Stage, stage_seed
 from .plugins import Detection, DetectionKind, Embedding, GenerationRequest, Secret, StageContext
 
@@ -123,9 +123,7 @@ def copy_pipeline(pipe):
     for name in ("unet", "vae", "text_encoder"):
         if components.get(name) is not None:
             components[name] = copy.deepcopy(components[name])
-    new = type(pipe)(**components)
-    new.set_progress_bar_config(disable=True)
-    return new
+    return rebuild_pipeline(pipe, components)
 
 
 def check_images(images: Any, who: str, expected: tuple[int, ...] | None) -> torch.Tensor:
