@@ -36,8 +36,17 @@ def generate_images(pipe, request: GenerationRequest, *, device: str = "cpu", la
         latents = initial_latents(pipe, request.seeds, request.height, request.width)
     dtype = pipe.unet.dtype
     batches = range(0, n, request.batch_size)
-    if progress is not None:
-        batches = progress(batches, total=len(batches), description="generate")
+    ticker = None
+    if progress is not None:  # one tick per denoising step of every batch: a real ETA for long generations
+        total = len(batches) * request.num_inference_steps
+        ticker = iter(progress(range(total), total=total, description=f"generate {n} images"))
+        next(ticker, None)
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            next(ticker, None)
+            return callback_kwargs
+
+        pipe_kwargs.setdefault("callback_on_step_end", on_step_end)
     out = []
     for start in batches:
         sl = slice(start, start + request.batch_size)
@@ -50,4 +59,7 @@ def generate_images(pipe, request: GenerationRequest, *, device: str = "cpu", la
                           num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
                           latents=latents[sl].to(device=device, dtype=dtype), output_type="pt", **kwargs)
         out.append(result.images.float().cpu())
+    if ticker is not None:
+        for _ in ticker:  # close the bar
+            pass
     return torch.cat(out).clamp(0, 1)
