@@ -33,7 +33,6 @@ def _load_attack_entry_points() -> None:
 
 for _r in (image_attacks, model_attacks):
     _r._entry_points_loaded = True  # handled jointly by _load_attack_entry_points
-    _orig = _r._load_entry_points
     _r._load_entry_points = _load_attack_entry_points  # type: ignore[method-assign]
 
 BUILTIN_DEFENSES = {

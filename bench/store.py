@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -26,7 +26,9 @@ CREATE TABLE IF NOT EXISTS cells (
     cell_id TEXT PRIMARY KEY, run_id TEXT, label TEXT, seed INTEGER,
     defense TEXT, defense_label TEXT, defense_params TEXT, defense_version TEXT, defense_origin TEXT,
     model_attack TEXT, model_attack_label TEXT, model_attack_params TEXT, model_attack_version TEXT,
+    model_attack_origin TEXT,
     image_attack TEXT, image_attack_label TEXT, image_attack_params TEXT, image_attack_version TEXT,
+    image_attack_origin TEXT,
     negatives TEXT, n_images INTEGER, status TEXT, error TEXT, traceback TEXT,
     timings_json TEXT, costs_json TEXT, stage_keys_json TEXT, updated REAL
 );
@@ -39,6 +41,7 @@ CREATE VIEW IF NOT EXISTS results_full AS
            c.image_attack_label, c.seed, r.metric, r.value, r.low, r.high, r.n, r.note, r.higher_is_better,
            c.negatives, c.status, c.defense_params, c.model_attack_params, c.image_attack_params,
            c.defense_version, c.model_attack_version, c.image_attack_version, c.defense_origin,
+           c.model_attack_origin, c.image_attack_origin,
            c.timings_json, c.costs_json, u.versions_json, u.git_hash, c.run_id, c.cell_id, c.updated
     FROM results r JOIN cells c ON r.cell_id = c.cell_id LEFT JOIN runs u ON c.run_id = u.run_id;
 """
@@ -49,6 +52,21 @@ class ResultStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = sqlite3.connect(str(self.path), timeout=30)
+        try:
+            found = self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            if "no such table" not in str(exc):
+                self.con.close()
+                from .errors import UserError
+
+                raise UserError(f"{self.path}: not a MarkBench results database ({exc})") from None
+            found = None
+        if found is not None and int(found[0]) != SCHEMA_VERSION:
+            self.con.close()
+            from .errors import UserError
+
+            raise UserError(f"{self.path}: results database has schema version {found[0]}, this MarkBench writes "
+                            f"version {SCHEMA_VERSION}; use a new run.output folder (the artifact cache can stay)")
         self.con.executescript(_SCHEMA)
         self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.con.commit()
@@ -85,9 +103,10 @@ class ResultStore:
         with self.con:
             self.con.execute("DELETE FROM results WHERE cell_id=?", (cell.key,))
             self.con.execute(
-                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?, ?,?,?,?, ?,?,?,?,?, ?,?,?,?)",
+                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?)",
                 (cell.key, run_id, cell.label, cell.seed, *spec(cell.defense, cell.defense_label), cell.defense.origin,
-                 *spec(cell.model_attack), *spec(cell.image_attack), negatives, n_images, status, error, traceback,
+                 *spec(cell.model_attack), cell.model_attack.origin, *spec(cell.image_attack), cell.image_attack.origin,
+                 negatives, n_images, status, error, traceback,
                  json.dumps(timings or {}), json.dumps(costs or {}, default=str),
                  json.dumps(list(cell.stage_keys())), time.time()),
             )

@@ -57,3 +57,48 @@ def test_ls_lists_parameters(capsys):
 def test_help_has_examples():
     out = _bench("run", "--help")
     assert out.returncode == 0 and "examples:" in out.stdout and "--rerun-failed" in out.stdout
+
+
+def test_export_csv_and_parquet_roundtrip(tmp_path, capsys):
+    """Export writes the same rows the database holds (written here by hand, no model work)."""
+    import pandas as pd
+
+    from bench.config import load_config
+    from bench.plan import build_plan
+    from bench.plugins import Measurement
+    from bench.store import ResultStore
+
+    path = write_config(tmp_path)
+    cfg = load_config(path)
+    cell = build_plan(cfg).cells[0]
+    store = ResultStore(cfg.output / "results.sqlite")
+    store.start_run("r1", "test", str(path), {}, {"torch": "x"}, "abc")
+    store.write_cell("r1", cell, "ok", [Measurement("tpr@1e-06", 0.5, 0.25, 0.75, 16),
+                                        Measurement("bit_accuracy", 0.9, 0.8, 0.95, 16)],
+                     n_images=16, negatives="attacked")
+    store.close()
+    for suffix in ("csv", "parquet"):
+        out = tmp_path / f"r.{suffix}"
+        assert main(["export", "--config", str(path), "--to", str(out)]) == 0
+        df = pd.read_csv(out) if suffix == "csv" else pd.read_parquet(out)
+        assert len(df) == 2 and set(df.metric) == {"tpr@1e-06", "bit_accuracy"}
+        row = df[df.metric == "tpr@1e-06"].iloc[0]
+        assert (row.value, row.low, row.high, row.n) == (0.5, 0.25, 0.75, 16)
+        assert row.cell == cell.label and row.git_hash == "abc"
+    assert main(["export", "--config", str(path), "--to", str(tmp_path / "r.xlsx")]) == 2
+
+
+def test_old_schema_database_is_refused(tmp_path):
+    import sqlite3
+
+    from bench.errors import UserError
+    from bench.store import ResultStore
+
+    db = tmp_path / "results.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.commit()
+    con.close()
+    with pytest.raises(UserError, match="schema version 1"):
+        ResultStore(db)
