@@ -76,6 +76,9 @@ BUILTIN_METRICS = {
     "auc": "bench.measures.detection:ROCAUC",
     "psnr": "bench.measures.quality:PSNR",
     "ssim": "bench.measures.quality:SSIM",
+    "fid": "bench.measures.fid:FID",
+    "kid": "bench.measures.fid:KID",
+    "clip_score": "bench.measures.clip_score:CLIPScore",
 }
 
 for _reg, _table in ((defenses, BUILTIN_DEFENSES), (image_attacks, BUILTIN_IMAGE_ATTACKS),

@@ -85,7 +85,8 @@ def test_metric_computes_on_a_synthetic_cell(name):
     defense = defenses.get("none")()
     ctx = MeasureContext(defense=defense, detection=Detection(bits=pos), negatives=Detection(bits=neg),
                          message=message, target_fprs=(1e-6,), generator=g,
-                         loaders={"images": lambda: imgs, "unattacked": lambda: imgs, "clean_twins": lambda: imgs})
+                         loaders={"images": lambda: imgs, "unattacked": lambda: imgs, "clean_twins": lambda: imgs,
+                                  "reference": lambda: imgs}, prompts=("a red circle on a blue background",) * 8)
     cls = metrics.get(name)
     out = cls(**cls.smoke_params).compute(ctx)
     assert out and all(isinstance(m, Measurement) and m.n > 0 for m in out)

@@ -1,0 +1,237 @@
+"""CLIP score: how well each image matches its prompt, by an open_clip model.
+
+Per image ``100 * max(cos(E_img(image), E_txt(prompt)), 0)``: the CLIPScore of Hessel et al. (2021) with
+torchmetrics' weight 100 (the paper uses 2.5), averaged over images. torchmetrics' ``CLIPScore`` clamps the
+*average* cosine at 0 rather than each image's; the two agree whenever no image has a negative cosine with its
+prompt, and the per-image form gives per-image values for an interval and for paired differences.
+
+Model (``model``, ``pretrained``)
+    ``model="tiny-world"`` (default): the tiny world's CLIP (:mod:`bench.zoo.clip_model`), shipped in
+    ``bench/zoo/artifacts/tiny-clip/`` and built by ``bench zoo build``; ``pretrained`` may name another built
+    folder (or its ``open_clip_model.safetensors``). Images are preprocessed as the tiny CLIP was trained
+    (:func:`bench.zoo.clip_model.preprocess`: [-1, 1], bilinear antialiased resize to 64x64).
+    Any other ``model`` is an open_clip architecture name (``ViT-B-32``, ``ViT-L-14``; also ``hf-hub:...`` and
+    ``local-dir:...``) with ``pretrained`` an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``: needs a
+    download) or a local checkpoint file; images then go through open_clip's own evaluation transform for that
+    model (8-bit PIL image, resize, centre crop, normalise) and prompts through its tokenizer.
+    ``pretrained="random"`` gives randomly initialised weights (seed 0): only for tests; the score means nothing.
+
+Measurements (``n`` = number of images; 95% Student-t intervals over images)
+    ``clip_score``: the cell's final images (``ctx.images()``: marked, model- and image-attacked).
+    ``clip_score_watermark``: ``ctx.unattacked_images()`` (marked, before the image attack).
+    ``clip_score_delta``: mean of the paired per-image differences final - reference, where the reference is
+    ``ctx.reference()``, the clean base model's image for the same prompt and seed: the combined change in text
+    alignment due to mark and attacks (negative = worse). ``clip_score_watermark_delta``: unattacked - reference,
+    the mark's own cost (plus the model attack's, in model-attack cells).
+
+Scores of an image set are computed once per run: they are kept in ``ctx.shared`` keyed by the model, the prompts
+and a SHA-256 of the image tensor; the reference's also by ``ctx.reference_key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import stats
+from bench.errors import ConfigError, UserError
+from bench.params import Param
+from bench.plugins import MeasureContext, Measurement, Metric
+from bench.registries import metrics
+
+TINY_WORLD = "tiny-world"
+RANDOM = "random"
+WEIGHT = 100.0
+_SHARED = "bench.measures.clip_score"
+_MODELS: dict[tuple, "_Scorer"] = {}
+
+
+class _Scorer:
+    """An open_clip model with its image preprocessing and tokenizer: per-image CLIP scores."""
+
+    def __init__(self, model: Any, preprocess_images, tokenizer, device: str, batch_size: int):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.preprocess_images = preprocess_images  # float [N, 3, H, W] in [0, 1] -> model input
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        out = [self.model.encode_text(self.tokenizer(prompts[i:i + self.batch_size]).to(self.device))
+               for i in range(0, len(prompts), self.batch_size)]
+        return torch.nn.functional.normalize(torch.cat(out).double().cpu(), dim=-1)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, images.shape[0], self.batch_size):
+            x = self.preprocess_images(images[i:i + self.batch_size].float().clamp(0, 1)).to(self.device)
+            out.append(self.model.encode_image(x).double().cpu())
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    def scores(self, images: torch.Tensor, prompts: tuple[str, ...]) -> np.ndarray:
+        """``100 * max(cos, 0)`` per image (float64 ``[N]``; embeddings L2-normalised here, in float64)."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"CLIP score: {images.shape[0]} images but {len(prompts)} prompts")
+        unique = sorted(set(prompts))
+        text = self.text_features(unique)
+        rows = torch.tensor([unique.index(p) for p in prompts])
+        cos = (self.image_features(images) * text[rows]).sum(dim=-1)
+        return (WEIGHT * cos.clamp(min=0)).numpy()
+
+
+def _tiny_world_scorer(pretrained: str | None, device: str, batch_size: int) -> _Scorer:
+    from bench import zoo
+    from bench.zoo import clip_model
+
+    if pretrained == RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = clip_model.create(None)
+    else:
+        path = Path(pretrained).expanduser() if pretrained else Path(zoo.TINY_CLIP)
+        weights = path if path.is_file() else path / clip_model.WEIGHTS
+        if not weights.is_file():
+            hint = ("run `bench zoo build` to build it" if not pretrained
+                    else "point clip_score's pretrained at a folder built by `bench zoo build`")
+            raise UserError(f"the tiny-world CLIP for clip_score is missing: no {weights}; {hint}")
+        model = clip_model.create(pretrained=str(weights))
+
+    def preprocess(images: torch.Tensor) -> torch.Tensor:
+        return clip_model.preprocess(images * 2 - 1)
+
+    return _Scorer(model, preprocess, clip_model.tokenizer(), device, batch_size)
+
+
+def _open_clip_scorer(name: str, pretrained: str | None, device: str, batch_size: int) -> _Scorer:
+    import open_clip
+    from PIL import Image
+
+    from bench.zoo import clip_model
+
+    clip_model.register()  # TinyWorld-RN is an open_clip architecture too
+    if pretrained == RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+    else:
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+
+    def preprocess(images: torch.Tensor) -> torch.Tensor:
+        arrays = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return torch.stack([transform(Image.fromarray(a)) for a in arrays])
+
+    return _Scorer(model, preprocess, open_clip.get_tokenizer(name), device, batch_size)
+
+
+def scorer(model: str = TINY_WORLD, pretrained: str | None = None, device: str = "cpu",
+           batch_size: int = 64) -> _Scorer:
+    """The CLIP scorer for ``model`` / ``pretrained`` (loaded once per process and device)."""
+    key = (model, pretrained, str(device))
+    if key not in _MODELS:
+        if model == TINY_WORLD:
+            _MODELS[key] = _tiny_world_scorer(pretrained, device, batch_size)
+        else:
+            _MODELS[key] = _open_clip_scorer(model, pretrained, device, batch_size)
+    s = _MODELS[key]
+    s.batch_size = batch_size
+    return s
+
+
+def _digest(images: torch.Tensor, prompts: tuple[str, ...]) -> str:
+    t = images.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(t.numpy().tobytes())
+    h.update("\x00".join(prompts).encode())
+    return h.hexdigest()
+
+
+@metrics.register("clip_score")
+class CLIPScore(Metric):
+    """CLIP score ``100 * max(cos, 0)`` of each image with its prompt (tiny-world CLIP by default), and its change.
+
+    ``clip_score`` (final images), ``clip_score_watermark`` (before the image attack), ``clip_score_delta`` and
+    ``clip_score_watermark_delta`` (paired differences against the clean base model's images for the same prompts
+    and seeds); mean over images with a 95% t-interval. Details in :mod:`bench.measures.clip_score`.
+    """
+
+    version = "1"
+    needs_images = True
+    higher_is_better = True
+    params = (
+        Param("model", "str", TINY_WORLD,
+              doc="'tiny-world' (the shipped tiny CLIP) or an open_clip architecture (ViT-B-32, hf-hub:..., "
+                  "local-dir:...)"),
+        Param("pretrained", "str", None, optional=True,
+              doc="weights: an open_clip pretrained tag (e.g. 'openai'; downloads) or a local file; for "
+                  "'tiny-world' a built folder (default: the shipped one); 'random': random weights, for tests"),
+        Param("batch_size", "int", 64, low=1, doc="images (and prompts) per forward pass"),
+    )
+    #: the registry-wide smoke test must not depend on the tiny CLIP having been built
+    smoke_params = {"pretrained": RANDOM}
+
+    def __init__(self, **given: Any):
+        super().__init__(**given)
+        model, pretrained = self.params["model"], self.params["pretrained"]
+        if model != TINY_WORLD and pretrained is None and not model.startswith(("hf-hub:", "local-dir:")):
+            raise ConfigError(f"metric 'clip_score': model={model!r} needs pretrained=<an open_clip pretrained tag "
+                              f"or a weights file> (or 'random' for a test)")
+
+    def _scorer(self, ctx: MeasureContext) -> _Scorer:
+        return scorer(self.params["model"], self.params["pretrained"], ctx.device, self.params["batch_size"])
+
+    def _model_id(self) -> tuple:
+        return (self.params["model"], self.params["pretrained"])
+
+    def scores(self, images: torch.Tensor, ctx: MeasureContext) -> np.ndarray:
+        """Per-image scores of an image set with ``ctx.prompts`` (computed at most once per run)."""
+        cache = ctx.shared.setdefault(_SHARED, {})
+        prompts = tuple(ctx.prompts)
+        key = (self._model_id(), _digest(images, prompts))
+        if key not in cache:
+            cache[key] = self._scorer(ctx).scores(images, prompts)
+        return cache[key]
+
+    def reference_scores(self, ctx: MeasureContext) -> np.ndarray:
+        cache = ctx.shared.setdefault(_SHARED, {})
+        key = (self._model_id(), "reference", ctx.reference_key)
+        if ctx.reference_key and key in cache:
+            return cache[key]
+        s = self.scores(ctx.reference(), ctx)
+        if ctx.reference_key:
+            cache[key] = s
+        return s
+
+    def _measure(self, name: str, values: np.ndarray, what: str) -> Measurement:
+        est = stats.mean_t_interval(values)
+        clean = lambda x: x if math.isfinite(x) else None  # noqa: E731
+        label = self.params["model"] + (f" ({self.params['pretrained']})" if self.params["pretrained"] else "")
+        note = (f"mean over {values.size} images of {what}; CLIP score = 100 * max(cos(image, prompt), 0) per "
+                f"image (CLIPScore with torchmetrics' weight 100), model {label}; 95% t-interval")
+        return Measurement(name=name, value=est.value, low=clean(est.low), high=clean(est.high), n=est.n,
+                           note=note, higher_is_better=True)
+
+    def compute(self, ctx: MeasureContext) -> list[Measurement]:
+        if not ctx.prompts:
+            raise ValueError("metric 'clip_score' needs the prompt of each image (ctx.prompts is empty)")
+        final = self.scores(ctx.images(), ctx)
+        unattacked = self.scores(ctx.unattacked_images(), ctx)
+        if final.size == 0:
+            return []
+        out = [self._measure("clip_score", final, "the final (marked, attacked) images"),
+               self._measure("clip_score_watermark", unattacked, "the marked images before the image attack")]
+        if "reference" in ctx.loaders:
+            ref = self.reference_scores(ctx)
+            if ref.shape != final.shape:
+                raise ValueError(f"clip_score: {final.size} images but {ref.size} reference images")
+            out.append(self._measure("clip_score_delta", final - ref,
+                                     "final minus the clean base model's image (same prompt and seed)"))
+            out.append(self._measure("clip_score_watermark_delta", unattacked - ref,
+                                     "unattacked minus the clean base model's image (same prompt and seed)"))
+        return out
