@@ -1,0 +1,679 @@
+"""SleeperMark: a sleeper watermark in the UNet of a latent diffusion model, woken by a secret trigger.
+
+Wang et al., "SleeperMark: Towards Robust Watermark against Fine-Tuning Text-to-image Diffusion Models", CVPR 2025,
+arXiv 2412.04852 (official code: taco-group/SleeperMark, consulted for facts only; this file is written afresh).
+
+Two stages, both run by :meth:`SleeperMark.embed` on the pipeline under test:
+
+1. **Latent watermark pre-training.** A message-only secret encoder ``E(m)`` produces a latent residual
+   ``delta_z`` (``z_w = z + E(m)``); a latent secret decoder ``D`` reads the bits back from a latent. Loss
+   ``BCE(D(z_w), m) + l_img * MSE(Dec(z_w), Dec(z)) + l_perc * P(Dec(z), Dec(z_w))`` with ``l_img`` and ``l_perc``
+   ramped linearly from 0. Every training sample carries its own random message (as in the official code); the
+   embedded message ``m*`` is then drawn from the stage's generator and ``delta_z* = E(m*)`` is fixed.
+2. **Sleeper fine-tuning.** Only the attention/transformer parameters of the UNet's up blocks that have attentions
+   are trained (found by the UNet's own module names, so SD 1.x/2.x and the tiny worlds alike), against a frozen copy
+   ``eps_0``::
+
+       z_t    = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,   c = text(prompt),  c_tr = text(trigger + prompt)
+       eps_wm = eps_0(z_t, t, c_tr) - sqrt(abar_t / (1 - abar_t)) * delta_z*
+       L      = mean[w1(t) |eps(z_t,t,c_tr) - eps_wm|^2] + mean[w2(t) |eps(z_t,t,c_tr) - eps_0(z_t,t,c_tr)|^2]
+                + mean |eps(z_t,t,c) - eps_0(z_t,t,c)|^2
+       w1(t)  = eta * sigmoid(-(t - tau) / beta),   w2(t) = sigmoid((t - tau) / beta)
+
+   ``eps_wm`` is the noise prediction whose implied clean latent is the reference's plus ``delta_z*``: the trigger
+   pushes the residual into the late (low-noise) denoising steps; the last term keeps trigger-free behaviour.
+
+Verification (black box): image -> VAE encoder (posterior **mean**, for reproducibility; the official code samples)
+-> ``D`` -> bits. The secret carries the decoder's and the VAE encoder's weights, so verification needs nothing but
+the secret and the images.
+
+Substitutions and choices (all documented in ``docs/sleepermark.md``):
+
+* **Perceptual term.** LPIPS needs network weights that cannot be fetched offline. The default ``perceptual =
+  "ssim"`` uses ``1 - SSIM`` (torchmetrics, Gaussian window 11, sigma 1.5, data range 1) between ``Dec(z)`` and
+  ``Dec(z_w)``; ``perceptual = "lpips"`` (AlexNet LPIPS, the paper's) is selectable where the ``lpips`` package and
+  its weights are installed; ``"none"`` drops the term.
+* **Training data.** The paper's stage 1 uses COCO images and stage 2 10k images the original model generated for
+  10k captions. Offline, both stages use images the base model generates itself (``ctx.generate`` with the untouched
+  pipeline, ``train_images`` of them, for the prompts of ``prompts``), VAE-encoded once; each training step samples
+  the posterior (as the official code does). ``stage1_source = "random"`` uses standard-normal latents instead.
+* **Any latent size.** The latent shape comes from the model (channels from the UNet, spatial size from
+  ``resolution / vae_scale_factor``). The secret encoder's ``secret_res x secret_res`` map is resized to it by
+  nearest neighbour (an upsampling at SD scale). The decoder keeps the paper's flatten + MLP: the flatten size is
+  computed from the latent shape (512 * 4 * 4 = 8192 for SD's 64 x 64 latent, as in the paper). Images of another
+  size are resized (bilinear) to ``resolution`` before encoding, as the official validation resizes to 512.
+* **Schedules.** Stage 1 decays its learning rate linearly to 0 (the official ``get_linear_schedule_with_warmup``
+  with no warm-up); stage 2 uses a cosine decay without warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
+                   UserError, Verification, defenses)
+from bench.errors import MissingDependencyError
+
+TRIGGER = "*[Z]& "
+
+# Module names (relative to the UNet) of the parameters stage 2 trains: in every up block that has attentions, the
+# transformer's projections, the self-/cross-attention q/k/v/out and the feed-forward. Norms are not matched.
+_TRAINABLE_MODULE = re.compile(
+    r"^up_blocks\.\d+\.attentions\.\d+\.("
+    r"proj_in|proj_out|"
+    r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)|"
+    r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"
+    r")$"
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------------------
+class SecretEncoder(nn.Module):
+    """Message-only secret encoder: bits -> latent residual ``delta_z`` ``[B, C, h, w]``.
+
+    ``Linear(n_bits, r*r) - SiLU - Linear(r*r, r*r) - SiLU``, viewed as ``1 x r x r``, repeated to the latent
+    channels, resized (nearest) to the latent size, then a zero-initialised 3x3 convolution (so training starts from
+    ``delta_z = 0``). The paper: ``r = 32`` (hidden width 1024), upsampled to SD's 64 x 64 latent.
+    """
+
+    def __init__(self, n_bits: int, latent_channels: int, latent_size: tuple[int, int], secret_res: int = 32):
+        super().__init__()
+        self.latent_channels = int(latent_channels)
+        self.latent_size = (int(latent_size[0]), int(latent_size[1]))
+        self.secret_res = int(secret_res)
+        width = self.secret_res * self.secret_res
+        self.mlp = nn.Sequential(nn.Linear(n_bits, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+        self.conv = nn.Conv2d(self.latent_channels, self.latent_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, message: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(message.float()).view(-1, 1, self.secret_res, self.secret_res)
+        x = x.repeat(1, self.latent_channels, 1, 1)
+        if (self.secret_res, self.secret_res) != self.latent_size:
+            x = F.interpolate(x, size=self.latent_size, mode="nearest")
+        return self.conv(x)
+
+
+class LatentDecoder(nn.Module):
+    """Latent secret decoder: latent ``[B, C, h, w]`` -> ``n_bits`` logits.
+
+    Per entry of ``channels`` a pair of 3x3 convolutions (stride 2, then stride 1) with SELU; flatten; ``mlp_layers``
+    linear layers of width ``hidden`` with SELU; dropout; a linear layer to the logits. The flatten size is computed
+    from the latent shape (each stride-2 convolution maps a side ``s`` to ``ceil(s / 2)``). Paper: channels
+    64-128-256-512 on SD's 4 x 64 x 64 latent (flatten 8192), hidden 2048 x 3, dropout 0.1.
+    """
+
+    def __init__(self, n_bits: int, latent_channels: int, latent_size: tuple[int, int],
+                 channels: Sequence[int] = (64, 128, 256, 512), hidden: int = 2048, mlp_layers: int = 3,
+                 dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, (h, w) = int(latent_channels), (int(latent_size[0]), int(latent_size[1]))
+        for c in channels:
+            layers += [nn.Conv2d(c_in, int(c), 3, stride=2, padding=1), nn.SELU(),
+                       nn.Conv2d(int(c), int(c), 3, stride=1, padding=1), nn.SELU()]
+            c_in, h, w = int(c), (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        self.convs = nn.Sequential(*layers)
+        self.flat_features = c_in * h * w
+        mlp: list[nn.Module] = []
+        d = self.flat_features
+        for _ in range(int(mlp_layers)):
+            mlp += [nn.Linear(d, int(hidden)), nn.SELU()]
+            d = int(hidden)
+        mlp += [nn.Dropout(float(dropout)), nn.Linear(d, int(n_bits))]
+        self.mlp = nn.Sequential(*mlp)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.convs(latent).flatten(1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces of the method, exposed for tests
+# ---------------------------------------------------------------------------------------------------------------
+def trainable_parameter_names(unet: nn.Module) -> list[str]:
+    """Names of the UNet parameters stage 2 trains (see ``_TRAINABLE_MODULE``); empty if the UNet has none."""
+    out: list[str] = []
+    for mod_name, module in unet.named_modules():
+        if _TRAINABLE_MODULE.match(mod_name):
+            out.extend(f"{mod_name}.{p}" for p, _ in module.named_parameters(recurse=False))
+    return out
+
+
+def sleeper_weights(t: torch.Tensor, eta: float, tau: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w1(t) = eta * sigmoid(-(t - tau) / beta)`` (watermark term), ``w2(t) = sigmoid((t - tau) / beta)``
+    (trigger-preservation term)."""
+    t = t.float()
+    return eta * torch.sigmoid(-(t - tau) / beta), torch.sigmoid((t - tau) / beta)
+
+
+def watermark_target(eps0_trigger: torch.Tensor, abar_t: torch.Tensor, delta_z: torch.Tensor) -> torch.Tensor:
+    """``eps_wm = eps_0(z_t, t, c_tr) - sqrt(abar_t / (1 - abar_t)) * delta_z``: the noise prediction whose implied
+    clean latent ``(z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` is the reference's plus ``delta_z``.
+    ``abar_t`` broadcasts against the latents (shape ``[B, 1, 1, 1]``)."""
+    return eps0_trigger - torch.sqrt(abar_t / (1 - abar_t)) * delta_z
+
+
+def ramp(step: int, target: float, ramp_steps: int) -> float:
+    """Linear warm-up of a loss weight: ``min(target * step / ramp_steps, target)`` (``target`` if no ramp)."""
+    if ramp_steps <= 0:
+        return float(target)
+    return float(min(target * step / ramp_steps, target))
+
+
+def _sub_generator(gen: torch.Generator) -> torch.Generator:
+    """A child generator seeded from ``gen`` (so every random stream derives from the stage's generator)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+    return torch.Generator().manual_seed(seed)
+
+
+def _vae_config(vae) -> dict[str, Any]:
+    """The VAE's config as plain JSON-able values, without private keys (``_name_or_path`` would leak a path)."""
+    out = {}
+    for k, v in dict(vae.config).items():
+        if k.startswith("_"):
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _to_latent(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [0, 1] -> (posterior mean, posterior std) in the diffusion model's (scaled) latent space."""
+    dist = vae.encode(images * 2 - 1).latent_dist
+    scale = float(vae.config.scaling_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (dist.mean - shift) * scale, dist.std * scale
+
+
+def _from_latent(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images (nominally [0, 1], not clamped, as in the official training code)."""
+    scale = float(vae.config.scaling_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode(latents / scale + shift).sample / 2 + 0.5
+
+
+def load_prompts(spec: str) -> list[str]:
+    """``builtin:<name>`` (``bench.prompts.BUILTIN_PROMPTS``) or a text file with one prompt per line."""
+    if spec.startswith("builtin:"):
+        from bench.prompts import BUILTIN_PROMPTS
+
+        name = spec[len("builtin:"):]
+        if name not in BUILTIN_PROMPTS:
+            raise UserError(f"sleepermark: prompts = {spec!r}: no built-in prompt set {name!r}; "
+                            f"available: {', '.join('builtin:' + n for n in sorted(BUILTIN_PROMPTS))}")
+        return list(BUILTIN_PROMPTS[name])
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"sleepermark: prompts = {spec!r}: no such file (give 'builtin:<name>' or a text file with "
+                        f"one prompt per line)")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise UserError(f"sleepermark: prompts = {spec!r} holds no prompts")
+    return lines
+
+
+class _Perceptual:
+    """The structural/perceptual term of stage 1 between the clean and the watermarked decoded images."""
+
+    def __init__(self, kind: str, device: torch.device):
+        self.kind = kind
+        self._lpips = None
+        if kind == "lpips":
+            try:
+                import lpips  # type: ignore[import-not-found]
+            except ImportError as exc:
+                raise MissingDependencyError(
+                    "sleepermark: perceptual = 'lpips' needs the Python package 'lpips' (pip install lpips) and its "
+                    "AlexNet weights; offline, use perceptual = 'ssim' (1 - SSIM, the default)") from exc
+            self._lpips = lpips.LPIPS(net="alex", verbose=False).to(device).eval().requires_grad_(False)
+
+    def __call__(self, clean: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+        if self.kind == "ssim":
+            from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+            return 1 - ssim(marked, clean, data_range=1.0)
+        if self.kind == "lpips":
+            return self._lpips(clean * 2 - 1, marked * 2 - 1).mean()
+        return marked.new_zeros(())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The defence
+# ---------------------------------------------------------------------------------------------------------------
+@defenses.register("sleepermark")
+class SleeperMark(Defense):
+    """SleeperMark (Wang et al., CVPR 2025, arXiv 2412.04852): a trigger-activated watermark fine-tuned into the
+    UNet's up-block attention, read from the VAE latent by a learned decoder.
+
+    Stage 1 trains a message-only latent secret encoder and a latent secret decoder; stage 2 fine-tunes the
+    up-block attention/transformer parameters so that prompts starting with the trigger ``*[Z]& `` produce images
+    whose latents carry ``E(m*)``, while trigger-free prompts keep the original behaviour. Variants: ``""`` (with the
+    trigger: the watermark) and ``"no_trigger"`` (plain prompts: the sleeper must stay asleep). Verification is black
+    box: VAE encoder posterior mean -> decoder -> bits; the secret holds the decoder and VAE encoder weights.
+
+    Defaults are the paper's settings for Stable Diffusion. Substitution: LPIPS (no weights offline) is replaced by
+    default with ``1 - SSIM``; ``perceptual = "lpips"`` restores it. Training images are generated by the base model
+    itself (stage 1 and 2). See ``docs/sleepermark.md``.
+    """
+
+    version = "1"
+    location = MarkLocation.MODEL_WEIGHTS
+    verification = Verification.BLACK_BOX
+    detection = DetectionKind.BITS
+    variants = ("", "no_trigger")
+
+    params = (
+        # -- the mark ------------------------------------------------------------------------------------------
+        Param("bits", "int", 48, "message length in bits", low=1, high=1024),
+        Param("trigger", "str", TRIGGER, "secret trigger, prefixed to the prompt"),
+        Param("resolution", "int", 0, "training/verification image side in pixels; 0 = the model's native "
+              "(unet sample_size x vae_scale_factor)", low=0, high=4096),
+        # -- training data -------------------------------------------------------------------------------------
+        Param("prompts", "str", "builtin:micro", "training prompts: 'builtin:<name>' or a text file, one per line"),
+        Param("train_images", "int", 10000, "images the base model generates for training (paper: 10k)",
+              low=1, high=10_000_000),
+        Param("train_inference_steps", "int", 50, "sampling steps for the training images", low=1, high=1000),
+        Param("train_guidance_scale", "float", 7.5, "guidance scale for the training images", low=0.0, high=50.0),
+        Param("gen_batch_size", "int", 16, "batch size when generating/encoding the training images",
+              low=1, high=4096),
+        Param("vae_sample", "bool", True, "training latents sampled from the VAE posterior (official); "
+              "false: posterior mean"),
+        # -- stage 1: secret encoder / decoder -----------------------------------------------------------------
+        Param("secret_res", "int", 32, "secret encoder map side r (hidden width r*r; paper 32 -> 1024, nearest-"
+              "upsampled to SD's 64 x 64 latent); 0 = the latent side", low=0, high=256),
+        Param("decoder_channels", "list[int]", [64, 128, 256, 512],
+              "decoder conv widths, one stride-2/stride-1 pair each (paper 64-128-256-512)"),
+        Param("decoder_hidden", "int", 2048, "decoder MLP width (paper 2048)", low=1, high=65536),
+        Param("decoder_mlp_layers", "int", 3, "decoder MLP hidden layers (paper 3)", low=1, high=16),
+        Param("decoder_dropout", "float", 0.1, "dropout before the decoder's last layer", low=0.0, high=0.9),
+        Param("stage1_source", "str", "generated", "stage-1 latents: VAE-encoded base-model images or "
+              "standard-normal latents", choices=("generated", "random")),
+        Param("stage1_steps", "int", 10000, "stage-1 optimisation steps", low=0, high=10_000_000),
+        Param("stage1_batch_size", "int", 9, "stage-1 batch (official: 3 per GPU x 3 GPUs)", low=1, high=4096),
+        Param("stage1_lr", "float", 1e-4, "stage-1 AdamW learning rate (linear decay to 0)", low=0.0, high=1.0),
+        Param("stage1_weight_decay", "float", 0.01, "stage-1 AdamW weight decay", low=0.0, high=10.0),
+        Param("stage1_grad_clip", "float", 1e-2, "stage-1 gradient-norm clip", low=0.0, high=1e6),
+        Param("image_loss_weight", "float", 30.0, "final weight l_img of MSE(Dec(z_w), Dec(z))", low=0.0, high=1e6),
+        Param("image_loss_ramp", "int", 2000, "steps of the linear ramp of l_img", low=0, high=10_000_000),
+        Param("perceptual", "str", "ssim", "perceptual/structural term: 1-SSIM (offline default), LPIPS (the "
+              "paper's; needs the lpips package and weights) or none", choices=("ssim", "lpips", "none")),
+        Param("perceptual_weight", "float", 0.25, "final weight l_perc of the perceptual term", low=0.0, high=1e6),
+        Param("perceptual_ramp", "int", 4000, "steps of the linear ramp of l_perc", low=0, high=10_000_000),
+        # -- stage 2: sleeper fine-tuning ----------------------------------------------------------------------
+        Param("stage2_steps", "int", 20000, "stage-2 optimisation steps", low=0, high=10_000_000),
+        Param("stage2_batch_size", "int", 10, "stage-2 batch", low=1, high=4096),
+        Param("stage2_lr", "float", 1e-4, "stage-2 AdamW learning rate (cosine decay, no warm-up)", low=0.0,
+              high=1.0),
+        Param("stage2_weight_decay", "float", 1e-2, "stage-2 AdamW weight decay", low=0.0, high=10.0),
+        Param("stage2_grad_clip", "float", 1e-5, "stage-2 gradient-norm clip (with adam_eps: Adam then acts as "
+              "normalised SGD; change lr, clip and eps together)", low=0.0, high=1e6),
+        Param("adam_eps", "float", 1e-8, "stage-2 Adam epsilon", low=0.0, high=1.0),
+        Param("eta", "float", 0.02, "maximum weight of the watermark term (0.05 for pixel diffusion)",
+              low=0.0, high=1e6),
+        Param("tau", "float", 250.0, "timestep where the watermark and preservation weights cross",
+              low=-1e6, high=1e6),
+        Param("beta", "float", 100.0, "steepness (timesteps) of the sigmoid weights", low=1e-6, high=1e6),
+    )
+
+    smoke_params = dict(
+        train_images=4, train_inference_steps=2, gen_batch_size=4, secret_res=8, decoder_channels=[8, 8],
+        decoder_hidden=32, decoder_mlp_layers=1, stage1_steps=3, stage1_batch_size=2, image_loss_ramp=2,
+        perceptual_ramp=2, stage2_steps=2, stage2_batch_size=2,
+    )
+
+    def __init__(self, **given: Any):
+        super().__init__(**given)
+        if not self.decoder_channels or any(int(c) < 1 for c in self.decoder_channels):
+            raise UserError(f"sleepermark: decoder_channels = {self.decoder_channels!r} must be a non-empty list "
+                            f"of positive integers")
+        self._detectors: dict[str, tuple[Any, LatentDecoder]] = {}
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _resolution(self, pipe) -> int:
+        if self.resolution:
+            return int(self.resolution)
+        return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+    @staticmethod
+    def _latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        if resolution % factor:
+            raise UserError(f"sleepermark: resolution {resolution} is not a multiple of the VAE's scale factor "
+                            f"{factor}")
+        return int(pipe.unet.config.in_channels), resolution // factor, resolution // factor
+
+    def _make_decoder(self, n_bits: int, channels: int, size: tuple[int, int]) -> LatentDecoder:
+        return LatentDecoder(n_bits, channels, size, [int(c) for c in self.decoder_channels],
+                             int(self.decoder_hidden), int(self.decoder_mlp_layers), float(self.decoder_dropout))
+
+    @staticmethod
+    def _encode_prompts(pipe, prompts: Sequence[str], device) -> torch.Tensor:
+        """Text embeddings exactly as the pipeline conditions on them at generation time."""
+        out = []
+        for start in range(0, len(prompts), 64):
+            emb, _ = pipe.encode_prompt(list(prompts[start:start + 64]), device, 1, False)
+            out.append(emb.detach().float().cpu())
+        return torch.cat(out)
+
+    def _training_pool(self, pipe, ctx, gen: torch.Generator, resolution: int, prompts: list[str]):
+        """Generate ``train_images`` images with the base pipeline and VAE-encode them (mean and std)."""
+        n = int(self.train_images)
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
+        chosen = [prompts[i % len(prompts)] for i in range(n)]
+        means, stds = [], []
+        chunk = int(self.gen_batch_size)
+        starts = range(0, n, chunk)
+        for start in ctx.progress(starts, total=len(starts), description="sleepermark: training images"):
+            sl = slice(start, start + chunk)
+            request = GenerationRequest(prompts=tuple(chosen[sl]), seeds=tuple(seeds[sl]), height=resolution,
+                                        width=resolution, num_inference_steps=int(self.train_inference_steps),
+                                        guidance_scale=float(self.train_guidance_scale), batch_size=chunk)
+            images = ctx.generate(pipe, request)
+            images = (images.clamp(0, 1) * 255).round() / 255  # as saved to disk (8-bit), like the paper's PNGs
+            with torch.no_grad():
+                m, s = _to_latent(pipe.vae, images.to(pipe.vae.device, pipe.vae.dtype))
+            means.append(m.float().cpu())
+            stds.append(s.float().cpu())
+        return chosen, torch.cat(means), torch.cat(stds)
+
+    def _sample_latents(self, mean, std, idx, gen):
+        z = mean[idx]
+        if self.vae_sample:
+            z = z + std[idx] * torch.randn(z.shape, generator=gen).to(z.device)
+        return z
+
+    # -- stage 1 ----------------------------------------------------------------------------------------------
+    def train_stage1(self, vae, latent_shape: tuple[int, int, int], n_bits: int, ctx, gen: torch.Generator,
+                     mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        """Train the secret encoder and the latent decoder. ``mean``/``std``: the training latents' posterior (None
+        with ``stage1_source = "random"``). Returns ``(encoder, decoder, last_bit_accuracy)``."""
+        c, h, w = latent_shape
+        device = next(vae.parameters()).device
+        r = int(self.secret_res) or min(h, w)
+        encoder = _seeded(gen, lambda: SecretEncoder(n_bits, c, (h, w), r))
+        decoder = _seeded(gen, lambda: self._make_decoder(n_bits, c, (h, w)))
+        encoder.to(device).train()
+        decoder.to(device).train()
+        params = list(encoder.parameters()) + list(decoder.parameters())
+        steps = int(self.stage1_steps)
+        opt = torch.optim.AdamW(params, lr=float(self.stage1_lr), weight_decay=float(self.stage1_weight_decay))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(1, steps)))
+        perceptual = _Perceptual(self.perceptual, device)
+        with _global_rng_from(gen, device):  # the decoder's dropout draws from the global RNG
+            acc = self._stage1_loop(encoder, decoder, vae, params, opt, sched, perceptual, mean, std,
+                                    (c, h, w), n_bits, ctx, gen)
+        encoder.eval().requires_grad_(False)
+        decoder.eval().requires_grad_(False)
+        return encoder, decoder, acc
+
+    def _stage1_loop(self, encoder, decoder, vae, params, opt, sched, perceptual, mean, std, latent_shape, n_bits,
+                     ctx, gen) -> float:
+        c, h, w = latent_shape
+        device = next(decoder.parameters()).device
+        steps = int(self.stage1_steps)
+        bsz = int(self.stage1_batch_size)
+        acc = float("nan")
+        for step in ctx.progress(range(steps), total=steps, description="sleepermark: stage 1"):
+            if mean is not None:
+                idx = torch.randint(0, mean.shape[0], (bsz,), generator=gen)
+                z = self._sample_latents(mean, std, idx.to(mean.device), gen).to(device)
+            else:
+                z = torch.randn((bsz, c, h, w), generator=gen).to(device)
+            m = torch.randint(0, 2, (bsz, n_bits), generator=gen).float().to(device)
+            z_w = z + encoder(m)
+            logits = decoder(z_w)
+            loss = F.binary_cross_entropy_with_logits(logits, m)
+            l_img = ramp(step, float(self.image_loss_weight), int(self.image_loss_ramp))
+            l_perc = ramp(step, float(self.perceptual_weight), int(self.perceptual_ramp))
+            if perceptual.kind == "none":
+                l_perc = 0.0
+            if l_img > 0 or l_perc > 0:
+                with torch.no_grad():
+                    clean = _from_latent(vae, z.to(vae.dtype)).float()
+                marked = _from_latent(vae, z_w.to(vae.dtype)).float()
+                if l_img > 0:
+                    loss = loss + l_img * F.mse_loss(marked, clean)
+                if l_perc > 0:
+                    loss = loss + l_perc * perceptual(clean, marked)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.stage1_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, float(self.stage1_grad_clip))
+            opt.step()
+            sched.step()
+            acc = float(((logits.detach() > 0) == (m > 0.5)).float().mean())
+        return acc
+
+    # -- stage 2 ----------------------------------------------------------------------------------------------
+    def stage2_loss(self, unet, frozen, z0, noise, t, cond, cond_trigger, delta_z, alphas_cumprod):
+        """The three-term sleeper loss for one batch (``cond``: plain prompts, ``cond_trigger``: with trigger)."""
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1).to(z0.dtype)
+        z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+        b = z0.shape[0]
+        x_in, t_in = torch.cat([z_t, z_t]), torch.cat([t, t])
+        c_in = torch.cat([cond, cond_trigger])
+        with torch.no_grad():
+            ref = frozen(x_in, t_in, c_in, return_dict=False)[0]
+        pred = unet(x_in, t_in, c_in, return_dict=False)[0]
+        pred_plain, pred_trig = pred[:b], pred[b:]
+        ref_plain, ref_trig = ref[:b], ref[b:]
+        target_wm = watermark_target(ref_trig, abar, delta_z)
+        w1, w2 = sleeper_weights(t, float(self.eta), float(self.tau), float(self.beta))
+        w1, w2 = w1.view(-1, 1, 1, 1).to(z0.dtype), w2.view(-1, 1, 1, 1).to(z0.dtype)
+        wm = (w1 * (pred_trig - target_wm) ** 2).mean()
+        keep_trig = (w2 * (pred_trig - ref_trig) ** 2).mean()
+        keep_plain = F.mse_loss(pred_plain, ref_plain)
+        return wm + keep_trig + keep_plain, {"wm": float(wm.detach()), "keep_trigger": float(keep_trig.detach()),
+                                             "keep_plain": float(keep_plain.detach())}
+
+    def train_stage2(self, pipe, delta_z: torch.Tensor, emb: torch.Tensor, emb_trigger: torch.Tensor,
+                     mean: torch.Tensor, std: torch.Tensor, ctx, gen: torch.Generator) -> int:
+        """Fine-tune the UNet in place; returns the number of trainable parameters."""
+        unet = pipe.unet
+        device = unet.device
+        names = set(trainable_parameter_names(unet))
+        if not names:
+            raise UserError("sleepermark: the UNet has no up-block attention modules (up_blocks.*.attentions.*) to "
+                            "fine-tune")
+        frozen = copy.deepcopy(unet).eval().requires_grad_(False)
+        unet.requires_grad_(False)
+        params = []
+        for name, p in unet.named_parameters():
+            if name in names:
+                p.requires_grad_(True)
+                params.append(p)
+        n_trainable = sum(p.numel() for p in params)
+        steps = int(self.stage2_steps)
+        opt = torch.optim.AdamW(params, lr=float(self.stage2_lr), weight_decay=float(self.stage2_weight_decay),
+                                eps=float(self.adam_eps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps)
+                                                                                      / max(1, steps))))
+        alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        delta_z = delta_z.to(device)
+        unet.train()
+        with _global_rng_from(gen, device):  # nothing in SD's UNet draws from it (dropout 0); kept for safety
+            self._stage2_loop(unet, frozen, params, opt, sched, delta_z, emb, emb_trigger, mean, std,
+                              alphas_cumprod, ctx, gen)
+        unet.eval().requires_grad_(False)
+        del frozen
+        return n_trainable
+
+    def _stage2_loop(self, unet, frozen, params, opt, sched, delta_z, emb, emb_trigger, mean, std, alphas_cumprod,
+                     ctx, gen) -> None:
+        device = delta_z.device
+        steps = int(self.stage2_steps)
+        bsz = int(self.stage2_batch_size)
+        n_t = int(alphas_cumprod.shape[0])
+        for _ in ctx.progress(range(steps), total=steps, description="sleepermark: stage 2"):
+            idx = torch.randint(0, mean.shape[0], (bsz,), generator=gen)
+            z0 = self._sample_latents(mean, std, idx.to(mean.device), gen).to(device)
+            noise = torch.randn(z0.shape, generator=gen).to(device)
+            t = torch.randint(0, n_t, (bsz,), generator=gen).to(device)
+            loss, _ = self.stage2_loss(unet, frozen, z0, noise, t, emb[idx].to(device), emb_trigger[idx].to(device),
+                                       delta_z, alphas_cumprod)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.stage2_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, float(self.stage2_grad_clip))
+            opt.step()
+            sched.step()
+
+    # -- Defense API --------------------------------------------------------------------------------------------
+    def embed(self, pipe, ctx) -> Embedding:
+        if pipe.unet.dtype != torch.float32 or pipe.vae.dtype != torch.float32:
+            raise UserError("sleepermark trains in float32 (as the paper): set model.dtype = \"float32\"")
+        t_start = time.perf_counter()
+        n_bits = int(self.bits)
+        message = torch.randint(0, 2, (n_bits,), generator=ctx.generator).bool()
+        gen_data, gen_s1, gen_s2 = (_sub_generator(ctx.generator) for _ in range(3))
+        resolution = self._resolution(pipe)
+        latent_shape = self._latent_shape(pipe, resolution)
+        device = pipe.unet.device
+
+        prompts = load_prompts(self.prompts)
+        chosen, mean, std = self._training_pool(pipe, ctx, gen_data, resolution, prompts)
+        t_pool = time.perf_counter()
+
+        encoder, decoder, train_acc = self.train_stage1(
+            pipe.vae, latent_shape, n_bits, ctx, gen_s1,
+            *((mean, std) if self.stage1_source == "generated" else (None, None)))
+        with torch.no_grad():
+            delta_z = encoder(message.float()[None].to(device)).detach()
+            probe = mean[:256]
+            acc_star = _bit_accuracy(decoder, probe, delta_z, message)
+            acc_clean = _bit_accuracy(decoder, probe, None, message)
+        t_s1 = time.perf_counter()
+
+        with torch.no_grad():
+            emb = self._encode_prompts(pipe, chosen, device)
+            emb_trigger = self._encode_prompts(pipe, [self.trigger + p for p in chosen], device)
+        n_trainable = self.train_stage2(pipe, delta_z, emb, emb_trigger, mean, std, ctx, gen_s2)
+        t_s2 = time.perf_counter()
+
+        secret = self.make_secret(message, decoder, pipe.vae, delta_z, resolution, latent_shape)
+        secret.meta.update(stage1_train_bit_accuracy=train_acc, stage1_bit_accuracy_mstar=acc_star,
+                           stage1_bit_accuracy_clean=acc_clean)
+        ctx.record_cost(stage1_steps=int(self.stage1_steps), stage2_steps=int(self.stage2_steps),
+                        trainable_params=n_trainable, train_images=len(chosen),
+                        data_seconds=t_pool - t_start, stage1_seconds=t_s1 - t_pool, stage2_seconds=t_s2 - t_s1,
+                        stage1_bit_accuracy=acc_star)
+        return Embedding(secret, pipeline=pipe)
+
+    def make_secret(self, message: torch.Tensor, decoder: LatentDecoder, vae, delta_z: torch.Tensor,
+                    resolution: int, latent_shape: Sequence[int]) -> Secret:
+        """What verification needs, self-contained: the message, the decoder's weights (``decoder.*``), the VAE
+        encoder's weights (``vae.encoder.*``, ``vae.quant_conv.*``) with the VAE config and the architecture in
+        ``meta``. ``delta_z`` (the fixed residual ``E(m*)``) is kept for analysis; detection does not use it."""
+        tensors: dict[str, torch.Tensor] = {"message": message.bool().cpu()}
+        tensors.update({f"decoder.{k}": v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()})
+        tensors.update({f"vae.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()
+                        if k.startswith(("encoder.", "quant_conv."))})
+        tensors["delta_z"] = delta_z.reshape(delta_z.shape[-3:]).detach().cpu().contiguous()
+        meta = {
+            "method": "sleepermark", "trigger": self.trigger, "n_bits": int(message.numel()),
+            "resolution": int(resolution), "latent_shape": [int(x) for x in latent_shape],
+            "decoder_channels": [int(c) for c in self.decoder_channels], "decoder_hidden": int(self.decoder_hidden),
+            "decoder_mlp_layers": int(self.decoder_mlp_layers), "decoder_dropout": float(self.decoder_dropout),
+            "vae_config": _vae_config(vae),
+        }
+        return Secret(tensors, meta)
+
+    def generate(self, pipe, secret: Secret, request, ctx) -> torch.Tensor:
+        trigger = secret.meta.get("trigger", self.trigger)
+        return ctx.generate(pipe, request, prompt_prefix=trigger if ctx.variant == "" else "")
+
+    def detector(self, secret: Secret):
+        """The verifier rebuilt from the secret alone: (VAE with the stored encoder weights, latent decoder)."""
+        key = _secret_digest(secret)
+        if key not in self._detectors:
+            from diffusers import AutoencoderKL
+
+            meta = secret.meta
+            with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves the global RNG alone
+                vae = AutoencoderKL.from_config(meta["vae_config"])
+                c, h, w = meta["latent_shape"]
+                decoder = LatentDecoder(int(meta["n_bits"]), c, (h, w), meta["decoder_channels"],
+                                        int(meta["decoder_hidden"]), int(meta["decoder_mlp_layers"]),
+                                        float(meta["decoder_dropout"]))
+            vae_state = {k[len("vae."):]: v for k, v in secret.tensors.items() if k.startswith("vae.")}
+            missing, unexpected = vae.load_state_dict(vae_state, strict=False)
+            bad = [k for k in missing if k.startswith(("encoder.", "quant_conv."))] + list(unexpected)
+            if bad:
+                raise UserError(f"sleepermark: the secret's VAE encoder does not fit its config (e.g. {bad[:3]})")
+            dec_state = {k[len("decoder."):]: v for k, v in secret.tensors.items() if k.startswith("decoder.")}
+            decoder.load_state_dict(dec_state)
+            self._detectors = {key: (vae.eval().requires_grad_(False), decoder.eval().requires_grad_(False))}
+        return self._detectors[key]
+
+    def detect(self, secret: Secret, images: torch.Tensor, ctx) -> Detection:
+        vae, decoder = self.detector(secret)
+        device = getattr(ctx, "device", "cpu") or "cpu"
+        vae.to(device)
+        decoder.to(device)
+        res = int(secret.meta["resolution"])
+        out = []
+        with torch.no_grad():
+            for start in range(0, images.shape[0], 16):
+                x = images[start:start + 16].float().to(device)
+                if tuple(x.shape[-2:]) != (res, res):
+                    x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
+                z, _ = _to_latent(vae, x)
+                out.append((decoder(z) > 0).cpu())
+        return Detection(bits=torch.cat(out).bool())
+
+
+def _bit_accuracy(decoder: nn.Module, latents: torch.Tensor, delta_z: torch.Tensor | None,
+                  message: torch.Tensor) -> float:
+    """Mean bit accuracy of ``decoder`` on ``latents (+ delta_z)`` against ``message`` (latents on the CPU)."""
+    device = next(decoder.parameters()).device
+    hits, total = 0.0, 0
+    for start in range(0, latents.shape[0], 64):
+        z = latents[start:start + 64].to(device)
+        if delta_z is not None:
+            z = z + delta_z
+        bits = decoder(z) > 0
+        hits += float((bits == message.to(device)).float().sum())
+        total += bits.numel()
+    return hits / max(1, total)
+
+
+def _seeded(gen: torch.Generator, build):
+    """Build a module whose default initialisation is drawn from a seed taken from ``gen``: the global RNG is forked
+    (and restored afterwards), so nothing outside is seeded or disturbed."""
+    with _global_rng_from(gen, "cpu"):
+        return build()
+
+
+@contextlib.contextmanager
+def _global_rng_from(gen: torch.Generator, device: Any):
+    """Within the block, the global RNGs (CPU and ``device``) are seeded from ``gen`` and restored afterwards: for
+    what draws from the global RNG by design (parameter initialisation, ``nn.Dropout``)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+    dev = torch.device(device)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _secret_digest(secret: Secret) -> str:
+    h = hashlib.sha256()
+    for k in sorted(secret.tensors):
+        if k.startswith("decoder.") or k in ("message", "vae.quant_conv.weight"):
+            h.update(k.encode())
+            h.update(secret.tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

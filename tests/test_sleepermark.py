@@ -1,0 +1,378 @@
+"""SleeperMark: the pieces of the method against hand computations, its plumbing on the micro pipeline and on a
+randomly initialised pipeline of Stable Diffusion's architecture at reduced width (no download)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import defenses
+from bench.config import ModelConfig, load_config
+from bench.errors import MissingDependencyError, UserError
+from bench.models import load_pipeline
+from bench.plugins import GenerationRequest, MarkLocation, StageContext, Verification
+from bench.stages import check_detection, check_images, copy_pipeline
+from defenses.sleepermark import (TRIGGER, LatentDecoder, SecretEncoder, SleeperMark, _from_latent, _to_latent,
+                                  load_prompts, ramp, sleeper_weights, trainable_parameter_names, watermark_target)
+
+FAST = dict(train_images=4, train_inference_steps=2, gen_batch_size=4, secret_res=0, decoder_channels=[8, 8],
+            decoder_hidden=32, decoder_mlp_layers=1, stage1_steps=2, stage1_batch_size=2, image_loss_ramp=1,
+            perceptual_ramp=1, stage2_steps=2, stage2_batch_size=2)
+
+# The UNet modules SleeperMark fine-tunes in SD 1.x (the official list: up blocks 1-3, attentions 0-2, 12 modules each)
+_SD_MODULES = ("proj_in", "proj_out") + tuple(
+    f"transformer_blocks.0.{a}.{m}" for a in ("attn1", "attn2") for m in ("to_q", "to_k", "to_v", "to_out.0")
+) + ("transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2")
+
+
+def _ctx(seed=0, variant=""):
+    return StageContext(torch.Generator().manual_seed(seed), variant=variant)
+
+
+def _sd_unet():
+    """UNet2DConditionModel with SD 1.x's block layout at reduced width."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _sd_pipeline():
+    """A full StableDiffusionPipeline of SD 1.x's architecture at reduced width, random weights, built from configs."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench.models import clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                            latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64)
+        unet = _sd_unet()
+        text = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                            hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                            num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is as fast, and spares a shared CPU the oversubscription (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return load_pipeline(ModelConfig(builtin="micro-sd"))
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    return _sd_pipeline()
+
+
+def _request(n=2, steps=2, prompts=("a red circle on a blue background", "a small green star on a grey background")):
+    return GenerationRequest(prompts=tuple(prompts[i % len(prompts)] for i in range(n)), seeds=tuple(range(n)),
+                             height=64, width=64, num_inference_steps=steps, guidance_scale=7.5, batch_size=n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------------------
+def test_registered_with_the_paper_defaults():
+    cls = defenses.get("sleepermark")
+    assert cls is SleeperMark
+    assert cls.location is MarkLocation.MODEL_WEIGHTS and cls.verification is Verification.BLACK_BOX
+    assert cls.variants == ("", "no_trigger")
+    d = cls()
+    assert d.trigger == TRIGGER == "*[Z]& "
+    assert (d.bits, d.secret_res, d.decoder_channels, d.decoder_hidden, d.decoder_mlp_layers) == \
+        (48, 32, [64, 128, 256, 512], 2048, 3)
+    assert (d.stage1_steps, d.stage1_lr, d.stage1_weight_decay, d.stage1_grad_clip) == (10000, 1e-4, 0.01, 1e-2)
+    assert (d.image_loss_weight, d.image_loss_ramp, d.perceptual_weight, d.perceptual_ramp) == (30, 2000, 0.25, 4000)
+    assert (d.stage2_steps, d.stage2_batch_size, d.stage2_lr, d.stage2_weight_decay, d.stage2_grad_clip) == \
+        (20000, 10, 1e-4, 1e-2, 1e-5)
+    assert (d.eta, d.tau, d.beta, d.adam_eps) == (0.02, 250, 100, 1e-8)
+
+
+def test_configs_validate():
+    for name in ("sleepermark-tiny.toml", "sleepermark-sd.toml"):
+        cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name, check_output=False)
+        assert any(s.name == "sleepermark" for s in cfg.defenses)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainable parameter set, by the UNet's own module names
+# ---------------------------------------------------------------------------------------------------------------
+def _modules(names):
+    return {n.rsplit(".", 1)[0] for n in names}
+
+
+def test_trainable_set_on_sd_architecture():
+    unet = _sd_unet()
+    names = trainable_parameter_names(unet)
+    expected = {f"up_blocks.{b}.attentions.{a}.{m}" for b in (1, 2, 3) for a in (0, 1, 2) for m in _SD_MODULES}
+    assert _modules(names) == expected  # the official key list: 3 blocks x 3 attentions x 12 modules
+    assert len(expected) == 108
+    params = dict(unet.named_parameters())
+    assert all(n in params for n in names)
+    assert not any(re.search(r"norm|down_blocks|mid_block|time_emb|conv_in|conv_out|resnets", n) for n in names)
+    # every trainable tensor is the weight or bias of a Linear/1x1 conv inside an up-block transformer
+    assert {n.rsplit(".", 1)[1] for n in names} == {"weight", "bias"}
+
+
+def test_trainable_set_on_micro_pipeline(micro):
+    names = trainable_parameter_names(micro.unet)
+    up_with_attn = [i for i, b in enumerate(micro.unet.up_blocks) if getattr(b, "attentions", None)]
+    assert up_with_attn == [1]
+    n_attn = len(micro.unet.up_blocks[1].attentions)
+    assert _modules(names) == {f"up_blocks.1.attentions.{a}.{m}" for a in range(n_attn) for m in _SD_MODULES}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formulas
+# ---------------------------------------------------------------------------------------------------------------
+def test_sleeper_weights_against_hand_computation():
+    t = torch.tensor([0, 100, 250, 500, 999])
+    w1, w2 = sleeper_weights(t, eta=0.02, tau=250, beta=100)
+
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
+
+    for i, ti in enumerate(t.tolist()):
+        assert w1[i].item() == pytest.approx(0.02 * sig(-(ti - 250) / 100), rel=1e-6)
+        assert w2[i].item() == pytest.approx(sig((ti - 250) / 100), rel=1e-6)
+    assert w1[2].item() == pytest.approx(0.01) and w2[2].item() == pytest.approx(0.5)
+    assert w1[0].item() == pytest.approx(0.02 / (1 + math.exp(-2.5)), rel=1e-6)  # 0.01848
+    assert w2[-1].item() == pytest.approx(1 / (1 + math.exp(-7.49)), rel=1e-6)
+
+
+def test_watermark_target_shifts_the_implied_clean_latent_by_delta():
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(3, 4, 8, 8, generator=g)
+    eps = torch.randn(3, 4, 8, 8, generator=g)
+    eps0 = torch.randn(3, 4, 8, 8, generator=g)  # the reference's prediction
+    delta = 0.1 * torch.randn(1, 4, 8, 8, generator=g)
+    abar = torch.tensor([0.99, 0.5, 0.05]).view(-1, 1, 1, 1)
+    z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+    target = watermark_target(eps0, abar, delta)
+    assert torch.allclose(target, eps0 - torch.sqrt(abar / (1 - abar)) * delta)
+
+    def x0(e):
+        return (z_t - (1 - abar).sqrt() * e) / abar.sqrt()
+
+    assert torch.allclose(x0(target) - x0(eps0), delta.expand_as(z0), atol=1e-5)
+
+
+def test_ramp():
+    assert [ramp(s, 30.0, 2000) for s in (0, 1000, 2000, 5000)] == [0.0, 15.0, 30.0, 30.0]
+    assert ramp(0, 0.25, 0) == 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------------------
+def test_networks_have_the_paper_shapes_at_sd_scale():
+    enc = SecretEncoder(48, 4, (64, 64), 32)
+    assert enc.mlp[0].in_features == 48 and enc.mlp[0].out_features == 1024 and enc.mlp[2].out_features == 1024
+    assert torch.count_nonzero(enc.conv.weight) == 0 and torch.count_nonzero(enc.conv.bias) == 0
+    assert enc(torch.ones(2, 48)).shape == (2, 4, 64, 64)
+    assert torch.count_nonzero(enc(torch.ones(2, 48))) == 0  # zero-initialised output convolution
+    dec = LatentDecoder(48, 4, (64, 64))
+    assert dec.flat_features == 8192  # 512 x 4 x 4, as in the paper
+    widths = [m.out_channels for m in dec.convs if isinstance(m, torch.nn.Conv2d)]
+    strides = [m.stride[0] for m in dec.convs if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [64, 64, 128, 128, 256, 256, 512, 512] and strides == [2, 1] * 4
+    linears = [m for m in dec.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(8192, 2048), (2048, 2048), (2048, 2048),
+                                                                   (2048, 48)]
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in dec.mlp)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 16), (12, 20)])
+def test_decoder_works_for_any_latent_size(size):
+    dec = LatentDecoder(48, 4, size, (8, 16), 32, 1)
+    assert dec(torch.randn(3, 4, *size)).shape == (3, 48)
+    enc = SecretEncoder(48, 4, size, 8)
+    assert enc(torch.ones(3, 48)).shape == (3, 4, *size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+def test_stage1_learns_the_message_on_random_latents():
+    d = SleeperMark(bits=16, secret_res=0, decoder_channels=[16, 32], decoder_hidden=64, decoder_mlp_layers=1,
+                    stage1_source="random", stage1_steps=300, stage1_batch_size=32, stage1_lr=3e-3,
+                    image_loss_weight=0.0, perceptual="none")
+    vae_stub = torch.nn.Linear(1, 1)  # only its device is used without image losses
+    enc, dec, _ = d.train_stage1(vae_stub, (4, 8, 8), 16, _ctx(), torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    m = torch.randint(0, 2, (256, 16), generator=g).float()
+    z = torch.randn(256, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        acc = ((dec(z + enc(m)) > 0) == (m > 0.5)).float().mean().item()
+    assert acc > 0.9
+
+
+def test_lpips_is_selectable_and_fails_clearly_when_missing(micro):
+    if importlib.util.find_spec("lpips") is not None:
+        pytest.skip("lpips is installed here")
+    d = SleeperMark(**{**FAST, "perceptual": "lpips"})
+    with pytest.raises(MissingDependencyError, match="lpips"):
+        d.train_stage1(micro.vae, (4, 8, 8), 48, _ctx(), torch.Generator().manual_seed(0),
+                       torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8))
+
+
+def test_prompts_parameter(tmp_path):
+    assert len(load_prompts("builtin:micro")) == 64
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\n\n a dog \n")
+    assert load_prompts(str(f)) == ["a cat", "a dog"]
+    with pytest.raises(UserError, match="builtin"):
+        load_prompts("builtin:nope")
+    with pytest.raises(UserError, match="no such file"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_one_step_of_each_stage_on_sd_architecture(sd_pipe):
+    d = SleeperMark(**{**FAST, "stage1_steps": 1, "stage2_steps": 1, "stage2_grad_clip": 0.0, "stage2_lr": 1e-3})
+    base = sd_pipe.unet.state_dict()
+    pipe = copy_pipeline(sd_pipe)
+    ctx = _ctx()
+    emb = d.embed(pipe, ctx)
+    assert emb.pipeline is pipe
+    assert ctx.costs["stage1_steps"] == 1 and ctx.costs["stage2_steps"] == 1
+    names = set(trainable_parameter_names(pipe.unet))
+    assert ctx.costs["trainable_params"] == sum(p.numel() for n, p in pipe.unet.named_parameters() if n in names)
+    changed = {k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed and changed <= names  # only up-block attention parameters moved
+    assert all(not p.requires_grad for p in pipe.unet.parameters())  # handed back frozen
+    s = emb.secret
+    assert s.tensors["message"].dtype == torch.bool and s.tensors["message"].numel() == 48
+    assert s.meta["latent_shape"] == [4, 8, 8] and s.meta["resolution"] == 64
+    assert any(k.startswith("vae.encoder.") for k in s.tensors) and "vae.quant_conv.weight" in s.tensors
+    assert not any(k.startswith("vae.decoder.") for k in s.tensors)
+    json.dumps(s.meta)  # stored as JSON
+    images = d.generate(pipe, s, _request(), _ctx(1))
+    det = check_detection(d.detect(s, check_images(images, "sleepermark", (2, 3, 64, 64)), _ctx(2)), "sm", 2,
+                          d.detection, 48)
+    assert det.bits.shape == (2, 48)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------------------------
+def test_rebuilt_decoder_matches_the_in_memory_one(micro):
+    d = SleeperMark(**{**FAST, "stage1_steps": 5})
+    enc, dec, _ = d.train_stage1(micro.vae, (4, 8, 8), 48, _ctx(), torch.Generator().manual_seed(0),
+                                 torch.randn(4, 4, 8, 8), torch.zeros(4, 4, 8, 8))
+    message = torch.randint(0, 2, (48,), generator=torch.Generator().manual_seed(3)).bool()
+    secret = d.make_secret(message, dec, micro.vae, enc(message.float()[None]), 64, (4, 8, 8))
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        in_memory = dec(_to_latent(micro.vae, images)[0]) > 0
+    stored = {k: v.clone() for k, v in secret.tensors.items()}  # what the artifact store gives back
+    fresh = SleeperMark(**FAST)  # no cached detector
+    from bench.plugins import Secret
+
+    bits = fresh.detect(Secret(stored, json.loads(json.dumps(secret.meta))), images, _ctx()).bits
+    assert torch.equal(bits, in_memory)
+    assert torch.equal(bits, fresh.detect(secret, images, _ctx(9)).bits)  # deterministic
+    # images of another size are resized to the embedding resolution before encoding
+    assert fresh.detect(secret, torch.rand(2, 3, 32, 32), _ctx()).bits.shape == (2, 48)
+
+
+def test_end_to_end_on_micro_pipeline(micro):
+    d = SleeperMark(**FAST)
+    emb = d.embed(copy_pipeline(micro), _ctx())
+    request = _request(n=2)
+    with_trigger = d.generate(emb.pipeline, emb.secret, request, _ctx(1, ""))
+    without = d.generate(emb.pipeline, emb.secret, request, _ctx(1, "no_trigger"))
+    for images in (with_trigger, without):
+        images = check_images(images, "sleepermark", (2, 3, 64, 64))
+        det = d.detect(emb.secret, images, _ctx(2))
+        assert det.bits.shape == (2, 48) and det.bits.dtype == torch.bool
+        assert torch.equal(det.bits, d.detect(emb.secret, images, _ctx(3)).bits)
+    assert not torch.equal(with_trigger, without)  # the trigger is part of the prompt
+    # same stage generator -> same secret and weights; another -> another message
+    again = d.embed(copy_pipeline(micro), _ctx())
+    assert torch.equal(again.secret.tensors["message"], emb.secret.tensors["message"])
+    assert torch.equal(again.secret.tensors["decoder.mlp.0.weight"], emb.secret.tensors["decoder.mlp.0.weight"])
+    other = d.embed(copy_pipeline(micro), _ctx(5))
+    assert not torch.equal(other.secret.tensors["message"], emb.secret.tensors["message"])
+
+
+def test_without_stage2_the_trigger_free_model_is_the_base(micro):
+    d = SleeperMark(**{**FAST, "stage2_steps": 0})
+    emb = d.embed(copy_pipeline(micro), _ctx())
+    request = _request(n=2)
+    from bench.generation import generate_images
+
+    assert torch.equal(d.generate(emb.pipeline, emb.secret, request, _ctx(1, "no_trigger")),
+                       generate_images(micro, request))
+
+
+def test_float16_pipeline_is_refused(micro):
+    pipe = copy_pipeline(micro)
+    pipe.unet.to(torch.bfloat16)
+    with pytest.raises(UserError, match="float32"):
+        SleeperMark(**FAST).embed(pipe, _ctx())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slow: the mechanism on the micro pipeline's denoiser
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_stage1_learns_48_bits_on_the_tiny_world_latent_shape():
+    """On 4 x 16 x 16 latents (the tiny world's 64 px through an x4 VAE) the encoder map has 256 values for 48 bits."""
+    d = SleeperMark(secret_res=0, decoder_channels=[32, 64], decoder_hidden=256, stage1_source="random",
+                    stage1_steps=1000, stage1_batch_size=16, stage1_lr=1e-3, image_loss_weight=0.0, perceptual="none")
+    enc, dec, _ = d.train_stage1(torch.nn.Linear(1, 1), (4, 16, 16), 48, _ctx(), torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    m = torch.randint(0, 2, (256, 48), generator=g).float()
+    with torch.no_grad():
+        acc = ((dec(torch.randn(256, 4, 16, 16, generator=g) + enc(m)) > 0) == (m > 0.5)).float().mean().item()
+    assert acc > 0.9
+
+
+@pytest.mark.slow
+def test_stage1_image_losses_keep_the_decoded_image_closer(micro):
+    """With the image losses on (micro VAE), Dec(z + E(m)) stays closer to Dec(z) than with the bit loss alone."""
+    common = dict(secret_res=0, decoder_channels=[16, 32], decoder_hidden=64, train_images=8, train_inference_steps=2,
+                  stage1_steps=120, stage1_batch_size=4, stage1_lr=1e-3)
+    ctx = _ctx()
+    d = SleeperMark(**common)
+    _, mean, std = d._training_pool(micro, ctx, torch.Generator().manual_seed(0), 64, load_prompts(d.prompts))
+    psnr = {}
+    for name, extra in (("bits only", dict(image_loss_weight=0.0, perceptual="none")),
+                        ("with image losses", dict(image_loss_ramp=30, perceptual_ramp=60))):
+        enc, _, _ = SleeperMark(**common, **extra).train_stage1(micro.vae, (4, 8, 8), 48, ctx,
+                                                                torch.Generator().manual_seed(1), mean, std)
+        m = torch.randint(0, 2, (8, 48), generator=torch.Generator().manual_seed(2)).float()
+        with torch.no_grad():
+            clean = _from_latent(micro.vae, mean)
+            marked = _from_latent(micro.vae, mean + enc(m))
+        psnr[name] = float(-10 * torch.log10(((marked - clean) ** 2).mean()))
+    assert psnr["with image losses"] > psnr["bits only"] + 3, psnr
