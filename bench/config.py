@@ -40,6 +40,7 @@ class PluginSpec:
     version: str
     origin: str = "markbench"
     given: tuple[str, ...] = ()  # the parameters the config set explicitly (shown in labels)
+    display: str = ""  # a short label chosen in the config (``label = "..."``), else one is made from parameters
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -56,6 +57,8 @@ class PluginSpec:
 
     @property
     def label(self) -> str:
+        if self.display:
+            return self.display
         cls = _registry(self.kind).get(self.name)
         defaults = {p.name: p.default for p in cls.params}
         changed = {k: v for k, v in self.param_dict.items() if defaults.get(k) != v or k in self.given}
@@ -413,11 +416,21 @@ def _parse_plugins(entries: Any, kind: str, path: str) -> list[PluginSpec]:
             raise ConfigError(f"{where} must be a table with a 'name' or a plugin name, got {entry!r}")
         entry = dict(entry)
         name = entry.pop("name", None)
+        label = entry.pop("label", "")
         if not isinstance(name, str):
             raise ConfigError(f"{where}: 'name' is missing (it must be a string naming a {kind[:-1]} plugin)")
+        if not isinstance(label, str) or (label and not re.fullmatch(r"[\w.+=,()\[\]-]+", label)):
+            raise ConfigError(f"{where}.label = {label!r} is invalid: it must be a short name of letters, digits "
+                              "and _ . + = , ( ) [ ] -")
         cls = _registry(kind).get(name, where=f"{where}.name")
-        for combo in _expand_sweep(cls.params, entry, where):
-            out.append(_spec(kind, name, combo, where))
+        combos = _expand_sweep(cls.params, entry, where)
+        swept = [k for k, v in entry.items() if len({repr(c[k]) for c in combos}) > 1]
+        for combo in combos:
+            spec = _spec(kind, name, combo, where)
+            if label:
+                suffix = ",".join(f"{k}={_short(combo[k])}" for k in swept)
+                spec = replace(spec, display=label + (f"({suffix})" if suffix else ""))
+            out.append(spec)
     return out
 
 

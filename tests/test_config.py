@@ -100,3 +100,13 @@ def test_shipped_config_is_valid():
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "bench.toml", check_output=False)
     assert cfg.defenses and cfg.image_attacks
+
+
+def test_short_labels_from_config(tmp_path):
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "dwtdctsvd"\nlabel = "svd"').replace(
+        'quality = [90, 50]', 'quality = [90, 50]\nlabel = "jpg"')
+    cfg = _cfg(tmp_path, text)
+    assert [d.label for d in cfg.defenses] == ["none", "svd"]
+    assert [a.label for a in cfg.image_attacks] == ["none", "jpg(quality=90)", "jpg(quality=50)"]
+    with pytest.raises(ConfigError, match="label"):
+        _cfg(tmp_path, MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "dwtdctsvd"\nlabel = "a b/c"'))
