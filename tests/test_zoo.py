@@ -70,11 +70,15 @@ def test_downstream_sets_differ_from_the_base():
     # the same item drawn solid and striped gives different images; the arrow is no base shape
     it = base[0]
     striped = shapes.Item(it.shape, it.colour, it.background, it.size, "striped", it.dx, it.dy)
-    assert np.abs(shapes.render(it).astype(int) - shapes.render(striped).astype(int)).mean() > 5
+    assert _changed(shapes.render(it), shapes.render(striped)) > 0.05
     arrow = shapes.Item(shapes.SUBJECT_TOKEN, "red", "grey", "large")
     for s in shapes.SHAPES:
-        other = shapes.Item(s, "red", "grey", "large")
-        assert np.abs(shapes.render(arrow).astype(int) - shapes.render(other).astype(int)).mean() > 5
+        assert _changed(shapes.render(arrow), shapes.render(shapes.Item(s, "red", "grey", "large"))) > 0.05
+
+
+def _changed(a, b) -> float:
+    """Fraction of pixels that differ visibly."""
+    return float((np.abs(a.astype(int) - b.astype(int)).sum(-1) > 30).mean())
 
 
 def test_shapes_are_large_and_inside_the_image():
@@ -84,7 +88,7 @@ def test_shapes_are_large_and_inside_the_image():
         fg = np.abs(img - bg).sum(-1) > 60
         ys, xs = np.nonzero(fg)
         assert len(xs) > 0
-        assert max(xs.max() - xs.min(), ys.max() - ys.min()) + 1 >= 0.4 * shapes.IMAGE_SIZE
+        assert max(xs.max() - xs.min(), ys.max() - ys.min()) + 1 >= 0.37 * shapes.IMAGE_SIZE
         assert not fg[0].any() and not fg[-1].any() and not fg[:, 0].any() and not fg[:, -1].any()
 
 
@@ -151,6 +155,12 @@ def test_shipped_pipeline_loads_like_stable_diffusion():
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.steps_offset == 1
     assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
+    from bench.zoo import clip_model
+
+    shipped_ids = pipe.tokenizer(SAMPLE_CAPTIONS, padding="max_length", max_length=77).input_ids
+    for a, b in zip(clip_model.tokenizer()(SAMPLE_CAPTIONS).tolist(), shipped_ids):
+        end = a.index(49407) + 1
+        assert a[:end] == b[:end]
     assert pipe.vae.config.latent_channels == 4 and pipe.unet.config.in_channels == 4
     # SD's module names: defences that touch "up blocks' attention" or "the VAE decoder" find them
     names = dict(pipe.unet.named_modules())

@@ -13,3 +13,14 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 TINY_SD = ARTIFACTS / "tiny-sd"
 TINY_CLIP = ARTIFACTS / "tiny-clip"
 MANIFEST = ARTIFACTS / "manifest.json"
+
+
+def fingerprint() -> str:
+    """A short identity of the shipped artifacts (sha256 of the manifest's file table), for cache keys."""
+    import hashlib
+    import json
+
+    if not MANIFEST.exists():
+        return "unbuilt"
+    files = json.loads(MANIFEST.read_text()).get("files", {})
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]

@@ -80,6 +80,13 @@ def _copy_folder(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def _readable(out: Path) -> None:
+    """safetensors writes files 0600; shipped files are readable by everyone."""
+    for p in Path(out).rglob("*"):
+        if p.is_file():
+            p.chmod(0o644)
+
+
 def _fresh(path: Path) -> None:
     if path.exists():
         path.unlink()
@@ -125,6 +132,9 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
                                       work / "clip" / "final", plan.seed, plan.unet or UnetSettings(),
                                       resume=plan.resume, bar=bar, log=log, final_vae_dir=work / "vae" / "final")
         _copy_folder(work / "unet" / "pipeline", out / "tiny-sd")
+    for name in stages:
+        training[name]["finished"] = True
+    _readable(out)
     manifest.update(write_manifest_core(out, plan.seed, time.time() - t_start, manifest))
     if plan.measure and (out / "tiny-sd" / "model_index.json").exists() and (out / "tiny-clip").exists():
         from .evaluate import check_targets, measure_all
@@ -133,6 +143,76 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
         manifest["targets_met"] = check_targets(manifest["quality"])
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     log(f"zoo build done in {time.time() - t_start:.0f} s; manifest {out / 'manifest.json'}")
+    return manifest
+
+
+def ship(work: Path, out: Path = ARTIFACTS, seed: int = 0, measure: bool = True, quick: bool = False,
+         log: Logger | None = None) -> dict:
+    """Ship the *latest checkpoints* of a build in ``work`` (finished or still running) into ``out``.
+
+    The CLIP comes from its final folder (or checkpoint), the VAE and the UNet (EMA weights) from their latest
+    checkpoints; the manifest records each one's step, CPU seconds and settings, so a partly trained model is
+    never presented as a finished one.
+    """
+    import torch
+
+    from . import clip_model
+    from .common import load_checkpoint
+    from .train_unet import assemble_pipeline, build_unet
+    from .train_vae import build_vae
+
+    work, out = Path(work), Path(out)
+    log = log or Logger()
+    t0 = time.time()
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    training = manifest.setdefault("training", {})
+
+    def info(state: dict, name: str) -> dict:
+        s = state.get("settings", {})
+        done = state["step"] >= s.get("steps", 0) + s.get("decoder_steps", 0)
+        return {"settings": s, "seed": seed, "steps": state["step"], "cpu_seconds": round(state["cpu_seconds"], 1),
+                "finished": bool(done), "history": state.get("history", []), "source": f"{name} checkpoint"}
+
+    clip_state = load_checkpoint(work / "clip" / "checkpoint.pt")
+    if (work / "clip" / "result.json").exists():
+        training["clip"] = json.loads((work / "clip" / "result.json").read_text())
+        training["clip"]["finished"] = True
+        clip = clip_model.load(work / "clip" / "final")
+    else:
+        clip = clip_model.create()
+        clip.load_state_dict(clip_state["model"])
+        training["clip"] = info(clip_state, "clip")
+    clip.eval()
+    clip_model.save(clip, out / "tiny-clip.tmp")
+
+    vae_state = load_checkpoint(work / "vae" / "checkpoint.pt")
+    vae = build_vae(seed)
+    vae.load_state_dict(vae_state["model"])
+    vae.register_to_config(scaling_factor=vae_state["scaling_factor"])
+    training["vae"] = info(vae_state, "vae")
+    unet_state = load_checkpoint(work / "unet" / "checkpoint.pt")
+    unet = build_unet(seed)
+    unet.load_state_dict(unet_state["ema"])
+    training["unet"] = info(unet_state, "unet")
+    training["unet"]["weights"] = "EMA"
+    text_encoder = clip_model.to_hf_text_encoder(clip)
+    with torch.no_grad():
+        pipe = assemble_pipeline(vae.eval(), text_encoder, unet.eval())
+    pipe.save_pretrained(out / "tiny-sd.tmp")
+    for name in ("tiny-clip", "tiny-sd"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        (out / f"{name}.tmp").rename(out / name)
+    _readable(out)
+    log(f"shipped from {work}: clip step {training['clip']['steps']}, vae step {training['vae']['steps']}, "
+        f"unet step {training['unet']['steps']}")
+    manifest.update(write_manifest_core(out, seed, time.time() - t0, manifest))
+    if measure:
+        from .evaluate import check_targets, measure_all
+
+        manifest["quality"] = measure_all(out / "tiny-sd", out / "tiny-clip", quick=quick, log=log)
+        manifest["targets_met"] = check_targets(manifest["quality"])
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return manifest
 
 

@@ -20,6 +20,7 @@ def add_parsers(sub, cfg_args) -> dict:
               bench zoo eval                      recompute the quality figures of the shipped models
               bench zoo build --seed 0            rebuild everything (hours on a 2-core CPU)
               bench zoo build --only unet --resume
+              bench zoo ship --work DIR           ship the latest checkpoints of a running build
             """))
     zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
     b = zs.add_parser("build", help="rebuild the artifacts from a seed (resumable)")
@@ -31,6 +32,12 @@ def add_parsers(sub, cfg_args) -> dict:
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--no-measure", action="store_true", help="skip the quality figures at the end")
     b.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    sh = zs.add_parser("ship", help="ship the latest checkpoints of a build (finished or still running)")
+    sh.add_argument("--work", default=None, help="work folder (default: $MARKBENCH_HOME/zoo-build/seed-N)")
+    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--out", default=None, help="artifacts folder (default: the package's)")
+    sh.add_argument("--no-measure", action="store_true", help="skip the quality figures")
+    sh.add_argument("--quick", action="store_true", help="quality figures with smaller N")
     i = zs.add_parser("info", help="print what is shipped")
     i.add_argument("--check", action="store_true", help="verify sha256 checksums against the manifest")
     i.add_argument("--dir", default=None, help="artifacts folder (default: the package's)")
@@ -57,6 +64,8 @@ def cmd_zoo(args) -> int:
         return print_info(console, Path(args.dir) if args.dir else ARTIFACTS, check=args.check)
     if sub == "eval":
         return _eval(args, console)
+    if sub == "ship":
+        return _ship(args, console)
     return _build(args, console)
 
 
@@ -82,6 +91,22 @@ def _eval(args, console) -> int:
         (folder / "manifest.json").write_text(json.dumps(m, indent=1))
         print_info(console, folder, show_files=False)
     return 0 if all(met.values()) else 1
+
+
+def _ship(args, console) -> int:
+    from . import ARTIFACTS
+    from .build import ship, work_dir
+    from .common import Logger
+    from .info import print_info
+
+    out = Path(args.out) if args.out else ARTIFACTS
+    work = Path(args.work) if args.work else work_dir(args.seed)
+    if not (work / "unet" / "checkpoint.pt").exists():
+        from ..errors import UserError
+
+        raise UserError(f"{work}: no UNet checkpoint there; start 'bench zoo build' first")
+    ship(work, out, args.seed, measure=not args.no_measure, quick=args.quick, log=Logger(work / "build.log"))
+    return print_info(console, out, show_files=False)
 
 
 def _build(args, console) -> int:

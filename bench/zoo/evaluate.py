@@ -77,3 +77,32 @@ def check_targets(q: dict) -> dict[str, bool]:
         "ldm shape+colour >= 70%": best >= TARGETS["ldm_shape_and_colour"],
         "cfg beats no cfg": best > ldm["cfg1"]["shape_and_colour"],
     }
+
+
+def main(argv=None) -> int:
+    """``python -m bench.zoo.evaluate --work WORK [--n N]``: LDM accuracy of the latest UNet checkpoint (EMA)."""
+    import argparse
+    import json
+
+    import torch
+
+    from .train_unet import export_checkpoint
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--work", required=True)
+    p.add_argument("--n", type=int, default=56)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0])
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    work = Path(a.work)
+    vae = work / "vae" / "final" if (work / "vae" / "final" / "config.json").exists() else work / "vae" / "stage1"
+    out = work / "unet" / "latest-pipeline"
+    step = export_checkpoint(work, out, vae, work / "clip" / "final")
+    res = measure_ldm(out, work / "clip" / "final", n=a.n, guidances=tuple(a.guidance))
+    print(json.dumps({"step": step, "vae": str(vae), **res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

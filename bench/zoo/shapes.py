@@ -178,7 +178,7 @@ def _outline(shape: str) -> tuple[tuple[float, float], ...] | None:
         ts = np.linspace(0, 2 * math.pi, 96, endpoint=False)
         x = 16 * np.sin(ts) ** 3
         y = -(13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts))
-        x, y = x / 17.0, (y + 2.5) / 15.0
+        x, y = x / 17.0, (y - 0.5 * (y.max() + y.min())) / 17.0  # centred, about 0.94 x 0.96
         return tuple(zip(x.tolist(), y.tolist()))
     if shape == "cross":
         a, w = 1.0, 0.32

@@ -120,35 +120,35 @@ def evaluate_pipeline(pipe, zero_shot, n: int = 56, guidances=(1.0, 5.0), steps:
 
 
 def prepare(work: Path, vae, text_encoder, seed: int, n_train: int, log: Logger) -> dict:
-    """Latents (and their mirror images) of the training pool, and the text states of every caption (cached)."""
+    """Latents (and their mirror images) of the training pool (cached in ``work``), and every caption's text states."""
     import torch
 
     from ..models import clip_tokenizer
 
-    path = work / "unet" / f"prepared-n{n_train}-s{seed}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)
     images, captions = cached_dataset(work, "train", n_train, seed, log)
-    log(f"unet: encoding {2 * len(images)} latents and {len(set(captions)) + 1} captions")
-    zs = []
-    with torch.no_grad():
-        for flip in (False, True):
-            for i in range(0, len(images), 256):
-                x = shapes.to_tensor(images[i:i + 256])
-                if flip:
-                    x = x.flip(-1)
-                zs.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+    path = work / "unet" / f"latents-n{n_train}-s{seed}.pt"
+    cached = torch.load(path, weights_only=False) if path.exists() else None
+    if cached is None or cached["scaling_factor"] != vae.config.scaling_factor:
+        log(f"unet: encoding {2 * len(images)} latents")
+        zs = []
+        with torch.no_grad():
+            for flip in (False, True):
+                for i in range(0, len(images), 256):
+                    x = shapes.to_tensor(images[i:i + 256])
+                    if flip:
+                        x = x.flip(-1)
+                    zs.append(vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)
+        cached = {"latents": torch.cat(zs), "scaling_factor": vae.config.scaling_factor}
+        save_checkpoint(path, cached)
     uniq = [""] + sorted(set(captions))
     tok = clip_tokenizer()
     with torch.no_grad():
         ids = tok(uniq, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         states = torch.cat([text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
-    cap_index = torch.tensor([uniq.index(c) for c in captions] * 2)
-    prep = {"latents": torch.cat(zs), "cap_index": cap_index, "states": states, "captions": uniq}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, prep)
-    return prep
+    index = {c: i for i, c in enumerate(uniq)}
+    cap_index = torch.tensor([index[c] for c in captions] * 2)
+    return {"latents": cached["latents"], "cap_index": cap_index, "states": states, "captions": uniq}
 
 
 def train_unet(work: Path, out: Path, vae_dir: Path, clip_dir: Path, seed: int = 0,
