@@ -40,6 +40,8 @@ BUILTIN_DEFENSES = {
     "dwtdct": "defenses.invisible:DwtDct",
     "dwtdctsvd": "defenses.invisible:DwtDctSvd",
     "sleepermark": "defenses.sleepermark:SleeperMark",
+    "hidden": "defenses.hidden:HiDDeN",
+    "stable_signature": "defenses.stable_signature:StableSignature",
 }
 BUILTIN_IMAGE_ATTACKS = {
     "none": "attacks.image.identity:Identity",

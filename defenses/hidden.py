@@ -1,0 +1,800 @@
+"""HiDDeN: a learned post-hoc image watermark (encoder, noise layers, decoder, optional adversary).
+
+Zhu, Kaplan, Johnson and Fei-Fei, "HiDDeN: Hiding Data With Deep Networks", ECCV 2018, arXiv 1807.09937. Facts
+were checked against the PyTorch reimplementation ``ando-khachatryan/HiDDeN`` and the revisited HiDDeN inside
+``facebookresearch/stable_signature/hidden`` (both read for facts only; this file is written afresh).
+
+Networks (the paper's supplementary material, Sec. A; every block is Conv 3x3 stride 1 pad 1 - BatchNorm - ReLU):
+
+* **Encoder** ``E(I, M)``: 4 blocks of 64 channels on the cover image; the L-bit message is replicated spatially to
+  an ``L x H x W`` volume and concatenated with those features and the cover itself; one more block (64); a final
+  1x1 convolution to 3 channels, no activation. The paper's encoder outputs the encoded image itself
+  (``encoder_output = "image"``); the revisited HiDDeN of Stable Signature outputs a residual added as
+  ``I + strength * tanh(E(I, M))`` (``"residual"``).
+* **Decoder** ``D(I_no)``: 7 blocks of 64 channels, one block with L channels, global average pooling, a linear
+  ``L x L`` layer. Average pooling makes it independent of the image size (so crops and resizes are decodable).
+* **Adversary** (optional): 3 blocks of 64 channels, global average pooling, a linear layer to one logit
+  (cover vs encoded; the paper's two-class logits, written as one binary logit as the PyTorch reimplementation
+  does).
+
+Noise layers (:class:`NoiseLayers`; one layer, and one of its strengths, drawn uniformly per mini-batch as in the
+paper's "combined" model; every strength list below is "one of"):
+
+* ``identity``;
+* ``crop``: keep a random square window of area fraction ``p`` (the output is smaller; paper Crop(p = 0.035));
+* ``cropout``: a random square of area fraction ``p`` from the encoded image, the rest from the cover (Cropout(0.3));
+* ``dropout``: keep each pixel of the encoded image with probability ``p``, the others from the cover
+  (Dropout(0.3));
+* ``resize``: rescale the side by ``s`` (bilinear, antialiased; not in the 2018 paper: the PyTorch
+  reimplementation's combined experiments use 0.7-0.8, Stable Signature's extractor sqrt(0.3) and sqrt(0.7));
+* ``blur``: Gaussian blur of standard deviation sigma (Gaussian(sigma = 2));
+* ``hflip``: horizontal flip (in Stable Signature's extractor training);
+* ``jpeg``: three modes. ``"mask"``: the paper's JPEG-Mask (YUV, 8x8 DCT, keep the 5x5 lowest frequencies of Y
+  and the 3x3 of U and V, zero the rest, invert); ``"ste"``: the real codec (Pillow/libjpeg at the drawn quality)
+  in the forward pass with an identity gradient, i.e. the forward-ASL trick of Zhang et al. (ACM MM 2021) that
+  Stable Signature's revisited HiDDeN uses; ``"kornia"``: kornia's differentiable JPEG approximation
+  (``kornia.enhance.jpeg_codec_differentiable``, Reich et al. 2024) at the drawn quality.
+
+Losses (paper): ``lambda_M * MSE(M', M) + lambda_I * MSE(I_en, I_co) + lambda_G * adversarial``, with ``lambda_I =
+0.7``, ``lambda_G = 0.001``, messages in {0, 1}, a bit read as ``M' > 0.5``. ``message_loss = "bce"`` (with a
+temperature) is the revisited HiDDeN's loss, a bit then read as ``logit > 0``. Adam, lr 1e-3, batch 12.
+
+Inputs: networks take images in [0, 1] and map them to [-1, 1] internally; the encoder sees the message as +-1.
+Randomness: every draw (initialisation, batches, messages, noise) comes from the caller's ``torch.Generator``;
+network initialisation runs under a forked global RNG seeded from it, so nothing global is seeded or disturbed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
+                   UserError, Verification, defenses)
+
+NOISE_LAYERS = ("identity", "crop", "cropout", "dropout", "resize", "blur", "hflip", "jpeg")
+JPEG_MODES = ("mask", "ste", "kornia")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------------------------
+class ConvBNAct(nn.Sequential):
+    """Conv 3x3 (stride 1, padding 1) - BatchNorm - activation: HiDDeN's building block (ReLU in the paper, GELU in
+    Stable Signature's revisited HiDDeN)."""
+
+    def __init__(self, c_in: int, c_out: int, activation: str = "relu", bn_eps: float = 1e-5,
+                 bn_momentum: float = 0.1):
+        super().__init__(nn.Conv2d(c_in, c_out, 3, stride=1, padding=1),
+                         nn.BatchNorm2d(c_out, eps=bn_eps, momentum=bn_momentum),
+                         ACTIVATIONS[activation]())
+
+
+class HiddenEncoder(nn.Module):
+    """``E(I, M)``: ``blocks`` Conv-BN-act blocks on the cover, concat with the spatially replicated message (+-1)
+    and the cover, one more block, a 1x1 convolution to 3 channels (no activation).
+
+    Returns the raw output in the network's [-1, 1] space; :func:`apply_encoder` turns it into the encoded image.
+    """
+
+    def __init__(self, bits: int, blocks: int = 4, channels: int = 64, activation: str = "relu",
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__()
+        self.bits = int(bits)
+        kw = dict(activation=activation, bn_eps=bn_eps, bn_momentum=bn_momentum)
+        layers = [ConvBNAct(3, channels, **kw)] + [ConvBNAct(channels, channels, **kw) for _ in range(blocks - 1)]
+        self.features = nn.Sequential(*layers)
+        self.after_concat = ConvBNAct(channels + 3 + self.bits, channels, **kw)
+        self.final = nn.Conv2d(channels, 3, kernel_size=1)
+
+    def forward(self, images: torch.Tensor, messages: torch.Tensor) -> torch.Tensor:
+        x = images * 2 - 1
+        m = (messages.float() * 2 - 1)[:, :, None, None].expand(-1, -1, x.shape[-2], x.shape[-1])
+        return self.final(self.after_concat(torch.cat([m, self.features(x), x], dim=1)))
+
+
+class HiddenDecoder(nn.Module):
+    """``D(I)``: ``blocks`` Conv-BN-act blocks, one block with ``bits`` channels, global average pooling, a linear
+    ``bits x bits`` layer. Works on any image size."""
+
+    def __init__(self, bits: int, blocks: int = 7, channels: int = 64, activation: str = "relu",
+                 bn_eps: float = 1e-5, bn_momentum: float = 0.1):
+        super().__init__()
+        self.bits = int(bits)
+        kw = dict(activation=activation, bn_eps=bn_eps, bn_momentum=bn_momentum)
+        layers = [ConvBNAct(3, channels, **kw)] + [ConvBNAct(channels, channels, **kw) for _ in range(blocks - 1)]
+        layers += [ConvBNAct(channels, self.bits, **kw), nn.AdaptiveAvgPool2d(1)]
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(self.bits, self.bits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.layers(images * 2 - 1).flatten(1))
+
+
+class Discriminator(nn.Module):
+    """The adversary: ``blocks`` Conv-BN-ReLU blocks, global average pooling, a linear layer to one logit
+    (encoded vs cover)."""
+
+    def __init__(self, blocks: int = 3, channels: int = 64):
+        super().__init__()
+        layers = [ConvBNAct(3, channels)] + [ConvBNAct(channels, channels) for _ in range(blocks - 1)]
+        self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+        self.linear = nn.Linear(channels, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.layers(images * 2 - 1).flatten(1))
+
+
+def apply_encoder(encoder: HiddenEncoder, images: torch.Tensor, messages: torch.Tensor, output: str,
+                  strength: float) -> torch.Tensor:
+    """The encoded image in [0, 1] space (not clamped).
+
+    ``output = "image"`` (paper): the encoder's output is the encoded image; ``strength`` scales its difference to
+    the cover (1 = as trained). ``"residual"`` (revisited HiDDeN): ``I + strength * tanh(E(I, M))``.
+    """
+    raw = encoder(images, messages)
+    if output == "image":
+        encoded = (raw + 1) / 2
+        return encoded if strength == 1.0 else images + strength * (encoded - images)
+    return images + strength * torch.tanh(raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Noise layers
+# ---------------------------------------------------------------------------------------------------------------
+def _uniform(gen: torch.Generator) -> float:
+    return float(torch.rand((), generator=gen))
+
+
+def _randint(high: int, gen: torch.Generator) -> int:
+    """Uniform integer in [0, high] (inclusive)."""
+    return int(torch.randint(0, high + 1, (1,), generator=gen))
+
+
+def _square(h: int, w: int, fraction: float) -> tuple[int, int]:
+    """Side lengths of a window covering ``fraction`` of the area (same relative side on both axes)."""
+    r = math.sqrt(min(max(fraction, 0.0), 1.0))
+    return max(1, min(h, int(round(h * r)))), max(1, min(w, int(round(w * r))))
+
+
+def crop(images: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Keep a random window of area ``fraction`` (the result is smaller). One window per batch."""
+    h, w = images.shape[-2:]
+    ch, cw = _square(h, w, fraction)
+    top, left = _randint(h - ch, gen), _randint(w - cw, gen)
+    return images[..., top:top + ch, left:left + cw]
+
+
+def cropout(encoded: torch.Tensor, cover: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """A random window of area ``fraction`` from the encoded image, everything else from the cover."""
+    h, w = encoded.shape[-2:]
+    ch, cw = _square(h, w, fraction)
+    top, left = _randint(h - ch, gen), _randint(w - cw, gen)
+    mask = torch.zeros((1, 1, h, w), dtype=encoded.dtype, device=encoded.device)
+    mask[..., top:top + ch, left:left + cw] = 1
+    return encoded * mask + cover * (1 - mask)
+
+
+def dropout(encoded: torch.Tensor, cover: torch.Tensor, keep: float, gen: torch.Generator) -> torch.Tensor:
+    """Keep each pixel (all channels together) of the encoded image with probability ``keep``; the others are the
+    cover's. A fresh mask per image."""
+    b, _, h, w = encoded.shape
+    mask = (torch.rand((b, 1, h, w), generator=gen) < keep).to(encoded)
+    return encoded * mask + cover * (1 - mask)
+
+
+def resize(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rescale both sides by ``scale`` (bilinear, antialiased when shrinking). The decoder reads any size."""
+    h, w = images.shape[-2:]
+    size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+    if size == (h, w):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (kernel radius ceil(3 sigma), reflect padding)."""
+    if sigma <= 0:
+        return images
+    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = min(radius, (min(images.shape[-2:]) - 1))
+    if radius < 1:
+        return images
+    t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = images.shape[1]
+    x = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def pil_jpeg(images: torch.Tensor, quality: int, subsampling: str = "4:2:0") -> torch.Tensor:
+    """The real codec: 8-bit quantise, encode with Pillow at ``quality``, decode. Not differentiable."""
+    from PIL import Image
+
+    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty_like(arrays)
+    for i, arr in enumerate(arrays):
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode="RGB").save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
+        buf.seek(0)
+        with Image.open(buf) as decoded:
+            out[i] = np.asarray(decoded.convert("RGB"))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).to(images.dtype).div(255).to(images.device)
+
+
+def jpeg_ste(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """Forward ASL / straight-through JPEG: the real codec's output forward, the identity's gradient backward."""
+    return images + (pil_jpeg(images, quality) - images).detach()
+
+
+def jpeg_kornia(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """kornia's differentiable JPEG approximation at ``quality`` (inputs clamped to [0, 1])."""
+    from kornia.enhance import jpeg_codec_differentiable
+
+    q = torch.tensor([float(quality)], dtype=images.dtype, device=images.device)
+    return jpeg_codec_differentiable(images.clamp(0, 1), q)
+
+
+_RGB2YUV = torch.tensor([[0.299, 0.587, 0.114], [-0.14713, -0.28886, 0.436], [0.615, -0.51499, -0.10001]])
+
+
+def _dct_matrix(n: int = 8) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``D`` (rows = frequencies): ``C = D X D^T``."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    d = torch.cos(math.pi / n * (i + 0.5) * k) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d.float()
+
+
+def block_dct(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """8x8 block (inverse) DCT of ``[B, C, H, W]`` with H, W multiples of 8."""
+    b, c, h, w = x.shape
+    d = _dct_matrix(8).to(x)
+    blocks = x.reshape(b, c, h // 8, 8, w // 8, 8)
+    if inverse:
+        out = torch.einsum("ki,bcykxl,lj->bcyixj", d, blocks, d)
+    else:
+        out = torch.einsum("ik,bcykxl,jl->bcyixj", d, blocks, d)
+    return out.reshape(b, c, h, w)
+
+
+def jpeg_mask(images: torch.Tensor, keep: tuple[int, int, int] = (5, 3, 3)) -> torch.Tensor:
+    """HiDDeN's JPEG-Mask: YUV, 8x8 DCT, keep the ``keep[c] x keep[c]`` lowest frequencies of channel c (paper: 5x5
+    = 25 coefficients of Y, 3x3 = 9 of U and V), zero the rest, invert. Differentiable."""
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % 8, (-w) % 8
+    x = F.pad(images, (0, pw, 0, ph))
+    m = _RGB2YUV.to(x)
+    coeffs = block_dct(torch.einsum("ij,bjhw->bihw", m, x))
+    mask = torch.zeros((3, 8, 8), dtype=x.dtype, device=x.device)
+    for c, k in enumerate(keep):
+        mask[c, :k, :k] = 1
+    tiled = mask.repeat(1, x.shape[-2] // 8, x.shape[-1] // 8)
+    rgb = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(m), block_dct(coeffs * tiled, inverse=True))
+    return rgb[..., :h, :w]
+
+
+def jpeg(images: torch.Tensor, quality: int, mode: str) -> torch.Tensor:
+    if mode == "mask":
+        return jpeg_mask(images)
+    if mode == "ste":
+        return jpeg_ste(images, quality)
+    if mode == "kornia":
+        return jpeg_kornia(images, quality)
+    raise ValueError(f"unknown JPEG mode {mode!r}; allowed: {', '.join(JPEG_MODES)}")
+
+
+@dataclass
+class NoiseLayers:
+    """The noise layers of one training run: ``layers`` to draw from (uniformly, one per mini-batch) and, per layer,
+    the strengths to draw from (uniformly). Crop/cropout fractions are areas; resize values are side scales."""
+
+    layers: tuple[str, ...] = ("identity",)
+    crop: tuple[float, ...] = (0.035,)
+    cropout: tuple[float, ...] = (0.3,)
+    dropout: tuple[float, ...] = (0.3,)
+    resize: tuple[float, ...] = (0.7, 0.8)
+    blur: tuple[float, ...] = (2.0,)
+    jpeg_quality: tuple[int, ...] = (50,)
+    jpeg_mode: str = "mask"
+
+    def __post_init__(self):
+        bad = [n for n in self.layers if n not in NOISE_LAYERS]
+        if bad or not self.layers:
+            raise UserError(f"noise layers {list(self.layers)!r}: unknown {bad!r}; allowed: "
+                            f"{', '.join(NOISE_LAYERS)}")
+        if self.jpeg_mode not in JPEG_MODES:
+            raise UserError(f"jpeg mode {self.jpeg_mode!r}; allowed: {', '.join(JPEG_MODES)}")
+        for name in ("crop", "cropout", "dropout", "resize", "blur", "jpeg_quality"):
+            if not getattr(self, name):
+                raise UserError(f"noise layer '{name}' needs at least one strength")
+
+    def apply(self, encoded: torch.Tensor, cover: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, str]:
+        """One noise layer drawn from ``layers`` (and one of its strengths) applied to the whole batch."""
+        name = self.layers[_randint(len(self.layers) - 1, gen)]
+
+        def pick(values):
+            return values[_randint(len(values) - 1, gen)]
+
+        if name == "identity":
+            return encoded, name
+        if name == "crop":
+            return crop(encoded, float(pick(self.crop)), gen), name
+        if name == "cropout":
+            return cropout(encoded, cover, float(pick(self.cropout)), gen), name
+        if name == "dropout":
+            return dropout(encoded, cover, float(pick(self.dropout)), gen), name
+        if name == "resize":
+            return resize(encoded, float(pick(self.resize))), name
+        if name == "blur":
+            return gaussian_blur(encoded, float(pick(self.blur))), name
+        if name == "hflip":
+            return encoded.flip(-1), name
+        return jpeg(encoded, int(pick(self.jpeg_quality)), self.jpeg_mode), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class HiddenConfig:
+    """Architecture and training settings of one HiDDeN encoder/decoder pair (defaults: the paper's)."""
+
+    bits: int = 30
+    encoder_blocks: int = 4
+    encoder_channels: int = 64
+    decoder_blocks: int = 7
+    decoder_channels: int = 64
+    activation: str = "relu"
+    encoder_output: str = "image"
+    strength: float = 1.0
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+    discriminator: bool = True
+    discriminator_blocks: int = 3
+    discriminator_channels: int = 64
+    message_weight: float = 1.0
+    image_loss_weight: float = 0.7
+    adversarial_weight: float = 1e-3
+    message_loss: str = "mse"
+    temperature: float = 1.0
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: int = 0
+    min_lr: float = 0.0
+    batch_size: int = 12
+    steps: int = 333_600
+    noise: NoiseLayers = field(default_factory=NoiseLayers)
+
+    @property
+    def threshold(self) -> float:
+        """Where the decoder's output is cut into bits: 0.5 for the paper's MSE on {0, 1}, 0 for logits."""
+        return 0.5 if self.message_loss == "mse" else 0.0
+
+    def arch(self) -> dict[str, Any]:
+        """What rebuilding the networks needs (JSON-able, stored in the secret)."""
+        return {k: getattr(self, k) for k in ("bits", "encoder_blocks", "encoder_channels", "decoder_blocks",
+                                              "decoder_channels", "activation", "encoder_output", "strength",
+                                              "bn_momentum", "bn_eps", "message_loss")}
+
+    def build_encoder(self) -> HiddenEncoder:
+        return HiddenEncoder(self.bits, self.encoder_blocks, self.encoder_channels, self.activation, self.bn_eps,
+                             self.bn_momentum)
+
+    def build_decoder(self) -> HiddenDecoder:
+        return HiddenDecoder(self.bits, self.decoder_blocks, self.decoder_channels, self.activation, self.bn_eps,
+                             self.bn_momentum)
+
+
+def config_from_arch(arch: dict[str, Any]) -> HiddenConfig:
+    known = {f.name for f in fields(HiddenConfig)}
+    return HiddenConfig(**{k: v for k, v in arch.items() if k in known})
+
+
+@dataclass
+class TrainedHidden:
+    encoder: HiddenEncoder
+    decoder: HiddenDecoder
+    config: HiddenConfig
+    stats: dict[str, float]
+
+
+def sub_generator(gen: torch.Generator) -> torch.Generator:
+    """A child generator seeded from ``gen`` (every random stream derives from the stage's generator)."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+
+
+class forked_global_rng:
+    """Context manager: the global RNG is forked, seeded from ``gen`` and restored on exit, so library code that
+    draws from it (e.g. dropout layers in train mode) is deterministic and nothing outside is disturbed."""
+
+    def __init__(self, gen: torch.Generator):
+        self.seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        self._fork = torch.random.fork_rng(devices=[])
+
+    def __enter__(self):
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+def seeded(gen: torch.Generator, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module whose default initialisation is drawn from a seed taken from ``gen``, under a forked global
+    RNG (restored afterwards): nothing global is seeded or disturbed."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def message_loss(out: torch.Tensor, messages: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """``mse``: MSE between the decoder's output and the {0, 1} message (paper); ``bce``: BCE on ``out /
+    temperature`` as logits (revisited HiDDeN)."""
+    if kind == "mse":
+        return F.mse_loss(out, messages)
+    return F.binary_cross_entropy_with_logits(out / temperature, messages)
+
+
+def _optimizer(params: list[nn.Parameter], cfg: HiddenConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "lamb":
+        try:
+            from timm.optim import Lamb
+        except ImportError as exc:  # pragma: no cover - timm comes with open-clip-torch
+            raise UserError("optimizer = 'lamb' needs timm (installed with open-clip-torch); use 'adam'") from exc
+        return Lamb(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str, base: float, min_lr: float) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then constant or half-cosine down to ``min_lr``."""
+    if warmup and step < warmup:
+        return step / warmup
+    if schedule == "cosine":
+        lr = min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        return lr / base if base > 0 else 0.0
+    return 1.0
+
+
+def train_hidden(images: torch.Tensor, cfg: HiddenConfig, gen: torch.Generator,
+                 progress: Callable[..., Iterable] | None = None, description: str = "hidden") -> TrainedHidden:
+    """Train an encoder/decoder pair (and the adversary, if enabled) on ``images`` ([N, 3, H, W] in [0, 1]).
+
+    Every sample carries its own random message; one noise layer per mini-batch. Returns the networks in eval mode.
+    """
+    if images.shape[0] < 1:
+        raise UserError("hidden: no training images")
+    encoder = seeded(gen, cfg.build_encoder)
+    decoder = seeded(gen, cfg.build_decoder)
+    disc = seeded(gen, lambda: Discriminator(cfg.discriminator_blocks, cfg.discriminator_channels)) \
+        if cfg.discriminator and cfg.adversarial_weight > 0 else None
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    opt = _optimizer(params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.schedule, cfg.lr, cfg.min_lr))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr) if disc is not None else None
+    encoder.train()
+    decoder.train()
+    if disc is not None:
+        disc.train()
+    n, b = images.shape[0], cfg.batch_size
+    it: Iterable[int] = range(cfg.steps)
+    if progress is not None:
+        it = progress(it, total=cfg.steps, description=description)
+    accs: list[float] = []
+    losses: list[float] = []
+    for _ in it:
+        idx = torch.randint(0, n, (b,), generator=gen)
+        cover = images[idx]
+        m = torch.randint(0, 2, (b, cfg.bits), generator=gen).float()
+        encoded = apply_encoder(encoder, cover, m, cfg.encoder_output, cfg.strength)
+        if disc is not None:
+            opt_d.zero_grad(set_to_none=True)
+            d_loss = F.binary_cross_entropy_with_logits(disc(cover), torch.ones(b, 1)) + \
+                F.binary_cross_entropy_with_logits(disc(encoded.detach()), torch.zeros(b, 1))
+            d_loss.backward()
+            opt_d.step()
+        noised, _ = cfg.noise.apply(encoded, cover, gen)
+        out = decoder(noised)
+        loss = cfg.message_weight * message_loss(out, m, cfg.message_loss, cfg.temperature)
+        if cfg.image_loss_weight > 0:
+            loss = loss + cfg.image_loss_weight * F.mse_loss(encoded, cover)
+        if disc is not None:
+            loss = loss + cfg.adversarial_weight * F.binary_cross_entropy_with_logits(disc(encoded),
+                                                                                      torch.ones(b, 1))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{description}: loss became {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        accs.append(float(((out.detach() > cfg.threshold) == (m > 0.5)).float().mean()))
+    encoder.eval().requires_grad_(False)
+    decoder.eval().requires_grad_(False)
+    tail = max(1, len(accs) // 10)
+    stats = {"train_bit_accuracy": float(np.mean(accs[-tail:])) if accs else float("nan"),
+             "final_loss": float(np.mean(losses[-tail:])) if losses else float("nan")}
+    return TrainedHidden(encoder, decoder, cfg, stats)
+
+
+@torch.no_grad()
+def bit_accuracy(decoder: nn.Module, images: torch.Tensor, messages: torch.Tensor, threshold: float,
+                 encoder: HiddenEncoder | None = None, cfg: HiddenConfig | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, batch: int = 64) -> float:
+    """Mean bit accuracy of ``decoder`` on ``images`` (encoded with ``messages`` first when ``encoder`` is given;
+    ``transform`` applied between, e.g. clamping and 8-bit quantisation)."""
+    hits, total = 0.0, 0
+    for s in range(0, images.shape[0], batch):
+        x, m = images[s:s + batch], messages[s:s + batch]
+        if encoder is not None:
+            x = apply_encoder(encoder, x, m, cfg.encoder_output, cfg.strength)
+        if transform is not None:
+            x = transform(x)
+        bits = decoder(x) > threshold
+        hits += float((bits == m.bool()).float().sum())
+        total += bits.numel()
+    return hits / max(1, total)
+
+
+def quantize8(images: torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, 1] and round to 8 bits (what a PNG between stages holds)."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training images
+# ---------------------------------------------------------------------------------------------------------------
+def training_images(ctx, source: str, dataset: str, n: int, size: int, pipe=None, gen: torch.Generator | None = None,
+                    inference_steps: int = 50, guidance_scale: float = 7.5, batch_size: int = 16,
+                    who: str = "hidden", return_latents: bool = False):
+    """``n`` training images ``[n, 3, size, size]`` in [0, 1] (8-bit values).
+
+    ``source = "dataset"``: ``ctx.data.dataset(dataset, n)`` (e.g. ``tiny:train``), resized to ``size``;
+    ``"generated"``: images the pipeline generates at the run's resolution for the run's prompts (seeds drawn from
+    ``gen``), resized to ``size``. With ``return_latents`` (generated only) the images are generated at ``size``
+    and the final denoised latents, unscaled (what the VAE decoder receives), are captured from the sampler's last
+    step: ``(images, latents)``.
+    """
+    if ctx.data is None:
+        raise UserError(f"{who}: training needs the harness's data resources (ctx.data)")
+    latents = None
+    if source == "dataset":
+        images, _ = ctx.data.dataset(dataset, n)
+    else:
+        if pipe is None:
+            raise UserError(f"{who}: train_source = 'generated' needs a pipeline")
+        prompts = list(ctx.data.prompts()) or ["a red circle on a blue background"]
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
+        chosen = [prompts[i % len(prompts)] for i in range(n)]
+        h, w = (size, size) if return_latents else (ctx.data.height, ctx.data.width)
+        chunks, lat_chunks = [], []
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_latents(pipeline, step, timestep, callback_kwargs):
+            captured["latents"] = callback_kwargs["latents"]
+            return callback_kwargs
+
+        starts = range(0, n, batch_size)
+        for s in ctx.progress(starts, total=len(starts), description=f"{who}: training images"):
+            req = GenerationRequest(prompts=tuple(chosen[s:s + batch_size]), seeds=tuple(seeds[s:s + batch_size]),
+                                    height=h, width=w, num_inference_steps=inference_steps,
+                                    guidance_scale=guidance_scale, batch_size=batch_size)
+            kw = dict(callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"]) \
+                if return_latents else {}
+            chunks.append(ctx.generate(pipe, req, **kw))
+            if return_latents:
+                lat_chunks.append(captured["latents"].detach().float().cpu() / float(pipe.vae.config.scaling_factor))
+        images = torch.cat(chunks)
+        latents = torch.cat(lat_chunks) if return_latents else None
+    images = images.float()
+    if tuple(images.shape[-2:]) != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False,
+                               antialias=True).clamp(0, 1)
+    images = quantize8(images)
+    return (images, latents) if return_latents else images
+
+
+def state_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(state)
+    return module.eval().requires_grad_(False)
+
+
+def digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr(sorted((meta or {}).items())).encode())
+    return h.hexdigest()
+
+
+def _floats(values: Sequence[Any]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The defence
+# ---------------------------------------------------------------------------------------------------------------
+@defenses.register("hidden")
+class HiDDeN(Defense):
+    """HiDDeN (Zhu et al., ECCV 2018, arXiv 1807.09937): a post-hoc learned watermark: a conv encoder writes an
+    L-bit message (replicated spatially) into the image, a conv decoder reads it back after noise layers (crop,
+    cropout, dropout, resize, blur, JPEG) that it was trained through; an adversary keeps the marks invisible.
+
+    ``embed`` trains the encoder/decoder pair on clean images (``dataset``, or images the base model generates) and
+    draws the message from the stage's generator; the secret holds the message and both networks. ``mark`` encodes
+    images at their own size; ``detect`` thresholds the decoder's output. Defaults are the paper's (30 bits, 128 x
+    128, 4 x 64 encoder, 7 x 64 decoder, 3 x 64 adversary, lambda_I 0.7, lambda_G 1e-3, Adam 1e-3, batch 12, MSE
+    message loss, JPEG-Mask); the tiny world's settings live in the configs. See ``docs/stable_signature.md``.
+    """
+
+    version = "1"
+    location = MarkLocation.POST_HOC
+    verification = Verification.BLACK_BOX
+    detection = DetectionKind.BITS
+
+    params = (
+        Param("bits", "int", 30, "message length L (paper: 30 bits at 128 x 128)", low=1, high=1024),
+        Param("image_size", "int", 128, "training image side (paper 128); 0 = the run's resolution", low=0,
+              high=4096),
+        # -- training data -----------------------------------------------------------------------------------
+        Param("train_source", "str", "dataset", "training covers: a dataset, or images the base model generates",
+              choices=("dataset", "generated")),
+        Param("dataset", "str", "tiny:train", "training covers when train_source = 'dataset' (paper: COCO)"),
+        Param("train_images", "int", 10_000, "number of training covers (paper: 10,000 COCO images)", low=1,
+              high=10_000_000),
+        Param("gen_inference_steps", "int", 50, "sampling steps when train_source = 'generated'", low=1, high=1000),
+        Param("gen_guidance_scale", "float", 7.5, "guidance scale when train_source = 'generated'", low=0.0,
+              high=50.0),
+        # -- networks ------------------------------------------------------------------------------------------
+        Param("encoder_blocks", "int", 4, "encoder Conv-BN-ReLU blocks before the message (paper 4)", low=1,
+              high=64),
+        Param("encoder_channels", "int", 64, "encoder width (paper 64)", low=1, high=4096),
+        Param("decoder_blocks", "int", 7, "decoder Conv-BN-ReLU blocks before the L-channel block (paper 7)",
+              low=1, high=64),
+        Param("decoder_channels", "int", 64, "decoder width (paper 64)", low=1, high=4096),
+        Param("activation", "str", "relu", "block activation (paper ReLU; revisited HiDDeN GELU)",
+              choices=tuple(ACTIVATIONS)),
+        Param("encoder_output", "str", "image", "the encoder outputs the encoded image (paper) or a residual "
+              "added as I + strength * tanh(.) (revisited HiDDeN)", choices=("image", "residual")),
+        Param("strength", "float", 1.0, "'image': scale of the change at marking (1 = as trained); 'residual': "
+              "the residual's amplitude in [0, 1] pixel units (also in training)", low=0.0, high=10.0),
+        Param("discriminator", "bool", True, "train with the adversary (paper: yes)"),
+        Param("discriminator_blocks", "int", 3, "adversary blocks (paper 3)", low=1, high=64),
+        Param("discriminator_channels", "int", 64, "adversary width (paper 64)", low=1, high=4096),
+        # -- losses and optimisation ---------------------------------------------------------------------------
+        Param("message_loss", "str", "mse", "MSE on {0,1} messages (paper) or BCE on logits",
+              choices=("mse", "bce")),
+        Param("image_loss_weight", "float", 0.7, "lambda_I: weight of MSE(encoded, cover) (paper 0.7)", low=0.0,
+              high=1e6),
+        Param("adversarial_weight", "float", 1e-3, "lambda_G: weight of the adversarial loss (paper 1e-3)",
+              low=0.0, high=1e6),
+        Param("lr", "float", 1e-3, "Adam learning rate (paper 1e-3)", low=0.0, high=1.0),
+        Param("lr_schedule", "str", "constant", "learning-rate schedule: constant (paper) or half-cosine to 0",
+              choices=("constant", "cosine")),
+        Param("batch_size", "int", 12, "covers per step (paper 12)", low=1, high=4096),
+        Param("steps", "int", 333_600, "optimisation steps (400 epochs of 10,000 covers at batch 12, the PyTorch "
+              "reimplementation's default)", low=0, high=100_000_000),
+        Param("bn_momentum", "float", 0.1, "BatchNorm running-statistics momentum", low=0.0, high=1.0),
+        # -- noise layers --------------------------------------------------------------------------------------
+        Param("noise_layers", "list[str]", ["identity", "crop", "cropout", "dropout", "resize", "blur", "jpeg"],
+              "noise layers, one drawn per mini-batch (the paper's combined model): " + ", ".join(NOISE_LAYERS)),
+        Param("crop_fraction", "list[float]", [0.035], "crop: kept area fraction(s) (paper Crop(0.035))"),
+        Param("cropout_fraction", "list[float]", [0.3], "cropout: encoded area fraction(s) (paper 0.3)"),
+        Param("dropout_keep", "list[float]", [0.3], "dropout: kept encoded-pixel fraction(s) (paper 0.3)"),
+        Param("resize_scale", "list[float]", [0.7, 0.8], "resize: side scale(s)"),
+        Param("blur_sigma", "list[float]", [2.0], "blur: Gaussian sigma(s) in pixels (paper 2)"),
+        Param("jpeg_mode", "str", "mask", "JPEG noise: JPEG-Mask (paper), straight-through real codec (forward "
+              "ASL) or kornia's differentiable JPEG", choices=JPEG_MODES),
+        Param("jpeg_quality", "list[int]", [50], "JPEG quality(ies) for 'ste' and 'kornia'"),
+    )
+
+    smoke_params = dict(bits=8, image_size=0, train_images=8, encoder_blocks=1, encoder_channels=4,
+                        decoder_blocks=1, decoder_channels=4, discriminator_blocks=1, discriminator_channels=4,
+                        batch_size=2, steps=2)
+
+    def __init__(self, **given: Any):
+        super().__init__(**given)
+        self.noise()  # refuse bad noise settings at construction
+        self._cache: dict[str, tuple[HiddenEncoder, HiddenDecoder, HiddenConfig]] = {}
+
+    def noise(self) -> NoiseLayers:
+        return NoiseLayers(tuple(self.noise_layers), _floats(self.crop_fraction), _floats(self.cropout_fraction),
+                           _floats(self.dropout_keep), _floats(self.resize_scale), _floats(self.blur_sigma),
+                           tuple(int(q) for q in self.jpeg_quality), self.jpeg_mode)
+
+    def config(self) -> HiddenConfig:
+        return HiddenConfig(
+            bits=int(self.bits), encoder_blocks=int(self.encoder_blocks), encoder_channels=int(self.encoder_channels),
+            decoder_blocks=int(self.decoder_blocks), decoder_channels=int(self.decoder_channels),
+            activation=self.activation, encoder_output=self.encoder_output, strength=float(self.strength),
+            bn_momentum=float(self.bn_momentum), discriminator=bool(self.discriminator),
+            discriminator_blocks=int(self.discriminator_blocks),
+            discriminator_channels=int(self.discriminator_channels), image_loss_weight=float(self.image_loss_weight),
+            adversarial_weight=float(self.adversarial_weight), message_loss=self.message_loss, optimizer="adam",
+            lr=float(self.lr), schedule=self.lr_schedule, batch_size=int(self.batch_size), steps=int(self.steps),
+            noise=self.noise())
+
+    def embed(self, pipe, ctx) -> Embedding:
+        with forked_global_rng(ctx.generator):
+            return self._embed(pipe, ctx)
+
+    def _embed(self, pipe, ctx) -> Embedding:
+        t0 = time.perf_counter()
+        message = torch.randint(0, 2, (int(self.bits),), generator=ctx.generator).bool()
+        gen_data, gen_train = sub_generator(ctx.generator), sub_generator(ctx.generator)
+        size = int(self.image_size) or int(ctx.data.height if ctx.data is not None else 64)
+        images = training_images(ctx, self.train_source, self.dataset, int(self.train_images), size, pipe, gen_data,
+                                 int(self.gen_inference_steps), float(self.gen_guidance_scale), who="hidden")
+        t1 = time.perf_counter()
+        cfg = self.config()
+        trained = train_hidden(images, cfg, gen_train, ctx.progress, "hidden: training")
+        t2 = time.perf_counter()
+        probe = images[: min(64, images.shape[0])]
+        probe_msg = message.float().expand(probe.shape[0], -1)
+        acc = bit_accuracy(trained.decoder, probe, probe_msg, cfg.threshold, trained.encoder, cfg, quantize8)
+        tensors = {"message": message}
+        tensors.update(state_tensors("encoder", trained.encoder))
+        tensors.update(state_tensors("decoder", trained.decoder))
+        meta = {"method": "hidden", "arch": cfg.arch(), "threshold": cfg.threshold, "image_size": size,
+                **trained.stats, "train_bit_accuracy_message": acc}
+        n_params = sum(p.numel() for p in trained.encoder.parameters()) + \
+            sum(p.numel() for p in trained.decoder.parameters())
+        ctx.record_cost(steps=cfg.steps, trainable_params=n_params, train_images=int(images.shape[0]),
+                        data_seconds=t1 - t0, train_seconds=t2 - t1, bit_accuracy_train=acc)
+        return Embedding(Secret(tensors, meta))
+
+    def networks(self, secret: Secret) -> tuple[HiddenEncoder, HiddenDecoder, HiddenConfig]:
+        """Encoder, decoder and settings rebuilt from the secret alone (cached per secret)."""
+        key = digest(secret.tensors)
+        if key not in self._cache:
+            cfg = config_from_arch(secret.meta["arch"])
+            enc = load_prefixed(cfg.build_encoder(), secret.tensors, "encoder")
+            dec = load_prefixed(cfg.build_decoder(), secret.tensors, "decoder")
+            self._cache = {key: (enc, dec, cfg)}
+        return self._cache[key]
+
+    def mark(self, images: torch.Tensor, secret: Secret, ctx) -> torch.Tensor:
+        enc, _, cfg = self.networks(secret)
+        message = secret.tensors["message"].float()
+        out = []
+        with torch.no_grad():
+            for s in range(0, images.shape[0], 16):
+                x = images[s:s + 16].float()
+                m = message.expand(x.shape[0], -1)
+                out.append(apply_encoder(enc, x, m, cfg.encoder_output, cfg.strength).clamp(0, 1))
+        return torch.cat(out)
+
+    def decode(self, secret: Secret, images: torch.Tensor) -> torch.Tensor:
+        """The decoder's raw outputs ``[N, L]`` (bits are ``> secret.meta['threshold']``)."""
+        _, dec, _ = self.networks(secret)
+        with torch.no_grad():
+            return torch.cat([dec(images[s:s + 16].float()) for s in range(0, images.shape[0], 16)])
+
+    def detect(self, secret: Secret, images: torch.Tensor, ctx) -> Detection:
+        return Detection(bits=(self.decode(secret, images) > float(secret.meta["threshold"])).cpu())
