@@ -4,6 +4,12 @@ Every stage output lives in ``<cache>/<key[:2]>/<key>/``: ``tensors.safetensors`
 ``images/00000.png`` ... (8-bit PNG), ``meta.json`` (what made it: stage, plugin, parameters, inputs, timings,
 costs). A folder is written under a temporary name and renamed into place, so a crash never leaves a half-written
 artifact behind, and two workers writing the same key cannot corrupt it.
+
+Read-only *fallback* stores sit behind the writable one: the package ships the embed stages of its pre-embedded
+tiny-world defences there (``bench/zoo/artifacts/prebuilt``, written by ``bench zoo embed``), so ``bench run`` reads
+a shipped watermarked model instead of training it. A key is looked up in the writable store first, then in each
+fallback; nothing is ever written to a fallback. Because keys hash every input (base-model checksums, plugin,
+parameters, version, seed), a shipped artifact is only ever used for exactly the stage that made it.
 """
 
 from __future__ import annotations
@@ -50,23 +56,40 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 class ArtifactStore:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, fallbacks: tuple[str | os.PathLike, ...] = ()):
         self.root = Path(root)
+        self.fallbacks = tuple(Path(f) for f in fallbacks)
+
+    def own_path(self, key: str) -> Path:
+        """Where this store writes ``key``."""
+        return self.root / key[:2] / key
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / key
+        """Where ``key`` is: this store's copy, else the first fallback's, else where it would be written."""
+        own = self.own_path(key)
+        if (own / "meta.json").exists():
+            return own
+        for root in self.fallbacks:
+            p = root / key[:2] / key
+            if (p / "meta.json").exists():
+                return p
+        return own
 
     def exists(self, key: str) -> bool:
         return (self.path(key) / "meta.json").exists()
+
+    def shipped(self, key: str) -> bool:
+        """Whether ``key`` is read from a fallback (a shipped artifact) rather than computed here."""
+        return self.exists(key) and self.path(key) != self.own_path(key)
 
     def write(self, key: str, *, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
               images: torch.Tensor | None = None) -> Path:
         from PIL import Image
         from safetensors.torch import save_file
 
-        final = self.path(key)
         if self.exists(key):
-            return final
+            return self.path(key)
+        final = self.own_path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -106,3 +129,15 @@ class ArtifactStore:
 
     def image_paths(self, key: str) -> list[Path]:
         return sorted((self.path(key) / "images").glob("*.png"))
+
+
+def shipped_stores() -> tuple[Path, ...]:
+    """The read-only stores shipped with the package (pre-embedded tiny-world defences).
+
+    ``MARKBENCH_NO_PREBUILT=1`` turns them off (every stage is then computed here, e.g. to re-embed from scratch).
+    """
+    if os.environ.get("MARKBENCH_NO_PREBUILT", "") not in ("", "0"):
+        return ()
+    from .zoo import PREBUILT
+
+    return (PREBUILT,) if PREBUILT.is_dir() else ()

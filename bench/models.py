@@ -22,8 +22,9 @@ from typing import Any
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
-#: builtin name -> (builder function name, version). Bump the version when the builder changes.
-BUILTIN_MODELS: dict[str, str] = {"micro-sd": "1"}
+#: builtin name -> version. ``micro-sd`` is built from configs (bump the version when its builder changes);
+#: ``tiny-sd`` is the trained tiny-world pipeline shipped in ``bench/zoo/artifacts`` (identified by its checksums).
+BUILTIN_MODELS: dict[str, str] = {"tiny-sd": "shipped", "micro-sd": "1"}
 
 
 def markbench_home() -> Path:
@@ -117,7 +118,15 @@ _BUILDERS = {"micro-sd": build_micro_sd}
 
 
 def builtin_folder(name: str) -> Path:
-    """Build (once) and return the folder of a built-in pipeline."""
+    """Build (once) and return the folder of a built-in pipeline (``tiny-sd``: the shipped folder)."""
+    if name == "tiny-sd":
+        from . import zoo
+        from .errors import UserError
+
+        if not (zoo.TINY_SD / "model_index.json").exists():
+            raise UserError(f"model.builtin = 'tiny-sd': the shipped tiny-world pipeline is missing from "
+                            f"{zoo.TINY_SD}; rebuild it with 'bench zoo build' or use model.builtin = 'micro-sd'")
+        return zoo.TINY_SD
     folder = markbench_home() / "models" / f"{name}-v{BUILTIN_MODELS[name]}"
     if not (folder / "model_index.json").exists():
         pipe = _BUILDERS[name]()
@@ -189,6 +198,10 @@ def model_fingerprint(model_cfg) -> str:
     h.update(model_cfg.dtype.encode())
     if model_cfg.builtin:
         h.update(f"builtin:{model_cfg.builtin}:v{BUILTIN_MODELS[model_cfg.builtin]}".encode())
+        if model_cfg.builtin == "tiny-sd":
+            from . import zoo
+
+            h.update(zoo.fingerprint().encode())
     elif model_cfg.path:
         root = Path(model_cfg.path)
         for f in sorted(root.rglob("*")):

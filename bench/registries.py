@@ -42,6 +42,8 @@ BUILTIN_DEFENSES = {
     "sleepermark": "defenses.sleepermark:SleeperMark",
     "hidden": "defenses.hidden:HiDDeN",
     "stable_signature": "defenses.stable_signature:StableSignature",
+    "aqualora": "defenses.aqualora:AquaLoRA",
+    "wdm": "defenses.wdm:WDM",
 }
 BUILTIN_IMAGE_ATTACKS = {
     "none": "attacks.image.identity:Identity",

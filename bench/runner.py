@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .cache import ArtifactStore
+from .cache import ArtifactStore, shipped_stores
 from .config import BenchConfig
 from .errors import BenchError, PluginError
 from .executor import Executor, InProcessExecutor
@@ -62,7 +62,7 @@ class Runner:
         self.plan: Plan = build_plan(cfg)
         self.executor = executor or InProcessExecutor()
         self.progress = progress or Progress(enabled=False)
-        self.artifacts = ArtifactStore(cfg.cache_dir)
+        self.artifacts = ArtifactStore(cfg.cache_dir, fallbacks=shipped_stores())
         self.log = log or (lambda msg: None)
         self._seen_cached: set[str] = set()
         self._shared: dict[str, Any] = {}  # metrics' per-run state (e.g. FID reference statistics)

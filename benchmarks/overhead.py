@@ -5,7 +5,7 @@ side runs the real stage function (bench.stages.run_stage): generation, output c
 atomic PNG write to the artifact cache. Runs alternate (ABAB...) to cancel drift; the ratio of the fastest runs
 (the estimator least disturbed by other load) is printed, medians beside it.
 
-    python benchmarks/overhead.py [--images 32] [--repeats 5] [--config bench.toml]
+    python benchmarks/overhead.py [--images 32] [--repeats 10] [--threads 1] [--config bench.toml]
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="bench.toml")
     ap.add_argument("--images", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a small shared machine one thread times far more steadily)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     from bench.cache import ArtifactStore
     from bench.config import load_config
@@ -66,7 +69,7 @@ def main() -> None:
     # min is the estimator least disturbed by other load on the machine (as timeit recommends); medians shown too
     md, mh = min(t_direct), min(t_harness)
     print(f"images={args.images} batch={request.batch_size} steps={request.num_inference_steps} "
-          f"size={request.height}x{request.width} repeats={args.repeats}")
+          f"size={request.height}x{request.width} repeats={args.repeats} threads={torch.get_num_threads()}")
     print(f"direct diffusers call:  min {md:.3f} s, median {statistics.median(t_direct):.3f} s")
     print(f"harness generate stage: min {mh:.3f} s, median {statistics.median(t_harness):.3f} s")
     print(f"ratio harness/direct = {mh / md:.3f}  (target <= 1.05: {'PASS' if mh / md <= 1.05 else 'FAIL'})")

@@ -15,12 +15,19 @@ TINY_CLIP = ARTIFACTS / "tiny-clip"
 MANIFEST = ARTIFACTS / "manifest.json"
 
 
-def fingerprint() -> str:
-    """A short identity of the shipped artifacts (sha256 of the manifest's file table), for cache keys."""
+PREBUILT = ARTIFACTS / "prebuilt"
+
+
+def fingerprint(model: str = "tiny-sd") -> str:
+    """A short identity of one shipped model (sha256 of its rows in the manifest's file table), for cache keys.
+
+    Only that model's files count: shipping new pre-embedded defences (``prebuilt/``) or a new tiny CLIP does not
+    change the keys of stages computed on ``tiny-sd``.
+    """
     import hashlib
     import json
 
     if not MANIFEST.exists():
         return "unbuilt"
-    files = json.loads(MANIFEST.read_text()).get("files", {})
+    files = json.loads(MANIFEST.read_text()).get("files", {}).get(model, {})
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]

@@ -21,6 +21,8 @@ def add_parsers(sub, cfg_args) -> dict:
               bench zoo build --seed 0            rebuild everything (hours on a 2-core CPU)
               bench zoo build --only unet --resume
               bench zoo ship --work DIR           ship the latest checkpoints of a running build
+              bench zoo embed                     ship the defences of bench.toml pre-embedded in tiny-sd
+              bench zoo embed configs/sleepermark-tiny.toml --force
             """))
     zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
     b = zs.add_parser("build", help="rebuild the artifacts from a seed (resumable)")
@@ -38,6 +40,11 @@ def add_parsers(sub, cfg_args) -> dict:
     sh.add_argument("--out", default=None, help="artifacts folder (default: the package's)")
     sh.add_argument("--no-measure", action="store_true", help="skip the quality figures")
     sh.add_argument("--quick", action="store_true", help="quality figures with smaller N")
+    em = zs.add_parser("embed", help="embed the defences of configs in tiny-sd and ship them (bench run reuses them)")
+    em.add_argument("configs", nargs="*", default=None, help="configs using model.builtin = 'tiny-sd' "
+                    "(default: the shipped bench.toml)")
+    em.add_argument("--force", action="store_true", help="re-embed even where a shipped embedding exists")
+    em.add_argument("--out", default=None, help="artifacts folder (default: the package's)")
     i = zs.add_parser("info", help="print what is shipped")
     i.add_argument("--check", action="store_true", help="verify sha256 checksums against the manifest")
     i.add_argument("--dir", default=None, help="artifacts folder (default: the package's)")
@@ -66,6 +73,8 @@ def cmd_zoo(args) -> int:
         return _eval(args, console)
     if sub == "ship":
         return _ship(args, console)
+    if sub == "embed":
+        return _embed(args, console)
     return _build(args, console)
 
 
@@ -91,6 +100,20 @@ def _eval(args, console) -> int:
         (folder / "manifest.json").write_text(json.dumps(m, indent=1))
         print_info(console, folder, show_files=False)
     return 0 if all(met.values()) else 1
+
+
+def _embed(args, console) -> int:
+    from ..config import default_config_path
+    from ..progress import Progress
+    from . import ARTIFACTS
+    from .embed import embed_configs
+
+    configs = args.configs or [default_config_path()]
+    progress = Progress(console=console)
+    with progress.live():
+        embed_configs(configs, Path(args.out) if args.out else ARTIFACTS, force=args.force, progress=progress,
+                      log=lambda m: console.print(m, markup=False))
+    return 0
 
 
 def _ship(args, console) -> int:

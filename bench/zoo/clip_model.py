@@ -64,12 +64,18 @@ def load(folder: str | Path | None = None):
     return model.eval().requires_grad_(False)
 
 
-def save(model, folder: Path) -> None:
-    """Write ``folder`` as an open_clip local-dir model (config + safetensors)."""
+def save(model, folder: Path, half: bool = False) -> None:
+    """Write ``folder`` as an open_clip local-dir model (config + safetensors).
+
+    ``half``: store the weights as float16 (the shipped copy: half the bytes; loading casts them back to float32,
+    and the zero-shot figures in the manifest are measured on exactly those weights).
+    """
+    import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
     (folder / "open_clip_config.json").write_text(json.dumps({
         "model_cfg": model_config(),
@@ -122,7 +128,7 @@ class ZeroShot:
             feats = [model.encode_text(tok(self.captions[i:i + 512]), normalize=True)
                      for i in range(0, len(self.captions), 512)]
         self.text = torch.cat(feats)
-        self.scale = float(model.logit_scale.exp())
+        self.scale = float(model.logit_scale.detach().exp())
 
     def probs(self, images) -> dict[str, "np.ndarray"]:
         """Marginal class probabilities per attribute: ``{attr: float[n, n_classes]}``."""

@@ -72,12 +72,15 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
         t.add_column("model")
         t.add_column("steps", justify="right")
         t.add_column("CPU s", justify="right")
+        t.add_column("finished")
         t.add_column("settings")
         for name, res in tr.items():
             s = res.get("settings", {})
             keys = [k for k in ("batch_size", "lr", "decoder_steps", "min_snr_gamma", "cfg_drop", "ema_decay")
                     if k in s]
+            done = res.get("finished")
             t.add_row(name, str(res.get("steps")), str(res.get("cpu_seconds")),
+                      "yes" if done else ("no: checkpoint of a running build" if done is False else "?"),
                       ", ".join(f"{k}={s[k]}" for k in keys))
         console.print(t)
     q = m.get("quality")

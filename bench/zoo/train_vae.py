@@ -35,8 +35,8 @@ VAE_CONFIG = dict(
 
 @dataclass
 class VaeSettings:
-    steps: int = 4000  # stage 1: encoder + decoder
-    decoder_steps: int = 4000  # stage 2: decoder only
+    steps: int = 1200  # stage 1: encoder + decoder
+    decoder_steps: int = 6000  # stage 2: decoder only
     batch_size: int = 16
     lr: float = 1e-3
     decoder_lr: float = 5e-4

@@ -1,0 +1,91 @@
+"""``bench zoo embed``: ship pre-embedded tiny-world defences, so ``bench run`` reads them instead of training them.
+
+For every defence of the given configs (which must use ``model.builtin = "tiny-sd"``), the embed stage is
+computed exactly as ``bench run`` computes it (same plan, same stage key, same seed-derived generator) and its
+artifact is copied into ``bench/zoo/artifacts/prebuilt/<key[:2]>/<key>/``. The runner reads that folder as a
+read-only fallback store (:func:`bench.cache.shipped_stores`): a config whose defence entry has the same parameters,
+seed and base model hits the shipped artifact; any other config computes its own. ``MARKBENCH_NO_PREBUILT=1``
+ignores the shipped artifacts (to re-embed from scratch and compare).
+
+The manifest records each shipped embedding (defence, label, parameters, stage key, seconds, costs, bytes) under
+``prebuilt``, and its files under ``files.prebuilt`` (``bench zoo info --check`` verifies them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import ARTIFACTS, PREBUILT, fingerprint
+
+
+def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callable[[str], None] = print,
+                  progress=None, force: bool = False) -> list[dict]:
+    """Embed the in-model defences of ``configs`` on the shipped tiny-sd and ship them into ``out/prebuilt``."""
+    from ..cache import ArtifactStore
+    from ..config import load_config
+    from ..errors import UserError
+    from ..plan import build_plan
+    from ..stages import StageEnv, run_stage
+    from .build import _readable, file_table, write_manifest_core
+
+    out = Path(out)
+    prebuilt = out / PREBUILT.name
+    records = []
+    for path in configs:
+        cfg = load_config(path)
+        if cfg.model.builtin != "tiny-sd":
+            raise UserError(f"{path}: model.builtin = {cfg.model.builtin or cfg.model.source!r}; 'bench zoo embed' "
+                            f"ships embeddings of the tiny world only (model.builtin = 'tiny-sd')")
+        plan = build_plan(cfg)
+        store = ArtifactStore(cfg.cache_dir)  # no fallbacks: compute here, then ship
+        env = StageEnv(cfg, plan, store, progress)
+        for stage in plan.stages.values():
+            if stage.kind != "embed":
+                continue
+            if not force and (prebuilt / stage.key[:2] / stage.key / "meta.json").exists():
+                log(f"{stage.plugin.label}: already shipped ({stage.key[:12]})")
+                continue
+            if force and store.exists(stage.key):
+                shutil.rmtree(store.own_path(stage.key))
+            t0 = time.perf_counter()
+            if not store.exists(stage.key):
+                log(f"{stage.plugin.label}: embedding on tiny-sd ...")
+                meta = run_stage(stage, env)
+            else:
+                meta = store.meta(stage.key)
+            dst = prebuilt / stage.key[:2] / stage.key
+            if dst.exists():
+                shutil.rmtree(dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(store.path(stage.key), dst)
+            size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+            rec = {"defense": stage.plugin.name, "label": stage.plugin.label, "key": stage.key,
+                   "params": stage.plugin.identity().get("params"), "config": str(path),
+                   "base": fingerprint("tiny-sd"), "seconds": round(meta.get("seconds", 0.0), 1),
+                   "wall_seconds_here": round(time.perf_counter() - t0, 1),
+                   "costs": meta.get("costs", {}), "bytes": size}
+            records.append(rec)
+            log(f"{stage.plugin.label}: shipped {stage.key[:12]} ({size / 2**20:.2f} MiB, "
+                f"{rec['seconds']:.0f} s to embed)")
+    _readable(prebuilt) if prebuilt.exists() else None
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    shipped = {r["key"]: r for r in manifest.get("prebuilt", [])}
+    shipped.update({r["key"]: r for r in records})
+    base = fingerprint("tiny-sd")
+    for key, rec in list(shipped.items()):  # embeddings of an older tiny-sd can never be hit again: drop them
+        if rec.get("base") != base or not (prebuilt / key[:2] / key).exists():
+            shipped.pop(key)
+    if prebuilt.exists():
+        for folder in [p for p in prebuilt.glob("*/*") if p.is_dir()]:
+            if folder.name not in shipped:
+                shutil.rmtree(folder)
+    manifest["prebuilt"] = list(shipped.values())
+    core = write_manifest_core(out, manifest.get("seed", 0), manifest.get("build_seconds_last_run", 0.0), manifest)
+    manifest["files"], manifest["total_bytes"] = core["files"], core["total_bytes"]
+    manifest_path.write_text(json.dumps(manifest, indent=1, default=str))
+    return records

@@ -1,0 +1,90 @@
+"""Shipped pre-embedded defences: the read-only fallback store, and the shipped grid actually hitting it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import zoo
+from bench.cache import ArtifactStore, shipped_stores
+from bench.config import load_config
+from bench.errors import UserError
+from bench.models import builtin_folder
+from bench.plan import build_plan
+from bench.prompts import BUILTIN_PROMPTS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fallback_store_is_read_but_never_written(tmp_path):
+    shipped, own = ArtifactStore(tmp_path / "shipped"), tmp_path / "own"
+    shipped.write("ab" * 32, meta={"from": "shipped"}, tensors={"x": torch.ones(2)})
+    store = ArtifactStore(own, fallbacks=(tmp_path / "shipped",))
+    assert store.exists("ab" * 32) and store.shipped("ab" * 32)
+    assert store.meta("ab" * 32) == {"from": "shipped"}
+    assert torch.equal(store.tensors("ab" * 32)["x"], torch.ones(2))
+    # writing an existing key is a no-op; nothing lands in the fallback or the own store
+    store.write("ab" * 32, meta={"from": "own"})
+    assert store.meta("ab" * 32) == {"from": "shipped"} and not own.exists()
+    # a key missing everywhere is written to the own store, and the own copy wins over a shipped one
+    store.write("cd" * 32, meta={"from": "own"})
+    assert (own / "cd" / ("cd" * 32) / "meta.json").exists() and not store.shipped("cd" * 32)
+    ArtifactStore(tmp_path / "shipped").write("cd" * 32, meta={"from": "shipped"})
+    assert store.meta("cd" * 32) == {"from": "own"}
+
+
+def test_prebuilt_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("MARKBENCH_NO_PREBUILT", "1")
+    assert shipped_stores() == ()
+
+
+def test_tiny_prompt_sets_are_disjoint_domain_captions():
+    from bench.zoo import shapes
+
+    held, train = BUILTIN_PROMPTS["tiny"], BUILTIN_PROMPTS["tiny-train"]
+    assert len(held) == 64 and len(set(held)) == 64 and len(train) == 128 and len(set(train)) == 128
+    train_combos, held_combos = map(set, shapes.combinations())
+    for cap in held:
+        a = shapes.parse_caption(cap)
+        assert (a["shape"], a["colour"], a["background"]) in held_combos
+    for cap in train:
+        a = shapes.parse_caption(cap)
+        assert (a["shape"], a["colour"], a["background"]) in train_combos
+    assert {shapes.parse_caption(c)["shape"] for c in held} == set(shapes.SHAPES)
+
+
+def test_missing_tiny_sd_is_one_clear_sentence(monkeypatch, tmp_path):
+    monkeypatch.setattr(zoo, "TINY_SD", tmp_path / "tiny-sd")
+    with pytest.raises(UserError, match="bench zoo build"):
+        builtin_folder("tiny-sd")
+
+
+def _defence_entry(path: Path, name: str) -> dict:
+    import tomllib
+
+    return next(d for d in tomllib.loads(path.read_text())["defenses"] if d["name"] == name)
+
+
+@pytest.mark.parametrize("name,config", [("sleepermark", "configs/sleepermark-tiny.toml")])
+def test_shipped_grid_uses_the_same_settings_as_the_tiny_configs(name, config):
+    """The embed stage key hashes the parameters: equal entries share one (shipped) embedding."""
+    assert _defence_entry(ROOT / "bench.toml", name) == _defence_entry(ROOT / config, name)
+
+
+shipped = pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
+
+
+@shipped
+def test_every_training_defence_of_the_shipped_grid_is_shipped_pre_embedded():
+    cfg = load_config(ROOT / "bench.toml", check_output=False)
+    plan = build_plan(cfg)
+    manifest = json.loads(zoo.MANIFEST.read_text())
+    recorded = {r["key"]: r for r in manifest.get("prebuilt", [])}
+    store = ArtifactStore(ROOT / "no-such-cache", fallbacks=(zoo.PREBUILT,))
+    for stage in plan.stages.values():
+        if stage.kind == "embed":
+            assert store.shipped(stage.key), f"{stage.plugin.label}: not shipped; run 'bench zoo embed'"
+            assert stage.key in recorded and recorded[stage.key]["base"] == zoo.fingerprint("tiny-sd")
