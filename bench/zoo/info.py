@@ -80,7 +80,7 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
                     if k in s]
             done = res.get("finished")
             t.add_row(name, str(res.get("steps")), str(res.get("cpu_seconds")),
-                      "yes" if done else ("no: checkpoint of a running build" if done is False else "?"),
+                      "yes" if done else ("no: stopped at this checkpoint" if done is False else "?"),
                       ", ".join(f"{k}={s[k]}" for k in keys))
         console.print(t)
     q = m.get("quality")
@@ -106,6 +106,19 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
         if met:
             console.print("targets: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in met.items()),
                           markup=False)
+    pre = m.get("prebuilt")
+    if pre:
+        t = Table(title="pre-embedded defences (bench zoo embed; bench run reads them instead of training)",
+                  title_justify="left")
+        t.add_column("defence")
+        t.add_column("stage key")
+        t.add_column("embed s", justify="right")
+        t.add_column("size", justify="right")
+        t.add_column("config")
+        for r in pre:
+            t.add_row(r.get("label", r.get("defense")), r["key"][:12], f"{r.get('seconds', 0):.0f}",
+                      _mib(r.get("bytes", 0)), r.get("config", ""))
+        console.print(t)
     if check:
         problems = verify(folder, m)
         if problems:
