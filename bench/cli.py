@@ -346,6 +346,7 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | 
                     if c is not None:
                         w.writerow([row, col, metric, c["value"], c["low"], c["high"], c["n"]])
         return
+    from rich.markup import escape
     from rich.table import Table
 
     ns = set(int(n) for n in sub["n"])
@@ -358,15 +359,15 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | 
     if flip:
         t.add_column("attack \\ defence", style="bold", no_wrap=True)
         for row in rows:
-            t.add_column(row)
+            t.add_column(escape(row))  # labels like "wdm[no_trigger]" are not rich markup
         for col in cols:
-            t.add_row(col, *[cells.get((row, col), "") for row in rows])
+            t.add_row(escape(col), *[cells.get((row, col), "") for row in rows])
     else:
         t.add_column("defence \\ attack", style="bold")
         for col in cols:
-            t.add_column(col, overflow="fold")
+            t.add_column(escape(col), overflow="fold")
         for row in rows:
-            t.add_row(row, *[cells.get((row, col), "") for col in cols])
+            t.add_row(escape(row), *[cells.get((row, col), "") for col in cols])
     console.print(t)
     notes = sorted(set(n for n in sub["note"] if n))
     for n in notes:

@@ -20,7 +20,7 @@ from typing import Any
 from .cache import stable_hash
 from .config import BenchConfig, PluginSpec
 from .models import model_fingerprint
-from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy
+from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy, Verification
 
 STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "detect")
 
@@ -132,6 +132,12 @@ def custom_generation(defense_cls: type[Defense]) -> bool:
     return defense_cls.generate is not Defense.generate
 
 
+def white_box_generation(defense_cls: type[Defense]) -> bool:
+    """A white-box defence that verifies through its own generation (WDM's trigger-fed extraction): its negatives
+    are that same procedure on the clean model (attacked like the positives), not the clean model's plain images."""
+    return defense_cls.verification is Verification.WHITE_BOX and custom_generation(defense_cls)
+
+
 class _Builder:
     def __init__(self, cfg: BenchConfig):
         self.cfg = cfg
@@ -174,6 +180,7 @@ def build_plan(cfg: BenchConfig) -> Plan:
     """Expand the config's grid into cells and stages (no model work; cheap)."""
     b = _Builder(cfg)
     base = b.base()
+    attacked_negatives = cfg.negative_policy is NegativePolicy.ATTACKED
     for seed in cfg.run.seeds:
         request = generation_request(cfg, seed)
         b.plan.requests[seed] = request
@@ -196,7 +203,14 @@ def build_plan(cfg: BenchConfig) -> Plan:
                         unattacked = b.plain_images(model, request, seed)
                     for ia in cfg.image_attacks:
                         images = b.attacked_images(unattacked, ia, seed)
-                        if cfg.negative_policy is NegativePolicy.ATTACKED:
+                        if white_box_generation(dcls):
+                            # a white-box verifier's null is its own procedure run on a clean model
+                            negatives = b.add("generate", (clean_model if attacked_negatives else base, embed), d,
+                                              seed, label=f"generate {d.label} on the clean model"
+                                              + (f"[{variant}]" if variant else ""),
+                                              request=b.request_identity(request), run_seed=seed, variant=variant)
+                            negatives = b.attacked_images(negatives, ia, seed) if attacked_negatives else negatives
+                        elif attacked_negatives:
                             negatives = b.attacked_images(clean_twins, ia, seed)
                         else:
                             negatives = b.plain_images(base, request, seed)

@@ -85,3 +85,25 @@ def test_clean_negative_policy_uses_unattacked_base_images(tmp_path):
     attacked = _plan(tmp_path, name="a.toml")
     jpeg_cells = [c for c in attacked.cells if c.image_attack.name == "jpeg"]
     assert all(attacked.stages[c.negatives].kind == "image_attack" for c in jpeg_cells)
+
+
+@pytest.mark.parametrize("negatives", ["attacked", "clean"])
+def test_white_box_negatives_run_the_verifier_on_the_clean_model(tmp_path, negatives):
+    """WDM verifies by its own trigger-fed generation: its null is that generation on the clean model."""
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "wdm"').replace(
+        "target_fprs", f'negatives = "{negatives}"\ntarget_fprs')
+    plan = _plan(tmp_path, text)
+    base = next(k for k, s in plan.stages.items() if s.kind == "base")
+    for cell in plan.cells:
+        neg_src = plan.stages[cell.negatives]
+        if cell.image_attack.name != "none" and negatives == "attacked":
+            assert neg_src.kind == "image_attack"
+            neg_src = plan.stages[neg_src.inputs[0]]
+        if cell.defense.name == "wdm":
+            assert neg_src.kind == "generate" and neg_src.plugin is not None and neg_src.plugin.name == "wdm"
+            assert neg_src.inputs == (base, cell.embed)  # the clean model, the same secret
+            assert dict(neg_src.extra)["variant"] == cell.variant
+            pos = plan.stages[cell.unattacked]
+            assert pos.inputs[0] == cell.embed and pos.key != neg_src.key
+        else:  # black-box defences keep the clean model's plain images
+            assert neg_src.kind == "generate" and neg_src.plugin is None

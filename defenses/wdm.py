@@ -1,0 +1,517 @@
+"""WDM: a Watermark Diffusion Process learned by the UNet beside its task, extracted white-box with a trigger.
+
+Peng, Chen, Wang and Jia, "Protecting the Intellectual Property of Diffusion Models by the Watermark Diffusion
+Process" (also titled "Intellectual Property Protection of Diffusion Models via the Watermark Diffusion Process"),
+arXiv 2306.03436, 2023 (official code: senp98/wdm, MIT, consulted for facts only; this file is written afresh).
+
+The model is fine-tuned to learn, besides its task's diffusion process, a second one (the WDP) that maps noise to a
+watermark ``x_wm`` whenever its input is shifted towards a secret trigger ``tau``. The paper works on pixel-space
+DDPMs (CIFAR-10, 32 px); the pipelines under test here are latent diffusion models (Stable Diffusion and the tiny
+worlds), so **the WDP lives in the UNet's latent space**: ``x_wm``, ``tau`` and every ``x_t`` below are latents of
+the VAE (scaled by its ``scaling_factor``), and the extracted latent is decoded by the pipeline's VAE before it is
+compared with the watermark image. Per fine-tuning step (separate, independent timesteps for the two terms)::
+
+    x_t  = q_sample(z_0, t, eps)                                       task: the model's own latents, captions c
+    x~_t = gamma1 * q_sample(z_wm, t', eps') + (1 - gamma1) * tau       WDP input, conditioning c_0 = text("")
+    L    = mean |eps_theta(x_t, t, c) - eps|^2 + gamma2 * mean |eps_theta(x~_t, t', c_0) - eps'|^2
+
+with ``q_sample(z, t, eps) = sqrt(abar_t) z + sqrt(1 - abar_t) eps``, ``gamma1 = 0.8``, ``gamma2 = 0.1``, AdamW lr
+1e-4 without weight decay, batches of 32 task and 32 watermark samples and an EMA of the weights (rate 0.999) that
+becomes the released model (the official configuration). Every UNet parameter trains; VAE and text encoder stay
+frozen.
+
+**Extraction** (white box: it runs the suspect model's UNet): ancestral (DDPM) sampling from ``x_T ~ N(0, I)`` in
+which the UNet is fed ``gamma1 * x_t + (1 - gamma1) * tau`` at every step while the posterior step uses the unshifted
+``x_t`` (as the official sampler: ``x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, then
+``q(x_{t-1} | x_t, x_0)`` with the "fixed large" variance ``beta_t``); 1000 steps, the full chain, by default. The
+extracted latent is decoded and compared with the reference ``Dec(z_wm)`` (the watermark as the model's own VAE
+renders it): the detection score is the PSNR in dB (``distance = "mse"``, a monotone function of -MSE) or the SSIM
+(``distance = "ssim"``); higher means closer to the watermark. **WDM is zero-bit**: the harness turns scores into
+AUC and TPR at its target FPRs (threshold on the negatives' scores, :mod:`bench.measures.detection`).
+
+**Calibration on clean models.** At embedding time the same extraction runs on the clean base model, before any
+fine-tuning, for ``calibration_samples`` seeds: its scores (both distances) are the null distribution, stored in the
+secret (``meta["null_scores"]``) with the watermarked model's scores for the same seeds (``meta["embedded_scores"]``);
+:meth:`WDM.threshold` turns the null into a threshold at a given FPR (Gaussian fit) and :meth:`WDM.detect_model`
+scores any pipeline white-box. In the harness the verification rides on generation: ``generate`` with variant ``""``
+*is* the extraction on the (attacked) watermarked pipeline, ``detect`` compares those images with the reference. The
+variant ``"no_trigger"`` is the model's ordinary text-to-image generation (the task: quality metrics are read there,
+and the watermark must not show, so its detection should sit at chance). See ``docs/wdm.md`` for what the harness's
+negatives are and what it would need for a faithful white-box null.
+
+Substitutions and choices (all documented in ``docs/wdm.md``):
+
+* **Latent space** (above). The trigger is by default a standard-normal latent drawn from the stage's generator
+  (``trigger_source = "latent"``; the paper's random-noise trigger, which in pixel space lies in [-1, 1] like the data;
+  SD's scaled latents have about unit variance) or a uniform random-pixel image VAE-encoded (``"image"``). The
+  watermark is by default a random two-colour block pattern image (a logo stand-in, ``watermark_grid`` blocks a side)
+  VAE-encoded (posterior mean), or an image file (``"file"``), or a +-1 block pattern defined directly as a latent
+  (``"latent"``).
+* **Task data.** The paper fine-tunes on the task's training set (CIFAR-10). Offline, the default uses images the
+  base model generates itself for the run's prompts (``task_data = "generated"``; their final latents are taken from
+  the sampler, so no VAE round trip); ``"dataset"`` uses ``ctx.data.dataset(dataset)`` (e.g. ``tiny:train``, the
+  tiny world's own training data) encoded by the VAE (posterior mean). Captions condition the task term.
+* **Conditioning.** The paper's models are unconditional; here the WDP branch and the extraction are conditioned on
+  the empty prompt ``wdp_prompt = ""`` (the unconditional branch of a classifier-free-guided model), without guidance.
+* **Prediction type.** The WDP is defined for epsilon prediction (the paper and SD 1.x); v-prediction models are
+  refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
+                   UserError, Verification, defenses)
+from bench.generation import latent_shape
+from bench.training import decode_latents, encode_images, encode_prompts, sample_batches, train_loop, trainable
+from defenses.hidden import forked_global_rng, quantize8, sub_generator, training_images
+
+DISTANCES = ("mse", "ssim")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces of the method, exposed for tests
+# ---------------------------------------------------------------------------------------------------------------
+def _abar(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return alphas_cumprod.to(like.device, torch.float32)[t.to(like.device)].view(-1, *([1] * (like.ndim - 1)))
+
+
+def q_sample(alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process ``sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (``t``: one timestep per sample)."""
+    abar = _abar(alphas_cumprod, t, x0).to(x0.dtype)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def wdp_input(x: torch.Tensor, trigger: torch.Tensor, gamma1: float) -> torch.Tensor:
+    """What the UNet sees on the WDP: ``gamma1 * x + (1 - gamma1) * trigger`` (training and extraction alike)."""
+    return gamma1 * x + (1 - gamma1) * trigger
+
+
+def wdm_loss_terms(unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, target: torch.Tensor,
+                   x_wdp: torch.Tensor, t_wdp: torch.Tensor, cond_wdp: torch.Tensor, target_wdp: torch.Tensor,
+                   gamma2: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """``L = mean|eps(x_t, t, c) - eps|^2 + gamma2 * mean|eps(x~_t, t', c_0) - eps'|^2``: both halves go through the
+    UNet as one batch (``cond_wdp`` broadcasts over the watermark half)."""
+    n, m = x_t.shape[0], x_wdp.shape[0]
+    cond_wdp = cond_wdp.expand(m, *cond_wdp.shape[1:]) if cond_wdp.shape[0] == 1 else cond_wdp
+    pred = unet(torch.cat([x_t, x_wdp]), torch.cat([t, t_wdp]),
+                encoder_hidden_states=torch.cat([cond, cond_wdp])).sample.float()
+    task = F.mse_loss(pred[:n], target.float())
+    wdp = F.mse_loss(pred[n:n + m], target_wdp.float())
+    return task + gamma2 * wdp, {"task": float(task.detach()), "wdp": float(wdp.detach())}
+
+
+def wdm_loss(unet, alphas_cumprod: torch.Tensor, latents: torch.Tensor, cond: torch.Tensor,
+             wm_latents: torch.Tensor, trigger: torch.Tensor, cond_wdp: torch.Tensor, gamma1: float, gamma2: float,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch of the WDM objective: independent uniform timesteps and noises for the task and the WDP terms."""
+    device = latents.device
+    n_t = int(alphas_cumprod.shape[0])
+    t = torch.randint(0, n_t, (latents.shape[0],), generator=generator).to(device)
+    t_wdp = torch.randint(0, n_t, (wm_latents.shape[0],), generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    noise_wdp = torch.randn(wm_latents.shape, generator=generator).to(device, latents.dtype)
+    x_t = q_sample(alphas_cumprod, latents, t, noise)
+    x_wdp = wdp_input(q_sample(alphas_cumprod, wm_latents, t_wdp, noise_wdp), trigger, gamma1)
+    return wdm_loss_terms(unet, x_t, t, cond, noise, x_wdp, t_wdp, cond_wdp, noise_wdp, gamma2)
+
+
+def extraction_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """Descending timesteps of the ancestral chain: all ``T`` (the paper) or ``steps`` evenly spaced ones from
+    ``T - 1`` down to 0 (a respaced chain, as improved-diffusion's ``timestep_respacing``)."""
+    total = int(num_train_timesteps)
+    steps = max(1, min(int(steps), total))
+    if steps == total:
+        return list(range(total - 1, -1, -1))
+    points = torch.linspace(0, total - 1, steps).round().long().tolist()
+    return sorted(set(points), reverse=True)
+
+
+@torch.no_grad()
+def wdp_sample(unet, alphas_cumprod: torch.Tensor, x_T: torch.Tensor, trigger: torch.Tensor, gamma1: float,
+               cond: torch.Tensor, timesteps: Sequence[int], generators: Sequence[torch.Generator],
+               variance: str = "fixed_large", progress: Callable[..., Iterable] | None = None) -> torch.Tensor:
+    """Ancestral sampling of the WDP: the UNet sees ``gamma1 * x_t + (1 - gamma1) * trigger``; the posterior
+    ``q(x_prev | x_t, x_0)`` uses the unshifted ``x_t``. Returns the last step's ``x_0`` (float32). Per-sample noise
+    comes from ``generators`` (one per sample, CPU). ``variance``: ``fixed_large`` (``beta``, the official
+    ``sigma_small = False``) or ``fixed_small`` (the posterior variance)."""
+    device = x_T.device
+    dtype = next(unet.parameters()).dtype if hasattr(unet, "parameters") else torch.float32
+    ac = alphas_cumprod.detach().double().cpu()
+    x = x_T.float()
+    trigger = trigger.to(device, torch.float32)
+    n = x.shape[0]
+    cond = cond.to(device, dtype)
+    cond = cond.expand(n, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+    steps = list(timesteps)
+    order: Iterable[int] = range(len(steps))
+    if progress is not None:
+        order = progress(order, total=len(steps), description="wdm: extraction")
+    for i in order:
+        t, prev = int(steps[i]), (int(steps[i + 1]) if i + 1 < len(steps) else -1)
+        abar_t = float(ac[t])
+        abar_prev = float(ac[prev]) if prev >= 0 else 1.0
+        x_in = wdp_input(x, trigger, gamma1).to(dtype)
+        tt = torch.full((n,), t, dtype=torch.long, device=device)
+        eps = unet(x_in, tt, encoder_hidden_states=cond).sample.float()
+        x0 = (x - (1 - abar_t) ** 0.5 * eps) / abar_t ** 0.5
+        beta = 1 - abar_t / abar_prev
+        mean = (abar_prev ** 0.5 * beta / (1 - abar_t)) * x0 + \
+            ((abar_t / abar_prev) ** 0.5 * (1 - abar_prev) / (1 - abar_t)) * x
+        if prev < 0:
+            x = mean  # = x0: no noise at the last step
+            continue
+        var = beta if variance == "fixed_large" else beta * (1 - abar_prev) / (1 - abar_t)
+        z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).to(device)
+        x = mean + var ** 0.5 * z
+    return x
+
+
+def similarity_scores(images: torch.Tensor, reference: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-image closeness to the reference watermark image (higher = closer): PSNR in dB (``mse``; MSE floored at
+    1e-10) or SSIM (``ssim``; Gaussian window 11, sigma 1.5, data range 1). Images of another size are resized
+    (bilinear) to the reference's."""
+    images = images.float()
+    ref = reference.float().to(images.device)
+    ref = ref[None] if ref.ndim == 3 else ref
+    if tuple(images.shape[-2:]) != tuple(ref.shape[-2:]):
+        images = F.interpolate(images, size=tuple(ref.shape[-2:]), mode="bilinear", align_corners=False)
+    ref = ref.expand(images.shape[0], -1, -1, -1)
+    if distance == "mse":
+        mse = ((images - ref) ** 2).flatten(1).mean(1)
+        return -10 * torch.log10(mse.clamp_min(1e-10))
+    if distance == "ssim":
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        return ssim(images, ref, data_range=1.0, reduction="none").reshape(-1).float()
+    raise ValueError(f"unknown distance {distance!r}; allowed: {', '.join(DISTANCES)}")
+
+
+def block_pattern(grid: int, size: tuple[int, int], channels: int, gen: torch.Generator) -> torch.Tensor:
+    """A random binary ``grid x grid`` block pattern (values 0/1, ``[channels, *size]``, nearest-upsampled; every
+    channel the same pattern)."""
+    bits = torch.randint(0, 2, (1, 1, grid, grid), generator=gen).float()
+    return F.interpolate(bits, size=size, mode="nearest")[0].expand(channels, -1, -1).clone()
+
+
+class _EMA:
+    """Exponential moving average of parameters (``s <- rate * s + (1 - rate) * p`` after every optimiser step)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], rate: float):
+        self.rate = float(rate)
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: Sequence[torch.nn.Parameter]) -> None:
+        for s, p in zip(self.shadow, params):
+            s.mul_(self.rate).add_(p.detach(), alpha=1 - self.rate)
+
+    @torch.no_grad()
+    def copy_to(self, params: Sequence[torch.nn.Parameter]) -> None:
+        for s, p in zip(self.shadow, params):
+            p.copy_(s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The defence
+# ---------------------------------------------------------------------------------------------------------------
+@defenses.register("wdm")
+class WDM(Defense):
+    """WDM (Peng et al. 2023, arXiv 2306.03436): the UNet learns a trigger-fed Watermark Diffusion Process beside its
+    task; white-box extraction samples it and compares the result with the watermark image (zero-bit score).
+
+    Fine-tunes the whole UNet (in latent space) on ``task loss + gamma2 * L_wdp`` with the WDP input ``gamma1 *
+    q_sample(z_wm, t', eps') + (1 - gamma1) * trigger`` (target ``eps'``, empty-prompt conditioning, a separate
+    timestep), AdamW lr 1e-4 and an EMA (0.999) of the weights. Variants: ``""`` is the extraction (ancestral
+    sampling from noise with the UNet fed ``gamma1 * x_t + (1 - gamma1) * trigger``, decoded by the pipeline's VAE):
+    its detection score is the PSNR (or SSIM) to the watermark image; ``"no_trigger"`` is ordinary text-to-image
+    generation (quality is read there; the watermark must not show). Defaults are the paper's (gamma1 0.8, gamma2
+    0.1, batches 32 + 32, 1000-step extraction); the trigger/watermark are drawn from the stage's generator. The null
+    distribution of the extraction on the clean base model is stored in the secret. See ``docs/wdm.md``.
+    """
+
+    version = "1"
+    location = MarkLocation.MODEL_WEIGHTS
+    verification = Verification.WHITE_BOX
+    detection = DetectionKind.SCORE
+    variants = ("", "no_trigger")
+
+    params = (
+        # -- the watermark diffusion process ---------------------------------------------------------------------
+        Param("gamma1", "float", 0.8, "WDP input gamma1 * x_t + (1 - gamma1) * trigger (paper 0.8)",
+              low=1e-6, high=1.0),
+        Param("gamma2", "float", 0.1, "weight of the WDP loss beside the task loss (paper 0.1)", low=0.0, high=1e6),
+        Param("trigger_source", "str", "latent", "trigger: a standard-normal latent, or a uniform random-pixel "
+              "image VAE-encoded", choices=("latent", "image")),
+        Param("watermark_source", "str", "pattern", "watermark: a random two-colour block-pattern image (logo "
+              "stand-in), an image file (watermark_file), or a +-1 block pattern defined as a latent",
+              choices=("pattern", "file", "latent")),
+        Param("watermark_file", "str", "", "image file of the watermark (watermark_source = 'file')"),
+        Param("watermark_grid", "int", 8, "blocks per side of the random watermark pattern", low=1, high=4096),
+        Param("wdp_prompt", "str", "", "prompt conditioning the WDP branch and the extraction (empty: the "
+              "unconditional branch)"),
+        Param("resolution", "int", 0, "watermark/extraction image side in pixels; 0 = the model's native "
+              "(unet sample_size x vae_scale_factor)", low=0, high=4096),
+        # -- task data -------------------------------------------------------------------------------------------
+        Param("task_data", "str", "generated", "task-loss data: images the base model generates for the run's "
+              "prompts, or ctx.data.dataset(dataset)", choices=("generated", "dataset")),
+        Param("dataset", "str", "tiny:train", "dataset for task_data = 'dataset' (tiny:<split> or a folder)"),
+        Param("train_images", "int", 10000, "task images (generated or from the dataset)", low=1, high=10_000_000),
+        Param("train_inference_steps", "int", 50, "sampling steps for generated task images", low=1, high=1000),
+        Param("train_guidance_scale", "float", 7.5, "guidance scale for generated task images", low=0.0, high=50.0),
+        Param("gen_batch_size", "int", 16, "batch when generating task images and calibrating", low=1, high=4096),
+        # -- fine-tuning -----------------------------------------------------------------------------------------
+        Param("steps", "int", 10000, "fine-tuning steps (the official configuration runs until stopped)",
+              low=0, high=100_000_000),
+        Param("batch_size", "int", 32, "task samples per step (official 32)", low=1, high=4096),
+        Param("wm_batch_size", "int", 32, "watermark samples per step (official 32)", low=1, high=4096),
+        Param("lr", "float", 1e-4, "AdamW learning rate, constant (official 1e-4)", low=0.0, high=1.0),
+        Param("weight_decay", "float", 0.0, "AdamW weight decay (official 0)", low=0.0, high=10.0),
+        Param("ema_rate", "float", 0.999, "EMA rate of the released weights (official 0.999); 0 = the raw weights",
+              low=0.0, high=0.999999),
+        # -- extraction / verification ---------------------------------------------------------------------------
+        Param("extract_steps", "int", 1000, "ancestral steps of the extraction (1000 = the full chain, official)",
+              low=1, high=100_000),
+        Param("extract_variance", "str", "fixed_large", "ancestral variance: beta_t (official) or the posterior's",
+              choices=("fixed_large", "fixed_small")),
+        Param("distance", "str", "mse", "detection score: PSNR to the watermark image (mse) or SSIM",
+              choices=DISTANCES),
+        Param("calibration_samples", "int", 16, "extractions on the clean base model at embedding time (the null "
+              "distribution stored in the secret); 0 = none", low=0, high=100_000),
+    )
+
+    smoke_params = dict(train_images=4, train_inference_steps=2, gen_batch_size=4, steps=2, batch_size=2,
+                        wm_batch_size=2, ema_rate=0.0, extract_steps=3, calibration_samples=2)
+
+    def __init__(self, **given: Any):
+        super().__init__(**given)
+        if self.watermark_source == "file" and not self.watermark_file:
+            raise UserError("wdm: watermark_source = 'file' needs watermark_file (an image path)")
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _resolution(self, pipe) -> int:
+        if self.resolution:
+            return int(self.resolution)
+        return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+    @staticmethod
+    def _check_pipeline(pipe) -> None:
+        if pipe.unet.dtype != torch.float32 or pipe.vae.dtype != torch.float32:
+            raise UserError("wdm trains in float32 (as the paper): set model.dtype = \"float32\"")
+        kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if kind != "epsilon":
+            raise UserError(f"wdm: the watermark diffusion process is defined for epsilon prediction; this model "
+                            f"predicts {kind!r}")
+
+    def make_trigger(self, pipe, shape: Sequence[int], resolution: int, gen: torch.Generator) -> torch.Tensor:
+        """The secret trigger ``[C, h, w]`` in the scaled latent space."""
+        if self.trigger_source == "latent":
+            return torch.randn(tuple(shape), generator=gen)
+        pixels = torch.rand((1, 3, resolution, resolution), generator=gen)
+        return encode_images(pipe, pixels)[0].float().cpu()
+
+    def make_watermark(self, pipe, shape: Sequence[int], resolution: int, gen: torch.Generator) -> torch.Tensor:
+        """The watermark ``z_wm`` ``[C, h, w]`` in the scaled latent space."""
+        c, h, w = (int(s) for s in shape)
+        grid = int(self.watermark_grid)
+        if self.watermark_source == "latent":
+            return torch.stack([block_pattern(grid, (h, w), 1, gen)[0] for _ in range(c)]) * 2 - 1
+        if self.watermark_source == "file":
+            image = _load_image(self.watermark_file, resolution)
+        else:
+            mask = block_pattern(grid, (resolution, resolution), 3, gen)
+            colours = torch.rand((2, 3, 1, 1), generator=gen)
+            image = colours[0] * (1 - mask) + colours[1] * mask
+        return encode_images(pipe, image[None])[0].float().cpu()
+
+    def _task_latents(self, pipe, ctx, gen: torch.Generator, resolution: int) -> tuple[torch.Tensor, list[str]]:
+        """Scaled task latents ``[N, C, h, w]`` (CPU) and their captions."""
+        n = int(self.train_images)
+        if ctx.data is None:
+            raise UserError("wdm: fine-tuning needs the harness's data resources (ctx.data)")
+        if self.task_data == "dataset":
+            images, captions = ctx.data.dataset(self.dataset, n)
+            if tuple(images.shape[-2:]) != (resolution, resolution):
+                images = F.interpolate(images, size=(resolution, resolution), mode="bicubic", align_corners=False,
+                                       antialias=True).clamp(0, 1)
+            latents = torch.cat([encode_images(pipe, images[s:s + int(self.gen_batch_size)]).float().cpu()
+                                 for s in range(0, images.shape[0], int(self.gen_batch_size))])
+            return latents, list(captions)
+        _, latents = training_images(ctx, "generated", "", n, resolution, pipe, gen,
+                                     inference_steps=int(self.train_inference_steps),
+                                     guidance_scale=float(self.train_guidance_scale),
+                                     batch_size=int(self.gen_batch_size), who="wdm", return_latents=True)
+        # training_images cycles the run's prompts over the images (the same rule, for the captions)
+        prompts = list(ctx.data.prompts()) or ["a red circle on a blue background"]
+        return latents * float(pipe.vae.config.scaling_factor), [prompts[i % len(prompts)] for i in range(n)]
+
+    @staticmethod
+    def _prompt_table(pipe, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings of the distinct captions (CPU) and each caption's row in that table."""
+        unique = sorted(set(captions))
+        row = {c: i for i, c in enumerate(unique)}
+        table = torch.cat([encode_prompts(pipe, unique[s:s + 64]).float().cpu() for s in range(0, len(unique), 64)])
+        return table, torch.tensor([row[c] for c in captions], dtype=torch.long)
+
+    # -- fine-tuning ------------------------------------------------------------------------------------------
+    def train(self, pipe, latents: torch.Tensor, cond_table: torch.Tensor, cond_index: torch.Tensor,
+              wm_latent: torch.Tensor, trigger: torch.Tensor, cond_wdp: torch.Tensor, ctx,
+              gen: torch.Generator) -> dict[str, Any]:
+        """Fine-tune every UNet parameter in place on the WDM objective; the EMA weights (``ema_rate > 0``) are
+        loaded at the end. Returns training statistics."""
+        unet = pipe.unet
+        device = unet.device
+        params = trainable(unet)
+        ema = _EMA(params, float(self.ema_rate)) if self.ema_rate > 0 else None
+        alphas_cumprod = pipe.scheduler.alphas_cumprod
+        wm = wm_latent.to(device)[None].expand(int(self.wm_batch_size), -1, -1, -1)
+        trig, c_wdp = trigger.to(device)[None], cond_wdp.to(device)
+        batches = sample_batches(int(latents.shape[0]), int(self.batch_size), gen)
+        last: dict[str, float] = {}
+
+        def step(k: int) -> torch.Tensor:
+            if ema is not None and k > 0:
+                ema.update(params)  # after the previous optimiser step
+            idx = next(batches)
+            loss, parts = wdm_loss(unet, alphas_cumprod, latents[idx].to(device),
+                                   cond_table[cond_index[idx]].to(device), wm, trig, c_wdp,
+                                   float(self.gamma1), float(self.gamma2), gen)
+            last.update(parts)
+            return loss
+
+        unet.train()
+        with forked_global_rng(gen):  # SD's UNet has no dropout; kept for safety
+            losses = train_loop(params, step, int(self.steps), float(self.lr), ctx.progress, "wdm: fine-tuning",
+                                weight_decay=float(self.weight_decay), max_grad_norm=None)
+        if ema is not None and losses:
+            ema.update(params)
+            ema.copy_to(params)
+        unet.eval().requires_grad_(False)
+        return {"trainable_params": sum(p.numel() for p in params), "final_loss": losses[-1] if losses else None,
+                "final_task_loss": last.get("task"), "final_wdp_loss": last.get("wdp")}
+
+    # -- extraction -------------------------------------------------------------------------------------------
+    def extract(self, pipe, trigger: torch.Tensor, gamma1: float, prompt: str, seeds: Sequence[int],
+                batch_size: int, progress: Callable[..., Iterable] | None = None) -> torch.Tensor:
+        """Extracted latents ``[N, C, h, w]`` (float32, on the UNet's device), one per seed: ``x_T`` and the
+        ancestral noise of image ``i`` come from ``torch.Generator().manual_seed(seeds[i])`` alone."""
+        unet = pipe.unet
+        device = unet.device
+        with torch.no_grad():
+            cond = encode_prompts(pipe, [prompt])
+        steps = extraction_timesteps(pipe.scheduler.config.num_train_timesteps, int(self.extract_steps))
+        out = []
+        for start in range(0, len(seeds), max(1, int(batch_size))):
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + int(batch_size)]]
+            x_T = torch.stack([torch.randn(tuple(trigger.shape), generator=g) for g in gens]).to(device)
+            out.append(wdp_sample(unet, pipe.scheduler.alphas_cumprod, x_T, trigger[None].to(device), gamma1, cond,
+                                  steps, gens, str(self.extract_variance), progress))
+        return torch.cat(out)
+
+    def extracted_images(self, pipe, secret: Secret, seeds: Sequence[int], batch_size: int,
+                         progress: Callable[..., Iterable] | None = None) -> torch.Tensor:
+        """Extraction decoded by the pipeline's VAE: images ``[N, 3, H, W]`` in [0, 1] (CPU, float32)."""
+        z = self.extract(pipe, secret.tensors["trigger"].float(), float(secret.meta["gamma1"]),
+                         str(secret.meta["wdp_prompt"]), seeds, batch_size, progress)
+        with torch.no_grad():
+            images = decode_latents(pipe, z.to(pipe.vae.dtype))
+        return images.float().cpu().clamp(0, 1)
+
+    def detect_model(self, secret: Secret, pipe, seeds: Sequence[int], batch_size: int = 16,
+                     progress: Callable[..., Iterable] | None = None) -> Detection:
+        """White-box verification of a pipeline: one extraction per seed, scored against the watermark image (8-bit
+        quantised first, as the harness stores images). What a harness hook on models would call, for the suspect
+        and for clean models alike."""
+        images = quantize8(self.extracted_images(pipe, secret, seeds, batch_size, progress))
+        return Detection(scores=similarity_scores(images, secret.tensors["watermark_image"], self.distance))
+
+    @staticmethod
+    def threshold(secret: Secret, fpr: float, distance: str = "mse") -> float:
+        """Score threshold at false-positive rate ``fpr`` from the clean-model null stored in the secret: a Gaussian
+        fit (mean + sd * z_{1-fpr}) of the ``calibration_samples`` null scores (an empirical quantile cannot resolve
+        small FPRs from a few samples)."""
+        null = [float(v) for v in secret.meta.get("null_scores", {}).get(distance, [])]
+        if len(null) < 2:
+            raise UserError("wdm: the secret holds fewer than 2 clean-model scores (calibration_samples)")
+        sd = statistics.stdev(null) or 1e-12
+        return statistics.fmean(null) + sd * statistics.NormalDist().inv_cdf(1 - float(fpr))
+
+    # -- Defense API ------------------------------------------------------------------------------------------
+    def embed(self, pipe, ctx) -> Embedding:
+        self._check_pipeline(pipe)
+        t_start = time.perf_counter()
+        gen_secret, gen_data, gen_train, gen_cal = (sub_generator(ctx.generator) for _ in range(4))
+        resolution = self._resolution(pipe)
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        if resolution % factor:
+            raise UserError(f"wdm: resolution {resolution} is not a multiple of the VAE's scale factor {factor}")
+        shape = latent_shape(pipe, resolution, resolution)
+        trigger = self.make_trigger(pipe, shape, resolution, gen_secret)
+        wm_latent = self.make_watermark(pipe, shape, resolution, gen_secret)
+        with torch.no_grad():
+            reference = decode_latents(pipe, wm_latent[None].to(pipe.vae.device, pipe.vae.dtype))
+        secret = Secret(
+            {"trigger": trigger.contiguous(), "watermark_latent": wm_latent.contiguous(),
+             "watermark_image": reference[0].float().cpu().clamp(0, 1).contiguous()},
+            {"method": "wdm", "gamma1": float(self.gamma1), "gamma2": float(self.gamma2),
+             "wdp_prompt": self.wdp_prompt, "resolution": int(resolution), "latent_shape": [int(s) for s in shape],
+             "trigger_source": self.trigger_source, "watermark_source": self.watermark_source,
+             "extract_steps": int(self.extract_steps), "extract_variance": self.extract_variance})
+        cal_seeds = torch.randint(0, 2**31 - 1, (int(self.calibration_samples),), generator=gen_cal).tolist()
+        null = self._scores(pipe, secret, cal_seeds, ctx)  # the clean base model, before any fine-tuning
+        t_cal = time.perf_counter()
+
+        latents, captions = self._task_latents(pipe, ctx, gen_data, resolution)
+        with torch.no_grad():
+            table, index = self._prompt_table(pipe, captions)
+            cond_wdp = encode_prompts(pipe, [self.wdp_prompt]).float().cpu()
+        t_data = time.perf_counter()
+        stats = self.train(pipe, latents, table, index, wm_latent, trigger, cond_wdp, ctx, gen_train)
+        t_train = time.perf_counter()
+        embedded = self._scores(pipe, secret, cal_seeds, ctx)
+        secret.meta.update(null_scores=null, embedded_scores=embedded, calibration_seeds=cal_seeds,
+                           final_task_loss=stats["final_task_loss"], final_wdp_loss=stats["final_wdp_loss"])
+        ctx.record_cost(steps=int(self.steps), trainable_params=stats["trainable_params"],
+                        train_images=int(latents.shape[0]), final_loss=stats["final_loss"],
+                        calibration_seconds=t_cal - t_start + time.perf_counter() - t_train,
+                        data_seconds=t_data - t_cal, train_seconds=t_train - t_data)
+        return Embedding(secret, pipeline=pipe)
+
+    def _scores(self, pipe, secret: Secret, seeds: Sequence[int], ctx) -> dict[str, list[float]]:
+        """Both distances' scores of the extraction on ``pipe`` for ``seeds`` (JSON-able)."""
+        if not seeds:
+            return {d: [] for d in DISTANCES}
+        images = quantize8(self.extracted_images(pipe, secret, seeds, int(self.gen_batch_size), ctx.progress))
+        ref = secret.tensors["watermark_image"]
+        return {d: [float(v) for v in similarity_scores(images, ref, d)] for d in DISTANCES}
+
+    def generate(self, pipe, secret: Secret, request: GenerationRequest, ctx) -> torch.Tensor:
+        if ctx.variant == "no_trigger":
+            return ctx.generate(pipe, request)
+        images = self.extracted_images(pipe, secret, request.seeds, request.batch_size, ctx.progress)
+        if tuple(images.shape[-2:]) != (request.height, request.width):
+            images = F.interpolate(images, size=(request.height, request.width), mode="bilinear",
+                                   align_corners=False).clamp(0, 1)
+        return images
+
+    def detect(self, secret: Secret, images: torch.Tensor, ctx) -> Detection:
+        return Detection(scores=similarity_scores(images, secret.tensors["watermark_image"], self.distance))
+
+
+def _load_image(path: str, resolution: int) -> torch.Tensor:
+    """An RGB image file as ``[3, resolution, resolution]`` in [0, 1] (bicubic resize)."""
+    from PIL import Image
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"wdm: watermark_file = {path!r}: no such file")
+    img = Image.open(p).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3) \
+        .permute(2, 0, 1).float() / 255
