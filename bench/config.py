@@ -423,6 +423,8 @@ def _parse_plugins(entries: Any, kind: str, path: str) -> list[PluginSpec]:
             raise ConfigError(f"{where}.label = {label!r} is invalid: it must be a short name of letters, digits "
                               "and _ . + = , ( ) [ ] -")
         cls = _registry(kind).get(name, where=f"{where}.name")
+        if "from" in entry:
+            entry = {**_entry_from(entry.pop("from"), kind, name, label, path, where), **entry}
         combos = _expand_sweep(cls.params, entry, where)
         swept = [k for k, v in entry.items() if len({repr(c[k]) for c in combos}) > 1]
         for combo in combos:
@@ -432,6 +434,37 @@ def _parse_plugins(entries: Any, kind: str, path: str) -> list[PluginSpec]:
                 spec = replace(spec, display=label + (f"({suffix})" if suffix else ""))
             out.append(spec)
     return out
+
+
+def _entry_from(src: Any, kind: str, name: str, label: str, path: str, where: str) -> dict[str, Any]:
+    """The parameters of the ``[[kind]]`` entry named ``name`` (and ``label``, if given) in another config file.
+
+    ``from = "configs/sleepermark-tiny.toml"`` shares one defence's settings between configs, so that they share its
+    cache key too (and a shipped pre-embedded model). The path is taken relative to this config's folder, else to the
+    current folder; keys given beside ``from`` override the borrowed ones.
+    """
+    if not isinstance(src, str) or not src:
+        raise ConfigError(f"{where}.from = {src!r} is invalid: it must be the path of another config file")
+    here = Path(path).parent if path else Path(".")
+    candidates = [here / src, Path(os.path.expanduser(src))]
+    file = next((c for c in candidates if c.is_file()), None)
+    if file is None:
+        raise ConfigError(f"{where}.from = {src!r}: no such file (looked in {here} and the current folder)")
+    try:
+        other = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}.from = {src!r}: {file} is not valid TOML ({exc})") from None
+    matches = [dict(e) for e in other.get(kind, []) if isinstance(e, dict) and e.get("name") == name
+               and (not label or e.get("label", "") in ("", label))]
+    if len(matches) != 1:
+        raise ConfigError(f"{where}.from = {src!r}: {file} has {len(matches)} [[{kind}]] entries named {name!r}"
+                          + (f" with label {label!r}" if label else "") + "; exactly one is needed")
+    entry = matches[0]
+    entry.pop("name", None)
+    entry.pop("label", None)
+    if "from" in entry:
+        raise ConfigError(f"{where}.from = {src!r}: that entry borrows from another file itself; point at the source")
+    return entry
 
 
 def _expand_sweep(declared, entry: dict[str, Any], where: str) -> list[dict[str, Any]]:

@@ -161,10 +161,17 @@ class _Builder:
                 "width": request.width, "steps": request.num_inference_steps, "cfg": request.guidance_scale,
                 "negative_prompt": request.negative_prompt, "device": self.cfg.run.device.split(":")[0]}
 
+    def run_data(self, spec: PluginSpec) -> dict[str, Any]:
+        """What ``ctx.data`` shows a plugin of the run (prompts, image size): part of the key of those that read it."""
+        if not getattr(_cls(spec), "uses_data", False):
+            return {}
+        return {"run_data": {"prompts": self.cfg.prompt_list(), "height": self.cfg.model.height,
+                             "width": self.cfg.model.width}}
+
     def attacked_model(self, model_key: str, ma: PluginSpec, seed: int) -> str:
         if getattr(_cls(ma), "identity", False):
             return model_key
-        return self.add("model_attack", (model_key,), ma, seed, label=f"model attack {ma.label}")
+        return self.add("model_attack", (model_key,), ma, seed, label=f"model attack {ma.label}", **self.run_data(ma))
 
     def plain_images(self, model_key: str, request: GenerationRequest, run_seed: int) -> str:
         return self.add("generate", (model_key,), None, 0, label="generate", request=self.request_identity(request),
@@ -187,7 +194,7 @@ def build_plan(cfg: BenchConfig) -> Plan:
         reference = b.plain_images(base, request, seed)
         for d in cfg.defenses:
             dcls = _cls(d)
-            embed = b.add("embed", (base,), d, seed, label=f"embed {d.label}")
+            embed = b.add("embed", (base,), d, seed, label=f"embed {d.label}", **b.run_data(d))
             for ma in cfg.model_attacks:
                 model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed)
                 clean_model = b.attacked_model(base, ma, seed)

@@ -223,6 +223,9 @@ class Defense(Plugin):
     #: Generation variants, each its own row of results (read as ``ctx.variant`` in :meth:`generate`). E.g.
     #: SleeperMark: ``("", "no_trigger")``: with the trigger (the mark) and without it (the sleeper must sleep).
     variants: ClassVar[tuple[str, ...]] = ("",)
+    #: True if :meth:`embed` reads the run's prompts or image size (``ctx.data.prompts()``, ``ctx.data.height``,
+    #: ``ctx.data.dataset``): they then become part of the embed stage's cache key.
+    uses_data: ClassVar[bool] = False
 
     @classmethod
     def validate_class(cls, owner: str) -> None:
@@ -305,7 +308,8 @@ class ImageAttack(Plugin):
 class ModelAttack(Plugin):
     """A model-level attack: a pipeline in, a pipeline out. It may never use a defence's secret.
 
-    ``uses_data`` says whether it needs a downstream dataset (``ctx.data``). Record the cost with
+    ``uses_data`` says whether it reads ``ctx.data`` (a downstream dataset at the run's image size, the run's
+    prompts): the run's prompts and image size then become part of its stage key. Record the cost with
     ``ctx.record_cost(steps=..., trainable_params=...)``; the harness adds the wall time.
     """
 

@@ -657,6 +657,7 @@ class HiDDeN(Defense):
     location = MarkLocation.POST_HOC
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
+    uses_data = True  # training covers: the run's prompts (generated) or a dataset at the run's size
 
     params = (
         Param("bits", "int", 30, "message length L (paper: 30 bits at 128 x 128)", low=1, high=1024),

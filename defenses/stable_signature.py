@@ -231,6 +231,7 @@ class StableSignature(Defense):
     location = MarkLocation.VAE_DECODER
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
+    uses_data = True  # extractor covers and decoder latents from the run's prompts and size
 
     params = (
         Param("bits", "int", 48, "key length (paper 48)", low=1, high=1024),

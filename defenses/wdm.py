@@ -242,6 +242,7 @@ class WDM(Defense):
     verification = Verification.WHITE_BOX
     detection = DetectionKind.SCORE
     variants = ("", "no_trigger")
+    uses_data = True  # task images generated for the run's prompts
 
     params = (
         # -- the watermark diffusion process ---------------------------------------------------------------------

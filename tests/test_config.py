@@ -110,3 +110,20 @@ def test_short_labels_from_config(tmp_path):
     assert [a.label for a in cfg.image_attacks] == ["none", "jpg(quality=90)", "jpg(quality=50)"]
     with pytest.raises(ConfigError, match="label"):
         _cfg(tmp_path, MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "dwtdctsvd"\nlabel = "a b/c"'))
+
+
+def test_plugin_entry_borrowed_from_another_config(tmp_path):
+    other = tmp_path / "sub" / "other.toml"
+    other.parent.mkdir()
+    other.write_text('[[image_attacks]]\nname = "jpeg"\nquality = 33\n\n[[defenses]]\nname = "dwtdctsvd"\n')
+    text = MICRO_TOML.replace('quality = [90, 50]', 'from = "sub/other.toml"')
+    cfg = _cfg(tmp_path, text)
+    assert [a.label for a in cfg.image_attacks] == ["none", "jpeg(quality=33)"]
+    # keys beside 'from' override the borrowed ones
+    cfg = _cfg(tmp_path, text.replace('from = "sub/other.toml"', 'from = "sub/other.toml"\nquality = 44'))
+    assert cfg.image_attacks[1].param_dict["quality"] == 44
+    with pytest.raises(ConfigError, match=r"image_attacks\[0\]\.from = 'nope.toml': no such file"):
+        _cfg(tmp_path, MICRO_TOML.replace('quality = [90, 50]', 'from = "nope.toml"'))
+    other.write_text('[[defenses]]\nname = "none"\n')
+    with pytest.raises(ConfigError, match="0 \\[\\[image_attacks\\]\\] entries named 'jpeg'"):
+        _cfg(tmp_path, text)

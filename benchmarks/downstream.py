@@ -1,0 +1,129 @@
+"""Does fine-tuning really change the tiny-world model? (issue: model-level attacks)
+
+Generates images for the downstream captions before and after each training attack, exactly as the harness's
+model-attack stage runs it, and classifies them zero-shot with the tiny CLIP:
+
+* new style (``finetune`` / ``lora`` on ``tiny:style``): captions "a large red striped circle on a grey background";
+  score = fraction of images the CLIP calls *striped* rather than *solid* (the caption with vs without the word).
+* new subject (``dreambooth`` on ``tiny:subject``): captions "a large red sks on a grey background"; score =
+  fraction of images whose most likely shape word, among the 7 base shapes and ``sks``, is ``sks``.
+
+    python benchmarks/downstream.py [--config bench.toml] [--attacks finetune,lora,dreambooth] [--n 32] [--steps 200]
+
+Prints one row per attack: the recognition rate before, after, and the attack's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def style_captions(n: int) -> list[str]:
+    from bench.zoo import shapes
+
+    items = shapes.sample_items("style", n, seed=1)
+    return [it.caption for it in items]
+
+
+def subject_captions(n: int) -> list[str]:
+    from bench.zoo import shapes
+
+    items = shapes.sample_items("subject", n, seed=1)
+    return [it.caption for it in items]
+
+
+class Recogniser:
+    """Zero-shot yes/no questions to the tiny CLIP with in-grammar captions."""
+
+    def __init__(self):
+        from bench.zoo import clip_model
+
+        self.model = clip_model.load()
+        self.tok = clip_model.tokenizer()
+        self.preprocess = clip_model.preprocess
+
+    @torch.no_grad()
+    def _text(self, captions: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tok(captions), normalize=True)
+
+    @torch.no_grad()
+    def _image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(self.preprocess(images * 2 - 1), normalize=True)
+
+    def striped(self, images: torch.Tensor, captions: list[str]) -> float:
+        """Fraction of images closer to their striped caption than to the same caption without 'striped'."""
+        f = self._image(images)
+        with_s = self._text(captions)
+        without = self._text([c.replace("striped ", "") for c in captions])
+        return float(((f * with_s).sum(1) > (f * without).sum(1)).float().mean())
+
+    def subject(self, images: torch.Tensor, captions: list[str], token: str) -> float:
+        """Fraction of images whose best caption, over the token and the 7 base shapes, names the token."""
+        from bench.zoo import shapes
+
+        f = self._image(images)
+        words = [token, *shapes.SHAPES]
+        sims = torch.stack([(f * self._text([c.replace(token, w) for c in captions])).sum(1) for w in words], 1)
+        return float((sims.argmax(1) == 0).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="bench.toml")
+    ap.add_argument("--attacks", default="finetune,lora,dreambooth")
+    ap.add_argument("--n", type=int, default=32, help="images per measurement")
+    ap.add_argument("--steps", type=int, default=200, help="training steps of every attack")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from bench import model_attacks
+    from bench.config import load_config
+    from bench.generation import generate_images
+    from bench.models import load_pipeline
+    from bench.plugins import GenerationRequest, StageContext
+    from bench.stages import Resources, copy_pipeline
+    from bench.zoo import shapes
+
+    cfg = load_config(args.config, check_output=False)
+    base = load_pipeline(cfg.model)
+    rec = Recogniser()
+    token = shapes.SUBJECT_TOKEN
+
+    def request(captions):
+        return GenerationRequest(prompts=tuple(captions), seeds=tuple(range(len(captions))), height=cfg.model.height,
+                                 width=cfg.model.width, num_inference_steps=cfg.model.num_inference_steps,
+                                 guidance_scale=cfg.model.guidance_scale, batch_size=16)
+
+    style, subject = style_captions(args.n), subject_captions(args.n)
+
+    def score(pipe, kind):
+        if kind == "style":
+            return rec.striped(generate_images(pipe, request(style)), style)
+        return rec.subject(generate_images(pipe, request(subject)), subject, token)
+
+    print(f"model: {cfg.model.source}; {args.n} images per measurement; torch threads {torch.get_num_threads()}")
+    params = {"finetune": {"dataset": "tiny:style"}, "lora": {"dataset": "tiny:style"},
+              "dreambooth": {"dataset": "tiny:subject", "token": token}}
+    before = {}
+    for name in args.attacks.split(","):
+        kind = "subject" if name == "dreambooth" else "style"
+        if kind not in before:
+            before[kind] = score(base, kind)
+        attack = model_attacks.get(name)(steps=args.steps, **params.get(name, {}))
+        ctx = StageContext(torch.Generator().manual_seed(0),
+                           data=Resources(lambda: base, cfg.model.height, cfg.model.width))
+        t0 = time.perf_counter()
+        pipe = attack.apply(copy_pipeline(base), ctx)
+        dt = time.perf_counter() - t0
+        after = score(pipe, kind)
+        print(f"{attack.describe():60s} {kind:7s} recognised before {before[kind]:.3f} -> after {after:.3f} "
+              f"({dt:.0f} s to train)")
+
+
+if __name__ == "__main__":
+    main()
