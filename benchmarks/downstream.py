@@ -9,6 +9,7 @@ model-attack stage runs it, and classifies them zero-shot with the tiny CLIP:
   fraction of images whose most likely shape word, among the 7 base shapes and ``sks``, is ``sks``.
 
     python benchmarks/downstream.py [--config bench.toml] [--attacks finetune,lora,dreambooth] [--n 32] [--steps 200]
+                                    [--lr LR]
 
 Prints one row per attack: the recognition rate before, after, and the attack's seconds.
 """
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--attacks", default="finetune,lora,dreambooth")
     ap.add_argument("--n", type=int, default=32, help="images per measurement")
     ap.add_argument("--steps", type=int, default=200, help="training steps of every attack")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of every attack (default: each attack's)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -100,6 +102,10 @@ def main() -> None:
                                  guidance_scale=cfg.model.guidance_scale, batch_size=16)
 
     style, subject = style_captions(args.n), subject_captions(args.n)
+    # the ceiling: the CLIP's reading of the real downstream images those captions describe
+    real = {k: (shapes.to_tensor(shapes.make_dataset(k, args.n, seed=1)[0]) + 1) / 2 for k in ("style", "subject")}
+    print(f"real downstream images recognised: style {rec.striped(real['style'], style):.3f}, "
+          f"subject {rec.subject(real['subject'], subject, token):.3f}")
 
     def score(pipe, kind):
         if kind == "style":
@@ -114,7 +120,8 @@ def main() -> None:
         kind = "subject" if name == "dreambooth" else "style"
         if kind not in before:
             before[kind] = score(base, kind)
-        attack = model_attacks.get(name)(steps=args.steps, **params.get(name, {}))
+        extra = {"lr": args.lr} if args.lr is not None else {}
+        attack = model_attacks.get(name)(steps=args.steps, **params.get(name, {}), **extra)
         ctx = StageContext(torch.Generator().manual_seed(0),
                            data=Resources(lambda: base, cfg.model.height, cfg.model.width))
         t0 = time.perf_counter()

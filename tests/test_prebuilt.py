@@ -63,27 +63,62 @@ def test_missing_tiny_sd_is_one_clear_sentence(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("label,config", [("sleepermark", "configs/sleepermark-tiny.toml"),
-                                          ("aqualora", "configs/aqualora-tiny.toml")])
-def test_shipped_grid_shares_the_embedding_of_the_tiny_configs(label, config):
-    """The embed stage key hashes the parameters: equal entries share one (shipped) embedding."""
+                                          ("aqualora", "configs/aqualora-tiny.toml"),
+                                          ("wdm", "configs/wdm-tiny.toml")])
+def test_grids_borrowing_a_defence_share_its_embedding(label, config):
+    """The embed stage key hashes the parameters: entries borrowed with `from` share one (shipped) embedding."""
     def embed_key(path):
         plan = build_plan(load_config(ROOT / path, check_output=False))
         return next(k for k, s in plan.stages.items() if s.kind == "embed" and s.plugin.label == label)
 
-    assert embed_key("bench.toml") == embed_key(config)
+    assert embed_key("configs/finetune.toml") == embed_key(config)
 
 
-shipped = pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
+shipped = pytest.mark.skipif(not zoo.MANIFEST.exists(), reason="tiny world not built")
 
 
 @shipped
-def test_every_training_defence_of_the_shipped_grid_is_shipped_pre_embedded():
-    cfg = load_config(ROOT / "bench.toml", check_output=False)
-    plan = build_plan(cfg)
+def test_shipped_embeddings_belong_to_the_shipped_tiny_sd():
     manifest = json.loads(zoo.MANIFEST.read_text())
-    recorded = {r["key"]: r for r in manifest.get("prebuilt", [])}
     store = ArtifactStore(ROOT / "no-such-cache", fallbacks=(zoo.PREBUILT,))
+    for rec in manifest.get("prebuilt", []):
+        assert store.shipped(rec["key"]), f"{rec['label']}: listed in the manifest but not shipped"
+        assert rec["base"] == zoo.fingerprint("tiny-sd"), f"{rec['label']}: embedded in another tiny-sd"
+    if zoo.PREBUILT.exists():
+        listed = {rec["key"] for rec in manifest.get("prebuilt", [])}
+        assert {p.name for p in zoo.PREBUILT.glob("*/*")} <= listed
+
+
+@pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
+def test_zoo_embed_ships_embed_stages_that_a_run_then_reads(tmp_path, monkeypatch):
+    from bench.zoo.embed import embed_configs
+
+    cfg_path = tmp_path / "grid.toml"
+    cfg_path.write_text(f"""
+[run]
+output = "{tmp_path / 'run'}"
+num_images = 2
+[model]
+builtin = "tiny-sd"
+num_inference_steps = 2
+[prompts]
+builtin = "tiny"
+[[defenses]]
+name = "dwtdct"
+[[image_attacks]]
+name = "jpeg"
+quality = 50
+""")
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    records = embed_configs([cfg_path], out, log=lambda m: None)
+    assert [r["defense"] for r in records] == ["dwtdct"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {r["key"] for r in manifest["prebuilt"]} == {r["key"] for r in records}
+    assert set(manifest["files"]) == {"prebuilt"} and manifest["total_bytes"] > 0
+    # a fresh run of the same grid reads the shipped embedding instead of computing it
+    plan = build_plan(load_config(cfg_path))
+    store = ArtifactStore(tmp_path / "elsewhere", fallbacks=(out / "prebuilt",))
     for stage in plan.stages.values():
         if stage.kind == "embed":
-            assert store.shipped(stage.key), f"{stage.plugin.label}: not shipped; run 'bench zoo embed'"
-            assert stage.key in recorded and recorded[stage.key]["base"] == zoo.fingerprint("tiny-sd")
+            assert store.shipped(stage.key)
