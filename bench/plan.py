@@ -142,6 +142,7 @@ class _Builder:
     def __init__(self, cfg: BenchConfig):
         self.cfg = cfg
         self.plan = Plan()
+        self._run_data: dict[str, Any] | None = None
 
     def add(self, kind: str, inputs: tuple[str, ...], plugin: PluginSpec | None = None, seed: int = 0,
             label: str = "", **extra: Any) -> str:
@@ -165,8 +166,10 @@ class _Builder:
         """What ``ctx.data`` shows a plugin of the run (prompts, image size): part of the key of those that read it."""
         if not getattr(_cls(spec), "uses_data", False):
             return {}
-        return {"run_data": {"prompts": self.cfg.prompt_list(), "height": self.cfg.model.height,
-                             "width": self.cfg.model.width}}
+        if self._run_data is None:  # the prompt list may come from a file: read it once per plan
+            self._run_data = {"prompts": self.cfg.prompt_list(), "height": self.cfg.model.height,
+                              "width": self.cfg.model.width}
+        return {"run_data": self._run_data}
 
     def attacked_model(self, model_key: str, ma: PluginSpec, seed: int) -> str:
         if getattr(_cls(ma), "identity", False):

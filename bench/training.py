@@ -123,3 +123,36 @@ def trainable(module: torch.nn.Module, names: Iterable[str] | None = None) -> li
         if on:
             out.append(p)
     return out
+
+
+class PerceptualLoss:
+    """An image term between two batches in [0, 1]: ``"ssim"`` (1 - SSIM, torchmetrics, Gaussian window 11, sigma
+    1.5), ``"mse"``, ``"lpips"`` (AlexNet LPIPS; needs the ``lpips`` package and its weights, not available
+    offline) or ``"none"`` (zero). All are symmetric in their two arguments. ``owner`` and ``offline`` word the error
+    when LPIPS is asked for but missing. Defences add their own kinds by subclassing (Stable Signature: Watson-DCT).
+    """
+
+    def __init__(self, kind: str, device=None, owner: str = "", offline: str = "perceptual = 'ssim'"):
+        self.kind = kind
+        self._lpips = None
+        if kind == "lpips":
+            from .errors import MissingDependencyError
+
+            try:
+                import lpips  # type: ignore[import-not-found]
+            except ImportError as exc:
+                raise MissingDependencyError(
+                    f"{owner}: perceptual = 'lpips' needs the Python package 'lpips' (pip install lpips) and its "
+                    f"AlexNet weights; offline, use {offline}") from exc
+            self._lpips = lpips.LPIPS(net="alex", verbose=False).to(device or "cpu").eval().requires_grad_(False)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.kind == "ssim":
+            from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+            return 1 - ssim(a, b, data_range=1.0)
+        if self.kind == "mse":
+            return torch.nn.functional.mse_loss(a, b)
+        if self.kind == "lpips":
+            return self._lpips(a * 2 - 1, b * 2 - 1).mean()
+        return a.new_zeros(())

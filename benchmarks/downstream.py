@@ -22,18 +22,11 @@ import time
 import torch
 
 
-def style_captions(n: int) -> list[str]:
+def captions(split: str, n: int) -> list[str]:
+    """``n`` captions of a downstream split (``style`` or ``subject``), drawn with seed 1 (not the training draws)."""
     from bench.zoo import shapes
 
-    items = shapes.sample_items("style", n, seed=1)
-    return [it.caption for it in items]
-
-
-def subject_captions(n: int) -> list[str]:
-    from bench.zoo import shapes
-
-    items = shapes.sample_items("subject", n, seed=1)
-    return [it.caption for it in items]
+    return [it.caption for it in shapes.sample_items(split, n, seed=1)]
 
 
 class Recogniser:
@@ -101,7 +94,7 @@ def main() -> None:
                                  width=cfg.model.width, num_inference_steps=cfg.model.num_inference_steps,
                                  guidance_scale=cfg.model.guidance_scale, batch_size=16)
 
-    style, subject = style_captions(args.n), subject_captions(args.n)
+    style, subject = captions("style", args.n), captions("subject", args.n)
     # the ceiling: the CLIP's reading of the real downstream images those captions describe
     real = {k: (shapes.to_tensor(shapes.make_dataset(k, args.n, seed=1)[0]) + 1) / 2 for k in ("style", "subject")}
     print(f"real downstream images recognised: style {rec.striped(real['style'], style):.3f}, "

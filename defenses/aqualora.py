@@ -45,7 +45,7 @@ class-1 logit exceeds its class-0 logit; the harness turns bits into bit accurac
 Substitutions (see ``docs/aqualora.md``):
 
 * **Perceptual term.** The official code uses LPIPS (VGG), whose weights cannot be fetched offline: the default
-  ``perceptual = "ssim"`` uses ``1 - SSIM``; ``"lpips"`` (AlexNet LPIPS, via :class:`defenses.sleepermark._Perceptual`)
+  ``perceptual = "ssim"`` uses ``1 - SSIM``; ``"lpips"`` (AlexNet LPIPS, via :class:`bench.training.PerceptualLoss`)
   where the package and its weights are installed; ``"none"``.
 * **Decoder weights.** EfficientNet-B1 starts from random weights (``weights=None``; the official code starts from
   ImageNet weights, which cannot be downloaded here).
@@ -75,10 +75,10 @@ from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
                    UserError, Verification, defenses)
-from bench.errors import MissingDependencyError
+from bench.training import PerceptualLoss
 from defenses.hidden import JPEG_MODES, digest, jpeg, load_prefixed, quantize8, seeded, state_tensors, sub_generator
 from defenses.sleepermark import (LatentDecoder, SecretEncoder, SleeperMark, _from_latent, _global_rng_from,
-                                  _Perceptual, _to_latent, load_prompts)
+                                  _to_latent, load_prompts)
 
 #: The distortions of the decoder's training, in the order of the probability lists.
 DISTORTIONS = ("identity", "jpeg", "crop", "blur", "noise", "jitter")
@@ -671,12 +671,8 @@ class AquaLoRA(Defense):
                                 weight_decay=float(self.stage1_weight_decay))
         every, gamma = int(self.stage1_lr_step), float(self.stage1_lr_gamma)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: step_lr(s, every, gamma))
-        try:
-            perceptual = _Perceptual(self.perceptual, device)
-        except MissingDependencyError as exc:
-            raise MissingDependencyError(
-                "aqualora: perceptual = 'lpips' needs the Python package 'lpips' (pip install lpips) and its "
-                "weights; offline, use perceptual = 'ssim' (1 - SSIM, the default)") from exc
+        perceptual = PerceptualLoss(self.perceptual, device, owner="aqualora",
+                                    offline="perceptual = 'ssim' (1 - SSIM, the default)")
         zero_mean = zero_std = None
         if self.warmup:  # the official warm-up encodes an all-zero image in [-1, 1]: mid-grey in [0, 1]
             grey = torch.full((1, 3, *_image_size(vae, (h, w))), 0.5, device=device, dtype=vae.dtype)

@@ -63,7 +63,7 @@ from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
                    UserError, Verification, defenses)
-from bench.errors import MissingDependencyError
+from bench.training import PerceptualLoss
 
 TRIGGER = "*[Z]& "
 
@@ -224,31 +224,6 @@ def load_prompts(spec: str) -> list[str]:
     if not lines:
         raise UserError(f"sleepermark: prompts = {spec!r} holds no prompts")
     return lines
-
-
-class _Perceptual:
-    """The structural/perceptual term of stage 1 between the clean and the watermarked decoded images."""
-
-    def __init__(self, kind: str, device: torch.device):
-        self.kind = kind
-        self._lpips = None
-        if kind == "lpips":
-            try:
-                import lpips  # type: ignore[import-not-found]
-            except ImportError as exc:
-                raise MissingDependencyError(
-                    "sleepermark: perceptual = 'lpips' needs the Python package 'lpips' (pip install lpips) and its "
-                    "AlexNet weights; offline, use perceptual = 'ssim' (1 - SSIM, the default)") from exc
-            self._lpips = lpips.LPIPS(net="alex", verbose=False).to(device).eval().requires_grad_(False)
-
-    def __call__(self, clean: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
-        if self.kind == "ssim":
-            from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-            return 1 - ssim(marked, clean, data_range=1.0)
-        if self.kind == "lpips":
-            return self._lpips(clean * 2 - 1, marked * 2 - 1).mean()
-        return marked.new_zeros(())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,7 +387,8 @@ class SleeperMark(Defense):
         steps = int(self.stage1_steps)
         opt = torch.optim.AdamW(params, lr=float(self.stage1_lr), weight_decay=float(self.stage1_weight_decay))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(1, steps)))
-        perceptual = _Perceptual(self.perceptual, device)
+        perceptual = PerceptualLoss(self.perceptual, device, owner="sleepermark",
+                                    offline="perceptual = 'ssim' (1 - SSIM, the default)")
         with _global_rng_from(gen, device):  # the decoder's dropout draws from the global RNG
             acc = self._stage1_loop(encoder, decoder, vae, params, opt, sched, perceptual, mean, std,
                                     (c, h, w), n_bits, ctx, gen)

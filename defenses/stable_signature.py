@@ -61,7 +61,7 @@ from torch import nn
 
 from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, UserError, Verification, \
     defenses
-from bench.errors import MissingDependencyError
+from bench.training import PerceptualLoss
 from defenses.hidden import (JPEG_MODES, NOISE_LAYERS, HiddenConfig, HiddenDecoder, NoiseLayers, block_dct,
                              config_from_arch, digest, forked_global_rng, load_prefixed, lr_factor, quantize8,
                              state_tensors, sub_generator, train_hidden, training_images)
@@ -152,33 +152,18 @@ def watson_dct(marked: torch.Tensor, reference: torch.Tensor, alpha: float = 0.6
     return dist.sum(1).mean()
 
 
-class Perceptual:
-    """The image term of the decoder fine-tuning between ``D_w(z)`` and ``D_0(z)`` (images in [0, 1])."""
+class Perceptual(PerceptualLoss):
+    """The image term of the decoder fine-tuning between ``D_w(z)`` and ``D_0(z)`` (images in [0, 1]): the shared
+    kinds plus ``"watson_dct"`` (the default)."""
 
     def __init__(self, kind: str, device: Any = "cpu"):
-        self.kind = kind
-        self._lpips = None
-        if kind == "lpips":
-            try:
-                import lpips  # type: ignore[import-not-found]
-            except ImportError as exc:
-                raise MissingDependencyError(
-                    "stable_signature: perceptual = 'lpips' needs the Python package 'lpips' (pip install lpips) and "
-                    "its AlexNet weights; offline, use perceptual = 'watson_dct' (the default) or 'ssim'") from exc
-            self._lpips = lpips.LPIPS(net="alex", verbose=False).to(device).eval().requires_grad_(False)
+        super().__init__(kind, device, owner="stable_signature",
+                         offline="perceptual = 'watson_dct' (the default) or 'ssim'")
 
     def __call__(self, marked: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         if self.kind == "watson_dct":
             return watson_dct(marked, clean)
-        if self.kind == "ssim":
-            from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
-            return 1 - ssim(marked, clean, data_range=1.0)
-        if self.kind == "mse":
-            return F.mse_loss(marked, clean)
-        if self.kind == "lpips":
-            return self._lpips(marked * 2 - 1, clean * 2 - 1).mean()
-        return marked.new_zeros(())
+        return super().__call__(marked, clean)
 
 
 # ---------------------------------------------------------------------------------------------------------------

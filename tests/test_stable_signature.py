@@ -165,3 +165,19 @@ def test_vae_decoder_finetuning_attack_lowers_the_bit_accuracy(pipe, embedded, i
     attacked = VAEDecoderFineTune(steps=100, num_images=32).apply(copy_pipeline(emb.pipeline), _ctx(7, pipe))
     after = _bit_acc(d.detect(emb.secret, quantize(generate_images(attacked, request_)), None).bits, key)
     assert after < before - 0.1, (before, after)
+
+
+def test_image_terms_share_the_training_module():
+    """Stable Signature's image term extends the shared one (bench.training.PerceptualLoss) with Watson-DCT."""
+    import torch.nn.functional as F
+
+    from bench.training import PerceptualLoss
+    from defenses.stable_signature import Perceptual, watson_dct
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    assert torch.allclose(Perceptual("mse")(a, b), F.mse_loss(a, b))
+    assert torch.allclose(Perceptual("ssim")(a, b), PerceptualLoss("ssim")(b, a))
+    assert float(Perceptual("none")(a, b)) == 0.0
+    assert torch.equal(Perceptual("watson_dct")(a, b), watson_dct(a, b))
+    assert float(Perceptual("watson_dct")(a, a)) < float(Perceptual("watson_dct")(a, b))

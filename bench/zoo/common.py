@@ -69,7 +69,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
 
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors, dicts, lists, numbers only
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, final_frac: float = 0.1) -> float:

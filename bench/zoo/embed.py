@@ -71,7 +71,8 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
             records.append(rec)
             log(f"{stage.plugin.label}: shipped {stage.key[:12]} ({size / 2**20:.2f} MiB, "
                 f"{rec['seconds']:.0f} s to embed)")
-    _readable(prebuilt) if prebuilt.exists() else None
+    if prebuilt.exists():
+        _readable(prebuilt)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     shipped = {r["key"]: r for r in manifest.get("prebuilt", [])}

@@ -127,7 +127,7 @@ def prepare(work: Path, vae, text_encoder, seed: int, n_train: int, log: Logger)
 
     images, captions = cached_dataset(work, "train", n_train, seed, log)
     path = work / "unet" / f"latents-n{n_train}-s{seed}.pt"
-    cached = torch.load(path, weights_only=False) if path.exists() else None
+    cached = torch.load(path, weights_only=True) if path.exists() else None
     if cached is None or cached["scaling_factor"] != vae.config.scaling_factor:
         log(f"unet: encoding {2 * len(images)} latents")
         zs = []
