@@ -180,6 +180,14 @@ def _sub_generator(gen: torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _roundtrip(vae, images: torch.Tensor) -> torch.Tensor:
+    """Decoded images -> what verification reads: clamped to [0, 1], quantised to 8 bits, VAE-encoded (posterior
+    mean). Clamping and rounding pass gradients straight through."""
+    shown = (images.clamp(0, 1) * 255).round() / 255
+    images = images + (shown - images).detach()
+    return _to_latent(vae, images.to(next(vae.parameters()).dtype))[0].float()
+
+
 def _vae_config(vae) -> dict[str, Any]:
     """The VAE's config as plain JSON-able values, without private keys (``_name_or_path`` would leak a path)."""
     out = {}
@@ -277,6 +285,10 @@ class SleeperMark(Defense):
         Param("decoder_dropout", "float", 0.1, "dropout before the decoder's last layer", low=0.0, high=0.9),
         Param("stage1_source", "str", "generated", "stage-1 latents: VAE-encoded base-model images or "
               "standard-normal latents", choices=("generated", "random")),
+        Param("stage1_roundtrip", "bool", False, "stage 1 decodes the marked latent through the VAE round trip "
+              "(decode, 8-bit quantise, encode: what verification sees; straight-through gradients) instead of reading "
+              "it directly (official). For VAEs whose decoder ignores latent directions the decoder could otherwise "
+              "use (the tiny world's: docs/sleepermark.md)"),
         Param("stage1_steps", "int", 10000, "stage-1 optimisation steps", low=0, high=10_000_000),
         Param("stage1_batch_size", "int", 9, "stage-1 batch (official: 3 per GPU x 3 GPUs)", low=1, high=4096),
         Param("stage1_lr", "float", 1e-4, "stage-1 AdamW learning rate (linear decay to 0)", low=0.0, high=1.0),
@@ -284,6 +296,8 @@ class SleeperMark(Defense):
         Param("stage1_grad_clip", "float", 1e-2, "stage-1 gradient-norm clip", low=0.0, high=1e6),
         Param("image_loss_weight", "float", 30.0, "final weight l_img of MSE(Dec(z_w), Dec(z))", low=0.0, high=1e6),
         Param("image_loss_ramp", "int", 2000, "steps of the linear ramp of l_img", low=0, high=10_000_000),
+        Param("image_loss_start", "int", 0, "step where the l_img and l_perc ramps begin (official: 0)", low=0,
+              high=10_000_000),
         Param("perceptual", "str", "ssim", "perceptual/structural term: 1-SSIM (offline default), LPIPS (the "
               "paper's; needs the lpips package and weights) or none", choices=("ssim", "lpips", "none")),
         Param("perceptual_weight", "float", 0.25, "final weight l_perc of the perceptual term", low=0.0, high=1e6),
@@ -411,16 +425,22 @@ class SleeperMark(Defense):
                 z = torch.randn((bsz, c, h, w), generator=gen).to(device)
             m = torch.randint(0, 2, (bsz, n_bits), generator=gen).float().to(device)
             z_w = z + encoder(m)
-            logits = decoder(z_w)
-            loss = F.binary_cross_entropy_with_logits(logits, m)
-            l_img = ramp(step, float(self.image_loss_weight), int(self.image_loss_ramp))
-            l_perc = ramp(step, float(self.perceptual_weight), int(self.perceptual_ramp))
+            since = step - int(self.image_loss_start)
+            l_img = ramp(since, float(self.image_loss_weight), int(self.image_loss_ramp)) if since >= 0 else 0.0
+            l_perc = ramp(since, float(self.perceptual_weight), int(self.perceptual_ramp)) if since >= 0 else 0.0
             if perceptual.kind == "none":
                 l_perc = 0.0
+            marked = None
+            if l_img > 0 or l_perc > 0 or self.stage1_roundtrip:
+                marked = _from_latent(vae, z_w.to(vae.dtype)).float()
+            if self.stage1_roundtrip:
+                logits = decoder(_roundtrip(vae, marked))
+            else:
+                logits = decoder(z_w)
+            loss = F.binary_cross_entropy_with_logits(logits, m)
             if l_img > 0 or l_perc > 0:
                 with torch.no_grad():
                     clean = _from_latent(vae, z.to(vae.dtype)).float()
-                marked = _from_latent(vae, z_w.to(vae.dtype)).float()
                 if l_img > 0:
                     loss = loss + l_img * F.mse_loss(marked, clean)
                 if l_perc > 0:

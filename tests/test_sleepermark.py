@@ -376,3 +376,63 @@ def test_stage1_image_losses_keep_the_decoded_image_closer(micro):
             marked = _from_latent(micro.vae, mean + enc(m))
         psnr[name] = float(-10 * torch.log10(((marked - clean) ** 2).mean()))
     assert psnr["with image losses"] > psnr["bits only"] + 3, psnr
+
+
+class _BlindVAE(torch.nn.Module):
+    """A stand-in VAE whose decoder ignores latent channel 3 (images are channels 0-2, linearly), like a real decoder
+    that is insensitive to some latent directions. ``encode`` inverts what ``decode`` shows (channel 3 reads 0)."""
+
+    class _Dist:
+        def __init__(self, mean):
+            self.mean, self.std = mean, torch.zeros_like(mean)
+
+    class _Out:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # device/dtype probe
+        self.config = self._Out(scaling_factor=1.0, shift_factor=None)
+        self.dtype = torch.float32
+
+    def decode(self, z):
+        return self._Out(sample=z[:, :3] * 0.5)  # in [-1, 1] units: image = z/4 + 0.5
+
+    def encode(self, x):
+        return self._Out(latent_dist=self._Dist(torch.cat([x * 2.0, torch.zeros_like(x[:, :1])], 1)))
+
+
+def test_roundtrip_is_what_verification_reads_with_straight_through_gradients():
+    vae = _BlindVAE()
+    x = torch.tensor([-0.2, 0.1234, 0.5, 1.3]).view(1, 1, 2, 2).repeat(1, 3, 1, 1).requires_grad_(True)
+    from defenses.sleepermark import _roundtrip
+
+    z = _roundtrip(vae, x)
+    shown = (x.detach().clamp(0, 1) * 255).round() / 255
+    assert torch.allclose(z, _to_latent(vae, shown)[0])  # forward: clamp, 8-bit rounding, encoder mean
+    z.sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 4.0))  # d(2 (2x - 1))/dx = 4 everywhere, clamped or not
+
+
+def test_stage1_roundtrip_puts_the_residual_where_the_vae_shows_it():
+    """With the image loss on, a residual in the channel the decoder ignores costs nothing: the official stage 1
+    (reading the latent) learns it there and the round trip erases it; ``stage1_roundtrip`` must read it after
+    decode -> quantise -> encode, so the bits survive verification."""
+    vae = _BlindVAE()
+    common = dict(bits=8, secret_res=0, decoder_channels=[16, 32], decoder_hidden=64, decoder_mlp_layers=1,
+                  stage1_source="random", stage1_steps=400, stage1_batch_size=16, stage1_lr=3e-3,
+                  image_loss_weight=30.0, image_loss_ramp=50, perceptual="none")
+    g = torch.Generator().manual_seed(2)
+    m = torch.randint(0, 2, (128, 8), generator=g).float()
+    z = torch.randn(128, 4, 8, 8, generator=g)
+    acc = {}
+    for rt in (False, True):
+        enc, dec, _ = SleeperMark(stage1_roundtrip=rt, **common).train_stage1(
+            vae, (4, 8, 8), 8, _ctx(), torch.Generator().manual_seed(1))
+        from defenses.sleepermark import _roundtrip
+
+        with torch.no_grad():
+            read = _roundtrip(vae, _from_latent(vae, z + enc(m)))
+            acc[rt] = ((dec(read) > 0) == (m > 0.5)).float().mean().item()
+    assert acc[True] > 0.9 and acc[False] < 0.7, acc
