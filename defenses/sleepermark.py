@@ -552,6 +552,10 @@ class SleeperMark(Defense):
             probe = mean[:256]
             acc_star = _bit_accuracy(decoder, probe, delta_z, message)
             acc_clean = _bit_accuracy(decoder, probe, None, message)
+            # what verification reads: the marked latents decoded, quantised to 8 bits and encoded again
+            acc_image = _bit_accuracy(decoder, _roundtrip(pipe.vae, _from_latent(pipe.vae, (probe[:64] + delta_z.cpu())
+                                                                                 .to(device, pipe.vae.dtype))).cpu(),
+                                      None, message)
         t_s1 = time.perf_counter()
 
         with torch.no_grad():
@@ -562,11 +566,11 @@ class SleeperMark(Defense):
 
         secret = self.make_secret(message, decoder, pipe.vae, delta_z, resolution, latent_shape)
         secret.meta.update(stage1_train_bit_accuracy=train_acc, stage1_bit_accuracy_mstar=acc_star,
-                           stage1_bit_accuracy_clean=acc_clean)
+                           stage1_bit_accuracy_clean=acc_clean, stage1_bit_accuracy_roundtrip=acc_image)
         ctx.record_cost(stage1_steps=int(self.stage1_steps), stage2_steps=int(self.stage2_steps),
                         trainable_params=n_trainable, train_images=len(chosen),
                         data_seconds=t_pool - t_start, stage1_seconds=t_s1 - t_pool, stage2_seconds=t_s2 - t_s1,
-                        stage1_bit_accuracy=acc_star)
+                        stage1_bit_accuracy=acc_star, stage1_bit_accuracy_roundtrip=acc_image)
         return Embedding(secret, pipeline=pipe)
 
     def make_secret(self, message: torch.Tensor, decoder: LatentDecoder, vae, delta_z: torch.Tensor,
