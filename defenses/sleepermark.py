@@ -64,6 +64,7 @@ from torch import nn
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
                    UserError, Verification, defenses)
 from bench.training import PerceptualLoss
+from defenses.hidden import quantize8
 
 TRIGGER = "*[Z]& "
 
@@ -167,11 +168,14 @@ def watermark_target(eps0_trigger: torch.Tensor, abar_t: torch.Tensor, delta_z: 
     return eps0_trigger - torch.sqrt(abar_t / (1 - abar_t)) * delta_z
 
 
-def ramp(step: int, target: float, ramp_steps: int) -> float:
-    """Linear warm-up of a loss weight: ``min(target * step / ramp_steps, target)`` (``target`` if no ramp)."""
+def ramp(step: int, target: float, ramp_steps: int, start: int = 0) -> float:
+    """Linear warm-up of a loss weight from step ``start``: 0 before it, then ``min(target * (step - start) /
+    ramp_steps, target)`` (``target`` from ``start`` on if no ramp)."""
+    if step < start:
+        return 0.0
     if ramp_steps <= 0:
         return float(target)
-    return float(min(target * step / ramp_steps, target))
+    return float(min(target * (step - start) / ramp_steps, target))
 
 
 def _sub_generator(gen: torch.Generator) -> torch.Generator:
@@ -183,9 +187,8 @@ def _sub_generator(gen: torch.Generator) -> torch.Generator:
 def _roundtrip(vae, images: torch.Tensor) -> torch.Tensor:
     """Decoded images -> what verification reads: clamped to [0, 1], quantised to 8 bits, VAE-encoded (posterior
     mean). Clamping and rounding pass gradients straight through."""
-    shown = (images.clamp(0, 1) * 255).round() / 255
-    images = images + (shown - images).detach()
-    return _to_latent(vae, images.to(next(vae.parameters()).dtype))[0].float()
+    images = images + (quantize8(images) - images).detach()
+    return _to_latent(vae, images.to(vae.dtype))[0].float()
 
 
 def _vae_config(vae) -> dict[str, Any]:
@@ -372,7 +375,7 @@ class SleeperMark(Defense):
                                         width=resolution, num_inference_steps=int(self.train_inference_steps),
                                         guidance_scale=float(self.train_guidance_scale), batch_size=chunk)
             images = ctx.generate(pipe, request)
-            images = (images.clamp(0, 1) * 255).round() / 255  # as saved to disk (8-bit), like the paper's PNGs
+            images = quantize8(images)  # as saved to disk (8-bit), like the paper's PNGs
             with torch.no_grad():
                 m, s = _to_latent(pipe.vae, images.to(pipe.vae.device, pipe.vae.dtype))
             means.append(m.float().cpu())
@@ -425,20 +428,16 @@ class SleeperMark(Defense):
                 z = torch.randn((bsz, c, h, w), generator=gen).to(device)
             m = torch.randint(0, 2, (bsz, n_bits), generator=gen).float().to(device)
             z_w = z + encoder(m)
-            since = step - int(self.image_loss_start)
-            l_img = ramp(since, float(self.image_loss_weight), int(self.image_loss_ramp)) if since >= 0 else 0.0
-            l_perc = ramp(since, float(self.perceptual_weight), int(self.perceptual_ramp)) if since >= 0 else 0.0
+            start = int(self.image_loss_start)
+            l_img = ramp(step, float(self.image_loss_weight), int(self.image_loss_ramp), start)
+            l_perc = ramp(step, float(self.perceptual_weight), int(self.perceptual_ramp), start)
             if perceptual.kind == "none":
                 l_perc = 0.0
-            marked = None
-            if l_img > 0 or l_perc > 0 or self.stage1_roundtrip:
-                marked = _from_latent(vae, z_w.to(vae.dtype)).float()
-            if self.stage1_roundtrip:
-                logits = decoder(_roundtrip(vae, marked))
-            else:
-                logits = decoder(z_w)
+            image_terms = l_img > 0 or l_perc > 0
+            marked = _from_latent(vae, z_w.to(vae.dtype)).float() if image_terms or self.stage1_roundtrip else None
+            logits = decoder(_roundtrip(vae, marked) if self.stage1_roundtrip else z_w)
             loss = F.binary_cross_entropy_with_logits(logits, m)
-            if l_img > 0 or l_perc > 0:
+            if image_terms:
                 with torch.no_grad():
                     clean = _from_latent(vae, z.to(vae.dtype)).float()
                 if l_img > 0:
@@ -553,9 +552,8 @@ class SleeperMark(Defense):
             acc_star = _bit_accuracy(decoder, probe, delta_z, message)
             acc_clean = _bit_accuracy(decoder, probe, None, message)
             # what verification reads: the marked latents decoded, quantised to 8 bits and encoded again
-            acc_image = _bit_accuracy(decoder, _roundtrip(pipe.vae, _from_latent(pipe.vae, (probe[:64] + delta_z.cpu())
-                                                                                 .to(device, pipe.vae.dtype))).cpu(),
-                                      None, message)
+            marked = _from_latent(pipe.vae, (probe[:64].to(device) + delta_z).to(pipe.vae.dtype))
+            acc_image = _bit_accuracy(decoder, _roundtrip(pipe.vae, marked).cpu(), None, message)
         t_s1 = time.perf_counter()
 
         with torch.no_grad():

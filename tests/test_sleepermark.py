@@ -18,8 +18,9 @@ from bench.errors import MissingDependencyError, UserError
 from bench.models import load_pipeline
 from bench.plugins import GenerationRequest, MarkLocation, StageContext, Verification
 from bench.stages import check_detection, check_images, copy_pipeline
-from defenses.sleepermark import (TRIGGER, LatentDecoder, SecretEncoder, SleeperMark, _from_latent, _to_latent,
-                                  load_prompts, ramp, sleeper_weights, trainable_parameter_names, watermark_target)
+from defenses.sleepermark import (TRIGGER, LatentDecoder, SecretEncoder, SleeperMark, _from_latent, _roundtrip,
+                                  _to_latent, load_prompts, ramp, sleeper_weights, trainable_parameter_names,
+                                  watermark_target)
 
 FAST = dict(train_images=4, train_inference_steps=2, gen_batch_size=4, secret_res=0, decoder_channels=[8, 8],
             decoder_hidden=32, decoder_mlp_layers=1, stage1_steps=2, stage1_batch_size=2, image_loss_ramp=1,
@@ -189,6 +190,9 @@ def test_watermark_target_shifts_the_implied_clean_latent_by_delta():
 def test_ramp():
     assert [ramp(s, 30.0, 2000) for s in (0, 1000, 2000, 5000)] == [0.0, 15.0, 30.0, 30.0]
     assert ramp(0, 0.25, 0) == 0.25
+    # from a start step: 0 before it, then the same ramp shifted
+    assert [ramp(s, 30.0, 200, start=100) for s in (0, 99, 100, 200, 300, 900)] == [0.0, 0.0, 0.0, 15.0, 30.0, 30.0]
+    assert ramp(99, 0.25, 0, start=100) == 0.0 and ramp(100, 0.25, 0, start=100) == 0.25
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,7 +396,7 @@ class _BlindVAE(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # device/dtype probe
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # device probe
         self.config = self._Out(scaling_factor=1.0, shift_factor=None)
         self.dtype = torch.float32
 
@@ -406,8 +410,6 @@ class _BlindVAE(torch.nn.Module):
 def test_roundtrip_is_what_verification_reads_with_straight_through_gradients():
     vae = _BlindVAE()
     x = torch.tensor([-0.2, 0.1234, 0.5, 1.3]).view(1, 1, 2, 2).repeat(1, 3, 1, 1).requires_grad_(True)
-    from defenses.sleepermark import _roundtrip
-
     z = _roundtrip(vae, x)
     shown = (x.detach().clamp(0, 1) * 255).round() / 255
     assert torch.allclose(z, _to_latent(vae, shown)[0])  # forward: clamp, 8-bit rounding, encoder mean
@@ -430,8 +432,6 @@ def test_stage1_roundtrip_puts_the_residual_where_the_vae_shows_it():
     for rt in (False, True):
         enc, dec, _ = SleeperMark(stage1_roundtrip=rt, **common).train_stage1(
             vae, (4, 8, 8), 8, _ctx(), torch.Generator().manual_seed(1))
-        from defenses.sleepermark import _roundtrip
-
         with torch.no_grad():
             read = _roundtrip(vae, _from_latent(vae, z + enc(m)))
             acc[rt] = ((dec(read) > 0) == (m > 0.5)).float().mean().item()
