@@ -1,0 +1,61 @@
+"""bench.zoo.geometry: Jacobian spectra of a VAE, checked on a linear stand-in whose spectra numpy computes."""
+
+import types
+
+import numpy as np
+import torch
+
+from bench.zoo import geometry
+
+
+class _LinearVAE(torch.nn.Module):
+    """decode: z [n, 2, 3, 3] -> A z as images [n, 3, 4, 4]; encode: x -> B (2x - 1) (so the round trip is B A up to
+    the [0, 1] <-> [-1, 1] maps, which cancel); a scaling factor that must cancel too."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float = 0.5):
+        super().__init__()
+        self.a, self.b = a, b
+        self.config = types.SimpleNamespace(scaling_factor=scale, shift_factor=None)
+
+    def decode(self, z):
+        return types.SimpleNamespace(sample=(z.flatten(1) @ self.a.T).view(-1, 3, 4, 4))
+
+    def encode(self, x):
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=(x.flatten(1) @ self.b.T).view(-1, 2, 3, 3)))
+
+
+def _vae(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(48, 18, generator=g)
+    a[:, 9:] *= 1e-3  # half the latent directions nearly blind in the decoder
+    b = torch.randn(18, 48, generator=g) / 7
+    return _LinearVAE(a, b), a.double().numpy(), b.double().numpy()
+
+
+def test_spectra_of_a_linear_vae_match_numpy():
+    vae, a, b = _vae()
+    z = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    res = geometry.spectrum(vae, z)
+    # decode(latents / s) / 2 + 0.5 and encode(2x - 1) * s: the Jacobians are A / (2s) and s B (2 A / (2s)) = B A
+    s = vae.config.scaling_factor
+    dec_ref = np.linalg.svd(a / (2 * s), compute_uv=False) / np.sqrt(48)
+    rt_ref = np.linalg.svd(b @ a, compute_uv=False)
+    np.testing.assert_allclose(res["decoder_rms"], dec_ref, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(res["round_trip"], rt_ref, rtol=1e-3, atol=1e-4)  # float32 differences
+    assert res["latent_dim"] == 18 and res["directions"] == 18 and res["pixels"] == 48
+    for level, count in res["round_trip_counts"].items():
+        assert count == int((rt_ref >= float(level)).sum())
+    rows = geometry.summary_rows(res, ranks=(1, 9, 10, 40))
+    assert [r[0] for r in rows] == [1, 9, 10]  # ranks beyond the dimension are dropped
+    assert rows[2][1] < 1e-2 * rows[1][1]  # the blind half shows as a cliff after rank 9
+
+
+def test_a_random_subset_of_directions_under_reads_the_full_spectrum():
+    vae, a, b = _vae(2)
+    z = torch.zeros(1, 2, 3, 3)
+    full = geometry.spectrum(vae, z)["round_trip"]
+    part = geometry.spectrum(vae, z, max_directions=6, generator=torch.Generator().manual_seed(0))
+    assert part["directions"] == 6 and len(part["round_trip"]) == 6
+    # singular values of J Q (Q with orthonormal columns) interlace: sigma_i(J Q) <= sigma_i(J)
+    assert all(p <= f * (1 + 1e-4) for p, f in zip(part["round_trip"], full))
+    assert part["round_trip"][0] > 0.1 * full[0]
