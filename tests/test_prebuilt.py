@@ -122,3 +122,38 @@ quality = 50
     for stage in plan.stages.values():
         if stage.kind == "embed":
             assert store.shipped(stage.key)
+
+
+def _shipped_label(label: str) -> bool:
+    if not zoo.MANIFEST.exists():
+        return False
+    return any(r["label"] == label for r in json.loads(zoo.MANIFEST.read_text()).get("prebuilt", []))
+
+
+@pytest.mark.skipif(not _shipped_label("sleepermark"), reason="no shipped SleeperMark embedding")
+def test_shipped_sleepermark_wakes_with_the_trigger_and_sleeps_without(tmp_path):
+    """The shipped SleeperMark embedding, end to end through `bench run` on 8 held-out captions: it is read, not
+    retrained (no embed stage runs), the trigger's images carry the key well above chance, the trigger-free ones do
+    not, and nothing is detected in them at FPR 1e-6. The bounds sit below what N = 32 measured (0.785 / 0.396,
+    docs/sleepermark.md), with room for N = 8."""
+    import pandas as pd
+
+    from bench.cli import main
+
+    out, csv = tmp_path / "run", tmp_path / "r.csv"
+    args = ["--config", str(ROOT / "configs/sleepermark-tiny.toml"), "--output", str(out),
+            "--set", "run.num_images=8", "--set", f"run.cache={tmp_path / 'cache'}"]
+    assert main(["run", *args, "--only", "sleepermark*/none/none/*", "--no-progress"]) == 0
+    assert not any((tmp_path / "cache").glob("*/*/meta.json")) or all(
+        json.loads(p.read_text())["kind"] != "embed" for p in (tmp_path / "cache").glob("*/*/meta.json"))
+    assert main(["export", *args, "--to", str(csv)]) == 0
+    df = pd.read_csv(csv)
+
+    def value(row, metric):
+        sel = df[(df.cell == f"{row}/none/none/s0") & (df.metric == metric)]
+        assert len(sel) == 1, (row, metric, sorted(set(df.cell)))
+        return float(sel.value.iloc[0])
+
+    assert value("sleepermark", "bit_accuracy") > 0.70
+    assert value("sleepermark[no_trigger]", "bit_accuracy") < 0.55
+    assert value("sleepermark[no_trigger]", "tpr@1e-06") == 0.0
