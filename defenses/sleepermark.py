@@ -319,6 +319,9 @@ class SleeperMark(Defense):
         Param("tau", "float", 250.0, "timestep where the watermark and preservation weights cross",
               low=-1e6, high=1e6),
         Param("beta", "float", 100.0, "steepness (timesteps) of the sigmoid weights", low=1e-6, high=1e6),
+        Param("uncond_prob", "float", 0.0, "share of the plain (trigger-free) preservation samples conditioned on "
+              "the empty prompt instead of their caption: keeps the unconditional branch, which classifier-free "
+              "guidance amplifies, at the reference's (0 = the paper: captions only)", low=0.0, high=1.0),
     )
 
     smoke_params = dict(
@@ -476,8 +479,12 @@ class SleeperMark(Defense):
                                              "keep_plain": float(keep_plain.detach())}
 
     def train_stage2(self, pipe, delta_z: torch.Tensor, emb: torch.Tensor, emb_trigger: torch.Tensor,
-                     mean: torch.Tensor, std: torch.Tensor, ctx, gen: torch.Generator) -> int:
-        """Fine-tune the UNet in place; returns the number of trainable parameters."""
+                     mean: torch.Tensor, std: torch.Tensor, ctx, gen: torch.Generator,
+                     emb_empty: torch.Tensor | None = None) -> int:
+        """Fine-tune the UNet in place; returns the number of trainable parameters. ``emb_empty`` (the empty
+        prompt's embedding ``[1, L, D]``) is needed when ``uncond_prob > 0``."""
+        if float(self.uncond_prob) > 0 and emb_empty is None:
+            raise ValueError("sleepermark.train_stage2: uncond_prob > 0 needs emb_empty")
         unet = pipe.unet
         device = unet.device
         names = set(trainable_parameter_names(unet))
@@ -502,23 +509,28 @@ class SleeperMark(Defense):
         unet.train()
         with _global_rng_from(gen, device):  # nothing in SD's UNet draws from it (dropout 0); kept for safety
             self._stage2_loop(unet, frozen, params, opt, sched, delta_z, emb, emb_trigger, mean, std,
-                              alphas_cumprod, ctx, gen)
+                              alphas_cumprod, ctx, gen, emb_empty)
         unet.eval().requires_grad_(False)
         del frozen
         return n_trainable
 
     def _stage2_loop(self, unet, frozen, params, opt, sched, delta_z, emb, emb_trigger, mean, std, alphas_cumprod,
-                     ctx, gen) -> None:
+                     ctx, gen, emb_empty=None) -> None:
         device = delta_z.device
         steps = int(self.stage2_steps)
         bsz = int(self.stage2_batch_size)
         n_t = int(alphas_cumprod.shape[0])
+        p_uncond = float(self.uncond_prob)
         for _ in ctx.progress(range(steps), total=steps, description="sleepermark: stage 2"):
             idx = torch.randint(0, mean.shape[0], (bsz,), generator=gen)
             z0 = self._sample_latents(mean, std, idx.to(mean.device), gen).to(device)
             noise = torch.randn(z0.shape, generator=gen).to(device)
             t = torch.randint(0, n_t, (bsz,), generator=gen).to(device)
-            loss, _ = self.stage2_loss(unet, frozen, z0, noise, t, emb[idx].to(device), emb_trigger[idx].to(device),
+            plain = emb[idx]
+            if p_uncond > 0:  # drawn after the paper's draws, so uncond_prob = 0 replays the same stream
+                drop = torch.rand(bsz, generator=gen) < p_uncond
+                plain = torch.where(drop[:, None, None], emb_empty.to(plain).expand_as(plain), plain)
+            loss, _ = self.stage2_loss(unet, frozen, z0, noise, t, plain.to(device), emb_trigger[idx].to(device),
                                        delta_z, alphas_cumprod)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -559,7 +571,8 @@ class SleeperMark(Defense):
         with torch.no_grad():
             emb = self._encode_prompts(pipe, chosen, device)
             emb_trigger = self._encode_prompts(pipe, [self.trigger + p for p in chosen], device)
-        n_trainable = self.train_stage2(pipe, delta_z, emb, emb_trigger, mean, std, ctx, gen_s2)
+            emb_empty = self._encode_prompts(pipe, [""], device)
+        n_trainable = self.train_stage2(pipe, delta_z, emb, emb_trigger, mean, std, ctx, gen_s2, emb_empty)
         t_s2 = time.perf_counter()
 
         secret = self.make_secret(message, decoder, pipe.vae, delta_z, resolution, latent_shape)

@@ -436,3 +436,45 @@ def test_stage1_roundtrip_puts_the_residual_where_the_vae_shows_it():
             read = _roundtrip(vae, _from_latent(vae, z + enc(m)))
             acc[rt] = ((dec(read) > 0) == (m > 0.5)).float().mean().item()
     assert acc[True] > 0.9 and acc[False] < 0.7, acc
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_uncond_prob_anchors_the_empty_prompt_in_the_preservation_term(monkeypatch, p):
+    """uncond_prob: that share of the plain preservation samples is conditioned on the empty prompt (the branch
+    classifier-free guidance subtracts), the rest on their captions; the trigger half keeps trigger + caption; 0
+    (the paper) never uses the empty prompt and draws exactly the paper's random stream."""
+    seen = []
+
+    def fake_loss(self, unet, frozen, z0, noise, t, cond, cond_trigger, delta_z, alphas_cumprod):
+        seen.append((cond.clone(), cond_trigger.clone(), t.clone()))
+        return (weight * 0).sum() + 1.0, {}
+
+    monkeypatch.setattr(SleeperMark, "stage2_loss", fake_loss)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([weight], lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    emb = torch.stack([torch.full((3, 2), float(i + 1)) for i in range(4)])  # captions: rows of 1s ... 4s
+    emb_trigger = -emb
+    sm = SleeperMark(uncond_prob=p, stage2_steps=300, stage2_batch_size=8, vae_sample=False)
+    sm._stage2_loop(None, None, [weight], opt, sched, torch.zeros(1, 2, 2, 2), emb, emb_trigger,
+                    torch.zeros(4, 2, 2, 2), torch.ones(4, 2, 2, 2), torch.ones(10), _ctx(), torch.Generator()
+                    .manual_seed(0), torch.zeros(1, 3, 2))
+    cond = torch.cat([c for c, _, _ in seen])
+    trig = torch.cat([c for _, c, _ in seen])
+    is_empty = (cond == 0).flatten(1).all(1)
+    assert bool((trig < 0).all())  # the trigger half is never replaced
+    assert bool(((cond == cond[:, :1, :1]).flatten(1).all(1)).all())  # whole rows: a caption or the empty prompt
+    share = float(is_empty.float().mean())
+    if p == 0:
+        assert share == 0.0
+        # the same timesteps as a loop that knows nothing of uncond_prob: t is the 3rd draw of each step
+        g = torch.Generator().manual_seed(0)
+        for _, _, t in seen[:3]:
+            torch.randint(0, 4, (8,), generator=g)
+            torch.randn((8, 2, 2, 2), generator=g)
+            assert torch.equal(t, torch.randint(0, 10, (8,), generator=g))
+    else:
+        assert abs(share - p) < 0.065, share  # binomial(2400, 0.5): 5 standard deviations
+    with pytest.raises(ValueError, match="emb_empty"):
+        SleeperMark(uncond_prob=0.1).train_stage2(type("P", (), {"unet": None})(), None, emb, emb_trigger, None, None,
+                                                  _ctx(), torch.Generator())
