@@ -21,7 +21,8 @@ class _LinearVAE(torch.nn.Module):
         return types.SimpleNamespace(sample=(z.flatten(1) @ self.a.T).view(-1, 3, 4, 4))
 
     def encode(self, x):
-        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=(x.flatten(1) @ self.b.T).view(-1, 2, 3, 3)))
+        mean = (x.flatten(1) @ self.b.T).view(-1, 2, 3, 3)
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=mean))
 
 
 def _vae(seed=0):
