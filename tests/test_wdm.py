@@ -67,7 +67,8 @@ def test_registered_with_the_paper_defaults():
     d = cls()
     assert (d.gamma1, d.gamma2) == (0.8, 0.1)
     assert (d.lr, d.weight_decay, d.ema_rate, d.batch_size, d.wm_batch_size) == (1e-4, 0.0, 0.999, 32, 32)
-    assert (d.extract_steps, d.extract_variance, d.wdp_prompt) == (1000, "fixed_large", "")
+    assert (d.extract_steps, d.extract_variance, d.wdp_prompt, d.task_uncond_prob) == (1000, "fixed_large",
+                                                                                       "a watermark", 0.1)
     assert (d.trigger_source, d.watermark_source, d.distance, d.task_data) == ("latent", "pattern", "mse",
                                                                                "generated")
     with pytest.raises(UserError, match="watermark_file"):
@@ -328,7 +329,8 @@ def test_short_training_moves_the_extraction_towards_the_watermark(micro):
     model points towards the watermark latent and its decoded image is closer to the watermark image, both against
     the same fine-tuning without the WDP term (gamma2 = 0: the control) and against the clean model (the null)."""
     common = dict(train_images=8, train_inference_steps=2, gen_batch_size=8, steps=200, batch_size=4, wm_batch_size=4,
-                  lr=3e-3, ema_rate=0.0, watermark_source="latent", extract_steps=20, calibration_samples=4)
+                  lr=3e-3, ema_rate=0.0, watermark_source="latent", extract_steps=20, calibration_samples=4,
+                  task_uncond_prob=0.0)  # the WDP term alone against the control
     psnr, cosine = {}, {}
     for name, gamma2 in (("wdm", 1.0), ("control", 0.0), ("clean", None)):
         d = WDM(**common, gamma2=gamma2 or 0.0)
@@ -339,8 +341,49 @@ def test_short_training_moves_the_extraction_towards_the_watermark(micro):
             pipe, secret = emb.pipeline, emb.secret
             psnr[name] = sum(secret.meta["embedded_scores"]["mse"]) / 4
             psnr["clean"] = sum(secret.meta["null_scores"]["mse"]) / 4  # the same for both: same secret and seeds
-        z = d.extract(pipe, secret.tensors["trigger"], 0.8, "", secret.meta["calibration_seeds"], 4)
+        meta = secret.meta
+        z = d.extract(pipe, secret.tensors["trigger"], 0.8, meta["wdp_prompt"], meta["calibration_seeds"], 4)
         z_wm = secret.tensors["watermark_latent"].flatten()[None]
         cosine[name] = torch.nn.functional.cosine_similarity(z.flatten(1), z_wm).mean().item()
     assert psnr["wdm"] > psnr["control"] + 1.5 and psnr["wdm"] > psnr["clean"] + 1.5, psnr  # dB
     assert cosine["wdm"] > 0.25 and abs(cosine["control"]) < 0.15 and abs(cosine["clean"]) < 0.15, cosine
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_caption_dropout_replaces_task_conditions_with_the_empty_prompt(monkeypatch, p):
+    """task_uncond_prob: that share of task samples is conditioned on the empty prompt (the branch classifier-free
+    guidance subtracts), the rest on their captions; 0 never touches the empty prompt."""
+    import types
+
+    import defenses.wdm as wdm_mod
+
+    seen = []
+
+    def fake_loss(unet, alphas_cumprod, latents, cond, *rest):
+        seen.append(cond.clone())
+        return (unet.weight * 0).sum() + latents.new_ones(()), {"task": 1.0, "wdp": 0.0}
+
+    monkeypatch.setattr(wdm_mod, "wdm_loss", fake_loss)
+    unet = torch.nn.Linear(1, 1)
+    unet.device = torch.device("cpu")
+    pipe = types.SimpleNamespace(unet=unet, scheduler=types.SimpleNamespace(alphas_cumprod=torch.ones(10)))
+    table = torch.stack([torch.full((3, 2), float(i + 1)) for i in range(4)])  # captions: rows of 1s, 2s, 3s, 4s
+    empty = torch.zeros(1, 3, 2)
+    d = WDM(task_uncond_prob=p, steps=400, batch_size=8, wm_batch_size=2, ema_rate=0.0)
+    d.train(pipe, torch.zeros(16, 1, 2, 2), table, torch.arange(16) % 4, torch.zeros(1, 2, 2), torch.zeros(1, 2, 2),
+            torch.zeros(1, 3, 2), _ctx(0), torch.Generator().manual_seed(0), empty)
+    conds = torch.cat(seen)
+    assert conds.shape == (400 * 8, 3, 2)
+    is_empty = (conds == 0).flatten(1).all(1)
+    # every condition is either a caption row, whole, or the empty prompt
+    assert bool(((conds == conds[:, :1, :1]).flatten(1).all(1)).all())
+    share = float(is_empty.float().mean())
+    if p == 0:
+        assert share == 0.0
+    else:
+        # binomial(3200, 0.5): 5 standard deviations are 0.044
+        assert abs(share - p) < 0.045, share
+    with pytest.raises(ValueError, match="cond_empty"):
+        WDM(task_uncond_prob=0.1, steps=1).train(pipe, torch.zeros(4, 1, 2, 2), table, torch.arange(4),
+                                                 torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), torch.zeros(1, 3, 2),
+                                                 _ctx(0), torch.Generator().manual_seed(0))
