@@ -130,22 +130,18 @@ def _shipped_label(label: str) -> bool:
     return any(r["label"] == label for r in json.loads(zoo.MANIFEST.read_text()).get("prebuilt", []))
 
 
-@pytest.mark.skipif(not _shipped_label("sleepermark"), reason="no shipped SleeperMark embedding")
-def test_shipped_sleepermark_wakes_with_the_trigger_and_sleeps_without(tmp_path):
-    """The shipped SleeperMark embedding, end to end through `bench run` on 8 held-out captions: it is read, not
-    retrained (no embed stage runs), the trigger's images carry the key well above chance, the trigger-free ones do
-    not, and nothing is detected in them at FPR 1e-6. The bounds sit below what N = 32 measured (0.785 / 0.396,
-    docs/sleepermark.md), with room for N = 8."""
+def _run_shipped(tmp_path, config: str, only: str):
+    """`bench run` of a shipped config on 8 captions into ``tmp_path``; returns ``value(cell_prefix, metric)`` and
+    whether any embed stage ran (it must not: the shipped embedding is read)."""
     import pandas as pd
 
     from bench.cli import main
 
-    out, csv = tmp_path / "run", tmp_path / "r.csv"
-    args = ["--config", str(ROOT / "configs/sleepermark-tiny.toml"), "--output", str(out),
-            "--set", "run.num_images=8", "--set", f"run.cache={tmp_path / 'cache'}"]
-    assert main(["run", *args, "--only", "sleepermark*/none/none/*", "--no-progress"]) == 0
-    assert not any((tmp_path / "cache").glob("*/*/meta.json")) or all(
-        json.loads(p.read_text())["kind"] != "embed" for p in (tmp_path / "cache").glob("*/*/meta.json"))
+    out, csv, cache = tmp_path / "run", tmp_path / "r.csv", tmp_path / "cache"
+    args = ["--config", str(ROOT / config), "--output", str(out), "--set", "run.num_images=8",
+            "--set", f"run.cache={cache}"]
+    assert main(["run", *args, "--only", only, "--no-progress"]) == 0
+    embedded = any(json.loads(p.read_text())["kind"] == "embed" for p in cache.glob("*/*/meta.json"))
     assert main(["export", *args, "--to", str(csv)]) == 0
     df = pd.read_csv(csv)
 
@@ -154,6 +150,28 @@ def test_shipped_sleepermark_wakes_with_the_trigger_and_sleeps_without(tmp_path)
         assert len(sel) == 1, (row, metric, sorted(set(df.cell)))
         return float(sel.value.iloc[0])
 
+    return value, embedded
+
+
+@pytest.mark.skipif(not _shipped_label("sleepermark"), reason="no shipped SleeperMark embedding")
+def test_shipped_sleepermark_wakes_with_the_trigger_and_sleeps_without(tmp_path):
+    """The shipped SleeperMark embedding, end to end through `bench run` on 8 held-out captions: it is read, not
+    retrained, the trigger's images carry the key well above chance, the trigger-free ones do not, and nothing is
+    detected in them at FPR 1e-6. The bounds sit below what N = 32 measured (0.785 / 0.396, docs/sleepermark.md;
+    N = 8 read 0.797 / 0.370)."""
+    value, embedded = _run_shipped(tmp_path, "configs/sleepermark-tiny.toml", "sleepermark*/none/none/*")
+    assert not embedded
     assert value("sleepermark", "bit_accuracy") > 0.70
     assert value("sleepermark[no_trigger]", "bit_accuracy") < 0.55
     assert value("sleepermark[no_trigger]", "tpr@1e-06") == 0.0
+
+
+@pytest.mark.skipif(not _shipped_label("stable_signature"), reason="no shipped Stable Signature embedding")
+def test_shipped_stable_signature_reads_its_key_above_chance(tmp_path):
+    """The shipped Stable Signature embedding (its decoder fine-tuned, key partly written: 0.686 at N = 32,
+    docs/stable_signature.md; N = 8 read 0.667) is read, not retrained, and its images carry the key above the
+    clean model's chance level."""
+    value, embedded = _run_shipped(tmp_path, "configs/stable-signature-tiny.toml", "*/none/none/*")
+    assert not embedded
+    assert value("stable_signature", "bit_accuracy") > 0.6
+    assert abs(value("none", "bit_accuracy") - 0.5) < 0.1
