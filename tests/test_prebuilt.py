@@ -89,6 +89,19 @@ def test_shipped_embeddings_belong_to_the_shipped_tiny_sd():
         assert {p.name for p in zoo.PREBUILT.glob("*/*")} <= listed
 
 
+@shipped
+def test_every_shipped_embedding_is_still_what_its_config_asks_for():
+    """A change to a defence's parameters (a new parameter included: its default enters the stage key) makes its
+    config ask for another key, and the shipped embedding is then silently retrained by every run. Re-ship it
+    (`bench zoo embed CONFIG`) with the change."""
+    manifest = json.loads(zoo.MANIFEST.read_text())
+    for rec in manifest.get("prebuilt", []):
+        plan = build_plan(load_config(ROOT / rec["config"], check_output=False))
+        keys = {s.key for s in plan.stages.values() if s.kind == "embed" and s.plugin.label == rec["label"]}
+        assert rec["key"] in keys, f"{rec['label']} in {rec['config']}: shipped {rec['key'][:12]}, config asks " \
+                                   f"for {sorted(k[:12] for k in keys)}"
+
+
 @pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
 def test_zoo_embed_ships_embed_stages_that_a_run_then_reads(tmp_path, monkeypatch):
     from bench.zoo.embed import embed_configs
