@@ -38,6 +38,16 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
     return (vae.decode(latents / vae.config.scaling_factor).sample + 1) / 2
 
 
+def drop_to_empty(cond: torch.Tensor, empty: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Caption dropout: each row of ``cond`` ``[B, L, D]`` is replaced by ``empty`` (the empty prompt's embedding,
+    ``[1, L, D]``) with probability ``p``, one draw from ``generator`` per row. ``p = 0`` draws nothing, so a caller's
+    random stream is the same as without dropout."""
+    if p <= 0:
+        return cond
+    drop = torch.rand(cond.shape[0], generator=generator) < p
+    return torch.where(drop[:, None, None], empty.to(cond).expand_as(cond), cond)
+
+
 def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator,
               timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(noisy, noise, t)`` with t ~ U{0..T-1} unless given."""

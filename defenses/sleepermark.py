@@ -63,7 +63,7 @@ from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
                    UserError, Verification, defenses)
-from bench.training import PerceptualLoss
+from bench.training import PerceptualLoss, drop_to_empty
 from defenses.hidden import quantize8
 
 TRIGGER = "*[Z]& "
@@ -526,10 +526,7 @@ class SleeperMark(Defense):
             z0 = self._sample_latents(mean, std, idx.to(mean.device), gen).to(device)
             noise = torch.randn(z0.shape, generator=gen).to(device)
             t = torch.randint(0, n_t, (bsz,), generator=gen).to(device)
-            plain = emb[idx]
-            if p_uncond > 0:  # drawn after the paper's draws, so uncond_prob = 0 replays the same stream
-                drop = torch.rand(bsz, generator=gen) < p_uncond
-                plain = torch.where(drop[:, None, None], emb_empty.to(plain).expand_as(plain), plain)
+            plain = drop_to_empty(emb[idx], emb_empty, p_uncond, gen)  # after the paper's draws
             loss, _ = self.stage2_loss(unet, frozen, z0, noise, t, plain.to(device), emb_trigger[idx].to(device),
                                        delta_z, alphas_cumprod)
             opt.zero_grad(set_to_none=True)
@@ -571,7 +568,7 @@ class SleeperMark(Defense):
         with torch.no_grad():
             emb = self._encode_prompts(pipe, chosen, device)
             emb_trigger = self._encode_prompts(pipe, [self.trigger + p for p in chosen], device)
-            emb_empty = self._encode_prompts(pipe, [""], device)
+            emb_empty = self._encode_prompts(pipe, [""], device) if self.uncond_prob > 0 else None
         n_trainable = self.train_stage2(pipe, delta_z, emb, emb_trigger, mean, std, ctx, gen_s2, emb_empty)
         t_s2 = time.perf_counter()
 

@@ -74,7 +74,8 @@ import torch.nn.functional as F
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
                    UserError, Verification, defenses)
 from bench.generation import latent_shape
-from bench.training import decode_latents, encode_images, encode_prompts, sample_batches, train_loop, trainable
+from bench.training import (decode_latents, drop_to_empty, encode_images, encode_prompts, sample_batches,
+                            train_loop, trainable)
 from defenses.hidden import forked_global_rng, quantize8, sub_generator, training_images
 
 DISTANCES = ("mse", "ssim")
@@ -389,16 +390,12 @@ class WDM(Defense):
         p_uncond = float(self.task_uncond_prob)
         if p_uncond > 0 and cond_empty is None:
             raise ValueError("wdm.train: task_uncond_prob > 0 needs cond_empty (the empty prompt's embedding)")
-        empty = cond_empty.to(cond_table) if cond_empty is not None else None
 
         def step(k: int) -> torch.Tensor:
             if ema is not None and k > 0:
                 ema.update(params)  # after the previous optimiser step
             idx = next(batches)
-            cond = cond_table[cond_index[idx]]
-            if p_uncond > 0:
-                drop = torch.rand(len(idx), generator=gen) < p_uncond
-                cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+            cond = drop_to_empty(cond_table[cond_index[idx]], cond_empty, p_uncond, gen)
             loss, parts = wdm_loss(unet, alphas_cumprod, latents[idx].to(device), cond.to(device), wm, trig, c_wdp,
                                    float(self.gamma1), float(self.gamma2), gen)
             last.update(parts)
@@ -490,7 +487,7 @@ class WDM(Defense):
         with torch.no_grad():
             table, index = self._prompt_table(pipe, captions)
             cond_wdp = encode_prompts(pipe, [self.wdp_prompt]).float().cpu()
-            cond_empty = encode_prompts(pipe, [""]).float().cpu()
+            cond_empty = encode_prompts(pipe, [""]).float().cpu() if self.task_uncond_prob > 0 else None
         t_data = time.perf_counter()
         stats = self.train(pipe, latents, table, index, wm_latent, trigger, cond_wdp, ctx, gen_train, cond_empty)
         t_train = time.perf_counter()

@@ -16,6 +16,7 @@ class _LinearVAE(torch.nn.Module):
         super().__init__()
         self.a, self.b = a, b
         self.config = types.SimpleNamespace(scaling_factor=scale, shift_factor=None)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def decode(self, z):
         return types.SimpleNamespace(sample=(z.flatten(1) @ self.a.T).view(-1, 3, 4, 4))
@@ -26,19 +27,20 @@ class _LinearVAE(torch.nn.Module):
 
 
 def _vae(seed=0):
+    """A pipeline stand-in holding the linear VAE, and its matrices A (decoder) and B (encoder)."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(48, 18, generator=g)
     a[:, 9:] *= 1e-3  # half the latent directions nearly blind in the decoder
     b = torch.randn(18, 48, generator=g) / 7
-    return _LinearVAE(a, b), a.double().numpy(), b.double().numpy()
+    return types.SimpleNamespace(vae=_LinearVAE(a, b)), a.double().numpy(), b.double().numpy()
 
 
 def test_spectra_of_a_linear_vae_match_numpy():
-    vae, a, b = _vae()
+    pipe, a, b = _vae()
     z = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(1))
-    res = geometry.spectrum(vae, z)
+    res = geometry.spectrum(pipe, z)
     # decode(latents / s) / 2 + 0.5 and encode(2x - 1) * s: the Jacobians are A / (2s) and s B (2 A / (2s)) = B A
-    s = vae.config.scaling_factor
+    s = pipe.vae.config.scaling_factor
     dec_ref = np.linalg.svd(a / (2 * s), compute_uv=False) / np.sqrt(48)
     rt_ref = np.linalg.svd(b @ a, compute_uv=False)
     np.testing.assert_allclose(res["decoder_rms"], dec_ref, rtol=1e-3, atol=1e-6)
@@ -52,10 +54,10 @@ def test_spectra_of_a_linear_vae_match_numpy():
 
 
 def test_a_random_subset_of_directions_under_reads_the_full_spectrum():
-    vae, a, b = _vae(2)
+    pipe, a, b = _vae(2)
     z = torch.zeros(1, 2, 3, 3)
-    full = geometry.spectrum(vae, z)["round_trip"]
-    part = geometry.spectrum(vae, z, max_directions=6, generator=torch.Generator().manual_seed(0))
+    full = geometry.spectrum(pipe, z)["round_trip"]
+    part = geometry.spectrum(pipe, z, max_directions=6, generator=torch.Generator().manual_seed(0))
     assert part["directions"] == 6 and len(part["round_trip"]) == 6
     # singular values of J Q (Q with orthonormal columns) interlace: sigma_i(J Q) <= sigma_i(J)
     assert all(p <= f * (1 + 1e-4) for p, f in zip(part["round_trip"], full))

@@ -26,24 +26,10 @@ from typing import Any
 
 import torch
 
+from ..training import decode_latents, encode_images
+
 #: round-trip gains reported as counts ("how many directions keep at least this share of a residual")
 GAIN_LEVELS = (0.9, 0.5, 0.2, 0.1)
-
-
-def _scaled(vae) -> tuple[float, float]:
-    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in [0, 1] (not clamped)."""
-    scale, shift = _scaled(vae)
-    return vae.decode(latents / scale + shift).sample / 2 + 0.5
-
-
-def encode_mean(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> scaled posterior means."""
-    scale, shift = _scaled(vae)
-    return (vae.encode(images * 2 - 1).latent_dist.mean - shift) * scale
 
 
 def jacobians(fn, z: torch.Tensor, basis: torch.Tensor, eps: float = 1e-2, batch: int = 64) -> torch.Tensor:
@@ -59,9 +45,10 @@ def jacobians(fn, z: torch.Tensor, basis: torch.Tensor, eps: float = 1e-2, batch
     return torch.cat(cols, 1)
 
 
-def spectrum(vae, latents: torch.Tensor, max_directions: int = 4096, eps: float = 1e-2,
+def spectrum(pipe, latents: torch.Tensor, max_directions: int = 4096, eps: float = 1e-2,
              generator: torch.Generator | None = None, batch: int = 64) -> dict[str, Any]:
-    """Mean singular values of the round-trip and decoder Jacobians at ``latents`` ``[n, C, h, w]`` (scaled)."""
+    """Mean singular values of the round-trip and decoder Jacobians of ``pipe.vae`` at ``latents`` ``[n, C, h, w]``
+    (scaled, as the UNet sees them; the round trip reads the encoder's posterior mean)."""
     dim = latents[0].numel()
     if dim <= max_directions:
         basis = torch.eye(dim)
@@ -74,8 +61,8 @@ def spectrum(vae, latents: torch.Tensor, max_directions: int = 4096, eps: float 
     pixels = None
     for z in latents:
         z = z[None].float()
-        j_dec = jacobians(lambda x: decode(vae, x), z, basis, eps, batch)
-        j_rt = jacobians(lambda x: encode_mean(vae, decode(vae, x)), z, basis, eps, batch)
+        j_dec = jacobians(lambda x: decode_latents(pipe, x), z, basis, eps, batch)
+        j_rt = jacobians(lambda x: encode_images(pipe, decode_latents(pipe, x)), z, basis, eps, batch)
         pixels = j_dec.shape[0]
         dec_sum += torch.linalg.svdvals(j_dec.double())[:k]
         rt_sum += torch.linalg.svdvals(j_rt.double())[:k]
@@ -124,7 +111,7 @@ def main(argv=None) -> int:
 
     folder = Path(a.model) if Path(a.model).is_dir() else builtin_folder(a.model)
     pipe = load_pipeline_folder(folder)
-    vae = pipe.vae.float().eval()
+    vae = pipe.vae.float().eval()  # spectrum() works on pipe.vae
     g = torch.Generator().manual_seed(a.seed)
     if a.random:
         side = int(pipe.unet.config.sample_size)
@@ -133,9 +120,8 @@ def main(argv=None) -> int:
         from . import shapes
 
         images, _, _ = shapes.make_dataset("heldout", a.n, a.seed + 1)
-        with torch.no_grad():
-            latents = encode_mean(vae, shapes.to_tensor(images) / 2 + 0.5)
-    res = spectrum(vae, latents, a.max_directions, generator=g)
+        latents = encode_images(pipe, shapes.to_tensor(images) / 2 + 0.5)
+    res = spectrum(pipe, latents, a.max_directions, generator=g)
     res["model"] = a.model
     if a.json:
         print(json.dumps(res))
