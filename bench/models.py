@@ -23,8 +23,10 @@ from typing import Any
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 #: builtin name -> version. ``micro-sd`` is built from configs (bump the version when its builder changes);
-#: ``tiny-sd`` is the trained tiny-world pipeline shipped in ``bench/zoo/artifacts`` (identified by its checksums).
-BUILTIN_MODELS: dict[str, str] = {"tiny-sd": "shipped", "micro-sd": "1"}
+#: ``tiny-sd`` is the trained tiny-world pipeline shipped in ``bench/zoo/artifacts`` (identified by its checksums);
+#: ``tiny-sd-rt`` is ``tiny-sd`` with the round-trip VAE decoder (same UNet, text encoder and VAE encoder; see
+#: :mod:`bench.zoo.train_vae`, stage 3): only its ``vae/`` is shipped, the rest is tiny-sd's.
+BUILTIN_MODELS: dict[str, str] = {"tiny-sd": "shipped", "tiny-sd-rt": "shipped", "micro-sd": "1"}
 
 
 def markbench_home() -> Path:
@@ -117,16 +119,41 @@ def build_micro_sd(seed: int = 0, sample_size: int = 64):
 _BUILDERS = {"micro-sd": build_micro_sd}
 
 
+def _variant_folder(base: Path, replace: dict[str, Path], name: str) -> Path:
+    """A pipeline folder (under ``$MARKBENCH_HOME/models/name``) that is ``base`` with some components replaced:
+    symbolic links to the shipped files, made once, so a variant costs no copy and loads like any folder."""
+    folder = markbench_home() / "models" / name
+    if (folder / "model_index.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(Path(base).iterdir()):
+        (tmp / entry.name).symlink_to(Path(replace.get(entry.name, entry)).resolve())
+    try:
+        tmp.replace(folder)
+    except OSError:  # another process made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def builtin_folder(name: str) -> Path:
     """Build (once) and return the folder of a built-in pipeline (``tiny-sd``: the shipped folder)."""
-    if name == "tiny-sd":
+    if name in ("tiny-sd", "tiny-sd-rt"):
         from . import zoo
         from .errors import UserError
 
         if not (zoo.TINY_SD / "model_index.json").exists():
-            raise UserError(f"model.builtin = 'tiny-sd': the shipped tiny-world pipeline is missing from "
+            raise UserError(f"model.builtin = {name!r}: the shipped tiny-world pipeline is missing from "
                             f"{zoo.TINY_SD}; rebuild it with 'bench zoo build' or use model.builtin = 'micro-sd'")
-        return zoo.TINY_SD
+        if name == "tiny-sd":
+            return zoo.TINY_SD
+        if not (zoo.TINY_SD_RT / "vae" / "config.json").exists():
+            raise UserError(f"model.builtin = 'tiny-sd-rt': its VAE is missing from {zoo.TINY_SD_RT}; rebuild it "
+                            f"with 'bench zoo build --only vae' or use model.builtin = 'tiny-sd'")
+        return _variant_folder(zoo.TINY_SD, {"vae": zoo.TINY_SD_RT / "vae"},
+                               f"tiny-sd-rt-{zoo.fingerprint('tiny-sd')}-{zoo.fingerprint('tiny-sd-rt')}")
     folder = markbench_home() / "models" / f"{name}-v{BUILTIN_MODELS[name]}"
     if not (folder / "model_index.json").exists():
         pipe = _BUILDERS[name]()
@@ -198,10 +225,12 @@ def model_fingerprint(model_cfg) -> str:
     h.update(model_cfg.dtype.encode())
     if model_cfg.builtin:
         h.update(f"builtin:{model_cfg.builtin}:v{BUILTIN_MODELS[model_cfg.builtin]}".encode())
-        if model_cfg.builtin == "tiny-sd":
+        if model_cfg.builtin in ("tiny-sd", "tiny-sd-rt"):
             from . import zoo
 
             h.update(zoo.fingerprint().encode())
+            if model_cfg.builtin == "tiny-sd-rt":
+                h.update(zoo.fingerprint("tiny-sd-rt").encode())
     elif model_cfg.path:
         root = Path(model_cfg.path)
         for f in sorted(root.rglob("*")):

@@ -238,11 +238,25 @@ def test_build_is_reproducible(tmp_path):
     for run in range(2):
         plan = BuildPlan(seed=5, work=tmp_path / f"work{run}", out=tmp_path / f"out{run}", measure=False,
                          clip=ClipSettings(steps=3, batch_size=8, n_train=40, n_style=8, n_subject=8, n_eval=16),
-                         vae=VaeSettings(steps=2, decoder_steps=2, batch_size=4, n_train=40, n_style=8,
-                                         n_subject=8, n_eval=8),
+                         vae=VaeSettings(steps=2, decoder_steps=2, roundtrip_steps=2, batch_size=4, n_train=40,
+                                         n_style=8, n_subject=8, n_eval=8),
                          unet=UnetSettings(steps=3, batch_size=4, n_train=40, eval_every=0))
         m = build(plan)
         sums.append({c: {f: v["sha256"] for f, v in files.items() if f.endswith(".safetensors")}
                      for c, files in m["files"].items()})
     assert sums[0] == sums[1]
     assert sums[0]["tiny-sd"] and sums[0]["tiny-clip"]
+    # stages 2 and 3 train the decoder side only: both shipped VAEs have stage 1's encoder (the UNet's latent space)
+    from safetensors.torch import load_file
+
+    def vae(folder):
+        return load_file(str(tmp_path / folder / "diffusion_pytorch_model.safetensors"))
+
+    stage1, two, rt = vae("work0/vae/stage1"), vae("out0/tiny-sd/vae"), vae("out0/tiny-sd-rt/vae")
+    enc = [k for k in stage1 if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in stage1 if k.startswith("decoder.")]
+    assert enc and all(torch.equal(stage1[k], two[k]) and torch.equal(stage1[k], rt[k]) for k in enc)
+    assert torch.equal(stage1["post_quant_conv.weight"], two["post_quant_conv.weight"])  # stage 2: decoder only
+    assert not torch.equal(two["post_quant_conv.weight"], rt["post_quant_conv.weight"])  # stage 3 trains it
+    assert sum(not torch.equal(two[k], rt[k]) for k in dec) > len(dec) // 2
+    assert sorted(sums[0]["tiny-sd-rt"]) == ["vae/diffusion_pytorch_model.safetensors"]

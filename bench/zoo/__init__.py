@@ -2,7 +2,8 @@
 
 ``bench zoo build`` rebuilds every artifact from a seed; ``bench zoo info`` prints what is shipped. The built models
 live in ``bench/zoo/artifacts/`` (``tiny-sd/``: a diffusers Stable Diffusion folder; ``tiny-clip/``: an open_clip
-model) with a ``manifest.json`` of sizes, checksums, training settings and quality figures.
+model; ``tiny-sd-rt/vae/``: the round-trip VAE of the ``tiny-sd-rt`` variant) with a ``manifest.json`` of sizes,
+checksums, training settings and quality figures.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 TINY_SD = ARTIFACTS / "tiny-sd"
+TINY_SD_RT = ARTIFACTS / "tiny-sd-rt"  # only its vae/: the rest is tiny-sd's (bench.models.builtin_folder)
 TINY_CLIP = ARTIFACTS / "tiny-clip"
 MANIFEST = ARTIFACTS / "manifest.json"
 

@@ -3,7 +3,8 @@
 Stages (each resumable; ``--only`` runs one):
 
 1. ``clip``: the tiny CLIP (:mod:`bench.zoo.train_clip`) -> ``artifacts/tiny-clip/``
-2. ``vae``: the VAE (:mod:`bench.zoo.train_vae`); its stage-1 encoder fixes the latent space
+2. ``vae``: the VAE (:mod:`bench.zoo.train_vae`); its stage-1 encoder fixes the latent space; its stage 3 (round
+   trip) gives ``artifacts/tiny-sd-rt/vae/``, the VAE of the ``tiny-sd-rt`` variant
 3. ``unet``: the latent UNet on that latent space, with the CLIP's text tower as text encoder
    (:mod:`bench.zoo.train_unet`) -> ``artifacts/tiny-sd/`` (a diffusers Stable Diffusion folder)
 4. measure: the quality figures (:mod:`bench.zoo.evaluate`) -> ``artifacts/manifest.json`` with sizes, sha256
@@ -121,7 +122,10 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
             if (work / "vae" / "stage1").exists():
                 shutil.rmtree(work / "vae" / "stage1")
         training["vae"] = train_vae(work, work / "vae" / "final", plan.seed, plan.vae or VaeSettings(),
-                                    resume=plan.resume, bar=bar, log=log, stage1_out=work / "vae" / "stage1")
+                                    resume=plan.resume, bar=bar, log=log, stage1_out=work / "vae" / "stage1",
+                                    roundtrip_out=work / "vae" / "roundtrip")
+        if training["vae"]["settings"]["roundtrip_steps"]:
+            _copy_folder(work / "vae" / "roundtrip", out / "tiny-sd-rt" / "vae")
     if "unet" in stages:
         for need in (work / "vae" / "stage1", work / "vae" / "final", work / "clip" / "final"):
             if not (need / "config.json").exists() and not (need / "open_clip_config.json").exists():
@@ -169,7 +173,7 @@ def ship(work: Path, out: Path = ARTIFACTS, seed: int = 0, measure: bool = True,
 
     def info(state: dict, name: str) -> dict:
         s = state.get("settings", {})
-        done = state["step"] >= s.get("steps", 0) + s.get("decoder_steps", 0)
+        done = state["step"] >= s.get("steps", 0) + s.get("decoder_steps", 0) + s.get("roundtrip_steps", 0)
         return {"settings": s, "seed": seed, "steps": state["step"], "cpu_seconds": round(state["cpu_seconds"], 1),
                 "finished": bool(done), "history": state.get("history", []), "source": f"{name} checkpoint"}
 
@@ -221,7 +225,7 @@ def write_manifest_core(out: Path, seed: int, seconds: float, previous: dict) ->
     from . import shapes
 
     files = {}
-    for comp in ("tiny-sd", "tiny-clip", "prebuilt"):
+    for comp in ("tiny-sd", "tiny-sd-rt", "tiny-clip", "prebuilt"):
         if (out / comp).exists():
             files[comp] = file_table(out / comp)
     total = sum(f["bytes"] for comp in files.values() for f in comp.values())

@@ -76,7 +76,8 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
         t.add_column("settings")
         for name, res in tr.items():
             s = res.get("settings", {})
-            keys = [k for k in ("batch_size", "lr", "decoder_steps", "min_snr_gamma", "cfg_drop", "ema_decay")
+            keys = [k for k in ("batch_size", "lr", "decoder_steps", "roundtrip_steps", "min_snr_gamma", "cfg_drop",
+                                "ema_decay")
                     if k in s]
             done = res.get("finished")
             t.add_row(name, str(res.get("steps")), str(res.get("cpu_seconds")),
@@ -95,6 +96,10 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
         v = q["vae_psnr_db"]
         for k in ("heldout", "style", "subject"):
             t.add_row(f"VAE round-trip PSNR, {k}", f"{v[k]:.2f} dB", str(v["n"]))
+        rt = tr.get("vae", {}).get("roundtrip_psnr")
+        if rt:
+            for k in ("heldout", "style", "subject"):
+                t.add_row(f"tiny-sd-rt VAE round-trip PSNR, {k}", f"{rt[k]:.2f} dB", str(tr["vae"].get("n", "")))
         ldm = q["ldm_heldout_accuracy"]
         for k, r in ldm.items():
             if isinstance(r, dict):

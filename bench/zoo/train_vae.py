@@ -6,17 +6,27 @@ learn shape from very few positions); at x4 a shape spans 7 to 12 latent pixels 
 256 positions.
 
 Trained on every style the world will ever show (base, striped style, the arrow subject) so that fine-tuning
-attacks do not fail in the VAE. Two stages:
+attacks do not fail in the VAE. Three stages:
 
 1. encoder + decoder: L1 + MSE reconstruction with a tiny KL weight (SD uses 1e-6), on the mixture of styles;
 2. decoder only, encoder frozen: keeps the latent space (which the UNet is trained on) fixed while the decoder
-   sharpens edges and stripes; SD's "ft-MSE" VAE decoder was made the same way.
+   sharpens edges and stripes; SD's "ft-MSE" VAE decoder was made the same way;
+3. round trip, decoder side only (``post_quant_conv`` + decoder), encoder frozen: the same reconstruction loss plus
+   a round-trip term on perturbed latents, ``|Enc(Dec(z + d)) - z - d|^2`` with ``d ~ N(0, s^2)`` per image and
+   ``s ~ U(0, roundtrip_sigma)`` (scaled latent units), normalised by the mean of ``s^2``. Why: a VAE trained on flat
+   coloured shapes alone learns a decoder that renders only the few latent directions the data varies along (19 of
+   1,024 keep 90 % of a residual through decode -> encode, measured with ``python -m bench.zoo.geometry``), whereas
+   Stable Diffusion's VAE, trained on textured natural images, carries latent residuals through the round trip;
+   every latent-residual watermark (SleeperMark, AquaLoRA, Tree-Ring, Gaussian Shading) relies on that. The stage
+   gives the tiny VAE that property without moving its latent space (the encoder is frozen: the UNet's latents are
+   unchanged). ``roundtrip_steps = 0`` builds the two-stage VAE. docs/tiny_world.md has the figures.
 
 After stage 1 ``scaling_factor`` is set to 1/std of the training latents (SD's 0.18215 was found the same way).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +50,10 @@ class VaeSettings:
     batch_size: int = 16
     lr: float = 1e-3
     decoder_lr: float = 5e-4
+    roundtrip_steps: int = 1500  # stage 3: decoder side, round-trip term (0: off)
+    roundtrip_lr: float = 2e-4
+    roundtrip_sigma: float = 0.5  # largest per-image std of the latent perturbation, scaled latent units
+    roundtrip_weight: float = 1.0
     warmup: int = 200
     kl_weight: float = 1e-6
     mse_weight: float = 1.0
@@ -88,9 +102,26 @@ def latent_std(vae, images: np.ndarray, batch_size: int = 128) -> tuple[float, f
     return float(z.mean()), float(z.std())
 
 
+def roundtrip_loss(vae, z: torch.Tensor, sigma: float, generator) -> torch.Tensor:
+    """Round-trip term of stage 3: each latent ``z`` (unscaled, posterior mean) gets ``d ~ N(0, s^2)`` with
+    ``s ~ U(0, sigma)`` per image in *scaled* latent units; returns ``|Enc(Dec(z + d)) - z - d|^2`` (posterior mean of
+    the clamped decoding) divided by ``E[s^2] = sigma^2 / 3``, so 1 means nothing of ``d`` comes back and 0 all of it."""
+    import torch
+    import torch.nn.functional as F
+
+    sf = float(vae.config.scaling_factor)
+    s = sigma * torch.rand(z.shape[0], 1, 1, 1, generator=generator)
+    d = s * torch.randn(z.shape, generator=generator) / sf
+    back = vae.encode(vae.decode(z + d).sample.clamp(-1, 1)).latent_dist.mean
+    return F.mse_loss((back - z) * sf, d * sf) / (sigma ** 2 / 3)
+
+
 def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None = None, resume: bool = True,
-              bar: NullBar | None = None, log: Logger | None = None, stage1_out: Path | None = None) -> dict:
-    """Train (or resume) the VAE; save it with ``save_pretrained`` to ``out``; return its PSNR figures.
+              bar: NullBar | None = None, log: Logger | None = None, stage1_out: Path | None = None,
+              roundtrip_out: Path | None = None) -> dict:
+    """Train (or resume) the VAE; save the two-stage VAE (``tiny-sd``'s) with ``save_pretrained`` to ``out`` and,
+    when ``settings.roundtrip_steps`` > 0, the stage-3 VAE (``tiny-sd-rt``'s) to ``roundtrip_out`` (default: ``out``
+    with ``-roundtrip`` appended); return their PSNR figures.
 
     ``stage1_out``: where to also save the VAE after stage 1 (its encoder is final: the UNet can start from it).
     """
@@ -100,15 +131,29 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
     s = settings or VaeSettings()
     bar = bar or NullBar()
     log = log or Logger()
-    work = Path(work)
+    work, out = Path(work), Path(out)
+    roundtrip_out = Path(roundtrip_out) if roundtrip_out is not None else out.with_name(out.name + "-roundtrip")
     ckpt_path = work / "vae" / "checkpoint.pt"
+    two_stage_json = work / "vae" / "two_stage_psnr.json"
     vae = build_vae(seed)
-    total = s.steps + s.decoder_steps
+    total = s.steps + s.decoder_steps + s.roundtrip_steps
     step, history, cpu_seconds = 0, [], 0.0
 
+    def stage_of(k: int) -> int:
+        return 1 if k < s.steps else 2 if k < s.steps + s.decoder_steps else 3
+
     def make_opt(stage: int):
-        params = vae.parameters() if stage == 1 else vae.decoder.parameters()
-        return torch.optim.AdamW(params, lr=s.lr if stage == 1 else s.decoder_lr, weight_decay=0.0)
+        if stage == 1:
+            params, lr = vae.parameters(), s.lr
+        elif stage == 2:
+            params, lr = vae.decoder.parameters(), s.decoder_lr
+        else:
+            params, lr = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters()), s.roundtrip_lr
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def freeze_encoder():
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
 
     opt = make_opt(1)
     state = load_checkpoint(ckpt_path) if resume else None
@@ -117,10 +162,9 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
         step, history, cpu_seconds = state["step"], state["history"], state.get("cpu_seconds", 0.0)
         vae.register_to_config(scaling_factor=state["scaling_factor"])
         if step >= s.steps:
-            opt = make_opt(2)
-            vae.encoder.requires_grad_(False)
-            vae.quant_conv.requires_grad_(False)
-        if state.get("stage") == (1 if step < s.steps else 2):
+            opt = make_opt(stage_of(step))
+            freeze_encoder()
+        if state.get("stage") == stage_of(step):
             opt.load_state_dict(state["opt"])
         log(f"vae: resumed at step {step}")
 
@@ -133,7 +177,7 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
 
     def checkpoint():
         save_checkpoint(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                                    "stage": 1 if step < s.steps else 2, "history": history,
+                                    "stage": stage_of(step), "history": history,
                                     "scaling_factor": vae.config.scaling_factor,
                                     "cpu_seconds": cpu_seconds, "settings": asdict(s)})
 
@@ -152,17 +196,26 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
         if stage1_out is not None:
             vae.save_pretrained(stage1_out)
         opt = make_opt(2)
-        vae.encoder.requires_grad_(False)
-        vae.quant_conv.requires_grad_(False)
+        freeze_encoder()
+
+    def finish_two_stage():
+        """End of stage 2: save the two-stage VAE (the one the UNet is trained with) and its figures."""
+        res = evaluate()
+        log(f"vae two-stage PSNR (n={s.n_eval} each): " + " ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        vae.save_pretrained(out)
+        two_stage_json.write_text(json.dumps(res))
 
     if step == s.steps and stage1_out is not None and not (Path(stage1_out) / "config.json").exists():
         finish_stage1()
+    if (s.roundtrip_steps and step == s.steps + s.decoder_steps
+            and not (two_stage_json.exists() and (out / "config.json").exists())):
+        finish_two_stage()
     bar.start("vae", total, step)
     last_ckpt = time.time()
     vae.train()
     while step < total:
         t0 = time.process_time()
-        stage = 1 if step < s.steps else 2
+        stage = stage_of(step)
         rng = step_rng(seed, step)
         which = rng.choice(3, size=s.batch_size, p=mix)
         batch = np.stack([pools[w][0][rng.integers(len(pools[w][0]))] for w in which])
@@ -171,8 +224,10 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         if stage == 1:
             lr = lr_at(step, s.lr, s.warmup, s.steps)
-        else:
+        elif stage == 2:
             lr = lr_at(step - s.steps, s.decoder_lr, s.warmup, s.decoder_steps)
+        else:
+            lr = lr_at(step - s.steps - s.decoder_steps, s.roundtrip_lr, 0, s.roundtrip_steps)
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
@@ -182,6 +237,8 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
         loss = s.l1_weight * F.l1_loss(y, x) + s.mse_weight * F.mse_loss(y, x)
         if stage == 1:
             loss = loss + s.kl_weight * post.kl().mean()
+        if stage == 3:
+            loss = loss + s.roundtrip_weight * roundtrip_loss(vae, post.mean.detach(), s.roundtrip_sigma, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -198,6 +255,11 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
             finish_stage1()
             checkpoint()
             last_ckpt = time.time()
+        if step == s.steps + s.decoder_steps and s.roundtrip_steps:
+            finish_two_stage()
+            opt = make_opt(3)
+            checkpoint()
+            last_ckpt = time.time()
         if time.time() - last_ckpt > s.checkpoint_seconds:
             checkpoint()
             last_ckpt = time.time()
@@ -206,11 +268,17 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
     vae.eval()
     res = evaluate()
     log(f"vae final PSNR (n={s.n_eval} each): " + " ".join(f"{k} {v:.2f}" for k, v in res.items()))
-    vae.save_pretrained(out)
-    return {"settings": asdict(s), "config": {k: list(v) if isinstance(v, tuple) else v
-                                               for k, v in VAE_CONFIG.items()},
-            "seed": seed, "steps": step, "cpu_seconds": round(cpu_seconds, 1), "psnr": res, "n": s.n_eval,
-            "scaling_factor": vae.config.scaling_factor, "history": history}
+    result = {"settings": asdict(s), "config": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in VAE_CONFIG.items()},
+              "seed": seed, "steps": step, "cpu_seconds": round(cpu_seconds, 1), "psnr": res, "n": s.n_eval,
+              "scaling_factor": vae.config.scaling_factor, "history": history}
+    if s.roundtrip_steps:
+        vae.save_pretrained(roundtrip_out)
+        result["psnr"] = json.loads(two_stage_json.read_text())
+        result["roundtrip_psnr"] = res
+    else:
+        vae.save_pretrained(out)
+    return result
 
 
 def main(argv=None) -> int:  # python -m bench.zoo.train_vae WORK OUT [--seed N]
