@@ -260,3 +260,9 @@ def test_build_is_reproducible(tmp_path):
     assert not torch.equal(two["post_quant_conv.weight"], rt["post_quant_conv.weight"])  # stage 3 trains it
     assert sum(not torch.equal(two[k], rt[k]) for k in dec) > len(dec) // 2
     assert sorted(sums[0]["tiny-sd-rt"]) == ["vae/diffusion_pytorch_model.safetensors"]
+    # shipping the checkpoints of a build that is past stage 2 ships tiny-sd's (two-stage) VAE, not stage 3's
+    from bench.zoo.build import ship
+
+    ship(tmp_path / "work0", tmp_path / "shipped", seed=5, measure=False)
+    shipped = vae("shipped/tiny-sd/vae")
+    assert all(torch.equal(shipped[k], two[k]) for k in two)

@@ -190,10 +190,17 @@ def ship(work: Path, out: Path = ARTIFACTS, seed: int = 0, measure: bool = True,
     clip_model.save(clip, out / "tiny-clip.tmp", half=True)
 
     vae_state = load_checkpoint(work / "vae" / "checkpoint.pt")
-    vae = build_vae(seed)
-    vae.load_state_dict(vae_state["model"])
-    vae.register_to_config(scaling_factor=vae_state["scaling_factor"])
     training["vae"] = info(vae_state, "vae")
+    if vae_state.get("stage") == 3:  # the checkpoint is past tiny-sd's VAE: that one was saved at the end of stage 2
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(work / "vae" / "final")
+        training["vae"]["finished"] = True
+        training["vae"]["note"] = "tiny-sd's VAE from the end of stage 2; tiny-sd-rt not shipped by ship()"
+    else:
+        vae = build_vae(seed)
+        vae.load_state_dict(vae_state["model"])
+        vae.register_to_config(scaling_factor=vae_state["scaling_factor"])
     unet_state = load_checkpoint(work / "unet" / "checkpoint.pt")
     unet = build_unet(seed)
     unet.load_state_dict(unet_state["ema"])
