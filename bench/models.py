@@ -122,18 +122,21 @@ _BUILDERS = {"micro-sd": build_micro_sd}
 def _variant_folder(base: Path, replace: dict[str, Path], name: str) -> Path:
     """A pipeline folder (under ``$MARKBENCH_HOME/models/name``) that is ``base`` with some components replaced:
     symbolic links to the shipped files, made once, so a variant costs no copy and loads like any folder."""
+    import shutil
+
     folder = markbench_home() / "models" / name
-    if (folder / "model_index.json").exists():
+    targets = {e.name: Path(replace.get(e.name, e)).resolve() for e in sorted(Path(base).iterdir())}
+    if folder.is_dir() and {e.name: e.resolve() for e in folder.iterdir()} == targets:
         return folder
+    if folder.is_dir():  # made by another checkout of the package (same files, other place): point it here
+        shutil.rmtree(folder, ignore_errors=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(Path(base).iterdir()):
-        (tmp / entry.name).symlink_to(Path(replace.get(entry.name, entry)).resolve())
+    for entry, target in targets.items():
+        (tmp / entry).symlink_to(target)
     try:
         tmp.replace(folder)
     except OSError:  # another process made it first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 

@@ -90,3 +90,25 @@ def test_shipped_round_trip_vae_carries_latent_residuals_that_tiny_sd_drops():
         counts[name] = res["round_trip_counts"]
     assert counts["tiny-sd"]["0.5"] <= 15 and counts["tiny-sd-rt"]["0.5"] >= 45, counts
     assert counts["tiny-sd-rt"]["0.2"] >= 3 * counts["tiny-sd"]["0.2"], counts
+
+
+def test_variant_folder_follows_the_package_it_is_made_from(tmp_path, monkeypatch):
+    """The tiny-sd-rt folder is links into the shipped artifacts; a folder left by another checkout (same name, links
+    elsewhere) is re-pointed instead of trusted."""
+    from bench import models
+
+    monkeypatch.setenv("MARKBENCH_HOME", str(tmp_path / "home"))
+    base, other = tmp_path / "base", tmp_path / "other"
+    for root in (base, other):
+        for comp in ("unet", "vae"):
+            (root / comp).mkdir(parents=True)
+    (base / "model_index.json").write_text("{}")
+    (other / "model_index.json").write_text("{}")
+    new_vae = tmp_path / "new_vae"
+    new_vae.mkdir()
+    stale = models._variant_folder(other, {"vae": new_vae}, "variant")
+    assert (stale / "unet").resolve() == (other / "unet").resolve()
+    folder = models._variant_folder(base, {"vae": new_vae}, "variant")
+    assert folder == stale
+    expected = {"unet": base / "unet", "vae": new_vae, "model_index.json": base / "model_index.json"}
+    assert {e.name: e.resolve() for e in folder.iterdir()} == {k: v.resolve() for k, v in expected.items()}

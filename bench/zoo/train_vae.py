@@ -105,7 +105,7 @@ def latent_std(vae, images: np.ndarray, batch_size: int = 128) -> tuple[float, f
 def roundtrip_loss(vae, z: torch.Tensor, sigma: float, generator) -> torch.Tensor:
     """Round-trip term of stage 3: each latent ``z`` (unscaled, posterior mean) gets ``d ~ N(0, s^2)`` with
     ``s ~ U(0, sigma)`` per image in *scaled* latent units; returns ``|Enc(Dec(z + d)) - z - d|^2`` (posterior mean of
-    the clamped decoding) divided by ``E[s^2] = sigma^2 / 3``, so 1 means nothing of ``d`` comes back and 0 all of it."""
+    the clamped decoding) divided by ``E[s^2] = sigma^2 / 3``: 1 means nothing of ``d`` comes back, 0 all of it."""
     import torch
     import torch.nn.functional as F
 
