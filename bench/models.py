@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,6 @@ _BUILDERS = {"micro-sd": build_micro_sd}
 def _variant_folder(base: Path, replace: dict[str, Path], name: str) -> Path:
     """A pipeline folder (under ``$MARKBENCH_HOME/models/name``) that is ``base`` with some components replaced:
     symbolic links to the shipped files, made once, so a variant costs no copy and loads like any folder."""
-    import shutil
-
     folder = markbench_home() / "models" / name
     targets = {e.name: Path(replace.get(e.name, e)).resolve() for e in sorted(Path(base).iterdir())}
     if folder.is_dir() and {e.name: e.resolve() for e in folder.iterdir()} == targets:

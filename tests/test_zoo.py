@@ -266,3 +266,22 @@ def test_build_is_reproducible(tmp_path):
     ship(tmp_path / "work0", tmp_path / "shipped", seed=5, measure=False)
     shipped = vae("shipped/tiny-sd/vae")
     assert all(torch.equal(shipped[k], two[k]) for k in two)
+
+
+@pytest.mark.slow
+def test_a_finished_two_stage_vae_build_resumes_without_a_third_stage(tmp_path):
+    """With ``roundtrip_steps = 0`` the end of training is stage 2: the checkpoint says so, and resuming a finished
+    build loads stage 2's optimiser state instead of failing on a stage-3 parameter set."""
+    import torch
+
+    from bench.zoo.common import load_checkpoint
+    from bench.zoo.train_vae import VaeSettings, train_vae
+
+    torch.set_num_threads(1)
+    s = VaeSettings(steps=2, decoder_steps=2, roundtrip_steps=0, batch_size=4, n_train=40, n_style=8, n_subject=8,
+                    n_eval=8)
+    first = train_vae(tmp_path, tmp_path / "final", 5, s, resume=False)
+    assert load_checkpoint(tmp_path / "vae" / "checkpoint.pt")["stage"] == 2
+    again = train_vae(tmp_path, tmp_path / "final", 5, s, resume=True)
+    assert again["steps"] == first["steps"] == 4 and "roundtrip_psnr" not in again
+    assert not (tmp_path / "final-roundtrip").exists()

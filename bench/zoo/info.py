@@ -99,7 +99,7 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
         rt = tr.get("vae", {}).get("roundtrip_psnr")
         if rt:
             for k in ("heldout", "style", "subject"):
-                t.add_row(f"tiny-sd-rt VAE round-trip PSNR, {k}", f"{rt[k]:.2f} dB", str(tr["vae"].get("n", "")))
+                t.add_row(f"tiny-sd-rt VAE round-trip PSNR, {k}", f"{rt[k]:.2f} dB", str(tr["vae"].get("settings", {}).get("n_eval", "")))
         ldm = q["ldm_heldout_accuracy"]
         for k, r in ldm.items():
             if isinstance(r, dict):

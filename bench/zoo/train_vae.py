@@ -139,8 +139,8 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
     total = s.steps + s.decoder_steps + s.roundtrip_steps
     step, history, cpu_seconds = 0, [], 0.0
 
-    def stage_of(k: int) -> int:
-        return 1 if k < s.steps else 2 if k < s.steps + s.decoder_steps else 3
+    def stage_of(k: int) -> int:  # without a stage 3, the end of training is still stage 2 (its optimiser)
+        return 1 if k < s.steps else 2 if k < s.steps + s.decoder_steps or not s.roundtrip_steps else 3
 
     def make_opt(stage: int):
         if stage == 1:
