@@ -292,6 +292,11 @@ class SleeperMark(Defense):
               "(decode, 8-bit quantise, encode: what verification sees; straight-through gradients) instead of reading "
               "it directly (official). For VAEs whose decoder ignores latent directions the decoder could otherwise "
               "use (the tiny world's: docs/sleepermark.md)"),
+        Param("stage1_latent_steps", "int", 0, "latent-level warm-up: steps before stage 1 in which the decoder reads "
+              "the marked latent directly, with the message term only, at the constant stage1_lr (no VAE: about 50x "
+              "cheaper per step than the round trip). 0 = none (official)", low=0, high=10_000_000),
+        Param("stage1_latent_batch_size", "int", 0, "batch of the latent-level warm-up (0 = stage1_batch_size)",
+              low=0, high=65536),
         Param("stage1_steps", "int", 10000, "stage-1 optimisation steps", low=0, high=10_000_000),
         Param("stage1_batch_size", "int", 9, "stage-1 batch (official: 3 per GPU x 3 GPUs)", low=1, high=4096),
         Param("stage1_lr", "float", 1e-4, "stage-1 AdamW learning rate (linear decay to 0)", low=0.0, high=1.0),
@@ -406,7 +411,8 @@ class SleeperMark(Defense):
         params = list(encoder.parameters()) + list(decoder.parameters())
         steps = int(self.stage1_steps)
         opt = torch.optim.AdamW(params, lr=float(self.stage1_lr), weight_decay=float(self.stage1_weight_decay))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(1, steps)))
+        warm = int(self.stage1_latent_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < warm else max(0.0, 1.0 - (s - warm) / max(1, steps)))
         perceptual = PerceptualLoss(self.perceptual, device, owner="sleepermark",
                                     offline="perceptual = 'ssim' (1 - SSIM, the default)")
         with _global_rng_from(gen, device):  # the decoder's dropout draws from the global RNG
@@ -420,10 +426,12 @@ class SleeperMark(Defense):
                      ctx, gen) -> float:
         c, h, w = latent_shape
         device = next(decoder.parameters()).device
-        steps = int(self.stage1_steps)
-        bsz = int(self.stage1_batch_size)
+        warm = int(self.stage1_latent_steps)
+        total = warm + int(self.stage1_steps)
         acc = float("nan")
-        for step in ctx.progress(range(steps), total=steps, description="sleepermark: stage 1"):
+        for i in ctx.progress(range(total), total=total, description="sleepermark: stage 1"):
+            step = i - warm  # < 0: the latent-level warm-up
+            bsz = int(self.stage1_latent_batch_size or self.stage1_batch_size) if step < 0 else int(self.stage1_batch_size)
             if mean is not None:
                 idx = torch.randint(0, mean.shape[0], (bsz,), generator=gen)
                 z = self._sample_latents(mean, std, idx.to(mean.device), gen).to(device)
@@ -437,8 +445,9 @@ class SleeperMark(Defense):
             if perceptual.kind == "none":
                 l_perc = 0.0
             image_terms = l_img > 0 or l_perc > 0
-            marked = _from_latent(vae, z_w.to(vae.dtype)).float() if image_terms or self.stage1_roundtrip else None
-            logits = decoder(_roundtrip(vae, marked) if self.stage1_roundtrip else z_w)
+            roundtrip = self.stage1_roundtrip and step >= 0
+            marked = _from_latent(vae, z_w.to(vae.dtype)).float() if image_terms or roundtrip else None
+            logits = decoder(_roundtrip(vae, marked) if roundtrip else z_w)
             loss = F.binary_cross_entropy_with_logits(logits, m)
             if image_terms:
                 with torch.no_grad():

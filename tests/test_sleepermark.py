@@ -478,3 +478,43 @@ def test_uncond_prob_anchors_the_empty_prompt_in_the_preservation_term(monkeypat
     with pytest.raises(ValueError, match="emb_empty"):
         SleeperMark(uncond_prob=0.1).train_stage2(type("P", (), {"unet": None})(), None, emb, emb_trigger, None, None,
                                                   _ctx(), torch.Generator())
+
+
+def test_stage1_latent_warmup_reads_the_latent_then_hands_over_to_the_round_trip():
+    """``stage1_latent_steps``: extra steps before stage 1 that read ``z + E(m)`` directly (no VAE call) at their own
+    batch, message term only; then the ``stage1_steps`` round-trip steps run as without it (one VAE decode each)."""
+    class CountingVAE(_BlindVAE):
+        decodes = 0
+
+        def decode(self, z):
+            CountingVAE.decodes += 1
+            return super().decode(z)
+
+    vae = CountingVAE()
+    batches = []
+    common = dict(bits=8, secret_res=0, decoder_channels=[16, 32], decoder_hidden=64, decoder_mlp_layers=1,
+                  stage1_source="random", stage1_roundtrip=True, stage1_lr=3e-3, perceptual="none",
+                  image_loss_start=10**6, stage1_latent_steps=300, stage1_latent_batch_size=32, stage1_batch_size=4)
+    sm = SleeperMark(stage1_steps=7, **common)
+    orig = LatentDecoder.forward
+
+    def spy(self, latent):
+        batches.append(latent.shape[0])
+        return orig(self, latent)
+
+    LatentDecoder.forward = spy
+    try:
+        sm.train_stage1(vae, (4, 8, 8), 8, _ctx(), torch.Generator().manual_seed(1))
+    finally:
+        LatentDecoder.forward = orig
+    assert batches == [32] * 300 + [4] * 7
+    assert CountingVAE.decodes == 7
+    # the warm-up alone (no round-trip steps) learns the code at the latent level
+    enc, dec, _ = SleeperMark(stage1_steps=0, **common).train_stage1(vae, (4, 8, 8), 8, _ctx(),
+                                                                    torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    m = torch.randint(0, 2, (256, 8), generator=g).float()
+    z = torch.randn(256, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        acc = ((dec(z + enc(m)) > 0) == (m > 0.5)).float().mean().item()
+    assert acc > 0.95, acc
