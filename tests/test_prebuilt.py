@@ -103,8 +103,9 @@ def test_every_shipped_embedding_is_still_what_its_config_asks_for():
 
 
 @pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
-def test_zoo_embed_ships_embed_stages_that_a_run_then_reads(tmp_path, monkeypatch):
-    from bench.zoo.embed import embed_configs
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd-rt"])
+def test_zoo_embed_ships_embed_stages_that_a_run_then_reads(tmp_path, monkeypatch, model):
+    from bench.zoo.embed import base_fingerprint, embed_configs
 
     cfg_path = tmp_path / "grid.toml"
     cfg_path.write_text(f"""
@@ -112,7 +113,7 @@ def test_zoo_embed_ships_embed_stages_that_a_run_then_reads(tmp_path, monkeypatc
 output = "{tmp_path / 'run'}"
 num_images = 2
 [model]
-builtin = "tiny-sd"
+builtin = "{model}"
 num_inference_steps = 2
 [prompts]
 builtin = "tiny"
@@ -126,6 +127,8 @@ quality = 50
     out.mkdir()
     records = embed_configs([cfg_path], out, log=lambda m: None)
     assert [r["defense"] for r in records] == ["dwtdct"]
+    assert records[0]["model"] == model and records[0]["base"] == base_fingerprint(model)
+    assert (model == "tiny-sd-rt") == ("+" in records[0]["base"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert {r["key"] for r in manifest["prebuilt"]} == {r["key"] for r in records}
     assert set(manifest["files"]) == {"prebuilt"} and manifest["total_bytes"] > 0

@@ -1,6 +1,7 @@
 """``bench zoo embed``: ship pre-embedded tiny-world defences, so ``bench run`` reads them instead of training them.
 
-For every defence of the given configs (which must use ``model.builtin = "tiny-sd"``), the embed stage is
+For every defence of the given configs (which must use a shipped model: ``model.builtin = "tiny-sd"`` or
+``"tiny-sd-rt"``), the embed stage is
 computed exactly as ``bench run`` computes it (same plan, same stage key, same seed-derived generator) and its
 artifact is copied into ``bench/zoo/artifacts/prebuilt/<key[:2]>/<key>/``. The runner reads that folder as a
 read-only fallback store (:func:`bench.cache.shipped_stores`): a config whose defence entry has the same parameters,
@@ -21,10 +22,18 @@ from typing import Callable
 
 from . import ARTIFACTS, PREBUILT, fingerprint
 
+#: the shipped models an embedding can be shipped for
+SHIPPED_MODELS = ("tiny-sd", "tiny-sd-rt")
+
+
+def base_fingerprint(model: str) -> str:
+    """Identity of the shipped model an embedding was made on (tiny-sd-rt is tiny-sd plus its own VAE)."""
+    return fingerprint("tiny-sd") + ("" if model == "tiny-sd" else "+" + fingerprint(model))
+
 
 def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callable[[str], None] = print,
                   progress=None, force: bool = False) -> list[dict]:
-    """Embed the in-model defences of ``configs`` on the shipped tiny-sd and ship them into ``out/prebuilt``."""
+    """Embed the in-model defences of ``configs`` on their shipped model and ship them into ``out/prebuilt``."""
     from ..cache import ArtifactStore
     from ..config import load_config
     from ..errors import UserError
@@ -37,9 +46,10 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
     records = []
     for path in configs:
         cfg = load_config(path)
-        if cfg.model.builtin != "tiny-sd":
+        if cfg.model.builtin not in SHIPPED_MODELS:
             raise UserError(f"{path}: model.builtin = {cfg.model.builtin or cfg.model.source!r}; 'bench zoo embed' "
-                            f"ships embeddings of the tiny world only (model.builtin = 'tiny-sd')")
+                            f"ships embeddings of the tiny world only (model.builtin = 'tiny-sd' or 'tiny-sd-rt')")
+        model = cfg.model.builtin
         plan = build_plan(cfg)
         store = ArtifactStore(cfg.cache_dir)  # no fallbacks: compute here, then ship
         env = StageEnv(cfg, plan, store, progress)
@@ -53,7 +63,7 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
                 shutil.rmtree(store.own_path(stage.key))
             t0 = time.perf_counter()
             if not store.exists(stage.key):
-                log(f"{stage.plugin.label}: embedding on tiny-sd ...")
+                log(f"{stage.plugin.label}: embedding on {model} ...")
                 meta = run_stage(stage, env)
             else:
                 meta = store.meta(stage.key)
@@ -65,7 +75,7 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
             size = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
             rec = {"defense": stage.plugin.name, "label": stage.plugin.label, "key": stage.key,
                    "params": stage.plugin.identity().get("params"), "config": str(path),
-                   "base": fingerprint("tiny-sd"), "seconds": round(meta.get("seconds", 0.0), 1),
+                   "model": model, "base": base_fingerprint(model), "seconds": round(meta.get("seconds", 0.0), 1),
                    "wall_seconds_here": round(time.perf_counter() - t0, 1),
                    "costs": meta.get("costs", {}), "bytes": size}
             records.append(rec)
@@ -77,9 +87,8 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     shipped = {r["key"]: r for r in manifest.get("prebuilt", [])}
     shipped.update({r["key"]: r for r in records})
-    base = fingerprint("tiny-sd")
-    for key, rec in list(shipped.items()):  # embeddings of an older tiny-sd can never be hit again: drop them
-        if rec.get("base") != base or not (prebuilt / key[:2] / key).exists():
+    for key, rec in list(shipped.items()):  # embeddings of an older model can never be hit again: drop them
+        if rec.get("base") != base_fingerprint(rec.get("model", "tiny-sd")) or not (prebuilt / key[:2] / key).exists():
             shipped.pop(key)
     if prebuilt.exists():
         for folder in [p for p in prebuilt.glob("*/*") if p.is_dir()]:
