@@ -66,12 +66,17 @@ def test_missing_tiny_sd_is_one_clear_sentence(monkeypatch, tmp_path):
                                           ("aqualora", "configs/aqualora-tiny.toml"),
                                           ("wdm", "configs/wdm-tiny.toml")])
 def test_grids_borrowing_a_defence_share_its_embedding(label, config):
-    """The embed stage key hashes the parameters: entries borrowed with `from` share one (shipped) embedding."""
-    def embed_key(path):
-        plan = build_plan(load_config(ROOT / path, check_output=False))
-        return next(k for k, s in plan.stages.items() if s.kind == "embed" and s.plugin.label == label)
+    """The embed stage key hashes the parameters and the model: entries borrowed with `from` have the same
+    parameters, and on the same model share one (shipped) embedding (SleeperMark's config runs on tiny-sd-rt, the
+    model-attack grid on tiny-sd: same parameters, another key)."""
+    def embed_stage(path):
+        cfg = load_config(ROOT / path, check_output=False)
+        plan = build_plan(cfg)
+        return cfg.model.builtin, next(s for s in plan.stages.values() if s.kind == "embed" and s.plugin.label == label)
 
-    assert embed_key("configs/finetune.toml") == embed_key(config)
+    (model_a, a), (model_b, b) = embed_stage("configs/finetune.toml"), embed_stage(config)
+    assert a.plugin.identity() == b.plugin.identity()
+    assert (a.key == b.key) == (model_a == model_b)
 
 
 shipped = pytest.mark.skipif(not zoo.MANIFEST.exists(), reason="tiny world not built")
@@ -79,11 +84,14 @@ shipped = pytest.mark.skipif(not zoo.MANIFEST.exists(), reason="tiny world not b
 
 @shipped
 def test_shipped_embeddings_belong_to_the_shipped_tiny_sd():
+    from bench.zoo.embed import base_fingerprint
+
     manifest = json.loads(zoo.MANIFEST.read_text())
     store = ArtifactStore(ROOT / "no-such-cache", fallbacks=(zoo.PREBUILT,))
     for rec in manifest.get("prebuilt", []):
         assert store.shipped(rec["key"]), f"{rec['label']}: listed in the manifest but not shipped"
-        assert rec["base"] == zoo.fingerprint("tiny-sd"), f"{rec['label']}: embedded in another tiny-sd"
+        model = rec.get("model", "tiny-sd")
+        assert rec["base"] == base_fingerprint(model), f"{rec['label']}: embedded in another {model}"
     if zoo.PREBUILT.exists():
         listed = {rec["key"] for rec in manifest.get("prebuilt", [])}
         assert {p.name for p in zoo.PREBUILT.glob("*/*")} <= listed
@@ -102,13 +110,10 @@ def test_every_shipped_embedding_is_still_what_its_config_asks_for():
                                    f"for {sorted(k[:12] for k in keys)}"
 
 
-@pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd-rt"])
-def test_zoo_embed_ships_embed_stages_that_a_run_then_reads(tmp_path, monkeypatch, model):
-    from bench.zoo.embed import base_fingerprint, embed_configs
-
-    cfg_path = tmp_path / "grid.toml"
-    cfg_path.write_text(f"""
+def _tiny_grid(tmp_path, model: str, entries: str):
+    """A two-image grid on a shipped model with the given defence / attack entries, written to tmp_path."""
+    path = tmp_path / "grid.toml"
+    path.write_text(f"""
 [run]
 output = "{tmp_path / 'run'}"
 num_images = 2
@@ -117,6 +122,16 @@ builtin = "{model}"
 num_inference_steps = 2
 [prompts]
 builtin = "tiny"
+""" + entries)
+    return path
+
+
+@pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd-rt"])
+def test_zoo_embed_ships_embed_stages_that_a_run_then_reads(tmp_path, monkeypatch, model):
+    from bench.zoo.embed import base_fingerprint, embed_configs
+
+    cfg_path = _tiny_grid(tmp_path, model, """
 [[defenses]]
 name = "dwtdct"
 [[image_attacks]]
@@ -172,13 +187,14 @@ def _run_shipped(tmp_path, config: str, only: str):
 @pytest.mark.skipif(not _shipped_label("sleepermark"), reason="no shipped SleeperMark embedding")
 def test_shipped_sleepermark_wakes_with_the_trigger_and_sleeps_without(tmp_path):
     """The shipped SleeperMark embedding, end to end through `bench run` on 8 held-out captions: it is read, not
-    retrained, the trigger's images carry the key well above chance, the trigger-free ones do not, and nothing is
-    detected in them at FPR 1e-6. The bounds sit below what N = 32 measured (0.785 / 0.396, docs/sleepermark.md;
-    N = 8 read 0.797 / 0.370)."""
+    retrained, the trigger's images carry the key and are detected at FPR 1e-6, the trigger-free ones do not, and
+    nothing is detected in them at FPR 1e-6. The bounds sit below what N = 32 measured on tiny-sd-rt (0.900, TPR@1e-6
+    0.81 / 0.318, docs/sleepermark.md)."""
     value, embedded = _run_shipped(tmp_path, "configs/sleepermark-tiny.toml", "sleepermark*/none/none/*")
     assert not embedded
-    assert value("sleepermark", "bit_accuracy") > 0.70
-    assert value("sleepermark[no_trigger]", "bit_accuracy") < 0.55
+    assert value("sleepermark", "bit_accuracy") > 0.85
+    assert value("sleepermark", "tpr@1e-06") >= 0.5
+    assert value("sleepermark[no_trigger]", "bit_accuracy") < 0.5
     assert value("sleepermark[no_trigger]", "tpr@1e-06") == 0.0
 
 
@@ -191,3 +207,34 @@ def test_shipped_stable_signature_reads_its_key_above_chance(tmp_path):
     assert not embedded
     assert value("stable_signature", "bit_accuracy") > 0.6
     assert abs(value("none", "bit_accuracy") - 0.5) < 0.1
+
+
+@pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
+def test_zoo_embed_replaces_an_entrys_older_embedding_and_keeps_the_others(tmp_path):
+    """Re-embedding a config entry with changed parameters ships the new embedding and drops the old one (its key can
+    never be asked for again); another entry's embedding stays; a folder without a manifest record is re-shipped."""
+    from bench.zoo.embed import embed_configs
+
+    def grid(bits):
+        return _tiny_grid(tmp_path, "tiny-sd", f"""
+[[defenses]]
+name = "dwtdct"
+bits = {bits}
+[[defenses]]
+name = "dwtdctsvd"
+""")
+
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    first = {r["defense"]: r["key"] for r in embed_configs([grid(48)], out, log=lambda m: None)}
+    second = {r["defense"]: r["key"] for r in embed_configs([grid(32)], out, log=lambda m: None)}
+    assert second.keys() == {"dwtdct"} and second["dwtdct"] != first["dwtdct"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {r["key"] for r in manifest["prebuilt"]} == {second["dwtdct"], first["dwtdctsvd"]}
+    assert {p.name for p in (out / "prebuilt").glob("*/*")} == {second["dwtdct"], first["dwtdctsvd"]}
+    # a shipped folder the manifest does not list is not "already shipped": it is shipped again, and listed
+    manifest["prebuilt"] = [r for r in manifest["prebuilt"] if r["defense"] != "dwtdctsvd"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again = embed_configs([grid(32)], out, log=lambda m: None)
+    assert [r["defense"] for r in again] == ["dwtdctsvd"]
+    assert first["dwtdctsvd"] in {r["key"] for r in json.loads((out / "manifest.json").read_text())["prebuilt"]}

@@ -8,7 +8,10 @@ read-only fallback store (:func:`bench.cache.shipped_stores`): a config whose de
 seed and base model hits the shipped artifact; any other config computes its own. ``MARKBENCH_NO_PREBUILT=1``
 ignores the shipped artifacts (to re-embed from scratch and compare).
 
-The manifest records each shipped embedding (defence, label, parameters, stage key, seconds, costs, bytes) under
+Re-embedding a config drops the embeddings shipped for it that it no longer asks for (changed parameters), and
+every embedding whose model's files changed since.
+
+The manifest records each shipped embedding (defence, label, model, parameters, stage key, seconds, costs, bytes) under
 ``prebuilt``, and its files under ``files.prebuilt`` (``bench zoo info --check`` verifies them).
 """
 
@@ -43,6 +46,10 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
 
     out = Path(out)
     prebuilt = out / PREBUILT.name
+    manifest_path = out / "manifest.json"
+    listed = {r["key"] for r in json.loads(manifest_path.read_text()).get("prebuilt", [])} \
+        if manifest_path.exists() else set()
+    asked: dict[str, set[str]] = {}
     records = []
     for path in configs:
         cfg = load_config(path)
@@ -51,12 +58,13 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
                             f"ships embeddings of the tiny world only (model.builtin = 'tiny-sd' or 'tiny-sd-rt')")
         model = cfg.model.builtin
         plan = build_plan(cfg)
+        asked[str(path)] = {s.key for s in plan.stages.values() if s.kind == "embed"}
         store = ArtifactStore(cfg.cache_dir)  # no fallbacks: compute here, then ship
         env = StageEnv(cfg, plan, store, progress)
         for stage in plan.stages.values():
             if stage.kind != "embed":
                 continue
-            if not force and (prebuilt / stage.key[:2] / stage.key / "meta.json").exists():
+            if not force and stage.key in listed and (prebuilt / stage.key[:2] / stage.key / "meta.json").exists():
                 log(f"{stage.plugin.label}: already shipped ({stage.key[:12]})")
                 continue
             if force and store.exists(stage.key):
@@ -83,9 +91,10 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
                 f"{rec['seconds']:.0f} s to embed)")
     if prebuilt.exists():
         _readable(prebuilt)
-    manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     shipped = {r["key"]: r for r in manifest.get("prebuilt", [])}
+    # an embedding shipped for one of these configs that it no longer asks for (its parameters changed) is dropped
+    shipped = {k: r for k, r in shipped.items() if r.get("config") not in asked or k in asked[r["config"]]}
     shipped.update({r["key"]: r for r in records})
     for key, rec in list(shipped.items()):  # embeddings of an older model can never be hit again: drop them
         if rec.get("base") != base_fingerprint(rec.get("model", "tiny-sd")) or not (prebuilt / key[:2] / key).exists():
@@ -94,6 +103,8 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
         for folder in [p for p in prebuilt.glob("*/*") if p.is_dir()]:
             if folder.name not in shipped:
                 shutil.rmtree(folder)
+        for folder in [p for p in prebuilt.glob("*") if p.is_dir() and not any(p.iterdir())]:
+            folder.rmdir()
     manifest["prebuilt"] = list(shipped.values())
     core = write_manifest_core(out, manifest.get("seed", 0), manifest.get("build_seconds_last_run", 0.0), manifest)
     manifest["files"], manifest["total_bytes"] = core["files"], core["total_bytes"]
