@@ -411,8 +411,9 @@ class SleeperMark(Defense):
         params = list(encoder.parameters()) + list(decoder.parameters())
         steps = int(self.stage1_steps)
         opt = torch.optim.AdamW(params, lr=float(self.stage1_lr), weight_decay=float(self.stage1_weight_decay))
-        warm = int(self.stage1_latent_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < warm else max(0.0, 1.0 - (s - warm) / max(1, steps)))
+        warm = int(self.stage1_latent_steps)  # constant lr through the warm-up, then linear decay over stage 1
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 1.0 if s < warm else max(0.0, 1.0 - (s - warm) / max(1, steps)))
         perceptual = PerceptualLoss(self.perceptual, device, owner="sleepermark",
                                     offline="perceptual = 'ssim' (1 - SSIM, the default)")
         with _global_rng_from(gen, device):  # the decoder's dropout draws from the global RNG
@@ -428,10 +429,11 @@ class SleeperMark(Defense):
         device = next(decoder.parameters()).device
         warm = int(self.stage1_latent_steps)
         total = warm + int(self.stage1_steps)
+        warm_bsz = int(self.stage1_latent_batch_size or self.stage1_batch_size)
         acc = float("nan")
         for i in ctx.progress(range(total), total=total, description="sleepermark: stage 1"):
             step = i - warm  # < 0: the latent-level warm-up
-            bsz = int(self.stage1_latent_batch_size or self.stage1_batch_size) if step < 0 else int(self.stage1_batch_size)
+            bsz = warm_bsz if step < 0 else int(self.stage1_batch_size)
             if mean is not None:
                 idx = torch.randint(0, mean.shape[0], (bsz,), generator=gen)
                 z = self._sample_latents(mean, std, idx.to(mean.device), gen).to(device)

@@ -480,7 +480,7 @@ def test_uncond_prob_anchors_the_empty_prompt_in_the_preservation_term(monkeypat
                                                   _ctx(), torch.Generator())
 
 
-def test_stage1_latent_warmup_reads_the_latent_then_hands_over_to_the_round_trip():
+def test_stage1_latent_warmup_reads_the_latent_then_hands_over_to_the_round_trip(monkeypatch):
     """``stage1_latent_steps``: extra steps before stage 1 that read ``z + E(m)`` directly (no VAE call) at their own
     batch, message term only; then the ``stage1_steps`` round-trip steps run as without it (one VAE decode each)."""
     class CountingVAE(_BlindVAE):
@@ -495,18 +495,15 @@ def test_stage1_latent_warmup_reads_the_latent_then_hands_over_to_the_round_trip
     common = dict(bits=8, secret_res=0, decoder_channels=[16, 32], decoder_hidden=64, decoder_mlp_layers=1,
                   stage1_source="random", stage1_roundtrip=True, stage1_lr=3e-3, perceptual="none",
                   image_loss_start=10**6, stage1_latent_steps=300, stage1_latent_batch_size=32, stage1_batch_size=4)
-    sm = SleeperMark(stage1_steps=7, **common)
     orig = LatentDecoder.forward
 
     def spy(self, latent):
         batches.append(latent.shape[0])
         return orig(self, latent)
 
-    LatentDecoder.forward = spy
-    try:
-        sm.train_stage1(vae, (4, 8, 8), 8, _ctx(), torch.Generator().manual_seed(1))
-    finally:
-        LatentDecoder.forward = orig
+    with monkeypatch.context() as mp:
+        mp.setattr(LatentDecoder, "forward", spy)
+        SleeperMark(stage1_steps=7, **common).train_stage1(vae, (4, 8, 8), 8, _ctx(), torch.Generator().manual_seed(1))
     assert batches == [32] * 300 + [4] * 7
     assert CountingVAE.decodes == 7
     # the warm-up alone (no round-trip steps) learns the code at the latent level

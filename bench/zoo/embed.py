@@ -47,8 +47,8 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
     out = Path(out)
     prebuilt = out / PREBUILT.name
     manifest_path = out / "manifest.json"
-    listed = {r["key"] for r in json.loads(manifest_path.read_text()).get("prebuilt", [])} \
-        if manifest_path.exists() else set()
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    listed = {r["key"] for r in manifest.get("prebuilt", [])}
     asked: dict[str, set[str]] = {}
     records = []
     for path in configs:
@@ -91,10 +91,9 @@ def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callabl
                 f"{rec['seconds']:.0f} s to embed)")
     if prebuilt.exists():
         _readable(prebuilt)
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    shipped = {r["key"]: r for r in manifest.get("prebuilt", [])}
     # an embedding shipped for one of these configs that it no longer asks for (its parameters changed) is dropped
-    shipped = {k: r for k, r in shipped.items() if r.get("config") not in asked or k in asked[r["config"]]}
+    shipped = {r["key"]: r for r in manifest.get("prebuilt", [])
+               if r.get("config") not in asked or r["key"] in asked[r["config"]]}
     shipped.update({r["key"]: r for r in records})
     for key, rec in list(shipped.items()):  # embeddings of an older model can never be hit again: drop them
         if rec.get("base") != base_fingerprint(rec.get("model", "tiny-sd")) or not (prebuilt / key[:2] / key).exists():

@@ -98,8 +98,9 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
             t.add_row(f"VAE round-trip PSNR, {k}", f"{v[k]:.2f} dB", str(v["n"]))
         rt = tr.get("vae", {}).get("roundtrip_psnr")
         if rt:
+            n_eval = str(tr["vae"].get("settings", {}).get("n_eval", ""))
             for k in ("heldout", "style", "subject"):
-                t.add_row(f"tiny-sd-rt VAE round-trip PSNR, {k}", f"{rt[k]:.2f} dB", str(tr["vae"].get("settings", {}).get("n_eval", "")))
+                t.add_row(f"tiny-sd-rt VAE round-trip PSNR, {k}", f"{rt[k]:.2f} dB", n_eval)
         ldm = q["ldm_heldout_accuracy"]
         for k, r in ldm.items():
             if isinstance(r, dict):
