@@ -188,13 +188,13 @@ def _run_shipped(tmp_path, config: str, only: str):
 def test_shipped_sleepermark_wakes_with_the_trigger_and_sleeps_without(tmp_path):
     """The shipped SleeperMark embedding, end to end through `bench run` on 8 held-out captions: it is read, not
     retrained, the trigger's images carry the key and are detected at FPR 1e-6, the trigger-free ones do not, and
-    nothing is detected in them at FPR 1e-6. The bounds sit below what N = 32 measured on tiny-sd-rt (0.900, TPR@1e-6
-    0.81 / 0.318, docs/sleepermark.md)."""
+    nothing is detected in them at FPR 1e-6. The issue's targets, checked on 8 captions: >= 0.95 bit accuracy and TPR
+    at 1e-6 >= 0.9 with the trigger, <= 0.6 without (N = 32 measured 0.981, TPR 1.00 / 0.505, docs/sleepermark.md)."""
     value, embedded = _run_shipped(tmp_path, "configs/sleepermark-tiny.toml", "sleepermark*/none/none/*")
     assert not embedded
-    assert value("sleepermark", "bit_accuracy") > 0.85
-    assert value("sleepermark", "tpr@1e-06") >= 0.5
-    assert value("sleepermark[no_trigger]", "bit_accuracy") < 0.5
+    assert value("sleepermark", "bit_accuracy") >= 0.95
+    assert value("sleepermark", "tpr@1e-06") >= 0.9
+    assert value("sleepermark[no_trigger]", "bit_accuracy") <= 0.6
     assert value("sleepermark[no_trigger]", "tpr@1e-06") == 0.0
 
 
