@@ -21,8 +21,8 @@ def add_parsers(sub, cfg_args) -> dict:
               bench zoo build --seed 0            rebuild everything (hours on a 2-core CPU)
               bench zoo build --only unet --resume
               bench zoo ship --work DIR           ship the latest checkpoints of a running build
-              bench zoo embed                     ship the defences of bench.toml pre-embedded in tiny-sd
-              bench zoo embed configs/sleepermark-tiny.toml --force
+              bench zoo embed                     ship the defences of bench.toml pre-embedded in the tiny world
+              bench zoo embed configs/sleepermark-tiny.toml --force   re-train one (SleeperMark: ~15 min, two threads)
             """))
     zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
     b = zs.add_parser("build", help="rebuild the artifacts from a seed (resumable)")
