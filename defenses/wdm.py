@@ -25,8 +25,9 @@ which the UNet is fed ``gamma1 * x_t + (1 - gamma1) * tau`` at every step while 
 ``x_t`` (as the official sampler: ``x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, then
 ``q(x_{t-1} | x_t, x_0)`` with the "fixed large" variance ``beta_t``); 1000 steps, the full chain, by default. The
 extracted latent is decoded and compared with the reference ``Dec(z_wm)`` (the watermark as the model's own VAE
-renders it): the detection score is the PSNR in dB (``distance = "mse"``, a monotone function of -MSE) or the SSIM
-(``distance = "ssim"``); higher means closer to the watermark. **WDM is zero-bit**: the harness turns scores into
+renders it): the detection score is the PSNR in dB (``distance = "mse"``, a monotone function of -MSE), the SSIM
+(``distance = "ssim"``) or the normalised correlation (NC, the usual score of an extracted watermark image) of the two
+images' grey levels (``distance = "nc"``); higher means closer to the watermark. **WDM is zero-bit**: the harness turns scores into
 AUC and TPR at its target FPRs (threshold on the negatives' scores, :mod:`bench.measures.detection`).
 
 **Calibration on clean models.** At embedding time the same extraction runs on the clean base model, before any
@@ -78,7 +79,7 @@ from bench.training import (decode_latents, drop_to_empty, encode_images, encode
                             train_loop, trainable)
 from defenses.hidden import forked_global_rng, quantize8, sub_generator, training_images
 
-DISTANCES = ("mse", "ssim")
+DISTANCES = ("mse", "ssim", "nc")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,8 +182,9 @@ def wdp_sample(unet, alphas_cumprod: torch.Tensor, x_T: torch.Tensor, trigger: t
 
 def similarity_scores(images: torch.Tensor, reference: torch.Tensor, distance: str) -> torch.Tensor:
     """Per-image closeness to the reference watermark image (higher = closer): PSNR in dB (``mse``; MSE floored at
-    1e-10) or SSIM (``ssim``; Gaussian window 11, sigma 1.5, data range 1). Images of another size are resized
-    (bilinear) to the reference's."""
+    1e-10), SSIM (``ssim``; Gaussian window 11, sigma 1.5, data range 1) or NC (``nc``: the Pearson correlation, in
+    [-1, 1], of the grey levels, the mean over RGB, of image and reference over all pixels; a flat image scores 0). Images of another size
+    are resized (bilinear) to the reference's."""
     images = images.float()
     ref = reference.float().to(images.device)
     ref = ref[None] if ref.ndim == 3 else ref
@@ -196,6 +198,12 @@ def similarity_scores(images: torch.Tensor, reference: torch.Tensor, distance: s
         from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
         return ssim(images, ref, data_range=1.0, reduction="none").reshape(-1).float()
+    if distance == "nc":
+        a = images.mean(1).flatten(1)
+        b = ref.mean(1).flatten(1)
+        a = a - a.mean(1, keepdim=True)
+        b = b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
     raise ValueError(f"unknown distance {distance!r}; allowed: {', '.join(DISTANCES)}")
 
 
@@ -291,7 +299,8 @@ class WDM(Defense):
               low=1, high=100_000),
         Param("extract_variance", "str", "fixed_large", "ancestral variance: beta_t (official) or the posterior's",
               choices=("fixed_large", "fixed_small")),
-        Param("distance", "str", "mse", "detection score: PSNR to the watermark image (mse) or SSIM",
+        Param("distance", "str", "mse", "detection score against the watermark image: PSNR (mse), SSIM, or the "
+              "normalised correlation of the grey levels (nc)",
               choices=DISTANCES),
         Param("calibration_samples", "int", 16, "extractions on the clean base model at embedding time (the null "
               "distribution stored in the secret); 0 = none", low=0, high=100_000),

@@ -161,15 +161,15 @@ def _shipped_label(label: str) -> bool:
     return any(r["label"] == label for r in json.loads(zoo.MANIFEST.read_text()).get("prebuilt", []))
 
 
-def _run_shipped(tmp_path, config: str, only: str):
-    """`bench run` of a shipped config on 8 captions into ``tmp_path``; returns ``value(cell_prefix, metric)`` and
-    whether any embed stage ran (it must not: the shipped embedding is read)."""
+def _run_shipped(tmp_path, config: str, only: str, n: int = 8):
+    """`bench run` of a shipped config on ``n`` captions into ``tmp_path``; returns ``value(cell_prefix, metric)`` and
+    whether any embed stage ran (for a shipped embedding it must not: the shipped embedding is read)."""
     import pandas as pd
 
     from bench.cli import main
 
     out, csv, cache = tmp_path / "run", tmp_path / "r.csv", tmp_path / "cache"
-    args = ["--config", str(ROOT / config), "--output", str(out), "--set", "run.num_images=8",
+    args = ["--config", str(ROOT / config), "--output", str(out), "--set", f"run.num_images={n}",
             "--set", f"run.cache={cache}"]
     assert main(["run", *args, "--only", only, "--no-progress"]) == 0
     embedded = any(json.loads(p.read_text())["kind"] == "embed" for p in cache.glob("*/*/meta.json"))
