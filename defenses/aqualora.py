@@ -909,15 +909,19 @@ class AquaLoRA(Defense):
     @torch.no_grad()
     def _stage1_probe(self, vae, encoder, decoder, mean: torch.Tensor, message: torch.Tensor) -> dict[str, float]:
         """Stage-1 diagnostics on up to 16 training latents: bit accuracy of ``Dec(z + E(m*))`` (8-bit quantised)
-        and of ``Dec(z)`` against ``m*``."""
+        and of ``Dec(z)`` against ``m*``; how visible the residual is (PSNR of the first to the second image, in dB)
+        and how large (RMS of ``E(m*)`` over the RMS of ``z``)."""
         device = next(decoder.parameters()).device
         z = mean[:16].to(device)
         delta = encoder(message.float()[None].to(device)) * float(vae.config.scaling_factor)
-        out = {}
+        out, images = {}, {}
         for name, lat in (("stage1_bit_accuracy_mstar", z + delta), ("stage1_bit_accuracy_clean", z)):
-            images = quantize8(_from_latent(vae, lat.to(vae.dtype)).float())
-            bits = decoder.bit_logits(images) > 0
+            images[name] = quantize8(_from_latent(vae, lat.to(vae.dtype)).float())
+            bits = decoder.bit_logits(images[name]) > 0
             out[name] = float((bits == message.to(device)[None]).float().mean())
+        mse = (images["stage1_bit_accuracy_mstar"] - images["stage1_bit_accuracy_clean"]).pow(2).flatten(1).mean(1)
+        out["stage1_residual_psnr"] = float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
+        out["stage1_residual_rms"] = float(delta.pow(2).mean().sqrt() / z.pow(2).mean().sqrt().clamp_min(1e-12))
         return out
 
     def make_secret(self, message: torch.Tensor, decoder: ImageDecoder, diag: torch.Tensor, resolution: int,

@@ -405,6 +405,29 @@ def test_warmup_ends_by_loss_or_by_cap(micro):
     assert stats["stage1_warmup_end_step"] == -1  # 4 steps: not yet 10 losses, still warming up (as official)
 
 
+def test_stage1_probe_reports_the_residuals_visibility_and_size(micro):
+    """No residual: PSNR at the 100 dB floor, size 0; a residual the size of the latents: a finite PSNR, size 1."""
+    from defenses.aqualora import _from_latent
+    from defenses.hidden import quantize8
+
+    dec = ImageDecoder(8, "conv", 64, (8, 16), 32, 1).eval()
+    mean = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    message = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    sf = float(micro.vae.config.scaling_factor)
+    d = AquaLoRA(**FAST)
+    zero = d._stage1_probe(micro.vae, lambda m: torch.zeros(1, 4, 8, 8), dec, mean, message)
+    assert zero["stage1_residual_psnr"] == pytest.approx(100.0) and zero["stage1_residual_rms"] == 0.0
+    assert zero["stage1_bit_accuracy_mstar"] == zero["stage1_bit_accuracy_clean"]
+    same = d._stage1_probe(micro.vae, lambda m: mean[:1] / sf, dec, mean, message)
+    assert same["stage1_residual_rms"] == pytest.approx(float(mean[0].pow(2).mean().sqrt() / mean.pow(2).mean().sqrt()),
+                                                        rel=1e-5)
+    with torch.no_grad():
+        a = quantize8(_from_latent(micro.vae, mean + mean[:1]).float())
+        b = quantize8(_from_latent(micro.vae, mean).float())
+    want = (-10 * torch.log10((a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10))).mean()
+    assert same["stage1_residual_psnr"] == pytest.approx(float(want), rel=1e-5)
+
+
 def test_ppft_loss_is_zero_without_watermark_and_positive_with_it(micro):
     unet = copy_pipeline(micro).unet.eval().requires_grad_(False)
     lora = MessageLoRAModel(unet, rank=2)
@@ -462,7 +485,8 @@ def test_one_step_of_each_stage_on_sd_architecture(sd_pipe):
     assert s.tensors["message"].dtype == torch.bool and s.tensors["message"].numel() == 48
     assert s.tensors["lora_diag"].shape == (4,)
     assert s.meta["latent_shape"] == [4, 8, 8] and s.meta["resolution"] == 64 and s.meta["decoder"] == "conv"
-    assert {"stage1_bit_accuracy_mstar", "stage2_loss", "robust_train_bit_accuracy"} <= set(s.meta)
+    assert {"stage1_bit_accuracy_mstar", "stage1_residual_psnr", "stage1_residual_rms", "stage2_loss",
+            "robust_train_bit_accuracy"} <= set(s.meta)
     json.dumps(s.meta)
     images = d.generate(pipe, s, _request(), _ctx(1))
     det = check_detection(d.detect(s, check_images(images, "aqualora", (2, 3, 64, 64)), _ctx(2)), "aq", 2,
