@@ -914,12 +914,13 @@ class AquaLoRA(Defense):
         device = next(decoder.parameters()).device
         z = mean[:16].to(device)
         delta = encoder(message.float()[None].to(device)) * float(vae.config.scaling_factor)
-        out, images = {}, {}
-        for name, lat in (("stage1_bit_accuracy_mstar", z + delta), ("stage1_bit_accuracy_clean", z)):
-            images[name] = quantize8(_from_latent(vae, lat.to(vae.dtype)).float())
-            bits = decoder.bit_logits(images[name]) > 0
+        marked = quantize8(_from_latent(vae, (z + delta).to(vae.dtype)).float())
+        clean = quantize8(_from_latent(vae, z.to(vae.dtype)).float())
+        out = {}
+        for name, images in (("stage1_bit_accuracy_mstar", marked), ("stage1_bit_accuracy_clean", clean)):
+            bits = decoder.bit_logits(images) > 0
             out[name] = float((bits == message.to(device)[None]).float().mean())
-        mse = (images["stage1_bit_accuracy_mstar"] - images["stage1_bit_accuracy_clean"]).pow(2).flatten(1).mean(1)
+        mse = (marked - clean).pow(2).flatten(1).mean(1)
         out["stage1_residual_psnr"] = float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
         out["stage1_residual_rms"] = float(delta.pow(2).mean().sqrt() / z.pow(2).mean().sqrt().clamp_min(1e-12))
         return out

@@ -27,8 +27,8 @@ which the UNet is fed ``gamma1 * x_t + (1 - gamma1) * tau`` at every step while 
 extracted latent is decoded and compared with the reference ``Dec(z_wm)`` (the watermark as the model's own VAE
 renders it): the detection score is the PSNR in dB (``distance = "mse"``, a monotone function of -MSE), the SSIM
 (``distance = "ssim"``) or the normalised correlation (NC, the usual score of an extracted watermark image) of the two
-images' grey levels (``distance = "nc"``); higher means closer to the watermark. **WDM is zero-bit**: the harness turns scores into
-AUC and TPR at its target FPRs (threshold on the negatives' scores, :mod:`bench.measures.detection`).
+images' grey levels (``distance = "nc"``); higher means closer to the watermark. **WDM is zero-bit**: the harness
+turns scores into AUC and TPR at its target FPRs (threshold on the negatives' scores, :mod:`bench.measures.detection`).
 
 **Calibration on clean models.** At embedding time the same extraction runs on the clean base model, before any
 fine-tuning, for ``calibration_samples`` seeds: its scores (both distances) are the null distribution, stored in the
@@ -183,8 +183,8 @@ def wdp_sample(unet, alphas_cumprod: torch.Tensor, x_T: torch.Tensor, trigger: t
 def similarity_scores(images: torch.Tensor, reference: torch.Tensor, distance: str) -> torch.Tensor:
     """Per-image closeness to the reference watermark image (higher = closer): PSNR in dB (``mse``; MSE floored at
     1e-10), SSIM (``ssim``; Gaussian window 11, sigma 1.5, data range 1) or NC (``nc``: the Pearson correlation, in
-    [-1, 1], of the grey levels, the mean over RGB, of image and reference over all pixels; a flat image scores 0). Images of another size
-    are resized (bilinear) to the reference's."""
+    [-1, 1], of the grey levels, the mean over RGB, of image and reference over all pixels; a flat image scores 0).
+    Images of another size are resized (bilinear) to the reference's."""
     images = images.float()
     ref = reference.float().to(images.device)
     ref = ref[None] if ref.ndim == 3 else ref

@@ -161,9 +161,9 @@ def _shipped_label(label: str) -> bool:
     return any(r["label"] == label for r in json.loads(zoo.MANIFEST.read_text()).get("prebuilt", []))
 
 
-def _run_shipped(tmp_path, config: str, only: str, n: int = 8):
-    """`bench run` of a shipped config on ``n`` captions into ``tmp_path``; returns ``value(cell_prefix, metric)`` and
-    whether any embed stage ran (for a shipped embedding it must not: the shipped embedding is read)."""
+def _bench_run(tmp_path, config: str, only: str, n: int = 8):
+    """`bench run` of a config's cells ``only`` on ``n`` captions into ``tmp_path``; returns ``value(cell_prefix,
+    metric)`` and whether any embed stage ran (for a shipped embedding it must not: the shipped one is read)."""
     import pandas as pd
 
     from bench.cli import main
@@ -190,7 +190,7 @@ def test_shipped_sleepermark_wakes_with_the_trigger_and_sleeps_without(tmp_path)
     retrained, the trigger's images carry the key and are detected at FPR 1e-6, the trigger-free ones do not, and
     nothing is detected in them at FPR 1e-6. The issue's targets, checked on 8 captions: >= 0.95 bit accuracy and TPR
     at 1e-6 >= 0.9 with the trigger, <= 0.6 without (N = 32 measured 0.981, TPR 1.00 / 0.505, docs/sleepermark.md)."""
-    value, embedded = _run_shipped(tmp_path, "configs/sleepermark-tiny.toml", "sleepermark*/none/none/*")
+    value, embedded = _bench_run(tmp_path, "configs/sleepermark-tiny.toml", "sleepermark*/none/none/*")
     assert not embedded
     assert value("sleepermark", "bit_accuracy") >= 0.95
     assert value("sleepermark", "tpr@1e-06") >= 0.9
@@ -203,7 +203,7 @@ def test_shipped_stable_signature_reads_its_key_above_chance(tmp_path):
     """The shipped Stable Signature embedding (its decoder fine-tuned, key partly written: 0.686 at N = 32,
     docs/stable_signature.md; N = 8 read 0.667) is read, not retrained, and its images carry the key above the
     clean model's chance level."""
-    value, embedded = _run_shipped(tmp_path, "configs/stable-signature-tiny.toml", "*/none/none/*")
+    value, embedded = _bench_run(tmp_path, "configs/stable-signature-tiny.toml", "*/none/none/*")
     assert not embedded
     assert value("stable_signature", "bit_accuracy") > 0.6
     assert abs(value("none", "bit_accuracy") - 0.5) < 0.1

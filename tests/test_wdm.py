@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import defenses
+from bench import defenses, zoo
 from bench.config import ModelConfig, load_config
 from bench.errors import UserError
 from bench.generation import generate_images
@@ -24,7 +24,6 @@ from defenses.wdm import (WDM, _EMA, extraction_timesteps, q_sample, similarity_
                           wdp_input, wdp_sample)
 from tests.test_sleepermark import _sd_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle on a blue background", "a small green star on a grey background"]
 # a few seconds on one CPU thread: a handful of task images, two steps, a 3-step extraction
 FAST = dict(train_images=4, train_inference_steps=2, gen_batch_size=4, steps=2, batch_size=2, wm_batch_size=2,
@@ -411,18 +410,18 @@ def test_caption_dropout_replaces_task_conditions_with_the_empty_prompt(monkeypa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "bench/zoo/artifacts/tiny-sd/model_index.json").exists(), reason="tiny world not built")
+@pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
 def test_tiny_config_embeds_a_watermark_detected_against_the_clean_model(tmp_path):
     """The issue's target, end to end: `configs/wdm-tiny.toml`'s embedding (trained here, about 8 minutes on one
     thread: WDM changes the whole UNet, too large to ship) is told apart from the clean model's extractions, AUC >=
     0.99 (N = 32 measured 1.000, docs/wdm.md), and its ordinary images carry no watermark (AUC near chance). One
     torch thread, as measured: another thread count changes the float order and so the whole training."""
-    from tests.test_prebuilt import _run_shipped
+    from tests.test_prebuilt import _bench_run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        value, embedded = _run_shipped(tmp_path, "configs/wdm-tiny.toml", "wdm*/none/none/*", n=16)
+        value, embedded = _bench_run(tmp_path, "configs/wdm-tiny.toml", "wdm*/none/none/*", n=16)
     finally:
         torch.set_num_threads(threads)
     assert embedded

@@ -40,7 +40,8 @@ def add_parsers(sub, cfg_args) -> dict:
     sh.add_argument("--out", default=None, help="artifacts folder (default: the package's)")
     sh.add_argument("--no-measure", action="store_true", help="skip the quality figures")
     sh.add_argument("--quick", action="store_true", help="quality figures with smaller N")
-    em = zs.add_parser("embed", help="embed the defences of configs in the tiny world and ship them (bench run reuses them)")
+    em = zs.add_parser("embed", help="embed the defences of configs in the tiny world and ship them (bench run "
+                       "reuses them)")
     em.add_argument("configs", nargs="*", default=None, help="configs using model.builtin = 'tiny-sd' or "
                     "'tiny-sd-rt' (default: the shipped bench.toml)")
     em.add_argument("--force", action="store_true", help="re-embed even where a shipped embedding exists")
