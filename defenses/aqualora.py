@@ -525,8 +525,9 @@ class AquaLoRA(Defense):
               "(official)", low=0, high=100_000_000),
         Param("corner_prob", "float", 0.25, "probability per batch of the 'cornerfy' residual augmentation",
               low=0.0, high=1.0),
-        Param("perceptual", "str", "ssim", "image term: 1-SSIM (offline default), LPIPS (AlexNet; the official "
-              "code uses VGG) or none", choices=("ssim", "lpips", "none")),
+        Param("perceptual", "str", "ssim", "image term: 1-SSIM (offline default), MSE (does not saturate on large "
+              "residuals), LPIPS (AlexNet; the official code uses VGG) or none",
+              choices=("ssim", "mse", "lpips", "none")),
         Param("perceptual_start", "int", 14000, "step from which perceptual_weight_early x P is added (official: "
               "epoch 7)", low=0, high=100_000_000),
         Param("full_loss_start", "int", 22000, "step from which the loss is msg + perceptual_weight x P + "

@@ -394,6 +394,29 @@ def test_stage1_learns_a_short_message_on_random_latents():
     assert abs(chance - 0.5) < 0.1, chance  # without the residual the decoder reads nothing
 
 
+def test_mse_image_term_shrinks_the_stage1_residual():
+    """``perceptual = "mse"`` (the non-saturating image term) is applied: with a large weight the learnt residual
+    ends far smaller than with no image term, from the same draws."""
+    common = dict(secret_res=0, decoder="conv", decoder_input_size=0, conv_channels=[8, 8], conv_hidden=16,
+                  stage1_steps=40, stage1_batch_size=8, stage1_lr=3e-3, warmup=False, corner_prob=0.0,
+                  perceptual_start=0, full_loss_start=0, prvl_weight=0.0, distortions_early=[1, 0, 0, 0, 0, 0],
+                  distortions=[1, 0, 0, 0, 0, 0])
+    vae = _LinearVAE()
+    mean = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    std = torch.zeros_like(mean)
+    m = torch.randint(0, 2, (32, 8), generator=torch.Generator().manual_seed(2)).float()
+
+    def residual(**kw):
+        enc, _, _ = AquaLoRA(**common, **kw).train_stage1(vae, mean, std, 8, _ctx(), torch.Generator().manual_seed(1),
+                                                          64)
+        with torch.no_grad():
+            return float(enc(m).pow(2).mean().sqrt())
+
+    free = residual(perceptual="none")
+    held = residual(perceptual="mse", perceptual_weight=1e4)
+    assert held < 0.5 * free, (held, free)
+
+
 def test_warmup_ends_by_loss_or_by_cap(micro):
     common = dict(FAST, stage1_steps=4, perceptual_start=100, full_loss_start=100, distortion_start=100)
     mean, std = torch.randn(4, 4, 8, 8), torch.zeros(4, 4, 8, 8)
