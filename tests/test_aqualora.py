@@ -566,3 +566,33 @@ def test_float16_pipeline_is_refused(micro):
     pipe.unet.to(torch.bfloat16)
     with pytest.raises(UserError, match="float32"):
         AquaLoRA(**FAST).embed(pipe, _ctx())
+
+
+def _ppft_probe():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "aqualora_ppft_bits.py"
+    spec = importlib.util.spec_from_file_location("aqualora_ppft_bits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ppft_probe_linear_code_is_read_back_by_least_squares():
+    """The probe's code: delta(m) is sum_i (2 m_i - 1) P_i scaled, so least squares on the P_i recovers every bit."""
+    probe = _ppft_probe()
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(6, 4, 8, 8, generator=g)
+    code = probe.LinearCode(patterns, 2.0, 0.5)
+    m = torch.randint(0, 2, (5, 6), generator=g).float()
+    d = code.delta(m)
+    assert torch.allclose(code(m), d / 0.5)
+    flat = patterns.flatten(1)
+    coef = torch.linalg.solve(flat @ flat.T, flat @ d.flatten(1).T).T
+    assert torch.allclose(coef, 2.0 * (2 * m - 1) / math.sqrt(6), atol=1e-4)
+
+
+def test_ppft_probe_without_training_moves_nothing():
+    """Zero PPFT steps leave the LoRA's up-projection at zero: the LoRA model samples exactly the base's latents, so
+    nothing is carried and the shift is exactly zero (the probe's plumbing, end to end on the micro pipeline)."""
+    out = _ppft_probe().main(["--model", "micro-sd", "--bits", "4", "--rank", "4", "--steps", "0",
+                              "--train-images", "4", "--eval-captions", "2", "--messages", "2"])
+    assert out["carried"] == 0.0 and out["shift/delta"] == 0.0
