@@ -47,11 +47,13 @@ class LinearCode(torch.nn.Module):
 
     def __init__(self, patterns: torch.Tensor, amplitude: float, scaling_factor: float):
         super().__init__()
-        self.patterns, self.amplitude, self.sf = patterns, float(amplitude), float(scaling_factor)
+        self.register_buffer("patterns", patterns)
+        self.amplitude, self.sf = float(amplitude), float(scaling_factor)
 
     def delta(self, m: torch.Tensor) -> torch.Tensor:
         n = self.patterns.shape[0]
-        return self.amplitude * torch.einsum("bn,nchw->bchw", 2 * m.float() - 1, self.patterns) / math.sqrt(n)
+        m = m.to(self.patterns.device).float()
+        return self.amplitude * torch.einsum("bn,nchw->bchw", 2 * m - 1, self.patterns) / math.sqrt(n)
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         return self.delta(m) / self.sf
@@ -74,13 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-captions", type=int, default=16)
     ap.add_argument("--messages", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda: the paper's PPFT length (--steps 25000 --batch 12)")
     ap.add_argument("--pool-cache", default="", help="a .pt file to keep the encoded training pool in")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.messages < 2:
         ap.error("--messages must be at least 2 (the centred readout averages over messages)")
 
-    pipe = load_pipeline(ModelConfig(builtin=args.model))
+    pipe = load_pipeline(ModelConfig(builtin=args.model), device=args.device)
     side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
     aq = AquaLoRA(train_images=args.train_images, train_inference_steps=20, gen_batch_size=16,
                   prompts="builtin:tiny-train", bits=args.bits, lora_rank=args.rank, stage2_steps=args.steps,
@@ -103,14 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
     code = LinearCode(patterns, 1.0, sf)
     probe = code.delta(torch.randint(0, 2, (256, args.bits), generator=g))
     code.amplitude = float(args.ratio * mean.pow(2).mean().sqrt() / probe.pow(2).mean().sqrt())
+    code.to(args.device)
 
     unique = list(dict.fromkeys(captions))
     index = torch.tensor([unique.index(cap) for cap in captions])
     with torch.no_grad():
-        emb = SleeperMark._encode_prompts(pipe, unique, "cpu")
+        emb = SleeperMark._encode_prompts(pipe, unique, args.device)
     g2 = torch.Generator().manual_seed(7)
     lora = seeded(g2, lambda: MessageLoRAModel(pipe.unet, args.rank))
-    mapper = seeded(g2, lambda: Mapper(args.bits, args.rank, args.mapper_std))
+    mapper = seeded(g2, lambda: Mapper(args.bits, args.rank, args.mapper_std)).to(args.device)
     t0 = time.perf_counter()
     stats = aq.train_stage2(pipe, lora, mapper, code, emb, mean, std, args.bits, StageContext(g2), g2, index)
     train_s = time.perf_counter() - t0
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     def sample(diag):
         with torch.no_grad(), lora.state.use(diag):
             return pipe(prompt=prompts, height=side, width=side, num_inference_steps=20, guidance_scale=7.5,
-                        latents=start.clone(), output_type="latent").images
+                        latents=start.clone().to(args.device), output_type="latent").images.float().cpu()
 
     base = sample(None)
     flat = patterns.flatten(1)
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     shifts = []
     for m in messages:
         with torch.no_grad():
-            shifts.append((sample(mapper(m[None])[0] * float(aq.lora_scale)) - base).flatten(1))
+            diag = mapper(m[None].to(args.device))[0] * float(aq.lora_scale)
+            shifts.append((sample(diag) - base).flatten(1))
     shifts_t = torch.stack(shifts)  # [messages, N, D]
     centred = shifts_t - shifts_t.mean(0, keepdim=True)
 
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     for k, m in enumerate(messages):
-        target = code.delta(m[None]).flatten(1)
+        target = code.delta(m[None]).cpu().flatten(1)
         rows.append({"oracle": read(shifts_t[k], m), "centred": read(centred[k], m),
                      "carried": float(((shifts_t[k] * target).sum(1) / target.pow(2).sum()).mean()),
                      "shift/delta": float(shifts_t[k].norm(dim=1).mean() / target.norm())})
