@@ -58,6 +58,12 @@ class LinearCode(torch.nn.Module):
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         return self.delta(m) / self.sf
 
+    def coefficients(self, shift: torch.Tensor) -> torch.Tensor:
+        """Least-squares coefficients of flattened latent shifts ``[N, D]`` on the patterns: ``[N, n]`` (CPU)."""
+        flat = self.patterns.flatten(1).float()
+        shift = shift.to(flat.device).float()
+        return torch.linalg.solve(flat @ flat.T, flat @ shift.T).T.cpu()
+
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -84,13 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--messages must be at least 2 (the centred readout averages over messages)")
 
     pipe = load_pipeline(ModelConfig(builtin=args.model), device=args.device)
-    side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
     aq = AquaLoRA(train_images=args.train_images, train_inference_steps=20, gen_batch_size=16,
                   prompts="builtin:tiny-train", bits=args.bits, lora_rank=args.rank, stage2_steps=args.steps,
                   stage2_batch_size=args.batch, stage2_lr=args.lr, mapper_std=args.mapper_std)
+    side = aq._resolution(pipe)  # the model's native image side
     cache = Path(args.pool_cache) if args.pool_cache else None
     if cache is not None and cache.exists():
-        captions, mean, std = torch.load(cache)
+        captions, mean, std = torch.load(cache, weights_only=True)
     else:
         captions, mean, std = aq.training_pool(pipe, StageContext(torch.Generator().manual_seed(0)),
                                                torch.Generator().manual_seed(1), side)
@@ -128,8 +134,6 @@ def main(argv: list[str] | None = None) -> dict:
                         latents=start.clone().to(args.device), output_type="latent").images.float().cpu()
 
     base = sample(None)
-    flat = patterns.flatten(1)
-    gram = flat @ flat.T
     gm = torch.Generator().manual_seed(99)
     messages = torch.randint(0, 2, (args.messages, args.bits), generator=gm).float()
     shifts = []
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     centred = shifts_t - shifts_t.mean(0, keepdim=True)
 
     def read(shift: torch.Tensor, m: torch.Tensor) -> float:
-        coef = torch.linalg.solve(gram, flat @ shift.T).T
+        coef = code.coefficients(shift)
         return float(((coef > 0).float() == m).float().mean())
 
     rows = []
