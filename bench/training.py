@@ -44,7 +44,7 @@ def drop_to_empty(cond: torch.Tensor, empty: torch.Tensor, p: float, generator: 
     random stream is the same as without dropout."""
     if p <= 0:
         return cond
-    drop = torch.rand(cond.shape[0], generator=generator) < p
+    drop = (torch.rand(cond.shape[0], generator=generator) < p).to(cond.device)
     return torch.where(drop[:, None, None], empty.to(cond).expand_as(cond), cond)
 
 

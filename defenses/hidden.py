@@ -476,16 +476,21 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str, base: float, mi
 
 
 def train_hidden(images: torch.Tensor, cfg: HiddenConfig, gen: torch.Generator,
-                 progress: Callable[..., Iterable] | None = None, description: str = "hidden") -> TrainedHidden:
+                 progress: Callable[..., Iterable] | None = None, description: str = "hidden",
+                 device: torch.device | str | None = None) -> TrainedHidden:
     """Train an encoder/decoder pair (and the adversary, if enabled) on ``images`` ([N, 3, H, W] in [0, 1]).
 
-    Every sample carries its own random message; one noise layer per mini-batch. Returns the networks in eval mode.
+    Every sample carries its own random message; one noise layer per mini-batch. Training runs on ``device``
+    (default: the images'); every random draw comes from ``gen`` on the CPU, so a run is the same draw for draw on
+    any device. Returns the networks in eval mode, on the CPU.
     """
     if images.shape[0] < 1:
         raise UserError("hidden: no training images")
-    encoder = seeded(gen, cfg.build_encoder)
-    decoder = seeded(gen, cfg.build_decoder)
-    disc = seeded(gen, lambda: Discriminator(cfg.discriminator_blocks, cfg.discriminator_channels)) \
+    device = torch.device(device) if device is not None else images.device
+    images = images.to(device)
+    encoder = seeded(gen, cfg.build_encoder).to(device)
+    decoder = seeded(gen, cfg.build_decoder).to(device)
+    disc = seeded(gen, lambda: Discriminator(cfg.discriminator_blocks, cfg.discriminator_channels)).to(device) \
         if cfg.discriminator and cfg.adversarial_weight > 0 else None
     params = list(encoder.parameters()) + list(decoder.parameters())
     opt = _optimizer(params, cfg)
@@ -500,17 +505,18 @@ def train_hidden(images: torch.Tensor, cfg: HiddenConfig, gen: torch.Generator,
     it: Iterable[int] = range(cfg.steps)
     if progress is not None:
         it = progress(it, total=cfg.steps, description=description)
-    accs: list[float] = []
-    losses: list[float] = []
+    accs: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
     for _ in it:
         idx = torch.randint(0, n, (b,), generator=gen)
-        cover = images[idx]
-        m = torch.randint(0, 2, (b, cfg.bits), generator=gen).float()
+        cover = images[idx.to(device)]
+        m = torch.randint(0, 2, (b, cfg.bits), generator=gen).float().to(device)
         encoded = apply_encoder(encoder, cover, m, cfg.encoder_output, cfg.strength)
         if disc is not None:
+            ones, zeros = torch.ones(b, 1, device=device), torch.zeros(b, 1, device=device)
             opt_d.zero_grad(set_to_none=True)
-            d_loss = F.binary_cross_entropy_with_logits(disc(cover), torch.ones(b, 1)) + \
-                F.binary_cross_entropy_with_logits(disc(encoded.detach()), torch.zeros(b, 1))
+            d_loss = F.binary_cross_entropy_with_logits(disc(cover), ones) + \
+                F.binary_cross_entropy_with_logits(disc(encoded.detach()), zeros)
             d_loss.backward()
             opt_d.step()
         noised, _ = cfg.noise.apply(encoded, cover, gen)
@@ -519,21 +525,20 @@ def train_hidden(images: torch.Tensor, cfg: HiddenConfig, gen: torch.Generator,
         if cfg.image_loss_weight > 0:
             loss = loss + cfg.image_loss_weight * F.mse_loss(encoded, cover)
         if disc is not None:
-            loss = loss + cfg.adversarial_weight * F.binary_cross_entropy_with_logits(disc(encoded),
-                                                                                      torch.ones(b, 1))
+            loss = loss + cfg.adversarial_weight * F.binary_cross_entropy_with_logits(disc(encoded), ones)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{description}: loss became {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
-        accs.append(float(((out.detach() > cfg.threshold) == (m > 0.5)).float().mean()))
-    encoder.eval().requires_grad_(False)
-    decoder.eval().requires_grad_(False)
+        losses.append(loss.detach())  # kept on the device: no synchronisation per step
+        accs.append(((out.detach() > cfg.threshold) == (m > 0.5)).float().mean())
+    encoder.cpu().eval().requires_grad_(False)
+    decoder.cpu().eval().requires_grad_(False)
     tail = max(1, len(accs) // 10)
-    stats = {"train_bit_accuracy": float(np.mean(accs[-tail:])) if accs else float("nan"),
-             "final_loss": float(np.mean(losses[-tail:])) if losses else float("nan")}
+    stats = {"train_bit_accuracy": float(torch.stack(accs[-tail:]).mean()) if accs else float("nan"),
+             "final_loss": float(torch.stack(losses[-tail:]).mean()) if losses else float("nan")}
     return TrainedHidden(encoder, decoder, cfg, stats)
 
 
@@ -754,7 +759,7 @@ class HiDDeN(Defense):
                                  int(self.gen_inference_steps), float(self.gen_guidance_scale), who="hidden")
         t1 = time.perf_counter()
         cfg = self.config()
-        trained = train_hidden(images, cfg, gen_train, ctx.progress, "hidden: training")
+        trained = train_hidden(images, cfg, gen_train, ctx.progress, "hidden: training", device=ctx.device)
         t2 = time.perf_counter()
         probe = images[: min(64, images.shape[0])]
         probe_msg = message.float().expand(probe.shape[0], -1)

@@ -337,7 +337,8 @@ class StableSignature(Defense):
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, steps, int(self.warmup), "cosine", float(self.lr), 1e-6))
         perceptual = Perceptual(self.perceptual, latents.device)
-        keys = key.float()[None]
+        extractor.to(latents.device)
+        keys = key.float()[None].to(latents.device)
         vae.decoder.train()
         bsz = int(self.batch_size)
         accs, w_losses, i_losses = [], [], []
@@ -396,7 +397,8 @@ class StableSignature(Defense):
             cfg = self.extractor_config()
             ext_images = self._images(ctx, pipe, int(self.extractor_train_images),
                                       self._size(self.extractor_image_size, ctx), g_data)
-            trained = train_hidden(ext_images, cfg, g_ext, ctx.progress, "stable_signature: extractor")
+            trained = train_hidden(ext_images, cfg, g_ext, ctx.progress, "stable_signature: extractor",
+                                   device=vae.device)
             decoder = trained.decoder
             stats.update({f"extractor_{k}": v for k, v in trained.stats.items()})
         t1 = time.perf_counter()
@@ -432,8 +434,9 @@ class StableSignature(Defense):
         with torch.no_grad():
             probe = latents[:16]
             marked = quantize8((vae.decode(probe).sample + 1) / 2)
-            acc = float(((extractor(marked) > 0) == key[None]).float().mean())
+            acc = float(((extractor(marked) > 0).cpu() == key[None]).float().mean())
         stats["bit_accuracy_train_latents"] = acc
+        extractor.cpu()  # the secret and detection live on the CPU
 
         tensors = {"message": key, **state_tensors("extractor", extractor)}
         meta = {"method": "stable_signature", "arch": cfg.arch(), **{k: float(v) for k, v in stats.items()}}

@@ -21,7 +21,7 @@ def _gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Ten
     if kernel_size <= 1:
         return x.clone()
     half = (kernel_size - 1) / 2.0
-    t = torch.linspace(-half, half, kernel_size, dtype=torch.float64)
+    t = torch.linspace(-half, half, kernel_size, dtype=torch.float64, device=x.device)
     k1 = torch.exp(-0.5 * (t / sigma) ** 2)
     k1 = (k1 / k1.sum()).to(x.dtype)
     n, c, h, w = x.shape

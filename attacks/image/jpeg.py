@@ -43,7 +43,7 @@ class JPEG(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32).clamp(0.0, 1.0)
-        arrays = (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+        arrays = (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         out = np.empty_like(arrays)
         for i, arr in enumerate(arrays):
             buf = io.BytesIO()
@@ -52,5 +52,5 @@ class JPEG(ImageAttack):
             buf.seek(0)
             with Image.open(buf) as decoded:
                 out[i] = np.asarray(decoded.convert("RGB"))
-        result = torch.from_numpy(out).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        result = torch.from_numpy(out).permute(0, 3, 1, 2).to(device=x.device, dtype=torch.float32) / 255.0
         return result.clamp(0.0, 1.0).contiguous()

@@ -38,5 +38,7 @@ class GaussianNoise(ImageAttack):
         x = images.detach().to(torch.float32)
         if float(self.std) == 0.0:
             return x.clamp(0.0, 1.0).clone()
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device=x.device)
+        # drawn on the generator's device (the harness's is a CPU generator), then moved to the images'
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else x.device).to(x.device)
         return (x + float(self.std) * noise).clamp(0.0, 1.0).contiguous()

@@ -40,7 +40,9 @@ class SaltPepper(ImageAttack):
         if amount == 0.0:
             return x
         n, _, h, w = x.shape
-        u = torch.rand((n, 1, h, w), generator=generator, dtype=torch.float32, device=x.device)
+        # drawn on the generator's device (the harness's is a CPU generator), then moved to the images'
+        u = torch.rand((n, 1, h, w), generator=generator, dtype=torch.float32,
+                       device=generator.device if generator is not None else x.device).to(x.device)
         salt_cut = amount * float(self.salt_vs_pepper)
         salt = (u < salt_cut).expand_as(x)
         pepper = ((u >= salt_cut) & (u < amount)).expand_as(x)

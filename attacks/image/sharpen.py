@@ -15,7 +15,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with kernel side ``2 * ceil(3 sigma) + 1`` and reflect padding."""
     radius = max(1, int(math.ceil(3.0 * sigma)))
     size = 2 * radius + 1
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=x.device)
     k1 = torch.exp(-0.5 * (t / sigma) ** 2)
     k1 = (k1 / k1.sum()).to(x.dtype)
     c, h, w = x.shape[1:]

@@ -72,5 +72,5 @@ class Prune(ModelAttack):
         if self.method == "layer_magnitude":
             idx = torch.argsort(w.detach().abs().flatten().float(), stable=True)[:k]
         else:  # random
-            idx = torch.randperm(n, generator=generator)[:k]
+            idx = torch.randperm(n, generator=generator)[:k].to(w.device)
         w.view(-1)[idx] = 0

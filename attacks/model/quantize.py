@@ -72,4 +72,4 @@ def _dynamic_int8(linear: torch.nn.Linear) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = quantize_dynamic(holder, {torch.nn.Linear}, dtype=torch.qint8)
-    return q[0].weight().dequantize()
+    return q[0].weight().dequantize().to(linear.weight.device)  # quantize_dynamic runs on the CPU

@@ -24,7 +24,7 @@ class WeightNoise(ModelAttack):
         with torch.no_grad():
             for _, _, w in layer_weights(pipe, self.scope):
                 std = w.detach().float().std() if w.numel() > 1 else w.detach().float().abs()
-                noise = torch.randn(w.shape, generator=ctx.generator) * (self.sigma * std)
+                noise = torch.randn(w.shape, generator=ctx.generator).to(w.device) * (self.sigma * std)
                 w.add_(noise.to(w.dtype))
         ctx.record_cost(steps=0)
         return pipe

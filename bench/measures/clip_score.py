@@ -124,7 +124,7 @@ def _open_clip_scorer(name: str, pretrained: str | None, device: str, batch_size
         model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
 
     def preprocess(images: torch.Tensor) -> torch.Tensor:
-        arrays = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        arrays = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return torch.stack([transform(Image.fromarray(a)) for a in arrays])
 
     return _Scorer(model, preprocess, open_clip.get_tokenizer(name), device, batch_size)

@@ -99,8 +99,8 @@ def preprocess(images):
     if x.shape[-1] != shapes.IMAGE_SIZE or x.shape[-2] != shapes.IMAGE_SIZE:
         x = F.interpolate(x, size=(shapes.IMAGE_SIZE, shapes.IMAGE_SIZE), mode="bilinear", antialias=True,
                           align_corners=False)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     return ((x + 1) / 2 - mean) / std
 
 
