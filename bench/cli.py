@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--config", "-c", default=None, help="config file (default: ./bench.toml)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set run.num_images=8 (repeatable)")
+                        help="override a config value (repeatable): SECTION.KEY, e.g. run.num_images=8, or a "
+                             "plugin parameter PLUGINS.LABEL.PARAM, e.g. defenses.hidden.steps=100 (LABEL: the "
+                             "entry's label, else its name)")
         sp.add_argument("--output", "-o", default=None, help="output folder (overrides run.output)")
 
     r = sub.add_parser("run", help="run the grid of a config",
@@ -52,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                              bench run --config configs/finetune.toml --only 'dwtdct*jpeg*'
                              bench run --rerun-failed
                              bench run --dry-run --set run.seeds=[0,1]
+                             bench run --set defenses.hidden.steps=100 --set run.device=cuda
                            Re-running the same command resumes: finished cells and cached stages are kept."""))
     cfg_args(r)
     r.add_argument("--dry-run", action="store_true", help="print the plan (cells, stages, cache hits) and stop")

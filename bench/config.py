@@ -194,11 +194,37 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
 
 def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
     parts = key.split(".")
+    if len(parts) >= 3 and parts[0] in _PLUGIN_SECTIONS:
+        _set_plugin_param(raw, key, parts[0], ".".join(parts[1:-1]), parts[-1], value, path)
+        return
     if len(parts) != 2 or parts[0] not in _SECTIONS:
         raise ConfigError(
-            f"--set {key}: expected SECTION.KEY with SECTION one of {', '.join(_SECTIONS)} (e.g. run.num_images=8)"
+            f"--set {key}: expected SECTION.KEY with SECTION one of {', '.join(_SECTIONS)} (e.g. run.num_images=8) "
+            f"or PLUGINS.LABEL.PARAM with PLUGINS one of {', '.join(_PLUGIN_SECTIONS)} (e.g. "
+            f"defenses.hidden.steps=100)"
         )
     raw.setdefault(parts[0], {})[parts[1]] = value
+
+
+def _set_plugin_param(raw: dict, key: str, section: str, who: str, param: str, value: Any, path: Path) -> None:
+    """``--set defenses.LABEL.PARAM=VALUE``: set a parameter of the [[defenses]] entries labelled ``LABEL`` (or,
+    where none has that label, of those named ``LABEL``). Validation then happens as for the file itself."""
+    entries = raw.get(section)
+    if not isinstance(entries, list):
+        entries = []
+    labels = [e.get("label") if isinstance(e, dict) else None for e in entries]
+    names = [e if isinstance(e, str) else e.get("name") if isinstance(e, dict) else None for e in entries]
+    hits = [i for i, lab in enumerate(labels) if lab == who] or [i for i, n in enumerate(names) if n == who]
+    if not hits:
+        have = sorted({str(lab or n) for lab, n in zip(labels, names) if (lab or n)})
+        raise ConfigError(f"--set {key}: {path} has no {section} entry labelled or named {who!r}; "
+                          f"it has: {', '.join(have) if have else 'none'}")
+    if param in ("name", "label"):
+        raise ConfigError(f"--set {key}: a plugin's '{param}' cannot be overridden; set one of its parameters")
+    for i in hits:
+        if isinstance(entries[i], str):
+            entries[i] = {"name": entries[i]}
+        entries[i][param] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

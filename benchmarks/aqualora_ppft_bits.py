@@ -65,6 +65,28 @@ class LinearCode(torch.nn.Module):
         return torch.linalg.solve(flat @ flat.T, flat @ shift.T).T.cpu()
 
 
+def ppft_rate(aq: AquaLoRA, pipe, code, emb, mean, std, index, args, steps: int = 30) -> float:
+    """PPFT steps per second, timed on a throw-away LoRA after a short warm-up (the model is left as it was)."""
+    saved = aq.stage2_steps
+    try:
+        for n in (5, steps):
+            g = torch.Generator().manual_seed(11)
+            lora = seeded(g, lambda: MessageLoRAModel(pipe.unet, args.rank))
+            mapper = seeded(g, lambda: Mapper(args.bits, args.rank, args.mapper_std)).to(args.device)
+            aq.stage2_steps = n
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            aq.train_stage2(pipe, lora, mapper, code, emb, mean, std, args.bits, StageContext(g), g, index)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t
+            lora.remove()
+    finally:
+        aq.stage2_steps = saved
+    return steps / elapsed
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -84,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="e.g. cuda: the paper's PPFT length (--steps 25000 --batch 12)")
     ap.add_argument("--pool-cache", default="", help="a .pt file to keep the encoded training pool in")
+    ap.add_argument("--seconds", type=float, default=0.0, help="a time budget for PPFT: at most --steps, fewer "
+                    "if a timed calibration says they would not fit (the cosine schedule then still completes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.messages < 2:
@@ -118,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     index = torch.tensor([unique.index(cap) for cap in captions])
     with torch.no_grad():
         emb = SleeperMark._encode_prompts(pipe, unique, args.device)
+    if args.seconds > 0:
+        aq.stage2_steps = min(args.steps, max(1, int(ppft_rate(aq, pipe, code, emb, mean, std, index, args)
+                                                     * args.seconds)))
     g2 = torch.Generator().manual_seed(7)
     lora = seeded(g2, lambda: MessageLoRAModel(pipe.unet, args.rank))
     mapper = seeded(g2, lambda: Mapper(args.bits, args.rank, args.mapper_std)).to(args.device)
@@ -155,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "carried": float(((shifts_t[k] * target).sum(1) / target.pow(2).sum()).mean()),
                      "shift/delta": float(shifts_t[k].norm(dim=1).mean() / target.norm())})
         print(f"message {k}: " + ", ".join(f"{a} {b:.3f}" for a, b in rows[-1].items()), flush=True)
-    out = {"bits": args.bits, "rank": args.rank, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+    out = {"bits": args.bits, "rank": args.rank, "steps": int(aq.stage2_steps), "batch": args.batch, "lr": args.lr,
            "mapper_std": args.mapper_std, "ratio": args.ratio, "ppft_loss": stats["stage2_loss"],
            "ppft_seconds": round(train_s, 1)}
     out.update({key: sum(r[key] for r in rows) / len(rows) for key in rows[0]})

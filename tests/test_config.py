@@ -55,6 +55,24 @@ def test_cli_overrides_beat_the_file(micro_config):
     assert parse_override("run.output=some/dir") == ("run.output", "some/dir")
 
 
+def test_cli_overrides_reach_plugin_parameters_by_label_then_name(tmp_path):
+    text = MICRO_TOML + '\n[[defenses]]\nname = "dwtdct"\nlabel = "dwt.a"\n' \
+        '\n[[image_attacks]]\nname = "crop"\nscale = 0.5\n'
+    cfg = _cfg(tmp_path, text, overrides={"defenses.dwt.a.bits": 16, "image_attacks.jpeg.quality": [70],
+                                          "image_attacks.crop.scale": [0.6, 0.9]})
+    by_label = {d.label: d for d in cfg.defenses}
+    assert by_label["dwt.a"].param_dict["bits"] == 16  # a label with a dot in it
+    assert by_label["dwtdctsvd"].param_dict["bits"] != 16  # other entries untouched
+    assert [a.param_dict["quality"] for a in cfg.image_attacks if a.name == "jpeg"] == [70]
+    assert [a.param_dict["scale"] for a in cfg.image_attacks if a.name == "crop"] == [0.6, 0.9]  # a sweep
+    with pytest.raises(ConfigError, match="no defenses entry labelled or named 'hiden'; it has: dwt.a, dwtdctsvd"):
+        _cfg(tmp_path, text, overrides={"defenses.hiden.bits": 8})
+    with pytest.raises(ConfigError, match="bits"):  # the value is validated as if it were in the file
+        _cfg(tmp_path, text, overrides={"defenses.dwtdctsvd.bits": "many"})
+    with pytest.raises(ConfigError, match="cannot be overridden"):
+        _cfg(tmp_path, text, overrides={"defenses.dwtdctsvd.name": "none"})
+
+
 @pytest.mark.parametrize("text, expected", [
     ("[run]\nnum_images = \n", ["invalid TOML", "line 2, column"]),
     (MICRO_TOML + "\n[runn]\nx=1\n", ["unknown section 'runn'", "did you mean 'run'"]),

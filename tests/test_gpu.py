@@ -21,6 +21,7 @@ import torch
 
 from bench import defenses, model_attacks
 from bench.config import ModelConfig
+from bench.errors import MissingDependencyError
 from bench.generation import generate_images
 from bench.models import load_pipeline
 from bench.plugins import DetectionKind, GenerationRequest, MarkLocation, StageContext
@@ -59,7 +60,10 @@ def test_defence_embeds_generates_and_detects_on_the_gpu(name, pipes, request_):
     cls = defenses.get(name)
     pipe = pipes[DEVICE]
     d = cls(**cls.smoke_params)
-    emb = d.embed(copy_pipeline(pipe), _ctx(0, DEVICE, pipe))
+    try:
+        emb = d.embed(copy_pipeline(pipe), _ctx(0, DEVICE, pipe))
+    except MissingDependencyError as exc:  # an optional package the GPU machine lacks (benchmarks/gpu/prepare.sh)
+        pytest.skip(str(exc))
     model = emb.pipeline or pipe
     if cls.location is MarkLocation.POST_HOC:
         images = d.mark(generate_images(pipe, request_, device=DEVICE), emb.secret, _ctx(1, DEVICE))
@@ -100,14 +104,38 @@ def test_hidden_trains_on_the_gpu():
     assert acc > 0.85, acc
 
 
+GRID = """
+[[defenses]]
+name = "stable_signature"
+bits = 8
+extractor_image_size = 0
+extractor_train_images = 8
+extractor_steps = 2
+extractor_batch_size = 2
+extractor_optimizer = "adam"
+extractor_warmup = 0
+whiten_images = 8
+image_size = 0
+steps = 2
+batch_size = 2
+warmup = 0
+
+[[model_attacks]]
+name = "lora"
+steps = 2
+num_images = 4
+batch_size = 2
+rank = 2
+"""
+
+
 def test_bench_run_on_the_gpu(tmp_path):
-    text = MICRO_TOML + '\n[[defenses]]\nname = "stable_signature"\nbits = 8\nextractor_image_size = 0\n' \
-        'extractor_train_images = 8\nextractor_steps = 2\nextractor_batch_size = 2\nextractor_optimizer = "adam"\n' \
-        'extractor_warmup = 0\nwhiten_images = 8\nimage_size = 0\nsteps = 2\nbatch_size = 2\nwarmup = 0\n' \
-        '\n[[model_attacks]]\nname = "lora"\nsteps = 2\nnum_images = 4\nbatch_size = 2\nrank = 2\n'
+    """The micro grid (without the dwtdct defence, whose package the GPU machine may lack) plus Stable Signature and
+    a LoRA attack, through the command line with ``run.device = "cuda"``: every cell must finish."""
+    text = MICRO_TOML.replace('[[defenses]]\nname = "dwtdctsvd"\n', "") + GRID
     cfg = write_config(tmp_path, text)
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--config", str(cfg), "--set", "run.device=cuda"],
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--config", str(cfg), "--no-progress",
+                           "--set", "run.device=cuda"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = ResultStore(tmp_path / "out" / "results.sqlite")
     cells = store.cells_frame()

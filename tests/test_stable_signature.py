@@ -181,3 +181,35 @@ def test_image_terms_share_the_training_module():
     assert float(Perceptual("none")(a, b)) == 0.0
     assert torch.equal(Perceptual("watson_dct")(a, b), watson_dct(a, b))
     assert float(Perceptual("watson_dct")(a, a)) < float(Perceptual("watson_dct")(a, b))
+
+
+def _extractor_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stable_signature_extractor.py"
+    spec = importlib.util.spec_from_file_location("stable_signature_extractor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_extractor_script_writes_an_extractor_the_defence_loads(tmp_path):
+    """benchmarks/stable_signature_extractor.py (the GPU-scale extractor training): a few steps on the micro model's
+    covers; the file it writes is what ``extractor_path`` reads, with the requested shape; a time budget turns into a
+    step count."""
+    script = _extractor_script()
+    out = tmp_path / "ext.safetensors"
+    common = ["--model", "micro-sd", "--bits", "8", "--covers", "8", "--held-out", "4", "--image-size", "16",
+              "--batch", "4", "--optimizer", "adam", "--encoder", "1x4", "--decoder", "2x4",
+              "--cover-cache", str(tmp_path / "covers.pt")]
+    res = script.main(common + ["--steps", "3", "--out", str(out), "--json", str(tmp_path / "r.json")])
+    assert res["steps"] == 3 and res["samples"] == 12 and 0.0 <= res["heldout_bit_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "r.json").read_text()) == res
+    decoder, cfg = S.load_extractor(out)
+    assert decoder.bits == 8 and cfg.decoder_blocks == 2 and cfg.decoder_channels == 4
+    assert (tmp_path / "covers.pt").exists()  # the second run reads the covers back
+    timed = script.main(common + ["--steps", "0", "--seconds", "0.5"])
+    assert timed["steps"] >= 1 and timed["calibrated_rate"] > 0
+    with pytest.raises(SystemExit):
+        script.main(common + ["--encoder", "four"])
