@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cover-cache", default="", help="a .pt file to keep the generated covers in")
     ap.add_argument("--out", default="", help="write the trained extractor here (safetensors)")
     ap.add_argument("--json", default="", help="also write the printed figures here")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="bf16 autocast for the training (auto: bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = load_pipeline(ModelConfig(builtin=args.model), device=args.device)
     images = covers(pipe, args.covers + args.held_out, args.image_size, args.seed, args.device,
                     Path(args.cover_cache) if args.cover_cache else None)
-    train, held = images[:args.covers], images[args.covers:]
+    train_images, held = images[:args.covers], images[args.covers:]
     del pipe
     data_s = time.perf_counter() - t0
 
@@ -119,18 +121,27 @@ def main(argv: list[str] | None = None) -> dict:
                               extractor_warmup=int(round(args.warmup * steps))).extractor_config()
         return cfg
 
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device.startswith("cuda"))
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    def train(cfg, seed: int):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
+            return train_hidden(train_images, cfg, torch.Generator().manual_seed(seed), device=args.device)
+
     steps, rate = args.steps, None
     if steps <= 0:  # calibrate: a few warm-up steps, then a timed run of the same networks
-        train_hidden(train, config(10), torch.Generator().manual_seed(1), device=args.device)
+        train(config(10), 1)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        train_hidden(train, config(50), torch.Generator().manual_seed(2), device=args.device)
+        train(config(50), 2)
         rate = 50 / (time.perf_counter() - t)
         steps = max(1, int(rate * args.seconds))
     cfg = config(steps)
     t1 = time.perf_counter()
-    trained = train_hidden(train, cfg, torch.Generator().manual_seed(args.seed), device=args.device)
+    trained = train(cfg, args.seed)
     train_s = time.perf_counter() - t1
 
     msgs = torch.randint(0, 2, (held.shape[0], args.bits), generator=torch.Generator().manual_seed(99)).float()
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"bits": args.bits, "covers": args.covers, "image_size": args.image_size, "steps": steps,
            "batch": args.batch, "samples": steps * args.batch, "optimizer": args.optimizer, "lr": args.lr,
            "encoder": "x".join(map(str, args.encoder)), "decoder": "x".join(map(str, args.decoder)),
-           "augmentations": not args.identity_only, "device": args.device,
+           "augmentations": not args.identity_only, "device": args.device, "bf16": bf16,
            "steps_per_second": round(steps / train_s, 2), "calibrated_rate": round(rate, 2) if rate else None,
            "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
            "train_bit_accuracy": round(trained.stats["train_bit_accuracy"], 4),
