@@ -102,3 +102,21 @@ def test_old_schema_database_is_refused(tmp_path):
     con.close()
     with pytest.raises(UserError, match="schema version 1"):
         ResultStore(db)
+
+
+def test_gpu_session_scripts_are_valid_bash():
+    """benchmarks/gpu/*.sh run on a machine this suite never sees (a GPU): at least they must parse, and the session
+    must run the GPU tests and both trainings it promises."""
+    import shutil
+    from pathlib import Path
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
+    for script in ("prepare.sh", "session.sh"):
+        proc = subprocess.run([bash, "-n", str(folder / script)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    text = (folder / "session.sh").read_text()
+    for needed in ("tests/test_gpu.py", "benchmarks/stable_signature_extractor.py", "benchmarks/aqualora_ppft_bits.py"):
+        assert needed in text
