@@ -189,7 +189,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         raise ConfigError(f"{p}: not a UTF-8 text file") from None
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value, p)
-    return parse_config(raw, str(p), check_output=check_output)
+    try:
+        return parse_config(raw, str(p), check_output=check_output)
+    except ConfigError as exc:
+        if not overrides:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise ConfigError(f"{exc} (with --set {given})") from None
 
 
 def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
@@ -207,14 +213,16 @@ def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
 
 
 def _set_plugin_param(raw: dict, key: str, section: str, who: str, param: str, value: Any, path: Path) -> None:
-    """``--set defenses.LABEL.PARAM=VALUE``: set a parameter of the [[defenses]] entries labelled ``LABEL`` (or,
-    where none has that label, of those named ``LABEL``). Validation then happens as for the file itself."""
+    """``--set defenses.LABEL.PARAM=VALUE``: set a parameter of the [[defenses]] entries labelled ``LABEL``; where
+    none has that label, of the unlabelled entries named ``LABEL`` (else of every entry so named). Validation then
+    happens as for the file itself."""
     entries = raw.get(section)
     if not isinstance(entries, list):
         entries = []
     labels = [e.get("label") if isinstance(e, dict) else None for e in entries]
     names = [e if isinstance(e, str) else e.get("name") if isinstance(e, dict) else None for e in entries]
-    hits = [i for i, lab in enumerate(labels) if lab == who] or [i for i, n in enumerate(names) if n == who]
+    named = [i for i, n in enumerate(names) if n == who]
+    hits = [i for i, lab in enumerate(labels) if lab == who] or [i for i in named if not labels[i]] or named
     if not hits:
         have = sorted({str(lab or n) for lab, n in zip(labels, names) if (lab or n)})
         raise ConfigError(f"--set {key}: {path} has no {section} entry labelled or named {who!r}; "

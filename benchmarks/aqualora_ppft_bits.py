@@ -68,12 +68,12 @@ class LinearCode(torch.nn.Module):
 def ppft_rate(aq: AquaLoRA, pipe, code, emb, mean, std, index, args, steps: int = 30) -> float:
     """PPFT steps per second, timed on a throw-away LoRA after a short warm-up (the model is left as it was)."""
     saved = aq.stage2_steps
-    try:
-        for n in (5, steps):
-            g = torch.Generator().manual_seed(11)
-            lora = seeded(g, lambda: MessageLoRAModel(pipe.unet, args.rank))
-            mapper = seeded(g, lambda: Mapper(args.bits, args.rank, args.mapper_std)).to(args.device)
-            aq.stage2_steps = n
+    for n in (5, steps):
+        g = torch.Generator().manual_seed(11)
+        lora = seeded(g, lambda: MessageLoRAModel(pipe.unet, args.rank))
+        mapper = seeded(g, lambda: Mapper(args.bits, args.rank, args.mapper_std)).to(args.device)
+        aq.stage2_steps = n
+        try:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -81,9 +81,9 @@ def ppft_rate(aq: AquaLoRA, pipe, code, emb, mean, std, index, args, steps: int 
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t
+        finally:
             lora.remove()
-    finally:
-        aq.stage2_steps = saved
+            aq.stage2_steps = saved
     return steps / elapsed
 
 

@@ -52,12 +52,14 @@ def _shape(text: str) -> tuple[int, int]:
     return blocks, channels
 
 
-def covers(pipe, n: int, size: int, seed: int, device: str, cache: Path | None) -> torch.Tensor:
-    """``n`` images the model generates for the tiny world's training captions, resized to ``size`` (8-bit)."""
+def covers(pipe, model: str, n: int, size: int, seed: int, device: str, cache: Path | None) -> torch.Tensor:
+    """``n`` images ``model`` generates for the tiny world's training captions, resized to ``size`` (8-bit); a cache
+    file is reused only for the same model, seed and size."""
+    key = {"model": model, "seed": seed, "size": size}
     if cache is not None and cache.exists():
-        images = torch.load(cache, weights_only=True)
-        if images.shape[0] >= n and images.shape[-1] == size:
-            return images[:n]
+        stored = torch.load(cache, weights_only=True)
+        if isinstance(stored, dict) and stored.get("key") == key and stored["images"].shape[0] >= n:
+            return stored["images"][:n]
     side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
     prompts = list(BUILTIN_PROMPTS["tiny-train"])
     ctx = StageContext(torch.Generator().manual_seed(seed), device,
@@ -65,7 +67,7 @@ def covers(pipe, n: int, size: int, seed: int, device: str, cache: Path | None) 
     ss = StableSignature(train_source="generated", gen_inference_steps=20)
     images = ss._images(ctx, pipe, n, size, torch.Generator().manual_seed(seed))
     if cache is not None:
-        torch.save(images, cache)
+        torch.save({"key": key, "images": images}, cache)
     return images
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(ModelConfig(builtin=args.model), device=args.device)
-    images = covers(pipe, args.covers + args.held_out, args.image_size, args.seed, args.device,
+    images = covers(pipe, args.model, args.covers + args.held_out, args.image_size, args.seed, args.device,
                     Path(args.cover_cache) if args.cover_cache else None)
     train_images, held = images[:args.covers], images[args.covers:]
     del pipe

@@ -532,13 +532,13 @@ def train_hidden(images: torch.Tensor, cfg: HiddenConfig, gen: torch.Generator,
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(loss.detach())  # kept on the device: no synchronisation per step
+        losses.append(loss.detach())  # kept on the device: no copy to the host per step
         accs.append(((out.detach() > cfg.threshold) == (m > 0.5)).float().mean())
     encoder.cpu().eval().requires_grad_(False)
     decoder.cpu().eval().requires_grad_(False)
     tail = max(1, len(accs) // 10)
-    stats = {"train_bit_accuracy": float(torch.stack(accs[-tail:]).mean()) if accs else float("nan"),
-             "final_loss": float(torch.stack(losses[-tail:]).mean()) if losses else float("nan")}
+    stats = {"train_bit_accuracy": float(torch.stack(accs[-tail:]).double().mean()) if accs else float("nan"),
+             "final_loss": float(torch.stack(losses[-tail:]).double().mean()) if losses else float("nan")}
     return TrainedHidden(encoder, decoder, cfg, stats)
 
 

@@ -67,8 +67,16 @@ def test_cli_overrides_reach_plugin_parameters_by_label_then_name(tmp_path):
     assert [a.param_dict["scale"] for a in cfg.image_attacks if a.name == "crop"] == [0.6, 0.9]  # a sweep
     with pytest.raises(ConfigError, match="no defenses entry labelled or named 'hiden'; it has: dwt.a, dwtdctsvd"):
         _cfg(tmp_path, text, overrides={"defenses.hiden.bits": 8})
-    with pytest.raises(ConfigError, match="bits"):  # the value is validated as if it were in the file
-        _cfg(tmp_path, text, overrides={"defenses.dwtdctsvd.bits": "many"})
+    with pytest.raises(ConfigError, match=r"bits.*\(with --set defenses.dwtdctsvd.bits='many'\)"):
+        _cfg(tmp_path, text, overrides={"defenses.dwtdctsvd.bits": "many"})  # validated as in the file
+    # a name reaches the unlabelled entries of that name only, when some are labelled
+    both = text + '\n[[defenses]]\nname = "dwtdct"\n'
+    cfg = _cfg(tmp_path, both, overrides={"defenses.dwtdct.bits": 24})
+    bits = {d.label.split("(")[0]: d.param_dict["bits"] for d in cfg.defenses}
+    assert bits["dwtdct"] == 24 and bits["dwt.a"] != 24
+    # and every entry of that name when none is unlabelled
+    assert [d.param_dict["bits"] for d in _cfg(tmp_path, text, overrides={"defenses.dwtdct.bits": 24}).defenses
+            if d.name == "dwtdct"] == [24]
     with pytest.raises(ConfigError, match="cannot be overridden"):
         _cfg(tmp_path, text, overrides={"defenses.dwtdctsvd.name": "none"})
 

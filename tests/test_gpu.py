@@ -55,6 +55,18 @@ def _ctx(seed, device, pipe=None):
     return StageContext(torch.Generator().manual_seed(seed), device, data=data)
 
 
+def _mostly_close(a: torch.Tensor, b: torch.Tensor, share: float = 0.95) -> bool:
+    """Same on both devices up to float noise: at least ``share`` of the elements within 1e-2 + 5e-2 |a| (TF32
+    convolutions, and an Adam step whose tiny gradient changes sign, move a few elements by a learning rate)."""
+    if a.dtype in (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        return torch.equal(a.cpu(), b.cpu())
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    if a.shape != b.shape:
+        return False
+    close = (a - b).abs() <= 1e-2 + 5e-2 * a.abs()
+    return bool(close.float().mean() >= share) if close.numel() else True
+
+
 @pytest.mark.parametrize("name", _public(defenses.names()))
 def test_defence_embeds_generates_and_detects_on_the_gpu(name, pipes, request_):
     cls = defenses.get(name)
@@ -62,20 +74,22 @@ def test_defence_embeds_generates_and_detects_on_the_gpu(name, pipes, request_):
     d = cls(**cls.smoke_params)
     try:
         emb = d.embed(copy_pipeline(pipe), _ctx(0, DEVICE, pipe))
+        model = emb.pipeline or pipe
+        if cls.location is MarkLocation.POST_HOC:
+            images = d.mark(generate_images(pipe, request_, device=DEVICE), emb.secret, _ctx(1, DEVICE))
+        else:
+            images = d.generate(model, emb.secret, request_, _ctx(1, DEVICE))
+        images = check_images(images.cpu(), name, (2, 3, 64, 64))
+        n_bits = d.message(emb.secret).numel() if cls.detection is DetectionKind.BITS else None
+        check_detection(d.detect(emb.secret, images, _ctx(2, DEVICE)), name, 2, cls.detection, n_bits)
     except MissingDependencyError as exc:  # an optional package the GPU machine lacks (benchmarks/gpu/prepare.sh)
         pytest.skip(str(exc))
-    model = emb.pipeline or pipe
-    if cls.location is MarkLocation.POST_HOC:
-        images = d.mark(generate_images(pipe, request_, device=DEVICE), emb.secret, _ctx(1, DEVICE))
-    else:
-        images = d.generate(model, emb.secret, request_, _ctx(1, DEVICE))
-    images = check_images(images.cpu(), name, (2, 3, 64, 64))
-    n_bits = d.message(emb.secret).numel() if cls.detection is DetectionKind.BITS else None
-    check_detection(d.detect(emb.secret, images, _ctx(2, DEVICE)), name, 2, cls.detection, n_bits)
     assert all(t.device.type == "cpu" for t in emb.secret.tensors.values())  # secrets are stored from the CPU
-    if cls.detection is DetectionKind.BITS:  # the same stage seed draws the same message on any device
-        on_cpu = d.embed(copy_pipeline(pipes["cpu"]), _ctx(0, "cpu", pipes["cpu"]))
-        assert torch.equal(d.message(emb.secret), d.message(on_cpu.secret))
+    # the same stage seed gives the same secret on any device: every draw comes from the stage's CPU generator
+    on_cpu = d.embed(copy_pipeline(pipes["cpu"]), _ctx(0, "cpu", pipes["cpu"]))
+    assert set(on_cpu.secret.tensors) == set(emb.secret.tensors)
+    differ = [k for k, v in emb.secret.tensors.items() if not _mostly_close(on_cpu.secret.tensors[k], v)]
+    assert not differ, differ
 
 
 @pytest.mark.parametrize("name", _public(model_attacks.names()))
@@ -85,6 +99,12 @@ def test_model_attack_returns_a_working_pipeline_on_the_gpu(name, pipes, request
     attacked = cls(**cls.smoke_params).apply(copy_pipeline(pipe), _ctx(0, DEVICE, pipe))
     images = generate_images(attacked, request_, device=DEVICE)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    # the same weights as the attack on the CPU, up to float noise (same draws from the same CPU generator)
+    on_cpu = cls(**cls.smoke_params).apply(copy_pipeline(pipes["cpu"]), _ctx(0, "cpu", pipes["cpu"]))
+    for part in ("unet", "vae", "text_encoder"):
+        gpu_state, cpu_state = getattr(attacked, part).state_dict(), getattr(on_cpu, part).state_dict()
+        differ = [k for k, v in gpu_state.items() if not _mostly_close(cpu_state[k], v)]
+        assert not differ, (part, differ[:5])
 
 
 def test_hidden_trains_on_the_gpu():

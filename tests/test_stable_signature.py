@@ -210,6 +210,6 @@ def test_extractor_script_writes_an_extractor_the_defence_loads(tmp_path):
     assert decoder.bits == 8 and cfg.decoder_blocks == 2 and cfg.decoder_channels == 4
     assert (tmp_path / "covers.pt").exists()  # the second run reads the covers back
     timed = script.main(common + ["--steps", "0", "--seconds", "0.5"])
-    assert timed["steps"] >= 1 and timed["calibrated_rate"] > 0
+    assert abs(timed["steps"] - timed["calibrated_rate"] * 0.5) <= 1  # the budget over the timed rate
     with pytest.raises(SystemExit):
         script.main(common + ["--encoder", "four"])
