@@ -68,3 +68,14 @@ def write_config(tmp_path: Path, text: str = MICRO_TOML, name: str = "bench.toml
 @pytest.fixture
 def micro_config(tmp_path) -> Path:
     return write_config(tmp_path)
+
+
+def load_benchmark(name: str):
+    """A script under benchmarks/ (not a package) imported as a module, e.g. ``load_benchmark("aqualora_ppft_bits")``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -25,6 +25,7 @@ from bench.stages import Resources, check_detection, check_images, copy_pipeline
 from defenses.aqualora import (DISTORTIONS, PRETRAIN, ROBUST, AquaLoRA, AquaSecretEncoder, DiagState, ImageDecoder,
                                Mapper, MessageLoRA, MessageLoRAModel, corner_shift, cosine_lr_end, distort,
                                message_loss, pick_distortion, prvl_loss, step_lr, target_modules, to_epsilon)
+from tests.conftest import load_benchmark
 from tests.test_sleepermark import _sd_pipeline, _sd_unet
 
 FAST = dict(train_images=4, train_inference_steps=2, gen_batch_size=4, secret_res=0, decoder="conv",
@@ -568,17 +569,9 @@ def test_float16_pipeline_is_refused(micro):
         AquaLoRA(**FAST).embed(pipe, _ctx())
 
 
-def _ppft_probe():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "aqualora_ppft_bits.py"
-    spec = importlib.util.spec_from_file_location("aqualora_ppft_bits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_ppft_probe_linear_code_is_read_back_by_least_squares():
     """The probe's code: delta(m) is sum_i (2 m_i - 1) P_i scaled, so least squares on the P_i recovers every bit."""
-    probe = _ppft_probe()
+    probe = load_benchmark("aqualora_ppft_bits")
     g = torch.Generator().manual_seed(0)
     patterns = torch.randn(6, 4, 8, 8, generator=g)
     code = probe.LinearCode(patterns, 2.0, 0.5)
@@ -591,6 +584,6 @@ def test_ppft_probe_linear_code_is_read_back_by_least_squares():
 def test_ppft_probe_without_training_moves_nothing():
     """Zero PPFT steps leave the LoRA's up-projection at zero: the LoRA model samples exactly the base's latents, so
     nothing is carried and the shift is exactly zero (the probe's plumbing, end to end on the micro pipeline)."""
-    out = _ppft_probe().main(["--model", "micro-sd", "--bits", "4", "--rank", "4", "--steps", "0",
+    out = load_benchmark("aqualora_ppft_bits").main(["--model", "micro-sd", "--bits", "4", "--rank", "4", "--steps", "0",
                               "--train-images", "4", "--eval-captions", "2", "--messages", "2"])
     assert out["carried"] == 0.0 and out["shift/delta"] == 0.0

@@ -18,6 +18,8 @@ from bench.stages import Resources, copy_pipeline, quantize
 from defenses import hidden as H
 from defenses import stable_signature as S
 
+from .conftest import load_benchmark
+
 PROMPTS = list(BUILTIN_PROMPTS["micro"])
 
 # Tiny settings: a briefly trained extractor, a short fine-tune on the pipeline's own images (see the config).
@@ -183,22 +185,11 @@ def test_image_terms_share_the_training_module():
     assert float(Perceptual("watson_dct")(a, a)) < float(Perceptual("watson_dct")(a, b))
 
 
-def _extractor_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stable_signature_extractor.py"
-    spec = importlib.util.spec_from_file_location("stable_signature_extractor", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_extractor_script_writes_an_extractor_the_defence_loads(tmp_path):
     """benchmarks/stable_signature_extractor.py (the GPU-scale extractor training): a few steps on the micro model's
     covers; the file it writes is what ``extractor_path`` reads, with the requested shape; a time budget turns into a
     step count."""
-    script = _extractor_script()
+    script = load_benchmark("stable_signature_extractor")
     out = tmp_path / "ext.safetensors"
     common = ["--model", "micro-sd", "--bits", "8", "--covers", "8", "--held-out", "4", "--image-size", "16",
               "--batch", "4", "--optimizer", "adam", "--encoder", "1x4", "--decoder", "2x4",
