@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from bench.config import ModelConfig  # noqa: E402
 from bench.models import load_pipeline  # noqa: E402
 from bench.plugins import StageContext  # noqa: E402
+from bench.progress import Progress  # noqa: E402
 from bench.prompts import BUILTIN_PROMPTS  # noqa: E402
 from bench.stages import Resources  # noqa: E402
 from defenses.hidden import bit_accuracy, quantize8, train_hidden  # noqa: E402
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="bf16 autocast for the training (auto: bf16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -128,9 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    def train(cfg, seed: int):
+    bars = Progress(enabled=not args.quiet)
+
+    def train(cfg, seed: int, description: str = ""):
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
-            return train_hidden(train_images, cfg, torch.Generator().manual_seed(seed), device=args.device)
+            return train_hidden(train_images, cfg, torch.Generator().manual_seed(seed),
+                                bars.track if description else None, description, device=args.device)
 
     steps, rate = args.steps, None
     if steps <= 0:  # calibrate: a few warm-up steps, then a timed run of the same networks
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         steps = max(1, int(rate * args.seconds))
     cfg = config(steps)
     t1 = time.perf_counter()
-    trained = train(cfg, args.seed)
+    with bars.live():
+        trained = train(cfg, args.seed, f"extractor, {steps} steps")
     train_s = time.perf_counter() - t1
 
     msgs = torch.randint(0, 2, (held.shape[0], args.bits), generator=torch.Generator().manual_seed(99)).float()
