@@ -584,6 +584,7 @@ def test_ppft_probe_linear_code_is_read_back_by_least_squares():
 def test_ppft_probe_without_training_moves_nothing():
     """Zero PPFT steps leave the LoRA's up-projection at zero: the LoRA model samples exactly the base's latents, so
     nothing is carried and the shift is exactly zero (the probe's plumbing, end to end on the micro pipeline)."""
-    out = load_benchmark("aqualora_ppft_bits").main(["--model", "micro-sd", "--bits", "4", "--rank", "4", "--steps", "0",
-                              "--train-images", "4", "--eval-captions", "2", "--messages", "2"])
+    probe = load_benchmark("aqualora_ppft_bits")
+    out = probe.main(["--model", "micro-sd", "--bits", "4", "--rank", "4", "--steps", "0",
+                      "--train-images", "4", "--eval-captions", "2", "--messages", "2"])
     assert out["carried"] == 0.0 and out["shift/delta"] == 0.0
