@@ -15,11 +15,11 @@ def pytest_configure(config: pytest.Config) -> None:
     ``-m`` (any expression, e.g. ``-m slow``, ``-m ""``) or a test named by its node id (``file.py::test``) turns this
     off, so a slow test named on the command line still runs.
     """
-    given = [str(arg) for arg in config.invocation_params.args]
-    marked = any(arg == "-m" or arg.startswith("-m") for arg in given)
+    marked = any(str(arg).startswith("-m") for arg in config.invocation_params.args)
     named = any("::" in arg for arg in config.args)
     if not marked and not named:
         config.option.markexpr = "not slow"
+
 
 MICRO_TOML = """
 metrics = ["bit_accuracy", "tpr", "pvalue", "auc", "psnr", "ssim"]
