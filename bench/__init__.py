@@ -24,7 +24,9 @@ from .plugins import (
     StageContext,
     Verification,
 )
+from .prompts import read_prompts
 from .registries import defenses, image_attacks, metrics, model_attacks
+from .world import World, worlds
 
 __version__ = "0.1.0"
 
@@ -32,5 +34,5 @@ __all__ = [
     "ConfigError", "PluginError", "PluginValidationError", "UserError", "Param", "Defense", "Detection",
     "DetectionKind", "Embedding", "GenerationRequest", "ImageAttack", "MarkLocation", "MeasureContext",
     "Measurement", "Metric", "ModelAttack", "NegativePolicy", "Secret", "StageContext", "Verification",
-    "defenses", "image_attacks", "metrics", "model_attacks", "__version__",
+    "defenses", "image_attacks", "metrics", "model_attacks", "read_prompts", "World", "worlds", "__version__",
 ]

@@ -5,9 +5,9 @@ Every stage output lives in ``<cache>/<key[:2]>/<key>/``: ``tensors.safetensors`
 costs). A folder is written under a temporary name and renamed into place, so a crash never leaves a half-written
 artifact behind, and two workers writing the same key cannot corrupt it.
 
-Read-only *fallback* stores sit behind the writable one: the package ships the embed stages of its pre-embedded
-tiny-world defences there (``bench/zoo/artifacts/prebuilt``, written by ``bench zoo embed``), so ``bench run`` reads
-a shipped watermarked model instead of training it. A key is looked up in the writable store first, then in each
+Read-only *fallback* stores sit behind the writable one: a world ships the embed stages of its pre-embedded
+defences there (:meth:`bench.world.World.prebuilt_stores`; the tiny world's ``worlds/tiny/artifacts/prebuilt``,
+written by ``bench zoo embed``), so ``bench run`` reads a shipped watermarked model instead of training it. A key is looked up in the writable store first, then in each
 fallback; nothing is ever written to a fallback. Because keys hash every input (base-model checksums, plugin,
 parameters, version, seed), a shipped artifact is only ever used for exactly the stage that made it.
 """
@@ -132,12 +132,12 @@ class ArtifactStore:
 
 
 def shipped_stores() -> tuple[Path, ...]:
-    """The read-only stores shipped with the package (pre-embedded tiny-world defences).
+    """The read-only stores the worlds ship (pre-embedded defences; :func:`bench.world.prebuilt_stores`).
 
     ``MARKBENCH_NO_PREBUILT=1`` turns them off (every stage is then computed here, e.g. to re-embed from scratch).
     """
     if os.environ.get("MARKBENCH_NO_PREBUILT", "") not in ("", "0"):
         return ()
-    from .zoo import PREBUILT
+    from .world import prebuilt_stores
 
-    return (PREBUILT,) if PREBUILT.is_dir() else ()
+    return prebuilt_stores()

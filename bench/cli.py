@@ -64,11 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--executor", choices=("local",), default="local", help="where stages run")
 
-    ls = sub.add_parser("ls", help="list plugins with their parameters",
-                        epilog="examples:\n  bench ls\n  bench ls attacks\n  bench ls defenses -v",
+    ls = sub.add_parser("ls", help="list plugins with their parameters, and the worlds",
+                        epilog="examples:\n  bench ls\n  bench ls attacks\n  bench ls defenses -v\n"
+                               "  bench ls worlds             models, prompt sets and datasets ('<world>:<name>')",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ls.add_argument("kind", nargs="?", default="all",
-                    choices=("all", "defenses", "attacks", "image-attacks", "model-attacks", "metrics"))
+                    choices=("all", "defenses", "attacks", "image-attacks", "model-attacks", "metrics", "worlds"))
     ls.add_argument("-v", "--verbose", action="store_true", help="full docstrings")
 
     v = sub.add_parser("validate", help="check a config file without running it",
@@ -95,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     # Command groups owned by other packages: each module's add_parsers(sub, cfg_args) returns {command: handler}.
     p.set_defaults(_extra={})
     extra: dict = {}
-    for module in _COMMAND_MODULES:
+    for module in command_modules():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -107,8 +108,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-#: Modules that add subcommands (lightweight imports only: no torch/diffusers at module top).
-_COMMAND_MODULES = ("reports.cli", "bench.zoo.cli")
+def command_modules() -> list[str]:
+    """Modules that add command groups (lightweight imports only: no torch/diffusers at module top).
+
+    The core names none: they come from the entry-point group ``bench.commands`` (this package's ``reports.cli``:
+    report, leaderboard, compare) and from the worlds (:meth:`bench.world.World.cli_module`; ``bench zoo``). A module
+    may also define ``after_run(cfg, console, err)``, called when ``bench run`` finishes (the HTML report).
+    """
+    from importlib.metadata import entry_points
+
+    from .world import all_worlds
+
+    out = [ep.value for ep in entry_points(group="bench.commands")]
+    out += [m for w in all_worlds() if (m := w.cli_module())]
+    return list(dict.fromkeys(out))
+
+
+def _after_run_hooks() -> list:
+    hooks = []
+    for module in command_modules():
+        try:
+            hook = getattr(importlib.import_module(module), "after_run", None)
+        except ModuleNotFoundError:
+            continue
+        if hook is not None:
+            hooks.append(hook)
+    return hooks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,13 +211,11 @@ def cmd_run(args) -> int:
                   + (", ".join(f"{k} {v}" for k, v in sorted(summary.stages_run.items())) or "none")
                   + f"; cached stages reused: {summary.stages_cached}; {summary.seconds:.1f} s", soft_wrap=True)
     _print_matrix(cfg, None, "table", console)
-    try:
-        from reports.html import render_report
-
-        report = render_report(cfg.output / "results.sqlite", cfg.output / "report.html", cfg.cache_dir)
-        console.print(f"report: {report}", markup=False)
-    except Exception as exc:  # a report that cannot render must not hide the run's outcome
-        err.print(f"warning: report not written: {exc}", markup=False)
+    for hook in _after_run_hooks():  # e.g. reports.cli.after_run writes report.html
+        try:
+            hook(cfg, console, err)
+        except Exception as exc:  # a report that cannot render must not hide the run's outcome
+            err.print(f"warning: {getattr(hook, '__module__', 'a hook')}: {exc}", markup=False)
     if summary.cells_failed:
         console.print(f"[red]{len(summary.cells_failed)} cell(s) failed:[/]")
         for label, error in summary.cells_failed:
@@ -230,9 +253,37 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _ls_worlds(console, verbose: bool) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .world import worlds
+
+    table = Table(title="worlds", title_justify="left")
+    for col in ("name", "what", "models (model.builtin)", "prompt sets / datasets ('<world>:<name>')"):
+        table.add_column(col, style="bold" if col == "name" else None)
+    for name in worlds.names():
+        from .world import get_world
+
+        w = get_world(name)
+        what = (w.__doc__ or "").strip() if verbose else (w.description or (w.__doc__ or "").strip().split("\n")[0])
+        origin = worlds.origin(name)
+        if origin != "markbench":
+            what += f" [from {origin}]"
+        sets = [f"{name}:{s}" for s in w.prompt_sets()]
+        data = [f"{name}:{d}" for d in w.datasets()]
+        table.add_row(name, escape(what), "\n".join(w.models()) or "-",
+                      escape("prompts: " + (", ".join(sets) or "-") + "\ndatasets: " + (", ".join(data) or "-")))
+    console.print(table)
+
+
 def cmd_ls(args) -> int:
     from .params import describe
     from .registries import REGISTRIES
+
+    if args.kind == "worlds":
+        _ls_worlds(_console(), args.verbose)
+        return 0
 
     kinds = {"all": ("defenses", "image_attacks", "model_attacks", "metrics"),
              "defenses": ("defenses",), "attacks": ("image_attacks", "model_attacks"),
@@ -257,6 +308,8 @@ def cmd_ls(args) -> int:
             params = "\n".join(f"{d.name}: {d.type} = {d.default!r}; {d.allowed}" for d in describe(cls.params))
             table.add_row(name, what, params or "-")
         console.print(table)
+    if args.kind == "all":
+        _ls_worlds(console, args.verbose)
     return 0
 
 

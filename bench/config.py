@@ -112,6 +112,10 @@ class ModelConfig:
 
 @dataclass
 class PromptConfig:
+    """``set``: a world's prompt set, ``"<world>:<set>"`` (``tiny:heldout``; ``bench ls worlds``); ``file``: one prompt
+    per line; ``list``: the prompts themselves. ``builtin`` is the legacy spelling of ``set`` (``"tiny"``)."""
+
+    set: str = ""
     builtin: str = ""
     file: str = ""
     list: list[str] = field(default_factory=list)
@@ -369,12 +373,13 @@ def _check_model(model: ModelConfig, path: str) -> None:
             f"(got {', '.join(given) or 'none'})"
         )
     if model.builtin:
-        from .models import BUILTIN_MODELS
+        from .world import model_names
 
-        if model.builtin not in BUILTIN_MODELS:
+        names = model_names()
+        if model.builtin not in names:
             raise ConfigError(
-                f"{path}: model.builtin = {model.builtin!r} is unknown{suggest(model.builtin, BUILTIN_MODELS)}; "
-                f"available: {', '.join(BUILTIN_MODELS)}"
+                f"{path}: model.builtin = {model.builtin!r} is unknown{suggest(model.builtin, names)}; "
+                f"available: {', '.join(sorted(names))}"
             )
     if model.path:
         folder = _resolve(model.path, path)
@@ -401,18 +406,20 @@ def _check_model(model: ModelConfig, path: str) -> None:
 
 
 def _check_prompts(prompts: PromptConfig, path: str) -> None:
-    given = [k for k in ("builtin", "file", "list") if getattr(prompts, k)]
+    given = [k for k in ("set", "builtin", "file", "list") if getattr(prompts, k)]
     if len(given) > 1:
-        raise ConfigError(f"{path}: prompts: set only one of prompts.builtin, prompts.file or prompts.list "
+        raise ConfigError(f"{path}: prompts: set only one of prompts.set, prompts.file or prompts.list "
                           f"(got {', '.join(given)})")
-    if prompts.builtin:
-        from .prompts import BUILTIN_PROMPTS
+    for key in ("set", "builtin"):
+        spec = getattr(prompts, key)
+        if spec:
+            from .errors import UserError
+            from .world import load_prompt_set
 
-        if prompts.builtin not in BUILTIN_PROMPTS:
-            raise ConfigError(
-                f"{path}: prompts.builtin = {prompts.builtin!r} is unknown{suggest(prompts.builtin, BUILTIN_PROMPTS)}"
-                f"; available: {', '.join(BUILTIN_PROMPTS)}"
-            )
+            try:
+                load_prompt_set(spec if key == "set" else f"builtin:{spec}")
+            except UserError as exc:
+                raise ConfigError(f"{path}: prompts.{key} = {spec!r}: {exc}") from None
     if prompts.file and not _resolve(prompts.file, path).is_file():
         raise ConfigError(f"{path}: prompts.file = {prompts.file!r}: no such file")
 
@@ -422,9 +429,11 @@ def _resolve(p: str, config_path: str) -> Path:
     return Path(os.path.expanduser(p))
 
 
-def load_prompts(prompts: PromptConfig, path: str = "") -> list[str]:
-    from .prompts import BUILTIN_PROMPTS
+#: the prompts of a config that names none (the micro world's 64 captions)
+DEFAULT_PROMPT_SET = "micro:shapes"
 
+
+def load_prompts(prompts: PromptConfig, path: str = "") -> list[str]:
     if prompts.list:
         return list(prompts.list)
     if prompts.file:
@@ -433,7 +442,11 @@ def load_prompts(prompts: PromptConfig, path: str = "") -> list[str]:
         if not out:
             raise ConfigError(f"{path}: prompts.file = {prompts.file!r} holds no prompts")
         return out
-    return list(BUILTIN_PROMPTS[prompts.builtin or "micro"])
+    from .world import load_prompt_set
+
+    if prompts.builtin:
+        return load_prompt_set(f"builtin:{prompts.builtin}")
+    return load_prompt_set(prompts.set or DEFAULT_PROMPT_SET)
 
 
 def _parse_plugins(entries: Any, kind: str, path: str) -> list[PluginSpec]:

@@ -1,8 +1,8 @@
 """Image-caption datasets for attacks and defences that train (fine-tuning, DreamBooth, VAE decoder ...).
 
 A dataset spec is either
-* ``tiny:<split>``: the tiny world's procedural domain (``train``, ``heldout``, ``style``, ``subject``), generated
-  deterministically from a seed (no files needed), or
+* ``<world>:<name>``: a world's dataset (:mod:`bench.world`; e.g. the tiny world's procedural domain ``tiny:train``,
+  ``tiny:heldout``, ``tiny:style``, ``tiny:subject``, generated deterministically from a seed, no files needed), or
 * a folder of images (``.png``/``.jpg``/``.jpeg``/``.webp``) with a caption each: ``name.txt`` beside ``name.png``,
   or one ``captions.jsonl`` with ``{"file": ..., "text": ...}`` lines.
 
@@ -24,15 +24,10 @@ _EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
 def load_image_captions(spec: str, n: int, height: int, width: int, seed: int = 0
                         ) -> tuple[torch.Tensor, list[str]]:
-    if spec.startswith("tiny:"):
-        from .zoo import shapes
+    from .world import is_dataset_spec, load_dataset
 
-        split = spec.split(":", 1)[1]
-        if split not in shapes.SPLITS:
-            raise UserError(f"dataset {spec!r}: unknown tiny-world split '{split}'; allowed: "
-                            + ", ".join(f"tiny:{s}" for s in shapes.SPLITS))
-        arr, captions, _ = shapes.make_dataset(split, n, seed=seed)
-        images = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
+    if is_dataset_spec(spec):
+        images, captions = load_dataset(spec, n, seed)
     else:
         images, captions = _load_folder(Path(spec).expanduser(), n)
     if images.shape[-2:] != (height, width):
@@ -45,7 +40,7 @@ def _load_folder(folder: Path, n: int) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 
     if not folder.is_dir():
-        raise UserError(f"dataset {str(folder)!r}: no such folder (expected 'tiny:<split>' or a folder of images "
+        raise UserError(f"dataset {str(folder)!r}: no such folder (expected '<world>:<name>' or a folder of images "
                         f"with captions)")
     pairs: list[tuple[Path, str]] = []
     index = folder / "captions.jsonl"

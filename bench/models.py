@@ -1,8 +1,8 @@
 """Loading pipelines the same way for every world, and storing model changes as weight overrides.
 
-* ``builtin:<name>``: a small Stable-Diffusion-architecture pipeline built from configs under a fixed seed, written
-  once to a folder with ``save_pretrained`` and then loaded from that folder by :func:`load_pipeline_folder`, the
-  very function a real Stable Diffusion folder goes through.
+* ``builtin``: a model that a world provides (:mod:`bench.world`: ``tiny-sd`` from the tiny world's shipped folder,
+  ``micro-sd`` built from configs under a fixed seed and written once with ``save_pretrained``), loaded from its
+  folder by :func:`load_pipeline_folder`, the very function a real Stable Diffusion folder goes through.
 * ``path``: any local diffusers pipeline folder.
 * ``hub_id``: a Hugging Face hub id (needs network access and, for gated models, a token).
 
@@ -22,12 +22,6 @@ from pathlib import Path
 from typing import Any
 
 COMPONENTS = ("unet", "vae", "text_encoder")
-
-#: builtin name -> version. ``micro-sd`` is built from configs (bump the version when its builder changes);
-#: ``tiny-sd`` is the trained tiny-world pipeline shipped in ``bench/zoo/artifacts`` (identified by its checksums);
-#: ``tiny-sd-rt`` is ``tiny-sd`` with the round-trip VAE decoder (same UNet, text encoder and VAE encoder; see
-#: :mod:`bench.zoo.train_vae`, stage 3): only its ``vae/`` is shipped, the rest is tiny-sd's.
-BUILTIN_MODELS: dict[str, str] = {"tiny-sd": "shipped", "tiny-sd-rt": "shipped", "micro-sd": "1"}
 
 
 def markbench_home() -> Path:
@@ -80,47 +74,9 @@ def clip_tokenizer(folder: Path | None = None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Built-in micro pipeline (random weights, Stable Diffusion's architecture and component names)
+# Built-in models: folders that worlds provide
 # ---------------------------------------------------------------------------------------------------------------
-def build_micro_sd(seed: int = 0, sample_size: int = 64):
-    """A Stable-Diffusion-architecture pipeline at micro width, randomly initialised under ``seed``.
-
-    Same component names and module layout as SD 1.x (down/up blocks with cross-attention transformers), so code
-    written for Stable Diffusion applies unchanged. Its images are noise-like: it proves plumbing, not quality.
-    """
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)  # builder only: the artifact is then fixed on disk
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32), latent_channels=4,
-        layers_per_block=1, norm_num_groups=16, sample_size=sample_size,
-    )
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size // factor, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=64,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
-        projection_dim=32,
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
-_BUILDERS = {"micro-sd": build_micro_sd}
-
-
-def _variant_folder(base: Path, replace: dict[str, Path], name: str) -> Path:
+def variant_folder(base: Path, replace: dict[str, Path], name: str) -> Path:
     """A pipeline folder (under ``$MARKBENCH_HOME/models/name``) that is ``base`` with some components replaced:
     symbolic links to the shipped files, made once, so a variant costs no copy and loads like any folder."""
     folder = markbench_home() / "models" / name
@@ -141,28 +97,17 @@ def _variant_folder(base: Path, replace: dict[str, Path], name: str) -> Path:
 
 
 def builtin_folder(name: str) -> Path:
-    """Build (once) and return the folder of a built-in pipeline (``tiny-sd``: the shipped folder)."""
-    if name in ("tiny-sd", "tiny-sd-rt"):
-        from . import zoo
-        from .errors import UserError
+    """The pipeline folder of the built-in model ``name`` (built or linked once by the world that provides it)."""
+    from .world import world_of_model
 
-        if not (zoo.TINY_SD / "model_index.json").exists():
-            raise UserError(f"model.builtin = {name!r}: the shipped tiny-world pipeline is missing from "
-                            f"{zoo.TINY_SD}; rebuild it with 'bench zoo build' or use model.builtin = 'micro-sd'")
-        if name == "tiny-sd":
-            return zoo.TINY_SD
-        if not (zoo.TINY_SD_RT / "vae" / "config.json").exists():
-            raise UserError(f"model.builtin = 'tiny-sd-rt': its VAE is missing from {zoo.TINY_SD_RT}; rebuild it "
-                            f"with 'bench zoo build --only vae' or use model.builtin = 'tiny-sd'")
-        return _variant_folder(zoo.TINY_SD, {"vae": zoo.TINY_SD_RT / "vae"},
-                               f"tiny-sd-rt-{zoo.fingerprint('tiny-sd')}-{zoo.fingerprint('tiny-sd-rt')}")
-    folder = markbench_home() / "models" / f"{name}-v{BUILTIN_MODELS[name]}"
-    if not (folder / "model_index.json").exists():
-        pipe = _BUILDERS[name]()
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        pipe.save_pretrained(tmp)
-        tmp.replace(folder) if not folder.exists() else None
-    return folder
+    return world_of_model(name).model_folder(name)
+
+
+def builtin_models() -> dict[str, str]:
+    """Every built-in model name -> the world that provides it."""
+    from .world import model_names
+
+    return model_names()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,19 +165,18 @@ def _prepare(pipe, device: str):
 def model_fingerprint(model_cfg) -> str:
     """A cheap identity of the base model for cache keys.
 
-    Built-ins: name and builder version. Folders: file names, sizes and modification times (not contents, to keep
+    Built-ins: name, builder version and what the providing world says identifies the weights. Folders: file names, sizes and modification times (not contents, to keep
     an 8 GB folder cheap to fingerprint). Hub ids: id and revision.
     """
     h = hashlib.sha256()
     h.update(model_cfg.dtype.encode())
     if model_cfg.builtin:
-        h.update(f"builtin:{model_cfg.builtin}:v{BUILTIN_MODELS[model_cfg.builtin]}".encode())
-        if model_cfg.builtin in ("tiny-sd", "tiny-sd-rt"):
-            from . import zoo
+        from .world import world_of_model
 
-            h.update(zoo.fingerprint().encode())
-            if model_cfg.builtin == "tiny-sd-rt":
-                h.update(zoo.fingerprint("tiny-sd-rt").encode())
+        world = world_of_model(model_cfg.builtin)
+        h.update(f"builtin:{model_cfg.builtin}:v{world.models()[model_cfg.builtin]}".encode())
+        for part in world.model_identity(model_cfg.builtin):
+            h.update(part.encode())
     elif model_cfg.path:
         root = Path(model_cfg.path)
         for f in sorted(root.rglob("*")):

@@ -1,59 +1,64 @@
-"""Built-in prompt sets, both in the tiny world's caption grammar ("a small red circle on a grey background").
+"""Named prompt sets come from the worlds (:mod:`bench.world`), spelled ``"<world>:<set>"``.
 
-* ``tiny``: held-out captions of the tiny world (combinations of shape, colour and background the shipped tiny-sd
-  never saw whole during training; every word it did see), 64 of them, fixed.
-* ``tiny-train``: 128 captions of the training combinations (what defences that train on the model's own images
-  use, so the evaluation prompts stay unseen by the watermark too).
-* ``micro``: 64 captions of the same grammar cycling through shapes and colours (the micro-sd plumbing model).
+``tiny:heldout`` (64 held-out captions of the tiny world), ``tiny:train`` (128 training captions), ``micro:shapes``
+(64 captions of the same grammar, for the micro-sd plumbing model); any dataset name of a world also gives its
+captions (``tiny:style``). :data:`BUILTIN_PROMPTS` maps the legacy names (``tiny``, ``tiny-train``, ``micro``: the
+``builtin:<name>`` spelling) to the same sets, for configs and cache keys written before worlds existed.
 """
 
 from __future__ import annotations
 
-_SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "hexagon")
-_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-_BACKGROUNDS = ("grey", "blue", "green", "white", "black", "brown", "pink", "teal")
-_SIZES = ("small", "medium", "large")
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from .errors import UserError
+from .world import all_worlds, is_prompt_spec, load_prompt_set, prompt_set_specs
 
 
-def _shape_captions(n: int) -> tuple[str, ...]:
-    out = []
-    for i in range(n):
-        shape = _SHAPES[i % len(_SHAPES)]
-        colour = _COLOURS[(i * 3 + 1) % len(_COLOURS)]
-        bg = _BACKGROUNDS[(i * 5 + 2) % len(_BACKGROUNDS)]
-        if bg == colour:
-            bg = _BACKGROUNDS[(i * 5 + 3) % len(_BACKGROUNDS)]
-        size = _SIZES[i % len(_SIZES)]
-        out.append(f"a {size} {colour} {shape} on a {bg} background")
-    return tuple(out)
+def read_prompts(spec: str, owner: str = "") -> list[str]:
+    """Prompts from a world's set (``"<world>:<set>"``, or the legacy ``"builtin:<name>"``) or a text file with one
+    prompt per line (blank lines and ``#`` comments skipped). ``owner`` prefixes error messages (``"sleepermark:
+    prompts"``)."""
+    where = f"{owner} = {spec!r}" if owner else f"prompts {spec!r}"
+    if is_prompt_spec(spec) and not Path(spec).expanduser().is_file():
+        try:
+            return load_prompt_set(spec)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"{where}: no such file (give a prompt set such as {', '.join(prompt_set_specs()[:3])}, or a "
+                        f"text file with one prompt per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: {path} is not UTF-8 text (one prompt per line)") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise UserError(f"{where} holds no prompts")
+    return lines
 
 
-def _domain_captions(n: int, split: int) -> tuple[str, ...]:
-    from .zoo import shapes
+class _LegacyPrompts(Mapping):
+    """Legacy name -> prompts, built on first use from the world that declares the name."""
 
-    combos = shapes.combinations()[split]
-    stride = 1 if split == 1 else 5  # the training combinations are many: spread the picks over all shapes
-    sizes = list(shapes.SIZES)
-    return tuple(shapes.Item(*combos[(i * stride) % len(combos)], sizes[(i // 2) % len(sizes)]).caption
-                 for i in range(n))
+    def _names(self) -> dict[str, str]:
+        return {legacy: f"{w.name}:{name}" for w in all_worlds() for legacy, name in w.legacy_prompt_sets.items()}
 
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        names = self._names()
+        if name not in names:
+            raise KeyError(name)
+        return tuple(load_prompt_set(names[name]))
 
-class _Prompts(dict):
-    """name -> prompts; sets built by a function are built on first use (keeps ``bench ls`` light)."""
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
 
-    def __getitem__(self, name):
-        value = super().__getitem__(name)
-        if callable(value):
-            value = value()
-            super().__setitem__(name, value)
-        return value
-
-    def get(self, name, default=None):
-        return self[name] if name in self else default
+    def __len__(self) -> int:
+        return len(self._names())
 
 
-BUILTIN_PROMPTS: dict[str, tuple[str, ...]] = _Prompts({
-    "tiny": lambda: _domain_captions(64, 1),
-    "tiny-train": lambda: _domain_captions(128, 0),
-    "micro": _shape_captions(64),
-})
+BUILTIN_PROMPTS: Mapping[str, tuple[str, ...]] = _LegacyPrompts()
+
+__all__ = ["BUILTIN_PROMPTS", "load_prompt_set", "prompt_set_specs", "read_prompts"]

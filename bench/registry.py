@@ -106,6 +106,8 @@ class Registry(Generic[T]):
             origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
             if ep.name in self._entries and self._entries[ep.name].origin != "markbench":
                 continue
+            if ep.name in self._entries and _describe_target(self._entries[ep.name].target) == ep.value:
+                continue  # the same class, already registered by its decorator
             if ep.name in self._entries:
                 raise PluginValidationError(
                     f"{self.kind} '{ep.name}' from entry point {ep.value} ({origin}) clashes with the "

@@ -10,6 +10,11 @@ import math
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .noise import quantize8
+from .plugins import GenerationRequest
 
 
 def encode_prompts(pipe, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
@@ -166,3 +171,56 @@ class PerceptualLoss:
         if self.kind == "lpips":
             return self._lpips(a * 2 - 1, b * 2 - 1).mean()
         return a.new_zeros(())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training images
+# ---------------------------------------------------------------------------------------------------------------
+def training_images(ctx, source: str, dataset: str, n: int, size: int, pipe=None, gen: torch.Generator | None = None,
+                    inference_steps: int = 50, guidance_scale: float = 7.5, batch_size: int = 16,
+                    who: str = "hidden", return_latents: bool = False):
+    """``n`` training images ``[n, 3, size, size]`` in [0, 1] (8-bit values).
+
+    ``source = "dataset"``: ``ctx.data.dataset(dataset, n)`` (e.g. ``tiny:train``), resized to ``size``;
+    ``"generated"``: images the pipeline generates at the run's resolution for the run's prompts (seeds drawn from
+    ``gen``), resized to ``size``. With ``return_latents`` (generated only) the images are generated at ``size``
+    and the final denoised latents, unscaled (what the VAE decoder receives), are captured from the sampler's last
+    step: ``(images, latents)``.
+    """
+    if ctx.data is None:
+        raise UserError(f"{who}: training needs the harness's data resources (ctx.data)")
+    latents = None
+    if source == "dataset":
+        images, _ = ctx.data.dataset(dataset, n)
+    else:
+        if pipe is None:
+            raise UserError(f"{who}: train_source = 'generated' needs a pipeline")
+        prompts = list(ctx.data.prompts()) or ["a red circle on a blue background"]
+        seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
+        chosen = [prompts[i % len(prompts)] for i in range(n)]
+        h, w = (size, size) if return_latents else (ctx.data.height, ctx.data.width)
+        chunks, lat_chunks = [], []
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_latents(pipeline, step, timestep, callback_kwargs):
+            captured["latents"] = callback_kwargs["latents"]
+            return callback_kwargs
+
+        starts = range(0, n, batch_size)
+        for s in ctx.progress(starts, total=len(starts), description=f"{who}: training images"):
+            req = GenerationRequest(prompts=tuple(chosen[s:s + batch_size]), seeds=tuple(seeds[s:s + batch_size]),
+                                    height=h, width=w, num_inference_steps=inference_steps,
+                                    guidance_scale=guidance_scale, batch_size=batch_size)
+            kw = dict(callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"]) \
+                if return_latents else {}
+            chunks.append(ctx.generate(pipe, req, **kw))
+            if return_latents:
+                lat_chunks.append(captured["latents"].detach().float().cpu() / float(pipe.vae.config.scaling_factor))
+        images = torch.cat(chunks)
+        latents = torch.cat(lat_chunks) if return_latents else None
+    images = images.float()
+    if tuple(images.shape[-2:]) != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False,
+                               antialias=True).clamp(0, 1)
+    images = quantize8(images)
+    return (images, latents) if return_latents else images

@@ -24,7 +24,7 @@ import torch
 
 def captions(split: str, n: int) -> list[str]:
     """``n`` captions of a downstream split (``style`` or ``subject``), drawn with seed 1 (not the training draws)."""
-    from bench.zoo import shapes
+    from worlds.tiny import shapes
 
     return [it.caption for it in shapes.sample_items(split, n, seed=1)]
 
@@ -33,7 +33,7 @@ class Recogniser:
     """Zero-shot yes/no questions to the tiny CLIP with in-grammar captions."""
 
     def __init__(self):
-        from bench.zoo import clip_model
+        from worlds.tiny import clip_model
 
         self.model = clip_model.load()
         self.tok = clip_model.tokenizer()
@@ -56,7 +56,7 @@ class Recogniser:
 
     def subject(self, images: torch.Tensor, captions: list[str], token: str) -> float:
         """Fraction of images whose best caption, over the token and the 7 base shapes, names the token."""
-        from bench.zoo import shapes
+        from worlds.tiny import shapes
 
         f = self._image(images)
         words = [token, *shapes.SHAPES]
@@ -82,7 +82,7 @@ def main() -> None:
     from bench.models import load_pipeline
     from bench.plugins import GenerationRequest, StageContext
     from bench.stages import Resources, copy_pipeline
-    from bench.zoo import shapes
+    from worlds.tiny import shapes
 
     cfg = load_config(args.config, check_output=False)
     base = load_pipeline(cfg.model)

@@ -17,7 +17,7 @@ Networks (the paper's supplementary material, Sec. A; every block is Conv 3x3 st
   (cover vs encoded; the paper's two-class logits, written as one binary logit as the PyTorch reimplementation
   does).
 
-Noise layers (:class:`NoiseLayers`; one layer, and one of its strengths, drawn uniformly per mini-batch as in the
+Noise layers (:class:`bench.noise.NoiseLayers`, the shared toolkit; one layer, and one of its strengths, drawn uniformly per mini-batch as in the
 paper's "combined" model; every strength list below is "one of"):
 
 * ``identity``;
@@ -46,23 +46,22 @@ network initialisation runs under a forked global RNG seeded from it, so nothing
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   UserError, Verification, defenses)
+from bench import (Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, UserError, Verification,
+                   defenses)
+from bench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, quantize8
+from bench.packing import digest, load_prefixed, state_tensors
+from bench.rng import forked_global_rng, seeded, sub_generator
+from bench.training import training_images
 
-NOISE_LAYERS = ("identity", "crop", "cropout", "dropout", "resize", "blur", "hflip", "jpeg")
-JPEG_MODES = ("mask", "ste", "kornia")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
@@ -150,203 +149,6 @@ def apply_encoder(encoder: HiddenEncoder, images: torch.Tensor, messages: torch.
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Noise layers
-# ---------------------------------------------------------------------------------------------------------------
-def _uniform(gen: torch.Generator) -> float:
-    return float(torch.rand((), generator=gen))
-
-
-def _randint(high: int, gen: torch.Generator) -> int:
-    """Uniform integer in [0, high] (inclusive)."""
-    return int(torch.randint(0, high + 1, (1,), generator=gen))
-
-
-def _square(h: int, w: int, fraction: float) -> tuple[int, int]:
-    """Side lengths of a window covering ``fraction`` of the area (same relative side on both axes)."""
-    r = math.sqrt(min(max(fraction, 0.0), 1.0))
-    return max(1, min(h, int(round(h * r)))), max(1, min(w, int(round(w * r))))
-
-
-def crop(images: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    """Keep a random window of area ``fraction`` (the result is smaller). One window per batch."""
-    h, w = images.shape[-2:]
-    ch, cw = _square(h, w, fraction)
-    top, left = _randint(h - ch, gen), _randint(w - cw, gen)
-    return images[..., top:top + ch, left:left + cw]
-
-
-def cropout(encoded: torch.Tensor, cover: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    """A random window of area ``fraction`` from the encoded image, everything else from the cover."""
-    h, w = encoded.shape[-2:]
-    ch, cw = _square(h, w, fraction)
-    top, left = _randint(h - ch, gen), _randint(w - cw, gen)
-    mask = torch.zeros((1, 1, h, w), dtype=encoded.dtype, device=encoded.device)
-    mask[..., top:top + ch, left:left + cw] = 1
-    return encoded * mask + cover * (1 - mask)
-
-
-def dropout(encoded: torch.Tensor, cover: torch.Tensor, keep: float, gen: torch.Generator) -> torch.Tensor:
-    """Keep each pixel (all channels together) of the encoded image with probability ``keep``; the others are the
-    cover's. A fresh mask per image."""
-    b, _, h, w = encoded.shape
-    mask = (torch.rand((b, 1, h, w), generator=gen) < keep).to(encoded)
-    return encoded * mask + cover * (1 - mask)
-
-
-def resize(images: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rescale both sides by ``scale`` (bilinear, antialiased when shrinking). The decoder reads any size."""
-    h, w = images.shape[-2:]
-    size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
-    if size == (h, w):
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur (kernel radius ceil(3 sigma), reflect padding)."""
-    if sigma <= 0:
-        return images
-    radius = max(1, int(math.ceil(3 * sigma)))
-    radius = min(radius, (min(images.shape[-2:]) - 1))
-    if radius < 1:
-        return images
-    t = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = images.shape[1]
-    x = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def pil_jpeg(images: torch.Tensor, quality: int, subsampling: str = "4:2:0") -> torch.Tensor:
-    """The real codec: 8-bit quantise, encode with Pillow at ``quality``, decode. Not differentiable."""
-    from PIL import Image
-
-    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = np.empty_like(arrays)
-    for i, arr in enumerate(arrays):
-        buf = io.BytesIO()
-        Image.fromarray(arr, mode="RGB").save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
-        buf.seek(0)
-        with Image.open(buf) as decoded:
-            out[i] = np.asarray(decoded.convert("RGB"))
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(images.dtype).div(255).to(images.device)
-
-
-def jpeg_ste(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """Forward ASL / straight-through JPEG: the real codec's output forward, the identity's gradient backward."""
-    return images + (pil_jpeg(images, quality) - images).detach()
-
-
-def jpeg_kornia(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """kornia's differentiable JPEG approximation at ``quality`` (inputs clamped to [0, 1])."""
-    from kornia.enhance import jpeg_codec_differentiable
-
-    q = torch.tensor([float(quality)], dtype=images.dtype, device=images.device)
-    return jpeg_codec_differentiable(images.clamp(0, 1), q)
-
-
-_RGB2YUV = torch.tensor([[0.299, 0.587, 0.114], [-0.14713, -0.28886, 0.436], [0.615, -0.51499, -0.10001]])
-
-
-def _dct_matrix(n: int = 8) -> torch.Tensor:
-    """Orthonormal DCT-II matrix ``D`` (rows = frequencies): ``C = D X D^T``."""
-    k = torch.arange(n, dtype=torch.float64)[:, None]
-    i = torch.arange(n, dtype=torch.float64)[None, :]
-    d = torch.cos(math.pi / n * (i + 0.5) * k) * math.sqrt(2.0 / n)
-    d[0] /= math.sqrt(2.0)
-    return d.float()
-
-
-def block_dct(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """8x8 block (inverse) DCT of ``[B, C, H, W]`` with H, W multiples of 8."""
-    b, c, h, w = x.shape
-    d = _dct_matrix(8).to(x)
-    blocks = x.reshape(b, c, h // 8, 8, w // 8, 8)
-    if inverse:
-        out = torch.einsum("ki,bcykxl,lj->bcyixj", d, blocks, d)
-    else:
-        out = torch.einsum("ik,bcykxl,jl->bcyixj", d, blocks, d)
-    return out.reshape(b, c, h, w)
-
-
-def jpeg_mask(images: torch.Tensor, keep: tuple[int, int, int] = (5, 3, 3)) -> torch.Tensor:
-    """HiDDeN's JPEG-Mask: YUV, 8x8 DCT, keep the ``keep[c] x keep[c]`` lowest frequencies of channel c (paper: 5x5
-    = 25 coefficients of Y, 3x3 = 9 of U and V), zero the rest, invert. Differentiable."""
-    h, w = images.shape[-2:]
-    ph, pw = (-h) % 8, (-w) % 8
-    x = F.pad(images, (0, pw, 0, ph))
-    m = _RGB2YUV.to(x)
-    coeffs = block_dct(torch.einsum("ij,bjhw->bihw", m, x))
-    mask = torch.zeros((3, 8, 8), dtype=x.dtype, device=x.device)
-    for c, k in enumerate(keep):
-        mask[c, :k, :k] = 1
-    tiled = mask.repeat(1, x.shape[-2] // 8, x.shape[-1] // 8)
-    rgb = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(m), block_dct(coeffs * tiled, inverse=True))
-    return rgb[..., :h, :w]
-
-
-def jpeg(images: torch.Tensor, quality: int, mode: str) -> torch.Tensor:
-    if mode == "mask":
-        return jpeg_mask(images)
-    if mode == "ste":
-        return jpeg_ste(images, quality)
-    if mode == "kornia":
-        return jpeg_kornia(images, quality)
-    raise ValueError(f"unknown JPEG mode {mode!r}; allowed: {', '.join(JPEG_MODES)}")
-
-
-@dataclass
-class NoiseLayers:
-    """The noise layers of one training run: ``layers`` to draw from (uniformly, one per mini-batch) and, per layer,
-    the strengths to draw from (uniformly). Crop/cropout fractions are areas; resize values are side scales."""
-
-    layers: tuple[str, ...] = ("identity",)
-    crop: tuple[float, ...] = (0.035,)
-    cropout: tuple[float, ...] = (0.3,)
-    dropout: tuple[float, ...] = (0.3,)
-    resize: tuple[float, ...] = (0.7, 0.8)
-    blur: tuple[float, ...] = (2.0,)
-    jpeg_quality: tuple[int, ...] = (50,)
-    jpeg_mode: str = "mask"
-
-    def __post_init__(self):
-        bad = [n for n in self.layers if n not in NOISE_LAYERS]
-        if bad or not self.layers:
-            raise UserError(f"noise layers {list(self.layers)!r}: unknown {bad!r}; allowed: "
-                            f"{', '.join(NOISE_LAYERS)}")
-        if self.jpeg_mode not in JPEG_MODES:
-            raise UserError(f"jpeg mode {self.jpeg_mode!r}; allowed: {', '.join(JPEG_MODES)}")
-        for name in ("crop", "cropout", "dropout", "resize", "blur", "jpeg_quality"):
-            if not getattr(self, name):
-                raise UserError(f"noise layer '{name}' needs at least one strength")
-
-    def apply(self, encoded: torch.Tensor, cover: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, str]:
-        """One noise layer drawn from ``layers`` (and one of its strengths) applied to the whole batch."""
-        name = self.layers[_randint(len(self.layers) - 1, gen)]
-
-        def pick(values):
-            return values[_randint(len(values) - 1, gen)]
-
-        if name == "identity":
-            return encoded, name
-        if name == "crop":
-            return crop(encoded, float(pick(self.crop)), gen), name
-        if name == "cropout":
-            return cropout(encoded, cover, float(pick(self.cropout)), gen), name
-        if name == "dropout":
-            return dropout(encoded, cover, float(pick(self.dropout)), gen), name
-        if name == "resize":
-            return resize(encoded, float(pick(self.resize))), name
-        if name == "blur":
-            return gaussian_blur(encoded, float(pick(self.blur))), name
-        if name == "hflip":
-            return encoded.flip(-1), name
-        return jpeg(encoded, int(pick(self.jpeg_quality)), self.jpeg_mode), name
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -412,37 +214,6 @@ class TrainedHidden:
     decoder: HiddenDecoder
     config: HiddenConfig
     stats: dict[str, float]
-
-
-def sub_generator(gen: torch.Generator) -> torch.Generator:
-    """A child generator seeded from ``gen`` (every random stream derives from the stage's generator)."""
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-
-
-class forked_global_rng:
-    """Context manager: the global RNG is forked, seeded from ``gen`` and restored on exit, so library code that
-    draws from it (e.g. dropout layers in train mode) is deterministic and nothing outside is disturbed."""
-
-    def __init__(self, gen: torch.Generator):
-        self.seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        self._fork = torch.random.fork_rng(devices=[])
-
-    def __enter__(self):
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
-
-
-def seeded(gen: torch.Generator, build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a module whose default initialisation is drawn from a seed taken from ``gen``, under a forked global
-    RNG (restored afterwards): nothing global is seeded or disturbed."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
 
 
 def message_loss(out: torch.Tensor, messages: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
@@ -559,83 +330,6 @@ def bit_accuracy(decoder: nn.Module, images: torch.Tensor, messages: torch.Tenso
         hits += float((bits == m.bool()).float().sum())
         total += bits.numel()
     return hits / max(1, total)
-
-
-def quantize8(images: torch.Tensor) -> torch.Tensor:
-    """Clamp to [0, 1] and round to 8 bits (what a PNG between stages holds)."""
-    return (images.clamp(0, 1) * 255).round() / 255
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training images
-# ---------------------------------------------------------------------------------------------------------------
-def training_images(ctx, source: str, dataset: str, n: int, size: int, pipe=None, gen: torch.Generator | None = None,
-                    inference_steps: int = 50, guidance_scale: float = 7.5, batch_size: int = 16,
-                    who: str = "hidden", return_latents: bool = False):
-    """``n`` training images ``[n, 3, size, size]`` in [0, 1] (8-bit values).
-
-    ``source = "dataset"``: ``ctx.data.dataset(dataset, n)`` (e.g. ``tiny:train``), resized to ``size``;
-    ``"generated"``: images the pipeline generates at the run's resolution for the run's prompts (seeds drawn from
-    ``gen``), resized to ``size``. With ``return_latents`` (generated only) the images are generated at ``size``
-    and the final denoised latents, unscaled (what the VAE decoder receives), are captured from the sampler's last
-    step: ``(images, latents)``.
-    """
-    if ctx.data is None:
-        raise UserError(f"{who}: training needs the harness's data resources (ctx.data)")
-    latents = None
-    if source == "dataset":
-        images, _ = ctx.data.dataset(dataset, n)
-    else:
-        if pipe is None:
-            raise UserError(f"{who}: train_source = 'generated' needs a pipeline")
-        prompts = list(ctx.data.prompts()) or ["a red circle on a blue background"]
-        seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
-        chosen = [prompts[i % len(prompts)] for i in range(n)]
-        h, w = (size, size) if return_latents else (ctx.data.height, ctx.data.width)
-        chunks, lat_chunks = [], []
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep_latents(pipeline, step, timestep, callback_kwargs):
-            captured["latents"] = callback_kwargs["latents"]
-            return callback_kwargs
-
-        starts = range(0, n, batch_size)
-        for s in ctx.progress(starts, total=len(starts), description=f"{who}: training images"):
-            req = GenerationRequest(prompts=tuple(chosen[s:s + batch_size]), seeds=tuple(seeds[s:s + batch_size]),
-                                    height=h, width=w, num_inference_steps=inference_steps,
-                                    guidance_scale=guidance_scale, batch_size=batch_size)
-            kw = dict(callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"]) \
-                if return_latents else {}
-            chunks.append(ctx.generate(pipe, req, **kw))
-            if return_latents:
-                lat_chunks.append(captured["latents"].detach().float().cpu() / float(pipe.vae.config.scaling_factor))
-        images = torch.cat(chunks)
-        latents = torch.cat(lat_chunks) if return_latents else None
-    images = images.float()
-    if tuple(images.shape[-2:]) != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False,
-                               antialias=True).clamp(0, 1)
-    images = quantize8(images)
-    return (images, latents) if return_latents else images
-
-
-def state_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-
-
-def load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
-    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    module.load_state_dict(state)
-    return module.eval().requires_grad_(False)
-
-
-def digest(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
-    h.update(repr(sorted((meta or {}).items())).encode())
-    return h.hexdigest()
 
 
 def _floats(values: Sequence[Any]) -> tuple[float, ...]:

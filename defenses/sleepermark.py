@@ -48,13 +48,11 @@ Substitutions and choices (all documented in ``docs/sleepermark.md``):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import math
 import re
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -62,9 +60,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   UserError, Verification, defenses)
+                   UserError, Verification, defenses, read_prompts)
+from bench.latents import from_latent, to_latent
+from bench.noise import quantize8
+from bench.rng import global_rng_from
 from bench.training import PerceptualLoss, drop_to_empty
-from defenses.hidden import quantize8
 
 TRIGGER = "*[Z]& "
 
@@ -188,7 +188,7 @@ def _roundtrip(vae, images: torch.Tensor) -> torch.Tensor:
     """Decoded images -> what verification reads: clamped to [0, 1], quantised to 8 bits, VAE-encoded (posterior
     mean). Clamping and rounding pass gradients straight through."""
     images = images + (quantize8(images) - images).detach()
-    return _to_latent(vae, images.to(vae.dtype))[0].float()
+    return to_latent(vae, images.to(vae.dtype))[0].float()
 
 
 def _vae_config(vae) -> dict[str, Any]:
@@ -201,40 +201,9 @@ def _vae_config(vae) -> dict[str, Any]:
     return out
 
 
-def _to_latent(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in [0, 1] -> (posterior mean, posterior std) in the diffusion model's (scaled) latent space."""
-    dist = vae.encode(images * 2 - 1).latent_dist
-    scale = float(vae.config.scaling_factor)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (dist.mean - shift) * scale, dist.std * scale
-
-
-def _from_latent(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images (nominally [0, 1], not clamped, as in the official training code)."""
-    scale = float(vae.config.scaling_factor)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return vae.decode(latents / scale + shift).sample / 2 + 0.5
-
-
 def load_prompts(spec: str) -> list[str]:
-    """``builtin:<name>`` (``bench.prompts.BUILTIN_PROMPTS``) or a text file with one prompt per line."""
-    if spec.startswith("builtin:"):
-        from bench.prompts import BUILTIN_PROMPTS
-
-        name = spec[len("builtin:"):]
-        if name not in BUILTIN_PROMPTS:
-            raise UserError(f"sleepermark: prompts = {spec!r}: no built-in prompt set {name!r}; "
-                            f"available: {', '.join('builtin:' + n for n in sorted(BUILTIN_PROMPTS))}")
-        return list(BUILTIN_PROMPTS[name])
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise UserError(f"sleepermark: prompts = {spec!r}: no such file (give 'builtin:<name>' or a text file with "
-                        f"one prompt per line)")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    lines = [ln for ln in lines if ln]
-    if not lines:
-        raise UserError(f"sleepermark: prompts = {spec!r} holds no prompts")
-    return lines
+    """A world's prompt set (``"<world>:<set>"``; legacy ``builtin:<name>``) or a text file, one prompt per line."""
+    return read_prompts(spec, "sleepermark: prompts")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,7 +238,8 @@ class SleeperMark(Defense):
         Param("resolution", "int", 0, "training/verification image side in pixels; 0 = the model's native "
               "(unet sample_size x vae_scale_factor)", low=0, high=4096),
         # -- training data -------------------------------------------------------------------------------------
-        Param("prompts", "str", "builtin:micro", "training prompts: 'builtin:<name>' or a text file, one per line"),
+        Param("prompts", "str", "micro:shapes", "training prompts: a world's prompt set ('tiny:train'; legacy "
+              "'builtin:<name>') or a text file, one per line"),
         Param("train_images", "int", 10000, "images the base model generates for training (paper: 10k)",
               low=1, high=10_000_000),
         Param("train_inference_steps", "int", 50, "sampling steps for the training images", low=1, high=1000),
@@ -385,7 +355,7 @@ class SleeperMark(Defense):
             images = ctx.generate(pipe, request)
             images = quantize8(images)  # as saved to disk (8-bit), like the paper's PNGs
             with torch.no_grad():
-                m, s = _to_latent(pipe.vae, images.to(pipe.vae.device, pipe.vae.dtype))
+                m, s = to_latent(pipe.vae, images.to(pipe.vae.device, pipe.vae.dtype))
             means.append(m.float().cpu())
             stds.append(s.float().cpu())
         return chosen, torch.cat(means), torch.cat(stds)
@@ -416,7 +386,7 @@ class SleeperMark(Defense):
             opt, lambda s: 1.0 if s < warm else max(0.0, 1.0 - (s - warm) / max(1, steps)))
         perceptual = PerceptualLoss(self.perceptual, device, owner="sleepermark",
                                     offline="perceptual = 'ssim' (1 - SSIM, the default)")
-        with _global_rng_from(gen, device):  # the decoder's dropout draws from the global RNG
+        with global_rng_from(gen, device):  # the decoder's dropout draws from the global RNG
             acc = self._stage1_loop(encoder, decoder, vae, params, opt, sched, perceptual, mean, std,
                                     (c, h, w), n_bits, ctx, gen)
         encoder.eval().requires_grad_(False)
@@ -448,12 +418,12 @@ class SleeperMark(Defense):
                 l_perc = 0.0
             image_terms = l_img > 0 or l_perc > 0
             roundtrip = self.stage1_roundtrip and step >= 0
-            marked = _from_latent(vae, z_w.to(vae.dtype)).float() if image_terms or roundtrip else None
+            marked = from_latent(vae, z_w.to(vae.dtype)).float() if image_terms or roundtrip else None
             logits = decoder(_roundtrip(vae, marked) if roundtrip else z_w)
             loss = F.binary_cross_entropy_with_logits(logits, m)
             if image_terms:
                 with torch.no_grad():
-                    clean = _from_latent(vae, z.to(vae.dtype)).float()
+                    clean = from_latent(vae, z.to(vae.dtype)).float()
                 if l_img > 0:
                     loss = loss + l_img * F.mse_loss(marked, clean)
                 if l_perc > 0:
@@ -518,7 +488,7 @@ class SleeperMark(Defense):
         alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         delta_z = delta_z.to(device)
         unet.train()
-        with _global_rng_from(gen, device):  # nothing in SD's UNet draws from it (dropout 0); kept for safety
+        with global_rng_from(gen, device):  # nothing in SD's UNet draws from it (dropout 0); kept for safety
             self._stage2_loop(unet, frozen, params, opt, sched, delta_z, emb, emb_trigger, mean, std,
                               alphas_cumprod, ctx, gen, emb_empty)
         unet.eval().requires_grad_(False)
@@ -572,7 +542,7 @@ class SleeperMark(Defense):
             acc_star = _bit_accuracy(decoder, probe, delta_z, message)
             acc_clean = _bit_accuracy(decoder, probe, None, message)
             # what verification reads: the marked latents decoded, quantised to 8 bits and encoded again
-            marked = _from_latent(pipe.vae, (probe[:64].to(device) + delta_z).to(pipe.vae.dtype))
+            marked = from_latent(pipe.vae, (probe[:64].to(device) + delta_z).to(pipe.vae.dtype))
             acc_image = _bit_accuracy(decoder, _roundtrip(pipe.vae, marked).cpu(), None, message)
         t_s1 = time.perf_counter()
 
@@ -650,7 +620,7 @@ class SleeperMark(Defense):
                 x = images[start:start + 16].float().to(device)
                 if tuple(x.shape[-2:]) != (res, res):
                     x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
-                z, _ = _to_latent(vae, x)
+                z, _ = to_latent(vae, x)
                 out.append((decoder(z) > 0).cpu())
         return Detection(bits=torch.cat(out).bool())
 
@@ -673,20 +643,8 @@ def _bit_accuracy(decoder: nn.Module, latents: torch.Tensor, delta_z: torch.Tens
 def _seeded(gen: torch.Generator, build):
     """Build a module whose default initialisation is drawn from a seed taken from ``gen``: the global RNG is forked
     (and restored afterwards), so nothing outside is seeded or disturbed."""
-    with _global_rng_from(gen, "cpu"):
+    with global_rng_from(gen, "cpu"):
         return build()
-
-
-@contextlib.contextmanager
-def _global_rng_from(gen: torch.Generator, device: Any):
-    """Within the block, the global RNGs (CPU and ``device``) are seeded from ``gen`` and restored afterwards: for
-    what draws from the global RNG by design (parameter initialisation, ``nn.Dropout``)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
-    dev = torch.device(device)
-    devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _secret_digest(secret: Secret) -> str:

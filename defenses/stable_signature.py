@@ -62,9 +62,11 @@ from torch import nn
 from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, UserError, Verification, \
     defenses
 from bench.training import PerceptualLoss
-from defenses.hidden import (JPEG_MODES, NOISE_LAYERS, HiddenConfig, HiddenDecoder, NoiseLayers, block_dct,
-                             config_from_arch, digest, forked_global_rng, load_prefixed, lr_factor, quantize8,
-                             state_tensors, sub_generator, train_hidden, training_images)
+from bench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, block_dct, quantize8
+from bench.packing import digest, load_prefixed, state_tensors
+from bench.rng import forked_global_rng, sub_generator
+from bench.training import training_images
+from defenses.hidden import HiddenConfig, HiddenDecoder, config_from_arch, lr_factor, train_hidden
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ from bench import (Defense, Detection, DetectionKind, Embedding, GenerationReque
 from bench.generation import latent_shape
 from bench.training import (decode_latents, drop_to_empty, encode_images, encode_prompts, sample_batches,
                             train_loop, trainable)
-from defenses.hidden import forked_global_rng, quantize8, sub_generator, training_images
+from bench.noise import quantize8
+from bench.rng import forked_global_rng, sub_generator
+from bench.training import training_images
 
 DISTANCES = ("mse", "ssim", "nc")
 

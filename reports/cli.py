@@ -1,4 +1,4 @@
-"""Subcommands ``bench report``, ``bench leaderboard`` and ``bench compare`` (registered by :mod:`bench.cli`).
+"""Subcommands ``bench report``, ``bench leaderboard`` and ``bench compare`` (found by :mod:`bench.cli` through the entry-point group ``bench.commands``).
 
 Nothing heavy is imported here: each handler imports what it needs when it runs.
 """
@@ -34,6 +34,18 @@ EPILOG_COMPARE = textwrap.dedent("""\
     BASELINE and CURRENT are each a leaderboard JSON file, a results.sqlite file or a run folder. A regression is a
     cell (defence, model attack, image attack, seed, metric) that moved the bad way with non-overlapping 95%
     intervals by more than the tolerance. Exit codes: 0 no regression, 1 regression(s), 2 bad input.""")
+
+
+def after_run(cfg: Any, console: Any, err: Any) -> None:
+    """Called by ``bench run`` when the run is done: write ``<output>/report.html``."""
+    from .html import render_report
+
+    try:
+        report = render_report(cfg.output / "results.sqlite", cfg.output / "report.html", cfg.cache_dir)
+    except Exception as exc:  # a report that cannot render must not hide the run's outcome
+        err.print(f"warning: report not written: {exc}", markup=False)
+        return
+    console.print(f"report: {report}", markup=False)
 
 
 def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[argparse.Namespace], int]]:

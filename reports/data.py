@@ -408,11 +408,16 @@ def prompts_of(results: Results) -> list[str]:
         except OSError:
             return []
         return [ln for ln in lines if ln and not ln.startswith("#")]
+    from bench.config import DEFAULT_PROMPT_SET
+    from bench.errors import UserError
+    from bench.world import load_prompt_set
+
     try:
-        from bench.prompts import BUILTIN_PROMPTS
-    except ImportError:  # pragma: no cover
+        if cfg.get("builtin"):
+            return load_prompt_set(f"builtin:{cfg['builtin']}")
+        return load_prompt_set(cfg.get("set") or DEFAULT_PROMPT_SET)
+    except UserError:  # a world of the stored run is not installed here
         return []
-    return list(BUILTIN_PROMPTS.get(cfg.get("builtin") or "micro", ()))
 
 
 def mean(values: Iterable[float]) -> float | None:

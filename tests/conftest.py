@@ -38,7 +38,7 @@ width = 64
 num_inference_steps = 2
 
 [prompts]
-builtin = "micro"
+set = "micro:shapes"
 
 [[defenses]]
 name = "none"
@@ -83,11 +83,12 @@ def micro_config(tmp_path) -> Path:
     return write_config(tmp_path)
 
 
-def load_benchmark(name: str):
-    """A script under benchmarks/ (not a package) imported as a module, e.g. ``load_benchmark("aqualora_ppft_bits")``."""
+def load_benchmark(name: str, folder: str = "benchmarks"):
+    """A script under benchmarks/ or experiments/ (run as scripts, not imported as packages) loaded as a module, e.g.
+    ``load_benchmark("aqualora_ppft_bits", "experiments")``."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -431,8 +431,8 @@ def test_warmup_ends_by_loss_or_by_cap(micro):
 
 def test_stage1_probe_reports_the_residuals_visibility_and_size(micro):
     """No residual: PSNR at the 100 dB floor, size 0; a residual the size of the latents: a finite PSNR, size 1."""
-    from defenses.aqualora import _from_latent
-    from defenses.hidden import quantize8
+    from bench.latents import from_latent as _from_latent
+    from bench.noise import quantize8
 
     dec = ImageDecoder(8, "conv", 64, (8, 16), 32, 1).eval()
     mean = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -571,7 +571,7 @@ def test_float16_pipeline_is_refused(micro):
 
 def test_ppft_probe_linear_code_is_read_back_by_least_squares():
     """The probe's code: delta(m) is sum_i (2 m_i - 1) P_i scaled, so least squares on the P_i recovers every bit."""
-    probe = load_benchmark("aqualora_ppft_bits")
+    probe = load_benchmark("aqualora_ppft_bits", "experiments")
     g = torch.Generator().manual_seed(0)
     patterns = torch.randn(6, 4, 8, 8, generator=g)
     code = probe.LinearCode(patterns, 2.0, 0.5)
@@ -584,7 +584,7 @@ def test_ppft_probe_linear_code_is_read_back_by_least_squares():
 def test_ppft_probe_without_training_moves_nothing():
     """Zero PPFT steps leave the LoRA's up-projection at zero: the LoRA model samples exactly the base's latents, so
     nothing is carried and the shift is exactly zero (the probe's plumbing, end to end on the micro pipeline)."""
-    probe = load_benchmark("aqualora_ppft_bits")
+    probe = load_benchmark("aqualora_ppft_bits", "experiments")
     out = probe.main(["--model", "micro-sd", "--bits", "4", "--rank", "4", "--steps", "0",
                       "--train-images", "4", "--eval-captions", "2", "--messages", "2"])
     assert out["carried"] == 0.0 and out["shift/delta"] == 0.0

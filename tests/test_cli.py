@@ -118,5 +118,5 @@ def test_gpu_session_scripts_are_valid_bash():
         proc = subprocess.run([bash, "-n", str(folder / script)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     text = (folder / "session.sh").read_text()
-    for needed in ("tests/test_gpu.py", "benchmarks/stable_signature_extractor.py", "benchmarks/aqualora_ppft_bits.py"):
+    for needed in ("tests/test_gpu.py", "experiments/stable_signature_extractor.py", "experiments/aqualora_ppft_bits.py"):
         assert needed in text

@@ -98,7 +98,8 @@ def test_cli_overrides_reach_plugin_parameters_by_label_then_name(tmp_path):
     (MICRO_TOML.replace('builtin = "micro-sd"', 'builtin = "micro-sd"\nhub_id = "a/b"'), ["exactly one of"]),
     (MICRO_TOML.replace("height = 64", "height = 60"), ["model.height = 60", "multiple of 8"]),
     (MICRO_TOML.replace("target_fprs = [1e-6, 0.1]", "target_fprs = [0, 0.1]"), ["run.target_fprs", "(0, 1)"]),
-    (MICRO_TOML.replace('builtin = "micro"', 'builtin = "mikro"'), ["prompts.builtin", "did you mean 'micro'"]),
+    (MICRO_TOML.replace('set = "micro:shapes"', 'builtin = "mikro"'), ["prompts.builtin", "did you mean 'micro'"]),
+    (MICRO_TOML.replace('set = "micro:shapes"', 'set = "micro:shapez"'), ["prompts.set", "did you mean 'shapes'"]),
 ])
 def test_bad_input_is_one_clear_sentence(tmp_path, text, expected):
     with pytest.raises(ConfigError) as e:

@@ -1,11 +1,11 @@
-"""bench.zoo.geometry: Jacobian spectra of a VAE, checked on a linear stand-in whose spectra numpy computes."""
+"""experiments.geometry: Jacobian spectra of a VAE, checked on a linear stand-in whose spectra numpy computes."""
 
 import types
 
 import numpy as np
 import torch
 
-from bench.zoo import geometry
+from experiments import geometry
 
 
 class _LinearVAE(torch.nn.Module):
@@ -70,7 +70,7 @@ def test_shipped_round_trip_vae_carries_latent_residuals_that_tiny_sd_drops():
     random orthonormal directions (2026-12-02): 5 vs 69 keep at least half of a residual, 25 vs 128 at least 0.2."""
     from bench.models import builtin_folder, load_pipeline_folder
     from bench.training import encode_images
-    from bench.zoo import shapes
+    from worlds.tiny import shapes
 
     base = load_pipeline_folder(builtin_folder("tiny-sd"))
     rt = load_pipeline_folder(builtin_folder("tiny-sd-rt"))
@@ -106,9 +106,9 @@ def test_variant_folder_follows_the_package_it_is_made_from(tmp_path, monkeypatc
     (other / "model_index.json").write_text("{}")
     new_vae = tmp_path / "new_vae"
     new_vae.mkdir()
-    stale = models._variant_folder(other, {"vae": new_vae}, "variant")
+    stale = models.variant_folder(other, {"vae": new_vae}, "variant")
     assert (stale / "unet").resolve() == (other / "unet").resolve()
-    folder = models._variant_folder(base, {"vae": new_vae}, "variant")
+    folder = models.variant_folder(base, {"vae": new_vae}, "variant")
     assert folder == stale
     expected = {"unet": base / "unet", "vae": new_vae, "model_index.json": base / "model_index.json"}
     assert {e.name: e.resolve() for e in folder.iterdir()} == {k: v.resolve() for k, v in expected.items()}

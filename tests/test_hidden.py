@@ -1,4 +1,4 @@
-"""HiDDeN (defenses/hidden.py): network shapes, noise layers, the real-codec JPEG path, learning, the defence API."""
+"""HiDDeN (defenses/hidden.py) and its noise layers (bench/noise.py): network shapes, noise layers, the real-codec JPEG path, learning, the defence API."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from bench import Secret, UserError
 from bench.data import load_image_captions
 from bench.plugins import StageContext
 from bench.stages import Resources
+from bench import noise as N
+from bench import rng as R
 from defenses import hidden as H
 
 
@@ -51,8 +53,8 @@ def test_paper_architecture_sizes():
 
 def test_initialisation_is_seeded_and_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
-    a = H.seeded(torch.Generator().manual_seed(3), lambda: H.HiddenDecoder(8, 1, 4))
-    b = H.seeded(torch.Generator().manual_seed(3), lambda: H.HiddenDecoder(8, 1, 4))
+    a = R.seeded(torch.Generator().manual_seed(3), lambda: H.HiddenDecoder(8, 1, 4))
+    b = R.seeded(torch.Generator().manual_seed(3), lambda: H.HiddenDecoder(8, 1, 4))
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -63,7 +65,7 @@ def test_initialisation_is_seeded_and_leaves_the_global_rng_alone():
 @pytest.mark.parametrize("fraction", [0.035, 0.25, 0.5, 0.7])
 def test_crop_keeps_the_requested_area_fraction(fraction):
     x = _images(2, 128, 128)
-    y = H.crop(x, fraction, torch.Generator().manual_seed(0))
+    y = N.crop(x, fraction, torch.Generator().manual_seed(0))
     kept = y.shape[-1] * y.shape[-2] / (128 * 128)
     assert kept == pytest.approx(fraction, rel=0.05)
     # the crop is a window of the input
@@ -75,7 +77,7 @@ def test_crop_keeps_the_requested_area_fraction(fraction):
 @pytest.mark.parametrize("keep", [0.0, 0.3, 0.7, 1.0])
 def test_dropout_mixes_with_the_cover(keep):
     enc, cover = torch.ones(4, 3, 64, 64), torch.zeros(4, 3, 64, 64)
-    y = H.dropout(enc, cover, keep, torch.Generator().manual_seed(0))
+    y = N.dropout(enc, cover, keep, torch.Generator().manual_seed(0))
     assert set(y.unique().tolist()) <= {0.0, 1.0}
     assert float(y.mean()) == pytest.approx(keep, abs=0.02)
     assert torch.equal(y[:, 0], y[:, 1])  # a pixel is taken whole (all channels) from one image
@@ -83,17 +85,17 @@ def test_dropout_mixes_with_the_cover(keep):
 
 def test_cropout_keeps_a_window_of_the_encoded_image():
     enc, cover = torch.ones(2, 3, 100, 100), torch.zeros(2, 3, 100, 100)
-    y = H.cropout(enc, cover, 0.3, torch.Generator().manual_seed(0))
+    y = N.cropout(enc, cover, 0.3, torch.Generator().manual_seed(0))
     assert float(y.mean()) == pytest.approx(0.3, rel=0.05)
 
 
 def test_resize_and_blur():
     x = _images(2, 40, 40)
-    assert H.resize(x, 0.5).shape[-2:] == (20, 20)
-    assert H.resize(x, 0.75).shape[-2:] == (30, 30)
+    assert N.resize(x, 0.5).shape[-2:] == (20, 20)
+    assert N.resize(x, 0.75).shape[-2:] == (30, 30)
     flat = torch.full((1, 3, 16, 16), 0.3)
-    assert torch.allclose(H.gaussian_blur(flat, 2.0), flat, atol=1e-6)
-    assert H.gaussian_blur(x, 2.0).std() < x.std()
+    assert torch.allclose(N.gaussian_blur(flat, 2.0), flat, atol=1e-6)
+    assert N.gaussian_blur(x, 2.0).std() < x.std()
 
 
 def test_jpeg_real_codec_path_matches_pil_and_passes_the_gradient():
@@ -102,9 +104,9 @@ def test_jpeg_real_codec_path_matches_pil_and_passes_the_gradient():
     x, _ = load_image_captions("tiny:heldout", 4, 64, 64)
     for q in (50, 80):
         ref = JPEG(quality=q).apply(x, torch.Generator())
-        assert torch.equal(H.pil_jpeg(x, q), ref)
+        assert torch.equal(N.pil_jpeg(x, q), ref)
         y = x.clone().requires_grad_(True)
-        out = H.jpeg_ste(y, q)
+        out = N.jpeg_ste(y, q)
         assert torch.allclose(out.detach(), ref, atol=1e-6)
         out.sum().backward()
         assert torch.equal(y.grad, torch.ones_like(y))  # straight-through (forward ASL)
@@ -116,26 +118,26 @@ def _psnr(a, b):
 
 def test_differentiable_jpeg_approximations_are_close_to_pil():
     x, _ = load_image_captions("tiny:heldout", 4, 64, 64)
-    ref = H.pil_jpeg(x, 50)
+    ref = N.pil_jpeg(x, 50)
     y = x.clone().requires_grad_(True)
-    approx = H.jpeg_kornia(y, 50)
+    approx = N.jpeg_kornia(y, 50)
     approx.sum().backward()
     assert torch.isfinite(y.grad).all()
     assert _psnr(approx.detach(), ref) > 35  # kornia's approximation: measured 40.7 dB on tiny-world images
     # JPEG-Mask (the paper's): differentiable, an identity when every coefficient is kept, a low-pass otherwise
-    assert torch.allclose(H.jpeg_mask(x, (8, 8, 8)), x, atol=1e-5)
-    assert _psnr(H.jpeg_mask(x), ref) > 25
+    assert torch.allclose(N.jpeg_mask(x, (8, 8, 8)), x, atol=1e-5)
+    assert _psnr(N.jpeg_mask(x), ref) > 25
 
 
 def test_noise_layers_draw_from_the_generator_and_refuse_unknown_layers():
-    noise = H.NoiseLayers(("identity", "crop", "dropout", "resize", "jpeg"), crop=(0.5,), jpeg_mode="kornia")
+    noise = N.NoiseLayers(("identity", "crop", "dropout", "resize", "jpeg"), crop=(0.5,), jpeg_mode="kornia")
     x, c = _images(2, 32, 32), _images(2, 32, 32, seed=1)
     names = [noise.apply(x, c, g)[1] for g in [torch.Generator().manual_seed(s) for s in range(40)]]
     assert set(names) == {"identity", "crop", "dropout", "resize", "jpeg"}
     again = [noise.apply(x, c, g)[1] for g in [torch.Generator().manual_seed(s) for s in range(40)]]
     assert names == again
     with pytest.raises(UserError):
-        H.NoiseLayers(("identity", "rotate"))
+        N.NoiseLayers(("identity", "rotate"))
     with pytest.raises(UserError):
         H.HiDDeN(noise_layers=["blurr"])
 
@@ -150,9 +152,9 @@ LEARN = dict(bits=4, encoder_blocks=2, encoder_channels=16, decoder_blocks=3, de
 
 def _learn(train, held, steps, strength):
     cfg = H.HiddenConfig(**LEARN, strength=strength, steps=steps)
-    trained = H.train_hidden(H.quantize8(train), cfg, torch.Generator().manual_seed(0))
+    trained = H.train_hidden(N.quantize8(train), cfg, torch.Generator().manual_seed(0))
     m = torch.randint(0, 2, (held.shape[0], cfg.bits), generator=torch.Generator().manual_seed(1)).float()
-    return H.bit_accuracy(trained.decoder, H.quantize8(held), m, cfg.threshold, trained.encoder, cfg, H.quantize8)
+    return H.bit_accuracy(trained.decoder, N.quantize8(held), m, cfg.threshold, trained.encoder, cfg, N.quantize8)
 
 
 @pytest.mark.slow

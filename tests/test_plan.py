@@ -114,7 +114,7 @@ def test_run_prompts_and_size_are_in_the_key_of_plugins_that_read_them(tmp_path)
     text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "hidden"')
     embeds = lambda plan: {s.plugin.name: k for k, s in plan.stages.items() if s.kind == "embed"}  # noqa: E731
     a = embeds(_plan(tmp_path, text))
-    b = embeds(_plan(tmp_path, text.replace('builtin = "micro"', 'list = ["a red circle on a grey background"]')))
+    b = embeds(_plan(tmp_path, text.replace('set = "micro:shapes"', 'list = ["a red circle on a grey background"]')))
     c = embeds(_plan(tmp_path, text, overrides={"model.height": 32, "model.width": 32}))
     assert a["hidden"] != b["hidden"] and a["hidden"] != c["hidden"]
     assert a["none"] == b["none"] == c["none"]  # a defence that reads neither keeps its key

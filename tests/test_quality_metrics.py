@@ -19,7 +19,7 @@ from bench.measures import clip_score as cs
 from bench.measures import fid
 from bench.plugins import Detection, MeasureContext
 from bench.registries import metrics
-from bench.zoo import TINY_CLIP, clip_model, shapes
+from worlds.tiny import TINY_CLIP, clip_model, shapes
 
 PROMPTS = ("a large red circle on a blue background", "a small green square on a white background",
            "a medium yellow star on a black background", "a large purple heart on a grey background")
@@ -228,7 +228,7 @@ def test_folder_and_heldout_references_are_unpaired(use, tmp_path):
     assert m.value == pytest.approx(fid.frechet_distance(f(x).numpy(), f(ref).numpy()))
     assert "reference is fixed" in m.note and str(tmp_path) in m.note
     held = by_name(metrics.get("kid")(reference="tiny_world_heldout", reference_size=8).compute(make_ctx(x)))
-    assert held["kid"].n == 6 and "held-out" in held["kid"].note
+    assert held["kid"].n == 6 and "tiny:heldout" in held["kid"].note
     with pytest.raises(ConfigError, match="reference"):
         metrics.get("fid")(reference=str(tmp_path / "missing"))
 
@@ -294,7 +294,7 @@ class StubCLIP(torch.nn.Module):
 
 def test_clip_score_is_100_times_the_clamped_cosine_per_image():
     angles = [0.0, np.pi / 3, np.pi / 2, 2 * np.pi / 3]  # cos = 1, 0.5, 0, -0.5
-    scorer = cs._Scorer(StubCLIP(angles), lambda x: x, lambda p: torch.zeros(len(p), 3), "cpu", 64)
+    scorer = cs.ClipScorer(StubCLIP(angles), lambda x: x, lambda p: torch.zeros(len(p), 3), "cpu", 64)
     got = scorer.scores(torch.zeros(4, 3, 8, 8), ("a", "b", "a", "c"))
     np.testing.assert_allclose(got, [100.0, 50.0, 0.0, 0.0], atol=1e-9)  # the negative cosine counts as 0
 
@@ -346,7 +346,7 @@ def test_clip_score_with_an_open_clip_architecture_and_a_weights_file(tmp_path):
 
 
 def test_clip_score_errors(monkeypatch, tmp_path):
-    from bench import zoo
+    from worlds import tiny as zoo
 
     monkeypatch.setattr(zoo, "TINY_CLIP", tmp_path / "not-built")
     monkeypatch.setattr(cs, "_MODELS", {})

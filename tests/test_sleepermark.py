@@ -18,8 +18,10 @@ from bench.errors import MissingDependencyError, UserError
 from bench.models import load_pipeline
 from bench.plugins import GenerationRequest, MarkLocation, StageContext, Verification
 from bench.stages import check_detection, check_images, copy_pipeline
-from defenses.sleepermark import (TRIGGER, LatentDecoder, SecretEncoder, SleeperMark, _from_latent, _roundtrip,
-                                  _to_latent, load_prompts, ramp, sleeper_weights, trainable_parameter_names,
+from bench.latents import from_latent as _from_latent
+from bench.latents import to_latent as _to_latent
+from defenses.sleepermark import (TRIGGER, LatentDecoder, SecretEncoder, SleeperMark, _roundtrip, load_prompts,
+                                  ramp, sleeper_weights, trainable_parameter_names,
                                   watermark_target)
 
 FAST = dict(train_images=4, train_inference_steps=2, gen_batch_size=4, secret_res=0, decoder_channels=[8, 8],

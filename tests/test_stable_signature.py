@@ -186,10 +186,10 @@ def test_image_terms_share_the_training_module():
 
 
 def test_extractor_script_writes_an_extractor_the_defence_loads(tmp_path):
-    """benchmarks/stable_signature_extractor.py (the GPU-scale extractor training): a few steps on the micro model's
+    """experiments/stable_signature_extractor.py (the GPU-scale extractor training): a few steps on the micro model's
     covers; the file it writes is what ``extractor_path`` reads, with the requested shape; a time budget turns into a
     step count."""
-    script = load_benchmark("stable_signature_extractor")
+    script = load_benchmark("stable_signature_extractor", "experiments")
     out = tmp_path / "ext.safetensors"
     common = ["--model", "micro-sd", "--bits", "8", "--covers", "8", "--held-out", "4", "--image-size", "16",
               "--batch", "4", "--optimizer", "adam", "--encoder", "1x4", "--decoder", "2x4",

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import defenses, zoo
+from bench import defenses
+from worlds import tiny as zoo
 from bench.config import ModelConfig, load_config
 from bench.errors import UserError
 from bench.generation import generate_images

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.zoo import MANIFEST, TINY_CLIP, TINY_SD, shapes
+from worlds.tiny import MANIFEST, TINY_CLIP, TINY_SD, shapes
 
 SAMPLE_CAPTIONS = [
     "a small red triangle on a blue background",
@@ -95,7 +95,7 @@ def test_shapes_are_large_and_inside_the_image():
 # ------------------------------------------------------------------------------------------------ tokenizer, text tower
 def test_tokenizer_ids_equal_open_clips():
     from bench.models import clip_tokenizer
-    from bench.zoo import clip_model
+    from worlds.tiny import clip_model
 
     oc = clip_model.tokenizer()(SAMPLE_CAPTIONS)
     hf = clip_tokenizer()(SAMPLE_CAPTIONS, padding="max_length", max_length=77, truncation=True,
@@ -110,7 +110,7 @@ def test_text_encoder_is_the_clip_text_tower():
     import torch
 
     from bench.models import clip_tokenizer
-    from bench.zoo import clip_model
+    from worlds.tiny import clip_model
 
     torch.manual_seed(0)
     model = clip_model.create().eval()
@@ -133,7 +133,7 @@ def test_zoo_command_is_wired():
 # ------------------------------------------------------------------------------------------------ shipped artifacts
 @shipped
 def test_manifest_matches_the_shipped_files():
-    from bench.zoo.info import verify
+    from worlds.tiny.info import verify
 
     m = json.loads(MANIFEST.read_text())
     assert verify(MANIFEST.parent, m) == []
@@ -155,7 +155,7 @@ def test_shipped_pipeline_loads_like_stable_diffusion():
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.steps_offset == 1
     assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
-    from bench.zoo import clip_model
+    from worlds.tiny import clip_model
 
     shipped_ids = pipe.tokenizer(SAMPLE_CAPTIONS, padding="max_length", max_length=77).input_ids
     for a, b in zip(clip_model.tokenizer()(SAMPLE_CAPTIONS).tolist(), shipped_ids):
@@ -186,7 +186,7 @@ def test_shipped_clip_loads_through_open_clip_local_dir():
     import open_clip
     import torch
 
-    from bench.zoo import clip_model
+    from worlds.tiny import clip_model
 
     model = open_clip.create_model(f"local-dir:{TINY_CLIP}")
     ref = clip_model.load()
@@ -198,7 +198,7 @@ def test_shipped_clip_loads_through_open_clip_local_dir():
 @shipped
 @pytest.mark.slow
 def test_shipped_clip_zero_shot_accuracy():
-    from bench.zoo.evaluate import measure_clip
+    from worlds.tiny.evaluate import measure_clip
 
     acc = measure_clip(n=300)
     assert acc["shape"] >= 0.85 and acc["colour"] >= 0.85, acc
@@ -207,7 +207,7 @@ def test_shipped_clip_zero_shot_accuracy():
 @shipped
 @pytest.mark.slow
 def test_shipped_vae_psnr():
-    from bench.zoo.evaluate import measure_vae
+    from worlds.tiny.evaluate import measure_vae
 
     psnr = measure_vae(n=64)
     assert psnr["heldout"] >= 27.0, psnr
@@ -216,7 +216,7 @@ def test_shipped_vae_psnr():
 @shipped
 @pytest.mark.slow
 def test_shipped_ldm_follows_prompts_and_guidance_helps():
-    from bench.zoo.evaluate import measure_ldm
+    from worlds.tiny.evaluate import measure_ldm
 
     res = measure_ldm(n=56, guidances=(1.0, 5.0))
     assert res["cfg5"]["shape_and_colour"] >= 0.55, res
@@ -228,10 +228,10 @@ def test_build_is_reproducible(tmp_path):
     """A micro build (a few steps of every stage) twice from one seed gives byte-identical weights."""
     import torch
 
-    from bench.zoo.build import BuildPlan, build
-    from bench.zoo.train_clip import ClipSettings
-    from bench.zoo.train_unet import UnetSettings
-    from bench.zoo.train_vae import VaeSettings
+    from worlds.tiny.build import BuildPlan, build
+    from worlds.tiny.train_clip import ClipSettings
+    from worlds.tiny.train_unet import UnetSettings
+    from worlds.tiny.train_vae import VaeSettings
 
     torch.set_num_threads(1)
     sums = []
@@ -261,7 +261,7 @@ def test_build_is_reproducible(tmp_path):
     assert sum(not torch.equal(two[k], rt[k]) for k in dec) > len(dec) // 2
     assert sorted(sums[0]["tiny-sd-rt"]) == ["vae/diffusion_pytorch_model.safetensors"]
     # shipping the checkpoints of a build that is past stage 2 ships tiny-sd's (two-stage) VAE, not stage 3's
-    from bench.zoo.build import ship
+    from worlds.tiny.build import ship
 
     ship(tmp_path / "work0", tmp_path / "shipped", seed=5, measure=False)
     shipped = vae("shipped/tiny-sd/vae")
@@ -274,8 +274,8 @@ def test_a_finished_two_stage_vae_build_resumes_without_a_third_stage(tmp_path):
     build loads stage 2's optimiser state instead of failing on a stage-3 parameter set."""
     import torch
 
-    from bench.zoo.common import load_checkpoint
-    from bench.zoo.train_vae import VaeSettings, train_vae
+    from worlds.tiny.common import load_checkpoint
+    from worlds.tiny.train_vae import VaeSettings, train_vae
 
     torch.set_num_threads(1)
     s = VaeSettings(steps=2, decoder_steps=2, roundtrip_steps=0, batch_size=4, n_train=40, n_style=8, n_subject=8,

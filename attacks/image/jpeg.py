@@ -1,16 +1,15 @@
-"""JPEG compression with the real codec (Pillow / libjpeg)."""
+"""JPEG compression with the real codec (Pillow / libjpeg: :func:`bench.noise.pil_jpeg`, which the defences' noise
+layers also use)."""
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from bench import ImageAttack, Param, image_attacks
+from bench.noise import pil_jpeg
 
 
 @image_attacks.register("jpeg")
@@ -42,15 +41,5 @@ class JPEG(ImageAttack):
         return {"quality": int(math.floor(90.0 - 80.0 * s + 0.5))}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = images.detach().to(torch.float32).clamp(0.0, 1.0)
-        arrays = (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        out = np.empty_like(arrays)
-        for i, arr in enumerate(arrays):
-            buf = io.BytesIO()
-            Image.fromarray(arr, mode="RGB").save(buf, format="JPEG", quality=int(self.quality),
-                                                  subsampling=self.subsampling)
-            buf.seek(0)
-            with Image.open(buf) as decoded:
-                out[i] = np.asarray(decoded.convert("RGB"))
-        result = torch.from_numpy(out).permute(0, 3, 1, 2).to(device=x.device, dtype=torch.float32) / 255.0
-        return result.clamp(0.0, 1.0).contiguous()
+        x = images.detach().to(torch.float32)
+        return pil_jpeg(x, int(self.quality), self.subsampling).clamp(0.0, 1.0).contiguous()

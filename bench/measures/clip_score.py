@@ -6,10 +6,11 @@ torchmetrics' weight 100 (the paper uses 2.5), averaged over images. torchmetric
 prompt, and the per-image form gives per-image values for an interval and for paired differences.
 
 Model (``model``, ``pretrained``)
-    ``model="tiny-world"`` (default): the tiny world's CLIP (:mod:`bench.zoo.clip_model`), shipped in
-    ``bench/zoo/artifacts/tiny-clip/`` and built by ``bench zoo build``; ``pretrained`` may name another built
+    A ``model`` name that a world answers to (:attr:`bench.world.World.clip_models`) is that world's recommended
+    scorer: ``model="tiny-world"`` (default) is the tiny world's CLIP (:mod:`worlds.tiny.clip_model`), shipped in
+    ``worlds/tiny/artifacts/tiny-clip/`` and built by ``bench zoo build``; ``pretrained`` may name another built
     folder (or its ``open_clip_model.safetensors``). Images are preprocessed as the tiny CLIP was trained
-    (:func:`bench.zoo.clip_model.preprocess`: [-1, 1], bilinear antialiased resize to 64x64).
+    (:func:`worlds.tiny.clip_model.preprocess`: [-1, 1], bilinear antialiased resize to 64x64).
     Any other ``model`` is an open_clip architecture name (``ViT-B-32``, ``ViT-L-14``; also ``hf-hub:...`` and
     ``local-dir:...``) with ``pretrained`` an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``: needs a
     download) or a local checkpoint file; images then go through open_clip's own evaluation transform for that
@@ -44,14 +45,15 @@ from bench.params import Param
 from bench.plugins import MeasureContext, Measurement, Metric
 from bench.registries import metrics
 
+#: the default scorer: the one the tiny world recommends (:meth:`bench.world.World.clip_scorer`)
 TINY_WORLD = "tiny-world"
 RANDOM = "random"
 WEIGHT = 100.0
 _SHARED = "bench.measures.clip_score"
-_MODELS: dict[tuple, "_Scorer"] = {}
+_MODELS: dict[tuple, "ClipScorer"] = {}
 
 
-class _Scorer:
+class ClipScorer:
     """An open_clip model with its image preprocessing and tokenizer: per-image CLIP scores."""
 
     def __init__(self, model: Any, preprocess_images, tokenizer, device: str, batch_size: int):
@@ -86,36 +88,14 @@ class _Scorer:
         return (WEIGHT * cos.clamp(min=0)).numpy()
 
 
-def _tiny_world_scorer(pretrained: str | None, device: str, batch_size: int) -> _Scorer:
-    from bench import zoo
-    from bench.zoo import clip_model
-
-    if pretrained == RANDOM:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = clip_model.create(None)
-    else:
-        path = Path(pretrained).expanduser() if pretrained else Path(zoo.TINY_CLIP)
-        weights = path if path.is_file() else path / clip_model.WEIGHTS
-        if not weights.is_file():
-            hint = ("run `bench zoo build` to build it" if not pretrained
-                    else "point clip_score's pretrained at a folder built by `bench zoo build`")
-            raise UserError(f"the tiny-world CLIP for clip_score is missing: no {weights}; {hint}")
-        model = clip_model.create(pretrained=str(weights))
-
-    def preprocess(images: torch.Tensor) -> torch.Tensor:
-        return clip_model.preprocess(images * 2 - 1)
-
-    return _Scorer(model, preprocess, clip_model.tokenizer(), device, batch_size)
-
-
-def _open_clip_scorer(name: str, pretrained: str | None, device: str, batch_size: int) -> _Scorer:
+def open_clip_scorer(name: str, pretrained: str | None, device: str, batch_size: int) -> ClipScorer:
     import open_clip
     from PIL import Image
 
-    from bench.zoo import clip_model
+    from bench.world import all_worlds
 
-    clip_model.register()  # TinyWorld-RN is an open_clip architecture too
+    for w in all_worlds():  # a world may add open_clip architectures of its own (the tiny world's TinyWorld-RN)
+        w.register_open_clip()
     if pretrained == RANDOM:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -127,18 +107,21 @@ def _open_clip_scorer(name: str, pretrained: str | None, device: str, batch_size
         arrays = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return torch.stack([transform(Image.fromarray(a)) for a in arrays])
 
-    return _Scorer(model, preprocess, open_clip.get_tokenizer(name), device, batch_size)
+    return ClipScorer(model, preprocess, open_clip.get_tokenizer(name), device, batch_size)
 
 
 def scorer(model: str = TINY_WORLD, pretrained: str | None = None, device: str = "cpu",
-           batch_size: int = 64) -> _Scorer:
+           batch_size: int = 64) -> ClipScorer:
     """The CLIP scorer for ``model`` / ``pretrained`` (loaded once per process and device)."""
     key = (model, pretrained, str(device))
     if key not in _MODELS:
-        if model == TINY_WORLD:
-            _MODELS[key] = _tiny_world_scorer(pretrained, device, batch_size)
+        from bench.world import world_for_clip_model
+
+        world = world_for_clip_model(model)
+        if world is not None:  # a world's recommended scorer (model = "tiny-world": the shipped tiny CLIP)
+            _MODELS[key] = world.clip_scorer(model, pretrained, device, batch_size)
         else:
-            _MODELS[key] = _open_clip_scorer(model, pretrained, device, batch_size)
+            _MODELS[key] = open_clip_scorer(model, pretrained, device, batch_size)
     s = _MODELS[key]
     s.batch_size = batch_size
     return s
@@ -179,11 +162,14 @@ class CLIPScore(Metric):
     def __init__(self, **given: Any):
         super().__init__(**given)
         model, pretrained = self.params["model"], self.params["pretrained"]
-        if model != TINY_WORLD and pretrained is None and not model.startswith(("hf-hub:", "local-dir:")):
+        from bench.world import world_for_clip_model
+
+        if (world_for_clip_model(model) is None and pretrained is None
+                and not model.startswith(("hf-hub:", "local-dir:"))):
             raise ConfigError(f"metric 'clip_score': model={model!r} needs pretrained=<an open_clip pretrained tag "
                               f"or a weights file> (or 'random' for a test)")
 
-    def _scorer(self, ctx: MeasureContext) -> _Scorer:
+    def _scorer(self, ctx: MeasureContext) -> ClipScorer:
         return scorer(self.params["model"], self.params["pretrained"], ctx.device, self.params["batch_size"])
 
     def _model_id(self) -> tuple:

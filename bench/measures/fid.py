@@ -16,8 +16,9 @@ Features
 Reference (``reference``)
     ``clean_base`` (default): ``ctx.reference()``, the clean base model's images for the same prompts and seeds
     (no mark, no attack). The design is then *paired*: image ``i`` of the cell and image ``i`` of the reference
-    share prompt and seed. ``tiny_world_heldout``: ``reference_size`` held-out images of the tiny world's dataset
-    (:mod:`bench.zoo.shapes`, seed 0). Any other value is a folder of real images (png, jpg, jpeg, webp, bmp; the
+    share prompt and seed. ``"<world>:<dataset>"`` (e.g. ``tiny:heldout``; the legacy name ``tiny_world_heldout``
+    still reads): ``reference_size`` images of a world's dataset (:func:`bench.world.load_dataset`, seed 0). Any other
+    value is a folder of real images (png, jpg, jpeg, webp, bmp; the
     first ``reference_size`` by sorted path, searched recursively). Folder and held-out references are unpaired.
 
 Measurements (each with ``n`` = number of evaluated images)
@@ -81,7 +82,7 @@ from bench.registries import metrics
 FEATURE_DIM = 2048
 INCEPTION_SIZE = (299, 299)
 TF_INPUT_RANGE = (-1.0, 0.9921875)  # fid-helper's INPUT_RANGE_TF: v / 128 - 1 for 8-bit v
-REFERENCES = ("clean_base", "tiny_world_heldout")
+REFERENCES = ("clean_base",)  # besides these: "<world>:<dataset>" (bench.world) or a folder
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 JACKKNIFE_GROUPS = 50
 Z95 = 1.959963984540054
@@ -342,11 +343,10 @@ def _load_folder(folder: Path, limit: int) -> list[torch.Tensor]:
     return [torch.stack(v) for v in groups.values()]  # one tensor per image size
 
 
-def _tiny_world_heldout(n: int) -> list[torch.Tensor]:
-    from bench.zoo import shapes
+def _world_dataset(spec: str, n: int) -> list[torch.Tensor]:
+    from bench.world import load_dataset
 
-    images, _, _ = shapes.make_dataset("heldout", n, seed=0)
-    return [torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)]
+    return [load_dataset(spec, n, seed=0)[0]]
 
 
 class _InceptionMetric(Metric):
@@ -364,20 +364,24 @@ class _InceptionMetric(Metric):
               doc="a local weights file: a TorchScript network for 'fid-helper', torch-fidelity's "
                   "pt_inception-2015-12-05 file for 'torchmetrics' (default: the packaged / downloaded one)"),
         Param("reference", "str", "clean_base",
-              doc="'clean_base' (the clean base model's images, same prompts and seeds), 'tiny_world_heldout' "
-                  "(held-out real images of the tiny world), or a folder of real images"),
+              doc="'clean_base' (the clean base model's images, same prompts and seeds), a world's dataset "
+                  "'<world>:<name>' (e.g. 'tiny:heldout': held-out real images of the tiny world), or a folder of "
+                  "real images"),
         Param("reference_size", "int", 256, low=2,
               doc="images taken from a reference folder (first by sorted path) or rendered for "
-                  "'tiny_world_heldout'"),
+                  "a world's dataset"),
         Param("batch_size", "int", 16, low=1, doc="images per Inception forward pass"),
     )
 
     def __init__(self, **given: Any):
         super().__init__(**given)
         ref = self.params["reference"]
-        if ref not in REFERENCES and not Path(ref).expanduser().is_dir():
+        from bench.world import dataset_specs, resolve_reference
+
+        if ref not in REFERENCES and resolve_reference(ref) is None and not Path(ref).expanduser().is_dir():
             raise ConfigError(f"metric '{self.name}': reference={ref!r} must be one of "
-                              f"{', '.join(repr(r) for r in REFERENCES)} or an existing folder of images")
+                              f"{', '.join(repr(r) for r in REFERENCES + tuple(dataset_specs()))} or an existing "
+                              f"folder of images")
 
     # -- features ------------------------------------------------------------------------------------------------
     def _feature_id(self) -> tuple:
@@ -410,18 +414,24 @@ class _InceptionMetric(Metric):
             if ctx.reference_key:
                 cache[key] = feats
             return feats, True
-        key = (self._feature_id(), ref if ref in REFERENCES else str(Path(ref).expanduser().resolve()),
-               self.params["reference_size"])
+        from bench.world import resolve_reference
+
+        world_ref = resolve_reference(ref)
+        key = (self._feature_id(), world_ref or str(Path(ref).expanduser().resolve()), self.params["reference_size"])
         if key not in cache:
             n = self.params["reference_size"]
-            sets = _tiny_world_heldout(n) if ref == "tiny_world_heldout" else _load_folder(Path(ref).expanduser(), n)
+            sets = _world_dataset(world_ref, n) if world_ref else _load_folder(Path(ref).expanduser(), n)
             cache[key] = torch.cat([self._extract(s, ctx) for s in sets])
         return cache[key], False
 
     def _reference_label(self) -> str:
         ref = self.params["reference"]
-        return {"clean_base": "the clean base model's images (same prompts and seeds)",
-                "tiny_world_heldout": "held-out tiny-world dataset images"}.get(ref, f"the images in {ref}")
+        from bench.world import resolve_reference
+
+        if ref == "clean_base":
+            return "the clean base model's images (same prompts and seeds)"
+        world_ref = resolve_reference(ref)
+        return f"images of the dataset {world_ref}" if world_ref else f"the images in {ref}"
 
     # -- driver --------------------------------------------------------------------------------------------------
     def statistic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, str]:

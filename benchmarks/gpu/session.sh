@@ -2,8 +2,8 @@
 # One GPU session for the work that waits on a GPU (issue 6), sized for one 10-minute device call:
 #   1. the GPU tests (tests/test_gpu.py: every plugin with the pipeline on CUDA, `bench run` with run.device = cuda);
 #   2. Stable Signature's extractor at the official architecture / optimiser / batch, for SS_SECONDS of training
-#      (benchmarks/stable_signature_extractor.py; writes extractor.safetensors for `extractor_path`);
-#   3. AquaLoRA's PPFT capacity at 48 bits towards the paper's sample count (benchmarks/aqualora_ppft_bits.py,
+#      (experiments/stable_signature_extractor.py; writes extractor.safetensors for `extractor_path`);
+#   3. AquaLoRA's PPFT capacity at 48 bits towards the paper's sample count (experiments/aqualora_ppft_bits.py,
 #      at most PPFT_STEPS steps at batch 12, within PPFT_SECONDS of training).
 # Prepare first (here): bash benchmarks/gpu/prepare.sh. Then, on the device, with .gpu carried:
 #     bash benchmarks/gpu/session.sh            # logs and the extractor land in $OUT (or /tmp/markbench-gpu)
@@ -69,10 +69,10 @@ per_test=()  # pytest-timeout (on the device image) names a hanging test instead
 step "1. GPU tests" "$TESTS_SECONDS" gpu_tests.log \
     "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfEs -p no:cacheprovider "${per_test[@]}"
 step "2. Stable Signature extractor" $((SS_SECONDS + 90)) extractor.log \
-    "$PY" benchmarks/stable_signature_extractor.py --device "$DEVICE" --seconds "$SS_SECONDS" \
+    "$PY" experiments/stable_signature_extractor.py --device "$DEVICE" --seconds "$SS_SECONDS" \
     --cover-cache /tmp/markbench-covers.pt --out "$OUT/extractor.safetensors" --json "$OUT/extractor.json" $SS_ARGS
 step "3. AquaLoRA PPFT, 48 bits" $((PPFT_SECONDS + 90)) ppft.log \
-    "$PY" benchmarks/aqualora_ppft_bits.py --device "$DEVICE" --bits 48 --rank 96 --batch 12 \
+    "$PY" experiments/aqualora_ppft_bits.py --device "$DEVICE" --bits 48 --rank 96 --batch 12 \
     --steps "$PPFT_STEPS" --seconds "$PPFT_SECONDS" --messages 8 $PPFT_ARGS
 ls -l "$OUT"
 exit "$failed"

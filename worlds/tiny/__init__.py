@@ -1,7 +1,7 @@
 """The tiny world's model zoo: the domain generator, the training of its models, and the shipped artifacts.
 
 ``bench zoo build`` rebuilds every artifact from a seed; ``bench zoo info`` prints what is shipped. The built models
-live in ``bench/zoo/artifacts/`` (``tiny-sd/``: a diffusers Stable Diffusion folder; ``tiny-clip/``: an open_clip
+live in ``worlds/tiny/artifacts/`` (``tiny-sd/``: a diffusers Stable Diffusion folder; ``tiny-clip/``: an open_clip
 model; ``tiny-sd-rt/vae/``: the round-trip VAE of the ``tiny-sd-rt`` variant) with a ``manifest.json`` of sizes,
 checksums, training settings and quality figures.
 """

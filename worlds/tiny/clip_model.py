@@ -215,3 +215,30 @@ def to_hf_text_encoder(model):
     if missing or unexpected:
         raise RuntimeError(f"text tower conversion: missing {missing}, unexpected {unexpected}")
     return hf.eval()
+
+
+def scorer(pretrained: str | None, device: str, batch_size: int, default: Path):
+    """The tiny CLIP as a :class:`bench.measures.clip_score.ClipScorer` (``pretrained``: a built folder or weights
+    file, default ``default``; ``"random"``: random weights under seed 0, for tests)."""
+    import torch
+
+    from bench.errors import UserError
+    from bench.measures.clip_score import RANDOM, ClipScorer
+
+    if pretrained == RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create(None)
+    else:
+        path = Path(pretrained).expanduser() if pretrained else Path(default)
+        weights = path if path.is_file() else path / WEIGHTS
+        if not weights.is_file():
+            hint = ("run `bench zoo build` to build it" if not pretrained
+                    else "point clip_score's pretrained at a folder built by `bench zoo build`")
+            raise UserError(f"the tiny-world CLIP for clip_score is missing: no {weights}; {hint}")
+        model = create(pretrained=str(weights))
+
+    def prep(images):
+        return preprocess(images * 2 - 1)
+
+    return ClipScorer(model, prep, tokenizer(), device, batch_size)

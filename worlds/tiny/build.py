@@ -2,12 +2,12 @@
 
 Stages (each resumable; ``--only`` runs one):
 
-1. ``clip``: the tiny CLIP (:mod:`bench.zoo.train_clip`) -> ``artifacts/tiny-clip/``
-2. ``vae``: the VAE (:mod:`bench.zoo.train_vae`); its stage-1 encoder fixes the latent space; its stage 3 (round
+1. ``clip``: the tiny CLIP (:mod:`worlds.tiny.train_clip`) -> ``artifacts/tiny-clip/``
+2. ``vae``: the VAE (:mod:`worlds.tiny.train_vae`); its stage-1 encoder fixes the latent space; its stage 3 (round
    trip) gives ``artifacts/tiny-sd-rt/vae/``, the VAE of the ``tiny-sd-rt`` variant
 3. ``unet``: the latent UNet on that latent space, with the CLIP's text tower as text encoder
-   (:mod:`bench.zoo.train_unet`) -> ``artifacts/tiny-sd/`` (a diffusers Stable Diffusion folder)
-4. measure: the quality figures (:mod:`bench.zoo.evaluate`) -> ``artifacts/manifest.json`` with sizes, sha256
+   (:mod:`worlds.tiny.train_unet`) -> ``artifacts/tiny-sd/`` (a diffusers Stable Diffusion folder)
+4. measure: the quality figures (:mod:`worlds.tiny.evaluate`) -> ``artifacts/manifest.json`` with sizes, sha256
    checksums, training settings, CPU seconds, versions.
 
 Work files (rendered datasets, checkpoints, logs) live in ``--work`` (default ``$MARKBENCH_HOME/zoo-build/seed-N``).

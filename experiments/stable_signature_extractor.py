@@ -18,8 +18,8 @@ Then, on any machine (the fine-tuning is 200 steps)::
 
 Examples::
 
-    python benchmarks/stable_signature_extractor.py --device cuda --seconds 240 --out extractor.safetensors
-    python benchmarks/stable_signature_extractor.py --steps 1500 --batch 32 --optimizer adam --lr 1e-3 \\
+    python experiments/stable_signature_extractor.py --device cuda --seconds 240 --out extractor.safetensors
+    python experiments/stable_signature_extractor.py --steps 1500 --batch 32 --optimizer adam --lr 1e-3 \\
         --encoder 2x16 --decoder 3x16 --image-size 32     # the tiny config's extractor (CPU, about 2 minutes)
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ from bench.plugins import StageContext  # noqa: E402
 from bench.progress import Progress  # noqa: E402
 from bench.prompts import BUILTIN_PROMPTS  # noqa: E402
 from bench.stages import Resources  # noqa: E402
-from defenses.hidden import bit_accuracy, quantize8, train_hidden  # noqa: E402
+from bench.noise import quantize8  # noqa: E402
+from defenses.hidden import bit_accuracy, train_hidden  # noqa: E402
 from defenses.stable_signature import StableSignature, save_extractor  # noqa: E402
 
 

@@ -30,7 +30,7 @@ def add_parsers(sub, cfg_args) -> dict:
     b.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --work")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--work", default=None, help="work folder (default: $MARKBENCH_HOME/zoo-build/seed-N)")
-    b.add_argument("--out", default=None, help="artifacts folder (default: the package's bench/zoo/artifacts)")
+    b.add_argument("--out", default=None, help="artifacts folder (default: the package's worlds/tiny/artifacts)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     b.add_argument("--no-measure", action="store_true", help="skip the quality figures at the end")
     b.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
@@ -88,7 +88,7 @@ def _eval(args, console) -> int:
 
     folder = Path(args.dir) if args.dir else ARTIFACTS
     if not (folder / "tiny-sd" / "model_index.json").exists():
-        from ..errors import UserError
+        from bench.errors import UserError
 
         raise UserError(f"{folder}/tiny-sd: no pipeline there; run 'bench zoo build' first")
     q = measure_all(folder / "tiny-sd", folder / "tiny-clip", quick=args.quick,
@@ -104,8 +104,8 @@ def _eval(args, console) -> int:
 
 
 def _embed(args, console) -> int:
-    from ..config import default_config_path
-    from ..progress import Progress
+    from bench.config import default_config_path
+    from bench.progress import Progress
     from . import ARTIFACTS
     from .embed import embed_configs
 
@@ -126,7 +126,7 @@ def _ship(args, console) -> int:
     out = Path(args.out) if args.out else ARTIFACTS
     work = Path(args.work) if args.work else work_dir(args.seed)
     if not (work / "unet" / "checkpoint.pt").exists():
-        from ..errors import UserError
+        from bench.errors import UserError
 
         raise UserError(f"{work}: no UNet checkpoint there; start 'bench zoo build' first")
     ship(work, out, args.seed, measure=not args.no_measure, quick=args.quick, log=Logger(work / "build.log"))

@@ -3,7 +3,7 @@
 For every defence of the given configs (which must use a shipped model: ``model.builtin = "tiny-sd"`` or
 ``"tiny-sd-rt"``), the embed stage is
 computed exactly as ``bench run`` computes it (same plan, same stage key, same seed-derived generator) and its
-artifact is copied into ``bench/zoo/artifacts/prebuilt/<key[:2]>/<key>/``. The runner reads that folder as a
+artifact is copied into ``worlds/tiny/artifacts/prebuilt/<key[:2]>/<key>/``. The runner reads that folder as a
 read-only fallback store (:func:`bench.cache.shipped_stores`): a config whose defence entry has the same parameters,
 seed and base model hits the shipped artifact; any other config computes its own. ``MARKBENCH_NO_PREBUILT=1``
 ignores the shipped artifacts (to re-embed from scratch and compare).
@@ -37,11 +37,11 @@ def base_fingerprint(model: str) -> str:
 def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callable[[str], None] = print,
                   progress=None, force: bool = False) -> list[dict]:
     """Embed the in-model defences of ``configs`` on their shipped model and ship them into ``out/prebuilt``."""
-    from ..cache import ArtifactStore
-    from ..config import load_config
-    from ..errors import UserError
-    from ..plan import build_plan
-    from ..stages import StageEnv, run_stage
+    from bench.cache import ArtifactStore
+    from bench.config import load_config
+    from bench.errors import UserError
+    from bench.plan import build_plan
+    from bench.stages import StageEnv, run_stage
     from .build import _readable, file_table, write_manifest_core
 
     out = Path(out)

@@ -136,7 +136,7 @@ def train_clip(work: Path, out: Path, seed: int = 0, settings: ClipSettings | No
             "heldout": acc, "history": history}
 
 
-def main(argv=None) -> int:  # python -m bench.zoo.train_clip WORK OUT [--seed N] [--steps N]
+def main(argv=None) -> int:  # python -m worlds.tiny.train_clip WORK OUT [--seed N] [--steps N]
     import argparse
     import json
 

@@ -15,7 +15,7 @@ attacks do not fail in the VAE. Three stages:
    a round-trip term on perturbed latents, ``|Enc(Dec(z + d)) - z - d|^2`` with ``d ~ N(0, s^2)`` per image and
    ``s ~ U(0, roundtrip_sigma)`` (scaled latent units), normalised by the mean of ``s^2``. Why: a VAE trained on flat
    coloured shapes alone learns a decoder that renders only the few latent directions the data varies along (19 of
-   1,024 keep 90 % of a residual through decode -> encode, measured with ``python -m bench.zoo.geometry``), whereas
+   1,024 keep 90 % of a residual through decode -> encode, measured with ``python -m experiments.geometry``), whereas
    Stable Diffusion's VAE, trained on textured natural images, carries latent residuals through the round trip;
    every latent-residual watermark (SleeperMark, AquaLoRA, Tree-Ring, Gaussian Shading) relies on that. The stage
    gives the tiny VAE that property without moving its latent space (the encoder is frozen: the UNet's latents are
@@ -281,7 +281,7 @@ def train_vae(work: Path, out: Path, seed: int = 0, settings: VaeSettings | None
     return result
 
 
-def main(argv=None) -> int:  # python -m bench.zoo.train_vae WORK OUT [--seed N]
+def main(argv=None) -> int:  # python -m worlds.tiny.train_vae WORK OUT [--seed N]
     import argparse
     import json
 

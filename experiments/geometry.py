@@ -15,7 +15,7 @@ Both are computed by central differences along an orthonormal basis of the laten
 ``max_directions`` dimensions, otherwise a random orthonormal subset, whose spectrum under-reads the top of the full
 one), batched, in float32, at each latent of ``latents``; the singular values are averaged over the latents.
 
-``python -m bench.zoo.geometry [MODEL]`` prints the table for a pipeline folder or a built-in name (default
+``python -m experiments.geometry [MODEL]`` prints the table for a pipeline folder or a built-in name (default
 ``tiny-sd``), at latents of held-out tiny-world images (or Gaussian latents with ``--random``).
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..training import decode_latents, encode_images
+from bench.training import decode_latents, encode_images
 
 #: round-trip gains reported as counts ("how many directions keep at least this share of a residual")
 GAIN_LEVELS = (0.9, 0.5, 0.2, 0.1)
@@ -89,10 +89,10 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     p = argparse.ArgumentParser(
-        prog="python -m bench.zoo.geometry",
+        prog="python -m experiments.geometry",
         description="Jacobian spectra of a VAE's decoder and round trip: how many latent directions a latent "
                     "watermark can use.",
-        epilog="examples:\n  python -m bench.zoo.geometry\n  python -m bench.zoo.geometry path/to/sd-folder --random "
+        epilog="examples:\n  python -m experiments.geometry\n  python -m experiments.geometry path/to/sd-folder --random "
                "--max-directions 1024 --n 2",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default="tiny-sd", help="built-in model name or pipeline folder")
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     from pathlib import Path
 
-    from ..models import builtin_folder, load_pipeline_folder
+    from bench.models import builtin_folder, load_pipeline_folder
 
     folder = Path(a.model) if Path(a.model).is_dir() else builtin_folder(a.model)
     pipe = load_pipeline_folder(folder)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         side = int(pipe.unet.config.sample_size)
         latents = torch.randn(a.n, int(vae.config.latent_channels), side, side, generator=g)
     else:
-        from . import shapes
+        from worlds.tiny import shapes
 
         images, _, _ = shapes.make_dataset("heldout", a.n, a.seed + 1)
         latents = encode_images(pipe, shapes.to_tensor(images) / 2 + 0.5)

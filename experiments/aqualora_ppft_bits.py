@@ -16,8 +16,8 @@ readout that needs no trained decoder. Printed per run:
 
 Examples (one thread each, tiny-sd-rt; about 4 minutes per 1,000 steps at batch 8)::
 
-    python benchmarks/aqualora_ppft_bits.py --bits 4            # 0.98: a few bits come through
-    python benchmarks/aqualora_ppft_bits.py --bits 48 --rank 96 --steps 4000
+    python experiments/aqualora_ppft_bits.py --bits 4            # 0.98: a few bits come through
+    python experiments/aqualora_ppft_bits.py --bits 48 --rank 96 --steps 4000
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from bench.generation import initial_latents  # noqa: E402
 from bench.models import load_pipeline  # noqa: E402
 from bench.plugins import StageContext  # noqa: E402
 from defenses.aqualora import AquaLoRA, Mapper, MessageLoRAModel  # noqa: E402
-from defenses.hidden import seeded  # noqa: E402
+from bench.rng import seeded  # noqa: E402
 from defenses.sleepermark import SleeperMark  # noqa: E402
 
 
@@ -90,7 +90,7 @@ def ppft_rate(aq: AquaLoRA, pipe, code, emb, mean, std, index, args, steps: int 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Example: python benchmarks/aqualora_ppft_bits.py --bits 16 --steps 4000")
+                                 epilog="Example: python experiments/aqualora_ppft_bits.py --bits 16 --steps 4000")
     ap.add_argument("--model", default="tiny-sd-rt", help="built-in model (default tiny-sd-rt)")
     ap.add_argument("--bits", type=int, default=48)
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank (tiny config 32, paper 320)")

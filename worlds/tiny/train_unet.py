@@ -2,7 +2,7 @@
 
 The pipeline is Stable Diffusion 1.x in miniature, with SD's component and key names:
 
-* ``vae``: the tiny-world ``AutoencoderKL`` (64x64x3 <-> 4x16x16; :mod:`bench.zoo.train_vae`);
+* ``vae``: the tiny-world ``AutoencoderKL`` (64x64x3 <-> 4x16x16; :mod:`worlds.tiny.train_vae`);
 * ``text_encoder``: a ``transformers.CLIPTextModel`` that *is* the tiny CLIP's text tower (converted weight for
   weight, frozen), as SD's text encoder is OpenAI CLIP's; ``tokenizer``: the real CLIP BPE (49,408 tokens, 77);
 * ``unet``: ``UNet2DConditionModel`` with ``CrossAttnDownBlock2D``/``CrossAttnUpBlock2D`` blocks (cross-attention
@@ -75,7 +75,7 @@ def make_scheduler():
 def assemble_pipeline(vae, text_encoder, unet):
     from diffusers import StableDiffusionPipeline
 
-    from ..models import clip_tokenizer
+    from bench.models import clip_tokenizer
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
@@ -123,7 +123,7 @@ def prepare(work: Path, vae, text_encoder, seed: int, n_train: int, log: Logger)
     """Latents (and their mirror images) of the training pool (cached in ``work``), and every caption's text states."""
     import torch
 
-    from ..models import clip_tokenizer
+    from bench.models import clip_tokenizer
 
     images, captions = cached_dataset(work, "train", n_train, seed, log)
     path = work / "unet" / f"latents-n{n_train}-s{seed}.pt"
@@ -279,7 +279,7 @@ def export_checkpoint(work: Path, out: Path, vae_dir: Path, clip_dir: Path) -> i
     return int(state["step"])
 
 
-def main(argv=None) -> int:  # python -m bench.zoo.train_unet WORK OUT VAE_DIR CLIP_DIR [--steps N]
+def main(argv=None) -> int:  # python -m worlds.tiny.train_unet WORK OUT VAE_DIR CLIP_DIR [--steps N]
     import argparse
     import json
 

@@ -43,7 +43,7 @@ def measure_vae(sd_dir: Path = TINY_SD, n: int = 256, seed: int = 0) -> dict:
 
 def measure_ldm(sd_dir: Path = TINY_SD, clip_dir: Path = TINY_CLIP, n: int = 168, guidances=(1.0, 3.0, 5.0),
                 steps: int = 20, seed: int = 0) -> dict:
-    from ..models import load_pipeline_folder
+    from bench.models import load_pipeline_folder
     from . import clip_model
     from .train_unet import evaluate_pipeline
 
@@ -80,7 +80,7 @@ def check_targets(q: dict) -> dict[str, bool]:
 
 
 def main(argv=None) -> int:
-    """``python -m bench.zoo.evaluate --work WORK [--n N]``: LDM accuracy of the latest UNet checkpoint (EMA)."""
+    """``python -m worlds.tiny.evaluate --work WORK [--n N]``: LDM accuracy of the latest UNet checkpoint (EMA)."""
     import argparse
     import json
 

@@ -1,0 +1,125 @@
+"""The layering that docs/architecture.md states, enforced by walking every import (function-local ones included).
+
+Layers, bottom to top: the core ``bench`` (knows no world, no report, no plugin by name); the plugins (``defenses``,
+``attacks``: only the public plugin API of ``bench``); the worlds (``worlds``: providers, may drive the core);
+``reports`` (reads stored results). Probes (``experiments``) and ``benchmarks`` sit on top and are imported by nobody.
+"""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: what the core may never import
+_NOT_IN_CORE = ("reports", "worlds", "defenses", "attacks", "experiments", "benchmarks", "tests")
+#: the modules of ``bench`` a plugin may import: the public API and the shared toolkits, never the harness
+PLUGIN_API = ("bench", "bench.errors", "bench.params", "bench.plugins", "bench.registries", "bench.training",
+              "bench.weights", "bench.generation", "bench.stats", "bench.prompts", "bench.data", "bench.world",
+              "bench.models", "bench.noise", "bench.rng", "bench.packing", "bench.latents")
+RULES: dict[str, tuple[str, ...]] = {
+    # package -> forbidden import prefixes
+    "bench": _NOT_IN_CORE,
+    "defenses": ("reports", "worlds", "experiments", "benchmarks", "tests"),
+    "attacks": ("reports", "worlds", "defenses", "experiments", "benchmarks", "tests"),
+    "worlds": ("reports", "experiments", "benchmarks", "tests"),
+    "reports": ("worlds", "defenses", "attacks", "experiments", "benchmarks", "tests"),
+}
+
+
+def violations(root: Path) -> list[str]:
+    """Every import that breaks :data:`RULES` or the plugin API, as ``file:line: what``."""
+    found: list[str] = []
+    for package, forbidden in RULES.items():
+        for f in sorted((root / package).rglob("*.py")):
+            rel = f.relative_to(root)
+            for line, name in _imports_rel(root, rel):
+                head = name.split(".")[0]
+                if head in forbidden or any(name == p or name.startswith(p + ".") for p in forbidden):
+                    found.append(f"{rel}:{line}: {package} imports {name}")
+                elif package in ("defenses", "attacks") and head == "bench":
+                    if name not in PLUGIN_API and not name.startswith("bench.measures"):
+                        found.append(f"{rel}:{line}: plugin imports the harness module {name}")
+    return sorted(set(found))
+
+
+def _imports_rel(root: Path, rel: Path) -> list[tuple[int, str]]:
+    """Every module the file ``root/rel`` imports (relative imports resolved against its package)."""
+    tree = ast.parse((root / rel).read_text(encoding="utf-8"), filename=str(rel))
+    pkg = list(rel.with_suffix("").parts[:-1])
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[:len(pkg) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.append((node.lineno, mod))
+    return out
+
+
+def test_the_repository_keeps_its_layers():
+    assert violations(ROOT) == []
+
+
+def test_the_layer_check_fails_on_a_deliberate_violation(tmp_path):
+    for pkg in RULES:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "bench" / "cli.py").write_text("def f():\n    from reports.html import render_report\n")
+    (tmp_path / "bench" / "cache.py").write_text("from worlds.tiny import PREBUILT\n")
+    (tmp_path / "bench" / "sub").mkdir()
+    (tmp_path / "bench" / "sub" / "m.py").write_text("from ...defenses import x\n")  # relative, out of the core
+    (tmp_path / "defenses" / "mine.py").write_text("from bench import Defense\nfrom bench.runner import Runner\n")
+    (tmp_path / "attacks" / "a.py").write_text("from bench.stages import run_stage\nfrom bench.training import x\n")
+    (tmp_path / "reports" / "r.py").write_text("import defenses.sleepermark\n")
+    found = violations(tmp_path)
+    assert found == sorted([
+        "attacks/a.py:1: plugin imports the harness module bench.stages",
+        "bench/cache.py:1: bench imports worlds.tiny",
+        "bench/cli.py:2: bench imports reports.html",
+        "bench/sub/m.py:1: bench imports defenses",
+        "defenses/mine.py:2: plugin imports the harness module bench.runner",
+        "reports/r.py:1: reports imports defenses.sleepermark",
+    ])
+
+
+def test_the_core_names_no_world():
+    """No comparison with, or prefix test for, a world's name in the core: worlds are looked up, never special-cased."""
+    offending = []
+    for f in sorted((ROOT / "bench").rglob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            consts = []
+            if isinstance(node, ast.Compare):
+                consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("startswith", "endswith"):
+                consts = [a for a in node.args if isinstance(a, ast.Constant)]
+            for c in consts:
+                values = c.value if isinstance(c.value, tuple) else (c.value,)
+                if any(isinstance(v, str) and ("tiny" in v or "zoo" in v or "micro" in v) for v in values):
+                    offending.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert offending == []
+
+
+def test_architecture_doc_states_the_checked_rule():
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert "A lower layer never imports a higher one" in text and "tests/test_layers.py" in text
+
+
+def test_a_relative_import_resolves_to_its_package(tmp_path):
+    (tmp_path / "bench" / "measures").mkdir(parents=True)
+    f = tmp_path / "bench" / "measures" / "x.py"
+    f.write_text(textwrap.dedent("""\
+        from . import y
+        from .. import world
+        from ..stats import z
+        """))
+    assert [m for _, m in _imports_rel(tmp_path, f.relative_to(tmp_path))] == [
+        "bench.measures", "bench", "bench.stats"]

@@ -1,0 +1,98 @@
+"""The tiny world as a provider (:class:`bench.world.World`): the shipped ``tiny-sd`` / ``tiny-sd-rt`` pipelines, the
+procedural coloured-shapes domain (:mod:`worlds.tiny.shapes`) as prompt sets and datasets, its held-out images as
+a FID reference, the tiny CLIP as its CLIP scorer, and the store of pre-embedded defences (``bench zoo embed``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from bench.errors import UserError
+from bench.world import World, worlds
+
+import worlds.tiny as _pkg  # attributes read at call time (tests point them elsewhere)
+
+
+def _domain_captions(n: int, split: int) -> tuple[str, ...]:
+    """``n`` fixed captions of the training (0) or held-out (1) combinations, spread over every shape."""
+    from . import shapes
+
+    combos = shapes.combinations()[split]
+    stride = 1 if split == 1 else 5  # the training combinations are many: spread the picks over all shapes
+    sizes = list(shapes.SIZES)
+    return tuple(shapes.Item(*combos[(i * stride) % len(combos)], sizes[(i // 2) % len(sizes)]).caption
+                 for i in range(n))
+
+
+@worlds.register("tiny")
+class TinyWorld(World):
+    """The shipped tiny world: coloured shapes at 64 px (``docs/tiny_world.md``).
+
+    Prompt sets: ``tiny:heldout`` (64 fixed held-out captions: combinations of shape, colour and background the
+    shipped tiny-sd never saw whole; every word it did see), ``tiny:train`` (128 captions of the training
+    combinations, for defences that train on the model's own images, so the evaluation prompts stay unseen by the
+    watermark too). Datasets (generated deterministically from a seed, nothing on disk): ``tiny:train``,
+    ``tiny:heldout``, ``tiny:style`` (the downstream new style), ``tiny:subject`` (the downstream new subject).
+    """
+
+    description = "shipped tiny-sd / tiny-sd-rt pipelines and the coloured-shapes domain (64 px)"
+    legacy_prompt_sets = {"tiny": "heldout", "tiny-train": "train"}
+    legacy_references = {"tiny_world_heldout": "heldout"}
+    clip_models = ("tiny-world",)
+
+    def models(self) -> Mapping[str, str]:
+        return {"tiny-sd": "shipped", "tiny-sd-rt": "shipped"}
+
+    def model_folder(self, name: str) -> Path:
+        from bench.models import variant_folder
+
+        if not (_pkg.TINY_SD / "model_index.json").exists():
+            raise UserError(f"model.builtin = {name!r}: the shipped tiny-world pipeline is missing from "
+                            f"{_pkg.TINY_SD}; rebuild it with 'bench zoo build' or use model.builtin = 'micro-sd'")
+        if name == "tiny-sd":
+            return _pkg.TINY_SD
+        if not (_pkg.TINY_SD_RT / "vae" / "config.json").exists():
+            raise UserError(f"model.builtin = 'tiny-sd-rt': its VAE is missing from {_pkg.TINY_SD_RT}; rebuild it "
+                            f"with 'bench zoo build --only vae' or use model.builtin = 'tiny-sd'")
+        return variant_folder(_pkg.TINY_SD, {"vae": _pkg.TINY_SD_RT / "vae"},
+                              f"tiny-sd-rt-{_pkg.fingerprint('tiny-sd')}-{_pkg.fingerprint('tiny-sd-rt')}")
+
+    def model_identity(self, name: str) -> tuple[str, ...]:
+        # tiny-sd-rt is tiny-sd with another VAE decoder: both checksums identify it
+        return (_pkg.fingerprint(),) + ((_pkg.fingerprint("tiny-sd-rt"),) if name == "tiny-sd-rt" else ())
+
+    def prompt_sets(self) -> Mapping[str, Callable[[], Sequence[str]]]:
+        return {"heldout": lambda: _domain_captions(64, 1), "train": lambda: _domain_captions(128, 0)}
+
+    def datasets(self) -> Sequence[str]:
+        from . import shapes
+
+        return tuple(shapes.SPLITS)
+
+    def load_dataset(self, name: str, n: int, seed: int = 0):
+        import torch
+
+        from . import shapes
+
+        arr, captions, _ = shapes.make_dataset(name, n, seed=seed)
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255), list(captions)
+
+    def clip_scorer(self, model: str, pretrained: str | None, device: str, batch_size: int) -> Any:
+        from .clip_model import scorer
+
+        return scorer(pretrained, device, batch_size, default=_pkg.TINY_CLIP)
+
+    def register_open_clip(self) -> None:
+        from .clip_model import register
+
+        register()  # TinyWorld-RN is an open_clip architecture too
+
+    def prebuilt_stores(self) -> tuple[Path, ...]:
+        return (_pkg.PREBUILT,)
+
+    def cli_module(self) -> str | None:
+        return "worlds.tiny.cli"
+
+    @property
+    def artifacts(self) -> Path:
+        return _pkg.ARTIFACTS
