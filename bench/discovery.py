@@ -74,7 +74,7 @@ def package_dirs(package: str) -> list[str]:
 def _module_files(package: str) -> Iterable[tuple[str, str]]:
     """``(module name, path)`` of every ``.py`` file under ``package``."""
     for root in package_dirs(package):
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
             rel = os.path.relpath(dirpath, root)
             prefix = package if rel == "." else package + "." + rel.replace(os.sep, ".")
