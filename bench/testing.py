@@ -33,10 +33,11 @@ import torch
 
 from .plugins import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, ImageAttack, MarkLocation,
                       MeasureContext, Measurement, Metric, ModelAttack, Plugin, StageContext)
+from .stages import Resources  # ctx.data: what a training plugin may read besides its input model
 
 __all__ = [
     "make_context", "micro_pipeline", "copy_pipeline", "sample_images", "generation_request", "check_images",
-    "check_detection", "quantize", "contract_checks", "contract_cases", "run_contract", "PROMPT",
+    "check_detection", "quantize", "contract_checks", "contract_cases", "run_contract", "PROMPT", "Resources",
 ]
 
 #: A caption of the tiny world, used where a check needs a prompt.
@@ -50,8 +51,6 @@ def make_context(seed: int = 0, *, pipe: Any = None, height: int = 64, width: in
                  prompts: Sequence[str] = (PROMPT,), device: str = "cpu", variant: str = "") -> StageContext:
     """A :class:`~bench.StageContext` as a stage gets it: a generator seeded with ``seed`` and, with ``pipe``,
     ``ctx.data`` (the clean base model, datasets at ``height`` x ``width``, the run's prompts)."""
-    from .stages import Resources
-
     data = Resources(lambda: pipe, height, width, lambda: list(prompts)) if pipe is not None else None
     return StageContext(torch.Generator().manual_seed(seed), device, data=data, variant=variant)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import ImageAttack, Param, image_attacks
+from bench import ImageAttack, image_attacks
 
 
 @image_attacks.register("none")
@@ -20,7 +20,6 @@ class Identity(ImageAttack):
     strength_mapping = "nothing (the identity has no strength)"
     deterministic = True
     identity = True  # the planner adds no stage for it
-    params = ()
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
