@@ -50,7 +50,7 @@ def suggest(name: str, choices: Iterable[str]) -> str:
 class Entry:
     name: str
     target: str | type  # "module:attr" until loaded, then the class
-    origin: str  # "markbench" for built-ins, else the distribution (or module) that provided it
+    origin: str | None  # "markbench" for built-ins, else the distribution (or module); None: not looked up yet
     info: Any = None  # bench.discovery.StaticInfo of a built-in, read without importing it
 
     @property
@@ -156,13 +156,15 @@ class Registry(Generic[T]):
             existing = self._entries.get(name)
             if existing is not None and existing.target is not c and existing.target != _path_of(c):
                 raise PluginValidationError(
-                    f"{self.kind} '{name}' is already registered by {existing.origin} "
+                    f"{self.kind} '{name}' is already registered by {self._origin(existing)} "
                     f"({_describe_target(existing.target)}); refusing to overwrite it with "
                     f"{_path_of(c)} from {origin or _origin_of(c)}"
                 )
             c.name = name
             keep = existing.origin if existing is not None and origin is None else None
-            self._entries[name] = Entry(name, c, keep or origin or _origin_of(c))
+            # the origin of a decorated class outside the built-ins is looked up when first asked for (it reads
+            # every installed distribution's file list: about a second)
+            self._entries[name] = Entry(name, c, keep or origin or _builtin_origin(c))
             return c
 
         return deco(cls) if cls is not None else deco
@@ -189,7 +191,7 @@ class Registry(Generic[T]):
             return
         if existing is not None:
             raise PluginValidationError(
-                f"{self.kind} '{name}' clashes with the one of the same name from {existing.origin} "
+                f"{self.kind} '{name}' clashes with the one of the same name from {self._origin(existing)} "
                 f"({_describe_target(existing.target)})")
         self.register(name, cls, origin=origin)
 
@@ -237,10 +239,17 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def origin(self, name: str) -> str:
+        """Where ``name`` comes from: ``"markbench"``, a distribution (``"acme-marks 2.0"``) or a module."""
         self._load_all()
         if name not in self._entries:
             self.get(name)
-        return self._entries[name].origin
+        return self._origin(self._entries[name])
+
+    @staticmethod
+    def _origin(entry: Entry) -> str:
+        if entry.origin is None:
+            entry.origin = _origin_of(entry.target) if entry.loaded else BUILTIN_ORIGIN  # type: ignore[arg-type]
+        return entry.origin
 
     def get(self, name: str, where: str = "") -> T:
         """The plugin class for ``name``; an unknown (or broken) name raises a :class:`ConfigError`."""
@@ -271,7 +280,7 @@ class Registry(Generic[T]):
         self._load_all()
         entry = self._entries.get(name)
         if entry is not None and not entry.loaded and entry.info is not None:
-            return PluginInfo(name, entry.info.doc, tuple(entry.info.params), entry.origin)
+            return PluginInfo(name, entry.info.doc, tuple(entry.info.params), self._origin(entry))
         cls = self.get(name)
         return PluginInfo(name, inspect.cleandoc(cls.__doc__ or ""), tuple(cls.params), self.origin(name))
 
@@ -297,6 +306,13 @@ def _describe_target(t: str | type) -> str:
     return t if isinstance(t, str) else _path_of(t)
 
 
+def _builtin_origin(cls: type) -> str | None:
+    """``"markbench"`` for a class of the built-in packages, else None (to be looked up by :func:`_origin_of`)."""
+    from .discovery import is_builtin_module
+
+    return BUILTIN_ORIGIN if is_builtin_module(cls.__module__) else None
+
+
 def _origin_of(cls: type) -> str:
     """``"markbench"`` for the built-in packages, else the installed distribution holding the class's module."""
     from .discovery import is_builtin_module
@@ -307,6 +323,16 @@ def _origin_of(cls: type) -> str:
     return _distribution_of(module) or module
 
 
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> dict[str, list[str]]:
+    from importlib import metadata
+
+    try:
+        return metadata.packages_distributions()
+    except Exception:  # noqa: BLE001 - a broken installed distribution must not break registration
+        return {}
+
+
 @functools.lru_cache(maxsize=None)
 def _distribution_of(module: str) -> str | None:
     import sys
@@ -315,10 +341,7 @@ def _distribution_of(module: str) -> str | None:
     top = module.split(".")[0]
     mod = sys.modules.get(module)
     file = getattr(mod, "__file__", None)
-    try:
-        candidates = metadata.packages_distributions().get(top, [])
-    except Exception:  # noqa: BLE001 - a broken installed distribution must not break registration
-        return None
+    candidates = _packages_distributions().get(top, [])
     for dist_name in candidates:
         try:
             dist = metadata.distribution(dist_name)
