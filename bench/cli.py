@@ -137,6 +137,7 @@ def _after_run_hooks() -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _plugin_warnings_as_lines()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -164,6 +165,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _plugin_warnings_as_lines() -> None:
+    """A third-party plugin that fails to load is reported as one line ``warning: ...`` on stderr."""
+    import warnings
+
+    from .registry import PluginLoadWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "_bench", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PluginLoadWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._bench = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def load_config_from_args(args, check_output: bool = True):
@@ -278,6 +299,9 @@ def _ls_worlds(console, verbose: bool) -> None:
 
 
 def cmd_ls(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
     from .params import describe
     from .registries import REGISTRIES
 
@@ -290,8 +314,6 @@ def cmd_ls(args) -> int:
              "image-attacks": ("image_attacks",), "model-attacks": ("model_attacks",),
              "metrics": ("metrics",)}[args.kind]
     console = _console()
-    from rich.table import Table
-
     for kind in kinds:
         reg = REGISTRIES[kind]
         table = Table(title=kind.replace("_", " "), show_lines=False, title_justify="left")
@@ -299,14 +321,12 @@ def cmd_ls(args) -> int:
         table.add_column("what")
         table.add_column("parameters (default; allowed)")
         for name in reg.names():
-            cls = reg.get(name)
-            doc = (cls.__doc__ or "").strip()
-            what = doc if args.verbose else (doc.splitlines()[0] if doc else "")
-            origin = reg.origin(name)
-            if origin != "markbench":
-                what += f" [from {origin}]"
-            params = "\n".join(f"{d.name}: {d.type} = {d.default!r}; {d.allowed}" for d in describe(cls.params))
-            table.add_row(name, what, params or "-")
+            info = reg.info(name)  # read from the source for built-ins: nothing is imported
+            what = info.doc if args.verbose else (info.doc.splitlines()[0] if info.doc else "")
+            if info.origin != "markbench":
+                what += f" [from {info.origin}]"
+            params = "\n".join(f"{d.name}: {d.type} = {d.default!r}; {d.allowed}" for d in describe(info.params))
+            table.add_row(escape(name), escape(what), escape(params) or "-")
         console.print(table)
     if args.kind == "all":
         _ls_worlds(console, args.verbose)

@@ -544,7 +544,7 @@ def _spec(kind: str, name: str, given: dict[str, Any], where: str) -> PluginSpec
             )
     resolved = resolve_params(name, cls.params, given, where=where)
     if kind == "image_attacks" and resolved.get("strength") is not None:
-        resolved.update(cls.from_strength(float(resolved["strength"])))
+        resolved.update(cls.natural_params(resolved["strength"]))
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in resolved.items()))
     return PluginSpec(kind, name, frozen, cls.version, reg.origin(name), tuple(sorted(given)))
 

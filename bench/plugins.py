@@ -268,37 +268,89 @@ class Defense(Plugin):
 class ImageAttack(Plugin):
     """An image-space attack: ``apply(images, generator) -> images``.
 
-    Every image attack declares its natural parameter(s) plus an optional ``strength`` in [0, 1]; when
-    ``strength`` is set, :meth:`from_strength` maps it to the natural parameter(s) (the mapping is documented in
-    each attack's docstring; ranges follow WAVES where it has one). Strength 0 is the weakest setting.
+    A subclass declares only its natural parameter(s) and :meth:`from_strength`. The base class adds the optional
+    normalised ``strength`` in [0, 1] to ``params`` (documented by ``strength_mapping``, e.g.
+    ``"quality = round(90 - 80 s)"``); when a config sets it, the base clamps it to [0, 1] and resolves the
+    natural parameters through :meth:`from_strength` (ranges follow WAVES where it has one). Strength 0 is the
+    weakest setting.
+
+    Class attributes that describe the attack to the contract tests (:mod:`bench.testing`):
+    ``deterministic`` (the output does not depend on the generator, so a batch equals its images one by one),
+    ``zero_strength_tolerance`` (the mean absolute change allowed at strength 0) and ``strength_effect`` (how the
+    growing effect of strength is measured: ``"mad"``, mean absolute difference, or ``"psnr"``, loss of PSNR).
     """
 
     #: True for the no-op attack: the planner then adds no stage (the unattacked column).
     identity: ClassVar[bool] = False
+    #: What ``strength`` sets, in words shown by ``bench ls`` (e.g. ``"quality = round(90 - 80 s)"``).
+    strength_mapping: ClassVar[str] = ""
+    #: The output does not depend on the generator.
+    deterministic: ClassVar[bool] = False
+    #: Mean absolute difference allowed between input and output at strength 0 (near-identity).
+    zero_strength_tolerance: ClassVar[float] = 1e-6
+    #: How the contract tests measure the effect of strength: ``"mad"`` or ``"psnr"`` (a codec's loss).
+    strength_effect: ClassVar[str] = "mad"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.params = cls.complete_params(tuple(cls.params), cls.strength_mapping)
+
+    @staticmethod
+    def complete_params(params: tuple[Param, ...], mapping: str = "") -> tuple[Param, ...]:
+        """``params`` with the normalised ``strength`` appended (unless the attack declares it itself)."""
+        if any(p.name == "strength" for p in params):
+            return params
+        doc = f"normalised strength; sets {mapping}" if mapping else "normalised strength"
+        return params + (Param("strength", "float", None, doc, low=0.0, high=1.0, optional=True),)
+
+    @classmethod
+    def natural_params(cls, strength: float) -> dict[str, Any]:
+        """The natural parameters that ``strength`` sets: :meth:`from_strength` of the strength clamped to [0, 1]."""
+        return dict(cls.from_strength(min(max(float(strength), 0.0), 1.0)))
 
     def __init__(self, **given: Any):
         super().__init__(**given)
         s = self.params.get("strength")
         if s is not None:
-            natural = resolve_params(self.name, type(self).params, self.from_strength(float(s)))
-            natural = {k: natural[k] for k in self.from_strength(float(s))}
+            mapped = self.natural_params(s)
+            natural = resolve_params(self.name, type(self).params, mapped)
+            natural = {k: natural[k] for k in mapped}
             self.params.update(natural)
             for k, v in natural.items():
                 setattr(self, k, v)
 
     @classmethod
     def validate_class(cls, owner: str) -> None:
-        from .errors import PluginValidationError
+        from .errors import ConfigError, PluginValidationError
 
-        names = {p.name for p in cls.params}
-        if "strength" not in names:
-            raise PluginValidationError(f"{owner} must declare an optional 'strength' parameter in [0, 1]")
+        by_name = {p.name: p for p in cls.params}
+        strength = by_name.get("strength")
+        if strength is None or strength.type != "float" or not strength.optional or \
+                (strength.low, strength.high) != (0.0, 1.0):
+            raise PluginValidationError(f"{owner}: 'strength' must be an optional float in [0, 1]")
         if cls.apply is ImageAttack.apply:
             raise PluginValidationError(f"{owner} must implement apply()")
+        if getattr(cls.from_strength, "__func__", None) is ImageAttack.from_strength.__func__:  # type: ignore[attr-defined]
+            raise PluginValidationError(f"{owner} must implement from_strength(s) (its strength mapping)")
+        if cls.strength_effect not in ("mad", "psnr"):
+            raise PluginValidationError(f"{owner}: strength_effect must be 'mad' or 'psnr'")
+        for s in (0.0, 0.5, 1.0):
+            mapped = cls.natural_params(s)
+            if not isinstance(mapped, dict):
+                raise PluginValidationError(f"{owner}: from_strength({s}) must return a dict")
+            unknown = [k for k in mapped if k not in by_name or k == "strength"]
+            if unknown:
+                raise PluginValidationError(
+                    f"{owner}: from_strength({s}) returned {', '.join(map(repr, unknown))}, which is not a "
+                    f"declared natural parameter")
+            try:
+                resolve_params(owner, cls.params, mapped)
+            except ConfigError as exc:
+                raise PluginValidationError(f"{owner}: from_strength({s}) gives an invalid value: {exc}") from None
 
     @classmethod
     def from_strength(cls, strength: float) -> dict[str, Any]:
-        """Map a normalised strength in [0, 1] to the natural parameters."""
+        """Map a normalised strength, already clamped to [0, 1], to the natural parameters."""
         raise NotImplementedError
 
     def apply(self, images: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":

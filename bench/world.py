@@ -14,8 +14,9 @@ The core knows no world by name. A *world* is a provider registered in :data:`wo
 * **a read-only store of pre-embedded defences** (:meth:`World.prebuilt_stores`) that the artifact cache reads behind
   its own, and optionally a command group for the ``bench`` CLI (``bench zoo`` is the tiny world's).
 
-A world is one file: subclass :class:`World`, decorate it with ``@worlds.register("name")`` and expose it in the
-``bench.worlds`` entry-point group (this package's own worlds are listed there too, in pyproject.toml).
+A world is one file: subclass :class:`World` and decorate it with ``@worlds.register("name")``: in the ``worlds``
+package that is all (the decorator is found by a static scan); a third-party package also exposes the class in the
+``bench.worlds`` entry-point group.
 
 Legacy spellings (``builtin:<set>`` for prompt sets, ``[prompts] builtin = "<set>"``) are still read: a world declares
 them in :attr:`World.legacy_prompt_sets`. They stay because a plugin parameter is part of its cache key, and the
@@ -27,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
+from .discovery import builtin_plugins
 from .errors import UserError
 from .registry import Registry, suggest
 
@@ -108,10 +110,11 @@ class World:
                         f"available: {', '.join(f'{self.name}:{c}' for c in choices) or 'none'}")
 
 
-#: Worlds come from the entry-point group ``bench.worlds``, this package's own included (pyproject.toml: ``tiny``,
-#: ``micro``, ``sd`` from the top-level ``worlds`` package), so the core names none. A world module must import
-#: lightly (no torch at module top): listing the worlds imports every one.
-worlds: Registry = Registry("world", World, "bench.worlds")
+#: Built-in worlds are the classes decorated ``@worlds.register("name")`` in the top-level ``worlds`` package, found by
+#: the same static scan as every built-in plugin (:mod:`bench.discovery`), so the core names none; third-party worlds
+#: come from the entry-point group ``bench.worlds``. A world module must import lightly (no torch at module top):
+#: listing the worlds imports every one.
+worlds: Registry = Registry("world", World, "bench.worlds", builtins=lambda: builtin_plugins("worlds"))
 
 _INSTANCES: dict[str, World] = {}
 

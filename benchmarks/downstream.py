@@ -81,7 +81,7 @@ def main() -> None:
     from bench.generation import generate_images
     from bench.models import load_pipeline
     from bench.plugins import GenerationRequest, StageContext
-    from bench.stages import Resources, copy_pipeline
+    from bench.testing import Resources, copy_pipeline
     from worlds.tiny import shapes
 
     cfg = load_config(args.config, check_output=False)

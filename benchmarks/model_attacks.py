@@ -32,7 +32,7 @@ def main() -> None:
     from bench.config import load_config
     from bench.models import load_pipeline
     from bench.plugins import StageContext
-    from bench.stages import Resources, copy_pipeline
+    from bench.testing import Resources, copy_pipeline
 
     cfg = load_config(args.config, check_output=False)
     base = load_pipeline(cfg.model)

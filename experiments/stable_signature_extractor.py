@@ -39,7 +39,7 @@ from bench.models import load_pipeline  # noqa: E402
 from bench.plugins import StageContext  # noqa: E402
 from bench.progress import Progress  # noqa: E402
 from bench.prompts import BUILTIN_PROMPTS  # noqa: E402
-from bench.stages import Resources  # noqa: E402
+from bench.testing import Resources  # noqa: E402
 from bench.noise import quantize8  # noqa: E402
 from defenses.hidden import bit_accuracy, train_hidden  # noqa: E402
 from defenses.stable_signature import StableSignature, save_extractor  # noqa: E402

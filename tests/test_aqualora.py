@@ -21,7 +21,7 @@ from bench.errors import MissingDependencyError, UserError
 from bench.generation import generate_images
 from bench.models import load_pipeline
 from bench.plugins import GenerationRequest, MarkLocation, Secret, StageContext, Verification
-from bench.stages import Resources, check_detection, check_images, copy_pipeline
+from bench.testing import Resources, check_detection, check_images, copy_pipeline
 from defenses.aqualora import (DISTORTIONS, PRETRAIN, ROBUST, AquaLoRA, AquaSecretEncoder, DiagState, ImageDecoder,
                                Mapper, MessageLoRA, MessageLoRAModel, corner_shift, cosine_lr_end, distort,
                                message_loss, pick_distortion, prvl_loss, step_lr, target_modules, to_epsilon)

@@ -25,7 +25,7 @@ from bench.errors import MissingDependencyError
 from bench.generation import generate_images
 from bench.models import load_pipeline
 from bench.plugins import DetectionKind, GenerationRequest, MarkLocation, StageContext
-from bench.stages import Resources, check_detection, check_images, copy_pipeline
+from bench.testing import Resources, check_detection, check_images, copy_pipeline
 from bench.store import ResultStore
 from tests.conftest import MICRO_TOML, write_config
 

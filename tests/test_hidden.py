@@ -11,7 +11,7 @@ import torch
 from bench import Secret, UserError
 from bench.data import load_image_captions
 from bench.plugins import StageContext
-from bench.stages import Resources
+from bench.testing import Resources
 from bench import noise as N
 from bench import rng as R
 from defenses import hidden as H

@@ -17,20 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench import ConfigError, ImageAttack, image_attacks
-from bench.registries import BUILTIN_IMAGE_ATTACKS
+from bench.testing import contract_cases
 
-NAMES = image_attacks.names()
-BUILTINS = sorted(BUILTIN_IMAGE_ATTACKS)
+NAMES = [n for n in image_attacks.names() if not n.startswith("_test")]  # tests/plugins_for_tests misbehave
+BUILTINS = [n for n in NAMES if image_attacks.origin(n) == "markbench"]
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-# Mean absolute difference allowed at strength 0 (near-identity). JPEG at quality 90 is lossy, and every chain
-# that contains it inherits that loss.
-ZERO_STRENGTH_TOL = {"jpeg": 0.03, "combination": 0.03}
-DEFAULT_ZERO_STRENGTH_TOL = 1e-6
-
-# Attacks whose output does not depend on the generator: a batch must equal its images processed one by one.
-DETERMINISTIC = ("none", "jpeg", "gaussian_blur", "median_filter", "resize", "rotation", "brightness", "contrast",
-                 "saturation", "sharpen")
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -66,90 +57,24 @@ def images() -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Generic contract, for every registered attack
+# The contract (bench.testing), for every registered attack: each check reads what the attack declares about
+# itself (deterministic, zero_strength_tolerance, strength_effect, identity), never its name.
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_declaration_contract(name):
-    cls = image_attacks.get(name)
-    assert issubclass(cls, ImageAttack)
-    assert cls.name == name
-    assert isinstance(cls.version, str) and cls.version
-    assert cls.summary(), "docstring must start with a one-line summary"
-    by_name = {p.name: p for p in cls.params}
-    strength = by_name["strength"]
-    assert strength.type == "float" and strength.optional and strength.default is None
-    assert (strength.low, strength.high) == (0.0, 1.0)
-    inst = cls()
-    assert inst.params["strength"] is None
+@pytest.mark.parametrize("plugin, check", contract_cases(image_attacks.get(n) for n in NAMES))
+def test_image_attack_contract(plugin, check):
+    check(plugin)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_from_strength_yields_declared_valid_params(name):
-    cls = image_attacks.get(name)
-    by_name = {p.name: p for p in cls.params}
-    for s in np.linspace(0.0, 1.0, 21):
-        natural = cls.from_strength(float(s))
-        assert isinstance(natural, dict)
-        for key, value in natural.items():
-            assert key in by_name and key != "strength", f"{name}.from_strength({s}) returned unknown '{key}'"
-            assert by_name[key].check(value) == value, f"{name}.from_strength({s}) -> {key}={value!r} invalid"
-        inst = cls(strength=float(s))
-        for key, value in natural.items():
-            assert inst.params[key] == value and getattr(inst, key) == value
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("strength", (None, 0.0, 0.5, 1.0))
-def test_shape_dtype_range_finite(name, strength, images):
-    attack = _make(name) if strength is None else _make(name, strength=strength)
-    out = attack.apply(images.clone(), _gen(3))
-    assert out.shape == images.shape
-    assert out.dtype == torch.float32
-    assert out.device.type == "cpu"
-    assert torch.isfinite(out).all()
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_same_seed_bit_identical(name, images):
-    for params in ({}, {"strength": 0.7}):
-        a = _make(name, **params).apply(images.clone(), _gen(42))
-        b = _make(name, **params).apply(images.clone(), _gen(42))
-        assert torch.equal(a, b), f"{name}({params}) differs between identically seeded runs"
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_no_global_rng_and_no_inplace(name, images):
-    x = images.clone()
-    torch.manual_seed(7)
-    np.random.seed(7)
-    torch_state = torch.get_rng_state()
-    np_state = np.random.get_state()[1].copy()
-    _make(name, strength=0.8).apply(x, _gen(5))
-    assert torch.equal(torch.get_rng_state(), torch_state), f"{name} used torch's global RNG"
-    assert np.array_equal(np.random.get_state()[1], np_state), f"{name} used numpy's global RNG"
-    assert torch.equal(x, images), f"{name} modified its input in place"
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_strength_zero_is_near_identity(name, images):
-    out = _make(name, strength=0.0).apply(images.clone(), _gen(9))
-    tol = ZERO_STRENGTH_TOL.get(name, DEFAULT_ZERO_STRENGTH_TOL)
-    assert _mad(out, images) <= tol, f"{name} at strength 0: mean abs diff {_mad(out, images):.4g} > {tol}"
-
-
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "none"])
-def test_effect_grows_with_strength(name, images):
-    if name == "jpeg":  # effect = loss of PSNR
-        effect = [-_psnr(_make(name, strength=s).apply(images, _gen(11)), images) for s in STRENGTHS]
-    else:
-        effect = [_mad(_make(name, strength=s).apply(images, _gen(11)), images) for s in STRENGTHS]
-    span = abs(effect[-1] - effect[0])
-    assert span > 0, f"{name}: strength has no effect: {effect}"
-    assert effect[1] < effect[-1], f"{name}: strength 0.25 not weaker than 1.0: {effect}"
-    assert effect[0] <= effect[1], f"{name}: strength 0 not weaker than 0.25: {effect}"
-    for lo, hi in zip(effect, effect[1:]):  # overall increasing, small wiggles tolerated
-        assert hi >= lo - 0.05 * span, f"{name}: effect decreases with strength: {effect}"
+def test_strength_is_owned_by_the_base_class():
+    """Subclasses declare only natural parameters; the base adds one normalised 'strength' in [0, 1] and clamps."""
+    for name in NAMES:
+        cls = image_attacks.get(name)
+        strength = [p for p in cls.params if p.name == "strength"]
+        assert len(strength) == 1 and cls.params[-1] is strength[0], name
+        assert (strength[0].low, strength[0].high, strength[0].default, strength[0].optional) == (0.0, 1.0, None, True)
+    jpeg = image_attacks.get("jpeg")
+    assert jpeg.natural_params(-3.0) == {"quality": 90} and jpeg.natural_params(7.0) == {"quality": 10}
+    assert "round(90 - 80 s)" in {p.name: p for p in jpeg.params}["strength"].doc
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -158,16 +83,6 @@ def test_builtin_defaults_equal_mid_strength(name, images):
     a = _make(name).apply(images, _gen(21))
     b = _make(name, strength=0.5).apply(images, _gen(21))
     assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("name", DETERMINISTIC)
-def test_batch_equals_per_image(name, images):
-    attack = _make(name, strength=0.6)
-    batch = attack.apply(images, _gen(0))
-    single = torch.cat([attack.apply(images[i:i + 1], _gen(0)) for i in range(images.shape[0])])
-    assert torch.allclose(batch, single, atol=1e-6)
-    other_seed = attack.apply(images, _gen(99))
-    assert torch.equal(batch, other_seed), f"{name} should not depend on the generator"
 
 
 @pytest.mark.parametrize("name,params", [("gaussian_noise", {"std": 0.05}), ("salt_pepper", {"amount": 0.1}),

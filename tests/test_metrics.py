@@ -11,7 +11,7 @@ from scipy import stats as st
 
 from bench import stats
 from bench.plugins import Defense, Detection, DetectionKind, MeasureContext, Measurement
-from bench.registries import BUILTIN_METRICS
+from bench.registries import builtin_table
 from bench.registries import metrics as registry
 
 K = 48
@@ -71,7 +71,7 @@ def message(g):
 
 
 def test_registry_names_and_classes():
-    for name, target in BUILTIN_METRICS.items():
+    for name, target in builtin_table("metrics").items():
         cls = registry.get(name)
         assert f"{cls.__module__}:{cls.__name__}" == target
         assert cls.name == name and cls.version == "1" and cls.summary()

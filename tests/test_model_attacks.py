@@ -9,7 +9,7 @@ from bench import model_attacks
 from bench.config import ModelConfig
 from bench.models import diff_pipeline, load_pipeline
 from bench.plugins import StageContext
-from bench.stages import Resources, copy_pipeline
+from bench.testing import Resources, copy_pipeline
 from bench.weights import layer_weights
 
 

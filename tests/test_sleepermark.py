@@ -17,7 +17,7 @@ from bench.config import ModelConfig, load_config
 from bench.errors import MissingDependencyError, UserError
 from bench.models import load_pipeline
 from bench.plugins import GenerationRequest, MarkLocation, StageContext, Verification
-from bench.stages import check_detection, check_images, copy_pipeline
+from bench.testing import check_detection, check_images, copy_pipeline
 from bench.latents import from_latent as _from_latent
 from bench.latents import to_latent as _to_latent
 from defenses.sleepermark import (TRIGGER, LatentDecoder, SecretEncoder, SleeperMark, _roundtrip, load_prompts,

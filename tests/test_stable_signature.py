@@ -14,7 +14,7 @@ from bench.generation import generate_images
 from bench.models import diff_pipeline, load_pipeline
 from bench.plugins import GenerationRequest, StageContext
 from bench.prompts import BUILTIN_PROMPTS
-from bench.stages import Resources, copy_pipeline, quantize
+from bench.testing import Resources, copy_pipeline, quantize
 from defenses import hidden as H
 from defenses import stable_signature as S
 

@@ -20,7 +20,7 @@ from bench.errors import UserError
 from bench.generation import generate_images
 from bench.models import load_pipeline
 from bench.plugins import DetectionKind, GenerationRequest, MarkLocation, Secret, StageContext, Verification
-from bench.stages import Resources, check_detection, check_images, copy_pipeline
+from bench.testing import Resources, check_detection, check_images, copy_pipeline
 from defenses.wdm import (WDM, _EMA, extraction_timesteps, q_sample, similarity_scores, wdm_loss, wdm_loss_terms,
                           wdp_input, wdp_sample)
 from tests.test_sleepermark import _sd_pipeline

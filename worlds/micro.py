@@ -80,6 +80,9 @@ def build_micro_sd(seed: int = 0, sample_size: int = 64):
 class MicroWorld(World):
     """Random-weight SD-architecture pipeline (``micro-sd``) and the ``micro:shapes`` prompt set: plumbing only."""
 
+    version = "1"
+    params = ()
+
     description = "micro-sd: Stable Diffusion's architecture at micro width, random weights (plumbing tests)"
     legacy_prompt_sets = {"micro": "shapes"}
 

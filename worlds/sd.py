@@ -52,6 +52,9 @@ def _hub_snapshot(hub_id: str) -> Path | None:
 class StableDiffusionWorld(World):
     """Stable Diffusion 1.4 / 1.5 / 2.1-base from ``$MARKBENCH_SD_ROOT/<name>`` or the local hub cache (GPU scale)."""
 
+    version = "1"
+    params = ()
+
     description = "Stable Diffusion from a local folder or the Hugging Face cache (sd-1.4, sd-1.5, sd-2.1-base)"
     clip_models = ("sd-world",)
 

@@ -49,12 +49,12 @@ class GaussianBlur(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "kernel_size = odd(round(20 s)) and sigma"
+    deterministic = True
     params = (
         Param("kernel_size", "int", 11, "odd kernel side in pixels (1 = no blur)", low=1, high=101),
         Param("sigma", "float", None, "standard deviation in pixels; unset = derived from kernel_size",
               low=0.01, high=100.0, optional=True),
-        Param("strength", "float", None, "normalised strength; sets kernel_size = odd(round(20 s)) and sigma",
-              low=0.0, high=1.0, optional=True),
     )
 
     def __init__(self, **given: Any):
@@ -64,8 +64,7 @@ class GaussianBlur(ImageAttack):
                               f"it must be an odd integer in [1, 101]")
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         k = int(math.floor(20.0 * s + 0.5))
         if k % 2 == 0:
             k += 1

@@ -35,15 +35,14 @@ class Brightness(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "factor = 1 + s"
+    deterministic = True
     params = (
         Param("factor", "float", 1.5, "multiplier of every pixel value (1 = unchanged)", low=0.0, high=10.0),
-        Param("strength", "float", None, "normalised strength; sets factor = 1 + s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"factor": 1.0 + s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -64,16 +63,15 @@ class Contrast(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "factor = 1 + s"
+    deterministic = True
     params = (
         Param("factor", "float", 1.5, "contrast factor (1 = unchanged, 0 = flat grey at the mean luma)",
               low=0.0, high=10.0),
-        Param("strength", "float", None, "normalised strength; sets factor = 1 + s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"factor": 1.0 + s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -93,16 +91,15 @@ class Saturation(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "factor = 1 - s"
+    deterministic = True
     params = (
         Param("factor", "float", 0.5, "saturation factor (1 = unchanged, 0 = greyscale, >1 = more saturated)",
               low=0.0, high=10.0),
-        Param("strength", "float", None, "normalised strength; sets factor = 1 - s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"factor": 1.0 - s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -31,11 +31,12 @@ class Combination(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "level = s"
+    zero_strength_tolerance = 0.03
     params = (
         Param("members", "list[str]", list(DEFAULT_MEMBERS), "attacks applied in this order",
               choices=MEMBER_CHOICES),
         Param("level", "float", 0.5, "common strength of the members when 'strength' is unset", low=0.0, high=1.0),
-        Param("strength", "float", None, "normalised strength; sets level = s", low=0.0, high=1.0, optional=True),
     )
 
     def __init__(self, **given: Any):
@@ -43,8 +44,7 @@ class Combination(ImageAttack):
         self._chain = [image_attacks.get(name)(strength=float(self.level)) for name in self.members]
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"level": s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

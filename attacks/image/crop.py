@@ -27,16 +27,14 @@ class Crop(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "scale = 1 - 0.5 s"
     params = (
         Param("scale", "float", 0.75, "fraction of the image area kept", low=0.1, high=1.0),
         Param("mode", "str", "random", "where the window sits", choices=("center", "random")),
-        Param("strength", "float", None, "normalised strength; sets scale = 1 - 0.5 s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"scale": 1.0 - 0.5 * s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

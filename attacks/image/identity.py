@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import ImageAttack, Param, image_attacks
+from bench import ImageAttack, image_attacks
 
 
 @image_attacks.register("none")
@@ -17,14 +17,12 @@ class Identity(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "nothing (the identity has no strength)"
+    deterministic = True
     identity = True  # the planner adds no stage for it
-    params = (
-        Param("strength", "float", None, "accepted and ignored (the identity has no strength)",
-              low=0.0, high=1.0, optional=True),
-    )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

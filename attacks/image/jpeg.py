@@ -27,17 +27,18 @@ class JPEG(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "quality = round(90 - 80 s)"
+    deterministic = True
+    zero_strength_tolerance = 0.03
+    strength_effect = "psnr"
     params = (
         Param("quality", "int", 50, "JPEG quality factor (1 = worst, 100 = best)", low=1, high=100),
         Param("subsampling", "str", "4:2:0", "chroma subsampling used by the encoder",
               choices=("4:4:4", "4:2:2", "4:2:0")),
-        Param("strength", "float", None, "normalised strength; sets quality = round(90 - 80 s)",
-              low=0.0, high=1.0, optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"quality": int(math.floor(90.0 - 80.0 * s + 0.5))}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

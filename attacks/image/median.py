@@ -21,10 +21,10 @@ class MedianFilter(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "kernel_size = 1 + 2 round(4 s)"
+    deterministic = True
     params = (
         Param("kernel_size", "int", 5, "odd window side in pixels (1 = no filtering)", low=1, high=31),
-        Param("strength", "float", None, "normalised strength; sets kernel_size = 1 + 2 round(4 s)",
-              low=0.0, high=1.0, optional=True),
     )
 
     def __init__(self, **given: Any):
@@ -34,8 +34,7 @@ class MedianFilter(ImageAttack):
                               f"it must be an odd integer in [1, 31]")
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"kernel_size": 1 + 2 * int(math.floor(4.0 * s + 0.5))}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

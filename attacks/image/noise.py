@@ -23,15 +23,13 @@ class GaussianNoise(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "std = 0.1 s"
     params = (
         Param("std", "float", 0.05, "noise standard deviation on the [0, 1] pixel scale", low=0.0, high=1.0),
-        Param("strength", "float", None, "normalised strength; sets std = 0.1 s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"std": 0.1 * s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -23,16 +23,15 @@ class Resize(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "scale = 1 - 0.75 s"
+    deterministic = True
     params = (
         Param("scale", "float", 0.625, "side-length factor of the intermediate image", low=0.01, high=1.0),
         Param("mode", "str", "bilinear", "interpolation used for both steps", choices=("bilinear", "bicubic")),
-        Param("strength", "float", None, "normalised strength; sets scale = 1 - 0.75 s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"scale": 1.0 - 0.75 * s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

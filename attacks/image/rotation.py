@@ -24,16 +24,15 @@ class Rotation(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "degrees = 45 s"
+    deterministic = True
     params = (
         Param("degrees", "float", 22.5, "rotation angle in degrees, positive = counter-clockwise",
               low=-180.0, high=180.0),
-        Param("strength", "float", None, "normalised strength; sets degrees = 45 s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"degrees": 45.0 * s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -22,16 +22,14 @@ class SaltPepper(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "amount = 0.1 s"
     params = (
         Param("amount", "float", 0.05, "fraction of pixels replaced by salt or pepper", low=0.0, high=1.0),
         Param("salt_vs_pepper", "float", 0.5, "fraction of the hit pixels that become white", low=0.0, high=1.0),
-        Param("strength", "float", None, "normalised strength; sets amount = 0.1 s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"amount": 0.1 * s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -37,18 +37,17 @@ class Sharpen(ImageAttack):
     """
 
     version = "1"
+    strength_mapping = "amount = 2 s"
+    deterministic = True
     params = (
         Param("amount", "float", 1.0, "weight of the high-pass detail added back (0 = unchanged)",
               low=0.0, high=10.0),
         Param("sigma", "float", 1.0, "standard deviation of the blur that defines the detail, in pixels",
               low=0.1, high=20.0),
-        Param("strength", "float", None, "normalised strength; sets amount = 2 s", low=0.0, high=1.0,
-              optional=True),
     )
 
     @classmethod
-    def from_strength(cls, strength: float) -> dict[str, Any]:
-        s = min(max(float(strength), 0.0), 1.0)
+    def from_strength(cls, s: float) -> dict[str, Any]:
         return {"amount": 2.0 * s}
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -35,6 +35,9 @@ class TinyWorld(World):
     ``tiny:heldout``, ``tiny:style`` (the downstream new style), ``tiny:subject`` (the downstream new subject).
     """
 
+    version = "1"
+    params = ()
+
     description = "shipped tiny-sd / tiny-sd-rt pipelines and the coloured-shapes domain (64 px)"
     legacy_prompt_sets = {"tiny": "heldout", "tiny-train": "train"}
     legacy_references = {"tiny_world_heldout": "heldout"}

@@ -1,0 +1,385 @@
+"""Testing helpers and the plugin contract suite, for MarkBench's own tests and for third-party plugin packages.
+
+Helpers: :func:`make_context` (the :class:`~bench.StageContext` a stage hands a plugin), :func:`micro_pipeline`
+(a Stable-Diffusion-architecture pipeline with random weights, built from configs: no download),
+:func:`copy_pipeline`, :func:`sample_images`, :func:`generation_request`, and the harness's own output checks
+:func:`check_images` and :func:`check_detection`.
+
+The contract suite is what the harness relies on from every plugin of a kind. A package runs it on its own
+plugins with pytest::
+
+    import pytest
+    from bench.testing import contract_cases
+    from acme_marks import AcmeMark, Posterize
+
+    @pytest.mark.parametrize("plugin, check", contract_cases(AcmeMark, Posterize))
+    def test_contract(plugin, check):
+        check(plugin)
+
+Each case is one check of one plugin (test id ``posterize-effect_grows_with_strength``); a failing check raises
+``AssertionError`` with a sentence naming the plugin. :func:`run_contract` runs every check of one plugin at once.
+Image attacks describe themselves to the checks with class attributes (``deterministic``,
+``zero_strength_tolerance``, ``strength_effect``, ``identity``); defences, model attacks and metrics take their
+``smoke_params`` (e.g. a few training steps) so that the checks stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .plugins import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, ImageAttack, MarkLocation,
+                      MeasureContext, Measurement, Metric, ModelAttack, Plugin, StageContext)
+from .stages import Resources  # ctx.data: what a training plugin may read besides its input model
+
+__all__ = [
+    "make_context", "micro_pipeline", "copy_pipeline", "sample_images", "generation_request", "check_images",
+    "check_detection", "quantize", "contract_checks", "contract_cases", "run_contract", "PROMPT", "Resources",
+]
+
+#: A caption of the tiny world, used where a check needs a prompt.
+PROMPT = "a red circle on a blue background"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+def make_context(seed: int = 0, *, pipe: Any = None, height: int = 64, width: int = 64,
+                 prompts: Sequence[str] = (PROMPT,), device: str = "cpu", variant: str = "") -> StageContext:
+    """A :class:`~bench.StageContext` as a stage gets it: a generator seeded with ``seed`` and, with ``pipe``,
+    ``ctx.data`` (the clean base model, datasets at ``height`` x ``width``, the run's prompts)."""
+    data = Resources(lambda: pipe, height, width, lambda: list(prompts)) if pipe is not None else None
+    return StageContext(torch.Generator().manual_seed(seed), device, data=data, variant=variant)
+
+
+@functools.lru_cache(maxsize=1)
+def _micro_pipeline() -> Any:
+    from .config import ModelConfig
+    from .models import load_pipeline
+
+    return load_pipeline(ModelConfig(builtin="micro-sd"))
+
+
+def micro_pipeline() -> Any:
+    """The ``micro-sd`` pipeline (random weights, SD architecture, built once per process). Shared: plugins that
+    change weights in place must get :func:`copy_pipeline` of it."""
+    return _micro_pipeline()
+
+
+def copy_pipeline(pipe: Any) -> Any:
+    """A copy whose weights a plugin may change in place without touching ``pipe``."""
+    from .stages import copy_pipeline as _copy
+
+    return _copy(pipe)
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """What images are after a round trip through an 8-bit file (what the next stage sees)."""
+    from .cache import quantize as _quantize
+
+    return _quantize(images)
+
+
+def check_images(images: Any, who: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The harness's check of a plugin's images (tensor ``[N, 3, H, W]``, finite, in [0, 1]); returns them as
+    the next stage would see them (8-bit). Raises :class:`~bench.PluginError` naming ``who``."""
+    from .stages import check_images as _check
+
+    return _check(images, who, expected)
+
+
+def check_detection(det: Any, who: str, n: int, kind: DetectionKind | str,
+                    n_bits: int | None = None) -> Detection:
+    """The harness's check of a :class:`~bench.Detection` of ``n`` images (bits ``[n, n_bits]`` or scores
+    ``[n]``). Raises :class:`~bench.PluginError` naming ``who``."""
+    from .stages import check_detection as _check
+
+    return _check(det, who, n, DetectionKind(kind), n_bits)
+
+
+def sample_images(n: int = 3, size: int = 48, seed: int = 1234) -> torch.Tensor:
+    """Image-like test images ``[n, 3, size, size]``: smooth random colour fields plus mild texture, 8-bit."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 6, 6, generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    texture = 0.08 * (torch.rand(n, 3, size, size, generator=g) - 0.5)
+    return quantize((smooth + texture).clamp(0.0, 1.0))
+
+
+def generation_request(n: int = 2, size: int = 64, steps: int = 2, prompt: str = PROMPT) -> GenerationRequest:
+    """A small :class:`~bench.GenerationRequest`: ``n`` images of ``prompt`` at ``size`` px, seeds 1..n."""
+    return GenerationRequest(prompts=(prompt,) * n, seeds=tuple(range(1, n + 1)), height=size, width=size,
+                             num_inference_steps=steps, guidance_scale=7.5, batch_size=n)
+
+
+def _expect(ok: bool, message: str) -> None:
+    if not ok:
+        raise AssertionError(message)
+
+
+def _name(plugin: type) -> str:
+    return getattr(plugin, "name", "") or plugin.__name__
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mad(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().mean())
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every plugin
+# ---------------------------------------------------------------------------------------------------------------
+def declaration_is_valid(plugin: type[Plugin]) -> None:
+    """The class would register: version, parameter declarations, the base class's own rules; a docstring whose
+    first line is the summary ``bench ls`` shows; its defaults instantiate."""
+    from .errors import PluginValidationError
+    from .params import validate_declarations
+
+    name = _name(plugin)
+    owner = f"{name} ({plugin.__module__}:{plugin.__qualname__})"
+    _expect(isinstance(plugin.version, str) and bool(plugin.version), f"{owner}: 'version' must be a non-empty str")
+    try:
+        validate_declarations(owner, plugin.params)
+        if hasattr(plugin, "validate_class"):
+            plugin.validate_class(owner)
+    except PluginValidationError as exc:
+        raise AssertionError(str(exc)) from None
+    _expect(bool(plugin.summary()), f"{owner}: the docstring must start with a one-line summary")
+    plugin()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image attacks
+# ---------------------------------------------------------------------------------------------------------------
+def from_strength_gives_declared_values(plugin: type[ImageAttack]) -> None:
+    """``from_strength(s)`` for s in [0, 1] returns declared natural parameters with valid values, and
+    ``plugin(strength=s)`` uses them."""
+    by_name = {p.name: p for p in plugin.params}
+    name = _name(plugin)
+    for i in range(21):
+        s = i / 20
+        natural = plugin.natural_params(s)
+        for key, value in natural.items():
+            _expect(key in by_name and key != "strength", f"{name}.from_strength({s}) returned unknown '{key}'")
+            try:
+                ok = by_name[key].check(value) == value
+            except ValueError as exc:
+                raise AssertionError(f"{name}.from_strength({s}) -> {key}={value!r} is invalid: it {exc}") from None
+            _expect(ok, f"{name}.from_strength({s}) -> {key}={value!r} is not normalised")
+        inst = plugin(strength=s)
+        for key, value in natural.items():
+            _expect(inst.params[key] == value and getattr(inst, key) == value,
+                    f"{name}(strength={s}) does not use {key}={value!r}")
+    _expect(plugin.natural_params(1.7) == plugin.natural_params(1.0), f"{name}: strength is not clamped to [0, 1]")
+
+
+def output_is_images_in_range(plugin: type[ImageAttack]) -> None:
+    """At its defaults and strengths 0, 0.5, 1: same shape, float32 on the CPU, finite, in [0, 1]."""
+    images = sample_images()
+    for params in ({}, {"strength": 0.0}, {"strength": 0.5}, {"strength": 1.0}):
+        out = plugin(**params).apply(images.clone(), _gen(3))
+        who = f"{_name(plugin)}({params})"
+        _expect(isinstance(out, torch.Tensor) and out.shape == images.shape,
+                f"{who} returned {getattr(out, 'shape', type(out).__name__)}, expected {tuple(images.shape)}")
+        _expect(out.dtype == torch.float32 and out.device.type == "cpu", f"{who} returned {out.dtype} on {out.device}")
+        _expect(bool(torch.isfinite(out).all()), f"{who} returned non-finite values")
+        _expect(float(out.min()) >= 0.0 and float(out.max()) <= 1.0, f"{who} returned values outside [0, 1]")
+
+
+def same_seed_is_bit_identical(plugin: type[ImageAttack]) -> None:
+    """Two runs with identically seeded generators give bit-identical images."""
+    images = sample_images()
+    for params in ({}, {"strength": 0.7}):
+        a = plugin(**params).apply(images.clone(), _gen(42))
+        b = plugin(**params).apply(images.clone(), _gen(42))
+        _expect(torch.equal(a, b), f"{_name(plugin)}({params}) differs between identically seeded runs")
+
+
+def no_global_rng_and_no_inplace(plugin: type[ImageAttack]) -> None:
+    """Randomness only from the generator passed in (torch's and numpy's global RNGs untouched); the input
+    tensor is not modified."""
+    import numpy as np
+
+    images = sample_images()
+    x = images.clone()
+    torch_state = torch.get_rng_state()
+    np_state = np.random.get_state()[1].copy()
+    plugin(strength=0.8).apply(x, _gen(5))
+    _expect(torch.equal(torch.get_rng_state(), torch_state), f"{_name(plugin)} used torch's global RNG")
+    _expect(bool(np.array_equal(np.random.get_state()[1], np_state)), f"{_name(plugin)} used numpy's global RNG")
+    _expect(torch.equal(x, images), f"{_name(plugin)} modified its input in place")
+
+
+def zero_strength_is_near_identity(plugin: type[ImageAttack]) -> None:
+    """At strength 0 the mean absolute change is at most the class's ``zero_strength_tolerance``."""
+    images = sample_images()
+    out = plugin(strength=0.0).apply(images.clone(), _gen(9))
+    tol = plugin.zero_strength_tolerance
+    _expect(_mad(out, images) <= tol,
+            f"{_name(plugin)} at strength 0: mean abs diff {_mad(out, images):.4g} > zero_strength_tolerance {tol}")
+
+
+def effect_grows_with_strength(plugin: type[ImageAttack]) -> None:
+    """The effect (``strength_effect``: mean absolute change, or loss of PSNR) grows from strength 0 to 1 (small
+    wiggles tolerated). The identity attack is exempt."""
+    if plugin.identity:
+        return
+    images = sample_images()
+    name = _name(plugin)
+    strengths = (0.0, 0.25, 0.5, 0.75, 1.0)
+    outs = [plugin(strength=s).apply(images, _gen(11)) for s in strengths]
+    if plugin.strength_effect == "psnr":
+        effect = [-_psnr(o, images) for o in outs]
+    else:
+        effect = [_mad(o, images) for o in outs]
+    span = abs(effect[-1] - effect[0])
+    _expect(span > 0, f"{name}: strength has no effect: {effect}")
+    _expect(effect[1] < effect[-1], f"{name}: strength 0.25 not weaker than 1.0: {effect}")
+    _expect(effect[0] <= effect[1], f"{name}: strength 0 not weaker than 0.25: {effect}")
+    for lo, hi in zip(effect, effect[1:]):
+        _expect(hi >= lo - 0.05 * span, f"{name}: effect decreases with strength: {effect}")
+
+
+def batch_equals_per_image(plugin: type[ImageAttack]) -> None:
+    """For a ``deterministic`` attack: a batch equals its images processed one by one, and the generator does not
+    matter. (Random attacks are exempt.)"""
+    if not plugin.deterministic:
+        return
+    images = sample_images()
+    attack = plugin(strength=0.6)
+    batch = attack.apply(images, _gen(0))
+    single = torch.cat([attack.apply(images[i:i + 1], _gen(0)) for i in range(images.shape[0])])
+    _expect(bool(torch.allclose(batch, single, atol=1e-6)), f"{_name(plugin)}: a batch differs from its images one "
+                                                             f"by one")
+    _expect(torch.equal(batch, attack.apply(images, _gen(99))),
+            f"{_name(plugin)} is declared deterministic but depends on the generator")
+
+
+IMAGE_ATTACK_CHECKS: tuple[Callable[[type], None], ...] = (
+    declaration_is_valid, from_strength_gives_declared_values, output_is_images_in_range,
+    same_seed_is_bit_identical, no_global_rng_and_no_inplace, zero_strength_is_near_identity,
+    effect_grows_with_strength, batch_equals_per_image,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defences, model attacks, metrics (on the micro pipeline, with the plugin's smoke_params)
+# ---------------------------------------------------------------------------------------------------------------
+def defense_embeds_generates_detects(plugin: type[Defense]) -> None:
+    """``embed`` on a copy of the micro pipeline, marked images (``mark`` for post-hoc, else ``generate``) that
+    pass the harness's image checks, a detection of the right kind and size, deterministic; another seed gives
+    another message (multi-bit)."""
+    from .generation import generate_images
+
+    pipe = micro_pipeline()
+    request = generation_request()
+    name = _name(plugin)
+    d = plugin(**plugin.smoke_params)
+    emb = d.embed(copy_pipeline(pipe), make_context(0, pipe=pipe))
+    _expect(isinstance(emb, Embedding), f"{name}.embed returned {type(emb).__name__}, expected bench.Embedding")
+    model = emb.pipeline or pipe
+    if plugin.location is MarkLocation.POST_HOC:
+        images = d.mark(generate_images(pipe, request), emb.secret, make_context(1))
+    else:
+        images = d.generate(model, emb.secret, request, make_context(1))
+    n = len(request.prompts)
+    images = check_images(images, name, (n, 3, request.height, request.width))
+    n_bits = d.message(emb.secret).numel() if plugin.detection is DetectionKind.BITS else None
+    det = check_detection(d.detect(emb.secret, images, make_context(2)), name, n, plugin.detection, n_bits)
+    again = check_detection(d.detect(emb.secret, images, make_context(2)), name, n, plugin.detection, n_bits)
+    if det.bits is not None:
+        _expect(torch.equal(det.bits, again.bits), f"{name}.detect is not deterministic")
+    else:
+        _expect(torch.equal(det.scores, again.scores), f"{name}.detect is not deterministic")
+    if plugin.detection is DetectionKind.BITS:
+        other = d.embed(copy_pipeline(pipe), make_context(5, pipe=pipe))
+        _expect(not torch.equal(d.message(emb.secret), d.message(other.secret)),
+                f"{name}: two embedding seeds gave the same message")
+
+
+def model_attack_returns_a_working_pipeline(plugin: type[ModelAttack]) -> None:
+    """``apply`` on a copy returns a pipeline that generates finite images; the input pipeline is untouched; a
+    non-identity attack records its cost (``steps``)."""
+    from .generation import generate_images
+
+    pipe = micro_pipeline()
+    request = generation_request()
+    name = _name(plugin)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    ctx = make_context(0, pipe=pipe)
+    attacked = plugin(**plugin.smoke_params).apply(copy_pipeline(pipe), ctx)
+    _expect(attacked is not None, f"{name}.apply returned None, expected a pipeline")
+    images = generate_images(attacked, request)
+    _expect(images.shape == (len(request.prompts), 3, request.height, request.width) and
+            bool(torch.isfinite(images).all()), f"{name}: the attacked pipeline does not generate finite images")
+    _expect(all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items()),
+            f"{name} changed the shared base pipeline in place")
+    if not plugin.identity:
+        _expect("steps" in ctx.costs, f"{name} records no cost (ctx.record_cost(steps=...))")
+
+
+def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
+    """On a synthetic multi-bit cell (45 of 48 bits right on 8 images, random negatives): a non-empty list of
+    :class:`~bench.Measurement` with N > 0 and finite-or-NaN values."""
+    from .registries import defenses
+
+    g = _gen(0)
+    message = torch.randint(0, 2, (48,), generator=g).bool()
+    pos = message.repeat(8, 1)
+    pos[:, :3] = ~pos[:, :3]
+    neg = torch.randint(0, 2, (8, 48), generator=g).bool()
+    imgs = torch.rand(8, 3, 32, 32, generator=g)
+    ctx = MeasureContext(defense=defenses.get("none")(), detection=Detection(bits=pos),
+                         negatives=Detection(bits=neg), message=message, target_fprs=(1e-6,), generator=g,
+                         loaders={"images": lambda: imgs, "unattacked": lambda: imgs, "clean_twins": lambda: imgs,
+                                  "reference": lambda: imgs}, prompts=(PROMPT,) * 8)
+    out = plugin(**plugin.smoke_params).compute(ctx)
+    name = _name(plugin)
+    _expect(bool(out) and all(isinstance(m, Measurement) and m.n > 0 for m in out),
+            f"{name}.compute returned {out!r}, expected Measurements with N > 0")
+
+
+CHECKS: dict[type, tuple[Callable[[type], None], ...]] = {
+    ImageAttack: IMAGE_ATTACK_CHECKS,
+    Defense: (declaration_is_valid, defense_embeds_generates_detects),
+    ModelAttack: (declaration_is_valid, model_attack_returns_a_working_pipeline),
+    Metric: (declaration_is_valid, metric_computes_on_a_synthetic_cell),
+}
+
+
+def contract_checks(plugin: type) -> tuple[Callable[[type], None], ...]:
+    """The checks for ``plugin``'s kind (by its base class)."""
+    for base, checks in CHECKS.items():
+        if isinstance(plugin, type) and issubclass(plugin, base):
+            return checks
+    raise TypeError(f"{plugin!r} is not a subclass of bench.Defense, ImageAttack, ModelAttack or Metric")
+
+
+def contract_cases(*plugins: type | Iterable[type]) -> list[Any]:
+    """``(plugin, check)`` pairs for ``pytest.mark.parametrize("plugin, check", ...)``, one per check of each
+    plugin, with ids ``<plugin name>-<check>``."""
+    flat: list[type] = []
+    for p in plugins:
+        flat.extend([p] if isinstance(p, type) else list(p))
+    try:
+        import pytest
+    except ImportError:  # pragma: no cover - the pairs alone, without ids
+        return [(p, c) for p in flat for c in contract_checks(p)]
+    return [pytest.param(p, c, id=f"{_name(p)}-{c.__name__}") for p in flat for c in contract_checks(p)]
+
+
+def run_contract(plugin: type) -> None:
+    """Run every check of ``plugin``'s kind; the first failure raises ``AssertionError``."""
+    for check in contract_checks(plugin):
+        check(plugin)

@@ -1,0 +1,107 @@
+"""The third-party path, end to end: docs/plugins.md's example package installed as a fake distribution (a
+dist-info folder with entry_points.txt on sys.path), next to a broken one whose entry point names a missing
+module. Every command still works, the broken plugin fails only the config that uses it, origins are shown."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+ENTRY_POINTS = """\
+[bench.defenses]
+acme_spread = acme_marks.spread:SpreadSpectrum
+
+[bench.attacks]
+acme_posterize = acme_marks.posterize:Posterize
+"""
+
+
+def doc_files() -> dict[str, str]:
+    """The example files of docs/plugins.md: each ```python block whose first line is ``# <path>``."""
+    text = (REPO / "docs" / "plugins.md").read_text()
+    files = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        first, _, body = block.partition("\n")
+        if first.startswith("# ") and first.endswith(".py"):
+            files[first[2:].strip()] = body
+    return files
+
+
+def _dist(site: Path, name: str, version: str, entry_points: str) -> None:
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(entry_points)
+
+
+@pytest.fixture
+def site(tmp_path) -> Path:
+    site = tmp_path / "site"
+    files = doc_files()
+    assert {"acme_marks/posterize.py", "acme_marks/spread.py", "tests/test_contract.py"} <= set(files)
+    for rel, body in files.items():
+        path = site / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
+    (site / "acme_marks" / "__init__.py").write_text("")
+    _dist(site, "acme-marks", "2.0", ENTRY_POINTS)
+    _dist(site, "broken-plugin", "0.1", "[bench.attacks]\nghost = broken_plugin.missing:Ghost\n")
+    return site
+
+
+def _config(tmp_path: Path, image_attack: str) -> Path:
+    from tests.conftest import MICRO_TOML
+
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "acme_spread"')
+    text = text.replace('name = "jpeg"\nquality = [90, 50]', f'name = "{image_attack}"\nstrength = [0.5]')
+    path = tmp_path / f"{image_attack}.toml"
+    path.write_text(text.format(output=tmp_path / "out"))
+    return path
+
+
+def _env(site: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "COLUMNS": "250"}
+
+
+def test_installed_plugins_listed_with_origin_and_a_broken_one_contained(site, tmp_path):
+    ok, bad = _config(tmp_path, "acme_posterize"), _config(tmp_path, "ghost")
+    script = textwrap.dedent(f"""
+        import sys
+        from bench.cli import main
+        codes = [main(["ls"]), main(["validate", {str(ok)!r}]), main(["validate", {str(bad)!r}]),
+                 main(["run", "--dry-run", "--config", {str(bad)!r}])]
+        print("CODES", codes)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(site), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CODES [0, 0, 2, 2]" in out.stdout  # ls and the config that does not use it work; the other is refused
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, out.stderr  # once, although two registries read the group and three commands ran
+    assert "broken-plugin 0.1" in warnings[0] and "broken_plugin.missing:Ghost" in warnings[0]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and len(out.stderr.strip().splitlines()) == 3  # one sentence per refused command
+    for error in errors:
+        assert f"{bad}: image_attacks" in error and "image attack 'ghost' cannot be used" in error
+        assert "broken-plugin 0.1" in error and "No module named 'broken_plugin'" in error
+    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.count("│") >= 3}
+    assert "[from acme-marks 2.0]" in rows["acme_posterize"]  # escaped: rich does not swallow it as markup
+    assert "[from acme-marks 2.0]" in rows["acme_spread"]  # decorated in its package and an entry point
+    assert "[from" not in rows["jpeg"] and "ghost" not in rows
+
+
+@pytest.mark.slow
+def test_the_package_runs_the_contract_suite_on_its_own_plugins(site):
+    """docs/plugins.md's tests/test_contract.py, run by pytest in the package's folder."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_contract.py"],
+                         cwd=site, env=_env(site), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "10 passed" in out.stdout  # 8 image-attack checks + 2 defence checks
