@@ -56,8 +56,8 @@ Substitutions and choices (all documented in ``docs/wdm.md``):
   unconditional branch that classifier-free guidance uses keeps learning the task.
 * **Conditioning.** The paper's models are unconditional; here the WDP branch and the extraction are conditioned on
   their own prompt ``wdp_prompt = "a watermark"``, without guidance. With the empty prompt (the unconditional branch)
-  the WDP and the task fight over the branch guidance amplifies: on tiny-sd, either ordinary generation breaks (no
-  caption dropout: FID 355, CLIP score 16 against the base's 80) or the WDP is not learnt (with it: AUC 0.65).
+  the WDP and the task fight over the branch guidance amplifies: on tiny-sd, either ordinary generation breaks
+  (without caption dropout) or the WDP is not learnt (with it); docs/wdm.md has the measurements.
 * **Prediction type.** The WDP is defined for epsilon prediction (the paper and SD 1.x); v-prediction models are
   refused with a clear error.
 """
