@@ -6,6 +6,7 @@ Nothing heavy is imported here: each handler imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -80,7 +81,39 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
                    help="also exit 1 when cells of the baseline are missing from the current results")
     c.add_argument("--out-md", default=None, metavar="FILE", help="also write the Markdown summary to FILE")
     c.add_argument("--out-json", default=None, metavar="FILE", help="also write every classified cell as JSON")
-    return {"report": cmd_report, "leaderboard": cmd_leaderboard, "compare": cmd_compare}
+    rd = sub.add_parser("readme", help="regenerate the README's results block from a leaderboard (or --check it)",
+                        formatter_class=fmt,
+                        description="Rewrite the block between the README's results markers from a leaderboard "
+                                    "JSON, so no number in the README is typed by hand.",
+                        epilog=textwrap.dedent("""\
+                            examples:
+                              bench readme                              README.md from reports/leaderboard.json
+                              bench readme --check                      exit 1 if the README's block is stale (CI)
+                              bench readme --leaderboard runs/ci/leaderboard.json --readme README.md"""))
+    rd.add_argument("--readme", default="README.md", metavar="FILE", help="the file to update (default: README.md)")
+    rd.add_argument("--leaderboard", default="reports/leaderboard.json", metavar="FILE",
+                    help="the leaderboard JSON (default: reports/leaderboard.json, the committed baseline)")
+    rd.add_argument("--check", action="store_true", help="change nothing; exit 1 if the block is stale")
+    return {"report": cmd_report, "leaderboard": cmd_leaderboard, "compare": cmd_compare, "readme": cmd_readme}
+
+
+def cmd_readme(args: argparse.Namespace) -> int:
+    from bench.errors import UserError
+
+    from .readme import update
+
+    for path in (args.readme, args.leaderboard):
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such file")
+    try:
+        fresh = update(args.readme, args.leaderboard, check=args.check)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise UserError(f"{args.readme}: {exc}") from None
+    if args.check:
+        print(f"{args.readme}: results block {'up to date' if fresh else 'STALE: run bench readme'}")
+        return 0 if fresh else 1
+    print(f"{args.readme}: results block {'already up to date' if fresh else 'rewritten'} from {args.leaderboard}")
+    return 0
 
 
 def _db_and_config(args: argparse.Namespace):
