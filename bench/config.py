@@ -92,6 +92,11 @@ def _v(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
+def _k(key: str, limit: int = 80) -> str:
+    """A key echoed in a message, cut to ``limit`` characters."""
+    return key if len(key) <= limit else key[:limit] + f"... ({len(key)} characters)"
+
+
 #: bounds on what a config may ask for (validation must not hang or allocate per image on absurd values)
 MAX_NUM_IMAGES = 100_000
 MAX_SEEDS = 1_000
@@ -250,7 +255,7 @@ def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
     section = raw.setdefault(parts[0], {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: '{parts[0]}' must be a table ([{parts[0]}]), got {_v(section)}; "
-                          f"so --set {_v(key)[1:-1]} cannot apply")
+                          f"so --set {_k(key)} cannot apply")
     section[parts[1]] = value
 
 
@@ -294,7 +299,7 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
     for key in raw:
         if key not in known:
             raise ConfigError(
-                f"{path}: unknown section '{key}'{suggest(key, known)}; allowed: {', '.join(sorted(known))}"
+                f"{path}: unknown section {_v(key)}{suggest(key[:MAX_NAME], known)}; allowed: {', '.join(sorted(known))}"
             )
     sections = {name: _parse_section(raw.get(name, {}), cls, name, path) for name, cls in _SECTIONS.items()}
     run: RunConfig = sections["run"]
@@ -371,7 +376,7 @@ def _check_primary_metric(run: RunConfig, metrics: list[PluginSpec], path: str) 
     if known is None or run.primary_metric in known:
         return
     raise ConfigError(f"{path}: run.primary_metric = {_v(run.primary_metric)} is not computed by this config's "
-                      f"metrics{suggest(run.primary_metric, known)}; allowed: {', '.join(sorted(known))}")
+                      f"metrics{suggest(run.primary_metric[:MAX_NAME], known)}; allowed: {', '.join(sorted(known))}")
 
 
 def _is_identity(spec: PluginSpec) -> bool:
@@ -387,7 +392,7 @@ def _parse_section(table: Any, cls: type, name: str, path: str):
     for key, value in table.items():
         if key not in by_name:
             raise ConfigError(
-                f"{path}: {name}.{_v(key)[1:-1]}: unknown key{suggest(key[:MAX_NAME], by_name)}; "
+                f"{path}: {name}.{_k(key)}: unknown key{suggest(key[:MAX_NAME], by_name)}; "
                 f"allowed: {', '.join(by_name)}"
             )
         expected = getattr(defaults, key)
@@ -465,7 +470,7 @@ def _check_model(model: ModelConfig, path: str) -> None:
 
         if model.builtin not in BUILTIN_MODELS:
             raise ConfigError(
-                f"{path}: model.builtin = {_v(model.builtin)} is unknown{suggest(model.builtin, BUILTIN_MODELS)}; "
+                f"{path}: model.builtin = {_v(model.builtin)} is unknown{suggest(model.builtin[:MAX_NAME], BUILTIN_MODELS)}; "
                 f"available: {', '.join(BUILTIN_MODELS)}"
             )
     if model.path:
@@ -506,7 +511,7 @@ def _check_prompts(prompts: PromptConfig, path: str) -> None:
 
         if prompts.builtin not in BUILTIN_PROMPTS:
             raise ConfigError(
-                f"{path}: prompts.builtin = {_v(prompts.builtin)} is unknown{suggest(prompts.builtin, BUILTIN_PROMPTS)}"
+                f"{path}: prompts.builtin = {_v(prompts.builtin)} is unknown{suggest(prompts.builtin[:MAX_NAME], BUILTIN_PROMPTS)}"
                 f"; available: {', '.join(BUILTIN_PROMPTS)}"
             )
     if prompts.file:
