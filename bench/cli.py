@@ -183,10 +183,10 @@ def cmd_run(args) -> int:
     from .progress import Progress
     from .runner import Runner
 
-    from .modelcheck import check_model
+    from .preflight import preflight
 
     cfg = _load(args)
-    check_model(cfg)
+    preflight(cfg)
     console = _console()
     err = _console(stderr=True)
     show_bars = not args.no_progress and err.is_terminal
@@ -243,11 +243,11 @@ def _print_plan(runner, cells, console) -> None:
 def cmd_validate(args) -> int:
     from .plan import build_plan
 
-    from .modelcheck import check_model
+    from .preflight import preflight
 
     cfg = _load(args)
     plan = build_plan(cfg)
-    check_model(cfg)
+    preflight(cfg)
     print(f"{cfg.path}: ok: {len(cfg.defenses)} defences x {len(cfg.model_attacks)} model attacks x "
           f"{len(cfg.image_attacks)} image attacks x {len(cfg.run.seeds)} seed(s) = {len(plan.cells)} cells, "
           f"{len(plan.stages)} stages, {cfg.run.num_images} images each")

@@ -75,10 +75,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _shipped_builtin(name: str) -> bool:
+    from .models import BUILTIN_MODELS
+
+    return BUILTIN_MODELS.get(name) == "shipped"
+
+
 def check_model(cfg) -> None:
     """Everything about the model that can be checked before it loads (run by ``bench validate`` and ``bench run``,
-    once). Local folders are already checked with the config; this adds the hub id."""
+    once). Local folders are already checked with the config; this adds shipped built-ins and the hub id."""
     model = cfg.model
+    if model.builtin and _shipped_builtin(model.builtin):
+        from .models import builtin_folder
+
+        builtin_folder(model.builtin)  # a shipped world model that is missing: one sentence naming how to rebuild it
     if not model.hub_id:
         return
     where = f"{cfg.path}: model.hub_id = {_cut(model.hub_id, 80)!r}"

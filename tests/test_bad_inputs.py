@@ -73,6 +73,18 @@ def _a_file(tmp: Path) -> Path:
     return f
 
 
+def _old_database(tmp: Path) -> str:
+    import sqlite3
+
+    (tmp / "out").mkdir()
+    con = sqlite3.connect(tmp / "out" / "results.sqlite")
+    con.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.commit()
+    con.close()
+    return MICRO_TOML
+
+
 def _text(transform):
     return lambda tmp: transform(MICRO_TOML)
 
@@ -141,6 +153,9 @@ CONFIGS = [
     ("empty_prompt_in_list", _text(lambda t: _set(t, 'builtin = "micro"', 'list = ["a red circle", "  "]')), [],
      "prompts.list"),
     ("invalid_toml", _text(lambda t: t + "\n[run\n"), [], "invalid TOML"),
+    ("fid_reference_missing", _text(lambda t: _set(t, '"ssim"]', '"ssim", {name = "fid", reference = "/no/such/dir"}]')),
+     [], "reference"),
+    ("old_results_database", _old_database, [], "schema version"),
     ("not_utf8_config", None, [], "UTF-8"),
     ("set_without_equals", _text(lambda t: t), ["--set", "run.num_images"], "--set"),
     ("set_bad_value", _text(lambda t: t), ["--set", "run.num_images=-1"], "run.num_images"),
@@ -192,7 +207,8 @@ def test_bad_config_is_one_sentence_exit_2_before_any_work(tmp_path, capsys, mon
     argv = [command, str(path)] if command == "validate" else [command, "--config", str(path), "--no-progress"]
     rc = main(argv + extra)
     _assert_one_sentence(capsys, rc, needle)
-    assert not (tmp_path / "out" / "results.sqlite").exists()
+    if case_id != "old_results_database":
+        assert not (tmp_path / "out" / "results.sqlite").exists()
 
 
 #: bad command lines (no config problem)
