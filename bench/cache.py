@@ -10,6 +10,14 @@ defences there (:meth:`bench.world.World.prebuilt_stores`; the tiny world's ``wo
 written by ``bench zoo embed``), so ``bench run`` reads a shipped watermarked model instead of training it. A key is looked up in the writable store first, then in each
 fallback; nothing is ever written to a fallback. Because keys hash every input (base-model checksums, plugin,
 parameters, version, seed), a shipped artifact is only ever used for exactly the stage that made it.
+
+Integrity (docs/reliability.md): ``meta.json`` records each file's size and SHA-256 (``files``) when an entry is
+written. :meth:`ArtifactStore.check` (before a cached stage is reused) parses ``meta.json`` and compares every size;
+:meth:`ArtifactStore.tensors` and :meth:`ArtifactStore.images` hash the bytes they read and compare. An entry that
+fails raises :class:`CorruptArtifact`; the runner then moves it aside into ``<cache>/quarantine/`` (never deletes
+it) and recomputes it. Entries written before hashes were recorded (and the shipped store) are checked for what can
+be checked: ``meta.json`` parses, the safetensors file loads, every PNG decodes to the same size. A read-only
+fallback entry is never moved: a damaged one fails its stage with one sentence.
 """
 
 from __future__ import annotations
@@ -18,12 +26,15 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import BenchError
 
 
 def stable_hash(obj: Any) -> str:
@@ -53,6 +64,23 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """What an image is after a round trip through an 8-bit file."""
     return from_uint8(to_uint8(images))
+
+
+QUARANTINE = "quarantine"
+
+
+class CorruptArtifact(BenchError):
+    """A cache entry that does not match what was written (or cannot be read). ``key`` names the entry, ``path``
+    its folder, ``readonly`` whether it sits in a read-only fallback store (then it is never moved)."""
+
+    def __init__(self, key: str, path: Path, reason: str, readonly: bool = False):
+        self.key, self.path, self.reason, self.readonly = key, Path(path), reason, readonly
+        where = "shipped (read-only) artifact" if readonly else "cache entry"
+        super().__init__(f"{where} {path} is damaged: {reason}")
+
+
+def file_record(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 class ArtifactStore:
@@ -101,6 +129,8 @@ class ArtifactStore:
                 (tmp / "images").mkdir()
                 for i, arr in enumerate(to_uint8(images).numpy()):
                     Image.fromarray(arr).save(tmp / "images" / f"{i:05d}.png", compress_level=1)
+            meta = dict(meta, files={f.relative_to(tmp).as_posix(): file_record(f.read_bytes())
+                                     for f in sorted(tmp.rglob("*")) if f.is_file()})
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
             try:
                 os.replace(tmp, final)
@@ -111,24 +141,150 @@ class ArtifactStore:
             raise
         return final
 
+    def readonly(self, key: str) -> bool:
+        """Whether ``key``'s copy sits in a read-only fallback store."""
+        return self.path(key) != self.own_path(key)
+
+    def _corrupt(self, key: str, reason: str) -> CorruptArtifact:
+        return CorruptArtifact(key, self.path(key), reason, self.readonly(key))
+
     def meta(self, key: str) -> dict[str, Any]:
-        return json.loads((self.path(key) / "meta.json").read_text())
+        f = self.path(key) / "meta.json"
+        try:
+            meta = json.loads(f.read_bytes())
+        except FileNotFoundError:
+            raise self._corrupt(key, "meta.json is missing") from None
+        except (OSError, ValueError) as exc:
+            raise self._corrupt(key, f"meta.json is not JSON ({_short(exc)})") from None
+        if not isinstance(meta, dict):
+            raise self._corrupt(key, "meta.json is not a JSON object")
+        return meta
+
+    def _records(self, key: str) -> dict[str, dict[str, Any]] | None:
+        files = self.meta(key).get("files")
+        if files is None:
+            return None  # written before sizes and hashes were recorded
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise self._corrupt(key, "meta.json's file list is malformed")
+        return files
+
+    def check(self, key: str) -> None:
+        """The cheap check before a cached entry is reused: ``meta.json`` parses and every recorded file is there with
+        its recorded size (entries without records: ``meta.json`` parses). Raises :class:`CorruptArtifact`."""
+        records = self._records(key)
+        if records is None:
+            return
+        root = self.path(key)
+        for name, rec in records.items():
+            f = root / name
+            try:
+                size = f.stat().st_size
+            except OSError:
+                raise self._corrupt(key, f"{name} is missing") from None
+            if size != rec.get("size"):
+                raise self._corrupt(key, f"{name} has {size} bytes, {rec.get('size')} were written")
+
+    def verify(self, key: str) -> None:
+        """The full check (``bench cache verify``): :meth:`check`, then every file read and hashed (entries without
+        records: tensors load, images decode)."""
+        self.check(key)
+        self.tensors(key)
+        if (self.path(key) / "images").is_dir() or any(n.startswith("images/") for n in self._records(key) or {}):
+            self.images(key)
+
+    def _read(self, key: str, name: str, records: dict[str, Any] | None) -> bytes:
+        f = self.path(key) / name
+        try:
+            data = f.read_bytes()
+        except OSError as exc:
+            raise self._corrupt(key, f"{name} cannot be read ({_short(exc)})") from None
+        if records is not None:
+            rec = records.get(name)
+            if rec is None:
+                raise self._corrupt(key, f"{name} is not among the files recorded when it was written")
+            if file_record(data) != {"size": rec.get("size"), "sha256": rec.get("sha256")}:
+                raise self._corrupt(key, f"{name} does not match the size and SHA-256 recorded when it was written")
+        return data
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        f = self.path(key) / "tensors.safetensors"
-        return load_file(str(f)) if f.exists() else {}
+        records = self._records(key)
+        name = "tensors.safetensors"
+        if records is not None and name not in records:
+            return {}
+        if records is None and not (self.path(key) / name).exists():
+            return {}
+        data = self._read(key, name, records)
+        try:
+            return load(data)
+        except Exception as exc:
+            raise self._corrupt(key, f"{name} is not a readable safetensors file ({_short(exc)})") from None
 
     def images(self, key: str) -> torch.Tensor:
+        import io
+
         from PIL import Image
 
-        files = sorted((self.path(key) / "images").glob("*.png"))
-        arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-        return from_uint8(torch.from_numpy(arr))
+        records = self._records(key)
+        if records is not None:
+            names = sorted(n for n in records if n.startswith("images/"))
+        else:
+            names = [f"images/{f.name}" for f in self.image_paths(key)]
+        if not names:
+            raise self._corrupt(key, "it holds no images")
+        arrays = []
+        for name in names:
+            data = self._read(key, name, records)
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    arrays.append(np.asarray(im.convert("RGB")))
+            except Exception as exc:
+                raise self._corrupt(key, f"{name} is not a readable PNG ({_short(exc)})") from None
+        if len({a.shape for a in arrays}) != 1:
+            raise self._corrupt(key, "its images differ in size")
+        return from_uint8(torch.from_numpy(np.stack(arrays)))
 
     def image_paths(self, key: str) -> list[Path]:
         return sorted((self.path(key) / "images").glob("*.png"))
+
+    def quarantine(self, key: str) -> Path | None:
+        """Move this store's copy of ``key`` aside into ``<root>/quarantine/`` (kept for inspection, never deleted
+        here); the key is then missing and is recomputed. Returns where it went (None if another process moved it
+        first). A fallback's copy is never moved."""
+        src = self.own_path(key)
+        dest = self.root / QUARANTINE / f"{key}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src, dest)
+        except FileNotFoundError:
+            return None
+        return dest
+
+    def touch(self, key: str) -> None:
+        """Record that a run used ``key`` now (its folder's modification time; ``bench cache prune --older-than``)."""
+        own = self.own_path(key)
+        try:
+            if self.path(key) == own:
+                os.utime(own)
+        except OSError:
+            pass
+
+    def entries(self):
+        """``(key, folder)`` of every entry of this (writable) store."""
+        if not self.root.is_dir():
+            return
+        for shard in sorted(self.root.iterdir()):
+            if len(shard.name) != 2 or not shard.is_dir():
+                continue
+            for entry in sorted(shard.iterdir()):
+                if entry.is_dir() and not entry.name.startswith(".tmp-"):
+                    yield entry.name, entry
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def shipped_stores() -> tuple[Path, ...]:

@@ -24,6 +24,7 @@ examples:
   bench show --metric bit_accuracy           the results matrix of the last run
   bench ls defenses                          what can be benchmarked, with parameters
   bench validate configs/my.toml             check a config without running it
+  bench cache du                             how big the artifact cache is (verify, prune: bench cache -h)
 """
 
 
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                              "plugin parameter PLUGINS.LABEL.PARAM, e.g. defenses.hidden.steps=100 (LABEL: the "
                              "entry's label, else its name)")
         sp.add_argument("--output", "-o", default=None, help="output folder (overrides run.output)")
+        sp.add_argument("--allow-pickle", action="store_true",
+                        help="let the model load pickle weights (.bin/.ckpt/.pt), which can run code; sets "
+                             "model.allow_pickle = true (default: safetensors only)")
 
     r = sub.add_parser("run", help="run the grid of a config",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the core's own command groups (``bench cache``)
+_CORE_COMMAND_MODULES = ("bench.cache_cli",)
+
+
 def command_modules() -> list[str]:
     """Modules that add command groups (lightweight imports only: no torch/diffusers at module top).
 
@@ -119,7 +127,7 @@ def command_modules() -> list[str]:
 
     from .world import all_worlds
 
-    out = [ep.value for ep in entry_points(group="bench.commands")]
+    out = list(_CORE_COMMAND_MODULES) + [ep.value for ep in entry_points(group="bench.commands")]
     out += [m for w in all_worlds() if (m := w.cli_module())]
     return list(dict.fromkeys(out))
 
@@ -150,12 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except BenchError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
@@ -187,6 +195,17 @@ def _plugin_warnings_as_lines() -> None:
     warnings.showwarning = show
 
 
+#: the longest error line printed (values echoed in messages are cut before; this is the last guard)
+MAX_MESSAGE = 1000
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message as one line of sane length: whitespace runs become one space, overlong words are cut."""
+    words = [w if len(w) <= 200 else w[:200] + "..." for w in str(exc).split()]
+    text = " ".join(words)
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
+
+
 def load_config_from_args(args, check_output: bool = True):
     """The config named by ``--config``/``--set``/``--output`` (shared by every command that reads one)."""
     return _load(args, check_output)
@@ -198,6 +217,8 @@ def _load(args, check_output: bool = True):
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.output:
         overrides["run.output"] = args.output
+    if getattr(args, "allow_pickle", False):
+        overrides["model.allow_pickle"] = True
     return load_config(args.config, overrides, check_output=check_output)
 
 
@@ -212,12 +233,16 @@ def cmd_run(args) -> int:
     from .progress import Progress
     from .runner import Runner
 
+    from .preflight import preflight
+
     cfg = _load(args)
+    preflight(cfg)
     console = _console()
     err = _console(stderr=True)
     show_bars = not args.no_progress and err.is_terminal
     runner = Runner(cfg, progress=Progress(enabled=show_bars, console=err),
-                    log=(lambda m: None) if show_bars else (lambda m: err.print(m, markup=False)))
+                    log=(lambda m: None) if show_bars else (lambda m: err.print(m, markup=False, soft_wrap=True)),
+                    warn=lambda m: err.print(m, markup=False, soft_wrap=True))
     cells = runner.plan.select(args.only)
     if args.only and not cells:
         raise UserError(f"--only {args.only!r} matches no cell; labels look like "
@@ -266,8 +291,11 @@ def _print_plan(runner, cells, console) -> None:
 def cmd_validate(args) -> int:
     from .plan import build_plan
 
+    from .preflight import preflight
+
     cfg = _load(args)
     plan = build_plan(cfg)
+    preflight(cfg)
     print(f"{cfg.path}: ok: {len(cfg.defenses)} defences x {len(cfg.model_attacks)} model attacks x "
           f"{len(cfg.image_attacks)} image attacks x {len(cfg.run.seeds)} seed(s) = {len(plan.cells)} cells, "
           f"{len(plan.stages)} stages, {cfg.run.num_images} images each")

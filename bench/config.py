@@ -28,6 +28,8 @@ from .plugins import NegativePolicy
 from .registry import Registry, suggest
 
 DEFAULT_CONFIG_NAME = "bench.toml"
+#: a lone plugin entry's label shows its non-default parameters only up to this many
+LABEL_MAX_CHANGED = 3
 
 
 @dataclass(frozen=True)
@@ -59,14 +61,50 @@ class PluginSpec:
     def label(self) -> str:
         if self.display:
             return self.display
+        return self.short_label()
+
+    def short_label(self, varying: frozenset[str] | set[str] = frozenset()) -> str:
+        """The plugin's name and the parameters that vary in the grid (``varying``, among entries of this name) or,
+        when there are at most :data:`LABEL_MAX_CHANGED` of them, the parameters that differ from the defaults. The
+        full parameters are stored with every result."""
         cls = _registry(self.kind).get(self.name)
         defaults = {p.name: p.default for p in cls.params}
-        changed = {k: v for k, v in self.param_dict.items() if defaults.get(k) != v or k in self.given}
+        params = self.param_dict
+        changed = {k: v for k, v in params.items() if defaults.get(k) != v}
         if "strength" in changed:  # a strength sets the natural parameters: show only the strength
             changed = {"strength": changed["strength"]}
+        if len(changed) > LABEL_MAX_CHANGED:
+            changed = {}
+        shown = set(changed) | {k for k in varying if k in params}
+        if "strength" in shown:  # natural parameters derived from a swept strength vary with it: not shown
+            shown = {k for k in shown if k == "strength" or k in self.given}
+        changed = {k: params[k] for k in shown}
         if not changed:
             return self.name
         return f"{self.name}(" + ",".join(f"{k}={_short(v)}" for k, v in sorted(changed.items())) + ")"
+
+
+def _v(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters (a 10 MB value must not become a 10 MB message)."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 1000:
+        return f"<a {type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _k(key: str, limit: int = 80) -> str:
+    """A key echoed in a message, cut to ``limit`` characters."""
+    return key if len(key) <= limit else key[:limit] + f"... ({len(key)} characters)"
+
+
+#: bounds on what a config may ask for (validation must not hang or allocate per image on absurd values)
+MAX_NUM_IMAGES = 100_000
+MAX_SEEDS = 1_000
+MAX_BATCH_SIZE = 4_096
+MAX_SIDE = 8_192
+MAX_CELLS = 100_000
+MAX_PROMPTS_FILE_BYTES = 64 * 2 ** 20
+MAX_NAME = 100
 
 
 def _short(v: Any) -> str:
@@ -104,6 +142,7 @@ class ModelConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     negative_prompt: str = ""
+    allow_pickle: bool = False  # load pickle weights (.bin/.ckpt/.pt) of a model folder or hub snapshot: they can run code
 
     @property
     def source(self) -> str:
@@ -185,12 +224,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     p = Path(path) if path is not None else default_config_path()
     if not p.exists():
         raise ConfigError(f"{p}: config file not found")
+    if not p.is_file():
+        raise ConfigError(f"{p}: is a folder, not a config file; name a TOML file such as {p / DEFAULT_CONFIG_NAME}")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{p}: invalid TOML: {' '.join(str(exc).split())}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not a UTF-8 text file") from None
+        raise ConfigError(f"{p}: not a UTF-8 text file; a config must be TOML text") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value, p)
     try:
@@ -198,7 +241,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     except ConfigError as exc:
         if not overrides:
             raise
-        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        given = ", ".join(f"{k}={_v(v)}" for k, v in overrides.items())
         raise ConfigError(f"{exc} (with --set {given})") from None
 
 
@@ -213,7 +256,11 @@ def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
             f"or PLUGINS.LABEL.PARAM with PLUGINS one of {', '.join(_PLUGIN_SECTIONS)} (e.g. "
             f"defenses.hidden.steps=100)"
         )
-    raw.setdefault(parts[0], {})[parts[1]] = value
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: '{parts[0]}' must be a table ([{parts[0]}]), got {_v(section)}; "
+                          f"so --set {_k(key)} cannot apply")
+    section[parts[1]] = value
 
 
 def _set_plugin_param(raw: dict, key: str, section: str, who: str, param: str, value: Any, path: Path) -> None:
@@ -229,7 +276,7 @@ def _set_plugin_param(raw: dict, key: str, section: str, who: str, param: str, v
     hits = [i for i, lab in enumerate(labels) if lab == who] or [i for i in named if not labels[i]] or named
     if not hits:
         have = sorted({str(lab or n) for lab, n in zip(labels, names) if (lab or n)})
-        raise ConfigError(f"--set {key}: {path} has no {section} entry labelled or named {who!r}; "
+        raise ConfigError(f"--set {key}: {path} has no {section} entry labelled or named {_v(who)}; "
                           f"it has: {', '.join(have) if have else 'none'}")
     if param in ("name", "label"):
         raise ConfigError(f"--set {key}: a plugin's '{param}' cannot be overridden; set one of its parameters")
@@ -242,7 +289,7 @@ def _set_plugin_param(raw: dict, key: str, section: str, who: str, param: str, v
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``KEY=VALUE`` from the command line; VALUE is read as TOML (numbers, lists, booleans, strings)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. run.num_images=8")
+        raise ConfigError(f"--set {_v(text)}: expected KEY=VALUE, e.g. run.num_images=8")
     key, _, value = text.partition("=")
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
@@ -256,7 +303,7 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
     for key in raw:
         if key not in known:
             raise ConfigError(
-                f"{path}: unknown section '{key}'{suggest(key, known)}; allowed: {', '.join(sorted(known))}"
+                f"{path}: unknown section {_v(key)}{suggest(key[:MAX_NAME], known)}; allowed: {', '.join(sorted(known))}"
             )
     sections = {name: _parse_section(raw.get(name, {}), cls, name, path) for name, cls in _SECTIONS.items()}
     run: RunConfig = sections["run"]
@@ -285,11 +332,55 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
             if ident in seen:
                 raise ConfigError(f"{path}: {kind}: '{s.label}' is listed twice")
             seen[ident] = i
+        specs[kind] = _grid_labels(specs[kind])
+        by_label: dict[str, PluginSpec] = {}
+        for s in specs[kind]:
+            other = by_label.setdefault(s.label, s)
+            if other is not s:
+                raise ConfigError(f"{path}: {kind}: two entries have the label {_v(s.label)} ({other.name} and "
+                                  f"{s.name}, with different parameters); labels must be distinct: set 'label' on one")
+    n_cells = len(run.seeds) * len(specs["defenses"]) * len(specs["model_attacks"]) * len(specs["image_attacks"])
+    if n_cells > MAX_CELLS:
+        raise ConfigError(f"{path}: the grid has {n_cells} cells (seeds x defences x model attacks x image attacks); "
+                          f"at most {MAX_CELLS} are allowed: split it into several configs")
+    _check_primary_metric(run, specs["metrics"], path)
     cfg = BenchConfig(path, run, model, prompts, specs["defenses"], specs["model_attacks"],
                       specs["image_attacks"], specs["metrics"], raw)
     if check_output:
         check_output_writable(cfg)
     return cfg
+
+
+def _grid_labels(specs: list[PluginSpec]) -> list[PluginSpec]:
+    """Short labels: each unlabelled entry shows the parameters that vary among the entries of its plugin."""
+    groups: dict[str, list[PluginSpec]] = {}
+    for s in specs:
+        if not s.display:
+            groups.setdefault(s.name, []).append(s)
+    varying: dict[str, set[str]] = {}
+    for name, group in groups.items():
+        keys = {k for s in group for k in s.param_dict}
+        varying[name] = {k for k in keys if len({repr(s.param_dict.get(k)) for s in group}) > 1}
+    return [s if s.display else replace(s, display=s.short_label(varying[s.name])) for s in specs]
+
+
+def metric_outputs(metrics: list[PluginSpec], target_fprs: list[float]) -> set[str] | None:
+    """The measurement names these metrics produce, or None if one of them does not declare its names."""
+    names: set[str] = set()
+    for spec in metrics:
+        out = _registry(spec.kind).get(spec.name).outputs(spec.param_dict, tuple(target_fprs))
+        if out is None:
+            return None
+        names.update(out)
+    return names
+
+
+def _check_primary_metric(run: RunConfig, metrics: list[PluginSpec], path: str) -> None:
+    known = metric_outputs(metrics, run.target_fprs)
+    if known is None or run.primary_metric in known:
+        return
+    raise ConfigError(f"{path}: run.primary_metric = {_v(run.primary_metric)} is not computed by this config's "
+                      f"metrics{suggest(run.primary_metric[:MAX_NAME], known)}; allowed: {', '.join(sorted(known))}")
 
 
 def _is_identity(spec: PluginSpec) -> bool:
@@ -298,14 +389,15 @@ def _is_identity(spec: PluginSpec) -> bool:
 
 def _parse_section(table: Any, cls: type, name: str, path: str):
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: '{name}' must be a table ([{name}]), got {table!r}")
+        raise ConfigError(f"{path}: '{name}' must be a table ([{name}]), got {_v(table)}")
     by_name = {f.name: f for f in fields(cls)}
     defaults = cls()
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in by_name:
             raise ConfigError(
-                f"{path}: {name}.{key}: unknown key{suggest(key, by_name)}; allowed: {', '.join(by_name)}"
+                f"{path}: {name}.{_k(key)}: unknown key{suggest(key[:MAX_NAME], by_name)}; "
+                f"allowed: {', '.join(by_name)}"
             )
         expected = getattr(defaults, key)
         values[key] = _check_type(value, expected, f"{path}: {name}.{key}")
@@ -314,7 +406,7 @@ def _parse_section(table: Any, cls: type, name: str, path: str):
 
 def _check_type(value: Any, expected: Any, where: str) -> Any:
     def bad(what: str):
-        return ConfigError(f"{where} = {value!r} is invalid: it must be {what}")
+        return ConfigError(f"{where} = {_v(value)} is invalid: it must be {what}")
 
     if isinstance(expected, bool):
         if not isinstance(value, bool):
@@ -346,14 +438,15 @@ def _check_type(value: Any, expected: Any, where: str) -> Any:
 
 def _check_run(run: RunConfig, path: str) -> None:
     def bad(key: str, value: Any, allowed: str):
-        return ConfigError(f"{path}: run.{key} = {value!r} is invalid: it must be {allowed}")
+        return ConfigError(f"{path}: run.{key} = {_v(value)} is invalid: it must be {allowed}")
 
-    if run.num_images < 1:
-        raise bad("num_images", run.num_images, "an integer >= 1")
-    if run.batch_size < 1:
-        raise bad("batch_size", run.batch_size, "an integer >= 1")
-    if not run.seeds or len(set(run.seeds)) != len(run.seeds) or any(s < 0 for s in run.seeds):
-        raise bad("seeds", run.seeds, "a non-empty list of distinct integers >= 0")
+    if not 1 <= run.num_images <= MAX_NUM_IMAGES:
+        raise bad("num_images", run.num_images, f"an integer in [1, {MAX_NUM_IMAGES}]")
+    if not 1 <= run.batch_size <= MAX_BATCH_SIZE:
+        raise bad("batch_size", run.batch_size, f"an integer in [1, {MAX_BATCH_SIZE}]")
+    if not run.seeds or len(run.seeds) > MAX_SEEDS or len(set(run.seeds)) != len(run.seeds) or \
+            any(not 0 <= s < 2 ** 63 for s in run.seeds):
+        raise bad("seeds", run.seeds, f"a non-empty list of at most {MAX_SEEDS} distinct integers in [0, 2**63)")
     if run.negatives not in [p.value for p in NegativePolicy]:
         raise bad("negatives", run.negatives, "one of " + ", ".join(repr(p.value) for p in NegativePolicy))
     if not run.target_fprs or not all(0 < f < 1 for f in run.target_fprs) or \
@@ -361,8 +454,12 @@ def _check_run(run: RunConfig, path: str) -> None:
         raise bad("target_fprs", run.target_fprs, "a non-empty list of distinct numbers in (0, 1)")
     if not _ALLOWED_DEVICE.match(run.device):
         raise bad("device", run.device, "'cpu', 'cuda', 'cuda:N' or 'mps'")
-    if not run.output:
+    if not run.output or "\0" in run.output:
         raise bad("output", run.output, "a folder path")
+    if "\0" in run.cache:
+        raise bad("cache", run.cache, "a folder path")
+    if not run.primary_metric:
+        raise bad("primary_metric", run.primary_metric, "the name of a measurement, e.g. 'tpr@1e-06'")
 
 
 def _check_model(model: ModelConfig, path: str) -> None:
@@ -378,31 +475,35 @@ def _check_model(model: ModelConfig, path: str) -> None:
         names = model_names()
         if model.builtin not in names:
             raise ConfigError(
-                f"{path}: model.builtin = {model.builtin!r} is unknown{suggest(model.builtin, names)}; "
+                f"{path}: model.builtin = {_v(model.builtin)} is unknown{suggest(model.builtin[:MAX_NAME], names)}; "
                 f"available: {', '.join(sorted(names))}"
             )
     if model.path:
         folder = _resolve(model.path, path)
-        if not folder.is_dir():
-            raise ConfigError(f"{path}: model.path = {model.path!r}: no such folder ({folder})")
+        if "\0" in model.path or not folder.is_dir():
+            raise ConfigError(f"{path}: model.path = {_v(model.path)}: no such folder")
         if not (folder / "model_index.json").exists():
             raise ConfigError(
-                f"{path}: model.path = {model.path!r} is not a diffusers pipeline folder (no model_index.json)"
+                f"{path}: model.path = {_v(model.path)} is not a diffusers pipeline folder (no model_index.json)"
             )
+        from .modelcheck import check_pipeline_folder
+
+        check_pipeline_folder(folder, f"{path}: model.path = {_v(model.path)}", model.allow_pickle)
     if model.hub_id and not re.match(r"^[\w.-]+/[\w.-]+$", model.hub_id):
-        raise ConfigError(f"{path}: model.hub_id = {model.hub_id!r} is invalid: it must look like 'org/name'")
+        raise ConfigError(f"{path}: model.hub_id = {_v(model.hub_id)} is invalid: it must look like 'org/name'")
     if model.dtype not in _ALLOWED_DTYPES:
-        raise ConfigError(f"{path}: model.dtype = {model.dtype!r} is invalid: it must be one of "
+        raise ConfigError(f"{path}: model.dtype = {_v(model.dtype)} is invalid: it must be one of "
                           + ", ".join(repr(d) for d in _ALLOWED_DTYPES))
     for key in ("height", "width"):
         v = getattr(model, key)
-        if v < 8 or v % 8:
-            raise ConfigError(f"{path}: model.{key} = {v!r} is invalid: it must be a multiple of 8, at least 8")
+        if v < 8 or v % 8 or v > MAX_SIDE:
+            raise ConfigError(f"{path}: model.{key} = {_v(v)} is invalid: it must be a multiple of 8 in "
+                              f"[8, {MAX_SIDE}]")
     if model.num_inference_steps < 1 or model.num_inference_steps > 1000:
-        raise ConfigError(f"{path}: model.num_inference_steps = {model.num_inference_steps!r} is invalid: "
+        raise ConfigError(f"{path}: model.num_inference_steps = {_v(model.num_inference_steps)} is invalid: "
                           "it must be an integer in [1, 1000]")
     if model.guidance_scale < 0:
-        raise ConfigError(f"{path}: model.guidance_scale = {model.guidance_scale!r} is invalid: it must be >= 0")
+        raise ConfigError(f"{path}: model.guidance_scale = {_v(model.guidance_scale)} is invalid: it must be >= 0")
 
 
 def _check_prompts(prompts: PromptConfig, path: str) -> None:
@@ -419,9 +520,19 @@ def _check_prompts(prompts: PromptConfig, path: str) -> None:
             try:
                 load_prompt_set(spec if key == "set" else f"builtin:{spec}")
             except UserError as exc:
-                raise ConfigError(f"{path}: prompts.{key} = {spec!r}: {exc}") from None
-    if prompts.file and not _resolve(prompts.file, path).is_file():
-        raise ConfigError(f"{path}: prompts.file = {prompts.file!r}: no such file")
+                raise ConfigError(f"{path}: prompts.{key} = {_v(spec)}: {exc}") from None
+    if prompts.file:
+        f = _resolve(prompts.file, path)
+        if "\0" in prompts.file or not f.exists():
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)}: no such file")
+        if not f.is_file():
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} is a folder; it must be a text file "
+                              "with one prompt per line")
+        if f.stat().st_size > MAX_PROMPTS_FILE_BYTES:
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} has {f.stat().st_size} bytes; a prompts "
+                              f"file may have at most {MAX_PROMPTS_FILE_BYTES} bytes")
+    if any(not p.strip() for p in prompts.list):
+        raise ConfigError(f"{path}: prompts.list holds an empty prompt; every prompt must be non-empty text")
 
 
 def _resolve(p: str, config_path: str) -> Path:
@@ -437,10 +548,21 @@ def load_prompts(prompts: PromptConfig, path: str = "") -> list[str]:
     if prompts.list:
         return list(prompts.list)
     if prompts.file:
-        lines = [ln.strip() for ln in _resolve(prompts.file, path).read_text(encoding="utf-8").splitlines()]
+        try:
+            text = _resolve(prompts.file, path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} is not UTF-8 text; it must be a text file "
+                              "with one prompt per line") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} cannot be read "
+                              f"({exc.strerror or type(exc).__name__})") from None
+        if "\0" in text:
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} is binary (it holds NUL bytes); it must be "
+                              "a text file with one prompt per line")
+        lines = [ln.strip() for ln in text.splitlines()]
         out = [ln for ln in lines if ln and not ln.startswith("#")]
         if not out:
-            raise ConfigError(f"{path}: prompts.file = {prompts.file!r} holds no prompts")
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} holds no prompts")
         return out
     from .world import load_prompt_set
 
@@ -453,25 +575,34 @@ def _parse_plugins(entries: Any, kind: str, path: str) -> list[PluginSpec]:
     if entries is None:
         return []
     if not isinstance(entries, list):
-        raise ConfigError(f"{path}: {kind} must be a list of tables ([[{kind}]]) or of names, got {entries!r}")
+        raise ConfigError(f"{path}: {kind} must be a list of tables ([[{kind}]]) or of names, got {_v(entries)}")
     out: list[PluginSpec] = []
     for i, entry in enumerate(entries):
         where = f"{path}: {kind}[{i}]"
         if isinstance(entry, str):
             entry = {"name": entry}
         if not isinstance(entry, dict):
-            raise ConfigError(f"{where} must be a table with a 'name' or a plugin name, got {entry!r}")
+            raise ConfigError(f"{where} must be a table with a 'name' or a plugin name, got {_v(entry)}")
         entry = dict(entry)
         name = entry.pop("name", None)
         label = entry.pop("label", "")
         if not isinstance(name, str):
             raise ConfigError(f"{where}: 'name' is missing (it must be a string naming a {kind[:-1]} plugin)")
+        if len(name) > MAX_NAME or not name.isprintable():
+            raise ConfigError(f"{where}.name = {_v(name)} is not a plugin name (names are short printable words; "
+                              f"bench ls {kind.replace('_', '-')} lists them)")
         if not isinstance(label, str) or (label and not re.fullmatch(r"[\w.+=,()\[\]-]+", label)):
-            raise ConfigError(f"{where}.label = {label!r} is invalid: it must be a short name of letters, digits "
+            raise ConfigError(f"{where}.label = {_v(label)} is invalid: it must be a short name of letters, digits "
                               "and _ . + = , ( ) [ ] -")
         cls = _registry(kind).get(name, where=f"{where}.name")
         if "from" in entry:
             entry = {**_entry_from(entry.pop("from"), kind, name, label, path, where), **entry}
+        n_combos = 1
+        for key, value in entry.items():
+            if isinstance(value, list):
+                n_combos *= max(len(value), 1)
+        if n_combos > MAX_CELLS:
+            raise ConfigError(f"{where}: the sweep expands to {n_combos} entries; at most {MAX_CELLS} are allowed")
         combos = _expand_sweep(cls.params, entry, where)
         swept = [k for k, v in entry.items() if len({repr(c[k]) for c in combos}) > 1]
         for combo in combos:
@@ -491,26 +622,26 @@ def _entry_from(src: Any, kind: str, name: str, label: str, path: str, where: st
     current folder; keys given beside ``from`` override the borrowed ones.
     """
     if not isinstance(src, str) or not src:
-        raise ConfigError(f"{where}.from = {src!r} is invalid: it must be the path of another config file")
+        raise ConfigError(f"{where}.from = {_v(src)} is invalid: it must be the path of another config file")
     here = Path(path).parent if path else Path(".")
     candidates = [here / src, Path(os.path.expanduser(src))]
     file = next((c for c in candidates if c.is_file()), None)
     if file is None:
-        raise ConfigError(f"{where}.from = {src!r}: no such file (looked in {here} and the current folder)")
+        raise ConfigError(f"{where}.from = {_v(src)}: no such file (looked in {here} and the current folder)")
     try:
         other = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}.from = {src!r}: {file} is not valid TOML ({exc})") from None
+        raise ConfigError(f"{where}.from = {_v(src)}: {file} is not valid TOML ({exc})") from None
     matches = [dict(e) for e in other.get(kind, []) if isinstance(e, dict) and e.get("name") == name
                and (not label or e.get("label", "") in ("", label))]
     if len(matches) != 1:
-        raise ConfigError(f"{where}.from = {src!r}: {file} has {len(matches)} [[{kind}]] entries named {name!r}"
-                          + (f" with label {label!r}" if label else "") + "; exactly one is needed")
+        raise ConfigError(f"{where}.from = {_v(src)}: {file} has {len(matches)} [[{kind}]] entries named {_v(name)}"
+                          + (f" with label {_v(label)}" if label else "") + "; exactly one is needed")
     entry = matches[0]
     entry.pop("name", None)
     entry.pop("label", None)
     if "from" in entry:
-        raise ConfigError(f"{where}.from = {src!r}: that entry borrows from another file itself; point at the source")
+        raise ConfigError(f"{where}.from = {_v(src)}: that entry borrows from another file itself; point at the source")
     return entry
 
 
@@ -550,10 +681,36 @@ def _spec(kind: str, name: str, given: dict[str, Any], where: str) -> PluginSpec
 
 
 def check_output_writable(cfg: BenchConfig) -> None:
+    """The output and cache folders exist or can be created, and can be written (checked by creating them and a
+    probe file; folders this check made are removed again)."""
+    import tempfile
+
     for folder, key in ((cfg.output, "run.output"), (cfg.cache_dir, "run.cache")):
+        shown = _v(str(folder))
         probe = folder
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
-        if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
-            raise ConfigError(f"{cfg.path}: {key} = {str(folder)!r} is not writable "
-                              f"({probe} is {'not a folder' if not probe.is_dir() else 'read-only'})")
+        if probe.exists() and not probe.is_dir():
+            raise ConfigError(f"{cfg.path}: {key} = {shown} is not writable ({probe} is not a folder); it must be "
+                              "a folder that exists or can be created")
+        made: list[Path] = []
+        try:
+            p = folder
+            missing = []
+            while not p.exists() and p != p.parent:
+                missing.append(p)
+                p = p.parent
+            for m in reversed(missing):
+                m.mkdir()
+                made.append(m)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{cfg.path}: {key} = {shown} is not writable: it cannot be created or written "
+                              f"({exc.strerror or type(exc).__name__}); it must be a writable folder") from None
+        finally:
+            for m in reversed(made):
+                try:
+                    m.rmdir()
+                except OSError:
+                    pass

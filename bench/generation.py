@@ -1,8 +1,12 @@
 """The harness's standard text-to-image sampling.
 
-Each image's initial noise comes from its own seed (one ``torch.Generator`` per image), so an image depends only on
-its prompt and seed, never on the batch it was sampled in or on other cells. Defences that change the initial noise
-(Tree-Ring, Gaussian Shading) pass ``latents`` built with :func:`initial_latents` and then changed.
+Each image's initial noise comes from its own seed (one ``torch.Generator`` per image), so an image's content is
+fixed by its prompt and seed, never by other cells. Its exact pixels also depend on the batch it was sampled in:
+the float kernels (convolutions, matrix products) sum in an order that depends on the batch's size, and the last
+bits that differ become one grey level in a few pixels after 8-bit rounding. ``run.batch_size`` is therefore part
+of the generate stage's cache key (:meth:`bench.plan._Builder.request_identity`), so a cached image is always the
+one this configuration makes (docs/reliability.md). Defences that change the initial noise (Tree-Ring, Gaussian
+Shading) pass ``latents`` built with :func:`initial_latents` and then changed.
 """
 
 from __future__ import annotations

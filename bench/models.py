@@ -116,30 +116,33 @@ def builtin_models() -> dict[str, str]:
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def load_pipeline_folder(folder: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
-    """Load a diffusers Stable Diffusion pipeline folder, offline. Real SD folders and built-ins go through here."""
+def load_pipeline_folder(folder: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
+                         use_safetensors: bool | None = True):
+    """Load a diffusers Stable Diffusion pipeline folder, offline. Real SD folders and built-ins go through here.
+    Only safetensors weights are read unless ``use_safetensors=None`` (``model.allow_pickle``; bench.modelcheck)."""
     import torch
     from diffusers import DiffusionPipeline
 
     _quiet_loading()
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True,
-                                             dtype=getattr(torch, _DTYPES[dtype]),
+                                             dtype=getattr(torch, _DTYPES[dtype]), use_safetensors=use_safetensors,
                                              safety_checker=None, requires_safety_checker=False)
     return _prepare(pipe, device)
 
 
 def load_pipeline(model_cfg, device: str = "cpu"):
     """Load the pipeline a :class:`~bench.config.ModelConfig` names."""
+    safe_only = None if getattr(model_cfg, "allow_pickle", False) else True
     if model_cfg.builtin:
         return load_pipeline_folder(builtin_folder(model_cfg.builtin), model_cfg.dtype, device)
     if model_cfg.path:
-        return load_pipeline_folder(model_cfg.path, model_cfg.dtype, device)
+        return load_pipeline_folder(model_cfg.path, model_cfg.dtype, device, use_safetensors=safe_only)
     import torch
     from diffusers import DiffusionPipeline
 
     _quiet_loading()
     pipe = DiffusionPipeline.from_pretrained(model_cfg.hub_id, revision=model_cfg.revision,
-                                             dtype=getattr(torch, _DTYPES[model_cfg.dtype]),
+                                             dtype=getattr(torch, _DTYPES[model_cfg.dtype]), use_safetensors=safe_only,
                                              safety_checker=None, requires_safety_checker=False)
     return _prepare(pipe, device)
 

@@ -139,16 +139,16 @@ def resolve_params(
     for key, value in given.items():
         if key not in by_name:
             known = ", ".join(sorted(by_name)) or "none"
-            hint = suggest(key, by_name)
+            hint = suggest(key[:100], by_name)
             raise ConfigError(
-                f"{where}{'.' if where else ''}{key}: '{owner}' has no parameter '{key}'"
+                f"{where}{'.' if where else ''}{_cut(key)}: '{owner}' has no parameter '{_cut(key)}'"
                 f"{hint}; its parameters are: {known}"
             )
         try:
             out[key] = by_name[key].check(value)
         except ValueError as exc:
             raise ConfigError(
-                f"{where}{'.' if where else ''}{key} = {value!r} is invalid for '{owner}': it {exc}"
+                f"{where}{'.' if where else ''}{key} = {_cut(repr(value))} is invalid for '{owner}': it {_cut(str(exc))}"
             ) from None
     for p in declared:
         out.setdefault(p.name, p.default)
@@ -168,3 +168,8 @@ class ParamDoc:
 
 def describe(params: Sequence[Param]) -> list[ParamDoc]:
     return [ParamDoc(p.name, p.type, p.default, p.allowed(), p.doc) for p in params]
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """A value echoed in a message, at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

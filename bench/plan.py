@@ -160,7 +160,10 @@ class _Builder:
     def request_identity(self, request: GenerationRequest) -> dict[str, Any]:
         return {"prompts": list(request.prompts), "seeds": list(request.seeds), "height": request.height,
                 "width": request.width, "steps": request.num_inference_steps, "cfg": request.guidance_scale,
-                "negative_prompt": request.negative_prompt, "device": self.cfg.run.device.split(":")[0]}
+                "negative_prompt": request.negative_prompt, "device": self.cfg.run.device.split(":")[0],
+                # the batch an image is sampled in changes its pixels (last bits of the float kernels): see
+                # bench.generation; so it is part of what an image is, and of its key
+                "batch_size": request.batch_size}
 
     def run_data(self, spec: PluginSpec) -> dict[str, Any]:
         """What ``ctx.data`` shows a plugin of the run (prompts, image size): part of the key of those that read it."""

@@ -440,3 +440,9 @@ class Metric(Plugin):
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         raise NotImplementedError
+
+    @classmethod
+    def outputs(cls, params: dict[str, Any], target_fprs: tuple[float, ...]) -> tuple[str, ...] | None:
+        """The names of the measurements ``compute`` can return with these parameters (``run.primary_metric`` is
+        checked against them before a run); None: not declared (then any name is accepted)."""
+        return None

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .cache import ArtifactStore, shipped_stores
+from .cache import ArtifactStore, CorruptArtifact, shipped_stores
 from .config import BenchConfig
-from .errors import BenchError, PluginError
+from .errors import BenchError, PluginError, UserError
 from .executor import Executor, InProcessExecutor
 from .plan import Cell, Plan, build_plan, stage_seed
 from .plugins import DetectionKind, MeasureContext, Measurement
@@ -37,6 +37,7 @@ class RunSummary:
     cells_failed: list[tuple[str, str]] = field(default_factory=list)  # (label, error)
     stages_run: dict[str, int] = field(default_factory=dict)
     stages_cached: int = 0
+    healed: list[str] = field(default_factory=list)  # cache entries found damaged, quarantined and recomputed
     seconds: float = 0.0
 
     @property
@@ -46,7 +47,7 @@ class RunSummary:
     def as_dict(self) -> dict[str, Any]:
         return {"cells_total": self.cells_total, "cells_ok": self.cells_ok, "cells_skipped": self.cells_skipped,
                 "cells_failed": self.cells_failed, "stages_run": self.stages_run,
-                "stages_cached": self.stages_cached, "seconds": round(self.seconds, 3)}
+                "stages_cached": self.stages_cached, "healed": self.healed, "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -55,16 +56,26 @@ class _Failure:
     traceback: str
 
 
+class _Healed(Exception):
+    """A damaged cache entry was quarantined: the cell is tried again (its stages recompute the entry)."""
+
+
+#: how often one cell is retried after healing damaged entries it read
+_HEAL_ATTEMPTS = 3
+
+
 class Runner:
     def __init__(self, cfg: BenchConfig, *, executor: Executor | None = None, progress: Progress | None = None,
-                 log=None):
+                 log=None, warn=None):
         self.cfg = cfg
         self.plan: Plan = build_plan(cfg)
         self.executor = executor or InProcessExecutor()
         self.progress = progress or Progress(enabled=False)
         self.artifacts = ArtifactStore(cfg.cache_dir, fallbacks=shipped_stores())
         self.log = log or (lambda msg: None)
+        self.warn = warn or self.log  # one line per healed cache entry, shown even under progress bars
         self._seen_cached: set[str] = set()
+        self._checked: set[str] = set()  # cached entries checked (sizes) in this run
         self._shared: dict[str, Any] = {}  # metrics' per-run state (e.g. FID reference statistics)
 
     def run(self, only: str | None = None, rerun_failed: bool = False, command: str = "bench run") -> RunSummary:
@@ -94,16 +105,7 @@ class Runner:
                     self.progress.advance(bar, 0, description=f"cells: {cell.label}")
                     timings: dict[str, float] = {}
                     costs: dict[str, Any] = {}
-                    failure = self._ensure(cell, env, failures, summary, timings, costs)
-                    if failure is None:
-                        try:
-                            t0 = time.perf_counter()
-                            measurements = self.measure(cell, env)
-                            timings["measure"] = time.perf_counter() - t0
-                        except KeyboardInterrupt:
-                            raise
-                        except Exception as exc:
-                            failure = _Failure(f"measuring failed: {_one_line(exc)}", tb.format_exc())
+                    failure, measurements = self._attempt(cell, env, failures, summary, timings, costs)
                     if failure is None:
                         store.write_cell(run_id, cell, "ok", measurements, n_images=cfg.run.num_images,
                                          negatives=cfg.run.negatives, timings=timings, costs=costs)
@@ -117,11 +119,65 @@ class Runner:
                         self.log(f"[failed] {cell.label}: {failure.message}")
                     self.progress.advance(bar)
             outcome = "ok" if summary.ok else "failed"
+        except UserError:
+            outcome = "failed"
+            raise
         finally:
             summary.seconds = time.perf_counter() - t_start
             store.finish_run(run_id, outcome, summary.as_dict())
             store.close()
         return summary
+
+    def _attempt(self, cell: Cell, env: StageEnv, failures: dict[str, _Failure], summary: RunSummary,
+                 timings: dict[str, float], costs: dict[str, Any]) -> tuple[_Failure | None, list[Measurement]]:
+        """Compute and measure one cell; a damaged cache entry met on the way is healed and the cell tried again."""
+        for _ in range(_HEAL_ATTEMPTS):
+            try:
+                failure = self._ensure(cell, env, failures, summary, timings, costs)
+                if failure is not None:
+                    return failure, []
+                try:
+                    t0 = time.perf_counter()
+                    measurements = self.measure(cell, env)
+                    timings["measure"] = time.perf_counter() - t0
+                    return None, measurements
+                except (KeyboardInterrupt, UserError):
+                    raise
+                except CorruptArtifact as exc:
+                    if exc.readonly:
+                        return _Failure(_shipped_damaged(exc), tb.format_exc()), []
+                    self._heal(exc, summary)
+                except Exception as exc:
+                    return _Failure(f"measuring failed: {_one_line(exc)}", tb.format_exc()), []
+            except _Healed:
+                continue
+        return _Failure(f"cache entries kept failing their checks after {_HEAL_ATTEMPTS} repairs (is the disk "
+                        f"failing?); see {self.artifacts.root / 'quarantine'}", ""), []
+
+    def _heal(self, exc: CorruptArtifact, summary: RunSummary) -> None:
+        moved = self.artifacts.quarantine(exc.key)
+        self._checked.discard(exc.key)
+        self._seen_cached.discard(exc.key)
+        summary.healed.append(exc.key)
+        self.warn(f"warning: {exc}; moved to {moved or 'quarantine (by another run)'}, recomputing it")
+
+    def _cached(self, key: str, summary: RunSummary) -> bool:
+        """Whether ``key`` can be reused from the cache: present and passing the cheap check (once per run). A
+        damaged writable entry is quarantined (False: recompute it); a damaged shipped one raises."""
+        if not self.artifacts.exists(key):
+            return False
+        if key in self._checked:
+            return True
+        try:
+            self.artifacts.check(key)
+        except CorruptArtifact as exc:
+            if exc.readonly:
+                raise
+            self._heal(exc, summary)
+            return False
+        self._checked.add(key)
+        self.artifacts.touch(key)
+        return True
 
     # -- stages ---------------------------------------------------------------------------------------------
     def _ensure(self, cell: Cell, env: StageEnv, failures: dict[str, _Failure], summary: RunSummary,
@@ -134,7 +190,12 @@ class Runner:
                 continue
             if stage.key in failures:
                 continue
-            if stage.kind != "base" and self.artifacts.exists(stage.key):
+            try:
+                cached = stage.kind != "base" and self._cached(stage.key, summary)
+            except CorruptArtifact as exc:
+                failures[stage.key] = _Failure(_shipped_damaged(exc), "")
+                continue
+            if cached:
                 meta = self.artifacts.meta(stage.key)
                 if stage.kind in ("embed", "model_attack") and meta.get("costs"):
                     costs[stage.kind] = meta["costs"] | {"seconds": meta.get("seconds")}
@@ -147,8 +208,14 @@ class Runner:
             fut = self.executor.submit(run_stage, stage, env)
             try:
                 meta = fut.result()
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, UserError):  # a user error (the model cannot load) stops the run
                 raise
+            except CorruptArtifact as exc:  # an input of this stage is damaged
+                if exc.readonly:
+                    failures[stage.key] = _Failure(_shipped_damaged(exc), "")
+                    continue
+                self._heal(exc, summary)
+                raise _Healed() from None
             except BaseException as exc:
                 who = stage.plugin.label if stage.plugin else stage.kind
                 failures[stage.key] = _Failure(f"{stage.kind} stage of '{who}' failed: {_one_line(exc)}",
@@ -196,6 +263,11 @@ class Runner:
                     raise PluginError(f"metric '{spec.label}' returned {type(m).__name__}, expected bench.Measurement")
             out.extend(result)
         return out
+
+
+def _shipped_damaged(exc: CorruptArtifact) -> str:
+    return (f"{exc}; it is never modified here: reinstall MarkBench to restore it, or set MARKBENCH_NO_PREBUILT=1 "
+            "to compute this stage instead")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ import torch
 from .cache import ArtifactStore, quantize
 from .config import BenchConfig, PluginSpec
 from .errors import PluginError
-from .models import apply_overrides, diff_pipeline, load_pipeline, rebuild_pipeline
+from .models import apply_overrides, diff_pipeline, rebuild_pipeline
 from .plan import Plan, Stage, stage_seed
 from .plugins import Detection, DetectionKind, Embedding, GenerationRequest, Secret, StageContext
 
@@ -44,7 +44,9 @@ class StageEnv:
 
     def base_pipeline(self):
         if self._base is None:
-            self._base = load_pipeline(self.cfg.model, device=self.cfg.run.device)
+            from .modelcheck import load_base
+
+            self._base = load_base(self.cfg)
         return self._base
 
     def pipeline(self, model_key: str):

@@ -63,6 +63,12 @@ class World:
         """A diffusers pipeline folder for ``name`` (built or linked on first use); :class:`UserError` if missing."""
         raise UserError(f"world '{self.name}' has no model {name!r}")
 
+    def check_model(self, name: str) -> Path | None:
+        """Before any model loads (``bench validate``, ``bench run``): the model's folder if it can be found without
+        building anything, ``None`` if it is built on first use; a :class:`UserError` saying how to provide it if it
+        is missing. Default: :meth:`model_folder`."""
+        return self.model_folder(name)
+
     def model_identity(self, name: str) -> tuple[str, ...]:
         """Extra strings hashed into the model's fingerprint (e.g. checksums of shipped weights)."""
         return ()

@@ -102,5 +102,8 @@ class MicroWorld(World):
                 shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
+    def check_model(self, name: str) -> Path | None:
+        return None  # built from configs on first use: nothing can be missing
+
     def prompt_sets(self) -> Mapping[str, Callable[[], Sequence[str]]]:
         return {"shapes": lambda: shape_captions(64)}

@@ -203,6 +203,10 @@ class CLIPScore(Metric):
         return Measurement(name=name, value=est.value, low=clean(est.low), high=clean(est.high), n=est.n,
                            note=note, higher_is_better=True)
 
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        return ("clip_score", "clip_score_watermark", "clip_score_delta", "clip_score_watermark_delta")
+
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         if not ctx.prompts:
             raise ValueError("metric 'clip_score' needs the prompt of each image (ctx.prompts is empty)")

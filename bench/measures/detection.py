@@ -83,6 +83,10 @@ class BitAccuracy(Metric):
     version = "1"
     higher_is_better = True
 
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        return ("bit_accuracy", "bit_accuracy_neg")
+
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         if _kind(ctx) is not DetectionKind.BITS:
             return []
@@ -111,6 +115,10 @@ class TPRAtFPR(Metric):
 
     version = "1"
     higher_is_better = True
+
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        return tuple(f"{r}@{f:g}" for f in target_fprs for r in ("tpr", "fpr"))
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         if _kind(ctx) is DetectionKind.BITS:
@@ -166,6 +174,10 @@ class PValue(Metric):
     version = "1"
     higher_is_better = False
 
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        return ("log10_pvalue_median",)
+
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         if _kind(ctx) is not DetectionKind.BITS:
             return []
@@ -189,6 +201,10 @@ class ROCAUC(Metric):
 
     version = "1"
     higher_is_better = True
+
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        return ("auc",)
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         if _kind(ctx) is DetectionKind.BITS:

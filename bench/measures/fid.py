@@ -477,6 +477,10 @@ class _InceptionMetric(Metric):
     def _bias_note(self, n: int) -> str:
         return ""
 
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        return (cls.name, f"{cls.name}_watermark")
+
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         ref, paired = self.reference_features(ctx)
         return (self._one(self.name, ctx.images(), ref, paired, "final (marked, attacked) images", ctx)

@@ -77,6 +77,10 @@ class _PairedImageMetric(Metric):
     def _capped(self, values: np.ndarray) -> int:
         return 0
 
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        return (f"{cls.name}_watermark", f"{cls.name}_attack")
+
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         return (self._one(f"{self.name}_watermark", ctx.unattacked_images, ctx.clean_twins,
                           "marked unattacked vs clean twin")
