@@ -79,6 +79,19 @@ def test_installed_plugins_listed_with_origin_and_a_broken_one_contained(site, t
         codes = [main(["ls"]), main(["validate", {str(ok)!r}]), main(["validate", {str(bad)!r}]),
                  main(["run", "--dry-run", "--config", {str(bad)!r}])]
         print("CODES", codes)
+
+        # the documented defence is a working watermark (loaded as installed: through its entry point)
+        import torch
+        from bench import defenses, image_attacks
+        from bench.testing import make_context, quantize, sample_images
+        d = defenses.get("acme_spread")()
+        images = sample_images(16, 64)
+        secret = d.embed(None, make_context(0)).secret
+        marked = quantize(d.mark(images, secret, make_context(1)))
+        jpeg = image_attacks.get("jpeg")(quality=75).apply(marked, torch.Generator())
+        acc = [float((d.detect(secret, x, make_context(2)).bits == secret.tensors["message"]).float().mean())
+               for x in (marked, jpeg, images)]
+        print("ACCURACY", *acc, "PSNR", float(10 * torch.log10(1 / ((marked - images) ** 2).mean())))
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(site), capture_output=True,
                          text=True, timeout=300)
@@ -96,6 +109,11 @@ def test_installed_plugins_listed_with_origin_and_a_broken_one_contained(site, t
     assert "[from acme-marks 2.0]" in rows["acme_posterize"]  # escaped: rich does not swallow it as markup
     assert "[from acme-marks 2.0]" in rows["acme_spread"]  # decorated in its package and an entry point
     assert "[from" not in rows["jpeg"] and "ghost" not in rows
+    # docs/plugins.md's spread-spectrum example: every bit back from marked 8-bit images (also after JPEG at quality
+    # 75), about half from unmarked ones (512 bits: within about 3.4 standard deviations), at about 30 dB PSNR
+    words = out.stdout[out.stdout.index("ACCURACY"):].split()
+    marked, jpeg, clean, psnr = float(words[1]), float(words[2]), float(words[3]), float(words[5])
+    assert marked == 1.0 and jpeg == 1.0 and 0.35 < clean < 0.65 and 28.0 < psnr < 33.0
 
 
 @pytest.mark.slow
@@ -105,3 +123,4 @@ def test_the_package_runs_the_contract_suite_on_its_own_plugins(site):
                          cwd=site, env=_env(site), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
     assert "10 passed" in out.stdout  # 8 image-attack checks + 2 defence checks
+
