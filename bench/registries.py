@@ -44,6 +44,8 @@ BUILTIN_DEFENSES = {
     "stable_signature": "defenses.stable_signature:StableSignature",
     "aqualora": "defenses.aqualora:AquaLoRA",
     "wdm": "defenses.wdm:WDM",
+    "tree_ring": "defenses.tree_ring:TreeRing",
+    "gaussian_shading": "defenses.gaussian_shading:GaussianShading",
 }
 BUILTIN_IMAGE_ATTACKS = {
     "none": "attacks.image.identity:Identity",
@@ -72,6 +74,7 @@ BUILTIN_MODEL_ATTACKS = {
     "quantize": "attacks.model.quantize:Quantize",
     "weight_noise": "attacks.model.weight_noise:WeightNoise",
     "merge": "attacks.model.merge:Merge",
+    "resample": "attacks.model.resample:Resample",
 }
 BUILTIN_METRICS = {
     "bit_accuracy": "bench.measures.detection:BitAccuracy",

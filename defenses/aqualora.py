@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   UserError, Verification, defenses)
+                   ThreatSetting, UserError, Verification, defenses)
 from bench.training import PerceptualLoss
 from defenses.hidden import JPEG_MODES, digest, jpeg, load_prefixed, quantize8, seeded, state_tensors, sub_generator
 from defenses.sleepermark import (LatentDecoder, SecretEncoder, SleeperMark, _from_latent, _global_rng_from,
@@ -478,6 +478,7 @@ class AquaLoRA(Defense):
 
     version = "1"
     location = MarkLocation.MODEL_WEIGHTS
+    threat = ThreatSetting.WEIGHTS
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
 

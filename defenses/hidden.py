@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   UserError, Verification, defenses)
+                   ThreatSetting, UserError, Verification, defenses)
 
 NOISE_LAYERS = ("identity", "crop", "cropout", "dropout", "resize", "blur", "hflip", "jpeg")
 JPEG_MODES = ("mask", "ste", "kornia")
@@ -660,6 +660,7 @@ class HiDDeN(Defense):
 
     version = "1"
     location = MarkLocation.POST_HOC
+    threat = ThreatSetting.API
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
     uses_data = True  # training covers: the run's prompts (generated) or a dataset at the run's size

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   UserError, Verification, defenses)
+                   ThreatSetting, UserError, Verification, defenses)
 from bench.training import PerceptualLoss, drop_to_empty
 from defenses.hidden import quantize8
 
@@ -258,6 +258,7 @@ class SleeperMark(Defense):
 
     version = "1"
     location = MarkLocation.MODEL_WEIGHTS
+    threat = ThreatSetting.WEIGHTS
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
     variants = ("", "no_trigger")

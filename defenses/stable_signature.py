@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, UserError, Verification, \
-    defenses
+from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, UserError, \
+    Verification, defenses
 from bench.training import PerceptualLoss
 from defenses.hidden import (JPEG_MODES, NOISE_LAYERS, HiddenConfig, HiddenDecoder, NoiseLayers, block_dct,
                              config_from_arch, digest, forked_global_rng, load_prefixed, lr_factor, quantize8,
@@ -214,6 +214,7 @@ class StableSignature(Defense):
 
     version = "1"
     location = MarkLocation.VAE_DECODER
+    threat = ThreatSetting.WEIGHTS
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
     uses_data = True  # extractor covers and decoder latents from the run's prompts and size

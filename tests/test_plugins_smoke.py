@@ -50,8 +50,8 @@ def test_defense_embeds_generates_detects(name, pipe, request_):
         images = d.generate(model, emb.secret, request_, _ctx(1))
     images = check_images(images, name, (2, 3, 64, 64))
     n_bits = d.message(emb.secret).numel() if cls.detection is DetectionKind.BITS else None
-    det = check_detection(d.detect(emb.secret, images, _ctx(2)), name, 2, cls.detection, n_bits)
-    again = d.detect(emb.secret, images, _ctx(2))
+    det = check_detection(d.detect(emb.secret, images, _ctx(2, pipe)), name, 2, cls.detection, n_bits)
+    again = d.detect(emb.secret, images, _ctx(2, pipe))
     if det.bits is not None:
         assert torch.equal(det.bits, again.bits.bool())  # detection is deterministic
     # a different seed gives a different secret
