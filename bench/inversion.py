@@ -23,6 +23,8 @@ scheduler the pipeline samples with, the inversion uses a DDIM schedule built fr
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
@@ -152,14 +154,36 @@ def sample_latents(pipe: Any, noise: torch.Tensor, num_inference_steps: int, *, 
     return z
 
 
+_RECENT: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_RECENT_MAX = 4
+
+
 def invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, method: str = "ddim",
                   fixed_point_iters: int = 3, batch_size: int = 16) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1] -> the initial noise ``[N, C, h, w]`` (float32, CPU) they came from.
 
     VAE posterior mean, empty prompt, guidance 1, DDIM inversion over ``num_inference_steps`` (see the module
     docstring for ``method``). Images whose size is not the pipeline's multiple are an error, not a silent resize.
+    The last few results are kept in memory (keyed by the pipeline object and the images' bytes): two sampling-time
+    defences verifying the same negatives invert them once. The result is a deterministic function of both.
     """
     latent_shape(pipe, images.shape[-2], images.shape[-1])  # checks the size
+    digest = hashlib.sha256(images.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    key = (id(pipe), method, int(num_inference_steps), int(fixed_point_iters) if method == "exact" else 0,
+           tuple(images.shape), digest)
+    if key in _RECENT:
+        _RECENT.move_to_end(key)
+        return _RECENT[key].clone()
+    z = _invert_images(pipe, images, num_inference_steps, method=method, fixed_point_iters=fixed_point_iters,
+                       batch_size=batch_size)
+    _RECENT[key] = z.clone()
+    while len(_RECENT) > _RECENT_MAX:
+        _RECENT.popitem(last=False)
+    return z
+
+
+def _invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, method: str,
+                   fixed_point_iters: int, batch_size: int) -> torch.Tensor:
     device = pipe.unet.device
     out = []
     for i in range(0, images.shape[0], batch_size):
