@@ -6,8 +6,11 @@ import pytest
 import torch
 from scipy import stats as st
 
-from bench import Secret
-from defenses.gaussian_shading import GaussianShading, block_shape, keystream_bits, majority_vote, repeat_bits
+pytest.importorskip("cryptography")  # the `crypto` extra
+
+from bench import Secret  # noqa: E402
+from defenses.gaussian_shading import (GaussianShading, block_shape, keystream_bits, majority_vote,  # noqa: E402
+                                       repeat_bits)
 
 
 def _secret(d: GaussianShading, shape, seed=0) -> Secret:
