@@ -20,8 +20,10 @@ from .plugins import (
     Metric,
     ModelAttack,
     NegativePolicy,
+    QualityMeasure,
     Secret,
     StageContext,
+    ThreatSetting,
     Verification,
 )
 from .prompts import read_prompts
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "PluginError", "PluginValidationError", "UserError", "Param", "Defense", "Detection",
     "DetectionKind", "Embedding", "GenerationRequest", "ImageAttack", "MarkLocation", "MeasureContext",
-    "Measurement", "Metric", "ModelAttack", "NegativePolicy", "Secret", "StageContext", "Verification",
-    "defenses", "image_attacks", "metrics", "model_attacks", "read_prompts", "World", "worlds", "__version__",
+    "Measurement", "Metric", "ModelAttack", "NegativePolicy", "QualityMeasure", "Secret", "StageContext",
+    "ThreatSetting", "Verification", "defenses", "image_attacks", "metrics", "model_attacks", "read_prompts", "World",
+    "worlds", "__version__",
 ]

@@ -77,9 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("-v", "--verbose", action="store_true", help="full docstrings")
 
     v = sub.add_parser("validate", help="check a config file without running it",
-                       epilog="example:\n  bench validate configs/my.toml",
+                       epilog="examples:\n  bench validate configs/my.toml\n"
+                              "  bench validate configs/sleepermark-sd.toml --no-model   a config for a GPU machine",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg_args(v, positional=True)
+    v.add_argument("--no-model", action="store_true",
+                   help="do not require the model's weights here (a config written for another machine); every "
+                        "other check still runs")
 
     s = sub.add_parser("show", help="print the results matrix (defences x attacks)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -295,7 +299,7 @@ def cmd_validate(args) -> int:
 
     cfg = _load(args)
     plan = build_plan(cfg)
-    preflight(cfg)
+    preflight(cfg, model=not args.no_model)
     print(f"{cfg.path}: ok: {len(cfg.defenses)} defences x {len(cfg.model_attacks)} model attacks x "
           f"{len(cfg.image_attacks)} image attacks x {len(cfg.run.seeds)} seed(s) = {len(plan.cells)} cells, "
           f"{len(plan.stages)} stages, {cfg.run.num_images} images each")
@@ -346,6 +350,8 @@ def cmd_ls(args) -> int:
         reg = REGISTRIES[kind]
         table = Table(title=kind.replace("_", " "), show_lines=False, title_justify="left")
         table.add_column("name", style="bold")
+        if kind == "defenses":
+            table.add_column("protects")  # the threat setting: api, weights or both
         table.add_column("what")
         table.add_column("parameters (default; allowed)")
         for name in reg.names():
@@ -354,7 +360,8 @@ def cmd_ls(args) -> int:
             if info.origin != "markbench":
                 what += f" [from {info.origin}]"
             params = "\n".join(f"{d.name}: {d.type} = {d.default!r}; {d.allowed}" for d in describe(info.params))
-            table.add_row(escape(name), escape(what), escape(params) or "-")
+            setting = (str(dict(info.extra).get("threat", "-")),) if kind == "defenses" else ()
+            table.add_row(escape(name), *setting, escape(what), escape(params) or "-")
         console.print(table)
     if args.kind == "all":
         _ls_worlds(console, args.verbose)
@@ -400,9 +407,19 @@ def matrix(df, metric: str):
     multi_seed = sub["seed"].nunique() > 1
     sub["row"] = sub["defense_label"] + (" s" + sub["seed"].astype(str) if multi_seed else "")
     sub = sub.drop_duplicates(["row", "column"], keep="last")
+    sub["outside"] = [_outside(t) for t in sub["threat_json"]] if "threat_json" in sub else False
     order_cols = list(dict.fromkeys(sub["column"]))
     order_rows = list(dict.fromkeys(sub["row"]))
     return sub, order_rows, order_cols
+
+
+OUTSIDE_MARK = "\u2020"  # dagger: a cell outside the defence's threat model
+
+
+def _outside(threat_json) -> bool:
+    if not isinstance(threat_json, str) or not threat_json:
+        return False
+    return bool(json.loads(threat_json).get("outside", False))
 
 
 def _fmt_cell(r, with_n: bool = True) -> str:
@@ -441,26 +458,29 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | 
         table = {row: {col: None for col in cols} for row in rows}
         for _, r in sub.iterrows():
             table[r["row"]][r["column"]] = {"value": r["value"], "low": r["low"], "high": r["high"],
-                                            "n": int(r["n"]), "note": r["note"]}
+                                            "n": int(r["n"]), "note": r["note"],
+                                            "outside_threat_model": bool(r["outside"])}
         if fmt == "json":
             print(json.dumps({"metric": metric, "rows": rows, "columns": cols, "cells": table}, indent=1))
         else:
             import csv
 
             w = csv.writer(sys.stdout)
-            w.writerow(["defense", "attack", "metric", "value", "low", "high", "n"])
+            w.writerow(["defense", "attack", "metric", "value", "low", "high", "n", "outside_threat_model"])
             for row in rows:
                 for col in cols:
                     c = table[row][col]
                     if c is not None:
-                        w.writerow([row, col, metric, c["value"], c["low"], c["high"], c["n"]])
+                        w.writerow([row, col, metric, c["value"], c["low"], c["high"], c["n"],
+                                    int(c["outside_threat_model"])])
         return
     from rich.markup import escape
     from rich.table import Table
 
     ns = set(int(n) for n in sub["n"])
     uniform_n = len(ns) == 1
-    cells = {(r["row"], r["column"]): _fmt_cell(r, with_n=not uniform_n) for _, r in sub.iterrows()}
+    cells = {(r["row"], r["column"]): _fmt_cell(r, with_n=not uniform_n)
+             + (f" {OUTSIDE_MARK}" if r["outside"] else "") for _, r in sub.iterrows()}
     # defences x attacks; with many attack columns the table is shown with attacks as rows so it fits a terminal
     flip = transpose if transpose is not None else len(cols) > max(4, len(rows))
     n_text = f"N={ns.pop()}" if uniform_n else "N per cell"
@@ -478,6 +498,10 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | 
         for row in rows:
             t.add_row(escape(row), *[cells.get((row, col), "") for col in cols])
     console.print(t)
+    if sub["outside"].any():
+        console.print(f"{OUTSIDE_MARK} outside the defence's threat model: a model attack (it needs the released "
+                      "weights) on a defence that protects only API-served models; scored, but not a robustness "
+                      "claim of that defence", markup=False)
     notes = sorted(set(n for n in sub["note"] if n))
     for n in notes:
         console.print(f"note: {n}", markup=False)

@@ -17,6 +17,7 @@ file is seen by the next command.
 from __future__ import annotations
 
 import ast
+import enum
 import importlib.util
 import inspect
 import os
@@ -39,6 +40,12 @@ class StaticInfo:
     doc: str
     version: str
     params: tuple  # tuple[bench.Param, ...]
+    #: the class attributes of :data:`LISTED_ATTRS` the source states plainly, e.g. ``(("threat", "api"),)``
+    extra: tuple = ()
+
+
+#: class attributes ``bench ls`` shows besides docstring and parameters (a defence's threat setting)
+LISTED_ATTRS: tuple[str, ...] = ("threat",)
 
 
 @dataclass(frozen=True)
@@ -309,6 +316,13 @@ class _Evaluator:
             return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in self.classes:
             return self.class_attr(self.classes[node.value.id], node.attr, depth + 1)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                self.imports.get(node.value.id, ("", ""))[0] in ("bench", "bench.plugins"):
+            from . import plugins  # a member of one of bench's closed axes (``ThreatSetting.API``): light to import
+
+            axis = getattr(plugins, self.imports[node.value.id][1], None)
+            if isinstance(axis, type) and issubclass(axis, enum.Enum) and node.attr in axis.__members__:
+                return axis[node.attr]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "join" \
                 and isinstance(node.func.value, ast.Constant) and isinstance(node.func.value.value, str) \
                 and len(node.args) == 1 and not node.keywords:
@@ -411,7 +425,14 @@ class _Evaluator:
             return None
         if any(_holds_opaque(v) for p in params for v in (p.default, p.low, p.high, p.choices, p.doc)):
             return None
-        return StaticInfo(inspect.cleandoc(doc) if doc else "", version, params)
+        extra = []
+        for attr in LISTED_ATTRS:
+            try:
+                v = self.class_attr(cls, attr)
+            except (_NotStatic, AttributeError, TypeError, ValueError):
+                continue
+            extra.append((attr, getattr(v, "value", v)))
+        return StaticInfo(inspect.cleandoc(doc) if doc else "", version, params, tuple(extra))
 
 
 def _holds_opaque(v: Any) -> bool:

@@ -132,6 +132,12 @@ def custom_generation(defense_cls: type[Defense]) -> bool:
     return defense_cls.generate is not Defense.generate
 
 
+def resampled(defense_cls: type[Defense], attack_cls: type) -> bool:
+    """True if the model attack samples with the standard sampler and the defence marks only at sampling time:
+    the attacker's images are then the plain generation of the (released) model, not the defence's."""
+    return defense_cls.location is MarkLocation.INITIAL_NOISE and getattr(attack_cls, "standard_sampling", False)
+
+
 def white_box_generation(defense_cls: type[Defense]) -> bool:
     """A white-box defence that verifies through its own generation (WDM's trigger-fed extraction): its negatives
     are that same procedure on the clean model (attacked like the positives), not the clean model's plain images."""
@@ -208,7 +214,7 @@ def build_plan(cfg: BenchConfig) -> Plan:
                 for variant in dcls.variants:
                     if dcls.location is MarkLocation.POST_HOC:
                         unattacked = b.add("mark", (clean_twins, embed), d, seed, label=f"mark {d.label}")
-                    elif custom_generation(dcls):
+                    elif custom_generation(dcls) and not resampled(dcls, _cls(ma)):
                         unattacked = b.add("generate", (model, embed), d, seed,
                                            label=f"generate {d.label}" + (f"[{variant}]" if variant else ""),
                                            request=b.request_identity(request), run_seed=seed, variant=variant)

@@ -52,6 +52,50 @@ class DetectionKind(str, enum.Enum):
     SCORE = "score"
 
 
+class ThreatSetting(str, enum.Enum):
+    """The deployment a defence claims to protect (its threat model).
+
+    ``api``: the model is served behind an API; the provider controls sampling and the attacker sees only images
+    (Tree-Ring, Gaussian Shading, post-hoc marks): attacks on the model itself are outside this setting.
+    ``weights``: the weights are released; the mark must live in them and survive their holder (SleeperMark,
+    AquaLoRA, WDM, Stable Signature's decoder): model attacks are in scope. ``both``: claims both.
+    """
+
+    API = "api"
+    WEIGHTS = "weights"
+    BOTH = "both"
+
+    def covers_model_attacks(self) -> bool:
+        return self is not ThreatSetting.API
+
+
+def threat_scope(defense_cls: type, model_attack_cls: type) -> dict[str, Any]:
+    """The defence's threat setting and whether a cell with this model attack lies outside it (stored per cell).
+
+    Image attacks are in every setting (anyone who sees an image can edit it); a model attack needs the weights, so
+    it is outside the setting of a defence that protects only API-served models.
+    """
+    setting = ThreatSetting(getattr(defense_cls, "threat", ThreatSetting.API))
+    on_weights = not getattr(model_attack_cls, "identity", False)
+    outside = on_weights and not setting.covers_model_attacks()
+    note = (f"outside the defence's threat model: it protects API-served models ({setting.value}), this model "
+            f"attack needs the released weights") if outside else ""
+    return {"defense": setting.value, "model_attack_needs": "weights" if on_weights else "none",
+            "outside": outside, "note": note}
+
+
+class QualityMeasure(str, enum.Enum):
+    """Which quality comparisons mean something for a defence.
+
+    ``paired``: PSNR / SSIM of each marked image against its clean twin (same prompt, same initial noise): only
+    meaningful when the mark keeps the sampler's noise. ``distribution``: FID / KID / CLIP score against the clean
+    model, the measures for marks that change the initial noise (a clean twin with other noise is another image).
+    """
+
+    PAIRED = "paired"
+    DISTRIBUTION = "distribution"
+
+
 class NegativePolicy(str, enum.Enum):
     """Which images serve as negatives for a cell.
 
@@ -223,6 +267,11 @@ class Defense(Plugin):
     #: Generation variants, each its own row of results (read as ``ctx.variant`` in :meth:`generate`). E.g.
     #: SleeperMark: ``("", "no_trigger")``: with the trigger (the mark) and without it (the sleeper must sleep).
     variants: ClassVar[tuple[str, ...]] = ("",)
+    #: The deployment the defence protects: model attacks on an ``API``-only defence are outside its threat model
+    #: (the matrix and the report mark those cells).
+    threat: ClassVar[ThreatSetting] = ThreatSetting.API
+    #: The quality comparisons that apply to its images (paired PSNR/SSIM needs the clean twin's initial noise).
+    quality_measures: ClassVar[tuple[QualityMeasure, ...]] = (QualityMeasure.PAIRED, QualityMeasure.DISTRIBUTION)
     #: True if :meth:`embed` reads the run's prompts or image size (``ctx.data.prompts()``, ``ctx.data.height``,
     #: ``ctx.data.dataset``): they then become part of the embed stage's cache key.
     uses_data: ClassVar[bool] = False
@@ -232,7 +281,7 @@ class Defense(Plugin):
         from .errors import PluginValidationError
 
         for attr, enum_t in (("location", MarkLocation), ("verification", Verification),
-                             ("detection", DetectionKind)):
+                             ("detection", DetectionKind), ("threat", ThreatSetting)):
             if not isinstance(getattr(cls, attr), enum_t):
                 raise PluginValidationError(f"{owner}: class attribute '{attr}' must be a {enum_t.__name__}")
         if cls.location is MarkLocation.POST_HOC and cls.mark is Defense.mark:
@@ -242,6 +291,8 @@ class Defense(Plugin):
         if not cls.variants or not all(isinstance(v, str) for v in cls.variants) or \
                 len(set(cls.variants)) != len(cls.variants):
             raise PluginValidationError(f"{owner}: 'variants' must be a tuple of distinct strings")
+        if not cls.quality_measures or not all(isinstance(q, QualityMeasure) for q in cls.quality_measures):
+            raise PluginValidationError(f"{owner}: 'quality_measures' must be a non-empty tuple of QualityMeasure")
         if len(cls.variants) > 1 and cls.generate is Defense.generate:
             raise PluginValidationError(f"{owner}: generation variants need a generate() that reads ctx.variant")
 
@@ -368,6 +419,9 @@ class ModelAttack(Plugin):
     uses_data: ClassVar[bool] = False
     #: True for the no-op attack: the planner then adds no stage.
     identity: ClassVar[bool] = False
+    #: True if the attacker samples the model with its standard sampler (``resample``): a defence whose mark is
+    #: made at sampling time (``MarkLocation.INITIAL_NOISE``) then gets the plain generation, not its own.
+    standard_sampling: ClassVar[bool] = False
 
     @classmethod
     def validate_class(cls, owner: str) -> None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 from .errors import UserError
 
 
-def preflight(cfg) -> None:
+def preflight(cfg, model: bool = True) -> None:
+    """``model=False`` skips the model's availability (``bench validate --no-model``: a config written for another
+    machine, e.g. a Stable Diffusion config on a CPU box without the weights); everything else is still checked."""
     from .modelcheck import check_model
 
-    check_model(cfg)
+    if model:
+        check_model(cfg)
     for kind in ("defenses", "model_attacks", "image_attacks", "metrics"):
         for spec in getattr(cfg, kind):
             try:

@@ -66,6 +66,7 @@ class PluginInfo:
     doc: str
     params: tuple
     origin: str
+    extra: tuple = ()  # (attribute, value) pairs of bench.discovery.LISTED_ATTRS, e.g. (("threat", "api"),)
 
 
 class EntryPointGroup:
@@ -280,9 +281,13 @@ class Registry(Generic[T]):
         self._load_all()
         entry = self._entries.get(name)
         if entry is not None and not entry.loaded and entry.info is not None:
-            return PluginInfo(name, entry.info.doc, tuple(entry.info.params), self._origin(entry))
+            return PluginInfo(name, entry.info.doc, tuple(entry.info.params), self._origin(entry),
+                              tuple(getattr(entry.info, "extra", ())))
         cls = self.get(name)
-        return PluginInfo(name, inspect.cleandoc(cls.__doc__ or ""), tuple(cls.params), self.origin(name))
+        from .discovery import LISTED_ATTRS
+
+        extra = tuple((a, getattr(getattr(cls, a), "value", getattr(cls, a))) for a in LISTED_ATTRS if hasattr(cls, a))
+        return PluginInfo(name, inspect.cleandoc(cls.__doc__ or ""), tuple(cls.params), self.origin(name), extra)
 
     def broken(self) -> dict[str, str]:
         """Third-party names that failed to load, with why."""

@@ -21,7 +21,7 @@ from .config import BenchConfig
 from .errors import BenchError, PluginError, UserError
 from .executor import Executor, InProcessExecutor
 from .plan import Cell, Plan, build_plan, stage_seed
-from .plugins import DetectionKind, MeasureContext, Measurement
+from .plugins import DetectionKind, MeasureContext, Measurement, threat_scope
 from .progress import Progress
 from .provenance import git_hash, package_versions
 from .stages import StageEnv, run_stage
@@ -106,15 +106,17 @@ class Runner:
                     timings: dict[str, float] = {}
                     costs: dict[str, Any] = {}
                     failure, measurements = self._attempt(cell, env, failures, summary, timings, costs)
+                    threat = self.threat(cell)
                     if failure is None:
                         store.write_cell(run_id, cell, "ok", measurements, n_images=cfg.run.num_images,
-                                         negatives=cfg.run.negatives, timings=timings, costs=costs)
+                                         negatives=cfg.run.negatives, timings=timings, costs=costs, threat=threat)
                         summary.cells_ok += 1
                         self.log(f"[ok] {cell.label}")
                     else:
                         store.write_cell(run_id, cell, "failed", (), n_images=cfg.run.num_images,
                                          negatives=cfg.run.negatives, error=failure.message,
-                                         traceback=failure.traceback, timings=timings, costs=costs)
+                                         traceback=failure.traceback, timings=timings, costs=costs,
+                                         threat=threat)
                         summary.cells_failed.append((cell.label, failure.message))
                         self.log(f"[failed] {cell.label}: {failure.message}")
                     self.progress.advance(bar)
@@ -178,6 +180,12 @@ class Runner:
         self._checked.add(key)
         self.artifacts.touch(key)
         return True
+
+    def threat(self, cell: Cell) -> dict[str, Any]:
+        from .registries import REGISTRIES
+
+        return threat_scope(REGISTRIES["defenses"].get(cell.defense.name),
+                            REGISTRIES["model_attacks"].get(cell.model_attack.name))
 
     # -- stages ---------------------------------------------------------------------------------------------
     def _ensure(self, cell: Cell, env: StageEnv, failures: dict[str, _Failure], summary: RunSummary,

@@ -82,7 +82,7 @@ class StageEnv:
         track = self.progress.track if self.progress is not None else None
         return StageContext(gen, self.cfg.run.device, progress=track, stage=stage.kind,
                             data=Resources(self.base_pipeline, self.cfg.model.height, self.cfg.model.width,
-                                           self.cfg.prompt_list),
+                                           self.cfg.prompt_list, self.cfg.model.num_inference_steps),
                             variant=stage.extra_dict.get("variant", ""),
                             generate=lambda pipe, req, **kw: _generate(pipe, req, self.cfg.run.device, track, **kw))
 
@@ -93,15 +93,20 @@ class Resources:
     A model attack gets no access to any defence's secret: only this, its parameters and the pipeline.
     """
 
-    def __init__(self, base_pipeline, height: int, width: int, prompts=None):
+    def __init__(self, base_pipeline, height: int, width: int, prompts=None, num_inference_steps: int | None = None):
         self._base = base_pipeline  # a callable returning the (shared, read-only) base pipeline
         self.height = height
         self.width = width
+        self.num_inference_steps = num_inference_steps  # the run's sampler steps (inversion-based verifiers)
         self._prompts = prompts or (lambda: [])
 
     def base_pipeline(self):
         """A private copy of the clean base model (e.g. for merging attacks)."""
         return copy_pipeline(self._base())
+
+    def verifier_pipeline(self):
+        """The clean base model itself, shared and read-only (a verifier that inverts images: never change it)."""
+        return self._base()
 
     def dataset(self, spec: str, n: int, seed: int = 0):
         """``(images [N,3,H,W] in [0,1], captions)`` at the run's resolution; see :mod:`bench.data`."""

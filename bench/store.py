@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS cells (
     image_attack TEXT, image_attack_label TEXT, image_attack_params TEXT, image_attack_version TEXT,
     image_attack_origin TEXT,
     negatives TEXT, n_images INTEGER, status TEXT, error TEXT, traceback TEXT,
-    timings_json TEXT, costs_json TEXT, stage_keys_json TEXT, updated REAL
+    timings_json TEXT, costs_json TEXT, stage_keys_json TEXT, updated REAL, threat_json TEXT
 );
 CREATE TABLE IF NOT EXISTS results (
     cell_id TEXT, metric TEXT, value REAL, low REAL, high REAL, n INTEGER, note TEXT, higher_is_better INTEGER,
@@ -42,7 +42,8 @@ CREATE VIEW IF NOT EXISTS results_full AS
            c.negatives, c.status, c.defense_params, c.model_attack_params, c.image_attack_params,
            c.defense_version, c.model_attack_version, c.image_attack_version, c.defense_origin,
            c.model_attack_origin, c.image_attack_origin,
-           c.timings_json, c.costs_json, u.versions_json, u.git_hash, c.run_id, c.cell_id, c.updated
+           c.timings_json, c.costs_json, u.versions_json, u.git_hash, c.run_id, c.cell_id, c.updated,
+           c.threat_json
     FROM results r JOIN cells c ON r.cell_id = c.cell_id LEFT JOIN runs u ON c.run_id = u.run_id;
 """
 
@@ -68,6 +69,9 @@ class ResultStore:
             raise UserError(f"{self.path}: results database has schema version {found[0]}, this MarkBench writes "
                             f"version {SCHEMA_VERSION}; use a new run.output folder (the artifact cache can stay)")
         self.con.executescript(_SCHEMA)
+        columns = {r[1] for r in self.con.execute("PRAGMA table_info(cells)")}
+        if "threat_json" not in columns:  # a database written before the threat model was recorded
+            self.con.execute("ALTER TABLE cells ADD COLUMN threat_json TEXT")
         self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.con.commit()
 
@@ -95,20 +99,24 @@ class ResultStore:
 
     def write_cell(self, run_id: str, cell, status: str, measurements: Iterable = (), *, n_images: int,
                    negatives: str, error: str = "", traceback: str = "", timings: dict | None = None,
-                   costs: dict | None = None) -> None:
-        """Write one cell and its measurements in a single transaction."""
+                   costs: dict | None = None, threat: dict | None = None) -> None:
+        """Write one cell and its measurements in a single transaction.
+
+        ``threat``: the defence's threat setting and whether this cell's model attack lies outside it
+        (:func:`bench.plugins.threat_scope`).
+        """
         def spec(s, label=None):
             return (s.name, label or s.label, json.dumps(s.param_dict, sort_keys=True), s.version)
 
         with self.con:
             self.con.execute("DELETE FROM results WHERE cell_id=?", (cell.key,))
             self.con.execute(
-                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?)",
+                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?)",
                 (cell.key, run_id, cell.label, cell.seed, *spec(cell.defense, cell.defense_label), cell.defense.origin,
                  *spec(cell.model_attack), cell.model_attack.origin, *spec(cell.image_attack), cell.image_attack.origin,
                  negatives, n_images, status, error, traceback,
                  json.dumps(timings or {}), json.dumps(costs or {}, default=str),
-                 json.dumps(list(cell.stage_keys())), time.time()),
+                 json.dumps(list(cell.stage_keys())), time.time(), json.dumps(threat or {})),
             )
             self.con.executemany(
                 "INSERT INTO results VALUES (?,?,?,?,?,?,?,?)",

@@ -296,8 +296,11 @@ def defense_embeds_generates_detects(plugin: type[Defense]) -> None:
     n = len(request.prompts)
     images = check_images(images, name, (n, 3, request.height, request.width))
     n_bits = d.message(emb.secret).numel() if plugin.detection is DetectionKind.BITS else None
-    det = check_detection(d.detect(emb.secret, images, make_context(2)), name, n, plugin.detection, n_bits)
-    again = check_detection(d.detect(emb.secret, images, make_context(2)), name, n, plugin.detection, n_bits)
+    # the verifier may need the model (sampling-time marks invert the images through it)
+    det = check_detection(d.detect(emb.secret, images, make_context(2, pipe=pipe)), name, n, plugin.detection,
+                          n_bits)
+    again = check_detection(d.detect(emb.secret, images, make_context(2, pipe=pipe)), name, n, plugin.detection,
+                            n_bits)
     if det.bits is not None:
         _expect(torch.equal(det.bits, again.bits), f"{name}.detect is not deterministic")
     else:

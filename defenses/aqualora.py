@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   UserError, Verification, defenses)
+                   ThreatSetting, UserError, Verification, defenses)
 from bench.training import PerceptualLoss
 from bench.latents import from_latent, to_latent
 from bench.noise import JPEG_MODES, jpeg, quantize8
@@ -480,6 +480,7 @@ class AquaLoRA(Defense):
 
     version = "1"
     location = MarkLocation.MODEL_WEIGHTS
+    threat = ThreatSetting.WEIGHTS
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
 

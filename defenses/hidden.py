@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import (Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, UserError, Verification,
-                   defenses)
+from bench import (Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, UserError,
+                   Verification, defenses)
 from bench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, quantize8
 from bench.packing import digest, load_prefixed, state_tensors
 from bench.rng import forked_global_rng, seeded, sub_generator
@@ -354,6 +354,7 @@ class HiDDeN(Defense):
 
     version = "1"
     location = MarkLocation.POST_HOC
+    threat = ThreatSetting.API
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
     uses_data = True  # training covers: the run's prompts (generated) or a dataset at the run's size

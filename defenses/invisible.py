@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, defenses
+from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, defenses
 from bench.errors import require
 
 
 class _InvisibleWatermark(Defense):
     location = MarkLocation.POST_HOC
+    threat = ThreatSetting.API
     detection = DetectionKind.BITS
     method = ""
     params = (

@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, defenses
+from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, defenses
 
 
 @defenses.register("none")
@@ -23,6 +23,7 @@ class NoWatermark(Defense):
 
     version = "1"
     location = MarkLocation.NONE
+    threat = ThreatSetting.API
     detection = DetectionKind.BITS
     params = (Param("bits", "int", 48, "length of the (unused) random message", low=1, high=4096),)
 

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   UserError, Verification, defenses, read_prompts)
+                   ThreatSetting, UserError, Verification, defenses, read_prompts)
 from bench.latents import from_latent, to_latent
 from bench.noise import quantize8
 from bench.rng import global_rng_from
@@ -227,6 +227,7 @@ class SleeperMark(Defense):
 
     version = "1"
     location = MarkLocation.MODEL_WEIGHTS
+    threat = ThreatSetting.WEIGHTS
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
     variants = ("", "no_trigger")

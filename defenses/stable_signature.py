@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, UserError, Verification, \
-    defenses
+from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, UserError, \
+    Verification, defenses
 from bench.training import PerceptualLoss
 from bench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, block_dct, quantize8
 from bench.packing import digest, load_prefixed, state_tensors
@@ -216,6 +216,7 @@ class StableSignature(Defense):
 
     version = "1"
     location = MarkLocation.VAE_DECODER
+    threat = ThreatSetting.WEIGHTS
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
     uses_data = True  # extractor covers and decoder latents from the run's prompts and size

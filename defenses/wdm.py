@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   UserError, Verification, defenses)
+                   ThreatSetting, UserError, Verification, defenses)
 from bench.generation import latent_shape
 from bench.training import (decode_latents, drop_to_empty, encode_images, encode_prompts, sample_batches,
                             train_loop, trainable)
@@ -254,6 +254,7 @@ class WDM(Defense):
 
     version = "1"
     location = MarkLocation.MODEL_WEIGHTS
+    threat = ThreatSetting.WEIGHTS
     verification = Verification.WHITE_BOX
     detection = DetectionKind.SCORE
     variants = ("", "no_trigger")

@@ -88,6 +88,13 @@ class CellRow:
     stage_keys: list[str]
     updated: float
     metrics: dict[str, Value] = field(default_factory=dict)
+    #: the defence's threat setting and whether this cell lies outside it (bench.plugins.threat_scope); empty for
+    #: databases written before it was recorded
+    threat: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outside_threat_model(self) -> bool:
+        return bool(self.threat.get("outside", False))
 
     @property
     def ok(self) -> bool:
@@ -313,7 +320,8 @@ def load_results(db_path: str | Path) -> Results:
                 n_images=int(r["n_images"] or 0), status=r["status"] or "", error=r["error"] or "",
                 traceback=r["traceback"] or "", timings=_json(r["timings_json"], {}),
                 costs=_json(r["costs_json"], {}), stage_keys=_json(r["stage_keys_json"], []),
-                updated=float(r["updated"] or 0.0))
+                updated=float(r["updated"] or 0.0),
+                threat=_json(r["threat_json"], {}) if "threat_json" in r.keys() else {})
         metric_order: dict[str, None] = {}
         notes: dict[str, str] = {}
         for r in con.execute("SELECT * FROM results ORDER BY rowid"):

@@ -98,7 +98,7 @@ def chart_data(results: Results) -> dict[str, Any]:
     for c in results.cells:
         cells.append({
             "row": results.row(c), "col": results.column(c), "label": c.label, "defense": c.defense_label,
-            "ok": c.ok, "clean": c.is_clean, "error": c.error,
+            "ok": c.ok, "clean": c.is_clean, "error": c.error, "outside": c.outside_threat_model,
             "v": {m: [v.value, v.low, v.high, v.n, note_id(v.note)] for m, v in c.metrics.items()},
         })
     sweeps = []
@@ -159,6 +159,31 @@ def colour(v: float, lo: float, hi: float, hib: bool | None) -> str:
     return f"hsl({round(120 * good)},55%,80%)"
 
 
+OUTSIDE_MARK = "\u2020"
+
+
+def threat_html(results: Results) -> str:
+    """Each defence's threat setting (as stored with its cells) and what the dagger in the heatmap means."""
+    settings: dict[str, str] = {}
+    for c in results.cells:
+        if c.threat.get("defense"):
+            settings.setdefault(c.defense_label, c.threat["defense"])
+    if not settings:
+        return ""
+    items = "".join(f"<li><b>{e(d)}</b>: protects {e(_SETTING_TEXT.get(t, t))}</li>" for d, t in settings.items())
+    dagger = ""
+    if any(c.outside_threat_model for c in results.cells):
+        dagger = (f"<p>{OUTSIDE_MARK} marks a cell outside its defence's threat model: a model attack (it needs the "
+                  "released weights) on a defence that protects only API-served models. It is scored, but it is "
+                  "not a robustness claim of that defence.</p>")
+    return f'<div class="threat"><p>Threat model of each defence:</p><ul>{items}</ul>{dagger}</div>'
+
+
+_SETTING_TEXT = {"api": "a model served behind an API (the provider samples; attackers see images)",
+                 "weights": "released weights (the mark lives in them; model attacks are in scope)",
+                 "both": "both an API-served model and released weights"}
+
+
 def heatmap_html(results: Results, metric: str) -> str:
     rows, cols = results.rows(), results.columns()
     by = {(results.row(c), results.column(c)): c for c in results.cells}
@@ -190,8 +215,12 @@ def _td(c: CellRow | None, metric: str, results: Results, lo: float, hi: float, 
                 f'&#8211;</td>')
     ci = f"[{fmt(v.low)}, {fmt(v.high)}]" if v.low is not None and v.high is not None else "no interval"
     tip = f"{c.label}\n{metric} = {fmt(v.value)} (95% interval {ci}, N = {v.n})" + (f"\n{v.note}" if v.note else "")
-    return (f'<td class="c" data-cell="{e(c.label)}" data-value="{v.value!r}" style="background:'
-            f'{colour(v.value, lo, hi, hib)}" title="{e(tip)}"><span class="v">{e(fmt(v.value))}</span>'
+    outside = c.outside_threat_model
+    if outside:
+        tip += "\n" + c.threat.get("note", "outside the defence's threat model")
+    return (f'<td class="c{" outside" if outside else ""}" data-cell="{e(c.label)}" data-value="{v.value!r}" '
+            f'style="background:{colour(v.value, lo, hi, hib)}" title="{e(tip)}"><span class="v">'
+            f'{e(fmt(v.value))}{OUTSIDE_MARK if outside else ""}</span>'
             f'<span class="ci">{e(ci)}</span><span class="n">n={v.n}</span></td>')
 
 
@@ -502,7 +531,8 @@ def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: 
         f'<span id="metric-about" class="muted">{e(metric_about)}</span></p>',
         '<p class="muted">Each cell: the value, its 95% interval and N (hover for the note). Green is good, red is '
         'bad, for the metric\'s direction; blue for metrics without one. Failed cells are hatched.</p>',
-        f'<div id="heatmap" class="scroll">{heatmap_html(results, primary) if results.cells else ""}</div></section>',
+        f'<div id="heatmap" class="scroll">{heatmap_html(results, primary) if results.cells else ""}</div>'
+        f'{threat_html(results)}</section>',
         '<section id="curves"><h2>Robustness curves</h2>',
         '<p class="muted">The selected metric against each swept attack\'s strength (or its natural parameter), one '
         'line per defence, with the 95% interval as a band; the dashed line is the same defence without an image '

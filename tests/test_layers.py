@@ -18,7 +18,7 @@ _NOT_IN_CORE = ("reports", "worlds", "defenses", "attacks", "experiments", "benc
 #: the modules of ``bench`` a plugin may import: the public API and the shared toolkits, never the harness
 PLUGIN_API = ("bench", "bench.errors", "bench.params", "bench.plugins", "bench.registries", "bench.training",
               "bench.weights", "bench.generation", "bench.stats", "bench.prompts", "bench.data", "bench.world",
-              "bench.models", "bench.noise", "bench.rng", "bench.packing", "bench.latents")
+              "bench.models", "bench.noise", "bench.rng", "bench.packing", "bench.latents", "bench.inversion")
 RULES: dict[str, tuple[str, ...]] = {
     # package -> forbidden import prefixes
     "bench": _NOT_IN_CORE,

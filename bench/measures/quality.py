@@ -3,7 +3,9 @@
 Two comparisons per metric:
 
 * ``<metric>_watermark``: ``ctx.unattacked_images()`` (marked, before the image attack) against
-  ``ctx.clean_twins()`` (the unmarked model, same prompts and seeds): what the mark costs.
+  ``ctx.clean_twins()`` (the unmarked model, same prompts and seeds): what the mark costs. Only for defences whose
+  ``quality_measures`` include ``QualityMeasure.PAIRED``; for the others (marks in the initial noise: the twin is a
+  different image) the value is NaN with a note saying so.
 * ``<metric>_attack``: ``ctx.images()`` (after the image attack) against ``ctx.unattacked_images()``: how much the
   attack changed the image.
 
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import stats
-from bench.plugins import MeasureContext, Measurement, Metric
+from bench.plugins import MeasureContext, Measurement, Metric, QualityMeasure
 from bench.registries import metrics
 
 PSNR_CAP_DB = 100.0
@@ -82,8 +84,18 @@ class _PairedImageMetric(Metric):
         return (f"{cls.name}_watermark", f"{cls.name}_attack")
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
-        return (self._one(f"{self.name}_watermark", ctx.unattacked_images, ctx.clean_twins,
-                          "marked unattacked vs clean twin")
+        if QualityMeasure.PAIRED not in ctx.defense.quality_measures:
+            # the mark changes the initial noise: the clean twin is another image, so the paired comparison
+            # measures the noise, not the mark (FID / CLIP score against the clean model apply instead)
+            n = ctx.unattacked_images().shape[0]
+            watermark = [Measurement(name=f"{self.name}_watermark", value=float("nan"), n=n,
+                                     note=f"not applicable to {ctx.defense.name}: its mark changes the initial noise, "
+                                          "so the clean twin is a different image; see fid / clip_score",
+                                     higher_is_better=True)]
+        else:
+            watermark = self._one(f"{self.name}_watermark", ctx.unattacked_images, ctx.clean_twins,
+                                  "marked unattacked vs clean twin")
+        return (watermark
                 + self._one(f"{self.name}_attack", ctx.images, ctx.unattacked_images,
                             "attacked vs unattacked"))
 

@@ -84,7 +84,8 @@
             var tip = cell.label + "\n" + metric + " = " + fmt(v.value) + " (95% interval " + ciText(v) + ", N = " + v.n + ")" + (v.note ? "\n" + v.note : "");
             td = el("td", {"class": "c", "data-cell": cell.label, "data-value": String(v.value), title: tip});
             td.style.background = colour(v.value, rng[0], rng[1], hib);
-            td.appendChild(el("span", {"class": "v"}, fmt(v.value)));
+            if (cell.outside) { td.className = "c outside"; td.title = tip + "\noutside the defence's threat model"; }
+            td.appendChild(el("span", {"class": "v"}, fmt(v.value) + (cell.outside ? "\u2020" : "")));
             td.appendChild(el("span", {"class": "ci"}, ciText(v)));
             td.appendChild(el("span", {"class": "n"}, "n=" + v.n));
           }
