@@ -142,7 +142,7 @@ class ModelConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     negative_prompt: str = ""
-    allow_pickle: bool = False  # load pickle weights (.bin/.ckpt/.pt) of a model folder or hub snapshot: they can run code
+    allow_pickle: bool = False  # load pickle weights (.bin/.ckpt/.pt) of a folder or hub snapshot: they can run code
 
     @property
     def source(self) -> str:
@@ -299,7 +299,8 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
     for key in raw:
         if key not in known:
             raise ConfigError(
-                f"{path}: unknown section {_v(key)}{suggest(key[:MAX_NAME], known)}; allowed: {', '.join(sorted(known))}"
+                f"{path}: unknown section {_v(key)}{suggest(key[:MAX_NAME], known)}; "
+                f"allowed: {', '.join(sorted(known))}"
             )
     sections = {name: _parse_section(raw.get(name, {}), cls, name, path) for name, cls in _SECTIONS.items()}
     run: RunConfig = sections["run"]
@@ -470,7 +471,8 @@ def _check_model(model: ModelConfig, path: str) -> None:
 
         if model.builtin not in BUILTIN_MODELS:
             raise ConfigError(
-                f"{path}: model.builtin = {_v(model.builtin)} is unknown{suggest(model.builtin[:MAX_NAME], BUILTIN_MODELS)}; "
+                f"{path}: model.builtin = {_v(model.builtin)} is unknown"
+                f"{suggest(model.builtin[:MAX_NAME], BUILTIN_MODELS)}; "
                 f"available: {', '.join(BUILTIN_MODELS)}"
             )
     if model.path:
@@ -511,7 +513,8 @@ def _check_prompts(prompts: PromptConfig, path: str) -> None:
 
         if prompts.builtin not in BUILTIN_PROMPTS:
             raise ConfigError(
-                f"{path}: prompts.builtin = {_v(prompts.builtin)} is unknown{suggest(prompts.builtin[:MAX_NAME], BUILTIN_PROMPTS)}"
+                f"{path}: prompts.builtin = {_v(prompts.builtin)} is unknown"
+                f"{suggest(prompts.builtin[:MAX_NAME], BUILTIN_PROMPTS)}"
                 f"; available: {', '.join(BUILTIN_PROMPTS)}"
             )
     if prompts.file:
