@@ -259,7 +259,10 @@ def cmd_run(args) -> int:
     console.print(f"[bold]{summary.cells_ok}[/] cells computed, {summary.cells_skipped} already done, "
                   f"{len(summary.cells_failed)} failed; stages run: "
                   + (", ".join(f"{k} {v}" for k, v in sorted(summary.stages_run.items())) or "none")
-                  + f"; cached stages reused: {summary.stages_cached}; {summary.seconds:.1f} s", soft_wrap=True)
+                  + f"; cached stages reused: {summary.stages_cached}"
+                  + (f"; damaged cache entries quarantined and recomputed: {len(summary.healed)}"
+                     if summary.healed else "")
+                  + f"; {summary.seconds:.1f} s", soft_wrap=True)
     _print_matrix(cfg, None, "table", console)
     for hook in _after_run_hooks():  # e.g. reports.cli.after_run writes report.html
         try:

@@ -142,7 +142,7 @@ class ModelConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
     negative_prompt: str = ""
-    allow_pickle: bool = False  # load pickle weights (.bin/.ckpt/.pt) of a model folder or hub snapshot: they can run code
+    allow_pickle: bool = False  # load pickle weights (.bin/.ckpt/.pt) of a folder or hub snapshot: they can run code
 
     @property
     def source(self) -> str:
@@ -303,7 +303,8 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
     for key in raw:
         if key not in known:
             raise ConfigError(
-                f"{path}: unknown section {_v(key)}{suggest(key[:MAX_NAME], known)}; allowed: {', '.join(sorted(known))}"
+                f"{path}: unknown section {_v(key)}{suggest(key[:MAX_NAME], known)}; "
+                f"allowed: {', '.join(sorted(known))}"
             )
     sections = {name: _parse_section(raw.get(name, {}), cls, name, path) for name, cls in _SECTIONS.items()}
     run: RunConfig = sections["run"]
@@ -475,8 +476,8 @@ def _check_model(model: ModelConfig, path: str) -> None:
         names = model_names()
         if model.builtin not in names:
             raise ConfigError(
-                f"{path}: model.builtin = {_v(model.builtin)} is unknown{suggest(model.builtin[:MAX_NAME], names)}; "
-                f"available: {', '.join(sorted(names))}"
+                f"{path}: model.builtin = {_v(model.builtin)} is unknown"
+                f"{suggest(model.builtin[:MAX_NAME], names)}; available: {', '.join(sorted(names))}"
             )
     if model.path:
         folder = _resolve(model.path, path)

@@ -148,7 +148,8 @@ def resolve_params(
             out[key] = by_name[key].check(value)
         except ValueError as exc:
             raise ConfigError(
-                f"{where}{'.' if where else ''}{key} = {_cut(repr(value))} is invalid for '{owner}': it {_cut(str(exc))}"
+                f"{where}{'.' if where else ''}{key} = {_cut(repr(value))} is invalid for '{owner}': "
+                f"it {_cut(str(exc))}"
             ) from None
     for p in declared:
         out.setdefault(p.name, p.default)

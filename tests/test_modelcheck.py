@@ -83,8 +83,7 @@ def test_no_torch_load_without_weights_only():
 
     root = Path(__file__).resolve().parent.parent
     offenders = []
-    for f in list(root.glob("bench/**/*.py")) + list(root.glob("defenses/**/*.py")) + list(root.glob("attacks/**/*.py")) \
-            + list(root.glob("reports/**/*.py")) + list(root.glob("benchmarks/**/*.py")):
+    for f in [f for d in ("bench", "defenses", "attacks", "reports", "benchmarks") for f in root.glob(f"{d}/**/*.py")]:
         for m in re.finditer(r"torch\.load\(([^)]*)\)", f.read_text()):
             if "weights_only=True" not in m.group(1):
                 offenders.append(f"{f.relative_to(root)}: {m.group(0)[:80]}")

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: a grid of 2 defences x 2 image attacks (none, jpeg) on micro-sd, 2 images, 2 steps
 SMALL = (MICRO_TOML.replace("num_images = 4", "num_images = 2").replace("batch_size = 4", "batch_size = 2")
-         .replace('output = "{output}"', 'output = "{output}"\ncache = "{cache}"').replace("quality = [90, 50]", "quality = 50"))
+         .replace('output = "{output}"', 'output = "{output}"\ncache = "{cache}"')
+         .replace("quality = [90, 50]", "quality = 50"))
 
 #: a longer grid for the subprocess tests: 3 defences x 4 image attacks = 12 cells
 LONG = SMALL + """
