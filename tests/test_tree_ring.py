@@ -31,8 +31,7 @@ def test_rings_pattern_is_constant_on_each_ring_and_differs_between_rings():
         ring_values = key[3][ring]
         assert torch.allclose(ring_values, ring_values[0].expand_as(ring_values))
         values.append(ring_values[0])
-    assert len({complex(v).__round__() if False else (round(v.real.item(), 6), round(v.imag.item(), 6))
-                for v in values}) == 6
+    assert len({(round(v.real.item(), 6), round(v.imag.item(), 6)) for v in values}) == 6
 
 
 def test_the_paper_settings_are_the_defaults():
