@@ -34,7 +34,8 @@ from scipy import stats as _st
 __all__ = [
     "Estimate", "BitsOperatingPoint", "ScoreOperatingPoint", "clopper_pearson", "binomial_pvalue",
     "log10_binomial_pvalue", "bit_threshold", "bootstrap", "bit_accuracy", "mean_t_interval", "rate",
-    "tpr_at_fpr_bits", "roc_auc", "empirical_threshold", "tpr_at_fpr_scores",
+    "tpr_at_fpr_bits", "roc_auc", "empirical_threshold", "tpr_at_fpr_scores", "empirical_fpr_label",
+    "analytic_fpr_label",
 ]
 
 _EPS = 1e-9  # relative tolerance when turning fpr * n into a count (0.29 * 100 must give 29, not 28)
@@ -303,6 +304,29 @@ def empirical_threshold(neg_scores: Any, fpr: float) -> tuple[float, bool]:
     if k >= n:
         return -math.inf, resolvable
     return float(neg[n - 1 - k]), resolvable
+
+
+def analytic_fpr_label(fpr: float) -> str:
+    """The name suffix of an analytic (binomial-threshold) operating point: ``1e-06`` (``tpr@1e-06``).
+
+    Only thresholds that guarantee their FPR under a null model (:func:`bit_threshold`) carry a bare number."""
+    return f"{float(fpr):g}"
+
+
+def empirical_fpr_label(n_neg: int, fpr: float) -> str:
+    """The name suffix of an empirical (negatives-set) operating point: the FPR that ``n_neg`` negatives resolve.
+
+    The threshold of :func:`empirical_threshold` lets ``k = floor(fpr * n_neg)`` negatives score above it, so it is
+    labelled ``fpr<=k/n_neg``; when ``n_neg < 1/fpr`` (k = 0: the threshold is the maximum negative score) the FPR
+    it can resolve is one negative in ``n_neg``: ``fpr<=1/n_neg`` (e.g. target 1e-6 on 32 negatives gives
+    ``fpr<=1/32``, so the metric is ``tpr@fpr<=1/32``, never ``tpr@1e-06``). The fraction is not reduced, so the
+    label keeps the number of negatives.
+    """
+    n = int(n_neg)
+    if n <= 0:
+        raise ValueError(f"an empirical FPR label needs at least one negative, got {n_neg}")
+    k = min(_allowed_false_positives(n, fpr), n)
+    return f"fpr<={max(k, 1)}/{n}"
 
 
 def tpr_at_fpr_scores(pos_scores: Any, neg_scores: Any, fpr: float) -> ScoreOperatingPoint:

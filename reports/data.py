@@ -372,12 +372,21 @@ def describe_metric(name: str) -> str:
     """One sentence saying what a metric means (generic for plugin metrics the report does not know)."""
     if name in _GLOSSARY:
         return _GLOSSARY[name]
+    m = re.fullmatch(r"(tpr|fpr)@fpr<=(\d+)/(\d+)", name)
+    if m:  # an empirical threshold, named by the FPR its negatives resolve (bench.stats.empirical_fpr_label)
+        kind, k, n = m.groups()
+        where = (f"an empirical threshold set on {n} negatives that lets at most {k} of them through: the lowest FPR "
+                 f"{n} negatives can resolve is 1/{n}, whatever the target FPR was (not an analytic guarantee)")
+        if kind == "tpr":
+            return f"True positive rate at {where}; exact Clopper-Pearson interval."
+        return f"False positive rate measured on the negatives at {where}; exact Clopper-Pearson interval."
     m = re.fullmatch(r"(tpr|fpr)@(.+)", name)
     if m:
         kind, fpr = m.groups()
         if kind == "tpr":
             return (f"True positive rate at a target false positive rate of {fpr}: the fraction of marked, attacked "
-                    f"images detected at the threshold that allows FPR {fpr}; exact Clopper-Pearson interval.")
+                    f"images detected at the analytic threshold that guarantees FPR {fpr} under the null "
+                    f"(binomial tail); exact Clopper-Pearson interval.")
         return (f"False positive rate measured on the negatives at the threshold set for FPR {fpr}; exact "
                 f"Clopper-Pearson interval (small N cannot resolve small FPRs: see the note).")
     low = name.lower()

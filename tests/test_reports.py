@@ -497,3 +497,14 @@ def test_modules_import_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_glossary_tells_an_analytic_threshold_from_an_empirical_one():
+    from reports.data import describe_metric
+
+    assert "analytic threshold" in describe_metric("tpr@1e-06")
+    empirical = describe_metric("tpr@fpr<=1/32")
+    assert "empirical threshold set on 32 negatives" in empirical and "1/32" in empirical
+    assert "not an analytic guarantee" in empirical and "analytic threshold that" not in empirical
+    assert describe_metric("fpr@fpr<=3/32").startswith("False positive rate") and "at most 3 of them" in \
+        describe_metric("fpr@fpr<=3/32")

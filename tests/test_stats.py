@@ -277,3 +277,21 @@ def test_tpr_at_fpr_scores():
     assert op.resolvable and op.note == "" and op.threshold == 13.0
     assert op.tpr.value == 1.0 and op.fpr.value == 2 / 16
     assert (op.fpr.low, op.fpr.high) == stats.clopper_pearson(2, 16)
+
+
+@pytest.mark.parametrize("n, fpr, label", [(32, 1e-6, "fpr<=1/32"), (32, 1 / 32, "fpr<=1/32"),
+                                           (32, 0.1, "fpr<=3/32"), (100, 0.29, "fpr<=29/100"), (16, 2.0, "fpr<=16/16"),
+                                           (1, 1e-2, "fpr<=1/1")])
+def test_empirical_fpr_label_names_the_fpr_the_negatives_resolve(n, fpr, label):
+    assert stats.empirical_fpr_label(n, fpr) == label
+    # the label's count is what the threshold lets through: at most k negatives strictly above it
+    neg = np.arange(n, dtype=float)
+    thr, _ = stats.empirical_threshold(neg, fpr)
+    k = int(label.split("<=")[1].split("/")[0])
+    assert (neg > thr).sum() <= k
+
+
+def test_analytic_fpr_label_is_the_bare_target():
+    assert stats.analytic_fpr_label(1e-6) == "1e-06" and stats.analytic_fpr_label(0.01) == "0.01"
+    with pytest.raises(ValueError, match="at least one negative"):
+        stats.empirical_fpr_label(0, 0.1)
