@@ -7,7 +7,9 @@ the plugin's name, version and parameters, and the seed:
 ``image_attack`` -> ``detect``; then the cell is *measured* (metrics into the results database).
 
 Sharing falls out of the keys: the base model's plain images under a model attack are both the ``none`` defence's
-images, the clean twins for quality metrics and the negatives for every defence; a defence that does not change the
+images, the clean twins for quality metrics and the negatives for every defence; a defence with its own generation
+procedure (a trigger) also gets its *right twin*, that procedure run on the equally attacked clean model (shared with
+a white-box defence's negatives), the reference of its fidelity metrics (``Cell.twins``); a defence that does not change the
 weights (post-hoc, initial-noise) shares the attacked base model; identity attacks add no stage at all.
 """
 
@@ -56,6 +58,7 @@ class Cell:
     detect_neg: str
     variant: str = ""
     reference: str = ""  # the unattacked base model's plain images (FID / CLIP-score reference)
+    twins: str = ""  # the right twin: the clean (equally attacked) model's images made as `unattacked` was made
 
     @property
     def defense_label(self) -> str:
@@ -68,7 +71,7 @@ class Cell:
 
     def stage_keys(self) -> tuple[str, ...]:
         keys = (self.detect_pos, self.detect_neg, self.images, self.unattacked, self.clean_twins, self.negatives)
-        return keys + ((self.reference,) if self.reference else ())
+        return keys + tuple(k for k in (self.reference, self.twins) if k)
 
 
 @dataclass
@@ -136,6 +139,14 @@ def white_box_generation(defense_cls: type[Defense]) -> bool:
     """A white-box defence that verifies through its own generation (WDM's trigger-fed extraction): its negatives
     are that same procedure on the clean model (attacked like the positives), not the clean model's plain images."""
     return defense_cls.verification is Verification.WHITE_BOX and custom_generation(defense_cls)
+
+
+def twin_procedure(defense_cls: type[Defense]) -> bool:
+    """Whether a defence's right twin is its own generation procedure run on the clean model (a trigger, a special
+    sampler) rather than the clean model's ordinary images (post-hoc marks, plain generation, initial-noise marks
+    whose clean counterpart has no key to draw from)."""
+    return (defense_cls.location is not MarkLocation.POST_HOC and custom_generation(defense_cls)
+            and defense_cls.has_paired_twin())
 
 
 class _Builder:
@@ -211,6 +222,14 @@ def build_plan(cfg: BenchConfig) -> Plan:
                                            request=b.request_identity(request), run_seed=seed, variant=variant)
                     else:
                         unattacked = b.plain_images(model, request, seed)
+                    if twin_procedure(dcls):
+                        # the same generation on the clean weights (shared with a white-box defence's negatives)
+                        twins = b.add("generate", (clean_model, embed), d, seed,
+                                      label=f"generate {d.label} on the clean model"
+                                      + (f"[{variant}]" if variant else ""),
+                                      request=b.request_identity(request), run_seed=seed, variant=variant)
+                    else:
+                        twins = clean_twins
                     for ia in cfg.image_attacks:
                         images = b.attacked_images(unattacked, ia, seed)
                         if white_box_generation(dcls):
@@ -228,12 +247,13 @@ def build_plan(cfg: BenchConfig) -> Plan:
                         det_neg = b.add("detect", (embed, negatives), d, seed,
                                         label=f"detect {d.label} (negatives)")
                         key = stable_hash({
-                            "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives, reference],
+                            "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives, reference,
+                                     twins],
                             "metrics": [m.identity() for m in cfg.metrics],
                             "target_fprs": list(cfg.run.target_fprs),
                             "negatives": cfg.run.negatives,
                             "variant": variant,
                         })
                         b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
-                                                 negatives, det_pos, det_neg, variant, reference))
+                                                 negatives, det_pos, det_neg, variant, reference, twins))
     return b.plan

@@ -226,6 +226,20 @@ class Defense(Plugin):
     #: True if :meth:`embed` reads the run's prompts or image size (``ctx.data.prompts()``, ``ctx.data.height``,
     #: ``ctx.data.dataset``): they then become part of the embed stage's cache key.
     uses_data: ClassVar[bool] = False
+    #: Whether a marked image has a *paired* clean twin: the clean model's image made the same way (same prompt,
+    #: seed and generation procedure, e.g. SleeperMark's trigger prompt on the clean weights), so that per-image
+    #: PSNR/SSIM to it is the mark's cost. ``None`` (default): decided by ``location``; a defence whose mark *is*
+    #: the initial noise (Tree-Ring, Gaussian Shading) has no paired twin (its clean counterpart draws other noise),
+    #: so its paired fidelity metrics are left out and set metrics (FID, CLIP score) use the clean model's ordinary
+    #: images. Set it to ``False`` (or ``True``) to say so explicitly.
+    paired_twin: ClassVar[bool | None] = None
+
+    @classmethod
+    def has_paired_twin(cls) -> bool:
+        """Whether :attr:`paired_twin` holds (``None``: every location but ``INITIAL_NOISE`` has a paired twin)."""
+        if cls.paired_twin is None:
+            return cls.location is not MarkLocation.INITIAL_NOISE
+        return bool(cls.paired_twin)
 
     @classmethod
     def validate_class(cls, owner: str) -> None:
@@ -337,7 +351,13 @@ class MeasureContext:
     * ``target_fprs``: the run's target false-positive rates.
     * ``images()``: the cell's final images (watermarked, model- and image-attacked).
     * ``unattacked_images()``: the same before the image attack.
-    * ``clean_twins()``: the unwatermarked model's images for the same prompts and seeds (same model attack).
+    * ``clean_twins()``: the unwatermarked model's ordinary images for the same prompts and seeds (same model
+      attack): the negatives' source and the reference of trigger-free fidelity.
+    * ``twins()``: the *right* twin of ``unattacked_images()``: the clean model (same model attack) made to produce
+      the same images the same way: the defence's own generation procedure run on the clean weights (for a trigger
+      defence: the clean model given the trigger prompt); for post-hoc and plain-generation defences the clean
+      model's ordinary images. ``paired_twin`` says whether image i of the twins is image i's paired counterpart
+      (False for initial-noise marks: then ``twins()`` is the clean model's ordinary images, unpaired).
     * ``reference()``: the clean base model's images for the same prompts and seeds (no attack at all): the
       reference of FID and CLIP-score changes. ``reference_key`` identifies it, so a metric can keep reference
       statistics in ``shared`` (a dict that lives for the whole run) and compute them once per run.
@@ -355,6 +375,7 @@ class MeasureContext:
     reference_key: str = ""
     shared: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    paired_twin: bool = True
 
     def images(self) -> "torch.Tensor":
         return self.loaders["images"]()
@@ -367,6 +388,10 @@ class MeasureContext:
 
     def reference(self) -> "torch.Tensor":
         return self.loaders["reference"]()
+
+    def twins(self) -> "torch.Tensor":
+        """The right twin (see above); the clean model's ordinary images where the harness gave none."""
+        return self.loaders["twins"]() if "twins" in self.loaders else self.clean_twins()
 
 
 class Metric(Plugin):

@@ -83,6 +83,7 @@ BUILTIN_METRICS = {
     "fid": "bench.measures.fid:FID",
     "kid": "bench.measures.fid:KID",
     "clip_score": "bench.measures.clip_score:CLIPScore",
+    "keyless": "bench.measures.keyless:KeylessDetectability",
 }
 
 for _reg, _table in ((defenses, BUILTIN_DEFENSES), (image_attacks, BUILTIN_IMAGE_ATTACKS),

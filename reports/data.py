@@ -359,11 +359,24 @@ _GLOSSARY = {
                            "X ~ Binomial(bits, 0.5); lower is stronger evidence of the mark.",
     "auc": "ROC AUC of positives (marked, attacked) against negatives (Mann-Whitney, ties count half); "
            "95% stratified bootstrap.",
-    "psnr_watermark": "PSNR (dB) of the marked, unattacked image against its clean twin (same prompt and seed, "
-                      "no mark): what the mark costs. Capped at 100 dB.",
+    "psnr_watermark": "PSNR (dB) of the marked, unattacked image against its right twin: the clean model's image "
+                      "made the same way (same prompt, seed and model attack; for a trigger defence the clean model "
+                      "given the trigger): what the mark costs. Capped at 100 dB.",
     "psnr_attack": "PSNR (dB) of the attacked image against the unattacked marked image: how much the attack "
                    "changed the image. Capped at 100 dB.",
-    "ssim_watermark": "SSIM of the marked, unattacked image against its clean twin: what the mark costs.",
+    "ssim_watermark": "SSIM of the marked, unattacked image against its right twin (the clean model's image made "
+                      "the same way): what the mark costs.",
+    "fid_twin": "FID of the marked, unattacked images against their right twins (the equally attacked clean "
+                "model's images made the same way, e.g. given the trigger): the mark's cost alone.",
+    "clip_score_twin": "CLIP score of the right twins (the equally attacked clean model's images made the same way) "
+                       "with the captions: what the marked images are compared with.",
+    "keyless_auc": "ROC AUC of the mean Laplacian energy (no key) of the marked images against their right twins: "
+                   "0.5 = the statistic cannot tell them apart; far from 0.5 on either side = the mark is visible.",
+    "keyless_classifier_auc": "Held-out ROC AUC of a logistic regression on image statistics trained without the "
+                              "key to tell marked images from their right twins (cross-fitted over pairs): 0.5 = "
+                              "invisible to it.",
+    "clip_score_twin_delta": "Marked, unattacked images' CLIP score minus their right twins' (paired): the mark's "
+                             "own cost in text alignment.",
     "ssim_attack": "SSIM of the attacked image against the unattacked marked image: the attack's distortion.",
 }
 
@@ -398,9 +411,10 @@ def describe_metric(name: str) -> str:
 
 
 def is_quality_metric(name: str) -> bool:
-    """A metric of the mark's cost to image quality (what the leaderboard shows beside robustness)."""
+    """A metric of the mark's cost to image quality or of its visibility without the key (what the leaderboard shows
+    beside robustness)."""
     low = name.lower()
-    return low.endswith("_watermark") or "fid" in low or "clip" in low
+    return low.endswith("_watermark") or "fid" in low or "clip" in low or low.startswith("keyless")
 
 
 def prompts_of(results: Results) -> list[str]:

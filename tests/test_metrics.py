@@ -250,6 +250,25 @@ def test_psnr_against_numpy(g):
     assert ms["psnr_watermark"].value > ms["psnr_attack"].value
 
 
+@pytest.mark.parametrize("name", ["psnr", "ssim"])
+def test_the_marks_cost_is_measured_against_the_right_twin_not_the_plain_clean_image(g, name):
+    """A trigger defence: the plain clean image differs from the triggered clean image (the trigger's own effect);
+    the mark's cost is the distance to the triggered clean image (the twin), and a mark in the initial noise has no
+    paired twin, so nothing is reported for it."""
+    plain = torch.rand(4, 3, 32, 32, generator=g)
+    twin = torch.rand(4, 3, 32, 32, generator=g)  # what the trigger alone does: unrelated content
+    marked = (twin + 0.01 * torch.randn(twin.shape, generator=g)).clamp(0, 1)
+    ctx = image_ctx(marked, marked, plain)
+    ctx.loaders = dict(ctx.loaders, twins=lambda: twin)
+    ms = by_name(metric(name).compute(ctx))
+    expected = by_name(metric(name).compute(image_ctx(marked, marked, twin)))[f"{name}_watermark"]
+    wrong = by_name(metric(name).compute(image_ctx(marked, marked, plain)))[f"{name}_watermark"]
+    assert ms[f"{name}_watermark"].value == pytest.approx(expected.value)
+    assert ms[f"{name}_watermark"].value > wrong.value + (10 if name == "psnr" else 0.3)
+    ctx.paired_twin = False
+    assert set(by_name(metric(name).compute(ctx))) == {f"{name}_attack"}
+
+
 def test_psnr_identical_images_capped_at_100():
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     ms = by_name(metric("psnr").compute(image_ctx(x, x.clone(), x.clone())))

@@ -2,8 +2,12 @@
 
 Two comparisons per metric:
 
-* ``<metric>_watermark``: ``ctx.unattacked_images()`` (marked, before the image attack) against
-  ``ctx.clean_twins()`` (the unmarked model, same prompts and seeds): what the mark costs.
+* ``<metric>_watermark``: ``ctx.unattacked_images()`` (marked, before the image attack) against ``ctx.twins()``,
+  the right twin: the clean model (same model attack) making the same images the same way (same prompts and seeds;
+  for a trigger defence the clean model given the trigger, so the trigger's own effect on the content is not
+  counted as the mark's cost; for post-hoc marks the unmarked images): what the mark costs. Left out for a
+  defence without a paired twin (``ctx.paired_twin`` False: a mark in the initial noise), where no image has a
+  pixel-aligned clean counterpart.
 * ``<metric>_attack``: ``ctx.images()`` (after the image attack) against ``ctx.unattacked_images()``: how much the
   attack changed the image.
 
@@ -78,8 +82,10 @@ class _PairedImageMetric(Metric):
         return 0
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
-        return (self._one(f"{self.name}_watermark", ctx.unattacked_images, ctx.clean_twins,
-                          "marked unattacked vs clean twin")
+        cost = (self._one(f"{self.name}_watermark", ctx.unattacked_images, ctx.twins,
+                          "marked unattacked vs the clean model's twin made the same way")
+                if ctx.paired_twin else [])
+        return (cost
                 + self._one(f"{self.name}_attack", ctx.images, ctx.unattacked_images,
                             "attacked vs unattacked"))
 
@@ -94,7 +100,7 @@ class PSNR(_PairedImageMetric):
     identical".
     """
 
-    version = "1"
+    version = "2"
     _label = "PSNR"
 
     def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -117,7 +123,7 @@ class SSIM(_PairedImageMetric):
     Images must be at least 11 px on each side.
     """
 
-    version = "1"
+    version = "2"
     _label = "SSIM"
 
     def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
