@@ -251,6 +251,8 @@ def cmd_ls(args) -> int:
             cls = reg.get(name)
             doc = (cls.__doc__ or "").strip()
             what = doc if args.verbose else (doc.splitlines()[0] if doc else "")
+            if kind == "model_attacks" and args.verbose:
+                what += _threat_model_text(cls)
             origin = reg.origin(name)
             if origin != "markbench":
                 what += f" [from {origin}]"
@@ -258,6 +260,22 @@ def cmd_ls(args) -> int:
             table.add_row(name, what, params or "-")
         console.print(table)
     return 0
+
+
+def _threat_model_text(cls) -> str:
+    """What a model attack assumes the attacker has, its goal, and when it exceeds the threat model (bench ls -v)."""
+    has = getattr(cls, "attacker_has", "") or "not stated"
+    goal = {"downstream": "learn its dataset (utility: the new style or subject recognised)",
+            "compression": "a cheaper model (utility: the quality kept)"}.get(getattr(cls, "goal", ""),
+                                                                             "remove the mark (quality kept)")
+    if getattr(cls, "identity", False):
+        goal = "none (the unattacked model)"
+    out = f"\nAttacker has: {has}.\nAttacker's goal: {goal}."
+    beyond = getattr(cls, "beyond_threat_model", {}) or {}
+    if beyond:
+        cond = ", ".join(f"{k} = {v!r}" for k, v in beyond.items())
+        out += f"\nStronger than the threat model when {cond}."
+    return out
 
 
 def _results(args):

@@ -330,11 +330,35 @@ class ModelAttack(Plugin):
     uses_data: ClassVar[bool] = False
     #: True for the no-op attack: the planner then adds no stage.
     identity: ClassVar[bool] = False
+    #: What the attack assumes the attacker has (shown by ``bench ls -v`` and in the attacker-utility notes), e.g.
+    #: "the released watermarked weights and images of a new style".
+    attacker_has: ClassVar[str] = ""
+    #: Parameter values under which the attack gives the attacker *more* than the threat model (an attacker of
+    #: released weights) allows, e.g. ``{"other": "base"}`` for a merge with the owner's clean base model.
+    beyond_threat_model: ClassVar[Mapping[str, Any]] = {}
+    #: What the attacker wants from it: ``"downstream"`` (a fine-tune that learns its ``dataset``: utility = how well
+    #: the new style or subject is learnt), ``"compression"`` (a cheaper model: utility = the quality kept) or
+    #: ``""`` (removal only: the quality kept is still measured).
+    goal: ClassVar[str] = ""
+
+    def exceeds_threat_model(self) -> bool:
+        """True when this instance's parameters match :attr:`beyond_threat_model`."""
+        b = type(self).beyond_threat_model
+        return bool(b) and all(self.params.get(k) == v for k, v in b.items())
+
+    def downstream_dataset(self) -> str | None:
+        """The dataset a ``"downstream"`` attack learns (its ``dataset`` parameter), else None."""
+        if type(self).goal != "downstream":
+            return None
+        return self.params.get("dataset")
 
     @classmethod
     def validate_class(cls, owner: str) -> None:
         from .errors import PluginValidationError
 
+        if cls.goal not in ("", "downstream", "compression"):
+            raise PluginValidationError(f"{owner}: 'goal' must be '', 'downstream' or 'compression', not "
+                                        f"{cls.goal!r}")
         if cls.apply is ModelAttack.apply:
             raise PluginValidationError(f"{owner} must implement apply()")
 
@@ -362,6 +386,11 @@ class MeasureContext:
       reference of FID and CLIP-score changes. ``reference_key`` identifies it, so a metric can keep reference
       statistics in ``shared`` (a dict that lives for the whole run) and compute them once per run.
     * ``prompts``: the prompt of each image; ``device``: where metrics may compute.
+    * ``model_attack``: the cell's model attack (its parameters, ``goal``, ``attacker_has``), and, when the
+      ``attacker_utility`` metric is configured, the image sets it reads by name from ``loaders``:
+      ``ordinary_marked`` (the attacked watermarked model's ordinary images) and, for a downstream fine-tune,
+      ``downstream_marked`` / ``downstream_clean`` / ``downstream_base`` (held-out downstream captions' images of the
+      attacked model, the equally attacked clean model and the unattacked base).
     """
 
     defense: Defense
@@ -376,6 +405,7 @@ class MeasureContext:
     shared: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     paired_twin: bool = True
+    model_attack: "ModelAttack | None" = None
 
     def images(self) -> "torch.Tensor":
         return self.loaders["images"]()

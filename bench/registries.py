@@ -84,6 +84,7 @@ BUILTIN_METRICS = {
     "kid": "bench.measures.fid:KID",
     "clip_score": "bench.measures.clip_score:CLIPScore",
     "keyless": "bench.measures.keyless:KeylessDetectability",
+    "attacker_utility": "bench.measures.utility:AttackerUtility",
 }
 
 for _reg, _table in ((defenses, BUILTIN_DEFENSES), (image_attacks, BUILTIN_IMAGE_ATTACKS),

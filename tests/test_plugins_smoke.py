@@ -86,7 +86,9 @@ def test_metric_computes_on_a_synthetic_cell(name):
     ctx = MeasureContext(defense=defense, detection=Detection(bits=pos), negatives=Detection(bits=neg),
                          message=message, target_fprs=(1e-6,), generator=g,
                          loaders={"images": lambda: imgs, "unattacked": lambda: imgs, "clean_twins": lambda: imgs,
-                                  "reference": lambda: imgs}, prompts=("a red circle on a blue background",) * 8)
+                                  "reference": lambda: imgs, "twins": lambda: imgs, "ordinary_marked": lambda: imgs},
+                         prompts=("a red circle on a blue background",) * 8,
+                         model_attack=model_attacks.get("prune")())  # a model-attacked cell: attacker utility
     cls = metrics.get(name)
     out = cls(**cls.smoke_params).compute(ctx)
     assert out and all(isinstance(m, Measurement) and m.n > 0 for m in out)

@@ -23,8 +23,9 @@ defence's secret.
     held-out scores over several splits). The AUC of the held-out scores with a 95% stratified bootstrap over
     images, given the trained classifiers: it leaves out the training's own variance, so under the null it is
     somewhat narrow (40 null simulations of 48 + 48 images: the AUC's spread across draws was 0.071 with one split,
-    0.089 averaged over 5 splits, against the 0.059 of a Mann-Whitney AUC; hence one split by default). Its orientation is
-    learnt, so it reads 0.5 for indistinguishable sets and towards 1 for a visible mark (below 0.5 only by chance).
+    0.089 averaged over 5 splits, against the 0.059 of a Mann-Whitney AUC; hence one split by default). Its
+    orientation is learnt, so it reads 0.5 for indistinguishable sets and towards 1 for a visible mark (below 0.5
+    only by chance).
 
 Both need at least 2 pairs (the classifier at least 4); otherwise nothing is reported.
 """
