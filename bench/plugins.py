@@ -122,6 +122,10 @@ class Measurement:
     n: int = 0
     note: str = ""
     higher_is_better: bool | None = None
+    #: The per-image values whose mean is ``value`` (a rate's 0/1 outcomes), where the metric has them: stored, so
+    #: that several seeds (embeddings, attack runs) can be combined by a hierarchical bootstrap
+    #: (:func:`bench.stats.hierarchical_bootstrap`) rather than by pooling images.
+    samples: tuple[float, ...] | None = field(default=None, repr=False)
 
 
 class StageContext:

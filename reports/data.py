@@ -38,6 +38,8 @@ class Value:
     n: int = 0
     note: str = ""
     higher_is_better: bool | None = None
+    #: the per-image values behind a mean or rate, where stored (``samples`` table): for combining seeds
+    samples: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"value": self.value, "low": self.low, "high": self.high, "n": self.n}
@@ -326,6 +328,13 @@ def load_results(db_path: str | Path) -> Results:
                 continue
             cell.metrics[metric] = Value(_float(r["value"]), _float(r["low"]), _float(r["high"]), int(r["n"] or 0),
                                          r["note"] or "", _bool(r["higher_is_better"]))
+        has_samples = con.execute("SELECT 1 FROM sqlite_master WHERE name='samples'").fetchone() is not None
+        for r in (con.execute("SELECT * FROM samples") if has_samples else ()):
+            cell = by_id.get(r["cell_id"])
+            v = cell.metrics.get(r["metric"]) if cell is not None else None
+            if v is not None:
+                cell.metrics[r["metric"]] = Value(v.value, v.low, v.high, v.n, v.note, v.higher_is_better,
+                                                  tuple(float(x) for x in _json(r["values_json"], [])))
     finally:
         con.close()
     latest: dict[tuple, CellRow] = {}

@@ -508,3 +508,40 @@ def test_glossary_tells_an_analytic_threshold_from_an_empirical_one():
     assert "not an analytic guarantee" in empirical and "analytic threshold that" not in empirical
     assert describe_metric("fpr@fpr<=3/32").startswith("False positive rate") and "at most 3 of them" in \
         describe_metric("fpr@fpr<=3/32")
+
+
+def test_leaderboard_combines_seeds_by_a_hierarchical_bootstrap_and_counts_embeddings(tmp_path):
+    """Two seeds (two embeddings, two attack runs) of one defence, with their per-image outcomes stored: the
+    summary is the mean of the seeds with the hierarchical-bootstrap interval of those outcomes, and says so."""
+    import numpy as np
+
+    from bench import stats
+    from bench.config import load_config
+    from bench.plan import build_plan
+    from bench.plugins import Measurement
+    from bench.store import ResultStore
+    from reports.data import load_results
+    from reports.leaderboard import build, to_markdown
+    from tests.conftest import write_config
+
+    cfg = load_config(write_config(tmp_path), {"run.seeds": [0, 1]})
+    cells = [c for c in build_plan(cfg).cells if c.defense.name == "dwtdctsvd"]
+    store = ResultStore(cfg.output / "results.sqlite")
+    store.start_run("r1", "test", "bench.toml", {"run": {"primary_metric": "tpr@1e-06"}}, {}, "abc")
+    outcomes = {0: [1.0] * 15 + [0.0], 1: [1.0] * 8 + [0.0] * 8}  # the second embedding is much weaker
+    for c in cells:
+        s = outcomes[c.seed] if c.image_attack.name == "none" else [0.0] * 16
+        store.write_cell("r1", c, "ok", [Measurement("tpr@1e-06", float(np.mean(s)), 0.0, 1.0, 16, samples=tuple(s))],
+                         n_images=16, negatives="attacked")
+    store.close()
+    board = build(load_results(cfg.output / "results.sqlite"))
+    entry = next(e for e in board["entries"] if e["defense"] == "dwtdctsvd")
+    clean = entry["clean"]
+    ref = stats.hierarchical_bootstrap([outcomes[0], outcomes[1]])
+    assert clean["value"] == pytest.approx((15 / 16 + 8 / 16) / 2)
+    assert (clean["low"], clean["high"]) == pytest.approx((ref.low, ref.high))
+    assert clean["n_embeddings"] == 2 and clean["n_attack_runs"] == 0 and clean["n"] == 32
+    assert clean["high"] - clean["low"] > 0.3  # the spread between the two embeddings is in the interval
+    per = entry["per_attack_summary"]
+    assert all(s["n_embeddings"] == 2 and s["n_attack_runs"] == 0 and s["value"] == 0.0 for s in per.values())
+    assert "(2 embeddings)" in to_markdown(board)

@@ -218,7 +218,7 @@ class CLIPScore(Metric):
         note = (f"mean over {values.size} images of {what}; CLIP score = 100 * max(cos(image, prompt), 0) per "
                 f"image (CLIPScore with torchmetrics' weight 100), model {label}; 95% t-interval")
         return Measurement(name=name, value=est.value, low=clean(est.low), high=clean(est.high), n=est.n,
-                           note=note, higher_is_better=True)
+                           note=note, higher_is_better=True, samples=tuple(float(v) for v in values))
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         if not ctx.prompts:

@@ -28,12 +28,13 @@ _SEED = 0  # bootstrap seed: intervals depend on the data only
 
 
 def _measurement(name: str, est: stats.Estimate, *, note: str = "",
-                 higher_is_better: bool | None = None) -> Measurement:
+                 higher_is_better: bool | None = None, samples: Any = None) -> Measurement:
     def clean(x: float) -> float | None:
         return None if x is None or not math.isfinite(x) else float(x)
 
     return Measurement(name=name, value=float(est.value), low=clean(est.low), high=clean(est.high), n=int(est.n),
-                       note=note, higher_is_better=higher_is_better)
+                       note=note, higher_is_better=higher_is_better,
+                       samples=None if samples is None else tuple(float(v) for v in np.asarray(samples).ravel()))
 
 
 def _kind(ctx: MeasureContext) -> DetectionKind:
@@ -92,7 +93,7 @@ class BitAccuracy(Metric):
         if pos.size:
             out.append(_measurement("bit_accuracy", stats.bit_accuracy(pos, k, generator_seed=_SEED),
                                     note=f"mean over {pos.size} images of matches/{k}; 95% bootstrap over images",
-                                    higher_is_better=True))
+                                    higher_is_better=True, samples=pos / k))
         if neg.size:
             out.append(_measurement("bit_accuracy_neg", stats.bit_accuracy(neg, k, generator_seed=_SEED),
                                     note=f"negatives ({neg.size} images); ~0.5 expected without a mark",
@@ -134,7 +135,7 @@ class TPRAtFPR(Metric):
                         f"(P(X >= {op.threshold}) = {op.analytic_fpr:.3g}, X ~ Binomial({k}, 0.5))")
             if pos.size:
                 out.append(_measurement(f"tpr@{stats.analytic_fpr_label(fpr)}", op.tpr, note=rule,
-                                        higher_is_better=True))
+                                        higher_is_better=True, samples=pos >= op.threshold))
             if neg.size:
                 note = f"empirical FPR on {neg.size} negatives; {rule}"
                 if neg.size * fpr < 1:
@@ -162,7 +163,8 @@ class TPRAtFPR(Metric):
             if op.note:
                 rule += f"; {op.note}"
             if pos.size:
-                out.append(_measurement(f"tpr@{label}", op.tpr, note=rule, higher_is_better=True))
+                out.append(_measurement(f"tpr@{label}", op.tpr, note=rule, higher_is_better=True,
+                                        samples=pos > op.threshold))
             out.append(_measurement(f"fpr@{label}", op.fpr, note=f"empirical FPR on the negatives; {rule}",
                                     higher_is_better=False))
         return out

@@ -76,7 +76,7 @@ class _PairedImageMetric(Metric):
             parts.append(note)
         clean = lambda x: x if math.isfinite(x) else None  # noqa: E731
         return [Measurement(name=name, value=est.value, low=clean(est.low), high=clean(est.high), n=est.n,
-                            note="; ".join(parts), higher_is_better=True)]
+                            note="; ".join(parts), higher_is_better=True, samples=tuple(values.tolist()))]
 
     def _capped(self, values: np.ndarray) -> int:
         return 0
