@@ -222,7 +222,8 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
     if src.get("git_hash"):
         facts.append(f"code {_code(src['git_hash'][:12] + ('+dirty' if src['git_hash'].endswith('+dirty') else ''))}")
     lines.append("; ".join(facts) + ". Clean = no attack, with its 95% interval; mean and worst over the attacked "
-                                    "cells. Quality: the mark's cost (marked vs. clean twin).")
+                                    "cells. Quality: the mark's cost (marked vs. the clean model's images made the "
+                                    "same way, the right twin) and keyless visibility (AUC 0.5 = invisible).")
     if per_attack and any(e["per_attack"] for e in board["entries"]):
         cols = list(dict.fromkeys(k for e in board["entries"] for k in e["per_attack"]))
         lines += ["", f"<details><summary>{_md(metric)} per attack</summary>", "",

@@ -238,7 +238,9 @@ def test_report_and_leaderboard_with_seeds_and_model_attacks(tmp_path):
         ("none", "jpeg")]
     board = build(res)
     a = next(e for e in board["entries"] if e["defense_label"] == "alpha")
-    assert a["clean"] == {"value": pytest.approx((1.0 + 0.98) / 2), "low": None, "high": None, "n": 64, "n_cells": 2}
+    # no per-image values stored in this fixture: the mean of the seeds, no interval, and how many embeddings
+    assert a["clean"] == {"value": pytest.approx((1.0 + 0.98) / 2), "low": None, "high": None, "n": 64, "n_cells": 2,
+                          "n_embeddings": 2, "n_attack_runs": 0}
     assert a["robustness"]["n_attacked"] == 2 * 2 * 7 - 2  # every cell but the two clean ones
     assert a["robustness"]["worst_attack"] == "finetune(steps=10) | gaussian_blur(strength=0.75) s1"
     assert a["per_attack"]["finetune(steps=10) | none"] == pytest.approx((0.5 + 0.49) / 2)
@@ -277,13 +279,15 @@ def test_leaderboard_schema(board):
     assert set(board["source"]) == {"database", "run_ids", "run_name", "config_path", "git_hash", "versions"}
     assert set(board["grid"]) == {"defenses", "model_attacks", "image_attacks", "seeds", "metrics"}
     entry_keys = {"rank", "defense", "defense_label", "defense_params", "defense_version", "defense_origin",
-                  "control", "clean", "robustness", "per_attack", "quality", "n_cells", "n_failed"}
+                  "control", "clean", "robustness", "per_attack", "per_attack_summary", "quality", "n_cells",
+                  "n_failed"}
     for e in board["entries"]:
         assert set(e) == entry_keys
         assert set(e["robustness"]) == {"mean", "worst", "worst_attack", "n_cells", "n_attacked"}
         assert isinstance(e["rank"], int) and isinstance(e["control"], bool)
-        for s in [e["clean"], *e["quality"].values()]:
-            assert set(s) == {"value", "low", "high", "n", "n_cells"}
+        assert set(e["per_attack_summary"]) == set(e["per_attack"])
+        for s in [e["clean"], *e["quality"].values(), *e["per_attack_summary"].values()]:
+            assert set(s) == {"value", "low", "high", "n", "n_cells", "n_embeddings", "n_attack_runs"}
     assert len(board["cells"]) == 20 * 11  # ok cells x metrics
     assert set(board["cells"][0]) == {"defense_label", "model_attack_label", "image_attack_label", "seed", "metric",
                                       "value", "low", "high", "n", "higher_is_better"}
@@ -299,9 +303,10 @@ def test_leaderboard_ranking_values(board):
     assert a["robustness"]["worst"] == pytest.approx(0.1)
     assert a["robustness"]["worst_attack"] == "gaussian_blur(strength=0.75)"
     assert a["robustness"]["n_cells"] == 6 and a["n_failed"] == 0
-    assert a["clean"] == {"value": 1.0, "low": 0.9, "high": 1.0, "n": 32, "n_cells": 1}
+    assert a["clean"] == {"value": 1.0, "low": 0.9, "high": 1.0, "n": 32, "n_cells": 1, "n_embeddings": 1,
+                          "n_attack_runs": 0}
     assert a["quality"]["psnr_watermark"] == pytest.approx({"value": 38.5, "low": 38.0, "high": 39.0, "n": 32,
-                                                           "n_cells": 1})
+                                                           "n_cells": 1, "n_embeddings": 1, "n_attack_runs": 0})
     assert a["per_attack"]["jpeg"] == pytest.approx(0.6)
     ev = e[fx.EVIL]
     assert ev["robustness"]["mean"] == pytest.approx((0.7 + 0.3 + 0.6 + 0.3 + 0.05) / 5)
