@@ -63,8 +63,10 @@ class AttackerUtility(Metric):
     needs_images = True
     higher_is_better = True
     params = (
+        Param("clip_model", "str", "tiny-world",
+              doc="the CLIP of the CLIP-score change, as clip_score's model ('tiny-world' or an open_clip name)"),
         Param("clip_pretrained", "str", None, optional=True,
-              doc="the tiny CLIP of the CLIP-score change (default: the shipped one; 'random': for tests)"),
+              doc="its weights, as clip_score's pretrained (default: the shipped tiny CLIP; 'random': for tests)"),
         Param("fid", "bool", True, doc="compute the FID of the quality kept (about 0.13 s per image on a CPU)"),
     )
     smoke_params = {"clip_pretrained": "random", "fid": False}
@@ -141,7 +143,7 @@ class AttackerUtility(Metric):
         return out
 
     def _clip(self, ctx: MeasureContext, sets, threat: str) -> list[Measurement]:
-        clip = metrics.get("clip_score")(pretrained=self.params["clip_pretrained"])
+        clip = metrics.get("clip_score")(model=self.params["clip_model"], pretrained=self.params["clip_pretrained"])
         ref = clip.reference_scores(ctx)
         out = []
         for suffix, load, what in sets:
@@ -153,6 +155,6 @@ class AttackerUtility(Metric):
                 name=f"utility_clip_delta{suffix}", value=est.value, low=_clean(est.low), high=_clean(est.high),
                 n=est.n, higher_is_better=True,
                 note=(f"quality kept: mean CLIP-score change of {est.n} of {what} against the unattacked clean "
-                      f"base's image for the same caption and seed (tiny-world CLIP unless set); 95% t-interval; "
-                      f"{threat}")))
+                      f"base's image for the same caption and seed (CLIP {self.params['clip_model']}); "
+                      f"95% t-interval; {threat}")))
         return out
