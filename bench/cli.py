@@ -360,6 +360,8 @@ def cmd_ls(args) -> int:
         for name in reg.names():
             info = reg.info(name)  # read from the source for built-ins: nothing is imported
             what = info.doc if args.verbose else (info.doc.splitlines()[0] if info.doc else "")
+            if kind == "model_attacks" and args.verbose:
+                what += _threat_model_text(reg.get(name))
             if info.origin != "markbench":
                 what += f" [from {info.origin}]"
             params = "\n".join(f"{d.name}: {d.type} = {d.default!r}; {d.allowed}" for d in describe(info.params))
@@ -369,6 +371,22 @@ def cmd_ls(args) -> int:
     if args.kind == "all":
         _ls_worlds(console, args.verbose)
     return 0
+
+
+def _threat_model_text(cls) -> str:
+    """What a model attack assumes the attacker has, its goal, and when it exceeds the threat model (bench ls -v)."""
+    has = getattr(cls, "attacker_has", "") or "not stated"
+    goal = {"downstream": "learn its dataset (utility: the new style or subject recognised)",
+            "compression": "a cheaper model (utility: the quality kept)"}.get(getattr(cls, "goal", ""),
+                                                                             "remove the mark (quality kept)")
+    if getattr(cls, "identity", False):
+        goal = "none (the unattacked model)"
+    out = f"\nAttacker has: {has}.\nAttacker's goal: {goal}."
+    beyond = getattr(cls, "beyond_threat_model", {}) or {}
+    if beyond:
+        cond = ", ".join(f"{k} = {v!r}" for k, v in beyond.items())
+        out += f"\nStronger than the threat model when {cond}."
+    return out
 
 
 def _results(args):

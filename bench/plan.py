@@ -7,8 +7,10 @@ the plugin's name, version and parameters, and the seed:
 ``image_attack`` -> ``detect``; then the cell is *measured* (metrics into the results database).
 
 Sharing falls out of the keys: the base model's plain images under a model attack are both the ``none`` defence's
-images, the clean twins for quality metrics and the negatives for every defence; a defence that does not change the
-weights (post-hoc, initial-noise) shares the attacked base model; identity attacks add no stage at all.
+images, the clean twins for quality metrics and the negatives for every defence; a defence with its own generation
+procedure (a trigger) also gets its *right twin*, that procedure run on the equally attacked clean model (shared with
+a white-box defence's negatives), the reference of its fidelity metrics (``Cell.twins``); a defence that does not
+change the weights (post-hoc, initial-noise) shares the attacked base model; identity attacks add no stage at all.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Cell:
     detect_neg: str
     variant: str = ""
     reference: str = ""  # the unattacked base model's plain images (FID / CLIP-score reference)
+    twins: str = ""  # the right twin: the clean (equally attacked) model's images made as `unattacked` was made
+    #: further image sets a metric may load by name (the attacker-utility images of a model-attacked cell)
+    extra_images: tuple[tuple[str, str], ...] = ()
 
     @property
     def defense_label(self) -> str:
@@ -68,7 +73,7 @@ class Cell:
 
     def stage_keys(self) -> tuple[str, ...]:
         keys = (self.detect_pos, self.detect_neg, self.images, self.unattacked, self.clean_twins, self.negatives)
-        return keys + ((self.reference,) if self.reference else ())
+        return keys + tuple(k for k in (self.reference, self.twins) if k) + tuple(k for _, k in self.extra_images)
 
 
 @dataclass
@@ -76,6 +81,8 @@ class Plan:
     stages: dict[str, Stage] = field(default_factory=dict)  # insertion order is a valid execution order
     cells: list[Cell] = field(default_factory=list)
     requests: dict[int, GenerationRequest] = field(default_factory=dict)
+    #: other prompt sets, by name (e.g. a downstream task's held-out captions for the attacker-utility images)
+    named_requests: dict[str, GenerationRequest] = field(default_factory=dict)
 
     def closure(self, cells: list[Cell]) -> list[Stage]:
         """Every stage the given cells need, in dependency order."""
@@ -118,6 +125,17 @@ def generation_request(cfg: BenchConfig, run_seed: int) -> GenerationRequest:
     )
 
 
+def downstream_request(cfg: BenchConfig, run_seed: int, captions: list[str]) -> GenerationRequest:
+    """The run's sampler settings on a downstream task's held-out captions, with seeds of their own."""
+    m = cfg.model
+    return GenerationRequest(
+        prompts=tuple(captions),
+        seeds=tuple(int(stable_hash(["downstream-seed", run_seed, i])[:15], 16) for i in range(len(captions))),
+        height=m.height, width=m.width, num_inference_steps=m.num_inference_steps,
+        guidance_scale=m.guidance_scale, batch_size=cfg.run.batch_size, negative_prompt=m.negative_prompt or None,
+    )
+
+
 def _cls(spec: PluginSpec):
     from .registries import REGISTRIES
 
@@ -142,6 +160,14 @@ def white_box_generation(defense_cls: type[Defense]) -> bool:
     """A white-box defence that verifies through its own generation (WDM's trigger-fed extraction): its negatives
     are that same procedure on the clean model (attacked like the positives), not the clean model's plain images."""
     return defense_cls.verification is Verification.WHITE_BOX and custom_generation(defense_cls)
+
+
+def twin_procedure(defense_cls: type[Defense]) -> bool:
+    """Whether a defence's right twin is its own generation procedure run on the clean model (a trigger, a special
+    sampler) rather than the clean model's ordinary images (post-hoc marks, plain generation, initial-noise marks
+    whose clean counterpart has no key to draw from)."""
+    return (defense_cls.location is not MarkLocation.POST_HOC and custom_generation(defense_cls)
+            and defense_cls.has_paired_twin())
 
 
 class _Builder:
@@ -189,6 +215,34 @@ class _Builder:
         return self.add("generate", (model_key,), None, 0, label="generate", request=self.request_identity(request),
                         run_seed=run_seed)
 
+    def named_images(self, model_key: str, name: str, request: GenerationRequest, run_seed: int) -> str:
+        """Plain generation of a named request (``Plan.named_requests[name]``) with a model."""
+        self.plan.named_requests.setdefault(name, request)
+        return self.add("generate", (model_key,), None, 0, label=f"generate {name.split('@')[0]}",
+                        request=self.request_identity(request), run_seed=run_seed, request_name=name)
+
+    def utility_images(self, ma: PluginSpec, model: str, clean_model: str, base: str, request: GenerationRequest,
+                       seed: int) -> tuple[tuple[str, str], ...]:
+        """The image sets the ``attacker_utility`` metric reads for a model-attacked cell (none for no attack):
+        the attacked (watermarked) model's ordinary images and, for a downstream fine-tune with a recognisable
+        task, the downstream captions' images of the attacked model, the equally attacked clean model and the
+        unattacked base (the level before the attack)."""
+        if getattr(_cls(ma), "identity", False) or not any(m.name == "attacker_utility" for m in self.cfg.metrics):
+            return ()
+        from .downstream import eval_captions, task_of
+
+        out = [("ordinary_marked", self.plain_images(model, request, seed))]
+        attack = ma.instantiate()
+        task = task_of(attack.downstream_dataset(), attack.params.get("token"))
+        if task is not None:
+            name = f"downstream {task.dataset}@{seed}"
+            dreq = self.plan.named_requests.get(name) or downstream_request(
+                self.cfg, seed, eval_captions(task, self.cfg.run.num_images))
+            out += [(role, self.named_images(m, name, dreq, seed))
+                    for role, m in (("downstream_marked", model), ("downstream_clean", clean_model),
+                                    ("downstream_base", base))]
+        return tuple(out)
+
     def attacked_images(self, images_key: str, ia: PluginSpec, seed: int) -> str:
         if getattr(_cls(ia), "identity", False):
             return images_key
@@ -211,6 +265,7 @@ def build_plan(cfg: BenchConfig) -> Plan:
                 model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed)
                 clean_model = b.attacked_model(base, ma, seed)
                 clean_twins = b.plain_images(clean_model, request, seed)
+                utility = b.utility_images(ma, model, clean_model, base, request, seed)
                 for variant in dcls.variants:
                     if dcls.location is MarkLocation.POST_HOC:
                         unattacked = b.add("mark", (clean_twins, embed), d, seed, label=f"mark {d.label}")
@@ -220,6 +275,14 @@ def build_plan(cfg: BenchConfig) -> Plan:
                                            request=b.request_identity(request), run_seed=seed, variant=variant)
                     else:
                         unattacked = b.plain_images(model, request, seed)
+                    if twin_procedure(dcls):
+                        # the same generation on the clean weights (shared with a white-box defence's negatives)
+                        twins = b.add("generate", (clean_model, embed), d, seed,
+                                      label=f"generate {d.label} on the clean model"
+                                      + (f"[{variant}]" if variant else ""),
+                                      request=b.request_identity(request), run_seed=seed, variant=variant)
+                    else:
+                        twins = clean_twins
                     for ia in cfg.image_attacks:
                         images = b.attacked_images(unattacked, ia, seed)
                         if white_box_generation(dcls):
@@ -237,12 +300,13 @@ def build_plan(cfg: BenchConfig) -> Plan:
                         det_neg = b.add("detect", (embed, negatives), d, seed,
                                         label=f"detect {d.label} (negatives)")
                         key = stable_hash({
-                            "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives, reference],
+                            "cell": [det_pos, det_neg, images, unattacked, clean_twins, negatives, reference,
+                                     twins, [list(u) for u in utility]],
                             "metrics": [m.identity() for m in cfg.metrics],
                             "target_fprs": list(cfg.run.target_fprs),
                             "negatives": cfg.run.negatives,
                             "variant": variant,
                         })
                         b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
-                                                 negatives, det_pos, det_neg, variant, reference))
+                                                 negatives, det_pos, det_neg, variant, reference, twins, utility))
     return b.plan

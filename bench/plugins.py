@@ -166,6 +166,10 @@ class Measurement:
     n: int = 0
     note: str = ""
     higher_is_better: bool | None = None
+    #: The per-image values whose mean is ``value`` (a rate's 0/1 outcomes), where the metric has them: stored, so
+    #: that several seeds (embeddings, attack runs) can be combined by a hierarchical bootstrap
+    #: (:func:`bench.stats.hierarchical_bootstrap`) rather than by pooling images.
+    samples: tuple[float, ...] | None = field(default=None, repr=False)
 
 
 class StageContext:
@@ -270,11 +274,30 @@ class Defense(Plugin):
     #: The deployment the defence protects: model attacks on an ``API``-only defence are outside its threat model
     #: (the matrix and the report mark those cells).
     threat: ClassVar[ThreatSetting] = ThreatSetting.API
-    #: The quality comparisons that apply to its images (paired PSNR/SSIM needs the clean twin's initial noise).
-    quality_measures: ClassVar[tuple[QualityMeasure, ...]] = (QualityMeasure.PAIRED, QualityMeasure.DISTRIBUTION)
+    #: The quality comparisons that apply to its images. ``PAIRED``: the marked image has a *paired* clean twin, the
+    #: clean model's image made the same way (same prompt, seed and generation procedure, e.g. SleeperMark's trigger
+    #: prompt on the clean weights), so per-image PSNR/SSIM to it is the mark's cost. ``DISTRIBUTION``: FID / CLIP
+    #: score against the clean model. ``None`` (default): decided by ``location``: a mark that *is* the initial noise
+    #: (Tree-Ring, Gaussian Shading) has no paired twin (its clean counterpart draws other noise), every other has
+    #: both. The one declaration of this fact: :meth:`has_paired_twin` and the metrics read it.
+    quality_measures: ClassVar[tuple[QualityMeasure, ...] | None] = None
     #: True if :meth:`embed` reads the run's prompts or image size (``ctx.data.prompts()``, ``ctx.data.height``,
     #: ``ctx.data.dataset``): they then become part of the embed stage's cache key.
     uses_data: ClassVar[bool] = False
+
+    @classmethod
+    def measures(cls) -> tuple[QualityMeasure, ...]:
+        """The quality comparisons that apply (:attr:`quality_measures`, or the location's default)."""
+        if cls.quality_measures is not None:
+            return tuple(cls.quality_measures)
+        if cls.location is MarkLocation.INITIAL_NOISE:
+            return (QualityMeasure.DISTRIBUTION,)
+        return (QualityMeasure.PAIRED, QualityMeasure.DISTRIBUTION)
+
+    @classmethod
+    def has_paired_twin(cls) -> bool:
+        """Whether a marked image has a pixel-aligned clean twin (``QualityMeasure.PAIRED`` applies)."""
+        return QualityMeasure.PAIRED in cls.measures()
 
     @classmethod
     def validate_class(cls, owner: str) -> None:
@@ -291,8 +314,10 @@ class Defense(Plugin):
         if not cls.variants or not all(isinstance(v, str) for v in cls.variants) or \
                 len(set(cls.variants)) != len(cls.variants):
             raise PluginValidationError(f"{owner}: 'variants' must be a tuple of distinct strings")
-        if not cls.quality_measures or not all(isinstance(q, QualityMeasure) for q in cls.quality_measures):
-            raise PluginValidationError(f"{owner}: 'quality_measures' must be a non-empty tuple of QualityMeasure")
+        if cls.quality_measures is not None and (
+                not cls.quality_measures or not all(isinstance(q, QualityMeasure) for q in cls.quality_measures)):
+            raise PluginValidationError(f"{owner}: 'quality_measures' must be None or a non-empty tuple of "
+                                        "QualityMeasure")
         if len(cls.variants) > 1 and cls.generate is Defense.generate:
             raise PluginValidationError(f"{owner}: generation variants need a generate() that reads ctx.variant")
 
@@ -422,11 +447,35 @@ class ModelAttack(Plugin):
     #: True if the attacker samples the model with its standard sampler (``resample``): a defence whose mark is
     #: made at sampling time (``MarkLocation.INITIAL_NOISE``) then gets the plain generation, not its own.
     standard_sampling: ClassVar[bool] = False
+    #: What the attack assumes the attacker has (shown by ``bench ls -v`` and in the attacker-utility notes), e.g.
+    #: "the released watermarked weights and images of a new style".
+    attacker_has: ClassVar[str] = ""
+    #: Parameter values under which the attack gives the attacker *more* than the threat model (an attacker of
+    #: released weights) allows, e.g. ``{"other": "base"}`` for a merge with the owner's clean base model.
+    beyond_threat_model: ClassVar[Mapping[str, Any]] = {}
+    #: What the attacker wants from it: ``"downstream"`` (a fine-tune that learns its ``dataset``: utility = how well
+    #: the new style or subject is learnt), ``"compression"`` (a cheaper model: utility = the quality kept) or
+    #: ``""`` (removal only: the quality kept is still measured).
+    goal: ClassVar[str] = ""
+
+    def exceeds_threat_model(self) -> bool:
+        """True when this instance's parameters match :attr:`beyond_threat_model`."""
+        b = type(self).beyond_threat_model
+        return bool(b) and all(self.params.get(k) == v for k, v in b.items())
+
+    def downstream_dataset(self) -> str | None:
+        """The dataset a ``"downstream"`` attack learns (its ``dataset`` parameter), else None."""
+        if type(self).goal != "downstream":
+            return None
+        return self.params.get("dataset")
 
     @classmethod
     def validate_class(cls, owner: str) -> None:
         from .errors import PluginValidationError
 
+        if cls.goal not in ("", "downstream", "compression"):
+            raise PluginValidationError(f"{owner}: 'goal' must be '', 'downstream' or 'compression', not "
+                                        f"{cls.goal!r}")
         if cls.apply is ModelAttack.apply:
             raise PluginValidationError(f"{owner} must implement apply()")
 
@@ -443,11 +492,22 @@ class MeasureContext:
     * ``target_fprs``: the run's target false-positive rates.
     * ``images()``: the cell's final images (watermarked, model- and image-attacked).
     * ``unattacked_images()``: the same before the image attack.
-    * ``clean_twins()``: the unwatermarked model's images for the same prompts and seeds (same model attack).
+    * ``clean_twins()``: the unwatermarked model's ordinary images for the same prompts and seeds (same model
+      attack): the negatives' source and the reference of trigger-free fidelity.
+    * ``twins()``: the *right* twin of ``unattacked_images()``: the clean model (same model attack) made to produce
+      the same images the same way: the defence's own generation procedure run on the clean weights (for a trigger
+      defence: the clean model given the trigger prompt); for post-hoc and plain-generation defences the clean
+      model's ordinary images. ``paired_twin`` says whether image i of the twins is image i's paired counterpart
+      (False for initial-noise marks: then ``twins()`` is the clean model's ordinary images, unpaired).
     * ``reference()``: the clean base model's images for the same prompts and seeds (no attack at all): the
       reference of FID and CLIP-score changes. ``reference_key`` identifies it, so a metric can keep reference
       statistics in ``shared`` (a dict that lives for the whole run) and compute them once per run.
     * ``prompts``: the prompt of each image; ``device``: where metrics may compute.
+    * ``model_attack``: the cell's model attack (its parameters, ``goal``, ``attacker_has``), and, when the
+      ``attacker_utility`` metric is configured, the image sets it reads by name from ``loaders``:
+      ``ordinary_marked`` (the attacked watermarked model's ordinary images) and, for a downstream fine-tune,
+      ``downstream_marked`` / ``downstream_clean`` / ``downstream_base`` (held-out downstream captions' images of the
+      attacked model, the equally attacked clean model and the unattacked base).
     """
 
     defense: Defense
@@ -461,6 +521,8 @@ class MeasureContext:
     reference_key: str = ""
     shared: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    paired_twin: bool = True
+    model_attack: "ModelAttack | None" = None
 
     def images(self) -> "torch.Tensor":
         return self.loaders["images"]()
@@ -473,6 +535,10 @@ class MeasureContext:
 
     def reference(self) -> "torch.Tensor":
         return self.loaders["reference"]()
+
+    def twins(self) -> "torch.Tensor":
+        """The right twin (see above); the clean model's ordinary images where the harness gave none."""
+        return self.loaders["twins"]() if "twins" in self.loaders else self.clean_twins()
 
 
 class Metric(Plugin):

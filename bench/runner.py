@@ -258,9 +258,12 @@ class Runner:
             message=message, target_fprs=tuple(self.cfg.run.target_fprs),
             generator=torch.Generator().manual_seed(stage_seed(cell.seed, cell.key)),
             loaders={"images": loader(cell.images), "unattacked": loader(cell.unattacked),
-                     "clean_twins": loader(cell.clean_twins), "reference": loader(cell.reference)},
+                     "clean_twins": loader(cell.clean_twins), "reference": loader(cell.reference),
+                     "twins": loader(cell.twins or cell.clean_twins),
+                     **{role: loader(key) for role, key in cell.extra_images}},
             prompts=env.request(cell.seed).prompts, reference_key=cell.reference, shared=self._shared,
-            device=self.cfg.run.device,
+            device=self.cfg.run.device, paired_twin=type(defense).has_paired_twin(),
+            model_attack=env.plugin(cell.model_attack),
         )
         out: list[Measurement] = []
         for spec in self.cfg.metrics:

@@ -74,8 +74,8 @@ class StageEnv:
         t = self.store.tensors(key)
         return Detection(bits=t.get("bits"), scores=t.get("scores"))
 
-    def request(self, seed: int) -> GenerationRequest:
-        return self.plan.requests[seed]
+    def request(self, seed: int, name: str = "") -> GenerationRequest:
+        return self.plan.named_requests[name] if name else self.plan.requests[seed]
 
     def context(self, stage: Stage) -> StageContext:
         gen = torch.Generator().manual_seed(stage_seed(stage.seed, stage.key))
@@ -199,7 +199,7 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
             raise PluginError(f"{who}.apply returned None, expected a pipeline")
         tensors = {MODEL_PREFIX + k: v for k, v in diff_pipeline(env.base_pipeline(), out).items()}
     elif stage.kind == "generate":
-        request = env.request(stage.extra_dict["run_seed"])
+        request = env.request(stage.extra_dict["run_seed"], stage.extra_dict.get("request_name", ""))
         pipe = env.pipeline(stage.inputs[0])
         if stage.plugin is None:
             images = ctx.generate(pipe, request)

@@ -34,7 +34,8 @@ from scipy import stats as _st
 __all__ = [
     "Estimate", "BitsOperatingPoint", "ScoreOperatingPoint", "clopper_pearson", "binomial_pvalue",
     "log10_binomial_pvalue", "bit_threshold", "bootstrap", "bit_accuracy", "mean_t_interval", "rate",
-    "tpr_at_fpr_bits", "roc_auc", "empirical_threshold", "tpr_at_fpr_scores",
+    "tpr_at_fpr_bits", "roc_auc", "empirical_threshold", "tpr_at_fpr_scores", "empirical_fpr_label",
+    "analytic_fpr_label", "hierarchical_bootstrap", "hierarchical_replicates",
 ]
 
 _EPS = 1e-9  # relative tolerance when turning fpr * n into a count (0.29 * 100 must give 29, not 28)
@@ -184,6 +185,42 @@ def bootstrap(values: Any, statistic: str | Callable[[np.ndarray], np.ndarray] =
     return Estimate(value, float(lo), float(hi), n)
 
 
+def hierarchical_replicates(groups: Any, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """``n_boot`` two-level bootstrap replicates of the mean of group means: draw G groups with replacement from
+    the G groups, then, within each drawn group, its values with replacement (as many as it has); a replicate is
+    the mean over the drawn groups of their resampled means."""
+    arrays = [np.asarray(g, dtype=float).ravel() for g in groups]
+    if not arrays or any(a.size == 0 for a in arrays):
+        raise ValueError("hierarchical bootstrap: every group needs at least one value")
+    n_groups = len(arrays)
+    picks = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    means = np.empty((n_boot, n_groups))
+    for g, a in enumerate(arrays):  # every slot that drew group g gets its own inner resample of g's values
+        slots = picks == g
+        k = int(slots.sum())
+        if k:
+            means[slots] = a[rng.integers(0, a.size, size=(k, a.size))].mean(axis=1)
+    return means.mean(axis=1)
+
+
+def hierarchical_bootstrap(groups: Any, *, seed: int = 0, n_boot: int = 2000, alpha: float = 0.05) -> Estimate:
+    """The mean of group means with a ``1 - alpha`` percentile interval from a two-level bootstrap.
+
+    ``groups``: one array of per-image values per independent repetition (a run seed: a new key, embedding and
+    attack run). Resampling the repetitions first, then the images within each, puts the spread *between*
+    embeddings and attack runs into the interval, which a bootstrap over pooled images leaves out (Davison &
+    Hinkley 1997, Sec. 3.8; Field & Welsh 2007). Each repetition counts equally. With one group this is the
+    ordinary bootstrap of its mean. Deterministic for ``seed``; ``n`` = the number of values in all groups.
+    """
+    arrays = [np.asarray(g, dtype=float).ravel() for g in groups]
+    if not arrays:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    reps = hierarchical_replicates(arrays, np.random.default_rng(seed), n_boot)
+    value = float(np.mean([a.mean() for a in arrays]))
+    lo, hi = np.percentile(reps, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return Estimate(value, float(lo), float(hi), int(sum(a.size for a in arrays)))
+
+
 def bit_accuracy(matches_per_image: Any, n_bits: int, generator_seed: int = 0, n_boot: int = 2000) -> Estimate:
     """Mean per-image bit accuracy ``matches / n_bits`` with a 95% percentile bootstrap interval over images.
 
@@ -303,6 +340,29 @@ def empirical_threshold(neg_scores: Any, fpr: float) -> tuple[float, bool]:
     if k >= n:
         return -math.inf, resolvable
     return float(neg[n - 1 - k]), resolvable
+
+
+def analytic_fpr_label(fpr: float) -> str:
+    """The name suffix of an analytic (binomial-threshold) operating point: ``1e-06`` (``tpr@1e-06``).
+
+    Only thresholds that guarantee their FPR under a null model (:func:`bit_threshold`) carry a bare number."""
+    return f"{float(fpr):g}"
+
+
+def empirical_fpr_label(n_neg: int, fpr: float) -> str:
+    """The name suffix of an empirical (negatives-set) operating point: the FPR that ``n_neg`` negatives resolve.
+
+    The threshold of :func:`empirical_threshold` lets ``k = floor(fpr * n_neg)`` negatives score above it, so it is
+    labelled ``fpr<=k/n_neg``; when ``n_neg < 1/fpr`` (k = 0: the threshold is the maximum negative score) the FPR
+    it can resolve is one negative in ``n_neg``: ``fpr<=1/n_neg`` (e.g. target 1e-6 on 32 negatives gives
+    ``fpr<=1/32``, so the metric is ``tpr@fpr<=1/32``, never ``tpr@1e-06``). The fraction is not reduced, so the
+    label keeps the number of negatives.
+    """
+    n = int(n_neg)
+    if n <= 0:
+        raise ValueError(f"an empirical FPR label needs at least one negative, got {n_neg}")
+    k = min(_allowed_false_positives(n, fpr), n)
+    return f"fpr<={max(k, 1)}/{n}"
 
 
 def tpr_at_fpr_scores(pos_scores: Any, neg_scores: Any, fpr: float) -> ScoreOperatingPoint:

@@ -1,7 +1,9 @@
 """The results database: ``<output>/results.sqlite``.
 
 Tables: ``runs`` (one row per invocation: config, versions, git hash), ``cells`` (one row per cell: status,
-parameters, timings, costs, error and traceback), ``results`` (one row per cell and metric: value, interval, N, note).
+parameters, timings, costs, error and traceback), ``results`` (one row per cell and metric: value, interval, N, note),
+``samples`` (the per-image values behind a mean or rate, where the metric gives them: for combining seeds by a
+hierarchical bootstrap; a database written before this table existed simply has none).
 The view ``results_full`` joins them into one row per cell and metric with everything that made the number. Every
 cell is committed as soon as it is measured, so an interrupted run loses nothing already computed.
 """
@@ -35,6 +37,9 @@ CREATE TABLE IF NOT EXISTS cells (
 CREATE TABLE IF NOT EXISTS results (
     cell_id TEXT, metric TEXT, value REAL, low REAL, high REAL, n INTEGER, note TEXT, higher_is_better INTEGER,
     PRIMARY KEY (cell_id, metric)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    cell_id TEXT, metric TEXT, values_json TEXT, PRIMARY KEY (cell_id, metric)
 );
 CREATE VIEW IF NOT EXISTS results_full AS
     SELECT c.label AS cell, c.defense, c.defense_label, c.model_attack, c.model_attack_label, c.image_attack,
@@ -105,11 +110,14 @@ class ResultStore:
         ``threat``: the defence's threat setting and whether this cell's model attack lies outside it
         (:func:`bench.plugins.threat_scope`).
         """
+        measurements = list(measurements)
+
         def spec(s, label=None):
             return (s.name, label or s.label, json.dumps(s.param_dict, sort_keys=True), s.version)
 
         with self.con:
             self.con.execute("DELETE FROM results WHERE cell_id=?", (cell.key,))
+            self.con.execute("DELETE FROM samples WHERE cell_id=?", (cell.key,))
             self.con.execute(
                 "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?)",
                 (cell.key, run_id, cell.label, cell.seed, *spec(cell.defense, cell.defense_label), cell.defense.origin,
@@ -122,6 +130,11 @@ class ResultStore:
                 "INSERT INTO results VALUES (?,?,?,?,?,?,?,?)",
                 [(cell.key, m.name, _num(m.value), _num(m.low), _num(m.high), int(m.n), m.note,
                   None if m.higher_is_better is None else int(m.higher_is_better)) for m in measurements],
+            )
+            self.con.executemany(
+                "INSERT INTO samples VALUES (?,?,?)",
+                [(cell.key, m.name, json.dumps([round(float(v), 6) for v in m.samples]))
+                 for m in measurements if getattr(m, "samples", None) is not None],
             )
 
     # -- reading --------------------------------------------------------------------------------------------

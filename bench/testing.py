@@ -335,7 +335,7 @@ def model_attack_returns_a_working_pipeline(plugin: type[ModelAttack]) -> None:
 def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
     """On a synthetic multi-bit cell (45 of 48 bits right on 8 images, random negatives): a non-empty list of
     :class:`~bench.Measurement` with N > 0 and finite-or-NaN values."""
-    from .registries import defenses
+    from .registries import defenses, model_attacks
 
     g = _gen(0)
     message = torch.randint(0, 2, (48,), generator=g).bool()
@@ -346,7 +346,9 @@ def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
     ctx = MeasureContext(defense=defenses.get("none")(), detection=Detection(bits=pos),
                          negatives=Detection(bits=neg), message=message, target_fprs=(1e-6,), generator=g,
                          loaders={"images": lambda: imgs, "unattacked": lambda: imgs, "clean_twins": lambda: imgs,
-                                  "reference": lambda: imgs}, prompts=(PROMPT,) * 8)
+                                  "reference": lambda: imgs, "twins": lambda: imgs, "ordinary_marked": lambda: imgs},
+                         prompts=(PROMPT,) * 8,
+                         model_attack=model_attacks.get("prune")())  # a model-attacked cell: attacker utility
     out = plugin(**plugin.smoke_params).compute(ctx)
     name = _name(plugin)
     _expect(bool(out) and all(isinstance(m, Measurement) and m.n > 0 for m in out),

@@ -86,6 +86,12 @@ class World:
         """``n`` images (float ``[N, 3, H, W]`` in [0, 1], at the world's native size) and their captions."""
         raise UserError(f"world '{self.name}' has no dataset {name!r}")
 
+    def downstream_task(self, name: str, token: str | None = None) -> Any:
+        """A :class:`bench.downstream.DownstreamTask` if this world can tell whether a model learnt the dataset
+        ``name`` (its held-out captions and a judge of images), else ``None`` (attacker utility then measures only
+        the quality kept)."""
+        return None
+
     # -- quality references -------------------------------------------------------------------------------------
     def clip_scorer(self, model: str, pretrained: str | None, device: str, batch_size: int) -> Any:
         """The CLIP scorer this world recommends (for ``clip_score``'s ``model`` in :attr:`clip_models`)."""

@@ -1,7 +1,8 @@
 """Does fine-tuning really change the tiny-world model? (issue: model-level attacks)
 
 Generates images for the downstream captions before and after each training attack, exactly as the harness's
-model-attack stage runs it, and classifies them zero-shot with the tiny CLIP:
+model-attack stage runs it, and classifies them zero-shot with the tiny CLIP (:mod:`bench.downstream`, the same
+recogniser the harness's ``attacker_utility`` metric uses in every model-attacked cell):
 
 * new style (``finetune`` / ``lora`` on ``tiny:style``): captions "a large red striped circle on a grey background";
   score = fraction of images the CLIP calls *striped* rather than *solid* (the caption with vs without the word).
@@ -23,45 +24,10 @@ import torch
 
 
 def captions(split: str, n: int) -> list[str]:
-    """``n`` captions of a downstream split (``style`` or ``subject``), drawn with seed 1 (not the training draws)."""
-    from worlds.tiny import shapes
+    """``n`` held-out captions of a downstream split (``style`` or ``subject``), as the harness draws them."""
+    from bench.downstream import eval_captions, task_of
 
-    return [it.caption for it in shapes.sample_items(split, n, seed=1)]
-
-
-class Recogniser:
-    """Zero-shot yes/no questions to the tiny CLIP with in-grammar captions."""
-
-    def __init__(self):
-        from worlds.tiny import clip_model
-
-        self.model = clip_model.load()
-        self.tok = clip_model.tokenizer()
-        self.preprocess = clip_model.preprocess
-
-    @torch.no_grad()
-    def _text(self, captions: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tok(captions), normalize=True)
-
-    @torch.no_grad()
-    def _image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(self.preprocess(images * 2 - 1), normalize=True)
-
-    def striped(self, images: torch.Tensor, captions: list[str]) -> float:
-        """Fraction of images closer to their striped caption than to the same caption without 'striped'."""
-        f = self._image(images)
-        with_s = self._text(captions)
-        without = self._text([c.replace("striped ", "") for c in captions])
-        return float(((f * with_s).sum(1) > (f * without).sum(1)).float().mean())
-
-    def subject(self, images: torch.Tensor, captions: list[str], token: str) -> float:
-        """Fraction of images whose best caption, over the token and the 7 base shapes, names the token."""
-        from worlds.tiny import shapes
-
-        f = self._image(images)
-        words = [token, *shapes.SHAPES]
-        sims = torch.stack([(f * self._text([c.replace(token, w) for c in captions])).sum(1) for w in words], 1)
-        return float((sims.argmax(1) == 0).float().mean())
+    return eval_captions(task_of(f"tiny:{split}"), n)
 
 
 def main() -> None:
@@ -78,6 +44,7 @@ def main() -> None:
 
     from bench import model_attacks
     from bench.config import load_config
+    from worlds.tiny.downstream import Recogniser
     from bench.generation import generate_images
     from bench.models import load_pipeline
     from bench.plugins import GenerationRequest, StageContext
@@ -86,7 +53,7 @@ def main() -> None:
 
     cfg = load_config(args.config, check_output=False)
     base = load_pipeline(cfg.model)
-    rec = Recogniser()
+    rec = Recogniser()  # the same recogniser as the harness's attacker_utility metric
     token = shapes.SUBJECT_TOKEN
 
     def request(captions):

@@ -38,6 +38,8 @@ class Value:
     n: int = 0
     note: str = ""
     higher_is_better: bool | None = None
+    #: the per-image values behind a mean or rate, where stored (``samples`` table): for combining seeds
+    samples: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"value": self.value, "low": self.low, "high": self.high, "n": self.n}
@@ -334,6 +336,13 @@ def load_results(db_path: str | Path) -> Results:
                 continue
             cell.metrics[metric] = Value(_float(r["value"]), _float(r["low"]), _float(r["high"]), int(r["n"] or 0),
                                          r["note"] or "", _bool(r["higher_is_better"]))
+        has_samples = con.execute("SELECT 1 FROM sqlite_master WHERE name='samples'").fetchone() is not None
+        for r in (con.execute("SELECT * FROM samples") if has_samples else ()):
+            cell = by_id.get(r["cell_id"])
+            v = cell.metrics.get(r["metric"]) if cell is not None else None
+            if v is not None:
+                cell.metrics[r["metric"]] = Value(v.value, v.low, v.high, v.n, v.note, v.higher_is_better,
+                                                  tuple(float(x) for x in _json(r["values_json"], [])))
     finally:
         con.close()
     latest: dict[tuple, CellRow] = {}
@@ -367,11 +376,24 @@ _GLOSSARY = {
                            "X ~ Binomial(bits, 0.5); lower is stronger evidence of the mark.",
     "auc": "ROC AUC of positives (marked, attacked) against negatives (Mann-Whitney, ties count half); "
            "95% stratified bootstrap.",
-    "psnr_watermark": "PSNR (dB) of the marked, unattacked image against its clean twin (same prompt and seed, "
-                      "no mark): what the mark costs. Capped at 100 dB.",
+    "psnr_watermark": "PSNR (dB) of the marked, unattacked image against its right twin: the clean model's image "
+                      "made the same way (same prompt, seed and model attack; for a trigger defence the clean model "
+                      "given the trigger): what the mark costs. Capped at 100 dB.",
     "psnr_attack": "PSNR (dB) of the attacked image against the unattacked marked image: how much the attack "
                    "changed the image. Capped at 100 dB.",
-    "ssim_watermark": "SSIM of the marked, unattacked image against its clean twin: what the mark costs.",
+    "ssim_watermark": "SSIM of the marked, unattacked image against its right twin (the clean model's image made "
+                      "the same way): what the mark costs.",
+    "fid_twin": "FID of the marked, unattacked images against their right twins (the equally attacked clean "
+                "model's images made the same way, e.g. given the trigger): the mark's cost alone.",
+    "clip_score_twin": "CLIP score of the right twins (the equally attacked clean model's images made the same way) "
+                       "with the captions: what the marked images are compared with.",
+    "keyless_auc": "ROC AUC of the mean Laplacian energy (no key) of the marked images against their right twins: "
+                   "0.5 = the statistic cannot tell them apart; far from 0.5 on either side = the mark is visible.",
+    "keyless_classifier_auc": "Held-out ROC AUC of a logistic regression on image statistics trained without the "
+                              "key to tell marked images from their right twins (cross-fitted over pairs): 0.5 = "
+                              "invisible to it.",
+    "clip_score_twin_delta": "Marked, unattacked images' CLIP score minus their right twins' (paired): the mark's "
+                             "own cost in text alignment.",
     "ssim_attack": "SSIM of the attacked image against the unattacked marked image: the attack's distortion.",
 }
 
@@ -380,12 +402,21 @@ def describe_metric(name: str) -> str:
     """One sentence saying what a metric means (generic for plugin metrics the report does not know)."""
     if name in _GLOSSARY:
         return _GLOSSARY[name]
+    m = re.fullmatch(r"(tpr|fpr)@fpr<=(\d+)/(\d+)", name)
+    if m:  # an empirical threshold, named by the FPR its negatives resolve (bench.stats.empirical_fpr_label)
+        kind, k, n = m.groups()
+        where = (f"an empirical threshold set on {n} negatives that lets at most {k} of them through: the lowest FPR "
+                 f"{n} negatives can resolve is 1/{n}, whatever the target FPR was (not an analytic guarantee)")
+        if kind == "tpr":
+            return f"True positive rate at {where}; exact Clopper-Pearson interval."
+        return f"False positive rate measured on the negatives at {where}; exact Clopper-Pearson interval."
     m = re.fullmatch(r"(tpr|fpr)@(.+)", name)
     if m:
         kind, fpr = m.groups()
         if kind == "tpr":
             return (f"True positive rate at a target false positive rate of {fpr}: the fraction of marked, attacked "
-                    f"images detected at the threshold that allows FPR {fpr}; exact Clopper-Pearson interval.")
+                    f"images detected at the analytic threshold that guarantees FPR {fpr} under the null "
+                    f"(binomial tail); exact Clopper-Pearson interval.")
         return (f"False positive rate measured on the negatives at the threshold set for FPR {fpr}; exact "
                 f"Clopper-Pearson interval (small N cannot resolve small FPRs: see the note).")
     low = name.lower()
@@ -397,9 +428,10 @@ def describe_metric(name: str) -> str:
 
 
 def is_quality_metric(name: str) -> bool:
-    """A metric of the mark's cost to image quality (what the leaderboard shows beside robustness)."""
+    """A metric of the mark's cost to image quality or of its visibility without the key (what the leaderboard shows
+    beside robustness)."""
     low = name.lower()
-    return low.endswith("_watermark") or "fid" in low or "clip" in low
+    return low.endswith("_watermark") or "fid" in low or "clip" in low or low.startswith("keyless")
 
 
 def prompts_of(results: Results) -> list[str]:

@@ -8,6 +8,9 @@ pull-request comment or a CI job summary. Both are pure functions of the results
 * **Attacked cells**: every cell of the defence except the clean one (no model attack and no image attack).
 * **robustness.mean**: the mean of the ranking metric over the attacked cells that measured it (failed cells are
   counted in ``n_failed`` and left out of the mean); **robustness.worst**: the worst of them and which attack.
+* **Several seeds** (each a new key, embedding and attack run): a summary is the mean over seeds with a
+  hierarchical-bootstrap interval (seeds, then images), and says how many embeddings and attack runs it rests on;
+  ``per_attack_summary`` gives that per attack column.
 * Ranked by ``robustness.mean`` (best first, per the metric's direction), then ``robustness.worst``, then ``clean``,
   then the control (the defence named ``none``) after the others; defences without a value come last.
 """
@@ -21,22 +24,32 @@ from typing import Any
 
 from bench.errors import UserError
 
-from .data import CellRow, Results, Value, is_quality_metric, load_results, mean
+from .data import IDENTITY, CellRow, Results, Value, is_quality_metric, load_results, mean
 
 SCHEMA_VERSION = 1
 KIND = "markbench-leaderboard"
 
 
-def _summary(values: list[Value]) -> dict[str, Any] | None:
-    """One cell: its value, interval and N. Several (seeds): the mean value, no interval, the summed N."""
+def _summary(values: list[Value], attacked: bool = False) -> dict[str, Any] | None:
+    """One cell: its value, interval and N. Several (one per run seed: each a new key, embedding and, in an attacked
+    cell, attack run): the mean of the seeds' values with a hierarchical-bootstrap interval (seeds resampled, then
+    images within each: :func:`bench.stats.hierarchical_bootstrap`) where every cell stored its per-image values,
+    else no interval. ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it."""
     vals = [v for v in values if v is not None and v.value is not None]
     if not vals:
         return None
+    reps = {"n_embeddings": len(vals), "n_attack_runs": len(vals) if attacked else 0}
     if len(vals) == 1:
         v = vals[0]
-        return {"value": v.value, "low": v.low, "high": v.high, "n": v.n, "n_cells": 1}
-    return {"value": mean(v.value for v in vals), "low": None, "high": None, "n": sum(v.n for v in vals),
-            "n_cells": len(vals)}
+        return {"value": v.value, "low": v.low, "high": v.high, "n": v.n, "n_cells": 1, **reps}
+    out = {"value": mean(v.value for v in vals), "low": None, "high": None, "n": sum(v.n for v in vals),
+           "n_cells": len(vals), **reps}
+    if all(v.samples for v in vals):
+        from bench import stats
+
+        est = stats.hierarchical_bootstrap([v.samples for v in vals])
+        out.update(value=est.value, low=est.low, high=est.high, n=est.n, interval="hierarchical bootstrap")
+    return out
 
 
 def build(results: Results, metric: str | None = None) -> dict[str, Any]:
@@ -81,6 +94,10 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
             "clean": _summary([results.value(c, metric) for c in clean if c.ok]),
             "robustness": robustness,
             "per_attack": {k: mean(v) for k, v in per_attack.items()},
+            "per_attack_summary": {
+                k: _summary([v for c, v in measured if results.column(c) == k],
+                            attacked=any(c.model_attack != IDENTITY for c, _ in measured if results.column(c) == k))
+                for k in per_attack},
             "quality": {q: s for q in quality
                         if (s := _summary([results.value(c, q) for c in ref if c.ok])) is not None},
             "n_cells": len(cells),
@@ -168,6 +185,9 @@ def _fmt_summary(s: dict[str, Any] | None) -> str:
     out = fmt(s["value"])
     if s.get("low") is not None and s.get("high") is not None:
         out += f" [{fmt(s['low'])}, {fmt(s['high'])}]"
+    if (s.get("n_embeddings") or 1) > 1:
+        out += f" ({s['n_embeddings']} embeddings" + (f", {s['n_attack_runs']} attack runs"
+                                                      if s.get("n_attack_runs") else "") + ")"
     return out
 
 
@@ -202,7 +222,8 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
     if src.get("git_hash"):
         facts.append(f"code {_code(src['git_hash'][:12] + ('+dirty' if src['git_hash'].endswith('+dirty') else ''))}")
     lines.append("; ".join(facts) + ". Clean = no attack, with its 95% interval; mean and worst over the attacked "
-                                    "cells. Quality: the mark's cost (marked vs. clean twin).")
+                                    "cells. Quality: the mark's cost (marked vs. the clean model's images made the "
+                                    "same way, the right twin) and keyless visibility (AUC 0.5 = invisible).")
     if per_attack and any(e["per_attack"] for e in board["entries"]):
         cols = list(dict.fromkeys(k for e in board["entries"] for k in e["per_attack"]))
         lines += ["", f"<details><summary>{_md(metric)} per attack</summary>", "",

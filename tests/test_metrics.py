@@ -74,7 +74,7 @@ def test_registry_names_and_classes():
     for name, target in builtin_table("metrics").items():
         cls = registry.get(name)
         assert f"{cls.__module__}:{cls.__name__}" == target
-        assert cls.name == name and cls.version == "1" and cls.summary()
+        assert cls.name == name and cls.version.isdigit() and cls.summary()
     assert registry.get("psnr").needs_images and registry.get("ssim").needs_images
     assert not registry.get("tpr").needs_images
 
@@ -174,6 +174,14 @@ def test_metrics_are_deterministic(message, g):
         assert a == b, name
 
 
+def test_score_targets_that_the_negatives_cannot_tell_apart_are_reported_once():
+    """1e-6 and 1e-3 both leave 0 of 32 negatives above the threshold: one operating point, labelled 1/32."""
+    rng = np.random.default_rng(1)
+    ms = by_name(metric("tpr").compute(score_ctx(rng.normal(2, 1, 8), rng.normal(0, 1, 32), fprs=(1e-6, 1e-3))))
+    assert set(ms) == {"tpr@fpr<=1/32", "fpr@fpr<=1/32"}
+    assert "target FPR 1e-06" in ms["tpr@fpr<=1/32"].note
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Zero-bit (score) defences
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,15 +194,18 @@ def test_score_defence():
     assert metric("pvalue").compute(ctx) == []
 
     ms = by_name(metric("tpr").compute(ctx))
-    t = ms["tpr@1e-06"]
+    # an empirical threshold is named by the FPR its 16 negatives resolve, never by the unreachable target 1e-6
+    assert set(ms) == {"tpr@fpr<=1/16", "fpr@fpr<=1/16", "tpr@fpr<=2/16", "fpr@fpr<=2/16"}
+    t = ms["tpr@fpr<=1/16"]
     assert t.value == pytest.approx((pos > neg.max()).mean()) and t.n == 40
     assert "N_neg=16 cannot resolve FPR 1e-06 (needs >= 1000000 negatives)" in t.note
-    assert ms["fpr@1e-06"].value == 0.0 and ms["fpr@1e-06"].n == 16
+    assert "not an analytic guarantee" in t.note
+    assert ms["fpr@fpr<=1/16"].value == 0.0 and ms["fpr@fpr<=1/16"].n == 16
     # 0.125 * 16 = 2 negatives allowed above the threshold: the 3rd-highest negative
     thr = np.sort(neg)[-3]
-    assert ms["tpr@0.125"].value == pytest.approx((pos > thr).mean())
-    assert ms["fpr@0.125"].value == pytest.approx(2 / 16)
-    assert "cannot resolve" not in ms["tpr@0.125"].note
+    assert ms["tpr@fpr<=2/16"].value == pytest.approx((pos > thr).mean())
+    assert ms["fpr@fpr<=2/16"].value == pytest.approx(2 / 16)
+    assert "cannot resolve" not in ms["tpr@fpr<=2/16"].note
 
     auc = by_name(metric("auc").compute(ctx))["auc"]
     brute = np.mean([[1.0 if p > q else 0.5 if p == q else 0.0 for q in neg] for p in pos])
@@ -237,6 +248,27 @@ def test_psnr_against_numpy(g):
         lo, hi = st.t.interval(0.95, 5, loc=ref.mean(), scale=st.sem(ref))
         assert (m.low, m.high) == (pytest.approx(lo, rel=1e-3), pytest.approx(hi, rel=1e-3))
     assert ms["psnr_watermark"].value > ms["psnr_attack"].value
+
+
+@pytest.mark.parametrize("name", ["psnr", "ssim"])
+def test_the_marks_cost_is_measured_against_the_right_twin_not_the_plain_clean_image(g, name):
+    """A trigger defence: the plain clean image differs from the triggered clean image (the trigger's own effect);
+    the mark's cost is the distance to the triggered clean image (the twin), and a mark in the initial noise has no
+    paired twin, so nothing is reported for it."""
+    plain = torch.rand(4, 3, 32, 32, generator=g)
+    twin = torch.rand(4, 3, 32, 32, generator=g)  # what the trigger alone does: unrelated content
+    marked = (twin + 0.01 * torch.randn(twin.shape, generator=g)).clamp(0, 1)
+    ctx = image_ctx(marked, marked, plain)
+    ctx.loaders = dict(ctx.loaders, twins=lambda: twin)
+    ms = by_name(metric(name).compute(ctx))
+    expected = by_name(metric(name).compute(image_ctx(marked, marked, twin)))[f"{name}_watermark"]
+    wrong = by_name(metric(name).compute(image_ctx(marked, marked, plain)))[f"{name}_watermark"]
+    assert ms[f"{name}_watermark"].value == pytest.approx(expected.value)
+    assert ms[f"{name}_watermark"].value > wrong.value + (10 if name == "psnr" else 0.3)
+    ctx.paired_twin = False  # a mark in the initial noise: no pixel-aligned twin, so the mark's cost is not measured
+    unpaired = by_name(metric(name).compute(ctx))
+    assert set(unpaired) == {f"{name}_attack", f"{name}_watermark"}
+    assert math.isnan(unpaired[f"{name}_watermark"].value) and "not applicable" in unpaired[f"{name}_watermark"].note
 
 
 def test_psnr_identical_images_capped_at_100():

@@ -118,3 +118,37 @@ def test_run_prompts_and_size_are_in_the_key_of_plugins_that_read_them(tmp_path)
     c = embeds(_plan(tmp_path, text, overrides={"model.height": 32, "model.width": 32}))
     assert a["hidden"] != b["hidden"] and a["hidden"] != c["hidden"]
     assert a["none"] == b["none"] == c["none"]  # a defence that reads neither keeps its key
+
+
+@pytest.mark.parametrize("defense", ["sleepermark", "wdm"])
+def test_a_trigger_defences_twin_is_its_own_generation_on_the_clean_model(tmp_path, defense):
+    """SleeperMark's marked images are compared with the clean model given the trigger, not the plain prompt: the
+    twin is the defence's generation (same variant, same secret) on the equally attacked clean weights."""
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', f'name = "{defense}"')
+    plan = _plan(tmp_path, text)
+    base = next(k for k, s in plan.stages.items() if s.kind == "base")
+    cells = [c for c in plan.cells if c.defense.name == defense]
+    assert {c.variant for c in cells} == {"", "no_trigger"}
+    for cell in cells:
+        twin = plan.stages[cell.twins]
+        assert twin.kind == "generate" and twin.plugin.name == defense
+        assert twin.inputs == (base, cell.embed) and dict(twin.extra)["variant"] == cell.variant
+        assert cell.twins != cell.clean_twins and cell.twins != cell.unattacked
+        if defense == "wdm":  # shared with the white-box null (attacked negatives, no image attack)
+            if cell.image_attack.name == "none":
+                assert cell.twins == cell.negatives
+        assert cell.twins in {s.key for s in plan.closure([cell])}
+    # one twin stage per variant (shared by the image-attack columns)
+    assert len({c.twins for c in cells}) == 2
+
+
+def test_post_hoc_plain_and_initial_noise_defences_use_the_clean_models_ordinary_images(tmp_path):
+    import tests.plugins_for_tests  # noqa: F401  (registers _test_sleeper, an initial-noise defence)
+    from bench.registries import defenses
+
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "_test_sleeper"')
+    plan = _plan(tmp_path, text)
+    for cell in plan.cells:
+        assert cell.twins == cell.clean_twins  # dwtdct: the unmarked images; none: itself; the noise mark: unpaired
+    assert not defenses.get("_test_sleeper").has_paired_twin()
+    assert defenses.get("dwtdct").has_paired_twin() and defenses.get("sleepermark").has_paired_twin()

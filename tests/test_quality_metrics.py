@@ -87,7 +87,7 @@ def rand_images(n, seed, size=32):
 
 
 def make_ctx(images, unattacked=None, reference=None, *, shared=None, reference_key="ref", prompts=None,
-             counter=None):
+             counter=None, twins=None):
     unattacked = images if unattacked is None else unattacked
     reference = images if reference is None else reference
 
@@ -99,7 +99,8 @@ def make_ctx(images, unattacked=None, reference=None, *, shared=None, reference_
     return MeasureContext(defense=defenses.get("none")(), detection=Detection(), negatives=Detection(), message=None,
                           target_fprs=(1e-3,), generator=torch.Generator().manual_seed(0),
                           loaders={"images": lambda: images, "unattacked": lambda: unattacked,
-                                   "clean_twins": lambda: reference, "reference": load_reference},
+                                   "clean_twins": lambda: reference, "reference": load_reference,
+                                   **({"twins": lambda: twins} if twins is not None else {})},
                           prompts=tuple(prompts or ()), reference_key=reference_key,
                           shared={} if shared is None else shared)
 
@@ -201,6 +202,18 @@ def test_fid_interval_is_the_paired_jackknife(use):
     assert m.value == pytest.approx(value)
     assert m.low == pytest.approx(max(0.0, value - 1.959964 * se)) and m.high == pytest.approx(value + 1.959964 * se)
     assert "jackknife" in m.note and "biased" in m.note and m.higher_is_better is False
+
+
+def test_fid_twin_is_the_paired_fid_of_the_marked_images_against_the_right_twin(use):
+    f = use(Fake())
+    x, u, ref, twin = (rand_images(6, i) for i in (1, 2, 3, 4))
+    ctx = make_ctx(x, u, ref, twins=twin)
+    ms = by_name(metrics.get("fid")().compute(ctx))
+    assert ms["fid_twin"].value == pytest.approx(fid.frechet_distance(f(u).numpy(), f(twin).numpy()))
+    assert ms["fid_watermark"].value == pytest.approx(fid.frechet_distance(f(u).numpy(), f(ref).numpy()))
+    assert "right twin" in ms["fid_twin"].note and "paired" in ms["fid_twin"].note
+    ctx.paired_twin = False  # an initial-noise mark: the twin set is unpaired, held fixed by the jackknife
+    assert "the reference is fixed" in by_name(metrics.get("fid")().compute(ctx))["fid_twin"].note
 
 
 def test_reference_statistics_are_computed_once_per_run(use):
@@ -310,12 +323,15 @@ def random_tiny_clip(tmp_path):
 
 def test_clip_score_equals_a_hand_computation(random_tiny_clip):
     images, reference, unattacked = rand_images(4, 1), rand_images(4, 2), rand_images(4, 3)
-    ctx = make_ctx(images, unattacked, reference, prompts=PROMPTS)
+    twins = rand_images(4, 4)
+    ctx = make_ctx(images, unattacked, reference, prompts=PROMPTS, twins=twins)
     out = by_name(metrics.get("clip_score")(pretrained=str(random_tiny_clip)).compute(ctx))
     model = clip_model.load(random_tiny_clip)
     tok = clip_model.tokenizer()
     s = {k: hand_scores(model, clip_model.preprocess(v * 2 - 1), PROMPTS, tok)
-         for k, v in (("final", images), ("unattacked", unattacked), ("ref", reference))}
+         for k, v in (("final", images), ("unattacked", unattacked), ("ref", reference), ("twin", twins))}
+    assert out["clip_score_twin"].value == pytest.approx(s["twin"].mean(), abs=1e-4)
+    assert out["clip_score_twin_delta"].value == pytest.approx((s["unattacked"] - s["twin"]).mean(), abs=1e-4)
     assert out["clip_score"].value == pytest.approx(s["final"].mean(), abs=1e-4)
     assert out["clip_score_watermark"].value == pytest.approx(s["unattacked"].mean(), abs=1e-4)
     assert out["clip_score_delta"].value == pytest.approx((s["final"] - s["ref"]).mean(), abs=1e-4)

@@ -238,7 +238,9 @@ def test_report_and_leaderboard_with_seeds_and_model_attacks(tmp_path):
         ("none", "jpeg")]
     board = build(res)
     a = next(e for e in board["entries"] if e["defense_label"] == "alpha")
-    assert a["clean"] == {"value": pytest.approx((1.0 + 0.98) / 2), "low": None, "high": None, "n": 64, "n_cells": 2}
+    # no per-image values stored in this fixture: the mean of the seeds, no interval, and how many embeddings
+    assert a["clean"] == {"value": pytest.approx((1.0 + 0.98) / 2), "low": None, "high": None, "n": 64, "n_cells": 2,
+                          "n_embeddings": 2, "n_attack_runs": 0}
     assert a["robustness"]["n_attacked"] == 2 * 2 * 7 - 2  # every cell but the two clean ones
     assert a["robustness"]["worst_attack"] == "finetune(steps=10) | gaussian_blur(strength=0.75) s1"
     assert a["per_attack"]["finetune(steps=10) | none"] == pytest.approx((0.5 + 0.49) / 2)
@@ -277,13 +279,15 @@ def test_leaderboard_schema(board):
     assert set(board["source"]) == {"database", "run_ids", "run_name", "config_path", "git_hash", "versions"}
     assert set(board["grid"]) == {"defenses", "model_attacks", "image_attacks", "seeds", "metrics"}
     entry_keys = {"rank", "defense", "defense_label", "defense_params", "defense_version", "defense_origin",
-                  "control", "clean", "robustness", "per_attack", "quality", "n_cells", "n_failed"}
+                  "control", "clean", "robustness", "per_attack", "per_attack_summary", "quality", "n_cells",
+                  "n_failed"}
     for e in board["entries"]:
         assert set(e) == entry_keys
         assert set(e["robustness"]) == {"mean", "worst", "worst_attack", "n_cells", "n_attacked"}
         assert isinstance(e["rank"], int) and isinstance(e["control"], bool)
-        for s in [e["clean"], *e["quality"].values()]:
-            assert set(s) == {"value", "low", "high", "n", "n_cells"}
+        assert set(e["per_attack_summary"]) == set(e["per_attack"])
+        for s in [e["clean"], *e["quality"].values(), *e["per_attack_summary"].values()]:
+            assert set(s) == {"value", "low", "high", "n", "n_cells", "n_embeddings", "n_attack_runs"}
     assert len(board["cells"]) == 20 * 11  # ok cells x metrics
     assert set(board["cells"][0]) == {"defense_label", "model_attack_label", "image_attack_label", "seed", "metric",
                                       "value", "low", "high", "n", "higher_is_better"}
@@ -299,9 +303,10 @@ def test_leaderboard_ranking_values(board):
     assert a["robustness"]["worst"] == pytest.approx(0.1)
     assert a["robustness"]["worst_attack"] == "gaussian_blur(strength=0.75)"
     assert a["robustness"]["n_cells"] == 6 and a["n_failed"] == 0
-    assert a["clean"] == {"value": 1.0, "low": 0.9, "high": 1.0, "n": 32, "n_cells": 1}
+    assert a["clean"] == {"value": 1.0, "low": 0.9, "high": 1.0, "n": 32, "n_cells": 1, "n_embeddings": 1,
+                          "n_attack_runs": 0}
     assert a["quality"]["psnr_watermark"] == pytest.approx({"value": 38.5, "low": 38.0, "high": 39.0, "n": 32,
-                                                           "n_cells": 1})
+                                                           "n_cells": 1, "n_embeddings": 1, "n_attack_runs": 0})
     assert a["per_attack"]["jpeg"] == pytest.approx(0.6)
     ev = e[fx.EVIL]
     assert ev["robustness"]["mean"] == pytest.approx((0.7 + 0.3 + 0.6 + 0.3 + 0.05) / 5)
@@ -497,3 +502,51 @@ def test_modules_import_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_glossary_tells_an_analytic_threshold_from_an_empirical_one():
+    from reports.data import describe_metric
+
+    assert "analytic threshold" in describe_metric("tpr@1e-06")
+    empirical = describe_metric("tpr@fpr<=1/32")
+    assert "empirical threshold set on 32 negatives" in empirical and "1/32" in empirical
+    assert "not an analytic guarantee" in empirical and "analytic threshold that" not in empirical
+    assert describe_metric("fpr@fpr<=3/32").startswith("False positive rate") and "at most 3 of them" in \
+        describe_metric("fpr@fpr<=3/32")
+
+
+def test_leaderboard_combines_seeds_by_a_hierarchical_bootstrap_and_counts_embeddings(tmp_path):
+    """Two seeds (two embeddings, two attack runs) of one defence, with their per-image outcomes stored: the
+    summary is the mean of the seeds with the hierarchical-bootstrap interval of those outcomes, and says so."""
+    import numpy as np
+
+    from bench import stats
+    from bench.config import load_config
+    from bench.plan import build_plan
+    from bench.plugins import Measurement
+    from bench.store import ResultStore
+    from reports.data import load_results
+    from reports.leaderboard import build, to_markdown
+    from tests.conftest import write_config
+
+    cfg = load_config(write_config(tmp_path), {"run.seeds": [0, 1]})
+    cells = [c for c in build_plan(cfg).cells if c.defense.name == "dwtdctsvd"]
+    store = ResultStore(cfg.output / "results.sqlite")
+    store.start_run("r1", "test", "bench.toml", {"run": {"primary_metric": "tpr@1e-06"}}, {}, "abc")
+    outcomes = {0: [1.0] * 15 + [0.0], 1: [1.0] * 8 + [0.0] * 8}  # the second embedding is much weaker
+    for c in cells:
+        s = outcomes[c.seed] if c.image_attack.name == "none" else [0.0] * 16
+        store.write_cell("r1", c, "ok", [Measurement("tpr@1e-06", float(np.mean(s)), 0.0, 1.0, 16, samples=tuple(s))],
+                         n_images=16, negatives="attacked")
+    store.close()
+    board = build(load_results(cfg.output / "results.sqlite"))
+    entry = next(e for e in board["entries"] if e["defense"] == "dwtdctsvd")
+    clean = entry["clean"]
+    ref = stats.hierarchical_bootstrap([outcomes[0], outcomes[1]])
+    assert clean["value"] == pytest.approx((15 / 16 + 8 / 16) / 2)
+    assert (clean["low"], clean["high"]) == pytest.approx((ref.low, ref.high))
+    assert clean["n_embeddings"] == 2 and clean["n_attack_runs"] == 0 and clean["n"] == 32
+    assert clean["high"] - clean["low"] > 0.3  # the spread between the two embeddings is in the interval
+    per = entry["per_attack_summary"]
+    assert all(s["n_embeddings"] == 2 and s["n_attack_runs"] == 0 and s["value"] == 0.0 for s in per.values())
+    assert "(2 embeddings)" in to_markdown(board)

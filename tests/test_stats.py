@@ -277,3 +277,71 @@ def test_tpr_at_fpr_scores():
     assert op.resolvable and op.note == "" and op.threshold == 13.0
     assert op.tpr.value == 1.0 and op.fpr.value == 2 / 16
     assert (op.fpr.low, op.fpr.high) == stats.clopper_pearson(2, 16)
+
+
+@pytest.mark.parametrize("n, fpr, label", [(32, 1e-6, "fpr<=1/32"), (32, 1 / 32, "fpr<=1/32"),
+                                           (32, 0.1, "fpr<=3/32"), (100, 0.29, "fpr<=29/100"), (16, 2.0, "fpr<=16/16"),
+                                           (1, 1e-2, "fpr<=1/1")])
+def test_empirical_fpr_label_names_the_fpr_the_negatives_resolve(n, fpr, label):
+    assert stats.empirical_fpr_label(n, fpr) == label
+    # the label's count is what the threshold lets through: at most k negatives strictly above it
+    neg = np.arange(n, dtype=float)
+    thr, _ = stats.empirical_threshold(neg, fpr)
+    k = int(label.split("<=")[1].split("/")[0])
+    assert (neg > thr).sum() <= k
+
+
+def test_analytic_fpr_label_is_the_bare_target():
+    assert stats.analytic_fpr_label(1e-6) == "1e-06" and stats.analytic_fpr_label(0.01) == "0.01"
+    with pytest.raises(ValueError, match="at least one negative"):
+        stats.empirical_fpr_label(0, 0.1)
+
+
+def _exact_hierarchical_distribution(groups):
+    """Every outcome of the two-level bootstrap, with its probability (brute force over all draws)."""
+    import itertools
+    from collections import defaultdict
+
+    g = len(groups)
+    dist = defaultdict(float)
+    for picks in itertools.product(range(g), repeat=g):
+        inner = [list(itertools.product(groups[i], repeat=len(groups[i]))) for i in picks]
+        p_inner = np.prod([1.0 / len(x) for x in inner])
+        for combo in itertools.product(*inner):
+            stat = np.mean([np.mean(c) for c in combo])
+            dist[round(float(stat), 12)] += (1.0 / g ** g) * p_inner
+    return dist
+
+
+def test_hierarchical_bootstrap_matches_brute_force_enumeration():
+    """Two seeds of three images each: the replicates' distribution equals the exact one over all 2^2 * 27^2 draws."""
+    groups = [[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
+    exact = _exact_hierarchical_distribution(groups)
+    assert sum(exact.values()) == pytest.approx(1.0)
+    support = np.array(sorted(exact))
+    probs = np.array([exact[v] for v in support])
+    reps = stats.hierarchical_replicates(groups, np.random.default_rng(0), 40_000)
+    freq = np.array([np.mean(np.isclose(reps, v)) for v in support])
+    assert freq.sum() == pytest.approx(1.0)  # every replicate is a possible outcome
+    np.testing.assert_allclose(freq, probs, atol=0.01)
+    mean, var = (probs * support).sum(), (probs * (support - (probs * support).sum()) ** 2).sum()
+    assert reps.mean() == pytest.approx(mean, abs=0.005) and reps.var() == pytest.approx(var, rel=0.03)
+    est = stats.hierarchical_bootstrap(groups, n_boot=4000)
+    cdf = np.cumsum(probs)
+    assert est.value == pytest.approx(0.5) and est.n == 6
+    assert est.low == support[np.searchsorted(cdf, 0.025 - 1e-9)]  # the exact 2.5% quantile of the outcomes
+    assert est.high == support[np.searchsorted(cdf, 0.975 - 1e-9)]
+
+
+def test_hierarchical_interval_includes_the_spread_between_embeddings():
+    """Two embeddings that disagree (0.95 vs 0.55, 64 images each): pooling images gives a narrow interval around
+    0.75; resampling embeddings first widens it to span both."""
+    rng = np.random.default_rng(1)
+    a, b = (rng.random(64) < 0.95).astype(float), (rng.random(64) < 0.55).astype(float)
+    h = stats.hierarchical_bootstrap([a, b])
+    pooled = stats.bootstrap(np.concatenate([a, b]))
+    assert h.value == pytest.approx((a.mean() + b.mean()) / 2)
+    assert h.high - h.low > 2 * (pooled.high - pooled.low)
+    assert h.low <= b.mean() + 0.05 and h.high >= a.mean() - 0.05
+    one = stats.hierarchical_bootstrap([a])  # one group: the ordinary bootstrap of its mean
+    assert (one.low, one.high) == pytest.approx((stats.bootstrap(a).low, stats.bootstrap(a).high), abs=0.03)

@@ -79,8 +79,8 @@ def test_ls_shows_each_defences_threat_setting(capsys):
 
 def test_initial_noise_defences_do_not_claim_paired_quality():
     for name in ("tree_ring", "gaussian_shading"):
-        assert QualityMeasure.PAIRED not in defenses.get(name).quality_measures
-    assert QualityMeasure.PAIRED in defenses.get("dwtdctsvd").quality_measures
+        assert QualityMeasure.PAIRED not in defenses.get(name).measures()
+    assert QualityMeasure.PAIRED in defenses.get("dwtdctsvd").measures()
 
 
 @pytest.fixture(scope="module")

@@ -415,7 +415,7 @@ def test_caption_dropout_replaces_task_conditions_with_the_empty_prompt(monkeypa
 def test_tiny_config_embeds_a_watermark_detected_against_the_clean_model(tmp_path):
     """The issue's target, end to end: `configs/wdm-tiny.toml`'s embedding (trained here, about 8 minutes on one
     thread: WDM changes the whole UNet, too large to ship) is told apart from the clean model's extractions, AUC >=
-    0.99 (N = 32 measured 1.000, docs/wdm.md), and its ordinary images carry no watermark (AUC near chance). One
+    0.99 (N = 32 measured 1.000, docs/wdm.md) and detected above the maximum of the 16 clean extractions, and its ordinary images carry no watermark (AUC near chance). One
     torch thread, as measured: another thread count changes the float order and so the whole training."""
     from tests.test_prebuilt import _bench_run
 
@@ -427,5 +427,5 @@ def test_tiny_config_embeds_a_watermark_detected_against_the_clean_model(tmp_pat
         torch.set_num_threads(threads)
     assert embedded
     assert value("wdm", "auc") >= 0.99
-    assert value("wdm", "tpr@1e-06") >= 0.9
+    assert value("wdm", "tpr@fpr<=1/16") >= 0.9  # empirical: the FPR 16 negatives resolve, not 1e-6
     assert value("wdm[no_trigger]", "auc") <= 0.75

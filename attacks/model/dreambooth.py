@@ -22,6 +22,9 @@ class DreamBooth(ModelAttack):
     """
 
     version = "1"
+    goal = "downstream"
+    attacker_has = ("the released watermarked weights and a few images of a new subject (bound to a rare token); "
+                    "no key, no clean base")
     uses_data = True
     params = (
         Param("dataset", "str", "tiny:subject", "subject images with rare-token captions"),

@@ -21,6 +21,9 @@ class FineTune(ModelAttack):
     """
 
     version = "1"
+    goal = "downstream"
+    attacker_has = ("the released watermarked weights and a downstream image-caption dataset; no key, no clean "
+                    "base")
     uses_data = True
     params = (
         Param("dataset", "str", "tiny:style", "downstream data: tiny:<split> or a folder of image-caption pairs"),

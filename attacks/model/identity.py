@@ -11,6 +11,7 @@ class NoModelAttack(ModelAttack):
 
     version = "1"
     identity = True
+    attacker_has = "nothing (no attack)"
 
     def apply(self, pipe, ctx):
         return pipe

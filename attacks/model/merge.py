@@ -18,6 +18,12 @@ class Merge(ModelAttack):
     """
 
     version = "1"
+    goal = ""
+    attacker_has = ("the released watermarked weights and another model. other = 'finetuned' (the realistic "
+                    "attack): a model fine-tuned independently (here the finetune recipe on the public clean base, "
+                    "standing for a community fine-tune); other = 'base': the owner's clean base model itself, which "
+                    "an attacker of released weights does not have: stronger than the threat model")
+    beyond_threat_model = {"other": "base"}
     uses_data = True
     params = (
         Param("other", "str", "base", "the model merged in", choices=("base", "finetuned")),

@@ -24,6 +24,8 @@ class Prune(ModelAttack):
     """
 
     version = "1"
+    goal = "compression"
+    attacker_has = "the released watermarked weights only"
     params = (
         Param("method", "str", "global_magnitude", "which weights go",
               choices=("global_magnitude", "layer_magnitude", "random", "structured")),

@@ -23,6 +23,8 @@ class Quantize(ModelAttack):
     """
 
     version = "1"
+    goal = "compression"
+    attacker_has = "the released watermarked weights only"
     params = (
         Param("method", "str", "rtn", "quantizer", choices=("rtn", "dynamic_int8", "fp16", "bf16")),
         Param("bits", "int", 8, "bits per weight for rtn", low=2, high=16),

@@ -20,6 +20,8 @@ class Resample(ModelAttack):
 
     version = "1"
     standard_sampling = True
+    attacker_has = "the released weights (it samples them with the standard sampler, without the owner's key)"
+    goal = ""
 
     def apply(self, pipe, ctx):
         ctx.record_cost(steps=0, trainable_params=0)

@@ -19,6 +19,8 @@ class VAEDecoderFineTune(ModelAttack):
     """
 
     version = "1"
+    goal = ""
+    attacker_has = "the released watermarked weights and clean images (no captions needed); no key, no clean base"
     uses_data = True
     params = (
         Param("dataset", "str", "tiny:train", "clean images: tiny:<split> or a folder"),

@@ -15,6 +15,8 @@ class WeightNoise(ModelAttack):
     robustness probe used in model-watermark studies (e.g. Uchida et al., ICMR 2017, for embedded DNN marks)."""
 
     version = "1"
+    goal = ""
+    attacker_has = "the released watermarked weights only"
     params = (
         Param("sigma", "float", 0.05, "noise std as a fraction of each tensor's std", low=0.0, high=10.0),
         Param("scope", "str", "unet", "which component", choices=SCOPES),

@@ -23,7 +23,10 @@ Measurements (``n`` = number of images; 95% Student-t intervals over images)
     ``clip_score_delta``: mean of the paired per-image differences final - reference, where the reference is
     ``ctx.reference()``, the clean base model's image for the same prompt and seed: the combined change in text
     alignment due to mark and attacks (negative = worse). ``clip_score_watermark_delta``: unattacked - reference,
-    the mark's own cost (plus the model attack's, in model-attack cells).
+    the mark's own cost (plus the model attack's, in model-attack cells). ``clip_score_twin``: the right twin's
+    images (``ctx.twins()``: the equally attacked clean model's images made the same way, e.g. given a trigger
+    defence's trigger), scored against the captions; ``clip_score_twin_delta``: unattacked - twin, paired (left
+    out when ``ctx.paired_twin`` is False): the mark's own cost, neither the trigger's nor the model attack's.
 
 Scores of an image set are computed once per run: they are kept in ``ctx.shared`` keyed by the model, the prompts
 and a SHA-256 of the image tensor; the reference's also by ``ctx.reference_key``.
@@ -144,7 +147,7 @@ class CLIPScore(Metric):
     and seeds); mean over images with a 95% t-interval. Details in :mod:`bench.measures.clip_score`.
     """
 
-    version = "1"
+    version = "2"
     needs_images = True
     higher_is_better = True
     params = (
@@ -201,7 +204,7 @@ class CLIPScore(Metric):
         note = (f"mean over {values.size} images of {what}; CLIP score = 100 * max(cos(image, prompt), 0) per "
                 f"image (CLIPScore with torchmetrics' weight 100), model {label}; 95% t-interval")
         return Measurement(name=name, value=est.value, low=clean(est.low), high=clean(est.high), n=est.n,
-                           note=note, higher_is_better=True)
+                           note=note, higher_is_better=True, samples=tuple(float(v) for v in values))
 
     @classmethod
     def outputs(cls, params, target_fprs):
@@ -224,4 +227,13 @@ class CLIPScore(Metric):
                                      "final minus the clean base model's image (same prompt and seed)"))
             out.append(self._measure("clip_score_watermark_delta", unattacked - ref,
                                      "unattacked minus the clean base model's image (same prompt and seed)"))
+        twins = self.scores(ctx.twins(), ctx)
+        if twins.shape != unattacked.shape:
+            raise ValueError(f"clip_score: {unattacked.size} images but {twins.size} twin images")
+        out.append(self._measure("clip_score_twin", twins, "the right twin (the equally attacked clean model's "
+                                 "images made the same way, e.g. given the trigger)"))
+        if ctx.paired_twin:
+            out.append(self._measure("clip_score_twin_delta", unattacked - twins,
+                                     "unattacked minus its right twin (same prompt, seed and procedure on the "
+                                     "clean weights): the mark's own cost in text alignment"))
         return out

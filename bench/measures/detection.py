@@ -4,7 +4,8 @@ Multi-bit defences (``DetectionKind.BITS``): per image, ``matches = (bits == mes
 hypothesis matches ~ Binomial(k, 0.5) and an image is detected iff ``matches >= tau`` with the analytic threshold
 :func:`bench.stats.bit_threshold` (48 bits at FPR 1e-6: tau = 41). Zero-bit defences (``DetectionKind.SCORE``): an
 image is detected iff ``score > threshold``, the threshold set on the negatives' scores
-(:func:`bench.stats.empirical_threshold`).
+(:func:`bench.stats.empirical_threshold`), and its metrics are named by the FPR the negatives resolve
+(``tpr@fpr<=1/32``), never by the target (a bare ``tpr@1e-06`` is always an analytic threshold).
 
 Intervals are 95%: Clopper-Pearson for rates, a deterministic percentile bootstrap over images (fixed seed 0) for
 means, medians and the AUC, so the same data always give the same numbers. A measurement that cannot be computed
@@ -27,12 +28,13 @@ _SEED = 0  # bootstrap seed: intervals depend on the data only
 
 
 def _measurement(name: str, est: stats.Estimate, *, note: str = "",
-                 higher_is_better: bool | None = None) -> Measurement:
+                 higher_is_better: bool | None = None, samples: Any = None) -> Measurement:
     def clean(x: float) -> float | None:
         return None if x is None or not math.isfinite(x) else float(x)
 
     return Measurement(name=name, value=float(est.value), low=clean(est.low), high=clean(est.high), n=int(est.n),
-                       note=note, higher_is_better=higher_is_better)
+                       note=note, higher_is_better=higher_is_better,
+                       samples=None if samples is None else tuple(float(v) for v in np.asarray(samples).ravel()))
 
 
 def _kind(ctx: MeasureContext) -> DetectionKind:
@@ -95,7 +97,7 @@ class BitAccuracy(Metric):
         if pos.size:
             out.append(_measurement("bit_accuracy", stats.bit_accuracy(pos, k, generator_seed=_SEED),
                                     note=f"mean over {pos.size} images of matches/{k}; 95% bootstrap over images",
-                                    higher_is_better=True))
+                                    higher_is_better=True, samples=pos / k))
         if neg.size:
             out.append(_measurement("bit_accuracy_neg", stats.bit_accuracy(neg, k, generator_seed=_SEED),
                                     note=f"negatives ({neg.size} images); ~0.5 expected without a mark",
@@ -105,15 +107,18 @@ class BitAccuracy(Metric):
 
 @metrics.register("tpr")
 class TPRAtFPR(Metric):
-    """TPR at each target FPR (``tpr@<fpr>``) and the empirical FPR on the negatives (``fpr@<fpr>``).
+    """TPR at each target FPR and the empirical FPR on the negatives; the name says what the FPR means.
 
-    Bits: detected iff matches >= tau, tau the smallest threshold with P(X >= tau) <= fpr, X ~ Binomial(k, 0.5)
-    (analytic: valid however few negatives there are). Scores: detected iff score > a threshold set on the
-    negatives; when N_neg < 1/fpr the FPR cannot be resolved, the threshold is the highest negative score and the
-    note says so. Intervals: exact Clopper-Pearson; ``n`` = number of positives (TPR) or negatives (FPR).
+    Bits (``tpr@<fpr>``, ``fpr@<fpr>``, e.g. ``tpr@1e-06``): detected iff matches >= tau, tau the smallest
+    threshold with P(X >= tau) <= fpr, X ~ Binomial(k, 0.5): an analytic threshold, valid however few negatives
+    there are. Scores (``tpr@fpr<=k/N``, ``fpr@fpr<=k/N``, e.g. ``tpr@fpr<=1/32``): detected iff score > a
+    threshold set on the N negatives, which lets k = floor(fpr * N) of them through; a target below 1/N cannot be
+    resolved (the threshold is the highest negative score) and is labelled ``fpr<=1/N``, the FPR N negatives can
+    resolve; targets that give the same label are reported once. Intervals: exact Clopper-Pearson; ``n`` = number
+    of positives (TPR) or negatives (FPR).
     """
 
-    version = "1"
+    version = "2"
     higher_is_better = True
 
     @classmethod
@@ -137,12 +142,14 @@ class TPRAtFPR(Metric):
                 rule = (f"detected iff matches >= {op.threshold} of {k} bits "
                         f"(P(X >= {op.threshold}) = {op.analytic_fpr:.3g}, X ~ Binomial({k}, 0.5))")
             if pos.size:
-                out.append(_measurement(f"tpr@{fpr:g}", op.tpr, note=rule, higher_is_better=True))
+                out.append(_measurement(f"tpr@{stats.analytic_fpr_label(fpr)}", op.tpr, note=rule,
+                                        higher_is_better=True, samples=pos >= op.threshold))
             if neg.size:
                 note = f"empirical FPR on {neg.size} negatives; {rule}"
                 if neg.size * fpr < 1:
                     note += f"; N_neg={neg.size} cannot resolve FPR {fpr:g} empirically (the threshold is analytic)"
-                out.append(_measurement(f"fpr@{fpr:g}", op.fpr, note=note, higher_is_better=False))
+                out.append(_measurement(f"fpr@{stats.analytic_fpr_label(fpr)}", op.fpr, note=note,
+                                        higher_is_better=False))
         return out
 
     def _scores(self, ctx: MeasureContext) -> list[Measurement]:
@@ -151,14 +158,22 @@ class TPRAtFPR(Metric):
         if neg.size == 0:
             return []  # no threshold can be set
         out = []
+        seen: dict[str, float] = {}
         for fpr in ctx.target_fprs:
+            label = stats.empirical_fpr_label(neg.size, fpr)
+            if label in seen:  # two targets that N negatives cannot tell apart: one operating point, named once
+                continue
+            seen[label] = fpr
             op = stats.tpr_at_fpr_scores(pos, neg, fpr)
-            rule = f"detected iff score > {op.threshold:.6g} (set on {neg.size} negatives)"
+            rule = (f"empirical threshold: detected iff score > {op.threshold:.6g}, set on {neg.size} negatives for "
+                    f"target FPR {fpr:g}; the label {label} is the FPR {neg.size} negatives resolve, not an "
+                    f"analytic guarantee")
             if op.note:
                 rule += f"; {op.note}"
             if pos.size:
-                out.append(_measurement(f"tpr@{fpr:g}", op.tpr, note=rule, higher_is_better=True))
-            out.append(_measurement(f"fpr@{fpr:g}", op.fpr, note=f"empirical FPR on the negatives; {rule}",
+                out.append(_measurement(f"tpr@{label}", op.tpr, note=rule, higher_is_better=True,
+                                        samples=pos > op.threshold))
+            out.append(_measurement(f"fpr@{label}", op.fpr, note=f"empirical FPR on the negatives; {rule}",
                                     higher_is_better=False))
         return out
 

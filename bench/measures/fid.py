@@ -24,7 +24,10 @@ Reference (``reference``)
 Measurements (each with ``n`` = number of evaluated images)
     ``fid``: the cell's final images (``ctx.images()``: marked, model- and image-attacked) against the reference.
     ``fid_watermark``: ``ctx.unattacked_images()`` (marked, before the image attack) against the reference: the
-    mark's own cost (plus the model attack's, in model-attack cells). KID: ``kid`` and ``kid_watermark`` likewise.
+    mark's own cost (plus the model attack's, in model-attack cells). ``fid_twin``: the same images against
+    ``ctx.twins()``, the right twin (the equally attacked clean model's images made the same way, e.g. a trigger
+    defence's trigger prompt on the clean weights; paired unless ``ctx.paired_twin`` is False): the mark's cost
+    alone, neither the trigger's nor the model attack's. KID: ``kid``, ``kid_watermark`` and ``kid_twin`` likewise.
 
 Computation
     Features are extracted once per image set per run: they are kept in ``ctx.shared`` (a dict that lives for the
@@ -354,7 +357,7 @@ class _InceptionMetric(Metric):
 
     needs_images = True
     higher_is_better = False
-    version = "1"
+    version = "2"
     _nonnegative = False  # FID cannot be negative; KID (unbiased) can
     params = (
         Param("features", "str", "fid-helper", choices=("fid-helper", "torchmetrics"),
@@ -441,7 +444,7 @@ class _InceptionMetric(Metric):
         raise NotImplementedError
 
     def _one(self, name: str, images: torch.Tensor, ref: torch.Tensor, paired: bool, what: str,
-             ctx: MeasureContext) -> list[Measurement]:
+             ctx: MeasureContext, reference_label: str | None = None) -> list[Measurement]:
         n = int(images.shape[0])
         if n < 2 or ref.shape[0] < 2:
             return []
@@ -465,13 +468,15 @@ class _InceptionMetric(Metric):
                 low = max(0.0, low)
         groups = min(n, JACKKNIFE_GROUPS)
         jk = "delete-one" if groups == n else f"delete-a-group ({groups} groups)"
-        note = (f"{self._label(what, n, ref.shape[0])}; {detail}95% {jk} jackknife interval ({design}); "
+        note = (f"{self._label(what, n, ref.shape[0], reference_label)}; {detail}95% {jk} jackknife interval "
+                f"({design}); "
                 f"{self._bias_note(n)}")
         return [Measurement(name=name, value=float(value), low=low, high=high, n=n, note=note,
                             higher_is_better=False)]
 
-    def _label(self, what: str, n: int, m: int) -> str:
-        return (f"{self.name.upper()} of {n} {what} against {m} reference images ({self._reference_label()}), "
+    def _label(self, what: str, n: int, m: int, reference_label: str | None = None) -> str:
+        return (f"{self.name.upper()} of {n} {what} against {m} reference images "
+                f"({reference_label or self._reference_label()}), "
                 f"TF-FID Inception pool3 features ({self.params['features']})")
 
     def _bias_note(self, n: int) -> str:
@@ -483,9 +488,14 @@ class _InceptionMetric(Metric):
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         ref, paired = self.reference_features(ctx)
-        return (self._one(self.name, ctx.images(), ref, paired, "final (marked, attacked) images", ctx)
-                + self._one(f"{self.name}_watermark", ctx.unattacked_images(), ref, paired,
-                            "marked images before the image attack", ctx))
+        out = (self._one(self.name, ctx.images(), ref, paired, "final (marked, attacked) images", ctx)
+               + self._one(f"{self.name}_watermark", ctx.unattacked_images(), ref, paired,
+                           "marked images before the image attack", ctx))
+        twins = self.image_features(ctx.twins(), ctx)
+        return out + self._one(f"{self.name}_twin", ctx.unattacked_images(), twins, ctx.paired_twin,
+                               "marked images before the image attack", ctx,
+                               reference_label="the right twin: the equally attacked clean model's images made the "
+                                               "same way (a trigger defence's own procedure on the clean weights)")
 
 
 @metrics.register("fid")

@@ -2,10 +2,12 @@
 
 Two comparisons per metric:
 
-* ``<metric>_watermark``: ``ctx.unattacked_images()`` (marked, before the image attack) against
-  ``ctx.clean_twins()`` (the unmarked model, same prompts and seeds): what the mark costs. Only for defences whose
-  ``quality_measures`` include ``QualityMeasure.PAIRED``; for the others (marks in the initial noise: the twin is a
-  different image) the value is NaN with a note saying so.
+* ``<metric>_watermark``: ``ctx.unattacked_images()`` (marked, before the image attack) against ``ctx.twins()``,
+  the right twin: the clean model (same model attack) making the same images the same way (same prompts and seeds;
+  for a trigger defence the clean model given the trigger, so the trigger's own effect on the content is not
+  counted as the mark's cost; for post-hoc marks the unmarked images): what the mark costs. For a defence without a
+  paired twin (``ctx.paired_twin`` False: its ``quality_measures`` lack ``QualityMeasure.PAIRED``, a mark in the
+  initial noise, whose clean counterpart is another image) the value is NaN with a note saying so.
 * ``<metric>_attack``: ``ctx.images()`` (after the image attack) against ``ctx.unattacked_images()``: how much the
   attack changed the image.
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import stats
-from bench.plugins import MeasureContext, Measurement, Metric, QualityMeasure
+from bench.plugins import MeasureContext, Measurement, Metric
 from bench.registries import metrics
 
 PSNR_CAP_DB = 100.0
@@ -74,7 +76,7 @@ class _PairedImageMetric(Metric):
             parts.append(note)
         clean = lambda x: x if math.isfinite(x) else None  # noqa: E731
         return [Measurement(name=name, value=est.value, low=clean(est.low), high=clean(est.high), n=est.n,
-                            note="; ".join(parts), higher_is_better=True)]
+                            note="; ".join(parts), higher_is_better=True, samples=tuple(values.tolist()))]
 
     def _capped(self, values: np.ndarray) -> int:
         return 0
@@ -84,7 +86,7 @@ class _PairedImageMetric(Metric):
         return (f"{cls.name}_watermark", f"{cls.name}_attack")
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
-        if QualityMeasure.PAIRED not in ctx.defense.quality_measures:
+        if not ctx.paired_twin:
             # the mark changes the initial noise: the clean twin is another image, so the paired comparison
             # measures the noise, not the mark (FID / CLIP score against the clean model apply instead)
             n = ctx.unattacked_images().shape[0]
@@ -93,8 +95,8 @@ class _PairedImageMetric(Metric):
                                           "so the clean twin is a different image; see fid / clip_score",
                                      higher_is_better=True)]
         else:
-            watermark = self._one(f"{self.name}_watermark", ctx.unattacked_images, ctx.clean_twins,
-                                  "marked unattacked vs clean twin")
+            watermark = self._one(f"{self.name}_watermark", ctx.unattacked_images, ctx.twins,
+                                  "marked unattacked vs the clean model's twin made the same way")
         return (watermark
                 + self._one(f"{self.name}_attack", ctx.images, ctx.unattacked_images,
                             "attacked vs unattacked"))
@@ -110,7 +112,7 @@ class PSNR(_PairedImageMetric):
     identical".
     """
 
-    version = "1"
+    version = "2"
     _label = "PSNR"
 
     def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,7 @@ class SSIM(_PairedImageMetric):
     Images must be at least 11 px on each side.
     """
 
-    version = "1"
+    version = "2"
     _label = "SSIM"
 
     def per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

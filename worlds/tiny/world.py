@@ -80,6 +80,11 @@ class TinyWorld(World):
         arr, captions, _ = shapes.make_dataset(name, n, seed=seed)
         return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255), list(captions)
 
+    def downstream_task(self, name: str, token: str | None = None):
+        from .downstream import task_for
+
+        return task_for(name, token)
+
     def clip_scorer(self, model: str, pretrained: str | None, device: str, batch_size: int) -> Any:
         from .clip_model import scorer
 
