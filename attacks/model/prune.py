@@ -24,6 +24,7 @@ class Prune(ModelAttack):
     """
 
     version = "1"
+    resources = {"num_gpus": 0}  # a one-pass weight edit: a CPU worker is enough
     params = (
         Param("method", "str", "global_magnitude", "which weights go",
               choices=("global_magnitude", "layer_magnitude", "random", "structured")),

@@ -15,6 +15,7 @@ class WeightNoise(ModelAttack):
     robustness probe used in model-watermark studies (e.g. Uchida et al., ICMR 2017, for embedded DNN marks)."""
 
     version = "1"
+    resources = {"num_gpus": 0}  # a one-pass weight edit: a CPU worker is enough
     params = (
         Param("sigma", "float", 0.05, "noise std as a fraction of each tensor's std", low=0.0, high=10.0),
         Param("scope", "str", "unet", "which component", choices=SCOPES),
