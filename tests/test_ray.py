@@ -32,6 +32,7 @@ def _ray_home(tmp: Path):
     """HOME and RAY_TMPDIR inside ``tmp`` while Ray runs (Ray keeps a token and sessions there)."""
     saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR")}
     (tmp / "home").mkdir(exist_ok=True)
+    (tmp / "ray").mkdir(exist_ok=True)  # where Ray records the address of the cluster it started
     os.environ["HOME"] = str(tmp / "home")
     os.environ["RAY_TMPDIR"] = str(tmp)
     try:
@@ -78,6 +79,7 @@ def _run(tmp: Path, text: str, executor: str, **kw):
     return cfg, Runner(cfg, **kw).run()
 
 
+@pytest.mark.slow
 def test_ray_run_gives_the_in_process_numbers_cell_by_cell_and_the_same_failures(local_ray, tmp_path):
     text = MICRO_TOML + CRASH
     cfg_local, local = _run(tmp_path, text, "local")
