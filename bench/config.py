@@ -93,6 +93,8 @@ class RunConfig:
     executor: str = "local"  # where stages run: "local" (this process) or "ray" (bench.ray_executor)
     address: str = ""  # the Ray cluster to join ("auto", "ray://host:10001"); empty: start a local Ray
     max_retries: int = 3  # Ray: how often a stage whose worker died is run again
+    channels_last: bool = False  # generation: UNet and VAE in channels-last memory format (faster convs on GPUs)
+    compile: bool = False  # generation: torch.compile the UNet (slow first call; worth it for long GPU runs)
 
 
 @dataclass

@@ -109,6 +109,8 @@ class GenerationRequest:
     guidance_scale: float
     batch_size: int
     negative_prompt: str | None = None
+    channels_last: bool = False  # run the UNet and VAE in channels-last memory format (bench.generation)
+    compile: bool = False  # torch.compile the UNet before sampling
 
 
 @dataclass(frozen=True)
