@@ -12,6 +12,9 @@ Failures: a stage that raises fails like in-process (the original exception, wit
 the runner; plugin exceptions are not retried); a worker that dies (killed, out of memory, node lost) is retried up to
 ``run.max_retries`` times by Ray.
 
+Numbers do not depend on placement: a worker runs its CPU kernels with the driver's torch thread count (a matrix
+product can round differently with another count), whatever Ray's one-thread-per-CPU default would give.
+
 Workers keep what is expensive between tasks: per worker process, the loaded base pipeline (keyed by the base stage's
 key, i.e. the model fingerprint, and the device) and the stage environment of the run, with its last model pipelines.
 """
@@ -39,6 +42,7 @@ class _RunSpec:
     fallbacks: tuple[str, ...]
     plugin_modules: tuple[tuple[str, str, str], ...]  # (registry kind, name, module) of plugins registered at run time
     home: str
+    threads: int  # the driver's torch CPU threads: CPU kernels can round differently with another count
 
 
 # Per worker process: the run's description, its stage environments (by run token and device) and loaded base
@@ -57,13 +61,21 @@ def _stage_task(token: str, spec_box: list, stage, *parents: dict) -> dict[str, 
     if device.startswith("cuda"):  # Ray made the granted GPU the only visible one; a CPU-only task runs on the CPU
         device = "cuda" if ray.get_gpu_ids() else "cpu"
     env = _worker_env(token, spec, device)
+    if spec.threads:  # the same CPU arithmetic as in-process, so a number never depends on where it was computed
+        import torch
+
+        torch.set_num_threads(spec.threads)
     ctx = ray.get_runtime_context()
     env.placement = {"node_id": ctx.get_node_id(), "worker_pid": os.getpid()}
     try:
         meta = run_stage(stage, env)
     finally:
         if env._base is not None:
-            _BASES[(_base_key(env.plan), device)] = env._base
+            key = (_base_key(env.plan), device)
+            _BASES.pop(key, None)
+            _BASES[key] = env._base
+            while len(_BASES) > 2:  # a long-lived worker keeps the two models it used last
+                del _BASES[next(iter(_BASES))]
     return {"key": stage.key, "seconds": meta["seconds"], "costs": meta.get("costs") or {}, **env.placement}
 
 
@@ -113,6 +125,13 @@ def _runtime_plugins(cfg) -> tuple[tuple[str, str, str], ...]:
     return tuple(out)
 
 
+def _torch_threads() -> int:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else 0
+
+
 class _RayFuture(Future):
     ref: Any = None
 
@@ -135,7 +154,7 @@ class RayExecutor(Executor):
     def _run_of(self, env) -> tuple[str, list]:
         if id(env) not in self._runs:
             spec = _RunSpec(env.cfg, env.plan, str(env.store.root), tuple(str(f) for f in env.store.fallbacks),
-                            _runtime_plugins(env.cfg), os.environ.get("MARKBENCH_HOME", ""))
+                            _runtime_plugins(env.cfg), os.environ.get("MARKBENCH_HOME", ""), _torch_threads())
             token = stable_hash([env.cfg.to_dict(), str(env.store.root), _base_key(env.plan), os.getpid(), id(env)])
             self._runs[id(env)] = (token, [ray.put(spec)])  # in a list: a worker fetches it only once per run
         return self._runs[id(env)]

@@ -5,8 +5,8 @@ Each run gets its own empty cache, so both compute every stage. Ray is started w
 timed apart from the run), its home and temporary folders inside a temporary folder, and is shut down at the end.
 Target (issue 30): Ray's wall time at most 1.3x the in-process run's on 2 cores for a tiny grid.
 
-    python benchmarks/executor.py                                   # the shipped grid at 8 images per cell
-    python benchmarks/executor.py --set run.num_images=32 --cpus 2  # the shipped grid as shipped
+    python benchmarks/executor.py                                   # dwtdct x the shipped attacks, 8 images per cell
+    python benchmarks/executor.py --only '*' --set run.num_images=32  # the shipped grid as shipped
     python benchmarks/executor.py --config configs/x.toml --only 'dwtdct/*'
 """
 
@@ -51,7 +51,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "bench.toml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--only", default=None)
+    ap.add_argument("--only", default="dwtdct/*", help="cells to run (default: one defence x the shipped image "
+                    "attacks, 10 cells; '*' for the whole grid)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     args = ap.parse_args()
 
@@ -84,8 +85,11 @@ def main() -> int:
             print(f"{executor:5s}: {summary.cells_ok} cells ok, {len(summary.cells_failed)} failed, "
                   f"stages run {dict(sorted(summary.stages_run.items()))}, wall {walls[executor]:.1f} s", flush=True)
         ray.shutdown()
-        same = _rows(outs["local"].output) == _rows(outs["ray"].output)
-        print(f"\nnumbers equal cell by cell: {same} ({len(_rows(outs['ray'].output))} results)")
+        local_rows, ray_rows = _rows(outs["local"].output), _rows(outs["ray"].output)
+        same = local_rows == ray_rows
+        print(f"\nnumbers equal cell by cell: {same} ({len(ray_rows)} results)")
+        for key in [k for k in sorted(local_rows) if local_rows[k] != ray_rows.get(k)][:10]:
+            print(f"  differs: {key[0]} {key[1]}: in-process {local_rows[key]}, ray {ray_rows.get(key)}")
         print("\nwhere the time goes (seconds; stage sums are compute time inside stages, summed over workers):")
         kinds = sorted(set(_stage_seconds(outs["local"].cache_dir)) | set(_stage_seconds(outs["ray"].cache_dir)))
         print(f"  {'':22s} {'in-process':>10s} {'ray':>10s}")
