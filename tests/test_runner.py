@@ -201,4 +201,6 @@ def test_executor_with_capacity_gets_the_whole_graph_and_gives_the_same_numbers(
     assert {e for _, e in summary.cells_failed} == {
         "image_attack stage of '_test_crash' failed: RuntimeError: boom: this attack always fails"}
     for metric in ("bit_accuracy", "tpr@1e-06", "psnr_watermark", "auc"):
-        assert _values(cfg, metric) == _values(cfg_full, metric)
+        mine = _values(cfg, metric)
+        full_values = _values(cfg_full, metric)  # (that run's folder has since gained cells of other tests)
+        assert len(mine) == 6 and mine == {cell: full_values[cell] for cell in mine}
