@@ -66,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="only cells whose label 'defence/model_attack/image_attack/sN' matches (glob, or substring)")
     r.add_argument("--rerun-failed", action="store_true", help="retry cells that failed in an earlier run")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--executor", choices=("local",), default="local", help="where stages run")
+    r.add_argument("--executor", default=None, metavar="{local,ray}",
+                   help="where stages run: 'local' (this process, the default) or 'ray' (overrides run.executor)")
+    r.add_argument("--address", default=None, metavar="ADDRESS",
+                   help="with --executor ray: the cluster to join, 'auto' or 'ray://HEAD:10001' (default: start a "
+                        "local Ray; overrides run.address)")
 
     ls = sub.add_parser("ls", help="list plugins with their parameters, and the worlds",
                         epilog="examples:\n  bench ls\n  bench ls attacks\n  bench ls defenses -v\n"
@@ -223,6 +227,9 @@ def _load(args, check_output: bool = True):
         overrides["run.output"] = args.output
     if getattr(args, "allow_pickle", False):
         overrides["model.allow_pickle"] = True
+    for option in ("executor", "address"):  # `bench run --executor ray --address auto`
+        if getattr(args, option, None) is not None:
+            overrides[f"run.{option}"] = getattr(args, option)
     return load_config(args.config, overrides, check_output=check_output)
 
 

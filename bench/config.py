@@ -128,6 +128,11 @@ class RunConfig:
     primary_metric: str = "tpr@1e-06"
     device: str = "cpu"
     include_identity: bool = True
+    executor: str = "local"  # where stages run: "local" (this process) or "ray" (bench.ray_executor)
+    address: str = ""  # the Ray cluster to join ("auto", "ray://host:10001"); empty: start a local Ray
+    max_retries: int = 3  # Ray: how often a stage whose worker died is run again
+    channels_last: bool = False  # generation: UNet and VAE in channels-last memory format (faster convs on GPUs)
+    compile: bool = False  # generation: torch.compile the UNet (slow first call; worth it for long GPU runs)
 
 
 @dataclass
@@ -171,6 +176,7 @@ class BenchConfig:
     image_attacks: list[PluginSpec]
     metrics: list[PluginSpec]
     raw: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, dict[str, float]] = field(default_factory=dict)  # [resources]: see bench.resources
 
     @property
     def output(self) -> Path:
@@ -299,7 +305,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_output: bool = True) -> BenchConfig:
-    known = set(_SECTIONS) | set(_PLUGIN_SECTIONS)
+    known = set(_SECTIONS) | set(_PLUGIN_SECTIONS) | {"resources"}
     for key in raw:
         if key not in known:
             raise ConfigError(
@@ -346,7 +352,7 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
                           f"at most {MAX_CELLS} are allowed: split it into several configs")
     _check_primary_metric(run, specs["metrics"], path)
     cfg = BenchConfig(path, run, model, prompts, specs["defenses"], specs["model_attacks"],
-                      specs["image_attacks"], specs["metrics"], raw)
+                      specs["image_attacks"], specs["metrics"], raw, _resources(raw, specs, path))
     if check_output:
         check_output_writable(cfg)
     return cfg
@@ -461,6 +467,37 @@ def _check_run(run: RunConfig, path: str) -> None:
         raise bad("cache", run.cache, "a folder path")
     if not run.primary_metric:
         raise bad("primary_metric", run.primary_metric, "the name of a measurement, e.g. 'tpr@1e-06'")
+    _check_executor(run, path)
+
+
+def _check_executor(run: RunConfig, path: str) -> None:
+    from .executor import EXECUTORS, executor_available
+
+    if run.executor not in EXECUTORS:
+        raise ConfigError(f"{path}: run.executor = {run.executor!r} is invalid{suggest(run.executor, EXECUTORS)}: "
+                          f"it must be one of {', '.join(repr(e) for e in EXECUTORS)}")
+    missing = executor_available(run.executor)
+    if missing:
+        raise ConfigError(f"{path}: run.executor = {run.executor!r} {missing}")
+    if run.address and run.executor != "ray":
+        raise ConfigError(f"{path}: run.address = {run.address!r} is only used with run.executor = 'ray' "
+                          f"(--executor ray)")
+    if run.max_retries < 0:
+        raise ConfigError(f"{path}: run.max_retries = {run.max_retries!r} is invalid: it must be an integer >= 0")
+
+
+def _resources(raw: dict[str, Any], specs: dict[str, list[PluginSpec]], path: str) -> dict[str, dict[str, float]]:
+    from .resources import _KIND_OF_SECTION, parse_resources
+
+    table = parse_resources(raw.get("resources", {}), path)
+    for key in table:
+        kind, _, who = key.partition(":")
+        section = _KIND_OF_SECTION[kind]
+        names = {n for s in specs[section] for n in (s.name, s.label)}
+        if who and who not in names:
+            raise ConfigError(f"{path}: resources.{key}: no {section} entry is named or labelled {who!r}"
+                              f"{suggest(who, names)}; configured: {', '.join(sorted(names))}")
+    return table
 
 
 def _check_model(model: ModelConfig, path: str) -> None:

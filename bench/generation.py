@@ -29,6 +29,29 @@ def initial_latents(pipe, seeds: Iterable[int], height: int, width: int) -> torc
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def accelerate(pipe, *, channels_last: bool = False, compile: bool = False) -> None:
+    """Inference speed-ups that keep the weights and their names (so model attacks and weight diffs are unaffected):
+    channels-last memory format for the UNet and the VAE (cuDNN's fastest convolution layout), PyTorch's fused
+    scaled-dot-product attention in every attention layer (diffusers' ``AttnProcessor2_0``; the default on
+    PyTorch 2, set explicitly so a loaded pipeline cannot fall back to the unfused path), and optionally
+    ``torch.compile`` of the UNet in place (``nn.Module.compile``: parameter names unchanged). Idempotent."""
+    done = getattr(pipe.unet, "_bench_accel", set())
+    if "sdpa" not in done:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        done.add("sdpa")
+    if channels_last and "channels_last" not in done:
+        pipe.unet.to(memory_format=torch.channels_last)
+        if getattr(pipe, "vae", None) is not None:
+            pipe.vae.to(memory_format=torch.channels_last)
+        done.add("channels_last")
+    if compile and "compile" not in done:
+        pipe.unet.compile()
+        done.add("compile")
+    pipe.unet._bench_accel = done
+
+
 def generate_images(pipe, request: GenerationRequest, *, device: str = "cpu", latents: torch.Tensor | None = None,
                     prompt_prefix: str = "", progress: Callable[..., Iterable] | None = None,
                     **pipe_kwargs: Any) -> torch.Tensor:
@@ -38,6 +61,8 @@ def generate_images(pipe, request: GenerationRequest, *, device: str = "cpu", la
         raise ValueError(f"{n} prompts but {len(request.seeds)} seeds")
     if latents is None:
         latents = initial_latents(pipe, request.seeds, request.height, request.width)
+    if request.channels_last or request.compile:
+        accelerate(pipe, channels_last=request.channels_last, compile=request.compile)
     dtype = pipe.unet.dtype
     batches = range(0, n, request.batch_size)
     ticker = None

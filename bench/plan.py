@@ -122,6 +122,7 @@ def generation_request(cfg: BenchConfig, run_seed: int) -> GenerationRequest:
         seeds=tuple(image_seed(run_seed, i) for i in range(n)),
         height=m.height, width=m.width, num_inference_steps=m.num_inference_steps,
         guidance_scale=m.guidance_scale, batch_size=cfg.run.batch_size, negative_prompt=m.negative_prompt or None,
+        channels_last=cfg.run.channels_last, compile=cfg.run.compile,
     )
 
 
@@ -195,7 +196,10 @@ class _Builder:
                 "negative_prompt": request.negative_prompt, "device": self.cfg.run.device.split(":")[0],
                 # the batch an image is sampled in changes its pixels (last bits of the float kernels): see
                 # bench.generation; so it is part of what an image is, and of its key
-                "batch_size": request.batch_size}
+                "batch_size": request.batch_size,
+                # kernels that may round differently: in the key only when on, so existing keys stay valid
+                **({"accel": {"channels_last": request.channels_last, "compile": request.compile}}
+                   if request.channels_last or request.compile else {})}
 
     def run_data(self, spec: PluginSpec) -> dict[str, Any]:
         """What ``ctx.data`` shows a plugin of the run (prompts, image size): part of the key of those that read it."""

@@ -153,6 +153,8 @@ class GenerationRequest:
     guidance_scale: float
     batch_size: int
     negative_prompt: str | None = None
+    channels_last: bool = False  # run the UNet and VAE in channels-last memory format (bench.generation)
+    compile: bool = False  # torch.compile the UNet before sampling
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,11 @@ class Plugin:
     params: ClassVar[Sequence[Param]] = ()
     #: Parameters for the registry-wide smoke tests (e.g. a few training steps instead of thousands).
     smoke_params: ClassVar[Mapping[str, Any]] = {}
+    #: What one of its stages needs on a cluster worker, over its stage kind's default (``bench.resources``):
+    #: ``num_cpus``, ``num_gpus`` (asked for only when the run's device is a GPU), ``memory`` (bytes), or a
+    #: custom Ray resource. A training model attack keeps the default (a GPU when the run has one); a cheap
+    #: weight edit says ``{"num_gpus": 0}``. The config's ``[resources]`` table overrides both.
+    resources: ClassVar[Mapping[str, float]] = {}
 
     def __init__(self, **given: Any):
         resolved = resolve_params(self.name or type(self).__name__, self.params, given)

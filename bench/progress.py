@@ -38,6 +38,11 @@ class Progress:
         if self._p is not None and task is not None:
             self._p.update(task, advance=n, **({"description": description} if description else {}))
 
+    def update(self, task: int | None, **fields) -> None:
+        """Set a bar's ``total``, ``completed`` or ``description``."""
+        if self._p is not None and task is not None:
+            self._p.update(task, **fields)
+
     def track(self, iterable: Iterable, total: int | None = None, description: str = "") -> Iterable:
         """Iterate with a transient sub-bar (used by ``StageContext.progress``)."""
         if self._p is None:

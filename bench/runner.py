@@ -1,9 +1,11 @@
 """The runner: plan -> execute stages (cached) -> measure cells -> store results.
 
-Order: cells are taken one after another and each cell's missing stages are computed depth-first, so results
-arrive early and an interrupted run keeps every finished cell. A stage that raises fails the cells that need it
-(error and traceback stored); every other cell goes on. Re-running the same command resumes: finished cells are
-skipped, cached stages are not recomputed.
+Order: with the in-process executor (the default) cells are taken one after another and each cell's missing stages
+are computed depth-first, so results arrive early and an interrupted run keeps every finished cell. An executor with
+capacity > 1 (Ray) gets every missing stage at once, each with its parents' futures, and cells are measured as they
+complete. A stage that raises fails the cells that need it (error and traceback stored); every other cell goes on.
+Re-running the same command resumes: finished cells are skipped, cached stages are not recomputed. This process is
+the only writer of ``results.sqlite``; stages write only the artifact cache.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 import traceback as tb
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +22,13 @@ import torch
 from .cache import ArtifactStore, CorruptArtifact, shipped_stores
 from .config import BenchConfig
 from .errors import BenchError, PluginError, UserError
-from .executor import Executor, InProcessExecutor
+from .executor import Executor, make_executor
 from .plan import Cell, Plan, build_plan, stage_seed
 from .plugins import DetectionKind, MeasureContext, Measurement, threat_scope
 from .progress import Progress
+from .resources import stage_resources
 from .provenance import git_hash, package_versions
-from .stages import StageEnv, run_stage
+from .stages import StageEnv
 from .store import ResultStore
 
 
@@ -56,11 +60,19 @@ class _Failure:
     traceback: str
 
 
-class _Healed(Exception):
-    """A damaged cache entry was quarantined: the cell is tried again (its stages recompute the entry)."""
+@dataclass
+class _Pending:
+    """A cell whose stages are submitted and not yet all finished."""
+
+    cell: Cell
+    stages: list  # its closure, in dependency order
+    index: int  # its position among the run's submitted cells
+    timings: dict[str, float] = field(default_factory=dict)
+    costs: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 1  # a cell is tried again (up to _HEAL_ATTEMPTS) after a damaged cache entry it read is healed
 
 
-#: how often one cell is retried after healing damaged entries it read
+#: how often one cell is tried after healing damaged entries it read
 _HEAL_ATTEMPTS = 3
 
 
@@ -69,7 +81,8 @@ class Runner:
                  log=None, warn=None):
         self.cfg = cfg
         self.plan: Plan = build_plan(cfg)
-        self.executor = executor or InProcessExecutor()
+        self._own_executor = executor is None
+        self.executor = executor
         self.progress = progress or Progress(enabled=False)
         self.artifacts = ArtifactStore(cfg.cache_dir, fallbacks=shipped_stores())
         self.log = log or (lambda msg: None)
@@ -79,20 +92,45 @@ class Runner:
         self._shared: dict[str, Any] = {}  # metrics' per-run state (e.g. FID reference statistics)
 
     def run(self, only: str | None = None, rerun_failed: bool = False, command: str = "bench run") -> RunSummary:
+        """Compute and store the selected cells.
+
+        Each cell's missing stages are submitted (in dependency order, each with the futures of its parents still
+        in flight) and the cell is measured and written as soon as all of them have finished. With the in-process
+        executor a stage is done when it is submitted, so cells are computed one after another, depth-first, and
+        results arrive in cell order; an executor with more capacity (Ray) gets the whole missing-stage graph at
+        once and the runner waits on it, measuring cells as they complete. Only this process writes the database.
+        """
         cfg = self.cfg
         cells = self.plan.select(only)
+        if self.executor is None:
+            self.executor = make_executor(cfg)
         store = ResultStore(cfg.output / "results.sqlite")
         run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         summary = RunSummary(run_id, cells_total=len(cells))
         store.start_run(run_id, command, cfg.path, cfg.to_dict(), package_versions(), git_hash())
         status = store.cell_status()
-        env = StageEnv(cfg, self.plan, self.artifacts, self.progress)
-        failures: dict[str, _Failure] = {}
+        env = StageEnv(cfg, self.plan, self.artifacts, self.progress if self.executor.capacity == 1 else None)
+        self._failures: dict[str, _Failure] = {}
+        self._futures: dict[str, Future] = {}
+        self._owner_cells = 0
+        self._owner: dict[str, int] = {}  # stage key -> index of the cell that submitted it (charged its time)
         t_start = time.perf_counter()
         outcome = "interrupted"
         try:
             with self.progress.live():
                 bar = self.progress.add("cells", len(cells))
+                stage_bar = self.progress.add("stages", 0) if self.executor.capacity > 1 else None
+                pending: list[_Pending] = []
+
+                def finish_ready() -> None:
+                    for p in [p for p in pending if self._ready(p)]:
+                        pending.remove(p)
+                        again = self._finish(p, env, store, run_id, summary)
+                        if again is None:
+                            self.progress.advance(bar)
+                        else:  # a damaged cache entry was healed: the cell's stages are computed again
+                            pending.append(self._submit(p.cell, p.index, env, summary, stage_bar, again))
+
                 for cell in cells:
                     prev = status.get(cell.key)
                     if prev == "ok" or (prev == "failed" and not rerun_failed):
@@ -102,24 +140,20 @@ class Runner:
                                                          "(use --rerun-failed to retry)"))
                         self.progress.advance(bar)
                         continue
-                    self.progress.advance(bar, 0, description=f"cells: {cell.label}")
-                    timings: dict[str, float] = {}
-                    costs: dict[str, Any] = {}
-                    failure, measurements = self._attempt(cell, env, failures, summary, timings, costs)
-                    threat = self.threat(cell)
-                    if failure is None:
-                        store.write_cell(run_id, cell, "ok", measurements, n_images=cfg.run.num_images,
-                                         negatives=cfg.run.negatives, timings=timings, costs=costs, threat=threat)
-                        summary.cells_ok += 1
-                        self.log(f"[ok] {cell.label}")
-                    else:
-                        store.write_cell(run_id, cell, "failed", (), n_images=cfg.run.num_images,
-                                         negatives=cfg.run.negatives, error=failure.message,
-                                         traceback=failure.traceback, timings=timings, costs=costs,
-                                         threat=threat)
-                        summary.cells_failed.append((cell.label, failure.message))
-                        self.log(f"[failed] {cell.label}: {failure.message}")
-                    self.progress.advance(bar)
+                    if stage_bar is None:
+                        self.progress.advance(bar, 0, description=f"cells: {cell.label}")
+                    pending.append(self._submit(cell, self._owner_cells, env, summary, stage_bar))
+                    self._owner_cells += 1
+                    finish_ready()
+                while pending:
+                    waiting = [self._futures[s.key] for p in pending for s in p.stages
+                               if s.key in self._futures and not self._futures[s.key].done()]
+                    self.executor.wait(waiting, timeout=1.0)
+                    if stage_bar is not None:
+                        done = sum(f.done() for f in self._futures.values())
+                        self.progress.update(stage_bar, completed=done, total=len(self._futures),
+                                             description=f"stages ({len(waiting)} in flight or queued)")
+                    finish_ready()
             outcome = "ok" if summary.ok else "failed"
         except UserError:
             outcome = "failed"
@@ -128,33 +162,157 @@ class Runner:
             summary.seconds = time.perf_counter() - t_start
             store.finish_run(run_id, outcome, summary.as_dict())
             store.close()
+            if self._own_executor:
+                self.executor.shutdown()
+                self.executor = None
         return summary
 
-    def _attempt(self, cell: Cell, env: StageEnv, failures: dict[str, _Failure], summary: RunSummary,
-                 timings: dict[str, float], costs: dict[str, Any]) -> tuple[_Failure | None, list[Measurement]]:
-        """Compute and measure one cell; a damaged cache entry met on the way is healed and the cell tried again."""
-        for _ in range(_HEAL_ATTEMPTS):
-            try:
-                failure = self._ensure(cell, env, failures, summary, timings, costs)
-                if failure is not None:
-                    return failure, []
-                try:
-                    t0 = time.perf_counter()
-                    measurements = self.measure(cell, env)
-                    timings["measure"] = time.perf_counter() - t0
-                    return None, measurements
-                except (KeyboardInterrupt, UserError):
-                    raise
-                except CorruptArtifact as exc:
-                    if exc.readonly:
-                        return _Failure(_shipped_damaged(exc), tb.format_exc()), []
-                    self._heal(exc, summary)
-                except Exception as exc:
-                    return _Failure(f"measuring failed: {_one_line(exc)}", tb.format_exc()), []
-            except _Healed:
+    # -- stages ---------------------------------------------------------------------------------------------
+    def _submit(self, cell: Cell, index: int, env: StageEnv, summary: RunSummary, stage_bar,
+                attempts: int = 1) -> _Pending:
+        """Submit the cell's missing stages in dependency order (those not cached, failed or already submitted).
+        A cached entry is reused only if it passes the cheap check (once per run); a damaged one is healed."""
+        p = _Pending(cell, self.plan.closure([cell]), index, attempts=attempts)
+        for stage in p.stages:
+            if stage.key in self._futures or stage.key in self._failures:
                 continue
+            blocked = next((f for k in stage.inputs if (f := self._failure(k)) is not None), None)
+            if blocked is not None:
+                self._failures[stage.key] = blocked
+                continue
+            if stage.kind == "base":  # loaded lazily by the first stage that needs a pipeline
+                continue
+            try:
+                cached = self._cached(stage.key, summary)
+            except CorruptArtifact as exc:  # a damaged shipped (read-only) entry: never moved
+                self._failures[stage.key] = _Failure(_shipped_damaged(exc), "")
+                continue
+            if cached:
+                if stage.key not in self._seen_cached:
+                    self._seen_cached.add(stage.key)
+                    summary.stages_cached += 1
+                continue
+            deps = [self._futures[k] for k in stage.inputs if k in self._futures]
+            self._futures[stage.key] = self.executor.submit_stage(stage, env, deps, stage_resources(stage, self.cfg))
+            self._owner[stage.key] = p.index
+            if stage_bar is not None:
+                self.progress.update(stage_bar, total=len(self._futures))
+        return p
+
+    def _ready(self, p: _Pending) -> bool:
+        return all(self._futures[s.key].done() for s in p.stages if s.key in self._futures)
+
+    def _failure(self, key: str) -> _Failure | None:
+        """The failure that blocks stage ``key``: a failed input's (first), else its own exception, else None."""
+        if key in self._failures:
+            return self._failures[key]
+        fut = self._futures.get(key)
+        if fut is None or not fut.done() or fut.exception() is None:
+            return None
+        stage = self.plan.stages[key]
+        blocked = next((f for k in stage.inputs if (f := self._failure(k)) is not None), None)
+        if blocked is None:
+            exc = fut.exception()
+            who = stage.plugin.label if stage.plugin else stage.kind
+            trace = getattr(exc, "remote_traceback", None) or "".join(tb.format_exception(exc))
+            if isinstance(exc, CorruptArtifact) and exc.readonly:
+                blocked = _Failure(_shipped_damaged(exc), trace)
+            else:
+                blocked = _Failure(f"{stage.kind} stage of '{who}' failed: {_one_line(exc)}", trace)
+        self._failures[key] = blocked
+        return blocked
+
+    def _account(self, p: _Pending, summary: RunSummary) -> _Failure | None:
+        """Timings and costs of the cell's stages; the first failure that blocks the cell."""
+        for stage in p.stages:
+            if stage.kind == "base" or self._failure(stage.key) is not None:
+                continue
+            if stage.key in self._futures:
+                meta = self._futures[stage.key].result()
+                if self._owner[stage.key] == p.index:
+                    summary.stages_run[stage.kind] = summary.stages_run.get(stage.kind, 0) + 1
+                    p.timings[stage.kind] = p.timings.get(stage.kind, 0.0) + meta["seconds"]
+                elif stage.key not in self._seen_cached:  # computed for an earlier cell of this run
+                    self._seen_cached.add(stage.key)
+                    summary.stages_cached += 1
+            elif stage.kind in ("embed", "model_attack"):
+                meta = self.artifacts.meta(stage.key)
+            else:
+                continue
+            if stage.kind in ("embed", "model_attack") and meta.get("costs"):
+                p.costs[stage.kind] = meta["costs"] | {"seconds": meta.get("seconds")}
+        for key in p.cell.stage_keys():
+            if key in self._failures:
+                return self._failures[key]
+        return None
+
+    def _finish(self, p: _Pending, env: StageEnv, store: ResultStore, run_id: str,
+                summary: RunSummary) -> int | None:
+        """Measure a cell whose stages have all finished and write its row (this process is the only writer).
+
+        Returns the next attempt's number when a damaged cache entry the cell read was healed (quarantined, so the
+        cell's stages are submitted again), else None. A user error met by a stage (the model cannot load) stops
+        the run."""
+        cfg, cell, timings = self.cfg, p.cell, p.timings
+        raised = [f.exception() for s in p.stages if (f := self._futures.get(s.key)) is not None and f.done()]
+        user = next((e for e in raised if isinstance(e, UserError)), None)
+        if user is not None:
+            raise user
+        damaged = [e for e in raised if isinstance(e, CorruptArtifact) and not e.readonly]
+        if damaged and p.attempts < _HEAL_ATTEMPTS:
+            return self._retry(p, damaged, summary)
+        failure = self._account(p, summary)
+        if damaged:
+            failure = self._kept_failing()
+        if failure is None:
+            try:
+                t0 = time.perf_counter()
+                measurements = self.measure(cell, env)
+                timings["measure"] = time.perf_counter() - t0
+            except (KeyboardInterrupt, UserError):
+                raise
+            except CorruptArtifact as exc:  # an image or detection the measure read is damaged
+                if exc.readonly:
+                    failure = _Failure(_shipped_damaged(exc), tb.format_exc())
+                elif p.attempts < _HEAL_ATTEMPTS:
+                    return self._retry(p, [exc], summary)
+                else:
+                    failure = self._kept_failing()
+            except Exception as exc:
+                failure = _Failure(f"measuring failed: {_one_line(exc)}", tb.format_exc())
+        threat = self.threat(cell)
+        if failure is None:
+            store.write_cell(run_id, cell, "ok", measurements, n_images=cfg.run.num_images,
+                             negatives=cfg.run.negatives, timings=timings, costs=p.costs, threat=threat)
+            summary.cells_ok += 1
+            self.log(f"[ok] {cell.label}")
+        else:
+            store.write_cell(run_id, cell, "failed", (), n_images=cfg.run.num_images,
+                             negatives=cfg.run.negatives, error=failure.message,
+                             traceback=failure.traceback, timings=timings, costs=p.costs, threat=threat)
+            summary.cells_failed.append((cell.label, failure.message))
+            self.log(f"[failed] {cell.label}: {failure.message}")
+        return None
+
+    # -- healing damaged cache entries ----------------------------------------------------------------------
+    def _retry(self, p: _Pending, damaged: list[CorruptArtifact], summary: RunSummary) -> int:
+        """Quarantine the damaged entries and forget the cell's failed stages, so that submitting the cell again
+        recomputes them; the next attempt's number."""
+        keys = {e.key for e in damaged}
+        for exc in damaged:
+            self._heal(exc, summary)
+        for s in p.stages:
+            fut = self._futures.get(s.key)
+            failed = s.key in self._failures or (fut is not None and fut.done() and fut.exception() is not None)
+            if failed or s.key in keys:
+                self._futures.pop(s.key, None)
+                self._failures.pop(s.key, None)
+                self._owner.pop(s.key, None)
+        return p.attempts + 1
+
+    def _kept_failing(self) -> _Failure:
         return _Failure(f"cache entries kept failing their checks after {_HEAL_ATTEMPTS} repairs (is the disk "
-                        f"failing?); see {self.artifacts.root / 'quarantine'}", ""), []
+                        f"failing?); see {self.artifacts.root / 'quarantine'}", "")
 
     def _heal(self, exc: CorruptArtifact, summary: RunSummary) -> None:
         moved = self.artifacts.quarantine(exc.key)
@@ -186,57 +344,6 @@ class Runner:
 
         return threat_scope(REGISTRIES["defenses"].get(cell.defense.name),
                             REGISTRIES["model_attacks"].get(cell.model_attack.name))
-
-    # -- stages ---------------------------------------------------------------------------------------------
-    def _ensure(self, cell: Cell, env: StageEnv, failures: dict[str, _Failure], summary: RunSummary,
-                timings: dict[str, float], costs: dict[str, Any]) -> _Failure | None:
-        """Compute the cell's missing stages in dependency order; return the first failure that blocks it."""
-        for stage in self.plan.closure([cell]):
-            blocked = next((failures[k] for k in stage.inputs if k in failures), None)
-            if blocked is not None:
-                failures[stage.key] = blocked
-                continue
-            if stage.key in failures:
-                continue
-            try:
-                cached = stage.kind != "base" and self._cached(stage.key, summary)
-            except CorruptArtifact as exc:
-                failures[stage.key] = _Failure(_shipped_damaged(exc), "")
-                continue
-            if cached:
-                meta = self.artifacts.meta(stage.key)
-                if stage.kind in ("embed", "model_attack") and meta.get("costs"):
-                    costs[stage.kind] = meta["costs"] | {"seconds": meta.get("seconds")}
-                if stage.key not in self._seen_cached:
-                    self._seen_cached.add(stage.key)
-                    summary.stages_cached += 1
-                continue
-            if stage.kind == "base":  # loaded lazily by the first stage that needs a pipeline
-                continue
-            fut = self.executor.submit(run_stage, stage, env)
-            try:
-                meta = fut.result()
-            except (KeyboardInterrupt, UserError):  # a user error (the model cannot load) stops the run
-                raise
-            except CorruptArtifact as exc:  # an input of this stage is damaged
-                if exc.readonly:
-                    failures[stage.key] = _Failure(_shipped_damaged(exc), "")
-                    continue
-                self._heal(exc, summary)
-                raise _Healed() from None
-            except BaseException as exc:
-                who = stage.plugin.label if stage.plugin else stage.kind
-                failures[stage.key] = _Failure(f"{stage.kind} stage of '{who}' failed: {_one_line(exc)}",
-                                               "".join(tb.format_exception(exc)))
-                continue
-            summary.stages_run[stage.kind] = summary.stages_run.get(stage.kind, 0) + 1
-            timings[stage.kind] = timings.get(stage.kind, 0.0) + meta["seconds"]
-            if stage.kind in ("embed", "model_attack") and meta.get("costs"):
-                costs[stage.kind] = meta["costs"] | {"seconds": meta["seconds"]}
-        for key in cell.stage_keys():
-            if key in failures:
-                return failures[key]
-        return None
 
     # -- measuring ------------------------------------------------------------------------------------------
     def measure(self, cell: Cell, env: StageEnv) -> list[Measurement]:

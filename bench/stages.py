@@ -35,6 +35,7 @@ class StageEnv:
         self._base = None
         self._pipes: OrderedDict[str, Any] = OrderedDict()
         self._plugins: dict[Any, Any] = {}
+        self.placement: dict[str, Any] = {}  # where stages run (a Ray worker's node id), recorded in their meta
 
     # -- plugins & models -----------------------------------------------------------------------------------
     def plugin(self, spec: PluginSpec):
@@ -229,6 +230,7 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
 
     meta["seconds"] = time.perf_counter() - t0
     meta["costs"] = ctx.costs
+    meta.update(env.placement)
     if stage.kind != "base":
         store.write(stage.key, meta=meta, tensors=tensors, images=images)
     return meta

@@ -51,6 +51,22 @@ if "_test_crash" not in image_attacks:
                 raise KeyboardInterrupt
             return images.flip(-2)
 
+    @image_attacks.register("_test_die")
+    class DieOnce(_Base):
+        """Kills its own process (a worker lost mid-stage) unless the file ``marker`` exists; creates it first,
+        so a retry succeeds. Otherwise flips the images."""
+
+        params = _Base.params + (Param("marker", "str", "", "file that says the process was killed once "
+                                                   "(empty: never kill)"),)
+
+        def apply(self, images, generator):
+            if self.marker and not os.path.exists(self.marker):
+                import signal
+
+                open(self.marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return images.flip(-1)
+
     @model_attacks.register("_test_scale")
     class ScaleConvIn(ModelAttack):
         """Scales the UNet's first convolution (a stand-in model attack)."""

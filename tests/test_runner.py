@@ -147,3 +147,60 @@ def test_generation_variants_are_rows_of_their_own(tmp_path):
     acc = _values(cfg, "bit_accuracy")
     assert acc["_test_sleeper/none/none/s0"] == 1.0
     assert acc["_test_sleeper[no_trigger]/none/none/s0"] < 0.5
+
+
+class _DeferredExecutor:
+    """Stands in for a cluster without one: stages wait in a queue and run last-submitted-first when the runner
+    waits, and a stage whose parent failed fails with an error of its own (as a Ray task's dependency does)."""
+
+    capacity = 4
+
+    def __init__(self):
+        self.queue = []
+        self.order = []
+
+    def submit_stage(self, stage, env, deps=(), resources=None):
+        from concurrent.futures import Future
+
+        fut = Future()
+        self.queue.append((stage, env, list(deps), fut))
+        return fut
+
+    def wait(self, futures, timeout=None):
+        from bench.stages import run_stage
+
+        for item in reversed(self.queue):
+            stage, env, deps, fut = item
+            if all(d.done() for d in deps):
+                self.queue.remove(item)
+                self.order.append(stage.kind)
+                if any(d.exception() for d in deps):
+                    fut.set_exception(RuntimeError("a dependency failed"))
+                    return
+                try:
+                    fut.set_result(run_stage(stage, env))
+                except Exception as exc:
+                    fut.set_exception(exc)
+                return
+
+    def shutdown(self):
+        pass
+
+
+def test_executor_with_capacity_gets_the_whole_graph_and_gives_the_same_numbers(finished, tmp_path):
+    _, _, cfg_full, full = finished
+    path = write_config(tmp_path, MICRO_TOML + '\n[[image_attacks]]\nname = "_test_crash"\n')
+    cfg = load_config(path)
+    executor = _DeferredExecutor()
+    summary = Runner(cfg, executor=executor).run()
+    # every missing stage was submitted before any ran and ran last-submitted-first where the graph allowed it
+    # (the crashed attack's two stages and the detections behind them do not count as run)
+    assert summary.stages_run == full.stages_run
+    assert executor.order[0] == "embed" and executor.order.index("generate") > 0
+    assert summary.cells_ok == 6 and len(summary.cells_failed) == 2
+    assert {e for _, e in summary.cells_failed} == {
+        "image_attack stage of '_test_crash' failed: RuntimeError: boom: this attack always fails"}
+    for metric in ("bit_accuracy", "tpr@1e-06", "psnr_watermark", "auc"):
+        mine = _values(cfg, metric)
+        full_values = _values(cfg_full, metric)  # (that run's folder has since gained cells of other tests)
+        assert len(mine) == 6 and mine == {cell: full_values[cell] for cell in mine}

@@ -26,6 +26,7 @@ class Prune(ModelAttack):
     version = "1"
     goal = "compression"
     attacker_has = "the released watermarked weights only"
+    resources = {"num_gpus": 0}  # a one-pass weight edit: a CPU worker is enough
     params = (
         Param("method", "str", "global_magnitude", "which weights go",
               choices=("global_magnitude", "layer_magnitude", "random", "structured")),

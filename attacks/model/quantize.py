@@ -25,6 +25,7 @@ class Quantize(ModelAttack):
     version = "1"
     goal = "compression"
     attacker_has = "the released watermarked weights only"
+    resources = {"num_gpus": 0}  # a one-pass weight edit: a CPU worker is enough
     params = (
         Param("method", "str", "rtn", "quantizer", choices=("rtn", "dynamic_int8", "fp16", "bf16")),
         Param("bits", "int", 8, "bits per weight for rtn", low=2, high=16),

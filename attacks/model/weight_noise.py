@@ -17,6 +17,7 @@ class WeightNoise(ModelAttack):
     version = "1"
     goal = ""
     attacker_has = "the released watermarked weights only"
+    resources = {"num_gpus": 0}  # a one-pass weight edit: a CPU worker is enough
     params = (
         Param("sigma", "float", 0.05, "noise std as a fraction of each tensor's std", low=0.0, high=10.0),
         Param("scope", "str", "unet", "which component", choices=SCOPES),

@@ -1,0 +1,53 @@
+"""Resource-aware placement on a two-node local Ray cluster (``ray.cluster_utils.Cluster``): the second node has a
+custom resource standing in for a GPU, and the stages that ask for it run there, the others on the head node.
+
+Its own module: the cluster is a Ray of its own, which cannot share a process with test_ray.py's local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.config import load_config
+from bench.runner import Runner
+
+from .conftest import MICRO_TOML, write_config
+from .test_ray import _braces, _ray_home, _rows
+
+
+@pytest.mark.slow
+def test_two_node_cluster_places_stages_by_their_resources_and_matches_in_process(tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    tmp = Path("/tmp") / f"mb-rc-{os.getpid()}"  # short: Ray's socket paths must stay under 107 characters
+    tmp.mkdir(exist_ok=True)
+    text = MICRO_TOML + _braces('\n[resources]\nembed = {accel = 1}\ngenerate = {accel = 1}\n'
+                                'mark = {cpu_pool = 1}\nimage_attack = {cpu_pool = 1}\ndetect = {cpu_pool = 1}\n')
+    with _ray_home(tmp):
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"cpu_pool": 1},
+                                                                "temp_dir": str(tmp / "r"),
+                                                                "include_dashboard": False})
+        try:
+            gpu_node = cluster.add_node(num_cpus=1, resources={"accel": 1})
+            ray.init(address=cluster.address, log_to_driver=False)
+            cfg = load_config(write_config(tmp_path, text, output=str(tmp_path / "ray")), {"run.executor": "ray"})
+            summary = Runner(cfg).run()
+            head_id = cluster.head_node.node_id
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+    assert summary.ok and summary.cells_ok == 6
+    metas = [json.loads(p.read_text()) for p in cfg.cache_dir.glob("*/*/meta.json")]
+    placed = {(m["kind"], m["node_id"]) for m in metas}
+    assert {k for k, n in placed if n == gpu_node.node_id} == {"embed", "generate"}
+    assert {k for k, n in placed if n == head_id} == {"mark", "image_attack", "detect"}
+    local = load_config(write_config(tmp_path, text, output=str(tmp_path / "local")))
+    Runner(local).run()
+    assert _rows(cfg.output) == _rows(local.output)
