@@ -368,9 +368,9 @@ def cmd_ls(args) -> int:
             info = reg.info(name)  # read from the source for built-ins: nothing is imported
             what = info.doc if args.verbose else (info.doc.splitlines()[0] if info.doc else "")
             if kind == "model_attacks" and args.verbose:
-                what += _threat_model_text(reg.get(name))
-            if info.origin != "markbench":
-                what += f" [from {info.origin}]"
+                what += _threat_model_text(dict(info.extra))
+            if info.origin != "markbench":  # first, so a narrow table cannot cut it off
+                what = f"[from {info.origin}] {what}"
             params = "\n".join(f"{d.name}: {d.type} = {d.default!r}; {d.allowed}" for d in describe(info.params))
             setting = (str(dict(info.extra).get("threat", "-")),) if kind == "defenses" else ()
             table.add_row(escape(name), *setting, escape(what), escape(params) or "-")
@@ -380,16 +380,17 @@ def cmd_ls(args) -> int:
     return 0
 
 
-def _threat_model_text(cls) -> str:
-    """What a model attack assumes the attacker has, its goal, and when it exceeds the threat model (bench ls -v)."""
-    has = getattr(cls, "attacker_has", "") or "not stated"
+def _threat_model_text(attrs: dict) -> str:
+    """What a model attack assumes the attacker has, its goal, and when it exceeds the threat model (bench ls -v).
+    ``attrs``: the class attributes the scan read (:data:`bench.discovery.LISTED_ATTRS`), so nothing is imported."""
+    has = attrs.get("attacker_has") or "not stated"
     goal = {"downstream": "learn its dataset (utility: the new style or subject recognised)",
-            "compression": "a cheaper model (utility: the quality kept)"}.get(getattr(cls, "goal", ""),
+            "compression": "a cheaper model (utility: the quality kept)"}.get(attrs.get("goal", ""),
                                                                              "remove the mark (quality kept)")
-    if getattr(cls, "identity", False):
+    if attrs.get("identity", False):
         goal = "none (the unattacked model)"
     out = f"\nAttacker has: {has}.\nAttacker's goal: {goal}."
-    beyond = getattr(cls, "beyond_threat_model", {}) or {}
+    beyond = attrs.get("beyond_threat_model") or {}
     if beyond:
         cond = ", ".join(f"{k} = {v!r}" for k, v in beyond.items())
         out += f"\nStronger than the threat model when {cond}."

@@ -44,8 +44,9 @@ class StaticInfo:
     extra: tuple = ()
 
 
-#: class attributes ``bench ls`` shows besides docstring and parameters (a defence's threat setting)
-LISTED_ATTRS: tuple[str, ...] = ("threat",)
+#: class attributes ``bench ls`` shows besides docstring and parameters (a defence's threat setting; what a model
+#: attack assumes the attacker has, its goal, when it exceeds the threat model)
+LISTED_ATTRS: tuple[str, ...] = ("threat", "attacker_has", "goal", "beyond_threat_model", "identity")
 
 
 @dataclass(frozen=True)
