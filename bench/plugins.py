@@ -322,8 +322,8 @@ class ImageAttack(Plugin):
     ``deterministic`` (the output does not depend on the generator, so a batch equals its images one by one),
     ``zero_strength_tolerance`` (the mean absolute change allowed at strength 0) and ``strength_effect`` (how the
     growing effect of strength is measured: ``"mad"``, mean absolute difference, ``"psnr"``, loss of PSNR, or
-    ``"fixed_mark"``, the share of a fixed additive pattern that the attack removes from a batch: for estimation
-    attacks whose strength is the number of images they learn from).
+    ``"fixed_mark"``, how close the attack brings a batch carrying one fixed additive pattern back to the unmarked
+    images (mean squared error): for estimation attacks whose strength is the number of images they learn from).
     """
 
     #: True for the no-op attack: the planner then adds no stage (the unattacked column).
@@ -337,7 +337,7 @@ class ImageAttack(Plugin):
     #: Mean absolute difference allowed between input and output at strength 0 (near-identity).
     zero_strength_tolerance: ClassVar[float] = 1e-6
     #: How the contract tests measure the effect of strength: ``"mad"``, ``"psnr"`` (a codec's loss) or
-    #: ``"fixed_mark"`` (removal of a fixed pattern from a batch).
+    #: ``"fixed_mark"`` (a batch with one fixed additive pattern brought back toward the unmarked images).
     strength_effect: ClassVar[str] = "mad"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -264,12 +264,13 @@ def effect_grows_with_strength(plugin: type[ImageAttack]) -> None:
     name = _name(plugin)
     strengths = (0.0, 0.25, 0.5, 0.75, 1.0)
     if plugin.strength_effect == "fixed_mark":
-        # a batch carrying one fixed additive pattern (what a fixed-key mark is); effect: the share of it removed
+        # a batch carrying one fixed additive pattern (what a fixed-key mark is); effect: how close the output comes
+        # to the unmarked images (minus the mean squared error to them)
         clean = sample_images(16, 32, seed=77)
         mark = (torch.randint(0, 2, (1, 3, 32, 32), generator=_gen(78)).float() * 2 - 1) * (6 / 255)
         marked = (clean + mark).clamp(0, 1)
         outs = [run_attack(_attack(plugin, strength=s), marked, _gen(11)) for s in strengths]
-        effect = [1 - float(((o - clean) * mark).sum() / ((marked - clean) * mark).sum()) for o in outs]
+        effect = [-float(((o - clean) ** 2).mean()) for o in outs]
     else:
         outs = [run_attack(_attack(plugin, strength=s), images, _gen(11)) for s in strengths]
     if plugin.strength_effect == "fixed_mark":
