@@ -131,15 +131,17 @@ class RegenDiffusion(ImageAttack):
     (``needs_model = "base"``), strength ``noise_step / T`` (T = 1000 training steps), its scheduler, empty prompt.
 
     Strength mapping (WAVES' Regen-Diff range, noise steps 40 to 200): ``noise_step = round(40 + 160 s)``; the
-    default (s = 0.5) is 120. With ``num_inference_steps`` N the noising lands on the schedule's grid (DDIM, N = 50:
-    every 20th step), so the effective steps change in jumps.
+    default (s = 0.5) is 120. As stock img2img does, the image is noised to the first of the last ``int(N t / T)``
+    steps of the N-step schedule (``num_inference_steps``), i.e. to the grid step just below t (DDIM with "leading"
+    spacing, N = 50: t = 200 is noised to step 181 and denoised in 10 steps), so the effective step changes in jumps
+    of T / N.
     """
 
     version = "1"
     needs_model = "base"
     strength_mapping = "noise_step = round(40 + 160 s) of 1000"
     zero_strength_tolerance = 0.2
-    smoke_params = {"num_inference_steps": 5}
+    smoke_params = {"num_inference_steps": 25}
     params = (
         Param("noise_step", "int", 120, "diffusion step t the image is noised to (of T = 1000)", low=1, high=1000),
         Param("num_inference_steps", "int", 50, "the sampler's schedule length (img2img runs the last "
@@ -178,7 +180,7 @@ class Rinse(ImageAttack):
     needs_model = "base"
     strength_mapping = "total_noise_step = round(40 + 160 s) of 1000, split over the passes"
     zero_strength_tolerance = 0.25
-    smoke_params = {"num_inference_steps": 5}
+    smoke_params = {"num_inference_steps": 50, "passes": 1}  # one pass keeps the contract cheap; 2+ in tests
     params = (
         Param("passes", "int", 2, "regenerations in a row (WAVES: 2 or 4)", low=1, high=16),
         Param("total_noise_step", "int", 120, "noise steps over all passes (each pass: total / passes)",
