@@ -257,3 +257,14 @@ def test_averaging_recovers_a_fixed_mark_better_with_more_images():
     out = image_attacks.get("averaging")(images=64).apply(marked, _gen())
     assert float(((out - clean) ** 2).mean()) < 0.5 * float(((marked - clean) ** 2).mean())
     assert [image_attacks.get("averaging")(strength=s).images for s in (0, 0.5, 1)] == [2, 11, 64]
+
+
+def test_strength_clashes_only_with_the_parameters_it_sets(tmp_path):
+    from bench import ConfigError
+
+    plan = _plan(tmp_path, 'name = "rinse"\npasses = 4\nstrength = 1.0')
+    spec = next(s for s in plan.stages.values() if s.kind == "image_attack").plugin
+    params = dict(spec.params)
+    assert params["passes"] == 4 and params["total_noise_step"] == 200
+    with pytest.raises(ConfigError, match="set either 'strength' or the natural parameter"):
+        _plan(tmp_path, 'name = "rinse"\ntotal_noise_step = 100\nstrength = 1.0')
