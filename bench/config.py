@@ -706,7 +706,9 @@ def _spec(kind: str, name: str, given: dict[str, Any], where: str) -> PluginSpec
     reg = _registry(kind)
     cls = reg.get(name, where=where)
     if "strength" in given and given.get("strength") is not None:
-        natural = [k for k in given if k != "strength"]
+        # only the parameters strength sets clash with it (an attack's other settings, e.g. rinse's passes, do not)
+        mapped = cls.natural_params(0.5) if kind == "image_attacks" else {}
+        natural = [k for k in given if k != "strength" and k in mapped]
         if natural and kind == "image_attacks":
             raise ConfigError(
                 f"{where}: set either 'strength' or the natural parameter(s) {', '.join(natural)} of '{name}', not both"

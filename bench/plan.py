@@ -250,7 +250,16 @@ class _Builder:
     def attacked_images(self, images_key: str, ia: PluginSpec, seed: int) -> str:
         if getattr(_cls(ia), "identity", False):
             return images_key
-        return self.add("image_attack", (images_key,), ia, seed, label=f"image attack {ia.label}")
+        return self.add("image_attack", (images_key,), ia, seed, label=f"image attack {ia.label}",
+                        **self.attack_model(ia))
+
+    def attack_model(self, ia: PluginSpec) -> dict[str, Any]:
+        """The model an image attack declares it needs (``needs_model``), by fingerprint: part of its stage key, so
+        that another base model gives another key. Attacks that need none keep their keys."""
+        needs = getattr(_cls(ia), "needs_model", None)
+        if not needs:
+            return {}
+        return {"attack_model": {"needs": needs, "fingerprint": model_fingerprint(self.cfg.model)}}
 
 
 def build_plan(cfg: BenchConfig) -> Plan:

@@ -348,8 +348,52 @@ class Defense(Plugin):
         return secret.tensors["message"].bool()
 
 
+@dataclass
+class AttackContext:
+    """What an image attack that declares ``needs_model`` receives as ``apply(images, generator, ctx=...)``.
+
+    * ``model``: the pipeline the attack asked for. ``needs_model = "base"``: the run's clean base pipeline, loaded
+      once per process and shared (read-only: build new pipelines from its components, never change its weights);
+      what an attacker of released weights has.
+    * ``model_fingerprint``: identifies that model; it is part of the attack stage's cache key.
+    * ``device``: where the attack may compute. ``progress(iterable, total=..., description=...)``: a progress bar.
+    """
+
+    model: Any = None
+    model_fingerprint: str = ""
+    device: str = "cpu"
+    progress: Callable[..., Iterable] | None = None
+
+    def track(self, iterable: Iterable, total: int | None = None, description: str = "") -> Iterable:
+        return iterable if self.progress is None else self.progress(iterable, total=total, description=description)
+
+
+#: What ``ImageAttack.needs_model`` may name: ``"base"``, the run's clean base pipeline.
+ATTACK_MODELS = ("base",)
+
+
+def apply_image_attack(attack: "ImageAttack", images: "torch.Tensor", generator: "torch.Generator",
+                       ctx: AttackContext | None = None) -> "torch.Tensor":
+    """Call ``attack.apply`` as the harness does: ``apply(images, generator)``, plus ``ctx=`` for an attack that
+    declares ``needs_model`` (the classic two-argument ``apply`` of every other attack is unchanged)."""
+    if type(attack).needs_model:
+        if ctx is None or ctx.model is None:
+            from .errors import PluginError
+
+            raise PluginError(f"image attack '{attack.name}' needs the {type(attack).needs_model} model, "
+                              f"but none was given")
+        return attack.apply(images, generator, ctx=ctx)
+    return attack.apply(images, generator)
+
+
 class ImageAttack(Plugin):
     """An image-space attack: ``apply(images, generator) -> images``.
+
+    An attack that needs a generative model (regeneration, an encoder to attack) declares it with the class
+    attribute ``needs_model`` (``"base"``: the run's clean base pipeline) and takes a keyword argument ``ctx``:
+    ``apply(images, generator, ctx)``, where ``ctx`` is an :class:`AttackContext` whose ``model`` is that pipeline.
+    The model's fingerprint is then part of the attack stage's cache key. Attacks that declare nothing keep the
+    two-argument ``apply``.
 
     A subclass declares only its natural parameter(s) and :meth:`from_strength`. The base class adds the optional
     normalised ``strength`` in [0, 1] to ``params`` (documented by ``strength_mapping``, e.g.
@@ -360,18 +404,23 @@ class ImageAttack(Plugin):
     Class attributes that describe the attack to the contract tests (:mod:`bench.testing`):
     ``deterministic`` (the output does not depend on the generator, so a batch equals its images one by one),
     ``zero_strength_tolerance`` (the mean absolute change allowed at strength 0) and ``strength_effect`` (how the
-    growing effect of strength is measured: ``"mad"``, mean absolute difference, or ``"psnr"``, loss of PSNR).
+    growing effect of strength is measured: ``"mad"``, mean absolute difference, ``"psnr"``, loss of PSNR, or
+    ``"fixed_mark"``, how close the attack brings a batch carrying one fixed additive pattern back to the unmarked
+    images (mean squared error): for estimation attacks whose strength is the number of images they learn from).
     """
 
     #: True for the no-op attack: the planner then adds no stage (the unattacked column).
     identity: ClassVar[bool] = False
+    #: The model the attack needs (see :data:`ATTACK_MODELS`), handed to ``apply`` as ``ctx.model``; None: none.
+    needs_model: ClassVar[str | None] = None
     #: What ``strength`` sets, in words shown by ``bench ls`` (e.g. ``"quality = round(90 - 80 s)"``).
     strength_mapping: ClassVar[str] = ""
     #: The output does not depend on the generator.
     deterministic: ClassVar[bool] = False
     #: Mean absolute difference allowed between input and output at strength 0 (near-identity).
     zero_strength_tolerance: ClassVar[float] = 1e-6
-    #: How the contract tests measure the effect of strength: ``"mad"`` or ``"psnr"`` (a codec's loss).
+    #: How the contract tests measure the effect of strength: ``"mad"``, ``"psnr"`` (a codec's loss) or
+    #: ``"fixed_mark"`` (a batch with one fixed additive pattern brought back toward the unmarked images).
     strength_effect: ClassVar[str] = "mad"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -415,8 +464,16 @@ class ImageAttack(Plugin):
             raise PluginValidationError(f"{owner} must implement apply()")
         if getattr(cls.from_strength, "__func__", None) is ImageAttack.from_strength.__func__:  # type: ignore[attr-defined]
             raise PluginValidationError(f"{owner} must implement from_strength(s) (its strength mapping)")
-        if cls.strength_effect not in ("mad", "psnr"):
-            raise PluginValidationError(f"{owner}: strength_effect must be 'mad' or 'psnr'")
+        if cls.strength_effect not in ("mad", "psnr", "fixed_mark"):
+            raise PluginValidationError(f"{owner}: strength_effect must be 'mad', 'psnr' or 'fixed_mark'")
+        if cls.needs_model is not None:
+            import inspect
+
+            if cls.needs_model not in ATTACK_MODELS:
+                raise PluginValidationError(f"{owner}: needs_model is {cls.needs_model!r}; allowed: "
+                                            f"{', '.join(map(repr, ATTACK_MODELS))} or None")
+            if "ctx" not in inspect.signature(cls.apply).parameters:
+                raise PluginValidationError(f"{owner} declares needs_model, so apply() must take a 'ctx' argument")
         for s in (0.0, 0.5, 1.0):
             mapped = cls.natural_params(s)
             if not isinstance(mapped, dict):
@@ -437,6 +494,7 @@ class ImageAttack(Plugin):
         raise NotImplementedError
 
     def apply(self, images: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
+        """Attack ``images``; an attack with ``needs_model`` has ``apply(images, generator, ctx)`` instead."""
         raise NotImplementedError
 
 

@@ -18,7 +18,8 @@ from .config import BenchConfig, PluginSpec
 from .errors import PluginError
 from .models import apply_overrides, diff_pipeline, rebuild_pipeline
 from .plan import Plan, Stage, stage_seed
-from .plugins import Detection, DetectionKind, Embedding, GenerationRequest, Secret, StageContext
+from .plugins import (AttackContext, Detection, DetectionKind, Embedding, GenerationRequest, Secret, StageContext,
+                      apply_image_attack)
 
 SECRET_PREFIX = "secret."
 MODEL_PREFIX = "model."
@@ -77,6 +78,16 @@ class StageEnv:
 
     def request(self, seed: int, name: str = "") -> GenerationRequest:
         return self.plan.named_requests[name] if name else self.plan.requests[seed]
+
+    def attack_context(self, stage: Stage) -> AttackContext | None:
+        """The model an image attack declared (``needs_model = "base"``: the base pipeline this process already
+        holds, loaded once), or None for an attack that needs none."""
+        need = stage.extra_dict.get("attack_model")
+        if not need:
+            return None
+        track = self.progress.track if self.progress is not None else None
+        return AttackContext(model=self.base_pipeline(), model_fingerprint=need["fingerprint"],
+                             device=self.cfg.run.device, progress=track)
 
     def context(self, stage: Stage) -> StageContext:
         gen = torch.Generator().manual_seed(stage_seed(stage.seed, stage.key))
@@ -217,7 +228,8 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
     elif stage.kind == "image_attack":
         attack = env.plugin(stage.plugin)
         src = store.images(stage.inputs[0])
-        images = check_images(attack.apply(src.clone(), ctx.generator), who, tuple(src.shape))
+        images = check_images(apply_image_attack(attack, src.clone(), ctx.generator, env.attack_context(stage)),
+                              who, tuple(src.shape))
     elif stage.kind == "detect":
         defense = env.plugin(stage.plugin)
         secret = env.secret(stage.inputs[0])

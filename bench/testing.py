@@ -31,13 +31,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .plugins import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, ImageAttack, MarkLocation,
-                      MeasureContext, Measurement, Metric, ModelAttack, Plugin, StageContext)
+from .plugins import (AttackContext, Defense, Detection, DetectionKind, Embedding, GenerationRequest, ImageAttack,
+                      MarkLocation, MeasureContext, Measurement, Metric, ModelAttack, Plugin, StageContext,
+                      apply_image_attack)
 from .stages import Resources  # ctx.data: what a training plugin may read besides its input model
 
 __all__ = [
     "make_context", "micro_pipeline", "copy_pipeline", "sample_images", "generation_request", "check_images",
     "check_detection", "quantize", "contract_checks", "contract_cases", "run_contract", "PROMPT", "Resources",
+    "attack_context", "run_attack",
 ]
 
 #: A caption of the tiny world, used where a check needs a prompt.
@@ -137,6 +139,29 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
+#: The pipeline the image-attack checks hand an attack that declares ``needs_model`` (a zero-argument callable;
+#: :func:`contract_cases` ``model=`` sets it for its checks). Default: :func:`micro_pipeline`.
+_ATTACK_MODEL: list[Callable[[], Any]] = [lambda: micro_pipeline()]
+
+
+def attack_context(model: Any = None) -> AttackContext:
+    """The :class:`~bench.AttackContext` a stage hands an attack with ``needs_model``: ``model`` (default: the
+    contract suite's model, :func:`micro_pipeline` unless ``contract_cases(model=...)`` named another)."""
+    return AttackContext(model=model if model is not None else _ATTACK_MODEL[-1](), model_fingerprint="test")
+
+
+def run_attack(attack: ImageAttack, images: torch.Tensor, generator: torch.Generator,
+               model: Any = None) -> torch.Tensor:
+    """``attack.apply`` as the harness calls it: with an :func:`attack_context` for an attack that needs a model."""
+    ctx = attack_context(model) if type(attack).needs_model else None
+    return apply_image_attack(attack, images, generator, ctx)
+
+
+def _attack(plugin: type[ImageAttack], **params: Any) -> ImageAttack:
+    """The attack with its ``smoke_params`` (a slow attack's cheap settings) under ``params``."""
+    return plugin(**{**plugin.smoke_params, **params})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Every plugin
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +213,7 @@ def output_is_images_in_range(plugin: type[ImageAttack]) -> None:
     """At its defaults and strengths 0, 0.5, 1: same shape, float32 on the CPU, finite, in [0, 1]."""
     images = sample_images()
     for params in ({}, {"strength": 0.0}, {"strength": 0.5}, {"strength": 1.0}):
-        out = plugin(**params).apply(images.clone(), _gen(3))
+        out = run_attack(_attack(plugin, **params), images.clone(), _gen(3))
         who = f"{_name(plugin)}({params})"
         _expect(isinstance(out, torch.Tensor) and out.shape == images.shape,
                 f"{who} returned {getattr(out, 'shape', type(out).__name__)}, expected {tuple(images.shape)}")
@@ -201,8 +226,8 @@ def same_seed_is_bit_identical(plugin: type[ImageAttack]) -> None:
     """Two runs with identically seeded generators give bit-identical images."""
     images = sample_images()
     for params in ({}, {"strength": 0.7}):
-        a = plugin(**params).apply(images.clone(), _gen(42))
-        b = plugin(**params).apply(images.clone(), _gen(42))
+        a = run_attack(_attack(plugin, **params), images.clone(), _gen(42))
+        b = run_attack(_attack(plugin, **params), images.clone(), _gen(42))
         _expect(torch.equal(a, b), f"{_name(plugin)}({params}) differs between identically seeded runs")
 
 
@@ -215,7 +240,7 @@ def no_global_rng_and_no_inplace(plugin: type[ImageAttack]) -> None:
     x = images.clone()
     torch_state = torch.get_rng_state()
     np_state = np.random.get_state()[1].copy()
-    plugin(strength=0.8).apply(x, _gen(5))
+    run_attack(_attack(plugin, strength=0.8), x, _gen(5))
     _expect(torch.equal(torch.get_rng_state(), torch_state), f"{_name(plugin)} used torch's global RNG")
     _expect(bool(np.array_equal(np.random.get_state()[1], np_state)), f"{_name(plugin)} used numpy's global RNG")
     _expect(torch.equal(x, images), f"{_name(plugin)} modified its input in place")
@@ -224,7 +249,7 @@ def no_global_rng_and_no_inplace(plugin: type[ImageAttack]) -> None:
 def zero_strength_is_near_identity(plugin: type[ImageAttack]) -> None:
     """At strength 0 the mean absolute change is at most the class's ``zero_strength_tolerance``."""
     images = sample_images()
-    out = plugin(strength=0.0).apply(images.clone(), _gen(9))
+    out = run_attack(_attack(plugin, strength=0.0), images.clone(), _gen(9))
     tol = plugin.zero_strength_tolerance
     _expect(_mad(out, images) <= tol,
             f"{_name(plugin)} at strength 0: mean abs diff {_mad(out, images):.4g} > zero_strength_tolerance {tol}")
@@ -238,8 +263,19 @@ def effect_grows_with_strength(plugin: type[ImageAttack]) -> None:
     images = sample_images()
     name = _name(plugin)
     strengths = (0.0, 0.25, 0.5, 0.75, 1.0)
-    outs = [plugin(strength=s).apply(images, _gen(11)) for s in strengths]
-    if plugin.strength_effect == "psnr":
+    if plugin.strength_effect == "fixed_mark":
+        # a batch carrying one fixed additive pattern (what a fixed-key mark is); effect: how close the output comes
+        # to the unmarked images (minus the mean squared error to them)
+        clean = sample_images(16, 32, seed=77)
+        mark = (torch.randint(0, 2, (1, 3, 32, 32), generator=_gen(78)).float() * 2 - 1) * (6 / 255)
+        marked = (clean + mark).clamp(0, 1)
+        outs = [run_attack(_attack(plugin, strength=s), marked, _gen(11)) for s in strengths]
+        effect = [-float(((o - clean) ** 2).mean()) for o in outs]
+    else:
+        outs = [run_attack(_attack(plugin, strength=s), images, _gen(11)) for s in strengths]
+    if plugin.strength_effect == "fixed_mark":
+        pass
+    elif plugin.strength_effect == "psnr":
         effect = [-_psnr(o, images) for o in outs]
     else:
         effect = [_mad(o, images) for o in outs]
@@ -257,12 +293,12 @@ def batch_equals_per_image(plugin: type[ImageAttack]) -> None:
     if not plugin.deterministic:
         return
     images = sample_images()
-    attack = plugin(strength=0.6)
-    batch = attack.apply(images, _gen(0))
-    single = torch.cat([attack.apply(images[i:i + 1], _gen(0)) for i in range(images.shape[0])])
+    attack = _attack(plugin, strength=0.6)
+    batch = run_attack(attack, images, _gen(0))
+    single = torch.cat([run_attack(attack, images[i:i + 1], _gen(0)) for i in range(images.shape[0])])
     _expect(bool(torch.allclose(batch, single, atol=1e-6)), f"{_name(plugin)}: a batch differs from its images one "
                                                              f"by one")
-    _expect(torch.equal(batch, attack.apply(images, _gen(99))),
+    _expect(torch.equal(batch, run_attack(attack, images, _gen(99))),
             f"{_name(plugin)} is declared deterministic but depends on the generator")
 
 
@@ -371,17 +407,38 @@ def contract_checks(plugin: type) -> tuple[Callable[[type], None], ...]:
     raise TypeError(f"{plugin!r} is not a subclass of bench.Defense, ImageAttack, ModelAttack or Metric")
 
 
-def contract_cases(*plugins: type | Iterable[type]) -> list[Any]:
+def _with_model(check: Callable[[type], None], model: Callable[[], Any]) -> Callable[[type], None]:
+    @functools.wraps(check)
+    def wrapped(plugin: type) -> None:
+        _ATTACK_MODEL.append(model)
+        try:
+            check(plugin)
+        finally:
+            _ATTACK_MODEL.pop()
+    return wrapped
+
+
+def contract_cases(*plugins: type | Iterable[type], model: Callable[[], Any] | None = None) -> list[Any]:
     """``(plugin, check)`` pairs for ``pytest.mark.parametrize("plugin, check", ...)``, one per check of each
-    plugin, with ids ``<plugin name>-<check>``."""
+    plugin, with ids ``<plugin name>-<check>``.
+
+    ``model``: a zero-argument callable returning the pipeline that image attacks declaring ``needs_model`` get
+    (default :func:`micro_pipeline`, random weights; a trained model, e.g. the tiny world's, makes the checks of
+    regeneration attacks meaningful)."""
     flat: list[type] = []
     for p in plugins:
         flat.extend([p] if isinstance(p, type) else list(p))
+
+    def checks(p: type) -> list[Callable[[type], None]]:
+        cs = contract_checks(p)
+        if model is not None and isinstance(p, type) and issubclass(p, ImageAttack) and p.needs_model:
+            return [_with_model(c, model) for c in cs]
+        return list(cs)
     try:
         import pytest
     except ImportError:  # pragma: no cover - the pairs alone, without ids
-        return [(p, c) for p in flat for c in contract_checks(p)]
-    return [pytest.param(p, c, id=f"{_name(p)}-{c.__name__}") for p in flat for c in contract_checks(p)]
+        return [(p, c) for p in flat for c in checks(p)]
+    return [pytest.param(p, c, id=f"{_name(p)}-{c.__name__}") for p in flat for c in checks(p)]
 
 
 def run_contract(plugin: type) -> None:

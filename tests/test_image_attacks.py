@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench import ConfigError, ImageAttack, image_attacks
-from bench.testing import contract_cases
+from bench.testing import contract_cases, run_attack
 
 NAMES = [n for n in image_attacks.names() if not n.startswith("_test")]  # tests/plugins_for_tests misbehave
 BUILTINS = [n for n in NAMES if image_attacks.origin(n) == "markbench"]
@@ -60,7 +60,26 @@ def images() -> torch.Tensor:
 # The contract (bench.testing), for every registered attack: each check reads what the attack declares about
 # itself (deterministic, zero_strength_tolerance, strength_effect, identity), never its name.
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("plugin, check", contract_cases(image_attacks.get(n) for n in NAMES))
+def attack_model():
+    """The tiny world's trained pipeline for attacks that need a model (regeneration on random weights says
+    little); the micro pipeline where the tiny world is not built."""
+    from tests.attack_models import tiny_or_micro
+
+    return tiny_or_micro()
+
+
+def _contract_cases():
+    """Every attack's contract; those that run a diffusion model (seconds per call on a busy CPU) are slow."""
+    out = []
+    for case in contract_cases((image_attacks.get(n) for n in NAMES), model=attack_model):
+        plugin = case.values[0]
+        if getattr(plugin, "needs_model", None) and plugin.name in ("regen_diffusion", "rinse"):
+            case = pytest.param(*case.values, id=case.id, marks=pytest.mark.slow)
+        out.append(case)
+    return out
+
+
+@pytest.mark.parametrize("plugin, check", _contract_cases())
 def test_image_attack_contract(plugin, check):
     check(plugin)
 
@@ -80,8 +99,12 @@ def test_strength_is_owned_by_the_base_class():
 @pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_defaults_equal_mid_strength(name, images):
     """Documented design: every built-in's defaults are its strength-0.5 setting."""
-    a = _make(name).apply(images, _gen(21))
-    b = _make(name, strength=0.5).apply(images, _gen(21))
+    if image_attacks.get(name).needs_model and name in ("regen_diffusion", "rinse"):
+        pytest.skip("slow (runs the diffusion model): tests/test_removal_attacks.py checks its defaults")
+    model = attack_model() if image_attacks.get(name).needs_model else None
+    smoke = image_attacks.get(name).smoke_params
+    a = run_attack(_make(name, **smoke), images, _gen(21), model)
+    b = run_attack(_make(name, **smoke, strength=0.5), images, _gen(21), model)
     assert torch.equal(a, b)
 
 

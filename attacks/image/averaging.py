@@ -1,0 +1,74 @@
+"""Averaging attack: estimate a fixed watermark pattern from many marked images and subtract it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench import ImageAttack, Param, image_attacks
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur (kernel 2 * ceil(3 sigma) + 1, reflect padding; replicate when too small)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[1]
+    mode = "reflect" if radius < min(x.shape[-2:]) else "replicate"
+    y = F.pad(x, (radius, radius, radius, radius), mode=mode)
+    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+
+
+@image_attacks.register("averaging")
+class Averaging(ImageAttack):
+    """Averaging (removal): estimate a fixed-key mark as mean(marked) - mean(clean-like) over n images, subtract it.
+
+    The averaging attack of WIBE (the watermarking benchmark's "averaging" attack) and Yang et al. 2024
+    ("Steganalysis on digital watermarking: is your defense truly impervious?"): a watermark that adds the same
+    pattern to every image survives in the average of many marked images while the images' own content averages
+    out. The attacker here has only the marked images it is shown: the n images of its batch (the cell's images,
+    in order), and as "clean-like" counterparts a denoised version of each (a Gaussian blur of ``blur_sigma``), so
+    ``pattern = mean_i(x_i - blur(x_i))`` over the first n images, and every image becomes
+    ``clamp(x - pattern, 0, 1)``. (Clean images from the base model, which an attacker of released weights could
+    generate, are not offered by the harness; the blur stands in for them and removes only the pattern's high
+    frequencies.)
+
+    Applies to marks that do not depend on the image (a fixed additive pattern, the same key and message in every
+    image: e.g. a fixed spatial or frequency pattern). Marks that depend on the image (DWT-DCT's coefficient
+    quantisation, HiDDeN's encoder output, in-model marks) are not removed by a mean: the attack is then mostly the
+    subtraction of the images' average high-frequency texture, which its matrix shows.
+
+    Strength mapping: the number of images ``n = round(2 ** (1 + 5 s))``, 2 at s = 0 to 64 at s = 1 (default 11 at
+    s = 0.5), capped at the batch's size. More images give a better estimate of the fixed pattern and less of the
+    images' content, so strength is measured by how close a batch carrying a fixed pattern comes back to its
+    unmarked images (``strength_effect = "fixed_mark"``), not by the size of the change.
+    """
+
+    version = "1"
+    strength_mapping = "images n = round(2 ** (1 + 5 s)), capped at the batch"
+    strength_effect = "fixed_mark"
+    zero_strength_tolerance = 0.05
+    params = (
+        Param("images", "int", 11, "how many of the batch's images the pattern is estimated from (n)", low=1,
+              high=100000),
+        Param("blur_sigma", "float", 1.5, "std (px) of the Gaussian blur that makes the clean-like images",
+              low=0.1, high=20.0),
+    )
+
+    @classmethod
+    def from_strength(cls, s: float) -> dict[str, Any]:
+        return {"images": int(round(2 ** (1 + 5 * s)))}
+
+    def pattern(self, images: torch.Tensor) -> torch.Tensor:
+        """The estimated fixed pattern ``[1, 3, H, W]`` from the first ``min(n, N)`` images."""
+        x = images[: max(1, min(int(self.images), images.shape[0]))].to(torch.float32)
+        return (x - _blur(x, float(self.blur_sigma))).mean(0, keepdim=True)
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = images.to(torch.float32)
+        return (x - self.pattern(x)).clamp(0.0, 1.0)

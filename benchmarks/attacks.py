@@ -1,0 +1,68 @@
+"""Cost per image of the removal attacks (issue 27) against the JPEG attack, measured in the same run.
+
+    python benchmarks/attacks.py [--model tiny-sd] [--images 16] [--size 64] [--threads 1] [--repeats 3]
+
+Each attack is applied to the same batch of images exactly as the harness's image-attack stage calls it (with the
+base pipeline for attacks that declare ``needs_model``; defaults, i.e. strength 0.5), ``--repeats`` times; the
+median CPU time of the process (``time.process_time``: on a shared machine another job's load moves wall time far
+more than the effect; ``--clock wall`` for an idle machine) divided by the number of images is the cost per image,
+printed with its ratio to JPEG's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# this file's name would shadow the built-in plugin package ``attacks`` (run as a script, its folder is sys.path[0])
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+ATTACKS = ("jpeg", "regen_vae", "regen_diffusion", "rinse", "adv_embedding", "averaging")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-sd", help="a built-in model (tiny-sd, micro-sd)")
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from bench import image_attacks
+    from bench.config import ModelConfig
+    from bench.models import load_pipeline
+    from bench.testing import run_attack, sample_images
+
+    pipe = load_pipeline(ModelConfig(builtin=args.model))
+    images = sample_images(args.images, args.size, seed=0)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"model {args.model}, {args.images} images at {args.size} px, {args.threads} thread(s), "
+          f"median of {args.repeats} ({args.clock} time)")
+    per_image: dict[str, float] = {}
+    for name in args.attacks.split(","):
+        attack = image_attacks.get(name)()
+        model = pipe if attack.needs_model else None
+        run_attack(attack, images[:2], torch.Generator().manual_seed(0), model)  # warm-up (first-call setup)
+        times = []
+        for r in range(args.repeats):
+            t0 = clock()
+            run_attack(attack, images, torch.Generator().manual_seed(r), model)
+            times.append(clock() - t0)
+        per_image[name] = statistics.median(times) / args.images
+    ref = per_image.get("jpeg")
+    for name, cost in per_image.items():
+        ratio = f"{cost / ref:10.1f} x jpeg" if ref else ""
+        print(f"{image_attacks.get(name)().describe():24s} {cost * 1000:10.2f} ms/image {ratio}")
+
+
+if __name__ == "__main__":
+    main()

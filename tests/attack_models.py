@@ -1,0 +1,19 @@
+"""The model tests hand image attacks that declare ``needs_model``: the tiny world's trained tiny-sd when it is
+built (regeneration and encoder attacks on random weights say little), else the random micro-sd."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_or_micro() -> Any:
+    from bench.config import ModelConfig
+    from bench.models import load_pipeline
+    from bench.testing import micro_pipeline
+    from worlds.tiny import TINY_SD
+
+    if not (TINY_SD / "model_index.json").exists():
+        return micro_pipeline()
+    return load_pipeline(ModelConfig(builtin="tiny-sd"))
