@@ -66,8 +66,10 @@ def render_block(board: dict[str, Any], source: str = "reports/leaderboard.json"
              f"{len(attacks)} image attack(s)" + (f" and {len(model_attacks)} model attack(s)" if model_attacks else "")
              + "; fidelity is PSNR / SSIM of the marked images to the clean model's images for the same prompts and "
                "seeds (95% intervals in brackets).", "",
-             f"| defence | clean `{metric}` | mean over attacks | worst attack | PSNR (dB) | SSIM |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "Keyless AUC: how well a statistic that needs no key (mean Laplacian energy) tells marked images from "
+             "their clean twins (0.5: invisible to it; 1: anyone can see the mark).", "",
+             f"| defence | clean `{metric}` | mean over attacks | worst attack | PSNR (dB) | SSIM | keyless AUC |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for e in board.get("entries", []):
         rob = e.get("robustness", {})
         quality = e.get("quality", {})
@@ -77,7 +79,7 @@ def render_block(board: dict[str, Any], source: str = "reports/leaderboard.json"
         psnr = quality.get("psnr_watermark")
         ssim = quality.get("ssim_watermark")
         lines.append(f"| {name} | {_interval(e.get('clean'))} | {mean} | {worst} | {_interval(psnr, 1)} | "
-                     f"{_interval(ssim, 3)} |")
+                     f"{_interval(ssim, 3)} | {_interval(quality.get('keyless_auc'))} |")
     lines += ["", END]
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ def _board(metric="tpr@1e-06", seeds=(0,)):
 def test_block_states_values_intervals_and_conditions():
     block = render_block(_board(seeds=(0, 1, 2)))
     assert "| mark | 0.94 [0.79, 0.99] | 0.50 (1 cells) | 0.25 (jpeg(quality=50)) | 31.2 [30.0, 32.5] | " \
-           "0.912 [0.900, 0.920] |" in block
+           "0.912 [0.900, 0.920] | - |" in block
     assert "N = 16 images per cell" in block and "3 seed(s)" in block and "spread between seeds" in block
     assert block.endswith(END)
 
