@@ -273,12 +273,10 @@ def effect_grows_with_strength(plugin: type[ImageAttack]) -> None:
         effect = [-float(((o - clean) ** 2).mean()) for o in outs]
     else:
         outs = [run_attack(_attack(plugin, strength=s), images, _gen(11)) for s in strengths]
-    if plugin.strength_effect == "fixed_mark":
-        pass
-    elif plugin.strength_effect == "psnr":
-        effect = [-_psnr(o, images) for o in outs]
-    else:
-        effect = [_mad(o, images) for o in outs]
+        if plugin.strength_effect == "psnr":
+            effect = [-_psnr(o, images) for o in outs]
+        else:
+            effect = [_mad(o, images) for o in outs]
     span = abs(effect[-1] - effect[0])
     _expect(span > 0, f"{name}: strength has no effect: {effect}")
     _expect(effect[1] < effect[-1], f"{name}: strength 0.25 not weaker than 1.0: {effect}")
