@@ -29,8 +29,14 @@ CRASH = '\n[[image_attacks]]\nname = "_test_crash"\n'
 
 @contextmanager
 def _ray_home(tmp: Path):
-    """HOME and RAY_TMPDIR inside ``tmp`` while Ray runs (Ray keeps a token and sessions there)."""
-    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR")}
+    """HOME and RAY_TMPDIR inside ``tmp`` while Ray runs (Ray keeps a token and sessions there).
+
+    Every ``RAY_*`` variable is put back afterwards too: ``ray.init`` sets ``RAY_AUTH_MODE=token`` in the driver's
+    environment, and a later cluster started by the same process would then look for a token in a HOME that is gone
+    (its GCS never comes up: the two-node test failed that way after this module's local Ray).
+    """
+    saved = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+    saved.update({k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR")})
     (tmp / "home").mkdir(exist_ok=True)
     (tmp / "ray").mkdir(exist_ok=True)  # where Ray records the address of the cluster it started
     os.environ["HOME"] = str(tmp / "home")
@@ -38,6 +44,8 @@ def _ray_home(tmp: Path):
     try:
         yield
     finally:
+        for k in [k for k in os.environ if k.startswith("RAY_") and k not in saved]:
+            del os.environ[k]
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
