@@ -6,7 +6,7 @@ The public API for plugins (importing it loads neither torch nor diffusers)::
 """
 
 from .errors import ConfigError, PluginError, PluginValidationError, UserError
-from .params import Param
+from .params import Param, param
 from .plugins import (
     AttackContext,
     Defense,
@@ -34,7 +34,8 @@ from .world import World, worlds
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttackContext", "ConfigError", "PluginError", "PluginValidationError", "UserError", "Param", "Defense", "Detection",
+    "AttackContext", "ConfigError", "PluginError", "PluginValidationError", "UserError", "Param", "param",
+    "Defense", "Detection",
     "DetectionKind", "Embedding", "GenerationRequest", "ImageAttack", "MarkLocation", "MeasureContext",
     "Measurement", "Metric", "ModelAttack", "NegativePolicy", "QualityMeasure", "Secret", "StageContext",
     "ThreatSetting", "Verification", "defenses", "image_attacks", "metrics", "model_attacks", "read_prompts", "World",

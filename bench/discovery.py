@@ -250,12 +250,15 @@ class _Evaluator:
         self.assigns: dict[str, list[ast.expr]] = {}
         self.classes: dict[str, ast.ClassDef] = {}
         self.param_names: set[str] = set()
+        self.declare_names: set[str] = set()  # local names of bench.param (typed-attribute declarations)
         self.base_names: dict[str, str] = {}
         for node in _module_level(tree.body):
             if isinstance(node, ast.ImportFrom) and node.module in ("bench", "bench.params", "bench.plugins"):
                 for a in node.names:
                     if a.name == "Param":
                         self.param_names.add(a.asname or a.name)
+                    elif a.name == "param":
+                        self.declare_names.add(a.asname or a.name)
                     elif a.name in _BASES:
                         self.base_names[a.asname or a.name] = a.name
         for node in tree.body:
@@ -358,6 +361,19 @@ class _Evaluator:
         """``cls.attr`` following the bases (classes of this module, then bench's base classes)."""
         if depth > 50:
             raise _NotStatic
+        if attr == "params":
+            declared = self._declared(cls, depth)
+            if declared:  # typed attributes: after the inherited parameters, as Plugin.__init_subclass__ does
+                from .params import params_from_attributes
+
+                try:
+                    inherited = self._inherited(cls, "params", depth, complete=False)
+                except AttributeError:
+                    inherited = ()
+                namespace = {name: d for name, (_, d) in declared.items()}
+                annotations = {name: ann for name, (ann, _) in declared.items()}
+                value = params_from_attributes(cls.name, namespace, annotations, tuple(inherited))
+                return self._with_strength(cls, value, depth) if self._is_image_attack(cls) else value
         found: ast.expr | None = None
         for stmt in cls.body:
             if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == attr for t in stmt.targets):
@@ -373,6 +389,30 @@ class _Evaluator:
             if attr == "params" and self._is_image_attack(cls):
                 value = self._with_strength(cls, value, depth)
             return value
+        return self._inherited(cls, attr, depth)
+
+    def _declared(self, cls: ast.ClassDef, depth: int) -> dict[str, tuple[str, Any]]:
+        """``name -> (annotation, Declared)`` of the class body's ``name: type = param(...)`` lines."""
+        from .params import Declared
+
+        out: dict[str, tuple[str, Any]] = {}
+        for stmt in cls.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
+                    isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Name) and \
+                    stmt.value.func.id in self.declare_names:
+                call = stmt.value
+                if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+                    raise _NotStatic
+                args = [self.value(a, depth + 1) for a in call.args]
+                kwargs = {k.arg: self.value(k.value, depth + 1) for k in call.keywords}
+                if "choices" in kwargs and kwargs["choices"] is not None:
+                    kwargs["choices"] = tuple(kwargs["choices"])
+                out[stmt.target.id] = (ast.unparse(stmt.annotation), Declared(*args, **kwargs))
+        return out
+
+    def _inherited(self, cls: ast.ClassDef, attr: str, depth: int, complete: bool = True) -> Any:
+        """``attr`` as ``cls`` inherits it from its bases (``complete``: an image attack's ``params`` straight from
+        bench's base class get ``strength`` appended, as for a class that declares no parameters of its own)."""
         for base in cls.bases:
             if isinstance(base, ast.Name) and base.id in self.classes:
                 try:
@@ -385,7 +425,7 @@ class _Evaluator:
                 real = getattr(plugins, self.base_names[base.id])
                 if hasattr(real, attr):
                     value = getattr(real, attr)
-                    if attr == "params" and self._is_image_attack(cls):
+                    if attr == "params" and complete and self._is_image_attack(cls):
                         value = self._with_strength(cls, value, depth)
                     return value
                 continue

@@ -1,9 +1,17 @@
 """Declared plugin parameters.
 
-Every plugin declares its parameters as class attribute ``params = (Param(...), ...)``. The declaration is
-checked when the plugin registers (types, defaults inside their own ranges) and every value is checked when a
-config is loaded, so a bad value is refused before any model loads, with the key, the value and what is
-allowed in one sentence. The resolved values are recorded with every result (like diffusers'
+A plugin declares each parameter once, as a typed class attribute (as a dataclass field is declared)::
+
+    class HiDDeN(Defense):
+        bits: int = param(30, "message length L (paper: 30 bits)", low=1, high=1024)
+        lr_schedule: str = param("constant", "learning-rate schedule", choices=("constant", "cosine"))
+
+from which the class's ``params`` tuple of :class:`Param` is generated at class creation (the annotation gives the
+type; ``float | None`` makes it optional); an instance holds each value as that attribute, already of its declared
+type, so the plugin needs no ``int()``/``float()`` casts. The older spelling ``params = (Param(...), ...)`` still
+works for third-party plugins; a class may not use both. The declaration is checked when the plugin registers
+(types, defaults inside their own ranges) and every value is checked when a config is loaded, so a bad value is
+refused before any model loads, with the key, the value and what is allowed in one sentence. The resolved values are recorded with every result (like diffusers'
 ``register_to_config``).
 """
 
@@ -93,6 +101,71 @@ class Param:
         return value
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What :func:`param` returns: a parameter waiting for its name and type (the class attribute's annotation)."""
+
+    default: Any
+    doc: str = ""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    optional: bool = False
+
+
+def param(default: Any, doc: str = "", *, low: float | None = None, high: float | None = None,
+          choices: Sequence[Any] | None = None, optional: bool = False) -> Any:
+    """Declare a plugin parameter as a typed class attribute: ``steps: int = param(200, "optimiser steps", low=0)``.
+
+    The type comes from the annotation (``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``list[int]``,
+    ``list[float]``; ``X | None`` makes it optional, i.e. ``None`` means "not set").
+    """
+    return Declared(default, doc, low, high, tuple(choices) if choices is not None else None, optional)
+
+
+def annotation_type(annotation: Any) -> tuple[str, bool]:
+    """``(type, optional)`` of a parameter's annotation (a string under ``from __future__ import annotations``, or
+    the type itself); ``ValueError`` if it is not one of the declared types."""
+    if isinstance(annotation, str):
+        text = annotation
+    elif isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        text = annotation.__name__
+    else:
+        text = str(annotation)
+    text = text.replace("typing.", "").replace(" ", "")
+    optional = False
+    if text.startswith("Optional[") and text.endswith("]"):
+        text, optional = text[len("Optional["):-1], True
+    parts = text.split("|")
+    if len(parts) == 2 and "None" in parts:
+        text, optional = parts[0] if parts[1] == "None" else parts[1], True
+    text = text.replace("List[", "list[")
+    if text not in _TYPES:
+        raise ValueError(f"the annotation {annotation!r} is not one of: {', '.join(_TYPES)} (or X | None)")
+    return text, optional
+
+
+def params_from_attributes(owner: str, namespace: Mapping[str, Any], annotations: Mapping[str, Any],
+                           inherited: Sequence[Param] = ()) -> tuple[Param, ...]:
+    """The ``params`` of a class that declares parameters as typed attributes (in the order written), after those
+    it inherits (a redeclared name replaces the inherited one in place)."""
+    own: list[Param] = []
+    for name, d in namespace.items():
+        if not isinstance(d, Declared):
+            continue
+        if name not in annotations:
+            raise PluginValidationError(f"{owner}: parameter '{name}' needs a type annotation, e.g. "
+                                        f"'{name}: int = param(...)'")
+        try:
+            typ, optional = annotation_type(annotations[name])
+        except ValueError as exc:
+            raise PluginValidationError(f"{owner}: parameter '{name}': {exc}") from None
+        own.append(Param(name, typ, d.default, d.doc, d.low, d.high, d.choices, d.optional or optional))
+    by_name = {p.name: p for p in own}
+    merged = [by_name.pop(p.name, p) for p in inherited]
+    return tuple(merged) + tuple(p for p in own if p.name in by_name)
+
+
 def _fmt(x: float) -> str:
     return repr(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
 
@@ -152,7 +225,8 @@ def resolve_params(
                 f"it {_cut(str(exc))}"
             ) from None
     for p in declared:
-        out.setdefault(p.name, p.default)
+        if p.name not in out:  # a list default is copied: no instance can change the declaration
+            out[p.name] = list(p.default) if isinstance(p.default, list) else p.default
     return out
 
 

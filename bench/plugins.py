@@ -16,10 +16,12 @@ Conventions shared by every plugin:
 from __future__ import annotations
 
 import enum
+import inspect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
-from .params import Param, resolve_params
+from .errors import PluginValidationError
+from .params import Declared, Param, params_from_attributes, resolve_params
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -230,6 +232,19 @@ class Plugin:
     #: custom Ray resource. A training model attack keeps the default (a GPU when the run has one); a cheap
     #: weight edit says ``{"num_gpus": 0}``. The config's ``[resources]`` table overrides both.
     resources: ClassVar[Mapping[str, float]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = {k: v for k, v in cls.__dict__.items() if isinstance(v, Declared)}
+        if not declared:
+            return
+        if "params" in cls.__dict__:
+            raise PluginValidationError(f"{cls.__qualname__}: parameters are declared twice, in 'params' and as "
+                                        f"typed attributes ({', '.join(declared)}); keep the typed attributes")
+        cls.params = params_from_attributes(cls.__qualname__, declared, inspect.get_annotations(cls),
+                                            tuple(getattr(cls, "params", ())))
+        for name in declared:  # the instance holds the value (Plugin.__init__); the class keeps only the annotation
+            delattr(cls, name)
 
     def __init__(self, **given: Any):
         resolved = resolve_params(self.name or type(self).__name__, self.params, given)

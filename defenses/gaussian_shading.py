@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, defenses
+from bench import Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret
 from bench.errors import require
 from bench.generation import initial_latents
 from bench.inversion import INVERSION_METHODS, invert_images, latent_shape
@@ -83,15 +83,12 @@ class GaussianShading(Defense):
     threat = ThreatSetting.API
     quality_measures = (QualityMeasure.DISTRIBUTION,)
     uses_data = True  # the message length is the latent's block size, read from the pipeline at the run's size
-    params = (
-        Param("channel_copies", "int", 1, "copies of the message block over the latent channels", low=1, high=64),
-        Param("hw_copies", "int", 8, "copies per spatial side (hw_copies^2 spatial copies)", low=1, high=128),
-        Param("inversion", "str", "ddim", "inversion: plain DDIM or exact (fixed-point)", choices=INVERSION_METHODS),
-        Param("inversion_steps", "int", 0, "DDIM inversion steps; 0 = the run's sampler steps (paper: 50 and 50)",
-              low=0, high=1000),
-        Param("fixed_point_iters", "int", 3, "fixed-point iterations per step of the exact inversion", low=1,
-              high=50),
-    )
+    channel_copies: int = param(1, "copies of the message block over the latent channels", low=1, high=64)
+    hw_copies: int = param(8, "copies per spatial side (hw_copies^2 spatial copies)", low=1, high=128)
+    inversion: str = param("ddim", "inversion: plain DDIM or exact (fixed-point)", choices=INVERSION_METHODS)
+    inversion_steps: int = param(0, "DDIM inversion steps; 0 = the run's sampler steps (paper: 50 and 50)", low=0,
+            high=1000)
+    fixed_point_iters: int = param(3, "fixed-point iterations per step of the exact inversion", low=1, high=50)
     smoke_params = {"hw_copies": 2, "inversion_steps": 2}
 
     def _layout(self, shape) -> tuple[int, int, int]:

@@ -55,8 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import (Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, UserError,
-                   Verification, defenses)
+from bench import (
+    Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting, UserError,
+    Verification,
+)
 from bench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, quantize8
 from bench.packing import digest, load_prefixed, state_tensors
 from bench.rng import forked_global_rng, seeded, sub_generator
@@ -359,61 +361,50 @@ class HiDDeN(Defense):
     detection = DetectionKind.BITS
     uses_data = True  # training covers: the run's prompts (generated) or a dataset at the run's size
 
-    params = (
-        Param("bits", "int", 30, "message length L (paper: 30 bits at 128 x 128)", low=1, high=1024),
-        Param("image_size", "int", 128, "training image side (paper 128); 0 = the run's resolution", low=0,
-              high=4096),
-        # -- training data -----------------------------------------------------------------------------------
-        Param("train_source", "str", "dataset", "training covers: a dataset, or images the base model generates",
-              choices=("dataset", "generated")),
-        Param("dataset", "str", "tiny:train", "training covers when train_source = 'dataset' (paper: COCO)"),
-        Param("train_images", "int", 10_000, "number of training covers (paper: 10,000 COCO images)", low=1,
-              high=10_000_000),
-        Param("gen_inference_steps", "int", 50, "sampling steps when train_source = 'generated'", low=1, high=1000),
-        Param("gen_guidance_scale", "float", 7.5, "guidance scale when train_source = 'generated'", low=0.0,
-              high=50.0),
-        # -- networks ------------------------------------------------------------------------------------------
-        Param("encoder_blocks", "int", 4, "encoder Conv-BN-ReLU blocks before the message (paper 4)", low=1,
-              high=64),
-        Param("encoder_channels", "int", 64, "encoder width (paper 64)", low=1, high=4096),
-        Param("decoder_blocks", "int", 7, "decoder Conv-BN-ReLU blocks before the L-channel block (paper 7)",
-              low=1, high=64),
-        Param("decoder_channels", "int", 64, "decoder width (paper 64)", low=1, high=4096),
-        Param("activation", "str", "relu", "block activation (paper ReLU; revisited HiDDeN GELU)",
-              choices=tuple(ACTIVATIONS)),
-        Param("encoder_output", "str", "image", "the encoder outputs the encoded image (paper) or a residual "
-              "added as I + strength * tanh(.) (revisited HiDDeN)", choices=("image", "residual")),
-        Param("strength", "float", 1.0, "'image': scale of the change at marking (1 = as trained); 'residual': "
-              "the residual's amplitude in [0, 1] pixel units (also in training)", low=0.0, high=10.0),
-        Param("discriminator", "bool", True, "train with the adversary (paper: yes)"),
-        Param("discriminator_blocks", "int", 3, "adversary blocks (paper 3)", low=1, high=64),
-        Param("discriminator_channels", "int", 64, "adversary width (paper 64)", low=1, high=4096),
-        # -- losses and optimisation ---------------------------------------------------------------------------
-        Param("message_loss", "str", "mse", "MSE on {0,1} messages (paper) or BCE on logits",
-              choices=("mse", "bce")),
-        Param("image_loss_weight", "float", 0.7, "lambda_I: weight of MSE(encoded, cover) (paper 0.7)", low=0.0,
-              high=1e6),
-        Param("adversarial_weight", "float", 1e-3, "lambda_G: weight of the adversarial loss (paper 1e-3)",
-              low=0.0, high=1e6),
-        Param("lr", "float", 1e-3, "Adam learning rate (paper 1e-3)", low=0.0, high=1.0),
-        Param("lr_schedule", "str", "constant", "learning-rate schedule: constant (paper) or half-cosine to 0",
-              choices=("constant", "cosine")),
-        Param("batch_size", "int", 12, "covers per step (paper 12)", low=1, high=4096),
-        Param("steps", "int", 333_600, "optimisation steps (400 epochs of 10,000 covers at batch 12, the PyTorch "
-              "reimplementation's default)", low=0, high=100_000_000),
-        Param("bn_momentum", "float", 0.1, "BatchNorm running-statistics momentum", low=0.0, high=1.0),
-        # -- noise layers --------------------------------------------------------------------------------------
-        Param("noise_layers", "list[str]", ["identity", "crop", "cropout", "dropout", "resize", "blur", "jpeg"],
-              "noise layers, one drawn per mini-batch (the paper's combined model): " + ", ".join(NOISE_LAYERS)),
-        Param("crop_fraction", "list[float]", [0.035], "crop: kept area fraction(s) (paper Crop(0.035))"),
-        Param("cropout_fraction", "list[float]", [0.3], "cropout: encoded area fraction(s) (paper 0.3)"),
-        Param("dropout_keep", "list[float]", [0.3], "dropout: kept encoded-pixel fraction(s) (paper 0.3)"),
-        Param("resize_scale", "list[float]", [0.7, 0.8], "resize: side scale(s)"),
-        Param("blur_sigma", "list[float]", [2.0], "blur: Gaussian sigma(s) in pixels (paper 2)"),
-        Param("jpeg_mode", "str", "mask", "JPEG noise: JPEG-Mask (paper), straight-through real codec (forward "
-              "ASL) or kornia's differentiable JPEG", choices=JPEG_MODES),
-        Param("jpeg_quality", "list[int]", [50], "JPEG quality(ies) for 'ste' and 'kornia'"),
-    )
+    bits: int = param(30, "message length L (paper: 30 bits at 128 x 128)", low=1, high=1024)
+    image_size: int = param(128, "training image side (paper 128); 0 = the run's resolution", low=0, high=4096)
+    # -- training data -----------------------------------------------------------------------------------
+    train_source: str = param("dataset", "training covers: a dataset, or images the base model generates",
+            choices=("dataset", "generated"))
+    dataset: str = param("tiny:train", "training covers when train_source = 'dataset' (paper: COCO)")
+    train_images: int = param(10_000, "number of training covers (paper: 10,000 COCO images)", low=1, high=10_000_000)
+    gen_inference_steps: int = param(50, "sampling steps when train_source = 'generated'", low=1, high=1000)
+    gen_guidance_scale: float = param(7.5, "guidance scale when train_source = 'generated'", low=0.0, high=50.0)
+    # -- networks ------------------------------------------------------------------------------------------
+    encoder_blocks: int = param(4, "encoder Conv-BN-ReLU blocks before the message (paper 4)", low=1, high=64)
+    encoder_channels: int = param(64, "encoder width (paper 64)", low=1, high=4096)
+    decoder_blocks: int = param(7, "decoder Conv-BN-ReLU blocks before the L-channel block (paper 7)", low=1, high=64)
+    decoder_channels: int = param(64, "decoder width (paper 64)", low=1, high=4096)
+    activation: str = param("relu", "block activation (paper ReLU; revisited HiDDeN GELU)", choices=tuple(ACTIVATIONS))
+    encoder_output: str = param("image", "the encoder outputs the encoded image (paper) or a residual added as I + "
+            "strength * tanh(.) (revisited HiDDeN)", choices=("image", "residual"))
+    strength: float = param(1.0, "'image': scale of the change at marking (1 = as trained); 'residual': the residual's "
+            "amplitude in [0, 1] pixel units (also in training)", low=0.0, high=10.0)
+    discriminator: bool = param(True, "train with the adversary (paper: yes)")
+    discriminator_blocks: int = param(3, "adversary blocks (paper 3)", low=1, high=64)
+    discriminator_channels: int = param(64, "adversary width (paper 64)", low=1, high=4096)
+    # -- losses and optimisation ---------------------------------------------------------------------------
+    message_loss: str = param("mse", "MSE on {0,1} messages (paper) or BCE on logits", choices=("mse", "bce"))
+    image_loss_weight: float = param(0.7, "lambda_I: weight of MSE(encoded, cover) (paper 0.7)", low=0.0, high=1e6)
+    adversarial_weight: float = param(1e-3, "lambda_G: weight of the adversarial loss (paper 1e-3)", low=0.0, high=1e6)
+    lr: float = param(1e-3, "Adam learning rate (paper 1e-3)", low=0.0, high=1.0)
+    lr_schedule: str = param("constant", "learning-rate schedule: constant (paper) or half-cosine to 0",
+            choices=("constant", "cosine"))
+    batch_size: int = param(12, "covers per step (paper 12)", low=1, high=4096)
+    steps: int = param(333_600, "optimisation steps (400 epochs of 10,000 covers at batch 12, the PyTorch "
+            "reimplementation's default)", low=0, high=100_000_000)
+    bn_momentum: float = param(0.1, "BatchNorm running-statistics momentum", low=0.0, high=1.0)
+    # -- noise layers --------------------------------------------------------------------------------------
+    noise_layers: list[str] = param(["identity", "crop", "cropout", "dropout", "resize", "blur", "jpeg"],
+            "noise layers, one drawn per mini-batch (the paper's combined model): " + ", ".join(NOISE_LAYERS))
+    crop_fraction: list[float] = param([0.035], "crop: kept area fraction(s) (paper Crop(0.035))")
+    cropout_fraction: list[float] = param([0.3], "cropout: encoded area fraction(s) (paper 0.3)")
+    dropout_keep: list[float] = param([0.3], "dropout: kept encoded-pixel fraction(s) (paper 0.3)")
+    resize_scale: list[float] = param([0.7, 0.8], "resize: side scale(s)")
+    blur_sigma: list[float] = param([2.0], "blur: Gaussian sigma(s) in pixels (paper 2)")
+    jpeg_mode: str = param("mask", "JPEG noise: JPEG-Mask (paper), straight-through real codec (forward ASL) or "
+            "kornia's differentiable JPEG", choices=JPEG_MODES)
+    jpeg_quality: list[int] = param([50], "JPEG quality(ies) for 'ste' and 'kornia'")
 
     smoke_params = dict(bits=8, image_size=0, train_images=8, encoder_blocks=1, encoder_channels=4,
                         decoder_blocks=1, decoder_channels=4, discriminator_blocks=1, discriminator_channels=4,
@@ -431,14 +422,14 @@ class HiDDeN(Defense):
 
     def config(self) -> HiddenConfig:
         return HiddenConfig(
-            bits=int(self.bits), encoder_blocks=int(self.encoder_blocks), encoder_channels=int(self.encoder_channels),
-            decoder_blocks=int(self.decoder_blocks), decoder_channels=int(self.decoder_channels),
-            activation=self.activation, encoder_output=self.encoder_output, strength=float(self.strength),
-            bn_momentum=float(self.bn_momentum), discriminator=bool(self.discriminator),
-            discriminator_blocks=int(self.discriminator_blocks),
-            discriminator_channels=int(self.discriminator_channels), image_loss_weight=float(self.image_loss_weight),
-            adversarial_weight=float(self.adversarial_weight), message_loss=self.message_loss, optimizer="adam",
-            lr=float(self.lr), schedule=self.lr_schedule, batch_size=int(self.batch_size), steps=int(self.steps),
+            bits=self.bits, encoder_blocks=self.encoder_blocks, encoder_channels=self.encoder_channels,
+            decoder_blocks=self.decoder_blocks, decoder_channels=self.decoder_channels,
+            activation=self.activation, encoder_output=self.encoder_output, strength=self.strength,
+            bn_momentum=self.bn_momentum, discriminator=self.discriminator,
+            discriminator_blocks=self.discriminator_blocks,
+            discriminator_channels=self.discriminator_channels, image_loss_weight=self.image_loss_weight,
+            adversarial_weight=self.adversarial_weight, message_loss=self.message_loss, optimizer="adam",
+            lr=self.lr, schedule=self.lr_schedule, batch_size=self.batch_size, steps=self.steps,
             noise=self.noise())
 
     def embed(self, pipe, ctx) -> Embedding:
@@ -447,11 +438,11 @@ class HiDDeN(Defense):
 
     def _embed(self, pipe, ctx) -> Embedding:
         t0 = time.perf_counter()
-        message = torch.randint(0, 2, (int(self.bits),), generator=ctx.generator).bool()
+        message = torch.randint(0, 2, (self.bits,), generator=ctx.generator).bool()
         gen_data, gen_train = sub_generator(ctx.generator), sub_generator(ctx.generator)
-        size = int(self.image_size) or int(ctx.data.height if ctx.data is not None else 64)
-        images = training_images(ctx, self.train_source, self.dataset, int(self.train_images), size, pipe, gen_data,
-                                 int(self.gen_inference_steps), float(self.gen_guidance_scale), who="hidden")
+        size = self.image_size or int(ctx.data.height if ctx.data is not None else 64)
+        images = training_images(ctx, self.train_source, self.dataset, self.train_images, size, pipe, gen_data,
+                                 self.gen_inference_steps, self.gen_guidance_scale, who="hidden")
         t1 = time.perf_counter()
         cfg = self.config()
         trained = train_hidden(images, cfg, gen_train, ctx.progress, "hidden: training", device=ctx.device)

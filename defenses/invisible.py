@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, defenses
+from bench import Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting
 from bench.errors import require
 
 
@@ -20,11 +20,9 @@ class _InvisibleWatermark(Defense):
     threat = ThreatSetting.API
     detection = DetectionKind.BITS
     method = ""
-    params = (
-        Param("bits", "int", 48, "message length in bits", low=1, high=256),
-        Param("min_size", "int", 256, "images are resized to at least this side for the codec (it refuses <256)",
-              low=256, high=2048),
-    )
+    bits: int = param(48, "message length in bits", low=1, high=256)
+    min_size: int = param(256, "images are resized to at least this side for the codec (it refuses <256)", low=256,
+            high=2048)
 
     def embed(self, pipe, ctx) -> Embedding:
         message = torch.randint(0, 2, (self.bits,), generator=ctx.generator).bool()

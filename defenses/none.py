@@ -6,7 +6,7 @@ import hashlib
 
 import torch
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, defenses
+from bench import Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting
 
 
 @defenses.register("none")
@@ -25,7 +25,7 @@ class NoWatermark(Defense):
     location = MarkLocation.NONE
     threat = ThreatSetting.API
     detection = DetectionKind.BITS
-    params = (Param("bits", "int", 48, "length of the (unused) random message", low=1, high=4096),)
+    bits: int = param(48, "length of the (unused) random message", low=1, high=4096)
 
     def embed(self, pipe, ctx) -> Embedding:
         message = torch.randint(0, 2, (self.bits,), generator=ctx.generator).bool()

@@ -59,8 +59,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, ThreatSetting, UserError, \
-    Verification, defenses
+from bench import (
+    Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting, UserError,
+    Verification,
+)
 from bench.training import PerceptualLoss
 from bench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, block_dct, quantize8
 from bench.packing import digest, load_prefixed, state_tensors
@@ -221,72 +223,62 @@ class StableSignature(Defense):
     detection = DetectionKind.BITS
     uses_data = True  # extractor covers and decoder latents from the run's prompts and size
 
-    params = (
-        Param("bits", "int", 48, "key length (paper 48)", low=1, high=1024),
-        # -- data ----------------------------------------------------------------------------------------------
-        Param("train_source", "str", "dataset", "training images: a dataset (paper: COCO) or images the pipeline "
-              "generates", choices=("dataset", "generated")),
-        Param("dataset", "str", "tiny:train", "training images when train_source = 'dataset'"),
-        Param("gen_inference_steps", "int", 50, "sampling steps when train_source = 'generated'", low=1, high=1000),
-        Param("gen_guidance_scale", "float", 7.5, "guidance scale when train_source = 'generated'", low=0.0,
-              high=50.0),
-        # -- extractor (revisited HiDDeN) ------------------------------------------------------------------------
-        Param("extractor_path", "str", "", "a pre-trained extractor (safetensors from save_extractor); empty: "
-              "train one in embed"),
-        Param("extractor_image_size", "int", 256, "extractor training side (official 256); 0 = the run's "
-              "resolution", low=0, high=4096),
-        Param("extractor_train_images", "int", 82_783, "extractor training images (official: COCO train2014)",
-              low=1, high=100_000_000),
-        Param("extractor_steps", "int", 194_100, "extractor steps (300 epochs of 82,783 images at batch 128)",
-              low=0, high=100_000_000),
-        Param("extractor_batch_size", "int", 128, "extractor batch (official 16 x 8 GPUs)", low=1, high=65536),
-        Param("extractor_optimizer", "str", "lamb", "extractor optimiser (official LAMB, from timm)",
-              choices=("lamb", "adam", "adamw")),
-        Param("extractor_lr", "float", 5e-3, "extractor learning rate (official LAMB 2e-2 x batch/512)", low=0.0,
-              high=1.0),
-        Param("extractor_warmup", "int", 3235, "extractor linear warm-up steps (official 5 epochs), then "
-              "half-cosine to 1e-6", low=0, high=100_000_000),
-        Param("extractor_encoder_blocks", "int", 4, "extractor-training encoder blocks (official 4)", low=1,
-              high=64),
-        Param("extractor_encoder_channels", "int", 64, "extractor-training encoder width (official 64)", low=1,
-              high=4096),
-        Param("extractor_decoder_blocks", "int", 8, "extractor blocks before the k-channel block (official 8)",
-              low=1, high=64),
-        Param("extractor_decoder_channels", "int", 64, "extractor width (official 64)", low=1, high=4096),
-        Param("extractor_strength", "float", 0.068, "encoder residual amplitude in [0, 1] pixel units (official "
-              "scaling_w 0.3 in ImageNet-normalised units x std 0.226)", low=0.0, high=10.0),
-        Param("extractor_bn_momentum", "float", 0.01, "BatchNorm momentum (official 0.01)", low=0.0, high=1.0),
-        Param("extractor_noise_layers", "list[str]",
-              ["identity", "hflip", "crop", "crop", "resize", "resize", "jpeg", "jpeg"],
-              "augmentations, one drawn per mini-batch (repeats weight the draw: the official 8 equiprobable "
-              "choices): " + ", ".join(NOISE_LAYERS)),
-        Param("extractor_crop_fraction", "list[float]", [0.3, 0.7], "crop: kept area fractions (official)"),
-        Param("extractor_resize_scale", "list[float]", [_SQRT03, _SQRT07], "resize: side scales (area 0.3/0.7)"),
-        Param("extractor_jpeg_quality", "list[int]", [50, 80], "JPEG qualities (official 50 / 80)"),
-        Param("extractor_jpeg_mode", "str", "ste", "JPEG noise: straight-through real codec (official), JPEG-Mask "
-              "or kornia's differentiable JPEG", choices=JPEG_MODES),
-        # -- whitening -----------------------------------------------------------------------------------------
-        Param("whiten_images", "int", 10_000, "clean images the whitening is estimated on (at most the extractor's "
-              "training images)", low=2, high=100_000_000),
-        # -- decoder fine-tuning -------------------------------------------------------------------------------
-        Param("image_size", "int", 256, "fine-tuning image side (official 256); 0 = the run's resolution", low=0,
-              high=4096),
-        Param("steps", "int", 100, "fine-tuning steps (paper 100)", low=0, high=10_000_000),
-        Param("batch_size", "int", 4, "fine-tuning batch (official 4)", low=1, high=4096),
-        Param("lr", "float", 5e-4, "AdamW learning rate (paper 5e-4)", low=0.0, high=1.0),
-        Param("warmup", "int", 20, "linear warm-up steps, then half-cosine to 1e-6 (official 20)", low=0,
-              high=10_000_000),
-        Param("weight_decay", "float", 0.01, "AdamW weight decay (torch default, as the official optimiser)",
-              low=0.0, high=10.0),
-        Param("clamp", "bool", True, "clamp the fine-tuned decoder's images to [0, 1] before the extractor (what the "
-              "pipeline delivers; the official code does not clamp)"),
-        Param("loss_temperature", "float", 10.0, "BCE on temperature x logits (official 10)", low=1e-6, high=1e6),
-        Param("message_weight", "float", 1.0, "lambda_w (paper 1)", low=0.0, high=1e6),
-        Param("perceptual", "str", "watson_dct", "image loss: Watson-DCT (offline stand-in for the paper's "
-              "Watson-VGG), 1-SSIM, MSE, LPIPS (needs lpips + weights) or none",
-              choices=("watson_dct", "ssim", "mse", "lpips", "none")),
-        Param("perceptual_weight", "float", 0.2, "lambda_i (paper 0.2)", low=0.0, high=1e6),
-    )
+    bits: int = param(48, "key length (paper 48)", low=1, high=1024)
+    # -- data ----------------------------------------------------------------------------------------------
+    train_source: str = param("dataset", "training images: a dataset (paper: COCO) or images the pipeline generates",
+            choices=("dataset", "generated"))
+    dataset: str = param("tiny:train", "training images when train_source = 'dataset'")
+    gen_inference_steps: int = param(50, "sampling steps when train_source = 'generated'", low=1, high=1000)
+    gen_guidance_scale: float = param(7.5, "guidance scale when train_source = 'generated'", low=0.0, high=50.0)
+    # -- extractor (revisited HiDDeN) ------------------------------------------------------------------------
+    extractor_path: str = param("", "a pre-trained extractor (safetensors from save_extractor); empty: train one in "
+            "embed")
+    extractor_image_size: int = param(256, "extractor training side (official 256); 0 = the run's resolution", low=0,
+            high=4096)
+    extractor_train_images: int = param(82_783, "extractor training images (official: COCO train2014)", low=1,
+            high=100_000_000)
+    extractor_steps: int = param(194_100, "extractor steps (300 epochs of 82,783 images at batch 128)", low=0,
+            high=100_000_000)
+    extractor_batch_size: int = param(128, "extractor batch (official 16 x 8 GPUs)", low=1, high=65536)
+    extractor_optimizer: str = param("lamb", "extractor optimiser (official LAMB, from timm)",
+            choices=("lamb", "adam", "adamw"))
+    extractor_lr: float = param(5e-3, "extractor learning rate (official LAMB 2e-2 x batch/512)", low=0.0, high=1.0)
+    extractor_warmup: int = param(3235, "extractor linear warm-up steps (official 5 epochs), then half-cosine to 1e-6",
+            low=0, high=100_000_000)
+    extractor_encoder_blocks: int = param(4, "extractor-training encoder blocks (official 4)", low=1, high=64)
+    extractor_encoder_channels: int = param(64, "extractor-training encoder width (official 64)", low=1, high=4096)
+    extractor_decoder_blocks: int = param(8, "extractor blocks before the k-channel block (official 8)", low=1, high=64)
+    extractor_decoder_channels: int = param(64, "extractor width (official 64)", low=1, high=4096)
+    extractor_strength: float = param(0.068, "encoder residual amplitude in [0, 1] pixel units (official scaling_w 0.3 "
+            "in ImageNet-normalised units x std 0.226)", low=0.0, high=10.0)
+    extractor_bn_momentum: float = param(0.01, "BatchNorm momentum (official 0.01)", low=0.0, high=1.0)
+    extractor_noise_layers: list[str] = param(["identity", "hflip", "crop", "crop", "resize", "resize", "jpeg", "jpeg"],
+            "augmentations, one drawn per mini-batch (repeats weight the draw: the official 8 equiprobable "
+            "choices): " + ", ".join(NOISE_LAYERS))
+    extractor_crop_fraction: list[float] = param([0.3, 0.7], "crop: kept area fractions (official)")
+    extractor_resize_scale: list[float] = param([_SQRT03, _SQRT07], "resize: side scales (area 0.3/0.7)")
+    extractor_jpeg_quality: list[int] = param([50, 80], "JPEG qualities (official 50 / 80)")
+    extractor_jpeg_mode: str = param("ste", "JPEG noise: straight-through real codec (official), JPEG-Mask or kornia's "
+            "differentiable JPEG", choices=JPEG_MODES)
+    # -- whitening -----------------------------------------------------------------------------------------
+    whiten_images: int = param(10_000, "clean images the whitening is estimated on (at most the extractor's training "
+            "images)", low=2, high=100_000_000)
+    # -- decoder fine-tuning -------------------------------------------------------------------------------
+    image_size: int = param(256, "fine-tuning image side (official 256); 0 = the run's resolution", low=0, high=4096)
+    steps: int = param(100, "fine-tuning steps (paper 100)", low=0, high=10_000_000)
+    batch_size: int = param(4, "fine-tuning batch (official 4)", low=1, high=4096)
+    lr: float = param(5e-4, "AdamW learning rate (paper 5e-4)", low=0.0, high=1.0)
+    warmup: int = param(20, "linear warm-up steps, then half-cosine to 1e-6 (official 20)", low=0, high=10_000_000)
+    weight_decay: float = param(0.01, "AdamW weight decay (torch default, as the official optimiser)", low=0.0,
+            high=10.0)
+    clamp: bool = param(True, "clamp the fine-tuned decoder's images to [0, 1] before the extractor (what the pipeline "
+            "delivers; the official code does not clamp)")
+    loss_temperature: float = param(10.0, "BCE on temperature x logits (official 10)", low=1e-6, high=1e6)
+    message_weight: float = param(1.0, "lambda_w (paper 1)", low=0.0, high=1e6)
+    perceptual: str = param("watson_dct", "image loss: Watson-DCT (offline stand-in for the paper's Watson-VGG), "
+            "1-SSIM, MSE, LPIPS (needs lpips + weights) or none",
+            choices=("watson_dct", "ssim", "mse", "lpips", "none"))
+    perceptual_weight: float = param(0.2, "lambda_i (paper 0.2)", low=0.0, high=1e6)
 
     smoke_params = dict(
         bits=8, extractor_image_size=0, extractor_train_images=8, extractor_steps=2, extractor_batch_size=2,
@@ -306,14 +298,14 @@ class StableSignature(Defense):
                             (0.3,), (0.3,), tuple(float(v) for v in self.extractor_resize_scale), (2.0,),
                             tuple(int(q) for q in self.extractor_jpeg_quality), self.extractor_jpeg_mode)
         return HiddenConfig(
-            bits=int(self.bits), encoder_blocks=int(self.extractor_encoder_blocks),
-            encoder_channels=int(self.extractor_encoder_channels), decoder_blocks=int(self.extractor_decoder_blocks),
-            decoder_channels=int(self.extractor_decoder_channels), activation="gelu", encoder_output="residual",
-            strength=float(self.extractor_strength), bn_momentum=float(self.extractor_bn_momentum), bn_eps=1e-3,
+            bits=self.bits, encoder_blocks=self.extractor_encoder_blocks,
+            encoder_channels=self.extractor_encoder_channels, decoder_blocks=self.extractor_decoder_blocks,
+            decoder_channels=self.extractor_decoder_channels, activation="gelu", encoder_output="residual",
+            strength=self.extractor_strength, bn_momentum=self.extractor_bn_momentum, bn_eps=1e-3,
             discriminator=False, image_loss_weight=0.0, adversarial_weight=0.0, message_loss="bce",
-            temperature=1.0, optimizer=self.extractor_optimizer, lr=float(self.extractor_lr), weight_decay=0.0,
-            schedule="cosine", warmup=int(self.extractor_warmup), min_lr=1e-6,
-            batch_size=int(self.extractor_batch_size), steps=int(self.extractor_steps), noise=noise)
+            temperature=1.0, optimizer=self.extractor_optimizer, lr=self.extractor_lr, weight_decay=0.0,
+            schedule="cosine", warmup=self.extractor_warmup, min_lr=1e-6,
+            batch_size=self.extractor_batch_size, steps=self.extractor_steps, noise=noise)
 
     @staticmethod
     def _size(value: int, ctx) -> int:
@@ -321,7 +313,7 @@ class StableSignature(Defense):
 
     def _images(self, ctx, pipe, n: int, size: int, gen: torch.Generator, return_latents: bool = False):
         return training_images(ctx, self.train_source, self.dataset, n, size, pipe, gen,
-                               int(self.gen_inference_steps), float(self.gen_guidance_scale), who="stable_signature",
+                               self.gen_inference_steps, self.gen_guidance_scale, who="stable_signature",
                                return_latents=return_latents)
 
     def finetune_decoder(self, vae, extractor: nn.Module, key: torch.Tensor, latents: torch.Tensor, ctx,
@@ -335,15 +327,15 @@ class StableSignature(Defense):
             params += list(vae.post_quant_conv.parameters())
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=float(self.lr), weight_decay=float(self.weight_decay))
-        steps = int(self.steps)
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        steps = self.steps
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, steps, int(self.warmup), "cosine", float(self.lr), 1e-6))
+            opt, lambda s: lr_factor(s, steps, self.warmup, "cosine", self.lr, 1e-6))
         perceptual = Perceptual(self.perceptual, latents.device)
         extractor.to(latents.device)
         keys = key.float()[None].to(latents.device)
         vae.decoder.train()
-        bsz = int(self.batch_size)
+        bsz = self.batch_size
         accs, w_losses, i_losses = [], [], []
         for _ in ctx.progress(range(steps), total=steps, description="stable_signature: decoder fine-tuning"):
             idx = torch.randint(0, latents.shape[0], (bsz,), generator=gen)
@@ -352,13 +344,13 @@ class StableSignature(Defense):
                 clean = (frozen.decode(z).sample + 1) / 2
             marked = (vae.decode(z).sample + 1) / 2
             logits = extractor(marked.clamp(0, 1) if self.clamp else marked)
-            loss_w = F.binary_cross_entropy_with_logits(logits * float(self.loss_temperature),
+            loss_w = F.binary_cross_entropy_with_logits(logits * self.loss_temperature,
                                                         keys.expand_as(logits))
-            loss = float(self.message_weight) * loss_w
+            loss = self.message_weight * loss_w
             loss_i = marked.new_zeros(())
-            if self.perceptual != "none" and float(self.perceptual_weight) > 0:
+            if self.perceptual != "none" and self.perceptual_weight > 0:
                 loss_i = perceptual(marked, clean)
-                loss = loss + float(self.perceptual_weight) * loss_i
+                loss = loss + self.perceptual_weight * loss_i
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stable_signature: fine-tuning loss became {loss.item()}")
             opt.zero_grad(set_to_none=True)
@@ -385,7 +377,7 @@ class StableSignature(Defense):
         if vae.dtype != torch.float32:
             raise UserError("stable_signature fine-tunes the VAE decoder in float32: set model.dtype = \"float32\"")
         t0 = time.perf_counter()
-        n_bits = int(self.bits)
+        n_bits = self.bits
         key = torch.randint(0, 2, (n_bits,), generator=ctx.generator).bool()
         g_data, g_ext, g_ft, g_gen = (sub_generator(ctx.generator) for _ in range(4))
 
@@ -398,7 +390,7 @@ class StableSignature(Defense):
             ext_images = None
         else:
             cfg = self.extractor_config()
-            ext_images = self._images(ctx, pipe, int(self.extractor_train_images),
+            ext_images = self._images(ctx, pipe, self.extractor_train_images,
                                       self._size(self.extractor_image_size, ctx), g_data)
             trained = train_hidden(ext_images, cfg, g_ext, ctx.progress, "stable_signature: extractor",
                                    device=vae.device)
@@ -412,12 +404,12 @@ class StableSignature(Defense):
         if size % factor:
             raise UserError(f"stable_signature: image_size {size} is not a multiple of the VAE's scale factor "
                             f"{factor}")
-        n_ft = int(self.steps) * int(self.batch_size)
+        n_ft = self.steps * self.batch_size
         generated = self.train_source == "generated"
         ft_images, latents = self._images(ctx, pipe, max(1, n_ft), size, g_gen, return_latents=True) \
             if generated else (self._images(ctx, pipe, max(1, n_ft), size, g_gen), None)
         white_src = ext_images if ext_images is not None else ft_images
-        white_src = white_src[: int(self.whiten_images)]
+        white_src = white_src[: self.whiten_images]
         extractor = Extractor(decoder).eval()
         w, b = whitening(extractor_outputs(decoder, white_src))
         with torch.no_grad():
@@ -443,7 +435,7 @@ class StableSignature(Defense):
 
         tensors = {"message": key, **state_tensors("extractor", extractor)}
         meta = {"method": "stable_signature", "arch": cfg.arch(), **{k: float(v) for k, v in stats.items()}}
-        ctx.record_cost(steps=int(self.steps), extractor_steps=0 if self.extractor_path else cfg.steps,
+        ctx.record_cost(steps=self.steps, extractor_steps=0 if self.extractor_path else cfg.steps,
                         trainable_params=int(stats["trainable_params"]), extractor_seconds=t1 - t0,
                         data_seconds=t2 - t1, finetune_seconds=t3 - t2, bit_accuracy_train=acc)
         return Embedding(Secret(tensors, meta), pipeline=pipe)

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from bench import Defense, Detection, DetectionKind, Embedding, MarkLocation, Param, Secret, defenses
+from bench import Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret
 from bench.generation import initial_latents
 from bench.inversion import INVERSION_METHODS, invert_images, latent_shape
 from bench.plugins import QualityMeasure, ThreatSetting
@@ -125,19 +125,15 @@ class TreeRing(Defense):
     threat = ThreatSetting.API
     quality_measures = (QualityMeasure.DISTRIBUTION,)
     uses_data = True  # the key's size is the latent's, read from the pipeline at the run's image size
-    params = (
-        Param("radius", "float", 10.0, "radius of the key's disc in the centred FFT, in latent pixels", low=1.0,
-              high=512.0),
-        Param("channel", "int", 3, "latent channel carrying the key", low=0, high=63),
-        Param("pattern", "str", "rings", "key pattern: rings (paper default), zeros or rand", choices=PATTERNS),
-        Param("score", "str", "l1", "detection score: -L1 distance (paper) or -log10 p (non-central chi-square)",
-              choices=SCORES),
-        Param("inversion", "str", "ddim", "inversion: plain DDIM or exact (fixed-point)", choices=INVERSION_METHODS),
-        Param("inversion_steps", "int", 0, "DDIM inversion steps; 0 = the run's sampler steps (paper: 50 and 50)",
-              low=0, high=1000),
-        Param("fixed_point_iters", "int", 3, "fixed-point iterations per step of the exact inversion", low=1,
-              high=50),
-    )
+    radius: float = param(10.0, "radius of the key's disc in the centred FFT, in latent pixels", low=1.0, high=512.0)
+    channel: int = param(3, "latent channel carrying the key", low=0, high=63)
+    pattern: str = param("rings", "key pattern: rings (paper default), zeros or rand", choices=PATTERNS)
+    score: str = param("l1", "detection score: -L1 distance (paper) or -log10 p (non-central chi-square)",
+            choices=SCORES)
+    inversion: str = param("ddim", "inversion: plain DDIM or exact (fixed-point)", choices=INVERSION_METHODS)
+    inversion_steps: int = param(0, "DDIM inversion steps; 0 = the run's sampler steps (paper: 50 and 50)", low=0,
+            high=1000)
+    fixed_point_iters: int = param(3, "fixed-point iterations per step of the exact inversion", low=1, high=50)
     smoke_params = {"radius": 2.0, "channel": 0, "inversion_steps": 2}
 
     def embed(self, pipe, ctx) -> Embedding:

@@ -72,8 +72,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   ThreatSetting, UserError, Verification, defenses)
+from bench import (
+    Defense, defenses, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, param, Secret,
+    ThreatSetting, UserError, Verification,
+)
 from bench.generation import latent_shape
 from bench.training import (decode_latents, drop_to_empty, encode_images, encode_prompts, sample_batches,
                             train_loop, trainable)
@@ -260,54 +262,50 @@ class WDM(Defense):
     variants = ("", "no_trigger")
     uses_data = True  # task images generated for the run's prompts
 
-    params = (
-        # -- the watermark diffusion process ---------------------------------------------------------------------
-        Param("gamma1", "float", 0.8, "WDP input gamma1 * x_t + (1 - gamma1) * trigger (paper 0.8)",
-              low=1e-6, high=1.0),
-        Param("gamma2", "float", 0.1, "weight of the WDP loss beside the task loss (paper 0.1)", low=0.0, high=1e6),
-        Param("trigger_source", "str", "latent", "trigger: a standard-normal latent, or a uniform random-pixel "
-              "image VAE-encoded", choices=("latent", "image")),
-        Param("watermark_source", "str", "pattern", "watermark: a random two-colour block-pattern image (logo "
-              "stand-in), an image file (watermark_file), or a +-1 block pattern defined as a latent",
-              choices=("pattern", "file", "latent")),
-        Param("watermark_file", "str", "", "image file of the watermark (watermark_source = 'file')"),
-        Param("watermark_grid", "int", 8, "blocks per side of the random watermark pattern", low=1, high=4096),
-        Param("wdp_prompt", "str", "a watermark", "prompt conditioning the WDP branch and the extraction (our "
-              "adaptation: the paper's models are unconditional; empty = the unconditional branch, which "
-              "classifier-free guidance amplifies)"),
-        Param("resolution", "int", 0, "watermark/extraction image side in pixels; 0 = the model's native "
-              "(unet sample_size x vae_scale_factor)", low=0, high=4096),
-        # -- task data -------------------------------------------------------------------------------------------
-        Param("task_data", "str", "generated", "task-loss data: images the base model generates for the run's "
-              "prompts, or ctx.data.dataset(dataset)", choices=("generated", "dataset")),
-        Param("dataset", "str", "tiny:train", "dataset for task_data = 'dataset' (tiny:<split> or a folder)"),
-        Param("train_images", "int", 10000, "task images (generated or from the dataset)", low=1, high=10_000_000),
-        Param("train_inference_steps", "int", 50, "sampling steps for generated task images", low=1, high=1000),
-        Param("train_guidance_scale", "float", 7.5, "guidance scale for generated task images", low=0.0, high=50.0),
-        Param("gen_batch_size", "int", 16, "batch when generating task images and calibrating", low=1, high=4096),
-        Param("task_uncond_prob", "float", 0.1, "share of task samples whose caption is replaced by the empty prompt "
-              "(text-to-image training's caption dropout, SD 0.1): keeps the unconditional branch, which "
-              "classifier-free guidance uses, trained on the task; 0 = always the caption", low=0.0, high=1.0),
-        # -- fine-tuning -----------------------------------------------------------------------------------------
-        Param("steps", "int", 10000, "fine-tuning steps (the official configuration runs until stopped)",
-              low=0, high=100_000_000),
-        Param("batch_size", "int", 32, "task samples per step (official 32)", low=1, high=4096),
-        Param("wm_batch_size", "int", 32, "watermark samples per step (official 32)", low=1, high=4096),
-        Param("lr", "float", 1e-4, "AdamW learning rate, constant (official 1e-4)", low=0.0, high=1.0),
-        Param("weight_decay", "float", 0.0, "AdamW weight decay (official 0)", low=0.0, high=10.0),
-        Param("ema_rate", "float", 0.999, "EMA rate of the released weights (official 0.999); 0 = the raw weights",
-              low=0.0, high=0.999999),
-        # -- extraction / verification ---------------------------------------------------------------------------
-        Param("extract_steps", "int", 1000, "ancestral steps of the extraction (1000 = the full chain, official)",
-              low=1, high=100_000),
-        Param("extract_variance", "str", "fixed_large", "ancestral variance: beta_t (official) or the posterior's",
-              choices=("fixed_large", "fixed_small")),
-        Param("distance", "str", "mse", "detection score against the watermark image: PSNR (mse), SSIM, or the "
-              "normalised correlation of the grey levels (nc)",
-              choices=DISTANCES),
-        Param("calibration_samples", "int", 16, "extractions on the clean base model at embedding time (the null "
-              "distribution stored in the secret); 0 = none", low=0, high=100_000),
-    )
+    # -- the watermark diffusion process ---------------------------------------------------------------------
+    gamma1: float = param(0.8, "WDP input gamma1 * x_t + (1 - gamma1) * trigger (paper 0.8)", low=1e-6, high=1.0)
+    gamma2: float = param(0.1, "weight of the WDP loss beside the task loss (paper 0.1)", low=0.0, high=1e6)
+    trigger_source: str = param("latent", "trigger: a standard-normal latent, or a uniform random-pixel image "
+            "VAE-encoded", choices=("latent", "image"))
+    watermark_source: str = param("pattern", "watermark: a random two-colour block-pattern image (logo stand-in), an "
+            "image file (watermark_file), or a +-1 block pattern defined as a latent",
+            choices=("pattern", "file", "latent"))
+    watermark_file: str = param("", "image file of the watermark (watermark_source = 'file')")
+    watermark_grid: int = param(8, "blocks per side of the random watermark pattern", low=1, high=4096)
+    wdp_prompt: str = param("a watermark", "prompt conditioning the WDP branch and the extraction (our adaptation: the "
+            "paper's models are unconditional; empty = the unconditional branch, which classifier-free guidance "
+            "amplifies)")
+    resolution: int = param(0, "watermark/extraction image side in pixels; 0 = the model's native (unet sample_size x "
+            "vae_scale_factor)", low=0, high=4096)
+    # -- task data -------------------------------------------------------------------------------------------
+    task_data: str = param("generated", "task-loss data: images the base model generates for the run's prompts, or "
+            "ctx.data.dataset(dataset)", choices=("generated", "dataset"))
+    dataset: str = param("tiny:train", "dataset for task_data = 'dataset' (tiny:<split> or a folder)")
+    train_images: int = param(10000, "task images (generated or from the dataset)", low=1, high=10_000_000)
+    train_inference_steps: int = param(50, "sampling steps for generated task images", low=1, high=1000)
+    train_guidance_scale: float = param(7.5, "guidance scale for generated task images", low=0.0, high=50.0)
+    gen_batch_size: int = param(16, "batch when generating task images and calibrating", low=1, high=4096)
+    task_uncond_prob: float = param(0.1, "share of task samples whose caption is replaced by the empty prompt "
+            "(text-to-image training's caption dropout, SD 0.1): keeps the unconditional branch, which classifier-free "
+            "guidance uses, trained on the task; 0 = always the caption", low=0.0, high=1.0)
+    # -- fine-tuning -----------------------------------------------------------------------------------------
+    steps: int = param(10000, "fine-tuning steps (the official configuration runs until stopped)", low=0,
+            high=100_000_000)
+    batch_size: int = param(32, "task samples per step (official 32)", low=1, high=4096)
+    wm_batch_size: int = param(32, "watermark samples per step (official 32)", low=1, high=4096)
+    lr: float = param(1e-4, "AdamW learning rate, constant (official 1e-4)", low=0.0, high=1.0)
+    weight_decay: float = param(0.0, "AdamW weight decay (official 0)", low=0.0, high=10.0)
+    ema_rate: float = param(0.999, "EMA rate of the released weights (official 0.999); 0 = the raw weights", low=0.0,
+            high=0.999999)
+    # -- extraction / verification ---------------------------------------------------------------------------
+    extract_steps: int = param(1000, "ancestral steps of the extraction (1000 = the full chain, official)", low=1,
+            high=100_000)
+    extract_variance: str = param("fixed_large", "ancestral variance: beta_t (official) or the posterior's",
+            choices=("fixed_large", "fixed_small"))
+    distance: str = param("mse", "detection score against the watermark image: PSNR (mse), SSIM, or the normalised "
+            "correlation of the grey levels (nc)", choices=DISTANCES)
+    calibration_samples: int = param(16, "extractions on the clean base model at embedding time (the null distribution "
+            "stored in the secret); 0 = none", low=0, high=100_000)
 
     smoke_params = dict(train_images=4, train_inference_steps=2, gen_batch_size=4, steps=2, batch_size=2,
                         wm_batch_size=2, ema_rate=0.0, extract_steps=3, calibration_samples=2)
@@ -320,7 +318,7 @@ class WDM(Defense):
     # -- helpers ----------------------------------------------------------------------------------------------
     def _resolution(self, pipe) -> int:
         if self.resolution:
-            return int(self.resolution)
+            return self.resolution
         return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
 
     @staticmethod
@@ -342,7 +340,7 @@ class WDM(Defense):
     def make_watermark(self, pipe, shape: Sequence[int], resolution: int, gen: torch.Generator) -> torch.Tensor:
         """The watermark ``z_wm`` ``[C, h, w]`` in the scaled latent space."""
         c, h, w = (int(s) for s in shape)
-        grid = int(self.watermark_grid)
+        grid = self.watermark_grid
         if self.watermark_source == "latent":
             return torch.stack([block_pattern(grid, (h, w), 1, gen)[0] for _ in range(c)]) * 2 - 1
         if self.watermark_source == "file":
@@ -355,7 +353,7 @@ class WDM(Defense):
 
     def _task_latents(self, pipe, ctx, gen: torch.Generator, resolution: int) -> tuple[torch.Tensor, list[str]]:
         """Scaled task latents ``[N, C, h, w]`` (CPU) and their captions."""
-        n = int(self.train_images)
+        n = self.train_images
         if ctx.data is None:
             raise UserError("wdm: fine-tuning needs the harness's data resources (ctx.data)")
         if self.task_data == "dataset":
@@ -363,13 +361,13 @@ class WDM(Defense):
             if tuple(images.shape[-2:]) != (resolution, resolution):
                 images = F.interpolate(images, size=(resolution, resolution), mode="bicubic", align_corners=False,
                                        antialias=True).clamp(0, 1)
-            latents = torch.cat([encode_images(pipe, images[s:s + int(self.gen_batch_size)]).float().cpu()
-                                 for s in range(0, images.shape[0], int(self.gen_batch_size))])
+            latents = torch.cat([encode_images(pipe, images[s:s + self.gen_batch_size]).float().cpu()
+                                 for s in range(0, images.shape[0], self.gen_batch_size)])
             return latents, list(captions)
         _, latents = training_images(ctx, "generated", "", n, resolution, pipe, gen,
-                                     inference_steps=int(self.train_inference_steps),
-                                     guidance_scale=float(self.train_guidance_scale),
-                                     batch_size=int(self.gen_batch_size), who="wdm", return_latents=True)
+                                     inference_steps=self.train_inference_steps,
+                                     guidance_scale=self.train_guidance_scale,
+                                     batch_size=self.gen_batch_size, who="wdm", return_latents=True)
         # training_images cycles the run's prompts over the images (the same rule, for the captions)
         prompts = list(ctx.data.prompts()) or ["a red circle on a blue background"]
         return latents * float(pipe.vae.config.scaling_factor), [prompts[i % len(prompts)] for i in range(n)]
@@ -393,13 +391,13 @@ class WDM(Defense):
         unet = pipe.unet
         device = unet.device
         params = trainable(unet)
-        ema = _EMA(params, float(self.ema_rate)) if self.ema_rate > 0 else None
+        ema = _EMA(params, self.ema_rate) if self.ema_rate > 0 else None
         alphas_cumprod = pipe.scheduler.alphas_cumprod
-        wm = wm_latent.to(device)[None].expand(int(self.wm_batch_size), -1, -1, -1)
+        wm = wm_latent.to(device)[None].expand(self.wm_batch_size, -1, -1, -1)
         trig, c_wdp = trigger.to(device)[None], cond_wdp.to(device)
-        batches = sample_batches(int(latents.shape[0]), int(self.batch_size), gen)
+        batches = sample_batches(int(latents.shape[0]), self.batch_size, gen)
         last: dict[str, float] = {}
-        p_uncond = float(self.task_uncond_prob)
+        p_uncond = self.task_uncond_prob
         if p_uncond > 0 and cond_empty is None:
             raise ValueError("wdm.train: task_uncond_prob > 0 needs cond_empty (the empty prompt's embedding)")
 
@@ -409,14 +407,14 @@ class WDM(Defense):
             idx = next(batches)
             cond = drop_to_empty(cond_table[cond_index[idx]], cond_empty, p_uncond, gen)
             loss, parts = wdm_loss(unet, alphas_cumprod, latents[idx].to(device), cond.to(device), wm, trig, c_wdp,
-                                   float(self.gamma1), float(self.gamma2), gen)
+                                   self.gamma1, self.gamma2, gen)
             last.update(parts)
             return loss
 
         unet.train()
         with forked_global_rng(gen):  # SD's UNet has no dropout; kept for safety
-            losses = train_loop(params, step, int(self.steps), float(self.lr), ctx.progress, "wdm: fine-tuning",
-                                weight_decay=float(self.weight_decay), max_grad_norm=None)
+            losses = train_loop(params, step, self.steps, self.lr, ctx.progress, "wdm: fine-tuning",
+                                weight_decay=self.weight_decay, max_grad_norm=None)
         if ema is not None and losses:
             ema.update(params)
             ema.copy_to(params)
@@ -433,13 +431,13 @@ class WDM(Defense):
         device = unet.device
         with torch.no_grad():
             cond = encode_prompts(pipe, [prompt])
-        steps = extraction_timesteps(pipe.scheduler.config.num_train_timesteps, int(self.extract_steps))
+        steps = extraction_timesteps(pipe.scheduler.config.num_train_timesteps, self.extract_steps)
         out = []
         for start in range(0, len(seeds), max(1, int(batch_size))):
             gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + int(batch_size)]]
             x_T = torch.stack([torch.randn(tuple(trigger.shape), generator=g) for g in gens]).to(device)
             out.append(wdp_sample(unet, pipe.scheduler.alphas_cumprod, x_T, trigger[None].to(device), gamma1, cond,
-                                  steps, gens, str(self.extract_variance), progress))
+                                  steps, gens, self.extract_variance, progress))
         return torch.cat(out)
 
     def extracted_images(self, pipe, secret: Secret, seeds: Sequence[int], batch_size: int,
@@ -487,11 +485,11 @@ class WDM(Defense):
         secret = Secret(
             {"trigger": trigger.contiguous(), "watermark_latent": wm_latent.contiguous(),
              "watermark_image": reference[0].float().cpu().clamp(0, 1).contiguous()},
-            {"method": "wdm", "gamma1": float(self.gamma1), "gamma2": float(self.gamma2),
+            {"method": "wdm", "gamma1": self.gamma1, "gamma2": self.gamma2,
              "wdp_prompt": self.wdp_prompt, "resolution": int(resolution), "latent_shape": [int(s) for s in shape],
              "trigger_source": self.trigger_source, "watermark_source": self.watermark_source,
-             "extract_steps": int(self.extract_steps), "extract_variance": self.extract_variance})
-        cal_seeds = torch.randint(0, 2**31 - 1, (int(self.calibration_samples),), generator=gen_cal).tolist()
+             "extract_steps": self.extract_steps, "extract_variance": self.extract_variance})
+        cal_seeds = torch.randint(0, 2**31 - 1, (self.calibration_samples,), generator=gen_cal).tolist()
         null = self._scores(pipe, secret, cal_seeds, ctx)  # the clean base model, before any fine-tuning
         t_cal = time.perf_counter()
 
@@ -506,7 +504,7 @@ class WDM(Defense):
         embedded = self._scores(pipe, secret, cal_seeds, ctx)
         secret.meta.update(null_scores=null, embedded_scores=embedded, calibration_seeds=cal_seeds,
                            final_task_loss=stats["final_task_loss"], final_wdp_loss=stats["final_wdp_loss"])
-        ctx.record_cost(steps=int(self.steps), trainable_params=stats["trainable_params"],
+        ctx.record_cost(steps=self.steps, trainable_params=stats["trainable_params"],
                         train_images=int(latents.shape[0]), final_loss=stats["final_loss"],
                         calibration_seconds=t_cal - t_start + time.perf_counter() - t_train,
                         data_seconds=t_data - t_cal, train_seconds=t_train - t_data)
@@ -516,7 +514,7 @@ class WDM(Defense):
         """Both distances' scores of the extraction on ``pipe`` for ``seeds`` (JSON-able)."""
         if not seeds:
             return {d: [] for d in DISTANCES}
-        images = quantize8(self.extracted_images(pipe, secret, seeds, int(self.gen_batch_size), ctx.progress))
+        images = quantize8(self.extracted_images(pipe, secret, seeds, self.gen_batch_size, ctx.progress))
         ref = secret.tensors["watermark_image"]
         return {d: [float(v) for v in similarity_scores(images, ref, d)] for d in DISTANCES}
 

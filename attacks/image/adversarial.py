@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import AttackContext, ImageAttack, Param, image_attacks
+from bench import AttackContext, image_attacks, ImageAttack, param
 from bench.latents import to_latent
 
 
@@ -34,13 +34,11 @@ class AdvEmbedding(ImageAttack):
     strength_mapping = "eps = (2 + 6 s) / 255"
     zero_strength_tolerance = 2.0 / 255
     smoke_params = {"steps": 3}
-    params = (
-        Param("eps", "float", 5.0 / 255, "L-infinity budget (image range [0, 1])", low=0.0, high=1.0),
-        Param("steps", "int", 50, "PGD iterations", low=1, high=10000),
-        Param("step_size", "float", 0.05, "each step's size as a fraction of eps", low=0.0, high=1.0),
-        Param("random_start", "bool", True, "start from a uniform random point of the eps-ball"),
-        Param("batch_size", "int", 16, "images attacked at once", low=1, high=1024),
-    )
+    eps: float = param(5.0 / 255, "L-infinity budget (image range [0, 1])", low=0.0, high=1.0)
+    steps: int = param(50, "PGD iterations", low=1, high=10000)
+    step_size: float = param(0.05, "each step's size as a fraction of eps", low=0.0, high=1.0)
+    random_start: bool = param(True, "start from a uniform random point of the eps-ball")
+    batch_size: int = param(16, "images attacked at once", low=1, high=1024)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -57,7 +55,7 @@ class AdvEmbedding(ImageAttack):
     def perturb(self, vae: Any, x: torch.Tensor, generator: torch.Generator, device: str) -> torch.Tensor:
         """The PGD perturbation of one batch, quantised toward the input; ``||out - x||_inf <= eps`` exactly."""
         dtype = next(vae.parameters()).dtype
-        eps = float(self.eps)
+        eps = self.eps
         x_dev = x.to(device, torch.float32)
         with torch.no_grad():
             z0 = to_latent(vae, x_dev.to(dtype))[0].float()
@@ -66,7 +64,7 @@ class AdvEmbedding(ImageAttack):
         else:
             delta = torch.zeros_like(x)
         delta = ((x + delta).clamp(0, 1) - x).to(device, torch.float32)
-        alpha = float(self.step_size) * eps
+        alpha = self.step_size * eps
         with torch.enable_grad():
             for _ in range(self.steps):
                 delta.requires_grad_(True)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -53,12 +53,8 @@ class Averaging(ImageAttack):
     strength_mapping = "images n = round(2 ** (1 + 5 s)), capped at the batch"
     strength_effect = "fixed_mark"
     zero_strength_tolerance = 0.05
-    params = (
-        Param("images", "int", 11, "how many of the batch's images the pattern is estimated from (n)", low=1,
-              high=100000),
-        Param("blur_sigma", "float", 1.5, "std (px) of the Gaussian blur that makes the clean-like images",
-              low=0.1, high=20.0),
-    )
+    images: int = param(11, "how many of the batch's images the pattern is estimated from (n)", low=1, high=100000)
+    blur_sigma: float = param(1.5, "std (px) of the Gaussian blur that makes the clean-like images", low=0.1, high=20.0)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -66,8 +62,8 @@ class Averaging(ImageAttack):
 
     def pattern(self, images: torch.Tensor) -> torch.Tensor:
         """The estimated fixed pattern ``[1, 3, H, W]`` from the first ``min(n, N)`` images."""
-        x = images[: max(1, min(int(self.images), images.shape[0]))].to(torch.float32)
-        return (x - _blur(x, float(self.blur_sigma))).mean(0, keepdim=True)
+        x = images[: max(1, min(self.images, images.shape[0]))].to(torch.float32)
+        return (x - _blur(x, self.blur_sigma)).mean(0, keepdim=True)
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.to(torch.float32)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import ConfigError, ImageAttack, Param, image_attacks
+from bench import ConfigError, image_attacks, ImageAttack, param
 
 
 def default_sigma(kernel_size: int) -> float:
@@ -51,15 +51,13 @@ class GaussianBlur(ImageAttack):
     version = "1"
     strength_mapping = "kernel_size = odd(round(20 s)) and sigma"
     deterministic = True
-    params = (
-        Param("kernel_size", "int", 11, "odd kernel side in pixels (1 = no blur)", low=1, high=101),
-        Param("sigma", "float", None, "standard deviation in pixels; unset = derived from kernel_size",
-              low=0.01, high=100.0, optional=True),
-    )
+    kernel_size: int = param(11, "odd kernel side in pixels (1 = no blur)", low=1, high=101)
+    sigma: float | None = param(None, "standard deviation in pixels; unset = derived from kernel_size", low=0.01,
+            high=100.0)
 
     def __init__(self, **given: Any):
         super().__init__(**given)
-        if int(self.kernel_size) % 2 != 1:
+        if self.kernel_size % 2 != 1:
             raise ConfigError(f"kernel_size = {self.kernel_size} is invalid for '{self.name or 'gaussian_blur'}': "
                               f"it must be an odd integer in [1, 101]")
 
@@ -72,6 +70,6 @@ class GaussianBlur(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
-        k = int(self.kernel_size)
+        k = self.kernel_size
         sigma = float(self.sigma) if self.sigma is not None else default_sigma(k)
         return _gaussian_blur(x, k, sigma).clamp(0.0, 1.0).contiguous()

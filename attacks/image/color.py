@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -37,9 +37,7 @@ class Brightness(ImageAttack):
     version = "1"
     strength_mapping = "factor = 1 + s"
     deterministic = True
-    params = (
-        Param("factor", "float", 1.5, "multiplier of every pixel value (1 = unchanged)", low=0.0, high=10.0),
-    )
+    factor: float = param(1.5, "multiplier of every pixel value (1 = unchanged)", low=0.0, high=10.0)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -47,7 +45,7 @@ class Brightness(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
-        return (x * float(self.factor)).clamp(0.0, 1.0).contiguous()
+        return (x * self.factor).clamp(0.0, 1.0).contiguous()
 
 
 @image_attacks.register("contrast")
@@ -65,10 +63,7 @@ class Contrast(ImageAttack):
     version = "1"
     strength_mapping = "factor = 1 + s"
     deterministic = True
-    params = (
-        Param("factor", "float", 1.5, "contrast factor (1 = unchanged, 0 = flat grey at the mean luma)",
-              low=0.0, high=10.0),
-    )
+    factor: float = param(1.5, "contrast factor (1 = unchanged, 0 = flat grey at the mean luma)", low=0.0, high=10.0)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -77,7 +72,7 @@ class Contrast(ImageAttack):
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
         mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-        return _blend(x, mean, float(self.factor)).contiguous()
+        return _blend(x, mean, self.factor).contiguous()
 
 
 @image_attacks.register("saturation")
@@ -93,10 +88,8 @@ class Saturation(ImageAttack):
     version = "1"
     strength_mapping = "factor = 1 - s"
     deterministic = True
-    params = (
-        Param("factor", "float", 0.5, "saturation factor (1 = unchanged, 0 = greyscale, >1 = more saturated)",
-              low=0.0, high=10.0),
-    )
+    factor: float = param(0.5, "saturation factor (1 = unchanged, 0 = greyscale, >1 = more saturated)", low=0.0,
+            high=10.0)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -104,4 +97,4 @@ class Saturation(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
-        return _blend(x, _grayscale(x), float(self.factor)).contiguous()
+        return _blend(x, _grayscale(x), self.factor).contiguous()

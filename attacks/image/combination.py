@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 # The attacks a combination may chain: every other built-in image attack (not itself, so no recursion).
 MEMBER_CHOICES = ("none", "jpeg", "gaussian_blur", "gaussian_noise", "salt_pepper", "median_filter", "resize",
@@ -33,15 +33,12 @@ class Combination(ImageAttack):
     version = "1"
     strength_mapping = "level = s"
     zero_strength_tolerance = 0.03
-    params = (
-        Param("members", "list[str]", list(DEFAULT_MEMBERS), "attacks applied in this order",
-              choices=MEMBER_CHOICES),
-        Param("level", "float", 0.5, "common strength of the members when 'strength' is unset", low=0.0, high=1.0),
-    )
+    members: list[str] = param(list(DEFAULT_MEMBERS), "attacks applied in this order", choices=MEMBER_CHOICES)
+    level: float = param(0.5, "common strength of the members when 'strength' is unset", low=0.0, high=1.0)
 
     def __init__(self, **given: Any):
         super().__init__(**given)
-        self._chain = [image_attacks.get(name)(strength=float(self.level)) for name in self.members]
+        self._chain = [image_attacks.get(name)(strength=self.level) for name in self.members]
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:

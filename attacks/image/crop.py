@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 
 @image_attacks.register("crop")
@@ -28,10 +28,8 @@ class Crop(ImageAttack):
 
     version = "1"
     strength_mapping = "scale = 1 - 0.5 s"
-    params = (
-        Param("scale", "float", 0.75, "fraction of the image area kept", low=0.1, high=1.0),
-        Param("mode", "str", "random", "where the window sits", choices=("center", "random")),
-    )
+    scale: float = param(0.75, "fraction of the image area kept", low=0.1, high=1.0)
+    mode: str = param("random", "where the window sits", choices=("center", "random"))
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -40,7 +38,7 @@ class Crop(ImageAttack):
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
         n, _, h, w = x.shape
-        side = math.sqrt(float(self.scale))
+        side = math.sqrt(self.scale)
         ch = min(h, max(1, int(round(h * side))))
         cw = min(w, max(1, int(round(w * side))))
         if (ch, cw) == (h, w):

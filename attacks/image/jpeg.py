@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 from bench.noise import pil_jpeg
 
 
@@ -31,11 +31,8 @@ class JPEG(ImageAttack):
     deterministic = True
     zero_strength_tolerance = 0.03
     strength_effect = "psnr"
-    params = (
-        Param("quality", "int", 50, "JPEG quality factor (1 = worst, 100 = best)", low=1, high=100),
-        Param("subsampling", "str", "4:2:0", "chroma subsampling used by the encoder",
-              choices=("4:4:4", "4:2:2", "4:2:0")),
-    )
+    quality: int = param(50, "JPEG quality factor (1 = worst, 100 = best)", low=1, high=100)
+    subsampling: str = param("4:2:0", "chroma subsampling used by the encoder", choices=("4:4:4", "4:2:2", "4:2:0"))
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -43,4 +40,4 @@ class JPEG(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
-        return pil_jpeg(x, int(self.quality), self.subsampling).clamp(0.0, 1.0).contiguous()
+        return pil_jpeg(x, self.quality, self.subsampling).clamp(0.0, 1.0).contiguous()

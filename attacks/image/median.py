@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import ConfigError, ImageAttack, Param, image_attacks
+from bench import ConfigError, image_attacks, ImageAttack, param
 
 
 @image_attacks.register("median_filter")
@@ -23,13 +23,11 @@ class MedianFilter(ImageAttack):
     version = "1"
     strength_mapping = "kernel_size = 1 + 2 round(4 s)"
     deterministic = True
-    params = (
-        Param("kernel_size", "int", 5, "odd window side in pixels (1 = no filtering)", low=1, high=31),
-    )
+    kernel_size: int = param(5, "odd window side in pixels (1 = no filtering)", low=1, high=31)
 
     def __init__(self, **given: Any):
         super().__init__(**given)
-        if int(self.kernel_size) % 2 != 1:
+        if self.kernel_size % 2 != 1:
             raise ConfigError(f"kernel_size = {self.kernel_size} is invalid for '{self.name or 'median_filter'}': "
                               f"it must be an odd integer in [1, 31]")
 
@@ -39,7 +37,7 @@ class MedianFilter(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
-        k = int(self.kernel_size)
+        k = self.kernel_size
         if k <= 1:
             return x.clamp(0.0, 1.0).clone()
         pad = k // 2

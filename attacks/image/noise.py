@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 
 @image_attacks.register("gaussian_noise")
@@ -24,9 +24,7 @@ class GaussianNoise(ImageAttack):
 
     version = "1"
     strength_mapping = "std = 0.1 s"
-    params = (
-        Param("std", "float", 0.05, "noise standard deviation on the [0, 1] pixel scale", low=0.0, high=1.0),
-    )
+    std: float = param(0.05, "noise standard deviation on the [0, 1] pixel scale", low=0.0, high=1.0)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -34,9 +32,9 @@ class GaussianNoise(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
-        if float(self.std) == 0.0:
+        if self.std == 0.0:
             return x.clamp(0.0, 1.0).clone()
         # drawn on the generator's device (the harness's is a CPU generator), then moved to the images'
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
                             device=generator.device if generator is not None else x.device).to(x.device)
-        return (x + float(self.std) * noise).clamp(0.0, 1.0).contiguous()
+        return (x + self.std * noise).clamp(0.0, 1.0).contiguous()

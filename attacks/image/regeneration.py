@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bench import AttackContext, ImageAttack, Param, image_attacks
+from bench import AttackContext, image_attacks, ImageAttack, param
 from bench.latents import from_latent, to_latent
 
 
@@ -48,11 +48,9 @@ class RegenVAE(ImageAttack):
     needs_model = "base"
     strength_mapping = "latent_noise = 0.5 max(0, 2 s - 1)"
     zero_strength_tolerance = 0.2
-    params = (
-        Param("latent_noise", "float", 0.0, "std of the Gaussian noise added to the scaled latent (Zhao et al.'s "
-              "sigma)", low=0.0, high=4.0),
-        Param("batch_size", "int", 16, "images encoded at once", low=1, high=1024),
-    )
+    latent_noise: float = param(0.0, "std of the Gaussian noise added to the scaled latent (Zhao et al.'s sigma)",
+            low=0.0, high=4.0)
+    batch_size: int = param(16, "images encoded at once", low=1, high=1024)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -142,12 +140,10 @@ class RegenDiffusion(ImageAttack):
     strength_mapping = "noise_step = round(40 + 160 s) of 1000"
     zero_strength_tolerance = 0.2
     smoke_params = {"num_inference_steps": 25}
-    params = (
-        Param("noise_step", "int", 120, "diffusion step t the image is noised to (of T = 1000)", low=1, high=1000),
-        Param("num_inference_steps", "int", 50, "the sampler's schedule length (img2img runs the last "
-              "int(N t / T) of its steps)", low=1, high=1000),
-        Param("batch_size", "int", 16, "images regenerated at once", low=1, high=1024),
-    )
+    noise_step: int = param(120, "diffusion step t the image is noised to (of T = 1000)", low=1, high=1000)
+    num_inference_steps: int = param(50, "the sampler's schedule length (img2img runs the last int(N t / T) of its "
+            "steps)", low=1, high=1000)
+    batch_size: int = param(16, "images regenerated at once", low=1, high=1024)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -181,13 +177,10 @@ class Rinse(ImageAttack):
     strength_mapping = "total_noise_step = round(40 + 160 s) of 1000, split over the passes"
     zero_strength_tolerance = 0.25
     smoke_params = {"num_inference_steps": 50, "passes": 1}  # one pass keeps the contract cheap; 2+ in tests
-    params = (
-        Param("passes", "int", 2, "regenerations in a row (WAVES: 2 or 4)", low=1, high=16),
-        Param("total_noise_step", "int", 120, "noise steps over all passes (each pass: total / passes)",
-              low=1, high=4000),
-        Param("num_inference_steps", "int", 50, "the sampler's schedule length per pass", low=1, high=1000),
-        Param("batch_size", "int", 16, "images regenerated at once", low=1, high=1024),
-    )
+    passes: int = param(2, "regenerations in a row (WAVES: 2 or 4)", low=1, high=16)
+    total_noise_step: int = param(120, "noise steps over all passes (each pass: total / passes)", low=1, high=4000)
+    num_inference_steps: int = param(50, "the sampler's schedule length per pass", low=1, high=1000)
+    batch_size: int = param(16, "images regenerated at once", low=1, high=1024)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:

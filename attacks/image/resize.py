@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 
 @image_attacks.register("resize")
@@ -25,10 +25,8 @@ class Resize(ImageAttack):
     version = "1"
     strength_mapping = "scale = 1 - 0.75 s"
     deterministic = True
-    params = (
-        Param("scale", "float", 0.625, "side-length factor of the intermediate image", low=0.01, high=1.0),
-        Param("mode", "str", "bilinear", "interpolation used for both steps", choices=("bilinear", "bicubic")),
-    )
+    scale: float = param(0.625, "side-length factor of the intermediate image", low=0.01, high=1.0)
+    mode: str = param("bilinear", "interpolation used for both steps", choices=("bilinear", "bicubic"))
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -37,8 +35,8 @@ class Resize(ImageAttack):
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
         h, w = x.shape[-2:]
-        sh = max(1, int(round(h * float(self.scale))))
-        sw = max(1, int(round(w * float(self.scale))))
+        sh = max(1, int(round(h * self.scale)))
+        sw = max(1, int(round(w * self.scale)))
         if (sh, sw) == (h, w):
             return x.clamp(0.0, 1.0).clone()
         kw = {"mode": self.mode, "align_corners": False, "antialias": True}

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from kornia.geometry.transform import rotate
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 
 @image_attacks.register("rotation")
@@ -26,10 +26,7 @@ class Rotation(ImageAttack):
     version = "1"
     strength_mapping = "degrees = 45 s"
     deterministic = True
-    params = (
-        Param("degrees", "float", 22.5, "rotation angle in degrees, positive = counter-clockwise",
-              low=-180.0, high=180.0),
-    )
+    degrees: float = param(22.5, "rotation angle in degrees, positive = counter-clockwise", low=-180.0, high=180.0)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -37,8 +34,8 @@ class Rotation(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
-        if float(self.degrees) == 0.0:
+        if self.degrees == 0.0:
             return x.clamp(0.0, 1.0).clone()
-        angle = torch.full((x.shape[0],), float(self.degrees), dtype=torch.float32, device=x.device)
+        angle = torch.full((x.shape[0],), self.degrees, dtype=torch.float32, device=x.device)
         out = rotate(x, angle, mode="bilinear", padding_mode="zeros", align_corners=True)
         return out.clamp(0.0, 1.0).contiguous()

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 
 @image_attacks.register("salt_pepper")
@@ -23,10 +23,8 @@ class SaltPepper(ImageAttack):
 
     version = "1"
     strength_mapping = "amount = 0.1 s"
-    params = (
-        Param("amount", "float", 0.05, "fraction of pixels replaced by salt or pepper", low=0.0, high=1.0),
-        Param("salt_vs_pepper", "float", 0.5, "fraction of the hit pixels that become white", low=0.0, high=1.0),
-    )
+    amount: float = param(0.05, "fraction of pixels replaced by salt or pepper", low=0.0, high=1.0)
+    salt_vs_pepper: float = param(0.5, "fraction of the hit pixels that become white", low=0.0, high=1.0)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -34,14 +32,14 @@ class SaltPepper(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32).clamp(0.0, 1.0).clone()
-        amount = float(self.amount)
+        amount = self.amount
         if amount == 0.0:
             return x
         n, _, h, w = x.shape
         # drawn on the generator's device (the harness's is a CPU generator), then moved to the images'
         u = torch.rand((n, 1, h, w), generator=generator, dtype=torch.float32,
                        device=generator.device if generator is not None else x.device).to(x.device)
-        salt_cut = amount * float(self.salt_vs_pepper)
+        salt_cut = amount * self.salt_vs_pepper
         salt = (u < salt_cut).expand_as(x)
         pepper = ((u >= salt_cut) & (u < amount)).expand_as(x)
         x = x.masked_fill(salt, 1.0).masked_fill(pepper, 0.0)

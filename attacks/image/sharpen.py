@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import ImageAttack, Param, image_attacks
+from bench import image_attacks, ImageAttack, param
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -39,12 +39,8 @@ class Sharpen(ImageAttack):
     version = "1"
     strength_mapping = "amount = 2 s"
     deterministic = True
-    params = (
-        Param("amount", "float", 1.0, "weight of the high-pass detail added back (0 = unchanged)",
-              low=0.0, high=10.0),
-        Param("sigma", "float", 1.0, "standard deviation of the blur that defines the detail, in pixels",
-              low=0.1, high=20.0),
-    )
+    amount: float = param(1.0, "weight of the high-pass detail added back (0 = unchanged)", low=0.0, high=10.0)
+    sigma: float = param(1.0, "standard deviation of the blur that defines the detail, in pixels", low=0.1, high=20.0)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -52,8 +48,8 @@ class Sharpen(ImageAttack):
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
-        amount = float(self.amount)
+        amount = self.amount
         if amount == 0.0:
             return x.clamp(0.0, 1.0).clone()
-        detail = x - _gaussian_blur(x, float(self.sigma))
+        detail = x - _gaussian_blur(x, self.sigma)
         return (x + amount * detail).clamp(0.0, 1.0).contiguous()

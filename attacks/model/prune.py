@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import ModelAttack, Param, model_attacks
+from bench import model_attacks, ModelAttack, param
 from bench.weights import SCOPES, layer_weights
 
 
@@ -27,12 +27,10 @@ class Prune(ModelAttack):
     goal = "compression"
     attacker_has = "the released watermarked weights only"
     resources = {"num_gpus": 0}  # a one-pass weight edit: a CPU worker is enough
-    params = (
-        Param("method", "str", "global_magnitude", "which weights go",
-              choices=("global_magnitude", "layer_magnitude", "random", "structured")),
-        Param("sparsity", "float", 0.3, "fraction of weights (or channels) zeroed", low=0.0, high=1.0),
-        Param("scope", "str", "unet", "which component", choices=SCOPES),
-    )
+    method: str = param("global_magnitude", "which weights go",
+            choices=("global_magnitude", "layer_magnitude", "random", "structured"))
+    sparsity: float = param(0.3, "fraction of weights (or channels) zeroed", low=0.0, high=1.0)
+    scope: str = param("unet", "which component", choices=SCOPES)
 
     def apply(self, pipe, ctx):
         layers = list(layer_weights(pipe, self.scope))

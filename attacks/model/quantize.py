@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import ModelAttack, Param, model_attacks
+from bench import model_attacks, ModelAttack, param
 from bench.weights import SCOPES, layer_weights
 
 
@@ -26,12 +26,10 @@ class Quantize(ModelAttack):
     goal = "compression"
     attacker_has = "the released watermarked weights only"
     resources = {"num_gpus": 0}  # a one-pass weight edit: a CPU worker is enough
-    params = (
-        Param("method", "str", "rtn", "quantizer", choices=("rtn", "dynamic_int8", "fp16", "bf16")),
-        Param("bits", "int", 8, "bits per weight for rtn", low=2, high=16),
-        Param("per_channel", "bool", True, "rtn: one scale per output channel (else per tensor)"),
-        Param("scope", "str", "unet", "which component", choices=SCOPES),
-    )
+    method: str = param("rtn", "quantizer", choices=("rtn", "dynamic_int8", "fp16", "bf16"))
+    bits: int = param(8, "bits per weight for rtn", low=2, high=16)
+    per_channel: bool = param(True, "rtn: one scale per output channel (else per tensor)")
+    scope: str = param("unet", "which component", choices=SCOPES)
 
     def apply(self, pipe, ctx):
         layers = list(layer_weights(pipe, self.scope))

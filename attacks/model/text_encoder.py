@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import ModelAttack, Param, model_attacks
+from bench import model_attacks, ModelAttack, param
 from bench.training import diffusion_loss, encode_images, sample_batches, train_loop, trainable
 
 
@@ -20,13 +20,11 @@ class TextEncoderFineTune(ModelAttack):
     attacker_has = ("the released watermarked weights and a downstream image-caption dataset; no key, no clean "
                     "base")
     uses_data = True
-    params = (
-        Param("dataset", "str", "tiny:style", "downstream data: tiny:<split> or a folder"),
-        Param("num_images", "int", 64, "how many dataset images", low=1, high=1_000_000),
-        Param("steps", "int", 200, "optimisation steps", low=0, high=1_000_000),
-        Param("lr", "float", 5e-6, "AdamW learning rate", low=0.0, high=1.0),
-        Param("batch_size", "int", 4, "images per step", low=1, high=4096),
-    )
+    dataset: str = param("tiny:style", "downstream data: tiny:<split> or a folder")
+    num_images: int = param(64, "how many dataset images", low=1, high=1_000_000)
+    steps: int = param(200, "optimisation steps", low=0, high=1_000_000)
+    lr: float = param(5e-6, "AdamW learning rate", low=0.0, high=1.0)
+    batch_size: int = param(4, "images per step", low=1, high=4096)
     smoke_params = {"steps": 2, "num_images": 4, "batch_size": 2}
 
     def apply(self, pipe, ctx):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import ModelAttack, Param, model_attacks
+from bench import model_attacks, ModelAttack, param
 from bench.weights import SCOPES, layer_weights
 
 
@@ -18,10 +18,8 @@ class WeightNoise(ModelAttack):
     goal = ""
     attacker_has = "the released watermarked weights only"
     resources = {"num_gpus": 0}  # a one-pass weight edit: a CPU worker is enough
-    params = (
-        Param("sigma", "float", 0.05, "noise std as a fraction of each tensor's std", low=0.0, high=10.0),
-        Param("scope", "str", "unet", "which component", choices=SCOPES),
-    )
+    sigma: float = param(0.05, "noise std as a fraction of each tensor's std", low=0.0, high=10.0)
+    scope: str = param("unet", "which component", choices=SCOPES)
 
     def apply(self, pipe, ctx):
         with torch.no_grad():

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench import stats
-from bench.params import Param
+from bench import param, stats
+from bench.params import param
 from bench.plugins import MeasureContext, Measurement, Metric
 from bench.registries import metrics
 
@@ -150,10 +150,8 @@ class KeylessDetectability(Metric):
     version = "1"
     needs_images = True
     higher_is_better = False
-    params = (
-        Param("l2", "float", 1.0, low=0.0, doc="the classifier's L2 penalty on standardised weights"),
-        Param("repeats", "int", 1, low=1, doc="random two-fold splits whose held-out scores are averaged per image"),
-    )
+    l2: float = param(1.0, "the classifier's L2 penalty on standardised weights", low=0.0)
+    repeats: int = param(1, "random two-fold splits whose held-out scores are averaged per image", low=1)
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         marked = ctx.unattacked_images()

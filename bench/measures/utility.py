@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from bench import stats
-from bench.params import Param
+from bench import param, stats
+from bench.params import param
 from bench.plugins import MeasureContext, Measurement, Metric
 from bench.registries import metrics
 
@@ -63,13 +63,11 @@ class AttackerUtility(Metric):
     version = "1"
     needs_images = True
     higher_is_better = True
-    params = (
-        Param("clip_model", "str", "tiny-world",
-              doc="the CLIP of the CLIP-score change, as clip_score's model ('tiny-world' or an open_clip name)"),
-        Param("clip_pretrained", "str", None, optional=True,
-              doc="its weights, as clip_score's pretrained (default: the shipped tiny CLIP; 'random': for tests)"),
-        Param("fid", "bool", True, doc="compute the FID of the quality kept (about 0.13 s per image on a CPU)"),
-    )
+    clip_model: str = param("tiny-world",
+            "the CLIP of the CLIP-score change, as clip_score's model ('tiny-world' or an open_clip name)")
+    clip_pretrained: str | None = param(None,
+            "its weights, as clip_score's pretrained (default: the shipped tiny CLIP; 'random': for tests)")
+    fid: bool = param(True, "compute the FID of the quality kept (about 0.13 s per image on a CPU)")
     smoke_params = {"clip_pretrained": "random", "fid": False}
 
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
