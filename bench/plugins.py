@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from .errors import PluginValidationError
-from .params import Declared, Param, params_from_attributes, resolve_params
+from .params import Declared, Param, params_from_attributes, resolve_params, validate_declarations
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -243,6 +243,7 @@ class Plugin:
                                         f"typed attributes ({', '.join(declared)}); keep the typed attributes")
         cls.params = params_from_attributes(cls.__qualname__, declared, inspect.get_annotations(cls),
                                             tuple(getattr(cls, "params", ())))
+        validate_declarations(cls.__qualname__, cls.params)  # a bad declaration fails where it is written
         for name in declared:  # the instance holds the value (Plugin.__init__); the class keeps only the annotation
             delattr(cls, name)
 

@@ -361,7 +361,7 @@ class HiDDeN(Defense):
     detection = DetectionKind.BITS
     uses_data = True  # training covers: the run's prompts (generated) or a dataset at the run's size
 
-    bits: int = param(30, "message length L (paper: 30 bits at 128 x 128)", low=1, high=1024)
+    bits: int = param(HiddenConfig.bits, "message length L (paper: 30 bits at 128 x 128)", low=1, high=1024)
     image_size: int = param(128, "training image side (paper 128); 0 = the run's resolution", low=0, high=4096)
     # -- training data -----------------------------------------------------------------------------------
     train_source: str = param("dataset", "training covers: a dataset, or images the base model generates",
@@ -371,29 +371,38 @@ class HiDDeN(Defense):
     gen_inference_steps: int = param(50, "sampling steps when train_source = 'generated'", low=1, high=1000)
     gen_guidance_scale: float = param(7.5, "guidance scale when train_source = 'generated'", low=0.0, high=50.0)
     # -- networks ------------------------------------------------------------------------------------------
-    encoder_blocks: int = param(4, "encoder Conv-BN-ReLU blocks before the message (paper 4)", low=1, high=64)
-    encoder_channels: int = param(64, "encoder width (paper 64)", low=1, high=4096)
-    decoder_blocks: int = param(7, "decoder Conv-BN-ReLU blocks before the L-channel block (paper 7)", low=1, high=64)
-    decoder_channels: int = param(64, "decoder width (paper 64)", low=1, high=4096)
-    activation: str = param("relu", "block activation (paper ReLU; revisited HiDDeN GELU)", choices=tuple(ACTIVATIONS))
-    encoder_output: str = param("image", "the encoder outputs the encoded image (paper) or a residual added as I + "
+    encoder_blocks: int = param(HiddenConfig.encoder_blocks, "encoder Conv-BN-ReLU blocks before the message (paper 4)",
+            low=1, high=64)
+    encoder_channels: int = param(HiddenConfig.encoder_channels, "encoder width (paper 64)", low=1, high=4096)
+    decoder_blocks: int = param(HiddenConfig.decoder_blocks, "decoder Conv-BN-ReLU blocks before the L-channel block "
+            "(paper 7)", low=1, high=64)
+    decoder_channels: int = param(HiddenConfig.decoder_channels, "decoder width (paper 64)", low=1, high=4096)
+    activation: str = param(HiddenConfig.activation, "block activation (paper ReLU; revisited HiDDeN GELU)",
+            choices=tuple(ACTIVATIONS))
+    encoder_output: str = param(HiddenConfig.encoder_output,
+            "the encoder outputs the encoded image (paper) or a residual added as I + "
             "strength * tanh(.) (revisited HiDDeN)", choices=("image", "residual"))
-    strength: float = param(1.0, "'image': scale of the change at marking (1 = as trained); 'residual': the residual's "
+    strength: float = param(HiddenConfig.strength,
+            "'image': scale of the change at marking (1 = as trained); 'residual': the residual's "
             "amplitude in [0, 1] pixel units (also in training)", low=0.0, high=10.0)
-    discriminator: bool = param(True, "train with the adversary (paper: yes)")
-    discriminator_blocks: int = param(3, "adversary blocks (paper 3)", low=1, high=64)
-    discriminator_channels: int = param(64, "adversary width (paper 64)", low=1, high=4096)
+    discriminator: bool = param(HiddenConfig.discriminator, "train with the adversary (paper: yes)")
+    discriminator_blocks: int = param(HiddenConfig.discriminator_blocks, "adversary blocks (paper 3)", low=1, high=64)
+    discriminator_channels: int = param(HiddenConfig.discriminator_channels, "adversary width (paper 64)", low=1,
+            high=4096)
     # -- losses and optimisation ---------------------------------------------------------------------------
-    message_loss: str = param("mse", "MSE on {0,1} messages (paper) or BCE on logits", choices=("mse", "bce"))
-    image_loss_weight: float = param(0.7, "lambda_I: weight of MSE(encoded, cover) (paper 0.7)", low=0.0, high=1e6)
-    adversarial_weight: float = param(1e-3, "lambda_G: weight of the adversarial loss (paper 1e-3)", low=0.0, high=1e6)
-    lr: float = param(1e-3, "Adam learning rate (paper 1e-3)", low=0.0, high=1.0)
+    message_loss: str = param(HiddenConfig.message_loss, "MSE on {0,1} messages (paper) or BCE on logits",
+            choices=("mse", "bce"))
+    image_loss_weight: float = param(HiddenConfig.image_loss_weight, "lambda_I: weight of MSE(encoded, cover) (paper "
+            "0.7)", low=0.0, high=1e6)
+    adversarial_weight: float = param(HiddenConfig.adversarial_weight, "lambda_G: weight of the adversarial loss "
+            "(paper 1e-3)", low=0.0, high=1e6)
+    lr: float = param(HiddenConfig.lr, "Adam learning rate (paper 1e-3)", low=0.0, high=1.0)
     lr_schedule: str = param("constant", "learning-rate schedule: constant (paper) or half-cosine to 0",
             choices=("constant", "cosine"))
-    batch_size: int = param(12, "covers per step (paper 12)", low=1, high=4096)
-    steps: int = param(333_600, "optimisation steps (400 epochs of 10,000 covers at batch 12, the PyTorch "
+    batch_size: int = param(HiddenConfig.batch_size, "covers per step (paper 12)", low=1, high=4096)
+    steps: int = param(HiddenConfig.steps, "optimisation steps (400 epochs of 10,000 covers at batch 12, the PyTorch "
             "reimplementation's default)", low=0, high=100_000_000)
-    bn_momentum: float = param(0.1, "BatchNorm running-statistics momentum", low=0.0, high=1.0)
+    bn_momentum: float = param(HiddenConfig.bn_momentum, "BatchNorm running-statistics momentum", low=0.0, high=1.0)
     # -- noise layers --------------------------------------------------------------------------------------
     noise_layers: list[str] = param(["identity", "crop", "cropout", "dropout", "resize", "blur", "jpeg"],
             "noise layers, one drawn per mini-batch (the paper's combined model): " + ", ".join(NOISE_LAYERS))
@@ -421,16 +430,10 @@ class HiDDeN(Defense):
                            tuple(int(q) for q in self.jpeg_quality), self.jpeg_mode)
 
     def config(self) -> HiddenConfig:
-        return HiddenConfig(
-            bits=self.bits, encoder_blocks=self.encoder_blocks, encoder_channels=self.encoder_channels,
-            decoder_blocks=self.decoder_blocks, decoder_channels=self.decoder_channels,
-            activation=self.activation, encoder_output=self.encoder_output, strength=self.strength,
-            bn_momentum=self.bn_momentum, discriminator=self.discriminator,
-            discriminator_blocks=self.discriminator_blocks,
-            discriminator_channels=self.discriminator_channels, image_loss_weight=self.image_loss_weight,
-            adversarial_weight=self.adversarial_weight, message_loss=self.message_loss, optimizer="adam",
-            lr=self.lr, schedule=self.lr_schedule, batch_size=self.batch_size, steps=self.steps,
-            noise=self.noise())
+        """The library's settings from this plugin's parameters (declared once: their defaults are
+        :class:`HiddenConfig`'s, the paper's)."""
+        shared = {f.name: getattr(self, f.name) for f in fields(HiddenConfig) if f.name in self.params}
+        return HiddenConfig(**shared, optimizer="adam", schedule=self.lr_schedule, noise=self.noise())
 
     def embed(self, pipe, ctx) -> Embedding:
         with forked_global_rng(ctx.generator):
