@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import ImageAttack, Param, image_attacks
+from bench import ImageAttack, image_attacks, param
 
 
 @image_attacks.register("posterize")
@@ -40,7 +40,7 @@ class Posterize(ImageAttack):
     version = "1"
     strength_mapping = "levels = round(2 ** (8 - 6 s))"
     deterministic = True
-    params = (Param("levels", "int", 32, "grey levels per channel", low=2, high=256),)
+    levels: int = param(32, "grey levels per channel", low=2, high=256)
 
     @classmethod
     def from_strength(cls, s: float) -> dict:
