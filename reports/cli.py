@@ -23,13 +23,13 @@ EPILOG_REPORT = textwrap.dedent("""\
 EPILOG_LEADERBOARD = textwrap.dedent("""\
     examples:
       bench leaderboard                             write <output>/leaderboard.json and leaderboard.md
-      bench leaderboard --output runs/ci --out-json reports/leaderboard.json
+      bench leaderboard --output runs/ci --out-json results/leaderboard.json
       bench leaderboard --metric tpr@0.01 >> "$GITHUB_STEP_SUMMARY"
     The Markdown table also goes to standard output. The JSON schema (schema_version 1) is in docs/reports.md.""")
 
 EPILOG_COMPARE = textwrap.dedent("""\
     examples:
-      bench compare reports/leaderboard.json runs/ci/leaderboard.json
+      bench compare results/leaderboard.json runs/ci/leaderboard.json
       bench compare runs/main runs/my-branch --tolerance 0.02
       bench compare old/results.sqlite new/results.sqlite --out-md compare.md
     BASELINE and CURRENT are each a leaderboard JSON file, a results.sqlite file or a run folder. A regression is a
@@ -87,12 +87,12 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
                                     "JSON, so no number in the README is typed by hand.",
                         epilog=textwrap.dedent("""\
                             examples:
-                              bench readme                              README.md from reports/leaderboard.json
+                              bench readme                              README.md from results/leaderboard.json
                               bench readme --check                      exit 1 if the README's block is stale (CI)
                               bench readme --leaderboard runs/ci/leaderboard.json --readme README.md"""))
     rd.add_argument("--readme", default="README.md", metavar="FILE", help="the file to update (default: README.md)")
-    rd.add_argument("--leaderboard", default="reports/leaderboard.json", metavar="FILE",
-                    help="the leaderboard JSON (default: reports/leaderboard.json, the committed baseline)")
+    rd.add_argument("--leaderboard", default="results/leaderboard.json", metavar="FILE",
+                    help="the leaderboard JSON (default: results/leaderboard.json, the committed baseline)")
     rd.add_argument("--check", action="store_true", help="change nothing; exit 1 if the block is stale")
     return {"report": cmd_report, "leaderboard": cmd_leaderboard, "compare": cmd_compare, "readme": cmd_readme}
 

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_results_block_matches_the_committed_leaderboard():
-    """Fails when README.md's numbers disagree with reports/leaderboard.json: run `bench readme` to fix."""
-    assert update(ROOT / "README.md", ROOT / "reports" / "leaderboard.json", check=True)
+    """Fails when README.md's numbers disagree with results/leaderboard.json: run `bench readme` to fix."""
+    assert update(ROOT / "README.md", ROOT / "results" / "leaderboard.json", check=True)
 
 
 def _board(metric="tpr@1e-06", seeds=(0,)):
