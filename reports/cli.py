@@ -81,26 +81,36 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
                    help="also exit 1 when cells of the baseline are missing from the current results")
     c.add_argument("--out-md", default=None, metavar="FILE", help="also write the Markdown summary to FILE")
     c.add_argument("--out-json", default=None, metavar="FILE", help="also write every classified cell as JSON")
-    rd = sub.add_parser("readme", help="regenerate the README's results block from a leaderboard (or --check it)",
+    rd = sub.add_parser("readme", help="regenerate the results blocks of README.md and docs/*.md (or --check them)",
                         formatter_class=fmt,
                         description="Rewrite the block between the README's results markers from a leaderboard "
-                                    "JSON, so no number in the README is typed by hand.",
+                                    "JSON, and every block '<!-- results:begin source=results/X.json ... -->' of "
+                                    "docs/*.md from the results file it names, so no number in the README or the "
+                                    "docs is typed by hand. A docs block may select cells and columns: "
+                                    "defenses=a,b model_attacks=... image_attacks=... metrics=m1,m2 (labels).",
                         epilog=textwrap.dedent("""\
                             examples:
-                              bench readme                              README.md from results/leaderboard.json
-                              bench readme --check                      exit 1 if the README's block is stale (CI)
-                              bench readme --leaderboard runs/ci/leaderboard.json --readme README.md"""))
+                              bench readme                              README.md and docs/*.md from results/
+                              bench readme --check                      exit 1 if any block is stale (the tests run it)
+                              bench readme --leaderboard runs/ci/leaderboard.json --readme README.md
+
+                            a results file for the docs, from a run of a config:
+                              bench run --config configs/tree-ring-tiny.toml --output runs/tree-ring
+                              bench leaderboard --config configs/tree-ring-tiny.toml --output runs/tree-ring \\
+                                  --out-json results/tree-ring-tiny.json"""))
     rd.add_argument("--readme", default="README.md", metavar="FILE", help="the file to update (default: README.md)")
     rd.add_argument("--leaderboard", default="results/leaderboard.json", metavar="FILE",
                     help="the leaderboard JSON (default: results/leaderboard.json, the committed baseline)")
-    rd.add_argument("--check", action="store_true", help="change nothing; exit 1 if the block is stale")
+    rd.add_argument("--docs", default="docs", metavar="DIR",
+                    help="the folder whose *.md results blocks are regenerated too (default: docs; '' for none)")
+    rd.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is stale")
     return {"report": cmd_report, "leaderboard": cmd_leaderboard, "compare": cmd_compare, "readme": cmd_readme}
 
 
 def cmd_readme(args: argparse.Namespace) -> int:
     from bench.errors import UserError
 
-    from .readme import update
+    from .readme import doc_files, update, update_docs
 
     for path in (args.readme, args.leaderboard):
         if not Path(path).is_file():
@@ -109,10 +119,22 @@ def cmd_readme(args: argparse.Namespace) -> int:
         fresh = update(args.readme, args.leaderboard, check=args.check)
     except (ValueError, json.JSONDecodeError) as exc:
         raise UserError(f"{args.readme}: {exc}") from None
+    docs: dict[Path, bool] = {}
+    if args.docs:
+        root = Path(args.docs).resolve().parent  # results/ paths in the blocks are relative to the repository
+        for doc in doc_files(root):
+            try:
+                docs[doc] = update_docs(doc, root, check=args.check)
+            except (ValueError, json.JSONDecodeError) as exc:
+                raise UserError(str(exc)) from None
     if args.check:
         print(f"{args.readme}: results block {'up to date' if fresh else 'STALE: run bench readme'}")
-        return 0 if fresh else 1
+        for doc, ok in docs.items():
+            print(f"{doc}: results blocks {'up to date' if ok else 'STALE: run bench readme'}")
+        return 0 if fresh and all(docs.values()) else 1
     print(f"{args.readme}: results block {'already up to date' if fresh else 'rewritten'} from {args.leaderboard}")
+    for doc, ok in docs.items():
+        print(f"{doc}: results blocks {'already up to date' if ok else 'rewritten'}")
     return 0
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reports.readme import END, fpr_meaning, render_block, update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +71,59 @@ def test_a_readme_without_markers_is_one_sentence_exit_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.cli", "readme", "--readme", str(readme), "--leaderboard",
                           str(board)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "results block" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_docs_results_blocks_match_their_committed_results_files():
+    """Fails when a docs/*.md results block disagrees with the results/*.json it names: run `bench readme`."""
+    from reports.readme import doc_files, update_docs
+
+    stale = [str(d) for d in doc_files(ROOT) if not update_docs(d, ROOT, check=True)]
+    assert not stale, stale
+
+
+def _cells_board():
+    cells = []
+    for d, m, i, metric, v in [("mark", "none", "none", "bit_accuracy", 0.98765),
+                               ("mark", "none", "none", "tpr@fpr<=1/32", 0.5),
+                               ("mark", "lora(steps=20)", "none", "bit_accuracy", 0.75),
+                               ("other", "none", "none", "bit_accuracy", 0.5),
+                               ("mark", "none", "none", "psnr_watermark", 31.25)]:
+        cells.append({"defense_label": d, "model_attack_label": m, "image_attack_label": i, "seed": 0,
+                      "metric": metric, "value": v, "low": v - 0.01, "high": v + 0.01, "n": 32})
+    return {"kind": "markbench-leaderboard", "metric": "bit_accuracy", "negatives": "attacked",
+            "generated": "2026-01-01T00:00:00Z", "source": {"config_path": "configs/x.toml", "git_hash": "abc"},
+            "grid": {"seeds": [0], "defenses": ["mark", "other"], "model_attacks": ["none", "lora(steps=20)"],
+                     "image_attacks": ["none"]},
+            "entries": [{"defense_label": "mark", "clean": {"n_embeddings": 1}}], "cells": cells}
+
+
+def test_docs_block_selects_cells_and_columns_and_states_conditions(tmp_path):
+    from reports.readme import update_docs
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "x.json").write_text(json.dumps(_cells_board()))
+    doc = tmp_path / "m.md"
+    doc.write_text("# M\n\n<!-- results:begin source=results/x.json defenses=mark metrics=bit_accuracy,"
+                   "tpr@fpr<=1/32,psnr_watermark -->\nSTALE-CONTENT\n<!-- results:end -->\n\ntail\n")
+    assert not update_docs(doc, tmp_path)  # rewritten
+    text = doc.read_text()
+    assert "| mark | none | none | 0.988 [0.978, 0.998] | 0.500 [0.490, 0.510] | 31.2 [31.2, 31.3] |" in text
+    assert "| mark | lora(steps=20) | none | 0.750 [0.740, 0.760] | - | - |" in text
+    assert "| other |" not in text and "STALE-CONTENT" not in text and text.endswith("\n\ntail\n")
+    assert "N = 32 per cell" in text and "1 independent embedding(s)" in text and "configs/x.toml" in text
+    assert "empirical threshold" in text  # the FPR label's meaning, stated under the table
+    assert update_docs(doc, tmp_path, check=True)  # idempotent: now fresh
+
+
+def test_docs_block_with_a_missing_file_or_bad_option_is_one_sentence(tmp_path):
+    from reports.readme import update_docs
+
+    doc = tmp_path / "m.md"
+    doc.write_text("<!-- results:begin source=results/nope.json -->\n<!-- results:end -->\n")
+    with pytest.raises(ValueError, match="nope.json, which does not exist"):
+        update_docs(doc, tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "x.json").write_text(json.dumps(_cells_board()))
+    doc.write_text("<!-- results:begin source=results/x.json colour=red -->\n<!-- results:end -->\n")
+    with pytest.raises(ValueError, match="unknown option 'colour=red'"):
+        update_docs(doc, tmp_path)
