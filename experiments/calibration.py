@@ -41,6 +41,8 @@ SETTINGS: list[tuple[str, dict, tuple[int, ...]]] = [
     ("finetune", {"dataset": "tiny:style", "lr": 1e-3}, (20, 200, 600)),
     ("dreambooth", {"dataset": "tiny:subject", "lr": 1e-4, "num_class_images": 32}, (20, 200, 400)),
     ("lora", {"dataset": "tiny:style", "rank": 20, "alpha": 20.0, "lr": 1e-4}, (20, 200)),
+    ("text_encoder", {"dataset": "tiny:style", "lr": 1e-4}, (20, 200, 600)),
+    ("text_encoder", {"dataset": "tiny:style", "lr": 1e-3}, (20, 200, 600)),
 ]
 
 
@@ -192,9 +194,10 @@ def main() -> None:
             save(path, data)
             print(key, data["rows"][-1]["recognition"], flush=True)
     only = set(args.only.split(",")) if args.only else None
-    indices = {int(i) for i in args.index.split(",")} if args.index else None
-    for i, (attack_name, params, ckpts) in enumerate(SETTINGS):
-        if (only and attack_name not in only) or (indices is not None and i not in indices):
+    order = [int(i) for i in args.index.split(",")] if args.index else range(len(SETTINGS))
+    for i in order:  # in the order given
+        attack_name, params, ckpts = SETTINGS[i]
+        if only and attack_name not in only:
             continue
         run_setting(attack_name, params, ckpts, base, evaluate, data, path, args.seed)
 

@@ -107,7 +107,7 @@ def chart_data(results: Results) -> dict[str, Any]:
             return f"{s.model_attack_label} | {ia_label}" if results.multi_model_attack else ia_label
 
         ref = next((results.column(c) for c in results.cells
-                    if c.model_attack_label == s.model_attack_label and c.image_attack == IDENTITY), None)
+                    if c.model_attack_base_label == s.model_attack_label and c.image_attack == IDENTITY), None)
         sweeps.append({"attack": s.attack, "ma": s.model_attack_label, "x": s.x_name,
                        "multi_ma": results.multi_model_attack,
                        "points": [[x, col(label)] for x, label in s.points], "ref": ref})

@@ -30,15 +30,18 @@ SCHEMA_VERSION = 1
 KIND = "markbench-leaderboard"
 
 
-def _summary(values: list[Value], attacked: bool = False) -> dict[str, Any] | None:
+def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | None = None) -> dict[str, Any] | None:
     """One cell: its value, interval and N. Several (one per run seed: each a new key, embedding and, in an attacked
     cell, attack run): the mean of the seeds' values with a hierarchical-bootstrap interval (seeds resampled, then
     images within each: :func:`bench.stats.hierarchical_bootstrap`) where every cell stored its per-image values,
-    else no interval. ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it."""
+    else no interval. ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it.
+    Repeated attack runs (``[run] attack_seeds``) within a run seed are further groups of the same bootstrap, so
+    the spread between attack seeds widens the interval as the spread between run seeds does; ``n_embeddings``
+    (the distinct run seeds) is then given by the caller."""
     vals = [v for v in values if v is not None and v.value is not None]
     if not vals:
         return None
-    reps = {"n_embeddings": len(vals), "n_attack_runs": len(vals) if attacked else 0}
+    reps = {"n_embeddings": min(n_embeddings or len(vals), len(vals)), "n_attack_runs": len(vals) if attacked else 0}
     if len(vals) == 1:
         v = vals[0]
         return {"value": v.value, "low": v.low, "high": v.high, "n": v.n, "n_cells": 1, **reps}
@@ -96,7 +99,8 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
             "per_attack": {k: mean(v) for k, v in per_attack.items()},
             "per_attack_summary": {
                 k: _summary([v for c, v in measured if results.column(c) == k],
-                            attacked=any(c.model_attack != IDENTITY for c, _ in measured if results.column(c) == k))
+                            attacked=any(c.model_attack != IDENTITY for c, _ in measured if results.column(c) == k),
+                            n_embeddings=len({c.seed for c, _ in measured if results.column(c) == k}))
                 for k in per_attack},
             "quality": {q: s for q in quality
                         if (s := _summary([results.value(c, q) for c in ref if c.ok])) is not None},
@@ -193,15 +197,16 @@ def utility_curves(results: Results, metrics: list[str] | None = None) -> list[d
                 by_label: dict[str, list[CellRow]] = {}
                 for c in cells:
                     if c.defense_label == defense:
-                        by_label.setdefault(c.model_attack_label, []).append(c)
+                        by_label.setdefault(c.model_attack_base_label, []).append(c)
                 pts = []
                 for label, cs in by_label.items():
                     ys = [results.value(c, metric) for c in cs]
                     if any(y is None for y in ys):
                         continue
+                    runs = len({c.seed for c in cs})
                     pts.append({"model_attack": label,
-                                "x": _summary([results.value(c, x_metric) for c in cs], attacked=True),
-                                "y": _summary(ys, attacked=True)})
+                                "x": _summary([results.value(c, x_metric) for c in cs], True, runs),
+                                "y": _summary(ys, True, runs)})
                 if pts:
                     lines[defense] = sorted(pts, key=lambda p: p["x"]["value"])
             if lines:
@@ -246,9 +251,9 @@ def _fmt_summary(s: dict[str, Any] | None) -> str:
     out = fmt(s["value"])
     if s.get("low") is not None and s.get("high") is not None:
         out += f" [{fmt(s['low'])}, {fmt(s['high'])}]"
-    if (s.get("n_embeddings") or 1) > 1:
-        out += f" ({s['n_embeddings']} embeddings" + (f", {s['n_attack_runs']} attack runs"
-                                                      if s.get("n_attack_runs") else "") + ")"
+    if (s.get("n_embeddings") or 1) > 1 or (s.get("n_attack_runs") or 1) > 1:
+        out += f" ({s['n_embeddings']} embedding{'s' if s['n_embeddings'] != 1 else ''}" + (
+            f", {s['n_attack_runs']} attack runs" if s.get("n_attack_runs") else "") + ")"
     return out
 
 
