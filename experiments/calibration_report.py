@@ -130,7 +130,7 @@ def main() -> None:
     rows = load(paths)
     figure(rows, FIG)
     text = markdown(rows)
-    extra = Path("docs/calibration_notes.md")
+    extra = Path("experiments/calibration_notes.md")
     if extra.exists():  # the hand-written reading of the numbers, kept apart from the generated table
         text += "\n" + extra.read_text()
     DOC.write_text(text)
