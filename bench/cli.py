@@ -310,7 +310,11 @@ def cmd_validate(args) -> int:
     cfg = _load(args)
     plan = build_plan(cfg)
     preflight(cfg, model=not args.no_model)
-    print(f"{cfg.path}: ok: {len(cfg.defenses)} defences x {len(cfg.model_attacks)} model attacks x "
+    from .plan import attack_runs
+
+    runs = len(attack_runs(cfg))
+    repeated = f" ({runs} runs with the attack seeds)" if runs != len(cfg.model_attacks) else ""
+    print(f"{cfg.path}: ok: {len(cfg.defenses)} defences x {len(cfg.model_attacks)} model attacks{repeated} x "
           f"{len(cfg.image_attacks)} image attacks x {len(cfg.run.seeds)} seed(s) = {len(plan.cells)} cells, "
           f"{len(plan.stages)} stages, {cfg.run.num_images} images each")
     return 0

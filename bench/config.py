@@ -121,6 +121,9 @@ class RunConfig:
     output: str = "runs/default"
     cache: str = ""  # artifact cache folder; empty: <output>/cache
     seeds: list[int] = field(default_factory=lambda: [0])
+    #: each training model attack (one that reads data) is repeated with these seeds within every run seed (same
+    #: key, embedding and images); seed 0 is the attack run every config has (its stage keys are unchanged)
+    attack_seeds: list[int] = field(default_factory=lambda: [0])
     num_images: int = 16
     batch_size: int = 8
     negatives: str = "attacked"
@@ -346,7 +349,8 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
             if other is not s:
                 raise ConfigError(f"{path}: {kind}: two entries have the label {_v(s.label)} ({other.name} and "
                                   f"{s.name}, with different parameters); labels must be distinct: set 'label' on one")
-    n_cells = len(run.seeds) * len(specs["defenses"]) * len(specs["model_attacks"]) * len(specs["image_attacks"])
+    n_cells = (len(run.seeds) * len(run.attack_seeds) * len(specs["defenses"]) * len(specs["model_attacks"])
+               * len(specs["image_attacks"]))
     if n_cells > MAX_CELLS:
         raise ConfigError(f"{path}: the grid has {n_cells} cells (seeds x defences x model attacks x image attacks); "
                           f"at most {MAX_CELLS} are allowed: split it into several configs")
@@ -454,6 +458,11 @@ def _check_run(run: RunConfig, path: str) -> None:
     if not run.seeds or len(run.seeds) > MAX_SEEDS or len(set(run.seeds)) != len(run.seeds) or \
             any(not 0 <= s < 2 ** 63 for s in run.seeds):
         raise bad("seeds", run.seeds, f"a non-empty list of at most {MAX_SEEDS} distinct integers in [0, 2**63)")
+    if not run.attack_seeds or len(run.attack_seeds) > MAX_SEEDS or \
+            len(set(run.attack_seeds)) != len(run.attack_seeds) or \
+            any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63 for s in run.attack_seeds):
+        raise bad("attack_seeds", run.attack_seeds,
+                  f"a non-empty list of at most {MAX_SEEDS} distinct integers in [0, 2**63)")
     if run.negatives not in [p.value for p in NegativePolicy]:
         raise bad("negatives", run.negatives, "one of " + ", ".join(repr(p.value) for p in NegativePolicy))
     if not run.target_fprs or not all(0 < f < 1 for f in run.target_fprs) or \

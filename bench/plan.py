@@ -15,6 +15,8 @@ change the weights (post-hoc, initial-noise) shares the attacked base model; ide
 
 from __future__ import annotations
 
+import dataclasses
+
 import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,10 +212,13 @@ class _Builder:
                               "width": self.cfg.model.width}
         return {"run_data": self._run_data}
 
-    def attacked_model(self, model_key: str, ma: PluginSpec, seed: int) -> str:
+    def attacked_model(self, model_key: str, ma: PluginSpec, seed: int, attack_seed: int = 0) -> str:
         if getattr(_cls(ma), "identity", False):
             return model_key
-        return self.add("model_attack", (model_key,), ma, seed, label=f"model attack {ma.label}", **self.run_data(ma))
+        # attack seed 0 adds nothing to the key: the attack run every config had before attack seeds existed
+        extra = {"attack_seed": attack_seed} if attack_seed else {}
+        return self.add("model_attack", (model_key,), ma, seed, label=f"model attack {ma.label}",
+                        **self.run_data(ma), **extra)
 
     def plain_images(self, model_key: str, request: GenerationRequest, run_seed: int) -> str:
         return self.add("generate", (model_key,), None, 0, label="generate", request=self.request_identity(request),
@@ -262,6 +267,28 @@ class _Builder:
         return {"attack_model": {"needs": needs, "fingerprint": model_fingerprint(self.cfg.model)}}
 
 
+#: how a repeated attack run is labelled: the model attack's label and `` a<attack seed>`` (reports.data parses it)
+ATTACK_SEED_SUFFIX = " a{}"
+
+
+def repeats_with_attack_seeds(ma: PluginSpec) -> bool:
+    """Whether ``[run] attack_seeds`` repeats this model attack: every attack that trains on data (``uses_data``)."""
+    cls = _cls(ma)
+    return not getattr(cls, "identity", False) and bool(getattr(cls, "uses_data", False))
+
+
+def attack_runs(cfg: BenchConfig) -> list[tuple[PluginSpec, int]]:
+    """``(model attack, attack seed)`` for every attack run of the grid: a training attack once per
+    ``run.attack_seeds`` (seed ``k`` > 0 labelled ``<label> a<k>``), any other attack once (attack seed 0)."""
+    out = []
+    for ma in cfg.model_attacks:
+        seeds = cfg.run.attack_seeds if repeats_with_attack_seeds(ma) else [0]
+        for k in seeds:
+            out.append((ma if k == 0 else dataclasses.replace(ma, display=ma.label + ATTACK_SEED_SUFFIX.format(k)),
+                        k))
+    return out
+
+
 def build_plan(cfg: BenchConfig) -> Plan:
     """Expand the config's grid into cells and stages (no model work; cheap)."""
     b = _Builder(cfg)
@@ -274,9 +301,9 @@ def build_plan(cfg: BenchConfig) -> Plan:
         for d in cfg.defenses:
             dcls = _cls(d)
             embed = b.add("embed", (base,), d, seed, label=f"embed {d.label}", **b.run_data(d))
-            for ma in cfg.model_attacks:
-                model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed)
-                clean_model = b.attacked_model(base, ma, seed)
+            for ma, attack_seed in attack_runs(cfg):
+                model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed, attack_seed)
+                clean_model = b.attacked_model(base, ma, seed, attack_seed)
                 clean_twins = b.plain_images(clean_model, request, seed)
                 utility = b.utility_images(ma, model, clean_model, base, request, seed)
                 for variant in dcls.variants:

@@ -26,6 +26,7 @@ from bench.errors import UserError
 IDENTITY = "none"
 
 _TABLES = ("runs", "cells", "results")
+_ATTACK_SEED = re.compile(r"^(.*) a(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,19 @@ class CellRow:
         return self.image_attack == IDENTITY and self.model_attack == IDENTITY
 
     @property
+    def attack_seed(self) -> int:
+        """The attack seed of a repeated training attack (``[run] attack_seeds``; labelled ``<label> a<k>`` by
+        bench.plan.attack_runs), 0 for the first run and for every other attack."""
+        m = _ATTACK_SEED.match(self.model_attack_label)
+        return int(m.group(2)) if m and self.model_attack != IDENTITY else 0
+
+    @property
+    def model_attack_base_label(self) -> str:
+        """The model attack's label without its attack seed: what repeated attack runs share."""
+        m = _ATTACK_SEED.match(self.model_attack_label)
+        return m.group(1) if m and self.model_attack != IDENTITY else self.model_attack_label
+
+    @property
     def position(self) -> tuple[str, str, str, int]:
         return (self.defense_label, self.model_attack_label, self.image_attack_label, self.seed)
 
@@ -170,21 +184,27 @@ class Results:
 
     @property
     def multi_model_attack(self) -> bool:
-        return len({c.model_attack_label for c in self.cells}) > 1
+        return len({c.model_attack_base_label for c in self.cells}) > 1
 
     @property
     def multi_seed(self) -> bool:
         return len({c.seed for c in self.cells}) > 1
 
+    @property
+    def multi_attack_seed(self) -> bool:
+        return len({c.attack_seed for c in self.cells}) > 1
+
     def column(self, cell: CellRow) -> str:
-        """The heatmap column of a cell: the image attack, prefixed by the model attack when there are several."""
+        """The heatmap column of a cell: the image attack, prefixed by the model attack when there are several
+        (without its attack seed: repeated attack runs share a column, as run seeds do)."""
         if self.multi_model_attack:
-            return f"{cell.model_attack_label} | {cell.image_attack_label}"
+            return f"{cell.model_attack_base_label} | {cell.image_attack_label}"
         return cell.image_attack_label
 
     def row(self, cell: CellRow) -> str:
-        """The heatmap row of a cell: the defence, with the seed when there are several."""
-        return cell.defense_label + (f" s{cell.seed}" if self.multi_seed else "")
+        """The heatmap row of a cell: the defence, with the seed and the attack seed when there are several."""
+        return (cell.defense_label + (f" s{cell.seed}" if self.multi_seed else "")
+                + (f" a{cell.attack_seed}" if self.multi_attack_seed else ""))
 
     def rows(self) -> list[str]:
         return list(dict.fromkeys(self.row(c) for c in self.cells))
@@ -215,7 +235,7 @@ class Results:
         for c in self.cells:
             if c.image_attack == IDENTITY:
                 continue
-            groups.setdefault((c.model_attack_label, c.image_attack), []).append(c)
+            groups.setdefault((c.model_attack_base_label, c.image_attack), []).append(c)
         out = []
         for (ma_label, attack), cells in groups.items():
             x_name = sweep_parameter([c.image_attack_params for c in cells])

@@ -31,7 +31,7 @@ from typing import Any
 
 from .data import (IDENTITY, CellRow, Results, describe_metric, is_quality_metric, load_results, prompts_of)
 from .leaderboard import build as build_leaderboard
-from .leaderboard import fmt
+from .leaderboard import fmt, utility_curves
 
 #: How many prompts get an image panel, how many attack outputs one panel row shows, and the thumbnail side.
 MAX_PROMPTS = 3
@@ -107,7 +107,7 @@ def chart_data(results: Results) -> dict[str, Any]:
             return f"{s.model_attack_label} | {ia_label}" if results.multi_model_attack else ia_label
 
         ref = next((results.column(c) for c in results.cells
-                    if c.model_attack_label == s.model_attack_label and c.image_attack == IDENTITY), None)
+                    if c.model_attack_base_label == s.model_attack_label and c.image_attack == IDENTITY), None)
         sweeps.append({"attack": s.attack, "ma": s.model_attack_label, "x": s.x_name,
                        "multi_ma": results.multi_model_attack,
                        "points": [[x, col(label)] for x, label in s.points], "ref": ref})
@@ -496,6 +496,84 @@ def leaderboard_html(results: Results) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # the page
 # ------------------------------------------------------------------------------------------------------------------
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+           "#bcbd22")  # the script's palette
+
+
+def utility_html(curves: list[dict[str, Any]], rows: list[str]) -> str:
+    """Detection against attacker utility, drawn on the server (plain SVG, no script): one chart per model attack
+    and detection metric (:func:`reports.leaderboard.utility_curves`), one line per defence through the attack's
+    sweep, 95% whiskers on both axes. Every point carries its values (``data-defense``, ``data-model-attack``,
+    ``data-x``, ``data-y``, ``data-y-low``, ``data-y-high``) and a tooltip."""
+    if not curves:
+        return ('<p class="muted">No model attack with a stored attacker utility (the <code>attacker_utility</code> '
+                'metric) in these results.</p>')
+    colour_of = {r: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
+    W, H, M = 400, 260, {"l": 48, "r": 12, "t": 10, "b": 36}
+    out = ['<div class="plots">']
+    for cur in curves:
+        pts = [p for line in cur["lines"].values() for p in line]
+        xs = [v for p in pts for v in (p["x"]["value"], p["x"].get("low"), p["x"].get("high")) if v is not None]
+        ys = [v for p in pts for v in (p["y"]["value"], p["y"].get("low"), p["y"].get("high")) if v is not None]
+
+        def rng(vals: list[float]) -> tuple[float, float]:
+            lo, hi = min(vals), max(vals)
+            if lo >= 0 and hi <= 1:
+                return 0.0, 1.0
+            pad = (hi - lo) * 0.08 or abs(hi) * 0.1 or 1.0
+            return lo - pad, hi + pad
+
+        (x0, x1), (y0, y1) = rng(xs), rng(ys)
+
+        def sx(x: float) -> float:
+            return round(M["l"] + (x - x0) / (x1 - x0) * (W - M["l"] - M["r"]), 2)
+
+        def sy(y: float) -> float:
+            return round(H - M["b"] - (y - y0) / (y1 - y0) * (H - M["t"] - M["b"]), 2)
+
+        title = cur["attack"] + (f" ({cur['params']})" if cur["params"] else "")
+        svg = [f'<svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" class="utility-chart" '
+               f'data-attack="{e(cur["attack"])}" data-metric="{e(cur["metric"])}" '
+               f'data-x-metric="{e(cur["x_metric"])}"><title>{e(cur["metric"])} against {e(cur["x_metric"])} '
+               f'under {e(title)}</title>',
+               f'<rect x="{M["l"]}" y="{M["t"]}" width="{W - M["l"] - M["r"]}" height="{H - M["t"] - M["b"]}" '
+               'fill="#fbfbfc" stroke="#ccc"/>']
+        for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+            yv, xv = y0 + t * (y1 - y0), x0 + t * (x1 - x0)
+            svg.append(f'<text x="{M["l"] - 4}" y="{sy(yv) + 3}" text-anchor="end">{e(fmt(yv))}</text>')
+            svg.append(f'<text x="{sx(xv)}" y="{H - M["b"] + 14}" text-anchor="middle">{e(fmt(xv))}</text>')
+        svg.append(f'<text x="{(M["l"] + W - M["r"]) / 2}" y="{H - 4}" text-anchor="middle">'
+                   f'{e(cur["x_metric"])} (attacker utility)</text>')
+        svg.append(f'<text x="12" y="{(M["t"] + H - M["b"]) / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 12 {(M["t"] + H - M["b"]) / 2})">{e(cur["metric"])}</text>')
+        for defense, line in cur["lines"].items():
+            c = colour_of.get(defense, "#333")
+            svg.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" data-defense="{e(defense)}" points="'
+                       + " ".join(f'{sx(p["x"]["value"])},{sy(p["y"]["value"])}' for p in line) + '"/>')
+            for p in line:
+                x, y = p["x"], p["y"]
+                px, py = sx(x["value"]), sy(y["value"])
+                if y.get("low") is not None and y.get("high") is not None:
+                    svg.append(f'<line x1="{px}" x2="{px}" y1="{sy(y["low"])}" y2="{sy(y["high"])}" stroke="{c}" '
+                               'stroke-opacity="0.5"/>')
+                if x.get("low") is not None and x.get("high") is not None:
+                    svg.append(f'<line x1="{sx(x["low"])}" x2="{sx(x["high"])}" y1="{py}" y2="{py}" stroke="{c}" '
+                               'stroke-opacity="0.5"/>')
+                tip = (f'{defense} / {p["model_attack"]}: {cur["x_metric"]} = {fmt(x["value"])}, '
+                       f'{cur["metric"]} = {fmt(y["value"])} [{fmt(y.get("low"))}, {fmt(y.get("high"))}]')
+                svg.append(f'<circle class="upt" cx="{px}" cy="{py}" r="3.5" fill="{c}" data-defense="{e(defense)}" '
+                           f'data-model-attack="{e(p["model_attack"])}" data-x="{x["value"]!r}" '
+                           f'data-y="{y["value"]!r}" data-y-low="{y.get("low")!r}" data-y-high="{y.get("high")!r}">'
+                           f'<title>{e(tip)}</title></circle>')
+        svg.append("</svg>")
+        legend = "".join(f'<span class="item"><span class="sw" style="background:{colour_of.get(d, "#333")}">'
+                         f'</span>{e(d)}</span>' for d in cur["lines"])
+        out.append(f'<div class="plot utility"><h4>{e(title)}: {e(cur["metric"])}</h4>{"".join(svg)}'
+                   f'<div class="legend">{legend}</div></div>')
+    out.append("</div>")
+    return "".join(out)
+
+
 def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: int, max_attack_images: int) -> str:
     run = results.latest_run
     name = results.run_config.get("name") or "MarkBench run"
@@ -522,7 +600,8 @@ def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: 
         f"<header><h1>MarkBench report: {e(name)}</h1><p class=\"facts\">{' &middot; '.join(facts)}</p>",
         '<p id="js-errors" class="error" hidden></p>',
         '<nav><a href="#leaderboard">leaderboard</a> <a href="#matrix">results matrix</a> '
-        '<a href="#curves">robustness curves</a> <a href="#tradeoff">quality vs. robustness</a> '
+        '<a href="#curves">robustness curves</a> <a href="#utility">detection vs. utility</a> '
+        '<a href="#tradeoff">quality vs. robustness</a> '
         '<a href="#images">images</a> <a href="#manifest">manifest</a> <a href="#glossary">glossary</a></nav></header>',
         '<main>',
         f'<section id="leaderboard"><h2>Leaderboard</h2>{leaderboard_html(results)}</section>',
@@ -539,6 +618,13 @@ def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: 
         'attack.</p>',
         '<div id="curve-legend" class="legend"></div><div id="curve-plots" class="plots">'
         '<noscript>The charts need JavaScript.</noscript></div></section>',
+        '<section id="utility"><h2>Detection against attacker utility</h2>',
+        '<p class="muted">Per model attack: each defence\'s detection (y) against what the attack gave the attacker '
+        '(x: the share of the attacked watermarked model\'s images that show the fine-tune\'s new style or subject; '
+        'for attacks without a downstream task the paired CLIP-score change), one line per defence through the '
+        'attack\'s sweep, whiskers are 95% intervals. A mark that survives only at low utility survives an attack '
+        'that did not do what the attacker wanted.</p>',
+        f'{utility_html(utility_curves(results), results.defense_labels())}</section>',
         '<section id="tradeoff"><h2>Quality vs. robustness</h2>',
         (f'<p><label>quality (x axis) <select id="xmetric">{x_options}</select></label> '
          f'<span class="muted">against the selected metric (y axis); one point per cell, whiskers are 95% '

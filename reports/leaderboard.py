@@ -30,15 +30,18 @@ SCHEMA_VERSION = 1
 KIND = "markbench-leaderboard"
 
 
-def _summary(values: list[Value], attacked: bool = False) -> dict[str, Any] | None:
+def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | None = None) -> dict[str, Any] | None:
     """One cell: its value, interval and N. Several (one per run seed: each a new key, embedding and, in an attacked
     cell, attack run): the mean of the seeds' values with a hierarchical-bootstrap interval (seeds resampled, then
     images within each: :func:`bench.stats.hierarchical_bootstrap`) where every cell stored its per-image values,
-    else no interval. ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it."""
+    else no interval. ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it.
+    Repeated attack runs (``[run] attack_seeds``) within a run seed are further groups of the same bootstrap, so
+    the spread between attack seeds widens the interval as the spread between run seeds does; ``n_embeddings``
+    (the distinct run seeds) is then given by the caller."""
     vals = [v for v in values if v is not None and v.value is not None]
     if not vals:
         return None
-    reps = {"n_embeddings": len(vals), "n_attack_runs": len(vals) if attacked else 0}
+    reps = {"n_embeddings": min(n_embeddings or len(vals), len(vals)), "n_attack_runs": len(vals) if attacked else 0}
     if len(vals) == 1:
         v = vals[0]
         return {"value": v.value, "low": v.low, "high": v.high, "n": v.n, "n_cells": 1, **reps}
@@ -96,7 +99,8 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
             "per_attack": {k: mean(v) for k, v in per_attack.items()},
             "per_attack_summary": {
                 k: _summary([v for c, v in measured if results.column(c) == k],
-                            attacked=any(c.model_attack != IDENTITY for c, _ in measured if results.column(c) == k))
+                            attacked=any(c.model_attack != IDENTITY for c, _ in measured if results.column(c) == k),
+                            n_embeddings=len({c.seed for c, _ in measured if results.column(c) == k}))
                 for k in per_attack},
             "quality": {q: s for q in quality
                         if (s := _summary([results.value(c, q) for c in ref if c.ok])) is not None},
@@ -111,6 +115,7 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
         return (r["mean"] is None, sign * (r["mean"] or 0.0), r["worst"] is None, sign * (r["worst"] or 0.0),
                 clean is None, sign * (clean or 0.0), e["control"])
 
+    curves = utility_curves(results, [m for m in dict.fromkeys([metric, "bit_accuracy"]) if m in available])
     entries.sort(key=sort_key)
     for i, e in enumerate(entries, 1):
         e["rank"] = i
@@ -146,7 +151,68 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
              "value": v.value, "low": v.low, "high": v.high, "n": v.n, "higher_is_better": v.higher_is_better}
             for c in results.ok_cells for m, v in c.metrics.items()
         ],
+        **({"utility_curves": curves} if curves else {}),
     }
+
+
+# -- detection against attacker utility ----------------------------------------------------------------------------
+#: The x axis of a model attack's curve: the first of these every cell of the attack stored (bench.measures.utility):
+#: recognition of a fine-tune's new style or subject, else the quality kept (paired CLIP-score change).
+UTILITY_X = ("utility_downstream", "utility_clip_delta")
+
+
+def detection_metrics(results: Results) -> list[str]:
+    """The detection metrics of a database: every ``tpr@...`` and ``bit_accuracy``, in the stored order."""
+    return [m for m in results.metric_order if m.startswith("tpr@") or m == "bit_accuracy"]
+
+
+def _params_key(params: dict[str, Any]) -> str:
+    """The non-numeric parameters of a model attack (its data, method, the model merged in ...): cells that share
+    them lie on one line; numeric ones (steps, lr, sparsity ...) move along it."""
+    fixed = {k: v for k, v in sorted(params.items())
+             if not (isinstance(v, (int, float)) and not isinstance(v, bool))}
+    return ", ".join(f"{k}={v}" for k, v in fixed.items())
+
+
+def utility_curves(results: Results, metrics: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per model attack (and its non-numeric parameters) and detection metric: one line per defence through the
+    attack's sweep, each point (x = the attacker's utility of the attacked watermarked model, y = detection) with
+    its interval, from the cells with that model attack and no image attack. Several seeds at one point combine
+    as the leaderboard's cells do (:func:`_summary`: mean with a hierarchical-bootstrap interval). Points sorted by
+    utility. Nothing is recomputed: values and intervals are the stored ones."""
+    metrics = detection_metrics(results) if metrics is None else metrics
+    groups: dict[tuple[str, str], list[CellRow]] = {}
+    for c in results.ok_cells:
+        if c.image_attack != IDENTITY or c.model_attack == IDENTITY:
+            continue
+        groups.setdefault((c.model_attack, _params_key(c.model_attack_params)), []).append(c)
+    out = []
+    for (attack, fixed), cells in groups.items():
+        x_metric = next((m for m in UTILITY_X if all(results.value(c, m) is not None for c in cells)), None)
+        if x_metric is None:
+            continue
+        for metric in metrics:
+            lines: dict[str, list[dict[str, Any]]] = {}
+            for defense in results.defense_labels():
+                by_label: dict[str, list[CellRow]] = {}
+                for c in cells:
+                    if c.defense_label == defense:
+                        by_label.setdefault(c.model_attack_base_label, []).append(c)
+                pts = []
+                for label, cs in by_label.items():
+                    ys = [results.value(c, metric) for c in cs]
+                    if any(y is None for y in ys):
+                        continue
+                    runs = len({c.seed for c in cs})
+                    pts.append({"model_attack": label,
+                                "x": _summary([results.value(c, x_metric) for c in cs], True, runs),
+                                "y": _summary(ys, True, runs)})
+                if pts:
+                    lines[defense] = sorted(pts, key=lambda p: p["x"]["value"])
+            if lines:
+                out.append({"attack": attack, "params": fixed, "x_metric": x_metric, "metric": metric,
+                            "lines": lines})
+    return out
 
 
 def _attack_name(results: Results, c: CellRow) -> str:
@@ -185,9 +251,9 @@ def _fmt_summary(s: dict[str, Any] | None) -> str:
     out = fmt(s["value"])
     if s.get("low") is not None and s.get("high") is not None:
         out += f" [{fmt(s['low'])}, {fmt(s['high'])}]"
-    if (s.get("n_embeddings") or 1) > 1:
-        out += f" ({s['n_embeddings']} embeddings" + (f", {s['n_attack_runs']} attack runs"
-                                                      if s.get("n_attack_runs") else "") + ")"
+    if (s.get("n_embeddings") or 1) > 1 or (s.get("n_attack_runs") or 1) > 1:
+        out += f" ({s['n_embeddings']} embedding{'s' if s['n_embeddings'] != 1 else ''}" + (
+            f", {s['n_attack_runs']} attack runs" if s.get("n_attack_runs") else "") + ")"
     return out
 
 
@@ -233,7 +299,32 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
             lines.append(f"| {_md(e['defense_label'])} | "
                          + " | ".join(fmt(e["per_attack"].get(c)) for c in cols) + " |")
         lines += ["", "</details>"]
+    lines += utility_markdown(board.get("utility_curves") or [])
     return "\n".join(lines) + "\n"
+
+
+def _fmt_point(p: dict[str, Any]) -> str:
+    return f"{fmt(p['x']['value'])} &rarr; {_fmt_summary(p['y'])}"
+
+
+def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:
+    """The leaderboard's section on detection against attacker utility (empty without model-attack sweeps)."""
+    if not curves:
+        return []
+    out = ["", "#### Detection against attacker utility", "",
+           "Per model attack, each defence's detection at each point of the attack's sweep, written "
+           "`utility -> detection [95% interval]`, in order of the utility the attacker got (the share of the "
+           "attacked watermarked model's images showing the fine-tune's new style or subject, or for attacks "
+           "without a downstream task the paired CLIP-score change). A mark that survives only where the "
+           "attacker got nothing survives nothing."]
+    for cur in curves:
+        title = cur["attack"] + (f" ({cur['params']})" if cur["params"] else "")
+        out += ["", f"**{_md(title)}**: {_code(cur['metric'])} against {_code(cur['x_metric'])}", "",
+                "| defence | points (model attack: utility &rarr; detection) |", "|:---|:---|"]
+        for defense, pts in cur["lines"].items():
+            out.append(f"| {_md(defense)} | " + "; ".join(f"{_md(p['model_attack'])}: {_fmt_point(p)}"
+                                                            for p in pts) + " |")
+    return out
 
 
 # -- files --------------------------------------------------------------------------------------------------------

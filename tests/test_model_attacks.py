@@ -115,6 +115,20 @@ def test_merge_with_base_interpolates(pipe):
         assert torch.allclose(w, expected, atol=1e-6)
 
 
+def test_merge_with_a_finetuned_model_interpolates_with_that_finetune_not_the_base(pipe):
+    marked, _ = _apply("weight_noise", pipe, sigma=1.0)
+    ft = {"steps": 2, "num_images": 4, "batch_size": 2, "lr": 1e-3}
+    ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
+    merged = model_attacks.get("merge")(other="finetuned", alpha=0.5, **ft).apply(copy_pipeline(marked), ctx)
+    # the independent fine-tune: the finetune attack with the same settings and the same random stream
+    other, _ = _apply("finetune", pipe, seed=0, **ft)
+    assert diff_pipeline(pipe, other)  # the fine-tune moved away from the base
+    for key, w in merged.unet.state_dict().items():
+        if w.is_floating_point():
+            expected = 0.5 * marked.unet.state_dict()[key] + 0.5 * other.unet.state_dict()[key]
+            assert torch.allclose(w, expected, atol=1e-5), key
+
+
 @pytest.mark.parametrize("name, params, components", [
     ("finetune", {"steps": 3, "num_images": 4, "batch_size": 2}, {"unet"}),
     ("lora", {"steps": 3, "num_images": 4, "batch_size": 2, "rank": 2}, {"unet"}),

@@ -32,6 +32,8 @@ class Merge(ModelAttack):
               choices=("unet", "text_encoder", "vae")),
         Param("dataset", "str", "tiny:style", "for other = finetuned: its fine-tuning data"),
         Param("steps", "int", 200, "for other = finetuned: its fine-tuning steps", low=0, high=1_000_000),
+        Param("lr", "float", 1e-5, "for other = finetuned: its learning rate (the finetune attack's default)",
+              low=0.0, high=1.0),
         Param("num_images", "int", 64, "for other = finetuned: its dataset size", low=1, high=1_000_000),
         Param("batch_size", "int", 4, "for other = finetuned: its batch size", low=1, high=4096),
     )
@@ -42,7 +44,7 @@ class Merge(ModelAttack):
         if self.other == "finetuned":
             from attacks.model.finetune import FineTune
 
-            FineTune(dataset=self.dataset, steps=self.steps, num_images=self.num_images,
+            FineTune(dataset=self.dataset, steps=self.steps, num_images=self.num_images, lr=self.lr,
                      batch_size=self.batch_size).apply(other, ctx)
         with torch.no_grad():
             for comp in self.components:

@@ -1,0 +1,84 @@
+"""Every downstream training attack, at the settings the shipped configs/finetune.toml gives it (its strongest sweep
+point), moves the tiny-world model towards its data: the tiny CLIP recognises the new style or subject in more of
+the fine-tuned model's images for held-out captions than the clean base's 95% interval allows (issue 24).
+
+The images are generated as the ``attacker_utility`` metric generates them (bench.plan.downstream_request, run seed
+0, the config's sampler settings); recognition by bench.downstream. Calibration: docs/calibration.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import stats
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "finetune.toml"
+
+
+def _strongest() -> dict[str, object]:
+    """The config's downstream training attacks, each at its strongest sweep point (most steps)."""
+    from bench.config import load_config
+
+    cfg = load_config(str(CONFIG), check_output=False)
+    out: dict[str, object] = {}
+    for spec in cfg.model_attacks:
+        attack = spec.instantiate()
+        if type(attack).goal != "downstream" or not getattr(type(attack), "uses_data", False):
+            continue
+        best = out.get(spec.name)
+        if best is None or attack.params.get("steps", 0) > best.params.get("steps", 0):
+            out[spec.name] = attack
+    return out
+
+
+def _recognition(pipe, cfg, task):
+    from bench.downstream import eval_captions, recognised
+    from bench.generation import generate_images
+    from bench.plan import downstream_request
+
+    caps = eval_captions(task, cfg.run.num_images)
+    hits = recognised(task, generate_images(pipe, downstream_request(cfg, 0, caps)), caps)
+    return stats.rate(int(hits.sum()), int(hits.size))
+
+
+@pytest.fixture(scope="module")
+def world():
+    from bench.config import load_config
+    from bench.models import load_pipeline
+
+    cfg = load_config(str(CONFIG), check_output=False)
+    return cfg, load_pipeline(cfg.model)
+
+
+def test_the_config_has_every_downstream_training_attack():
+    assert set(_strongest()) >= {"finetune", "lora", "dreambooth"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    "lora", "finetune", "dreambooth",
+    # not calibrated yet: at lr 1e-3 the text encoder alone moves recognition 0.06 -> 0.16 / 0.09 after 20 / 200
+    # steps (docs/calibration.md); strict: this fails loudly once the config's text-encoder attack learns the style
+    pytest.param("text_encoder", marks=pytest.mark.xfail(strict=True, reason="text-encoder fine-tuning does not learn "
+                                                        "tiny:style at its configured settings (docs/calibration.md)")),
+])
+def test_configured_training_attack_learns_its_data_beyond_the_base_interval(world, name):
+    from bench.downstream import task_of
+    from bench.plugins import StageContext
+    from bench.testing import Resources, copy_pipeline
+
+    cfg, base = world
+    attack = _strongest().get(name)
+    if attack is None:
+        pytest.skip(f"{name} is not in {CONFIG.name}")
+    task = task_of(attack.downstream_dataset(), attack.params.get("token"))
+    before = _recognition(base, cfg, task)
+    ctx = StageContext(torch.Generator().manual_seed(0),
+                       data=Resources(lambda: base, cfg.model.height, cfg.model.width))
+    after = _recognition(attack.apply(copy_pipeline(base), ctx), cfg, task)
+    assert after.value > before.high, (f"{attack.describe()}: recognised {after.value:.3f} after, base "
+                                       f"{before.value:.3f} [{before.low:.3f}, {before.high:.3f}]")

@@ -1,0 +1,126 @@
+"""Detection against attacker utility (issue 24): the leaderboard's curves, their Markdown and the report's chart,
+checked on a small synthetic results table against the values put into it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import stats
+from reports.data import CellRow, Results, Value
+from reports.html import utility_html
+from reports.leaderboard import to_markdown, utility_curves
+
+TPR = "tpr@1e-06"
+
+
+def cell(defense: str, attack: str, label: str, params: dict, seed: int = 0, image_attack: str = "none",
+         **metrics: Value) -> CellRow:
+    row = CellRow(cell_id=f"{defense}/{label}/{image_attack}/{seed}", run_id="r", label=label, seed=seed,
+                  defense=defense, defense_label=defense, defense_params={}, defense_version="1",
+                  defense_origin="markbench", model_attack=attack, model_attack_label=label,
+                  model_attack_params=params, model_attack_version="1", image_attack=image_attack,
+                  image_attack_label=image_attack, image_attack_params={}, image_attack_version="1",
+                  negatives="attacked", n_images=32, status="ok", error="", traceback="", timings={}, costs={},
+                  stage_keys=[], updated=0.0)
+    row.metrics.update({k.replace("_AT_", "@"): v for k, v in metrics.items()})
+    return row
+
+
+# (defence, steps) -> (utility, tpr, tpr interval)
+TABLE = {("alpha", 20): (0.10, 0.95, (0.85, 0.99)), ("alpha", 200): (0.40, 0.80, (0.65, 0.90)),
+         ("alpha", 2000): (0.70, 0.30, (0.15, 0.45)), ("beta", 20): (0.12, 1.00, (0.89, 1.00)),
+         ("beta", 200): (0.45, 0.99, (0.85, 1.00)), ("beta", 2000): (0.75, 0.97, (0.84, 1.00))}
+
+
+def synthetic() -> Results:
+    cells = []
+    for d in ("alpha", "beta"):
+        cells.append(cell(d, "none", "none", {}, **{"tpr_AT_1e-06": Value(1.0, 0.9, 1.0, 32)}))
+        for steps in (2000, 20, 200):  # stored out of order: the curve sorts by utility
+            u, t, (lo, hi) = TABLE[(d, steps)]
+            label = f"lora(steps={steps})"
+            cells.append(cell(d, "lora", label, {"dataset": "tiny:style", "steps": steps, "lr": 1e-3},
+                              utility_downstream=Value(u, u - 0.1, u + 0.1, 32),
+                              **{"tpr_AT_1e-06": Value(t, lo, hi, 32)}))
+            # an image-attacked cell of the same model attack is not a point of the curve
+            cells.append(cell(d, "lora", label, {"dataset": "tiny:style", "steps": steps, "lr": 1e-3},
+                              image_attack="jpeg", utility_downstream=Value(u, None, None, 32),
+                              **{"tpr_AT_1e-06": Value(0.0, 0.0, 0.1, 32)}))
+        # merge with the base and with a fine-tune: two lines (non-numeric parameter), not one
+        for other, u, t in (("base", -0.02, 0.5), ("finetuned", -0.05, 0.7)):
+            cells.append(cell(d, "merge", f"merge(other={other})", {"other": other, "alpha": 0.5},
+                              utility_clip_delta=Value(u, u - 0.01, u + 0.01, 32),
+                              **{"tpr_AT_1e-06": Value(t, t - 0.1, t + 0.1, 32)}))
+    return Results(path=Path("synthetic.sqlite"), runs=[], cells=cells,
+                   metric_order=[TPR, "utility_downstream", "utility_clip_delta"], notes={})
+
+
+def test_utility_curves_points_are_the_stored_values_sorted_by_utility():
+    curves = utility_curves(synthetic())
+    lora = [c for c in curves if c["attack"] == "lora"]
+    assert len(lora) == 1 and lora[0]["x_metric"] == "utility_downstream" and lora[0]["metric"] == TPR
+    for d in ("alpha", "beta"):
+        pts = lora[0]["lines"][d]
+        assert [p["model_attack"] for p in pts] == ["lora(steps=20)", "lora(steps=200)", "lora(steps=2000)"]
+        for p, steps in zip(pts, (20, 200, 2000)):
+            u, t, (lo, hi) = TABLE[(d, steps)]
+            assert p["x"]["value"] == pytest.approx(u) and p["x"]["low"] == pytest.approx(u - 0.1)
+            assert (p["y"]["value"], p["y"]["low"], p["y"]["high"]) == pytest.approx((t, lo, hi))
+    merges = sorted((c["params"], c["x_metric"]) for c in curves if c["attack"] == "merge")
+    assert merges == [("other=base", "utility_clip_delta"), ("other=finetuned", "utility_clip_delta")]
+
+
+def test_utility_curves_combine_seeds_with_the_hierarchical_bootstrap():
+    a = [0.9, 1.0, 1.0, 0.8]
+    b = [0.2, 0.3, 0.1, 0.2]
+    cells = [cell("alpha", "lora", "lora(steps=200)", {"steps": 200}, seed=s,
+                  utility_downstream=Value(0.5, 0.3, 0.7, 4, samples=(1, 0, 1, 0)),
+                  **{"tpr_AT_1e-06": Value(sum(v) / 4, None, None, 4, samples=tuple(v))})
+             for s, v in ((0, a), (1, b))]
+    res = Results(path=Path("x"), runs=[], cells=cells, metric_order=[TPR, "utility_downstream"], notes={})
+    (pt,) = utility_curves(res)[0]["lines"]["alpha"]
+    ref = stats.hierarchical_bootstrap([a, b])
+    assert (pt["y"]["value"], pt["y"]["low"], pt["y"]["high"]) == pytest.approx((ref.value, ref.low, ref.high))
+    assert pt["y"]["n_attack_runs"] == 2
+
+
+def test_utility_chart_plots_the_curve_values():
+    res = synthetic()
+    page = utility_html(utility_curves(res), res.defense_labels())
+    charts = re.findall(r'<svg[^>]*class="utility-chart"[^>]*data-attack="(\w+)"', page)
+    assert sorted(charts) == ["lora", "merge", "merge"]
+    pts = re.findall(r'<circle class="upt"[^>]*data-defense="(\w+)" data-model-attack="([^"]+)" data-x="([^"]+)" '
+                     r'data-y="([^"]+)" data-y-low="([^"]+)" data-y-high="([^"]+)"', page)
+    lora = {(d, int(re.search(r"\d+", ma).group())): tuple(map(float, rest)) for d, ma, *rest in pts
+            if ma.startswith("lora")}
+    assert set(lora) == set(TABLE)
+    for key, (u, t, (lo, hi)) in TABLE.items():
+        assert lora[key] == pytest.approx((u, t, lo, hi))
+    # each defence's line passes through its points in order of utility
+    m = re.search(r'<polyline[^>]*data-defense="alpha" points="([^"]+)"', page)
+    xs = [float(p.split(",")[0]) for p in m.group(1).split()]
+    assert xs == sorted(xs) and len(xs) == 3
+
+
+def test_leaderboard_markdown_has_the_utility_section():
+    from reports.leaderboard import build
+
+    res = synthetic()
+    board = build(res, TPR)
+    md = to_markdown(board)
+    assert "#### Detection against attacker utility" in md
+    line = next(s for s in md.splitlines() if s.startswith("| alpha | lora"))
+    assert "lora(steps=20): 0.100 &rarr; 0.950 [0.850, 0.990]" in line
+    assert line.index("steps=20)") < line.index("steps=200)") < line.index("steps=2000)")
+
+
+def test_leaderboard_without_model_attack_utility_has_no_section():
+    from reports.leaderboard import build
+
+    res = synthetic()
+    res.cells = [c for c in res.cells if c.model_attack == "none"]
+    board = build(res, TPR)
+    assert "utility_curves" not in board and "attacker utility" not in to_markdown(board)
