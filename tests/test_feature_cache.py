@@ -80,10 +80,8 @@ def test_a_changed_extractor_does_not_read_another_extractors_features(fake, tmp
     calls = fake.calls
     metrics.get("fid")(batch_size=4).compute(_with(make_ctx(x, reference=ref), store))  # another batch size
     assert fake.calls == calls + 2
-    before = feat.module_fingerprint(torch.nn.Linear(2, 2))
     lin = torch.nn.Linear(2, 2)
     fp = feat.module_fingerprint(lin)
-    assert fp != before or torch.equal(lin.weight, torch.nn.Linear(2, 2).weight)  # random inits differ
     lin2 = torch.nn.Linear(2, 2)
     with torch.no_grad():
         lin2.weight.copy_(lin.weight)
