@@ -282,6 +282,53 @@ class ArtifactStore:
                     yield entry.name, entry
 
 
+class FeatureCache:
+    """Features extracted from image sets (FID's Inception, CLIP's image embeddings), kept in the artifact store.
+
+    An entry is keyed by the extractor's identity (what computed the features: network, a fingerprint of its weights,
+    preprocessing, batch size, device type, torch version: a dict the metric builds) and the image set's content key
+    (a SHA-256 of its pixels), so a second output folder on the same cache, a second metric over the same set (FID
+    and KID, ``attacker_utility``'s FID) or a re-measured grid reads them instead of running the network again. An
+    entry is an ordinary artifact (``tensors.safetensors`` with ``features``, ``meta.json`` with
+    ``"kind": "features"``): written atomically, hashed, checked on read; a damaged one is quarantined and
+    recomputed. Shipped (read-only) stores are read too. No stage key changes: features are not stages.
+    ``reads`` / ``writes`` count this process's hits and stores (benchmarks, tests)."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+        self.reads = 0
+        self.writes = 0
+
+    @staticmethod
+    def key(identity: dict[str, Any], digest: str) -> str:
+        return stable_hash({"kind": "features", "extractor": identity, "images": digest})
+
+    def load(self, identity: dict[str, Any], digest: str) -> torch.Tensor | None:
+        """The stored features of the image set ``digest`` by ``identity``, or None (absent or damaged)."""
+        key = self.key(identity, digest)
+        if not self.store.exists(key):
+            return None
+        try:
+            self.store.check(key)
+            features = self.store.tensors(key).get("features")
+        except CorruptArtifact as exc:
+            if not exc.readonly:
+                self.store.quarantine(key)
+            return None
+        if features is None:
+            return None
+        self.store.touch(key)
+        self.reads += 1
+        return features
+
+    def save(self, identity: dict[str, Any], digest: str, features: torch.Tensor, **meta: Any) -> None:
+        key = self.key(identity, digest)
+        self.store.write(key, meta={"kind": "features", "extractor": identity, "images": digest,
+                                    "shape": list(features.shape), **meta},
+                         tensors={"features": features})
+        self.writes += 1
+
+
 def _short(exc: BaseException, limit: int = 120) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit] + "..."

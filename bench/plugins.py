@@ -584,6 +584,9 @@ class MeasureContext:
       reference of FID and CLIP-score changes. ``reference_key`` identifies it, so a metric can keep reference
       statistics in ``shared`` (a dict that lives for the whole run) and compute them once per run.
     * ``prompts``: the prompt of each image; ``device``: where metrics may compute.
+    * ``features``: the run's durable feature cache (:class:`bench.cache.FeatureCache`: ``load(identity, digest)``,
+      ``save(identity, digest, tensor)``), where image-set metrics keep extracted features across runs and output
+      folders (:mod:`bench.measures.features`); None outside a run.
     * ``model_attack``: the cell's model attack (its parameters, ``goal``, ``attacker_has``), and, when the
       ``attacker_utility`` metric is configured, the image sets it reads by name from ``loaders``:
       ``ordinary_marked`` (the attacked watermarked model's ordinary images) and, for a downstream fine-tune,
@@ -604,6 +607,7 @@ class MeasureContext:
     device: str = "cpu"
     paired_twin: bool = True
     model_attack: "ModelAttack | None" = None
+    features: Any = None
 
     def images(self) -> "torch.Tensor":
         return self.loaders["images"]()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .cache import ArtifactStore, CorruptArtifact, shipped_stores
+from .cache import ArtifactStore, CorruptArtifact, FeatureCache, shipped_stores
 from .config import BenchConfig
 from .errors import BenchError, PluginError, UserError
 from .executor import Executor, make_executor
@@ -90,6 +90,7 @@ class Runner:
         self._seen_cached: set[str] = set()
         self._checked: set[str] = set()  # cached entries checked (sizes) in this run
         self._shared: dict[str, Any] = {}  # metrics' per-run state (e.g. FID reference statistics)
+        self.features = FeatureCache(self.artifacts)  # metrics' extracted features, kept across runs
 
     def run(self, only: str | None = None, rerun_failed: bool = False, command: str = "bench run") -> RunSummary:
         """Compute and store the selected cells.
@@ -370,7 +371,7 @@ class Runner:
                      **{role: loader(key) for role, key in cell.extra_images}},
             prompts=env.request(cell.seed).prompts, reference_key=cell.reference, shared=self._shared,
             device=self.cfg.run.device, paired_twin=type(defense).has_paired_twin(),
-            model_attack=env.plugin(cell.model_attack),
+            model_attack=env.plugin(cell.model_attack), features=self.features,
         )
         out: list[Measurement] = []
         for spec in self.cfg.metrics:

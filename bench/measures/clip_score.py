@@ -29,7 +29,11 @@ Measurements (``n`` = number of images; 95% Student-t intervals over images)
     out when ``ctx.paired_twin`` is False): the mark's own cost, neither the trigger's nor the model attack's.
 
 Scores of an image set are computed once per run: they are kept in ``ctx.shared`` keyed by the model, the prompts
-and a SHA-256 of the image tensor; the reference's also by ``ctx.reference_key``.
+and a SHA-256 of the image tensor; the reference's also by ``ctx.reference_key``. The images' embeddings are also
+stored in the artifact cache (``ctx.features``, :mod:`bench.measures.features`), keyed by the scorer's identity (model
+name, a SHA-256 of its weights, its preprocessing, ``batch_size``, device type, torch version) and the set's pixels,
+so a new output folder on the same cache, or ``attacker_utility``'s CLIP change, does not run the image tower again;
+the scores are then the same bit for bit (the prompts' embeddings are recomputed: the text tower is cheap).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import torch
 
 from bench import stats
 from bench.errors import ConfigError, UserError
+from bench.measures.features import cached_features, extractor_identity
 from bench.params import Param
 from bench.plugins import MeasureContext, Measurement, Metric
 from bench.registries import metrics
@@ -59,9 +64,13 @@ _MODELS: dict[tuple, "ClipScorer"] = {}
 class ClipScorer:
     """An open_clip model with its image preprocessing and tokenizer: per-image CLIP scores."""
 
-    def __init__(self, model: Any, preprocess_images, tokenizer, device: str, batch_size: int):
+    def __init__(self, model: Any, preprocess_images, tokenizer, device: str, batch_size: int,
+                 preprocess_id: str | None = None):
         self.model = model.to(device).eval().requires_grad_(False)
         self.preprocess_images = preprocess_images  # float [N, 3, H, W] in [0, 1] -> model input
+        #: names the preprocessing in the feature cache's key (default: the function's qualified name)
+        self.preprocess_id = preprocess_id or (f"{getattr(preprocess_images, '__module__', '')}."
+                                               f"{getattr(preprocess_images, '__qualname__', repr(preprocess_images))}")
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
@@ -84,10 +93,16 @@ class ClipScorer:
         """``100 * max(cos, 0)`` per image (float64 ``[N]``; embeddings L2-normalised here, in float64)."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"CLIP score: {images.shape[0]} images but {len(prompts)} prompts")
+        return self.scores_from_features(self.image_features(images), prompts)
+
+    def scores_from_features(self, image_features: torch.Tensor, prompts: tuple[str, ...]) -> np.ndarray:
+        """:meth:`scores` from the images' (stored) :meth:`image_features`: the same arithmetic, the same bits."""
+        if len(prompts) != image_features.shape[0]:
+            raise ValueError(f"CLIP score: {image_features.shape[0]} images but {len(prompts)} prompts")
         unique = sorted(set(prompts))
         text = self.text_features(unique)
         rows = torch.tensor([unique.index(p) for p in prompts])
-        cos = (self.image_features(images) * text[rows]).sum(dim=-1)
+        cos = (image_features * text[rows]).sum(dim=-1)
         return (WEIGHT * cos.clamp(min=0)).numpy()
 
 
@@ -110,7 +125,8 @@ def open_clip_scorer(name: str, pretrained: str | None, device: str, batch_size:
         arrays = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return torch.stack([transform(Image.fromarray(a)) for a in arrays])
 
-    return ClipScorer(model, preprocess, open_clip.get_tokenizer(name), device, batch_size)
+    return ClipScorer(model, preprocess, open_clip.get_tokenizer(name), device, batch_size,
+                      preprocess_id=f"open_clip {name}: 8-bit PIL, {' '.join(repr(transform).split())}")
 
 
 def scorer(model: str = TINY_WORLD, pretrained: str | None = None, device: str = "cpu",
@@ -179,13 +195,23 @@ class CLIPScore(Metric):
         return (self.params["model"], self.params["pretrained"])
 
     def scores(self, images: torch.Tensor, ctx: MeasureContext) -> np.ndarray:
-        """Per-image scores of an image set with ``ctx.prompts`` (computed at most once per run)."""
+        """Per-image scores of an image set with ``ctx.prompts`` (computed at most once per run; the images'
+        embeddings at most once per feature cache, :mod:`bench.measures.features`)."""
         cache = ctx.shared.setdefault(_SHARED, {})
         prompts = tuple(ctx.prompts)
         key = (self._model_id(), _digest(images, prompts))
         if key not in cache:
-            cache[key] = self._scorer(ctx).scores(images, prompts)
+            if len(prompts) != images.shape[0]:
+                raise ValueError(f"CLIP score: {images.shape[0]} images but {len(prompts)} prompts")
+            s = self._scorer(ctx)
+            feats = cached_features(ctx, lambda: self._identity(s, ctx), images, s.image_features,
+                                    what="CLIP image embeddings (L2-normalised, float64)")
+            cache[key] = s.scores_from_features(feats, prompts)
         return cache[key]
+
+    def _identity(self, s: ClipScorer, ctx: MeasureContext) -> dict[str, Any]:
+        return extractor_identity(f"clip:{self.params['model']}", s.model, s.preprocess_id,
+                                  self.params["batch_size"], ctx.device)
 
     def reference_scores(self, ctx: MeasureContext) -> np.ndarray:
         cache = ctx.shared.setdefault(_SHARED, {})

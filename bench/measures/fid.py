@@ -32,8 +32,12 @@ Measurements (each with ``n`` = number of evaluated images)
 Computation
     Features are extracted once per image set per run: they are kept in ``ctx.shared`` (a dict that lives for the
     whole run) keyed by the feature settings and a SHA-256 of the image tensor, and the reference's are also keyed
-    by ``ctx.reference_key`` (so a later cell does not even load the reference images again). Everything after
-    extraction is float64 matrix algebra.
+    by ``ctx.reference_key`` (so a later cell does not even load the reference images again). In a run they are also
+    stored in the artifact cache (``ctx.features``, :mod:`bench.measures.features`), keyed by the extractor's
+    identity (network, a SHA-256 of its weights, ``preprocess_id``, ``batch_size``, device type, torch version) and
+    the set's pixels: a new output folder on the same cache, KID after FID, or ``attacker_utility``'s FID reads them
+    instead of running Inception again (a reference dataset or folder is still rendered or read, to key it by its
+    pixels), and every value is the same bit for bit. Everything after extraction is float64 matrix algebra.
 
     FID ``= |mu_x - mu_y|^2 + tr(S_x) + tr(S_y) - 2 tr((S_x S_y)^(1/2))`` with unbiased covariances (``N - 1``), as
     torchmetrics and the TF reference code. The trace of the square root is computed exactly from the small
@@ -66,7 +70,6 @@ Intervals and small-N bias
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import math
 import warnings
@@ -78,6 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import ConfigError, MissingDependencyError
+from bench.measures.features import cached_features, extractor_identity, tensor_digest
 from bench.params import Param
 from bench.plugins import MeasureContext, Measurement, Metric
 from bench.registries import metrics
@@ -129,6 +133,8 @@ class FidHelperInception(torch.nn.Module):
     """
 
     num_features = FEATURE_DIM
+    #: the preprocessing, named in the feature cache's key (change it when :meth:`preprocess` changes)
+    preprocess_id = "fid-helper v1: clamp [0,1], 8-bit levels, TF1 bilinear to 299x299 unless already, v/128-1"
 
     def __init__(self, weights: str | Path | None = None, batch_size: int = 16):
         super().__init__()
@@ -169,6 +175,7 @@ class TorchmetricsInception(torch.nn.Module):
     """
 
     num_features = FEATURE_DIM
+    preprocess_id = "torchmetrics v1: clamp [0,1], uint8, torch-fidelity resize antialias=False"
 
     def __init__(self, weights: str | Path | None = None, batch_size: int = 16):
         super().__init__()
@@ -319,14 +326,6 @@ def jackknife_se(statistic: Callable[[torch.Tensor], float], n: int, groups: int
 # ---------------------------------------------------------------------------------------------------------------
 # Features with a per-run cache
 # ---------------------------------------------------------------------------------------------------------------
-def tensor_digest(images: torch.Tensor) -> str:
-    """SHA-256 of an image tensor's shape, dtype and bytes: the identity of an image set within a run."""
-    t = images.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
 def _state(ctx: MeasureContext) -> dict:
     return ctx.shared.setdefault(_SHARED, {"features": {}, "reference": {}})
 
@@ -390,17 +389,31 @@ class _InceptionMetric(Metric):
     def _feature_id(self) -> tuple:
         return (self.params["features"], self.params["inception_weights"])
 
-    def _extract(self, images: torch.Tensor, ctx: MeasureContext) -> torch.Tensor:
-        module = extractor(self.params["features"], self.params["inception_weights"], ctx.device,
-                           self.params["batch_size"])
-        return module(images).detach().cpu().double()
+    def _module(self, ctx: MeasureContext) -> torch.nn.Module:
+        return extractor(self.params["features"], self.params["inception_weights"], ctx.device,
+                         self.params["batch_size"])
+
+    def _identity(self, ctx: MeasureContext) -> dict[str, Any]:
+        """The extractor's identity in the feature cache (:mod:`bench.measures.features`)."""
+        module = self._module(ctx)
+        preprocess = getattr(module, "preprocess_id", f"{type(module).__module__}.{type(module).__qualname__}")
+        return extractor_identity(f"inception:{self.params['features']}", module, preprocess,
+                                  self.params["batch_size"], ctx.device)
+
+    def _extract(self, images: torch.Tensor, ctx: MeasureContext, digest: str | None = None) -> torch.Tensor:
+        """The set's features: from the feature cache (``ctx.features``) when stored, else extracted and stored."""
+        return cached_features(ctx, lambda: self._identity(ctx), images,
+                               lambda x: self._module(ctx)(x).detach().cpu().double(), digest,
+                               what="TF-FID Inception pool3")
 
     def image_features(self, images: torch.Tensor, ctx: MeasureContext) -> torch.Tensor:
-        """Features of an image set, extracted at most once per run (cached by the tensor's digest)."""
+        """Features of an image set, extracted at most once per run (cached by the tensor's digest) and, with a
+        feature cache, at most once per cache."""
         cache = _state(ctx)["features"]
-        key = (self._feature_id(), tensor_digest(images))
+        digest = tensor_digest(images)
+        key = (self._feature_id(), digest)
         if key not in cache:
-            cache[key] = self._extract(images, ctx)
+            cache[key] = self._extract(images, ctx, digest)
         return cache[key]
 
     def reference_features(self, ctx: MeasureContext) -> tuple[torch.Tensor, bool]:

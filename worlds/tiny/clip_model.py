@@ -241,4 +241,6 @@ def scorer(pretrained: str | None, device: str, batch_size: int, default: Path):
     def prep(images):
         return preprocess(images * 2 - 1)
 
-    return ClipScorer(model, prep, tokenizer(), device, batch_size)
+    return ClipScorer(model, prep, tokenizer(), device, batch_size,
+                      preprocess_id=f"tiny-world v1: [-1, 1], bilinear antialiased resize to {shapes.IMAGE_SIZE}, "
+                                    f"mean {tuple(MEAN)} std {tuple(STD)}")
