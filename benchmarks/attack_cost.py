@@ -1,6 +1,6 @@
 """Cost per image of the removal attacks (issue 27) against the JPEG attack, measured in the same run.
 
-    python benchmarks/attacks.py [--model tiny-sd] [--images 16] [--size 64] [--threads 1] [--repeats 3]
+    python benchmarks/attack_cost.py [--model tiny-sd] [--images 16] [--size 64] [--threads 1] [--repeats 3]
 
 Each attack is applied to the same batch of images exactly as the harness's image-attack stage calls it (with the
 base pipeline for attacks that declare ``needs_model``; defaults, i.e. strength 0.5), ``--repeats`` times; the
