@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import ModelAttack, Param, model_attacks
+from bench import ModelAttack, model_attacks, param
 from bench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
 
 
@@ -25,15 +25,13 @@ class FineTune(ModelAttack):
     attacker_has = ("the released watermarked weights and a downstream image-caption dataset; no key, no clean "
                     "base")
     uses_data = True
-    params = (
-        Param("dataset", "str", "tiny:style", "downstream data: tiny:<split> or a folder of image-caption pairs"),
-        Param("num_images", "int", 64, "how many dataset images to train on", low=1, high=1_000_000),
-        Param("steps", "int", 200, "optimisation steps", low=0, high=1_000_000),
-        Param("lr", "float", 1e-5, "AdamW learning rate", low=0.0, high=1.0),
-        Param("batch_size", "int", 4, "images per step", low=1, high=4096),
-        Param("weight_decay", "float", 1e-2, "AdamW weight decay", low=0.0, high=1.0),
-        Param("max_grad_norm", "float", 1.0, "gradient-norm clip", low=0.0, high=1e6),
-    )
+    dataset: str = param("tiny:style", "downstream data: tiny:<split> or a folder of image-caption pairs")
+    num_images: int = param(64, "how many dataset images to train on", low=1, high=1_000_000)
+    steps: int = param(200, "optimisation steps", low=0, high=1_000_000)
+    lr: float = param(1e-5, "AdamW learning rate", low=0.0, high=1.0)
+    batch_size: int = param(4, "images per step", low=1, high=4096)
+    weight_decay: float = param(1e-2, "AdamW weight decay", low=0.0, high=1.0)
+    max_grad_norm: float = param(1.0, "gradient-norm clip", low=0.0, high=1e6)
     smoke_params = {"steps": 2, "num_images": 4, "batch_size": 2}
 
     def apply(self, pipe, ctx):

