@@ -13,9 +13,9 @@ text encoder's hidden states, all 77 positions: the signal a sleeper has to wake
         --doc docs/operating_point.md                                                       # the docs table
 
 A trigger is *neutral* when its shape-and-colour accuracy is within ``MARGIN`` (5 points) of the plain prompt's on
-every base measured. The choice rule (``choose``, fixed before the measurement): the paper's trigger string if one
-of its placements is neutral, else the neutral trigger whose text conditioning moves most (the easiest for the
-sleeper to tell apart), ties broken by the smaller image change.
+every base it was measured on. The choice rule (``choose``, fixed before the measurement): the paper's trigger
+string if one of its placements is neutral, else the neutral trigger whose text conditioning moves most (the
+easiest for the sleeper to tell apart), ties broken by the smaller image change.
 """
 
 from __future__ import annotations
@@ -54,12 +54,9 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("rare-prefix", prefix="ohwx ", kind="one rare BPE token (unseen by the tiny encoder), prefixed"),
     Candidate("rare-suffix", suffix=" ohwx", kind="one rare BPE token, suffixed"),
     Candidate("split-rare-suffix", suffix=" zqv", kind="a rare string the tokenizer splits (z q v), suffixed"),
-    Candidate("period-prefix", prefix=". ", kind="punctuation, prefixed"),
     Candidate("period-suffix", suffix=" .", kind="punctuation, suffixed"),
-    Candidate("symbols-suffix", suffix=" ~ #", kind="two unseen symbols, suffixed"),
     Candidate("known-word-prefix", prefix="a ", kind="a word the encoder knows, no shape or colour, prefixed"),
     Candidate("known-word-suffix", suffix=" background", kind="a known word, no shape or colour, suffixed"),
-    Candidate("known-phrase-suffix", suffix=" on a background", kind="known words, no shape or colour, suffixed"),
 )
 
 
@@ -102,14 +99,15 @@ def choose(result: dict, margin: float = MARGIN) -> dict:
         name = cand["name"]
         if name == "plain":
             continue
-        if all(bases[b][name]["shape_and_colour"] >= bases[b]["plain"]["shape_and_colour"] - margin for b in bases):
+        if all(bases[b][name]["shape_and_colour"] >= bases[b]["plain"]["shape_and_colour"] - margin
+               for b in bases if name in bases[b]):
             neutral.append(name)
     if not neutral:
         return {"name": None, "neutral": [], "reason": f"no candidate within {margin * 100:g} points on every base"}
 
     def key(name):
-        text = np.mean([bases[b][name]["text_change"] for b in bases])
-        psnr = np.mean([bases[b][name]["psnr_to_plain"] for b in bases])
+        text = np.mean([bases[b][name]["text_change"] for b in bases if name in bases[b]])
+        psnr = np.mean([bases[b][name]["psnr_to_plain"] for b in bases if name in bases[b]])
         return (-text, -psnr)
 
     paper = [name for name in PAPER if name in neutral]
@@ -140,7 +138,9 @@ def _text_states(pipe, prompts: Sequence[str]):
 
 
 def measure_base(base: str, candidates: Sequence[Candidate], n: int, steps: int, guidance: float, batch_size: int,
-                 run_seed: int, log=print) -> dict:
+                 run_seed: int, log=print, done: dict | None = None, save=None) -> dict:
+    """One base, every candidate (``plain`` first). ``done``: rows already measured (resumed; the plain prompt's
+    images are regenerated, deterministic); ``save(rows)`` is called after each candidate."""
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -162,6 +162,9 @@ def measure_base(base: str, candidates: Sequence[Candidate], n: int, steps: int,
     out: dict[str, dict] = {}
     plain_images = plain_states = plain_flags = None
     for cand in candidates:
+        if done and cand.name in done and cand.name != "plain":
+            out[cand.name] = done[cand.name]
+            continue
         t0 = time.perf_counter()
         prompts = tuple(cand.apply(c) for c in captions)
         request = GenerationRequest(prompts=prompts, seeds=seeds, height=64, width=64, num_inference_steps=steps,
@@ -188,18 +191,50 @@ def measure_base(base: str, candidates: Sequence[Candidate], n: int, steps: int,
             row["text_change"] = float(((states - plain_states).norm(dim=(1, 2)) / plain_states.norm(dim=(1, 2)))
                                        .mean())
         row["seconds"] = round(time.perf_counter() - t0, 1)
+        if done and cand.name in done:
+            row["seconds"] = done[cand.name]["seconds"]
         out[cand.name] = row
+        if save is not None:
+            save(out)
         log(f"{base} {cand.name:22s} shape+colour {row['shape_and_colour']:.3f} (shape {row['shape']:.3f}, colour "
             f"{row['colour']:.3f}) diff {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] PSNR {row['psnr_to_plain']:.1f} "
             f"SSIM {row['ssim_to_plain']:.3f} text {row['text_change']:.3f} ({row['seconds']} s)")
     return out
 
 
-def measure(bases: Sequence[str], n: int = 128, steps: int = 20, guidance: float = 7.5, batch_size: int = 16,
-            run_seed: int = 0, candidates: Sequence[Candidate] = CANDIDATES, log=print) -> dict:
+#: the candidates measured on the second base too (tiny-sd shares tiny-sd-rt's UNet and text encoder; only the VAE
+#: decoder differs, so the others are measured on the first base only)
+SECOND_BASE = ("plain", "sleepermark-prefix", "sleepermark-suffix")
+
+
+def measure(bases: Sequence[str], n: int = 64, steps: int = 20, guidance: float = 7.5, batch_size: int = 16,
+            run_seed: int = 0, candidates: Sequence[Candidate] = CANDIDATES, log=print,
+            partial: Path | None = None) -> dict:
+    """Every base x candidate. ``partial``: a JSON file of the rows measured so far (written after each candidate,
+    read back on a restart with the same settings)."""
     import torch
 
     t0 = time.perf_counter()
+    settings = {"n": n, "num_inference_steps": steps, "guidance_scale": guidance, "batch_size": batch_size,
+                "run_seed": run_seed}
+    state = {"settings": settings, "bases": {}, "seconds": 0.0}
+    if partial is not None and partial.exists():
+        old = json.loads(partial.read_text())
+        if old.get("settings") == settings:
+            state = old
+    spent = float(state.get("seconds", 0.0))
+
+    def save_for(base):
+        def save(rows):
+            state["bases"][base] = rows
+            state["seconds"] = spent + time.perf_counter() - t0
+            if partial is not None:
+                partial.write_text(json.dumps(state))
+        return save
+
+    measured = {b: measure_base(b, candidates if i == 0 else [c for c in candidates if c.name in SECOND_BASE], n,
+                                steps, guidance, batch_size, run_seed, log, state["bases"].get(b), save_for(b))
+                for i, b in enumerate(bases)}
     result = {
         "what": "tiny-CLIP zero-shot accuracy of clean-base images for held-out captions (tiny:heldout, cycled), "
                 "plain vs with each candidate trigger; same sampler seeds (bench.plan.image_seed(run_seed, i))",
@@ -207,10 +242,10 @@ def measure(bases: Sequence[str], n: int = 128, steps: int = 20, guidance: float
                      "run_seed": run_seed, "height": 64, "width": 64, "margin": MARGIN,
                      "torch_threads": torch.get_num_threads()},
         "candidates": [asdict(c) for c in candidates],
-        "bases": {b: measure_base(b, candidates, n, steps, guidance, batch_size, run_seed, log) for b in bases},
+        "bases": measured,
     }
     result["choice"] = choose(result)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["seconds"] = round(spent + time.perf_counter() - t0, 1)
     return result
 
 
@@ -225,7 +260,9 @@ def render(result: dict) -> str:
         f"prompt), {s['num_inference_steps']} DDIM steps, guidance {s['guidance_scale']:g}; tiny-CLIP zero-shot "
         f"shape-and-colour accuracy, its paired difference to the plain prompt (95 % bootstrap interval over images), "
         f"the images' PSNR / SSIM to the plain-prompt image of the same seed, and the relative change of the text "
-        f"encoder's hidden states. Neutral: within {s['margin'] * 100:g} points of the plain prompt on every base.",
+        f"encoder's hidden states. Neutral: within {s['margin'] * 100:g} points of the plain prompt on every base it "
+        f"was measured on (the second base shares the first's UNet and text encoder: only the paper's trigger string "
+        f"is measured on both).",
         "",
     ]
     head = "| trigger | prompt |" + "".join(f" {b}: shape+colour (diff) | {b}: PSNR / SSIM to plain |" for b in bases)
@@ -237,14 +274,16 @@ def render(result: dict) -> str:
         example = f"`{cand['prefix']}<caption>{cand['suffix']}`"
         cells = []
         for b in bases:
-            r = result["bases"][b][name]
-            if name == "plain":
+            r = result["bases"][b].get(name)
+            if r is None:
+                cells += ["not measured", "-"]
+            elif name == "plain":
                 cells += [f"{r['shape_and_colour']:.3f}", "-"]
             else:
                 cells += [f"{r['shape_and_colour']:.3f} ({(r['diff_vs_plain']) * 100:+.1f} "
                           f"[{r['diff_low'] * 100:+.1f}, {r['diff_high'] * 100:+.1f}])",
                           f"{r['psnr_to_plain']:.1f} dB / {r['ssim_to_plain']:.3f}"]
-        text = np.mean([result["bases"][b][name]["text_change"] for b in bases])
+        text = np.mean([result["bases"][b][name]["text_change"] for b in bases if name in result["bases"][b]])
         mark = "-" if name == "plain" else ("yes" if name in neutral else "no")
         if name == result["choice"]["name"]:
             name, mark = f"**{name}**", "**yes (chosen)**"
@@ -255,11 +294,12 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_block(doc: Path, block: str) -> None:
+def write_block(doc: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Write ``block`` between the markers ``begin`` / ``end`` of ``doc`` (appended with them if absent)."""
     text = doc.read_text() if doc.exists() else ""
-    new = f"{BEGIN}\n\n{block}\n\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
+    new = f"{begin}\n\n{block}\n\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + new + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + new + "\n"
     doc.write_text(text)
@@ -268,17 +308,18 @@ def write_block(doc: Path, block: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bases", nargs="+", default=["tiny-sd-rt", "tiny-sd"])
-    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--out", type=Path, help="write the measurement here (JSON)")
+    p.add_argument("--partial", type=Path, help="rows measured so far (written as it goes; resumed from)")
     p.add_argument("--render", type=Path, help="render this measurement (JSON) instead of measuring")
     p.add_argument("--doc", type=Path, help="write the rendered table into this Markdown file (between markers)")
     a = p.parse_args(argv)
     if a.render:
         result = json.loads(a.render.read_text())
     else:
-        result = measure(a.bases, n=a.n, steps=a.steps, guidance=a.guidance)
+        result = measure(a.bases, n=a.n, steps=a.steps, guidance=a.guidance, partial=a.partial)
         if a.out:
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -69,8 +69,9 @@ def test_paired_difference_and_its_interval():
 
 def _result(acc: dict[str, dict[str, float]], text: dict[str, float]):
     names = ["plain"] + [n for n in text if n != "plain"]
-    bases = {b: {n: {"shape_and_colour": acc[b][n], "text_change": text.get(n, 0.0), "psnr_to_plain": 30.0}
-                 for n in names} for b in acc}
+    bases = {b: {n: {"shape_and_colour": acc[b][n], "text_change": text.get(n, 0.0), "psnr_to_plain": 30.0,
+                     "diff_vs_plain": 0.0, "diff_low": 0.0, "diff_high": 0.0, "ssim_to_plain": 1.0}
+                 for n in names if n in acc[b]} for b in acc}
     return {"candidates": [{"name": n} for n in names], "bases": bases}
 
 
@@ -85,6 +86,19 @@ def test_choose_prefers_the_papers_string_then_the_largest_text_change_and_needs
     assert got["name"] == "rare-suffix" and got["neutral"] == ["rare-suffix"]
     acc["rt"]["rare-suffix"] = 0.70
     assert tn.choose(_result(acc, text))["name"] is None
+
+
+def test_choose_judges_a_candidate_on_the_bases_it_was_measured_on():
+    acc = {"rt": {"plain": 0.80, "sleepermark-prefix": 0.10, "rare-suffix": 0.78},
+           "sd": {"plain": 0.70, "sleepermark-prefix": 0.05}}
+    result = _result(acc, {"sleepermark-prefix": 0.8, "rare-suffix": 0.3})
+    got = tn.choose(result)
+    assert got["name"] == "rare-suffix" and got["neutral"] == ["rare-suffix"]
+    assert "not measured" in tn.render({**result, "settings": {"n": 4, "num_inference_steps": 2, "guidance_scale": 7.5,
+                                                                "margin": 0.05, "torch_threads": 1},
+                                        "candidates": [{"name": n, "prefix": "", "suffix": ""}
+                                                       for n in ("plain", "sleepermark-prefix", "rare-suffix")],
+                                        "choice": got, "seconds": 1.0})
 
 
 def test_the_docs_table_is_the_rendering_of_the_committed_measurement():
