@@ -217,7 +217,7 @@ def measure(bases: Sequence[str], n: int = 64, steps: int = 20, guidance: float 
     t0 = time.perf_counter()
     settings = {"n": n, "num_inference_steps": steps, "guidance_scale": guidance, "batch_size": batch_size,
                 "run_seed": run_seed}
-    state = {"settings": settings, "bases": {}, "seconds": 0.0}
+    state = {"settings": settings, "bases": {}, "seconds": 0.0, "torch_threads": torch.get_num_threads()}
     if partial is not None and partial.exists():
         old = json.loads(partial.read_text())
         if old.get("settings") == settings:
@@ -246,6 +246,23 @@ def measure(bases: Sequence[str], n: int = 64, steps: int = 20, guidance: float 
     }
     result["choice"] = choose(result)
     result["seconds"] = round(spent + time.perf_counter() - t0, 1)
+    return result
+
+
+def from_partial(state: dict, candidates: Sequence[Candidate] = CANDIDATES) -> dict:
+    """A result from the rows of an unfinished measurement (``--partial``): the candidates measured so far."""
+    first = next(iter(state["bases"].values()), {})
+    result = {
+        "what": "tiny-CLIP zero-shot accuracy of clean-base images for held-out captions (tiny:heldout, cycled), "
+                "plain vs with each candidate trigger; same sampler seeds (bench.plan.image_seed(run_seed, i)); "
+                "an unfinished measurement: only the candidates measured",
+        "settings": {**state["settings"], "height": 64, "width": 64, "margin": MARGIN,
+                     "torch_threads": state.get("torch_threads", 1)},
+        "candidates": [asdict(c) for c in candidates if c.name in first],
+        "bases": state["bases"],
+        "seconds": round(float(state.get("seconds", 0.0)), 1),
+    }
+    result["choice"] = choose(result)
     return result
 
 
@@ -313,11 +330,16 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--out", type=Path, help="write the measurement here (JSON)")
     p.add_argument("--partial", type=Path, help="rows measured so far (written as it goes; resumed from)")
+    p.add_argument("--from-partial", type=Path, help="finish from an unfinished measurement's rows (writes --out)")
     p.add_argument("--render", type=Path, help="render this measurement (JSON) instead of measuring")
     p.add_argument("--doc", type=Path, help="write the rendered table into this Markdown file (between markers)")
     a = p.parse_args(argv)
     if a.render:
         result = json.loads(a.render.read_text())
+    elif a.from_partial:
+        result = from_partial(json.loads(a.from_partial.read_text()))
+        if a.out:
+            a.out.write_text(json.dumps(result, indent=1) + "\n")
     else:
         result = measure(a.bases, n=a.n, steps=a.steps, guidance=a.guidance, partial=a.partial)
         if a.out:
