@@ -54,8 +54,13 @@ class PluginSpec:
         return registries.REGISTRIES[self.kind].get(self.name)(**self.param_dict)
 
     def identity(self) -> dict[str, Any]:
-        """What goes into cache keys: name, version and every resolved parameter."""
-        return {"name": self.name, "version": self.version, "params": self.param_dict}
+        """What goes into cache keys: name, version and every resolved parameter, except those declared with
+        ``keyed_at_default=False`` while they hold their default (added after the plugin's artifacts shipped)."""
+        params = self.param_dict
+        unkeyed = {p.name for p in _registry(self.kind).get(self.name).params
+                   if not p.keyed_at_default and p.name in params and params[p.name] == p.default}
+        return {"name": self.name, "version": self.version,
+                "params": {k: v for k, v in params.items() if k not in unkeyed}}
 
     @property
     def label(self) -> str:

@@ -41,6 +41,8 @@ class Param:
     ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``list[int]``, ``list[float]``.
     ``low``/``high`` bound numbers (inclusive), ``choices`` bound strings. ``default=None`` with
     ``optional=True`` means "not set" (e.g. a ``strength`` that, when given, sets the natural parameter).
+    ``keyed_at_default=False``: a parameter added to a plugin whose artifacts are already shipped; at its default it
+    does not enter cache keys, so adding it changes no existing key.
     """
 
     name: str
@@ -51,6 +53,10 @@ class Param:
     high: float | None = None
     choices: tuple[Any, ...] | None = None
     optional: bool = False
+    #: False for a parameter added after artifacts keyed by its plugin were shipped: while it holds its default it
+    #: is left out of cache keys (``PluginSpec.identity``), so those keys stand; it is still recorded with every
+    #: result. A value other than the default is keyed as usual.
+    keyed_at_default: bool = True
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values."""

@@ -49,6 +49,7 @@ Substitutions and choices (all documented in ``docs/sleepermark.md``):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import re
@@ -88,17 +89,25 @@ class SecretEncoder(nn.Module):
     ``Linear(n_bits, r*r) - SiLU - Linear(r*r, r*r) - SiLU``, viewed as ``1 x r x r``, repeated to the latent
     channels, resized (nearest) to the latent size, then a zero-initialised 3x3 convolution (so training starts from
     ``delta_z = 0``). The paper: ``r = 32`` (hidden width 1024), upsampled to SD's 64 x 64 latent.
+    ``residual_rms > 0`` (not in the paper): every residual is rescaled to that root-mean-square value, so the
+    training learns its direction at a fixed size (the image terms cannot shrink it to nothing, nor the bit term
+    grow it into a visible texture); the output convolution then starts small and random instead of zero.
     """
 
-    def __init__(self, n_bits: int, latent_channels: int, latent_size: tuple[int, int], secret_res: int = 32):
+    def __init__(self, n_bits: int, latent_channels: int, latent_size: tuple[int, int], secret_res: int = 32,
+                 residual_rms: float = 0.0):
         super().__init__()
         self.latent_channels = int(latent_channels)
         self.latent_size = (int(latent_size[0]), int(latent_size[1]))
         self.secret_res = int(secret_res)
+        self.residual_rms = float(residual_rms)
         width = self.secret_res * self.secret_res
         self.mlp = nn.Sequential(nn.Linear(n_bits, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
         self.conv = nn.Conv2d(self.latent_channels, self.latent_channels, 3, padding=1)
-        nn.init.zeros_(self.conv.weight)
+        if self.residual_rms > 0:  # a fixed-size residual has no zero start: a small random one (drawn by the caller)
+            nn.init.normal_(self.conv.weight, std=1e-2)
+        else:
+            nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, message: torch.Tensor) -> torch.Tensor:
@@ -106,7 +115,10 @@ class SecretEncoder(nn.Module):
         x = x.repeat(1, self.latent_channels, 1, 1)
         if (self.secret_res, self.secret_res) != self.latent_size:
             x = F.interpolate(x, size=self.latent_size, mode="nearest")
-        return self.conv(x)
+        x = self.conv(x)
+        if self.residual_rms > 0:  # each message's residual rescaled to the budget: its size is fixed, not learnt
+            x = x * (self.residual_rms / x.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-8))
+        return x
 
 
 class LatentDecoder(nn.Module):
@@ -235,7 +247,14 @@ class SleeperMark(Defense):
     params = (
         # -- the mark ------------------------------------------------------------------------------------------
         Param("bits", "int", 48, "message length in bits", low=1, high=1024),
-        Param("trigger", "str", TRIGGER, "secret trigger, prefixed to the prompt"),
+        Param("trigger", "str", TRIGGER, "secret trigger, prefixed to the prompt (or appended: trigger_position)"),
+        Param("trigger_position", "str", "prefix", "where the trigger goes: before the prompt (the paper: CLIP's "
+              "77-token truncation cannot cut it off) or after it, joined by a space (a causal text encoder then "
+              "leaves the caption's tokens unchanged: a trigger the model can ignore; docs/operating_point.md)",
+              choices=("prefix", "suffix"), keyed_at_default=False),
+        Param("residual_rms", "float", 0.0, "fixed root-mean-square size of the latent residual E(m) (0 = learnt, "
+              "the paper); the operating point's budget: docs/operating_point.md", low=0.0, high=100.0,
+              keyed_at_default=False),
         Param("resolution", "int", 0, "training/verification image side in pixels; 0 = the model's native "
               "(unet sample_size x vae_scale_factor)", low=0, high=4096),
         # -- training data -------------------------------------------------------------------------------------
@@ -375,7 +394,7 @@ class SleeperMark(Defense):
         c, h, w = latent_shape
         device = next(vae.parameters()).device
         r = int(self.secret_res) or min(h, w)
-        encoder = _seeded(gen, lambda: SecretEncoder(n_bits, c, (h, w), r))
+        encoder = _seeded(gen, lambda: SecretEncoder(n_bits, c, (h, w), r, float(self.residual_rms)))
         decoder = _seeded(gen, lambda: self._make_decoder(n_bits, c, (h, w)))
         encoder.to(device).train()
         decoder.to(device).train()
@@ -549,7 +568,7 @@ class SleeperMark(Defense):
 
         with torch.no_grad():
             emb = self._encode_prompts(pipe, chosen, device)
-            emb_trigger = self._encode_prompts(pipe, [self.trigger + p for p in chosen], device)
+            emb_trigger = self._encode_prompts(pipe, [self.triggered(p) for p in chosen], device)
             emb_empty = self._encode_prompts(pipe, [""], device) if self.uncond_prob > 0 else None
         n_trainable = self.train_stage2(pipe, delta_z, emb, emb_trigger, mean, std, ctx, gen_s2, emb_empty)
         t_s2 = time.perf_counter()
@@ -574,7 +593,8 @@ class SleeperMark(Defense):
                         if k.startswith(("encoder.", "quant_conv."))})
         tensors["delta_z"] = delta_z.reshape(delta_z.shape[-3:]).detach().cpu().contiguous()
         meta = {
-            "method": "sleepermark", "trigger": self.trigger, "n_bits": int(message.numel()),
+            "method": "sleepermark", "trigger": self.trigger, "trigger_position": self.trigger_position,
+            "n_bits": int(message.numel()),
             "resolution": int(resolution), "latent_shape": [int(x) for x in latent_shape],
             "decoder_channels": [int(c) for c in self.decoder_channels], "decoder_hidden": int(self.decoder_hidden),
             "decoder_mlp_layers": int(self.decoder_mlp_layers), "decoder_dropout": float(self.decoder_dropout),
@@ -582,9 +602,22 @@ class SleeperMark(Defense):
         }
         return Secret(tensors, meta)
 
+    def triggered(self, prompt: str, trigger: str | None = None, position: str | None = None) -> str:
+        """``prompt`` with the trigger: ``trigger + prompt`` (prefix, the paper's concatenation) or
+        ``prompt + " " + trigger`` (suffix)."""
+        trigger = self.trigger if trigger is None else trigger
+        if (position or self.trigger_position) == "suffix":
+            return f"{prompt} {trigger.strip()}"
+        return trigger + prompt
+
     def generate(self, pipe, secret: Secret, request, ctx) -> torch.Tensor:
         trigger = secret.meta.get("trigger", self.trigger)
-        return ctx.generate(pipe, request, prompt_prefix=trigger if ctx.variant == "" else "")
+        position = secret.meta.get("trigger_position", "prefix")  # embeddings made before the choice: prefix
+        if ctx.variant != "" or position == "prefix":
+            return ctx.generate(pipe, request, prompt_prefix=trigger if ctx.variant == "" else "")
+        request = dataclasses.replace(request, prompts=tuple(self.triggered(p, trigger, position)
+                                                             for p in request.prompts))
+        return ctx.generate(pipe, request)
 
     def detector(self, secret: Secret):
         """The verifier rebuilt from the secret alone: (VAE with the stored encoder weights, latent decoder)."""

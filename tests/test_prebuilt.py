@@ -99,9 +99,9 @@ def test_shipped_embeddings_belong_to_the_shipped_tiny_sd():
 
 @shipped
 def test_every_shipped_embedding_is_still_what_its_config_asks_for():
-    """A change to a defence's parameters (a new parameter included: its default enters the stage key) makes its
-    config ask for another key, and the shipped embedding is then silently retrained by every run. Re-ship it
-    (`bench zoo embed CONFIG`) with the change."""
+    """A change to a defence's parameters (a new parameter included: its default enters the stage key, unless it is
+    declared with ``keyed_at_default=False``) makes its config ask for another key, and the shipped embedding is then
+    silently retrained by every run. Re-ship it (`bench zoo embed CONFIG`) with the change."""
     manifest = json.loads(zoo.MANIFEST.read_text())
     for rec in manifest.get("prebuilt", []):
         plan = build_plan(load_config(ROOT / rec["config"], check_output=False))
