@@ -117,16 +117,19 @@ class Declared:
     high: float | None = None
     choices: tuple[Any, ...] | None = None
     optional: bool = False
+    keyed_at_default: bool = True
 
 
 def param(default: Any, doc: str = "", *, low: float | None = None, high: float | None = None,
-          choices: Sequence[Any] | None = None, optional: bool = False) -> Any:
+          choices: Sequence[Any] | None = None, optional: bool = False, keyed_at_default: bool = True) -> Any:
     """Declare a plugin parameter as a typed class attribute: ``steps: int = param(200, "optimiser steps", low=0)``.
 
     The type comes from the annotation (``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``list[int]``,
-    ``list[float]``; ``X | None`` makes it optional, i.e. ``None`` means "not set").
+    ``list[float]``; ``X | None`` makes it optional, i.e. ``None`` means "not set"). ``keyed_at_default=False``:
+    see :class:`Param`.
     """
-    return Declared(default, doc, low, high, tuple(choices) if choices is not None else None, optional)
+    return Declared(default, doc, low, high, tuple(choices) if choices is not None else None, optional,
+                    keyed_at_default)
 
 
 def annotation_type(annotation: Any) -> tuple[str, bool]:
@@ -166,7 +169,8 @@ def params_from_attributes(owner: str, namespace: Mapping[str, Any], annotations
             typ, optional = annotation_type(annotations[name])
         except ValueError as exc:
             raise PluginValidationError(f"{owner}: parameter '{name}': {exc}") from None
-        own.append(Param(name, typ, d.default, d.doc, d.low, d.high, d.choices, d.optional or optional))
+        own.append(Param(name, typ, d.default, d.doc, d.low, d.high, d.choices, d.optional or optional,
+                         d.keyed_at_default))
     by_name = {p.name: p for p in own}
     merged = [by_name.pop(p.name, p) for p in inherited]
     return tuple(merged) + tuple(p for p in own if p.name in by_name)

@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   ThreatSetting, UserError, Verification, defenses, read_prompts)
+from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
+                   ThreatSetting, UserError, Verification, defenses, param, read_prompts)
 from bench.latents import from_latent, to_latent
 from bench.noise import quantize8
 from bench.rng import global_rng_from
@@ -244,80 +244,72 @@ class SleeperMark(Defense):
     detection = DetectionKind.BITS
     variants = ("", "no_trigger")
 
-    params = (
-        # -- the mark ------------------------------------------------------------------------------------------
-        Param("bits", "int", 48, "message length in bits", low=1, high=1024),
-        Param("trigger", "str", TRIGGER, "secret trigger, prefixed to the prompt (or appended: trigger_position)"),
-        Param("trigger_position", "str", "prefix", "where the trigger goes: before the prompt (the paper: CLIP's "
-              "77-token truncation cannot cut it off) or after it, joined by a space (a causal text encoder then "
-              "leaves the caption's tokens unchanged: a trigger the model can ignore; docs/operating_point.md)",
-              choices=("prefix", "suffix"), keyed_at_default=False),
-        Param("residual_rms", "float", 0.0, "fixed root-mean-square size of the latent residual E(m) (0 = learnt, "
-              "the paper); the operating point's budget: docs/operating_point.md", low=0.0, high=100.0,
-              keyed_at_default=False),
-        Param("resolution", "int", 0, "training/verification image side in pixels; 0 = the model's native "
-              "(unet sample_size x vae_scale_factor)", low=0, high=4096),
-        # -- training data -------------------------------------------------------------------------------------
-        Param("prompts", "str", "micro:shapes", "training prompts: a world's prompt set ('tiny:train'; legacy "
-              "'builtin:<name>') or a text file, one per line"),
-        Param("train_images", "int", 10000, "images the base model generates for training (paper: 10k)",
-              low=1, high=10_000_000),
-        Param("train_inference_steps", "int", 50, "sampling steps for the training images", low=1, high=1000),
-        Param("train_guidance_scale", "float", 7.5, "guidance scale for the training images", low=0.0, high=50.0),
-        Param("gen_batch_size", "int", 16, "batch size when generating/encoding the training images",
-              low=1, high=4096),
-        Param("vae_sample", "bool", True, "training latents sampled from the VAE posterior (official); "
-              "false: posterior mean"),
-        # -- stage 1: secret encoder / decoder -----------------------------------------------------------------
-        Param("secret_res", "int", 32, "secret encoder map side r (hidden width r*r; paper 32 -> 1024, nearest-"
-              "upsampled to SD's 64 x 64 latent); 0 = the latent side", low=0, high=256),
-        Param("decoder_channels", "list[int]", [64, 128, 256, 512],
-              "decoder conv widths, one stride-2/stride-1 pair each (paper 64-128-256-512)"),
-        Param("decoder_hidden", "int", 2048, "decoder MLP width (paper 2048)", low=1, high=65536),
-        Param("decoder_mlp_layers", "int", 3, "decoder MLP hidden layers (paper 3)", low=1, high=16),
-        Param("decoder_dropout", "float", 0.1, "dropout before the decoder's last layer", low=0.0, high=0.9),
-        Param("stage1_source", "str", "generated", "stage-1 latents: VAE-encoded base-model images or "
-              "standard-normal latents", choices=("generated", "random")),
-        Param("stage1_roundtrip", "bool", False, "stage 1 decodes the marked latent through the VAE round trip "
-              "(decode, 8-bit quantise, encode: what verification sees; straight-through gradients) instead of reading "
-              "it directly (official). For VAEs whose decoder ignores latent directions the decoder could otherwise "
-              "use (the tiny world's: docs/sleepermark.md)"),
-        Param("stage1_latent_steps", "int", 0, "latent-level warm-up: steps before stage 1 in which the decoder reads "
-              "the marked latent directly, with the message term only, at the constant stage1_lr (no VAE: about 50x "
-              "cheaper per step than the round trip). 0 = none (official)", low=0, high=10_000_000),
-        Param("stage1_latent_batch_size", "int", 0, "batch of the latent-level warm-up (0 = stage1_batch_size)",
-              low=0, high=65536),
-        Param("stage1_steps", "int", 10000, "stage-1 optimisation steps", low=0, high=10_000_000),
-        Param("stage1_batch_size", "int", 9, "stage-1 batch (official: 3 per GPU x 3 GPUs)", low=1, high=4096),
-        Param("stage1_lr", "float", 1e-4, "stage-1 AdamW learning rate (linear decay to 0)", low=0.0, high=1.0),
-        Param("stage1_weight_decay", "float", 0.01, "stage-1 AdamW weight decay", low=0.0, high=10.0),
-        Param("stage1_grad_clip", "float", 1e-2, "stage-1 gradient-norm clip", low=0.0, high=1e6),
-        Param("image_loss_weight", "float", 30.0, "final weight l_img of MSE(Dec(z_w), Dec(z))", low=0.0, high=1e6),
-        Param("image_loss_ramp", "int", 2000, "steps of the linear ramp of l_img", low=0, high=10_000_000),
-        Param("image_loss_start", "int", 0, "step where the l_img and l_perc ramps begin (official: 0)", low=0,
-              high=10_000_000),
-        Param("perceptual", "str", "ssim", "perceptual/structural term: 1-SSIM (offline default), LPIPS (the "
-              "paper's; needs the lpips package and weights) or none", choices=("ssim", "lpips", "none")),
-        Param("perceptual_weight", "float", 0.25, "final weight l_perc of the perceptual term", low=0.0, high=1e6),
-        Param("perceptual_ramp", "int", 4000, "steps of the linear ramp of l_perc", low=0, high=10_000_000),
-        # -- stage 2: sleeper fine-tuning ----------------------------------------------------------------------
-        Param("stage2_steps", "int", 20000, "stage-2 optimisation steps", low=0, high=10_000_000),
-        Param("stage2_batch_size", "int", 10, "stage-2 batch", low=1, high=4096),
-        Param("stage2_lr", "float", 1e-4, "stage-2 AdamW learning rate (cosine decay, no warm-up)", low=0.0,
-              high=1.0),
-        Param("stage2_weight_decay", "float", 1e-2, "stage-2 AdamW weight decay", low=0.0, high=10.0),
-        Param("stage2_grad_clip", "float", 1e-5, "stage-2 gradient-norm clip (with adam_eps: Adam then acts as "
-              "normalised SGD; change lr, clip and eps together)", low=0.0, high=1e6),
-        Param("adam_eps", "float", 1e-8, "stage-2 Adam epsilon", low=0.0, high=1.0),
-        Param("eta", "float", 0.02, "maximum weight of the watermark term (0.05 for pixel diffusion)",
-              low=0.0, high=1e6),
-        Param("tau", "float", 250.0, "timestep where the watermark and preservation weights cross",
-              low=-1e6, high=1e6),
-        Param("beta", "float", 100.0, "steepness (timesteps) of the sigmoid weights", low=1e-6, high=1e6),
-        Param("uncond_prob", "float", 0.0, "share of the plain (trigger-free) preservation samples conditioned on "
-              "the empty prompt instead of their caption: keeps the unconditional branch, which classifier-free "
-              "guidance amplifies, at the reference's (0 = the paper: captions only)", low=0.0, high=1.0),
-    )
+    # -- the mark ------------------------------------------------------------------------------------------
+    bits: int = param(48, "message length in bits", low=1, high=1024)
+    trigger: str = param(TRIGGER, "secret trigger, prefixed to the prompt (or appended: trigger_position)")
+    trigger_position: str = param("prefix", "where the trigger goes: before the prompt (the paper: CLIP's 77-token "
+            "truncation cannot cut it off) or after it, joined by a space (a causal text encoder then leaves the "
+            "caption's tokens unchanged: a trigger the model can ignore; docs/operating_point.md)",
+            choices=("prefix", "suffix"), keyed_at_default=False)
+    residual_rms: float = param(0.0, "fixed root-mean-square size of the latent residual E(m) (0 = learnt, the paper); "
+            "the operating point's budget: docs/operating_point.md", low=0.0, high=100.0, keyed_at_default=False)
+    resolution: int = param(0, "training/verification image side in pixels; 0 = the model's native (unet sample_size x "
+            "vae_scale_factor)", low=0, high=4096)
+    # -- training data -------------------------------------------------------------------------------------
+    prompts: str = param("micro:shapes", "training prompts: a world's prompt set ('tiny:train'; legacy "
+            "'builtin:<name>') or a text file, one per line")
+    train_images: int = param(10000, "images the base model generates for training (paper: 10k)", low=1,
+            high=10_000_000)
+    train_inference_steps: int = param(50, "sampling steps for the training images", low=1, high=1000)
+    train_guidance_scale: float = param(7.5, "guidance scale for the training images", low=0.0, high=50.0)
+    gen_batch_size: int = param(16, "batch size when generating/encoding the training images", low=1, high=4096)
+    vae_sample: bool = param(True, "training latents sampled from the VAE posterior (official); false: posterior mean")
+    # -- stage 1: secret encoder / decoder -----------------------------------------------------------------
+    secret_res: int = param(32, "secret encoder map side r (hidden width r*r; paper 32 -> 1024, nearest-upsampled to "
+            "SD's 64 x 64 latent); 0 = the latent side", low=0, high=256)
+    decoder_channels: list[int] = param([64, 128, 256, 512], "decoder conv widths, one stride-2/stride-1 pair each "
+            "(paper 64-128-256-512)")
+    decoder_hidden: int = param(2048, "decoder MLP width (paper 2048)", low=1, high=65536)
+    decoder_mlp_layers: int = param(3, "decoder MLP hidden layers (paper 3)", low=1, high=16)
+    decoder_dropout: float = param(0.1, "dropout before the decoder's last layer", low=0.0, high=0.9)
+    stage1_source: str = param("generated", "stage-1 latents: VAE-encoded base-model images or standard-normal latents",
+            choices=("generated", "random"))
+    stage1_roundtrip: bool = param(False, "stage 1 decodes the marked latent through the VAE round trip (decode, 8-bit "
+            "quantise, encode: what verification sees; straight-through gradients) instead of reading it directly "
+            "(official). For VAEs whose decoder ignores latent directions the decoder could otherwise use (the tiny "
+            "world's: docs/sleepermark.md)")
+    stage1_latent_steps: int = param(0, "latent-level warm-up: steps before stage 1 in which the decoder reads the "
+            "marked latent directly, with the message term only, at the constant stage1_lr (no VAE: about 50x cheaper "
+            "per step than the round trip). 0 = none (official)", low=0, high=10_000_000)
+    stage1_latent_batch_size: int = param(0, "batch of the latent-level warm-up (0 = stage1_batch_size)", low=0,
+            high=65536)
+    stage1_steps: int = param(10000, "stage-1 optimisation steps", low=0, high=10_000_000)
+    stage1_batch_size: int = param(9, "stage-1 batch (official: 3 per GPU x 3 GPUs)", low=1, high=4096)
+    stage1_lr: float = param(1e-4, "stage-1 AdamW learning rate (linear decay to 0)", low=0.0, high=1.0)
+    stage1_weight_decay: float = param(0.01, "stage-1 AdamW weight decay", low=0.0, high=10.0)
+    stage1_grad_clip: float = param(1e-2, "stage-1 gradient-norm clip", low=0.0, high=1e6)
+    image_loss_weight: float = param(30.0, "final weight l_img of MSE(Dec(z_w), Dec(z))", low=0.0, high=1e6)
+    image_loss_ramp: int = param(2000, "steps of the linear ramp of l_img", low=0, high=10_000_000)
+    image_loss_start: int = param(0, "step where the l_img and l_perc ramps begin (official: 0)", low=0,
+            high=10_000_000)
+    perceptual: str = param("ssim", "perceptual/structural term: 1-SSIM (offline default), LPIPS (the paper's; needs "
+            "the lpips package and weights) or none", choices=("ssim", "lpips", "none"))
+    perceptual_weight: float = param(0.25, "final weight l_perc of the perceptual term", low=0.0, high=1e6)
+    perceptual_ramp: int = param(4000, "steps of the linear ramp of l_perc", low=0, high=10_000_000)
+    # -- stage 2: sleeper fine-tuning ----------------------------------------------------------------------
+    stage2_steps: int = param(20000, "stage-2 optimisation steps", low=0, high=10_000_000)
+    stage2_batch_size: int = param(10, "stage-2 batch", low=1, high=4096)
+    stage2_lr: float = param(1e-4, "stage-2 AdamW learning rate (cosine decay, no warm-up)", low=0.0, high=1.0)
+    stage2_weight_decay: float = param(1e-2, "stage-2 AdamW weight decay", low=0.0, high=10.0)
+    stage2_grad_clip: float = param(1e-5, "stage-2 gradient-norm clip (with adam_eps: Adam then acts as normalised "
+            "SGD; change lr, clip and eps together)", low=0.0, high=1e6)
+    adam_eps: float = param(1e-8, "stage-2 Adam epsilon", low=0.0, high=1.0)
+    eta: float = param(0.02, "maximum weight of the watermark term (0.05 for pixel diffusion)", low=0.0, high=1e6)
+    tau: float = param(250.0, "timestep where the watermark and preservation weights cross", low=-1e6, high=1e6)
+    beta: float = param(100.0, "steepness (timesteps) of the sigmoid weights", low=1e-6, high=1e6)
+    uncond_prob: float = param(0.0, "share of the plain (trigger-free) preservation samples conditioned on the empty "
+            "prompt instead of their caption: keeps the unconditional branch, which classifier-free guidance "
+            "amplifies, at the reference's (0 = the paper: captions only)", low=0.0, high=1.0)
 
     smoke_params = dict(
         train_images=4, train_inference_steps=2, gen_batch_size=4, secret_res=8, decoder_channels=[8, 8],
@@ -335,7 +327,7 @@ class SleeperMark(Defense):
     # -- helpers ----------------------------------------------------------------------------------------------
     def _resolution(self, pipe) -> int:
         if self.resolution:
-            return int(self.resolution)
+            return self.resolution
         return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
 
     @staticmethod
@@ -348,7 +340,7 @@ class SleeperMark(Defense):
 
     def _make_decoder(self, n_bits: int, channels: int, size: tuple[int, int]) -> LatentDecoder:
         return LatentDecoder(n_bits, channels, size, [int(c) for c in self.decoder_channels],
-                             int(self.decoder_hidden), int(self.decoder_mlp_layers), float(self.decoder_dropout))
+                             self.decoder_hidden, self.decoder_mlp_layers, self.decoder_dropout)
 
     @staticmethod
     def _encode_prompts(pipe, prompts: Sequence[str], device) -> torch.Tensor:
@@ -361,17 +353,17 @@ class SleeperMark(Defense):
 
     def _training_pool(self, pipe, ctx, gen: torch.Generator, resolution: int, prompts: list[str]):
         """Generate ``train_images`` images with the base pipeline and VAE-encode them (mean and std)."""
-        n = int(self.train_images)
+        n = self.train_images
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
         chosen = [prompts[i % len(prompts)] for i in range(n)]
         means, stds = [], []
-        chunk = int(self.gen_batch_size)
+        chunk = self.gen_batch_size
         starts = range(0, n, chunk)
         for start in ctx.progress(starts, total=len(starts), description="sleepermark: training images"):
             sl = slice(start, start + chunk)
             request = GenerationRequest(prompts=tuple(chosen[sl]), seeds=tuple(seeds[sl]), height=resolution,
-                                        width=resolution, num_inference_steps=int(self.train_inference_steps),
-                                        guidance_scale=float(self.train_guidance_scale), batch_size=chunk)
+                                        width=resolution, num_inference_steps=self.train_inference_steps,
+                                        guidance_scale=self.train_guidance_scale, batch_size=chunk)
             images = ctx.generate(pipe, request)
             images = quantize8(images)  # as saved to disk (8-bit), like the paper's PNGs
             with torch.no_grad():
@@ -393,15 +385,15 @@ class SleeperMark(Defense):
         with ``stage1_source = "random"``). Returns ``(encoder, decoder, last_bit_accuracy)``."""
         c, h, w = latent_shape
         device = next(vae.parameters()).device
-        r = int(self.secret_res) or min(h, w)
-        encoder = _seeded(gen, lambda: SecretEncoder(n_bits, c, (h, w), r, float(self.residual_rms)))
+        r = self.secret_res or min(h, w)
+        encoder = _seeded(gen, lambda: SecretEncoder(n_bits, c, (h, w), r, self.residual_rms))
         decoder = _seeded(gen, lambda: self._make_decoder(n_bits, c, (h, w)))
         encoder.to(device).train()
         decoder.to(device).train()
         params = list(encoder.parameters()) + list(decoder.parameters())
-        steps = int(self.stage1_steps)
-        opt = torch.optim.AdamW(params, lr=float(self.stage1_lr), weight_decay=float(self.stage1_weight_decay))
-        warm = int(self.stage1_latent_steps)  # constant lr through the warm-up, then linear decay over stage 1
+        steps = self.stage1_steps
+        opt = torch.optim.AdamW(params, lr=self.stage1_lr, weight_decay=self.stage1_weight_decay)
+        warm = self.stage1_latent_steps  # constant lr through the warm-up, then linear decay over stage 1
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 1.0 if s < warm else max(0.0, 1.0 - (s - warm) / max(1, steps)))
         perceptual = PerceptualLoss(self.perceptual, device, owner="sleepermark",
@@ -417,13 +409,13 @@ class SleeperMark(Defense):
                      ctx, gen) -> float:
         c, h, w = latent_shape
         device = next(decoder.parameters()).device
-        warm = int(self.stage1_latent_steps)
-        total = warm + int(self.stage1_steps)
+        warm = self.stage1_latent_steps
+        total = warm + self.stage1_steps
         warm_bsz = int(self.stage1_latent_batch_size or self.stage1_batch_size)
         acc = float("nan")
         for i in ctx.progress(range(total), total=total, description="sleepermark: stage 1"):
             step = i - warm  # < 0: the latent-level warm-up
-            bsz = warm_bsz if step < 0 else int(self.stage1_batch_size)
+            bsz = warm_bsz if step < 0 else self.stage1_batch_size
             if mean is not None:
                 idx = torch.randint(0, mean.shape[0], (bsz,), generator=gen)
                 z = self._sample_latents(mean, std, idx.to(mean.device), gen).to(device)
@@ -431,9 +423,9 @@ class SleeperMark(Defense):
                 z = torch.randn((bsz, c, h, w), generator=gen).to(device)
             m = torch.randint(0, 2, (bsz, n_bits), generator=gen).float().to(device)
             z_w = z + encoder(m)
-            start = int(self.image_loss_start)
-            l_img = ramp(step, float(self.image_loss_weight), int(self.image_loss_ramp), start)
-            l_perc = ramp(step, float(self.perceptual_weight), int(self.perceptual_ramp), start)
+            start = self.image_loss_start
+            l_img = ramp(step, self.image_loss_weight, self.image_loss_ramp, start)
+            l_perc = ramp(step, self.perceptual_weight, self.perceptual_ramp, start)
             if perceptual.kind == "none":
                 l_perc = 0.0
             image_terms = l_img > 0 or l_perc > 0
@@ -451,7 +443,7 @@ class SleeperMark(Defense):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.stage1_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, float(self.stage1_grad_clip))
+                torch.nn.utils.clip_grad_norm_(params, self.stage1_grad_clip)
             opt.step()
             sched.step()
             acc = float(((logits.detach() > 0) == (m > 0.5)).float().mean())
@@ -471,7 +463,7 @@ class SleeperMark(Defense):
         pred_plain, pred_trig = pred[:b], pred[b:]
         ref_plain, ref_trig = ref[:b], ref[b:]
         target_wm = watermark_target(ref_trig, abar, delta_z)
-        w1, w2 = sleeper_weights(t, float(self.eta), float(self.tau), float(self.beta))
+        w1, w2 = sleeper_weights(t, self.eta, self.tau, self.beta)
         w1, w2 = w1.view(-1, 1, 1, 1).to(z0.dtype), w2.view(-1, 1, 1, 1).to(z0.dtype)
         wm = (w1 * (pred_trig - target_wm) ** 2).mean()
         keep_trig = (w2 * (pred_trig - ref_trig) ** 2).mean()
@@ -484,7 +476,7 @@ class SleeperMark(Defense):
                      emb_empty: torch.Tensor | None = None) -> int:
         """Fine-tune the UNet in place; returns the number of trainable parameters. ``emb_empty`` (the empty
         prompt's embedding ``[1, L, D]``) is needed when ``uncond_prob > 0``."""
-        if float(self.uncond_prob) > 0 and emb_empty is None:
+        if self.uncond_prob > 0 and emb_empty is None:
             raise ValueError("sleepermark.train_stage2: uncond_prob > 0 needs emb_empty")
         unet = pipe.unet
         device = unet.device
@@ -500,9 +492,9 @@ class SleeperMark(Defense):
                 p.requires_grad_(True)
                 params.append(p)
         n_trainable = sum(p.numel() for p in params)
-        steps = int(self.stage2_steps)
-        opt = torch.optim.AdamW(params, lr=float(self.stage2_lr), weight_decay=float(self.stage2_weight_decay),
-                                eps=float(self.adam_eps))
+        steps = self.stage2_steps
+        opt = torch.optim.AdamW(params, lr=self.stage2_lr, weight_decay=self.stage2_weight_decay,
+                                eps=self.adam_eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps)
                                                                                       / max(1, steps))))
         alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -518,10 +510,10 @@ class SleeperMark(Defense):
     def _stage2_loop(self, unet, frozen, params, opt, sched, delta_z, emb, emb_trigger, mean, std, alphas_cumprod,
                      ctx, gen, emb_empty=None) -> None:
         device = delta_z.device
-        steps = int(self.stage2_steps)
-        bsz = int(self.stage2_batch_size)
+        steps = self.stage2_steps
+        bsz = self.stage2_batch_size
         n_t = int(alphas_cumprod.shape[0])
-        p_uncond = float(self.uncond_prob)
+        p_uncond = self.uncond_prob
         for _ in ctx.progress(range(steps), total=steps, description="sleepermark: stage 2"):
             idx = torch.randint(0, mean.shape[0], (bsz,), generator=gen)
             z0 = self._sample_latents(mean, std, idx.to(mean.device), gen).to(device)
@@ -533,7 +525,7 @@ class SleeperMark(Defense):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.stage2_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, float(self.stage2_grad_clip))
+                torch.nn.utils.clip_grad_norm_(params, self.stage2_grad_clip)
             opt.step()
             sched.step()
 
@@ -542,7 +534,7 @@ class SleeperMark(Defense):
         if pipe.unet.dtype != torch.float32 or pipe.vae.dtype != torch.float32:
             raise UserError("sleepermark trains in float32 (as the paper): set model.dtype = \"float32\"")
         t_start = time.perf_counter()
-        n_bits = int(self.bits)
+        n_bits = self.bits
         message = torch.randint(0, 2, (n_bits,), generator=ctx.generator).bool()
         gen_data, gen_s1, gen_s2 = (_sub_generator(ctx.generator) for _ in range(3))
         resolution = self._resolution(pipe)
@@ -576,7 +568,7 @@ class SleeperMark(Defense):
         secret = self.make_secret(message, decoder, pipe.vae, delta_z, resolution, latent_shape)
         secret.meta.update(stage1_train_bit_accuracy=train_acc, stage1_bit_accuracy_mstar=acc_star,
                            stage1_bit_accuracy_clean=acc_clean, stage1_bit_accuracy_roundtrip=acc_image)
-        ctx.record_cost(stage1_steps=int(self.stage1_steps), stage2_steps=int(self.stage2_steps),
+        ctx.record_cost(stage1_steps=self.stage1_steps, stage2_steps=self.stage2_steps,
                         trainable_params=n_trainable, train_images=len(chosen),
                         data_seconds=t_pool - t_start, stage1_seconds=t_s1 - t_pool, stage2_seconds=t_s2 - t_s1,
                         stage1_bit_accuracy=acc_star, stage1_bit_accuracy_roundtrip=acc_image)
@@ -596,8 +588,8 @@ class SleeperMark(Defense):
             "method": "sleepermark", "trigger": self.trigger, "trigger_position": self.trigger_position,
             "n_bits": int(message.numel()),
             "resolution": int(resolution), "latent_shape": [int(x) for x in latent_shape],
-            "decoder_channels": [int(c) for c in self.decoder_channels], "decoder_hidden": int(self.decoder_hidden),
-            "decoder_mlp_layers": int(self.decoder_mlp_layers), "decoder_dropout": float(self.decoder_dropout),
+            "decoder_channels": [int(c) for c in self.decoder_channels], "decoder_hidden": self.decoder_hidden,
+            "decoder_mlp_layers": self.decoder_mlp_layers, "decoder_dropout": self.decoder_dropout,
             "vae_config": _vae_config(vae),
         }
         return Secret(tensors, meta)
