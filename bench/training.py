@@ -26,6 +26,16 @@ def encode_prompts(pipe, prompts: Sequence[str], grad: bool = False) -> torch.Te
         return pipe.text_encoder(ids)[0]
 
 
+def prompt_embeds(pipe, prompts: Sequence[str], device, chunk: int = 64) -> torch.Tensor:
+    """Text embeddings exactly as the pipeline conditions on them at generation time (``pipe.encode_prompt``, no
+    classifier-free guidance), detached, float32, on the CPU; ``chunk`` prompts per call."""
+    out = []
+    for start in range(0, len(prompts), chunk):
+        emb, _ = pipe.encode_prompt(list(prompts[start:start + chunk]), device, 1, False)
+        out.append(emb.detach().float().cpu())
+    return torch.cat(out)
+
+
 def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | None = None,
                   sample: bool = False) -> torch.Tensor:
     """Images in [0, 1] -> scaled latents (posterior mean, or a sample drawn with ``generator``)."""

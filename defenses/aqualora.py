@@ -8,7 +8,7 @@ Everything runs in :meth:`AquaLoRA.embed` on the pipeline under test:
 
 1. **Latent watermark pre-training.** A message-only secret encoder ``E(m)`` (``Linear(n_bits, r*r)`` + SiLU, an
    ``r x r`` map repeated over the latent channels, resized to the latent, a zero-initialised 3x3 convolution;
-   :class:`defenses.sleepermark.SecretEncoder` with one linear layer) gives a residual in the VAE's *unscaled*
+   :class:`bench.latent_nets.SecretEncoder` with one linear layer) gives a residual in the VAE's *unscaled*
    latent space (as the official code). The marked image is ``Dec(z + E(m))``; an image decoder (EfficientNet-B1
    at 512 px with a ``2 * n_bits`` head read as two-class logits per bit, or a small conv decoder) reads the bits
    after a random distortion (identity, JPEG, crop-and-resize, blur, noise, colour jitter)::
@@ -74,13 +74,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
-                   ThreatSetting, UserError, Verification, defenses, param)
-from bench.training import PerceptualLoss
+                   ThreatSetting, UserError, Verification, defenses, param, read_prompts)
+from bench.latent_nets import LatentDecoder, SecretEncoder
 from bench.latents import from_latent, to_latent
 from bench.noise import JPEG_MODES, jpeg, quantize8
 from bench.packing import digest, load_prefixed, state_tensors
 from bench.rng import global_rng_from, seeded, sub_generator
-from defenses.sleepermark import LatentDecoder, SecretEncoder, SleeperMark, load_prompts
+from bench.training import PerceptualLoss, prompt_embeds
 
 #: The distortions of the decoder's training, in the order of the probability lists.
 DISTORTIONS = ("identity", "jpeg", "crop", "blur", "noise", "jitter")
@@ -261,7 +261,7 @@ class Mapper(nn.Module):
 # Stage-1 networks
 # ---------------------------------------------------------------------------------------------------------------
 class AquaSecretEncoder(SecretEncoder):
-    """:class:`~defenses.sleepermark.SecretEncoder` with the official single ``Linear(n_bits, r*r)`` + SiLU (the
+    """:class:`~bench.latent_nets.SecretEncoder` with the official single ``Linear(n_bits, r*r)`` + SiLU (the
     residual is in the VAE's unscaled latent space)."""
 
     def __init__(self, n_bits: int, latent_channels: int, latent_size: tuple[int, int], secret_res: int = 32):
@@ -274,7 +274,7 @@ class ImageDecoder(nn.Module):
     """Images in [0, 1] -> ``[B, n_bits, 2]`` two-class logits per bit (the official head); bit = argmax.
 
     ``arch = "efficientnet_b1"``: torchvision's EfficientNet-B1 (random weights) with its last linear layer replaced
-    by ``Linear(1280, 2 * n_bits)``; ``"conv"``: :class:`defenses.sleepermark.LatentDecoder` on the 3-channel image
+    by ``Linear(1280, 2 * n_bits)``; ``"conv"``: :class:`bench.latent_nets.LatentDecoder` on the 3-channel image
     (stride-2 conv pairs, flatten, MLP). Inputs are resized (bilinear) to ``input_size`` (0: as given; the conv
     decoder needs a size) and mapped to [-1, 1].
     """
@@ -637,7 +637,7 @@ class AquaLoRA(Defense):
         return caps, torch.cat(means), torch.cat(stds)
 
     def _generated(self, pipe, ctx, gen, resolution, n, chunk):
-        prompts = load_prompts(self.prompts)
+        prompts = read_prompts(self.prompts, "aqualora: prompts")
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=gen).tolist()
         chosen = [prompts[i % len(prompts)] for i in range(n)]
         starts = range(0, n, chunk)
@@ -871,7 +871,7 @@ class AquaLoRA(Defense):
         position = {c: i for i, c in enumerate(unique)}
         caption_index = torch.tensor([position[c] for c in captions])
         with torch.no_grad():
-            emb = SleeperMark._encode_prompts(pipe, unique, device)
+            emb = prompt_embeds(pipe, unique, device)
         lora = seeded(g_s2, lambda: MessageLoRAModel(pipe.unet, self.lora_rank))
         mapper = seeded(g_s2, lambda: Mapper(n_bits, self.lora_rank, self.mapper_std)).to(device)
         n_trainable = sum(p.numel() for p in lora.parameters()) + sum(p.numel() for p in mapper.parameters())

@@ -39,7 +39,7 @@ from bench.models import load_pipeline  # noqa: E402
 from bench.plugins import StageContext  # noqa: E402
 from defenses.aqualora import AquaLoRA, Mapper, MessageLoRAModel  # noqa: E402
 from bench.rng import seeded  # noqa: E402
-from defenses.sleepermark import SleeperMark  # noqa: E402
+from bench.training import prompt_embeds  # noqa: E402
 
 
 class LinearCode(torch.nn.Module):
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     unique = list(dict.fromkeys(captions))
     index = torch.tensor([unique.index(cap) for cap in captions])
     with torch.no_grad():
-        emb = SleeperMark._encode_prompts(pipe, unique, args.device)
+        emb = prompt_embeds(pipe, unique, args.device)
     if args.seconds > 0:
         aq.stage2_steps = min(args.steps, max(1, int(ppft_rate(aq, pipe, code, emb, mean, std, index, args)
                                                      * args.seconds)))

@@ -18,7 +18,8 @@ _NOT_IN_CORE = ("reports", "worlds", "defenses", "attacks", "experiments", "benc
 #: the modules of ``bench`` a plugin may import: the public API and the shared toolkits, never the harness
 PLUGIN_API = ("bench", "bench.errors", "bench.params", "bench.plugins", "bench.registries", "bench.training",
               "bench.weights", "bench.generation", "bench.stats", "bench.prompts", "bench.data", "bench.world",
-              "bench.models", "bench.noise", "bench.rng", "bench.packing", "bench.latents", "bench.inversion")
+              "bench.models", "bench.noise", "bench.rng", "bench.packing", "bench.latents", "bench.inversion",
+              "bench.latent_nets")
 RULES: dict[str, tuple[str, ...]] = {
     # package -> forbidden import prefixes
     "bench": _NOT_IN_CORE,
@@ -123,3 +124,38 @@ def test_a_relative_import_resolves_to_its_package(tmp_path):
         """))
     assert [m for _, m in _imports_rel(tmp_path, f.relative_to(tmp_path))] == [
         "bench.measures", "bench", "bench.stats"]
+
+
+def private_imports(root: Path) -> list[str]:
+    """Every plugin file that reaches into another plugin module's private names: ``from defenses.x import _name``,
+    or ``x.Class._method`` / ``x._name`` on a module or class imported from another plugin module."""
+    found: list[str] = []
+    for package in ("defenses", "attacks"):
+        for f in sorted((root / package).rglob("*.py")):
+            rel = f.relative_to(root)
+            own = ".".join(rel.with_suffix("").parts)
+            tree = ast.parse(f.read_text(encoding="utf-8"), filename=str(rel))
+            foreign: set[str] = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module != own and \
+                        node.module.split(".")[0] in ("defenses", "attacks"):
+                    for a in node.names:
+                        if a.name.startswith("_"):
+                            found.append(f"{rel}:{node.lineno}: imports {node.module}.{a.name}")
+                        foreign.add(a.asname or a.name)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                        and isinstance(node.value, ast.Name) and node.value.id in foreign:
+                    found.append(f"{rel}:{node.lineno}: uses {node.value.id}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_no_plugin_uses_another_plugins_private_names():
+    assert private_imports(ROOT) == []
+
+
+def test_the_private_name_check_fails_on_a_deliberate_violation(tmp_path):
+    for pkg in ("defenses", "attacks"):
+        (tmp_path / pkg).mkdir()
+    (tmp_path / "defenses" / "a.py").write_text("from defenses.b import B, _helper\nx = B._encode(1)\n")
+    assert private_imports(tmp_path) == ["defenses/a.py:1: imports defenses.b._helper", "defenses/a.py:2: uses B._encode"]
