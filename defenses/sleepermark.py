@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Param, Secret,
-                   ThreatSetting, UserError, Verification, defenses, read_prompts)
+                   ThreatSetting, Trigger, UserError, Verification, defenses, read_prompts)
 from bench.latents import from_latent, to_latent
 from bench.noise import quantize8
 from bench.rng import global_rng_from
@@ -582,8 +582,12 @@ class SleeperMark(Defense):
         }
         return Secret(tensors, meta)
 
+    def known_trigger(self, secret: Secret) -> Trigger:
+        """The trigger prompt prefix (what a ``trigger_known`` attacker knows; the key and decoder stay secret)."""
+        return Trigger(prompt_prefix=str(secret.meta.get("trigger", self.params["trigger"])))
+
     def generate(self, pipe, secret: Secret, request, ctx) -> torch.Tensor:
-        trigger = secret.meta.get("trigger", self.trigger)
+        trigger = secret.meta.get("trigger", self.params["trigger"])
         return ctx.generate(pipe, request, prompt_prefix=trigger if ctx.variant == "" else "")
 
     def detector(self, secret: Secret):

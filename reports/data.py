@@ -179,7 +179,9 @@ class Results:
     def column(self, cell: CellRow) -> str:
         """The heatmap column of a cell: the image attack, prefixed by the model attack when there are several."""
         if self.multi_model_attack:
-            return f"{cell.model_attack_label} | {cell.image_attack_label}"
+            tier = cell.threat.get("tier", "")
+            ma = cell.model_attack_label + (f" <{tier}>" if tier and tier != "blind" else "")
+            return f"{ma} | {cell.image_attack_label}"
         return cell.image_attack_label
 
     def row(self, cell: CellRow) -> str:
