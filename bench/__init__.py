@@ -41,6 +41,6 @@ __all__ = [
     "AttackContext", "ConfigError", "PluginError", "PluginValidationError", "UserError", "Param", "Defense", "Detection",
     "DetectionKind", "Embedding", "GenerationRequest", "ImageAttack", "MarkLocation", "MeasureContext",
     "Measurement", "Metric", "ModelAttack", "NegativePolicy", "QualityMeasure", "Secret", "StageContext",
-    "ThreatSetting", "ThreatTier", "Trigger", "DefenseKnowledge", "SecretAccessError", "Verification", "defenses", "image_attacks", "metrics", "model_attacks", "read_prompts", "World",
-    "worlds", "__version__",
+    "ThreatSetting", "ThreatTier", "Trigger", "DefenseKnowledge", "SecretAccessError", "Verification", "defenses",
+    "image_attacks", "metrics", "model_attacks", "read_prompts", "World", "worlds", "__version__",
 ]

@@ -33,7 +33,7 @@ import torch
 
 from .plugins import (AttackContext, Defense, DefenseKnowledge, Detection, DetectionKind, Embedding, GenerationRequest,
                       ImageAttack, MarkLocation, MeasureContext, Measurement, Metric, ModelAttack, Plugin, StageContext,
-                      ThreatTier, Trigger, apply_image_attack)
+                      Trigger, apply_image_attack)
 from .stages import Resources  # ctx.data: what a training plugin may read besides its input model
 
 __all__ = [

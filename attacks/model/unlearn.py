@@ -88,7 +88,6 @@ class Unlearn(ModelAttack):
         losses = train_loop(params, step, self.steps, self.lr, ctx.progress, "unlearn",
                             max_grad_norm=self.max_grad_norm)
         unet.eval().requires_grad_(False)
-        del frozen
         ctx.record_cost(steps=self.steps, trainable_params=sum(p.numel() for p in params),
                         images_seen=self.steps * self.batch_size, final_loss=losses[-1] if losses else None,
                         trigger_kind="input_shift" if shift is not None else "prompt_prefix")
