@@ -35,7 +35,7 @@ def _ci(r, digits: int = 3) -> str:
 def load(path: str):
     db = sqlite3.connect(path)
     cells = db.execute("select cell_id, defense_label, model_attack_label, status, n_images, costs_json, "
-                       "timings_json, threat_json, error from cells order by rowid").fetchall()
+                       "timings_json, threat_json, error from cells order by updated").fetchall()
     out = {}
     for cell_id, defense, attack, status, n, costs, timings, threat, error in cells:
         rows = {m: (v, lo, hi) for m, v, lo, hi in db.execute(
@@ -83,6 +83,32 @@ def table(cells) -> tuple[list[str], list[str]]:
     return lines, missing
 
 
+def verdicts(cells) -> list[str]:
+    """One generated sentence per defence: which attacks break it (TPR@1e-6 below 0.5) and whether the model stays
+    usable there, by tier."""
+    out = []
+    for defense in sorted({d for d, _ in cells if "[" not in d}):
+        base_q = cells.get((f"{defense}[no_trigger]", "none"), {}).get("rows", {})
+        broken, kept = [], []
+        for (d, attack), c in cells.items():
+            if d != defense or c["status"] != "ok" or attack == "none":
+                continue
+            tpr = c["rows"].get("tpr@1e-06")
+            if tpr is None:
+                continue
+            q = cells.get((f"{defense}[no_trigger]", attack), {}).get("rows", {})
+            tier = c["threat"].get("tier", "?")
+            cost = ""
+            if q.get("fid") and q.get("clip_score") and base_q.get("fid") and base_q.get("clip_score"):
+                cost = (f"; trigger-free FID {q['fid'][0]:.1f} vs {base_q['fid'][0]:.1f} unattacked, CLIP "
+                        f"{q['clip_score'][0]:.2f} vs {base_q['clip_score'][0]:.2f}")
+            text = f"`{attack}` ({tier}: TPR@1e-6 {tpr[0]:.2f}{cost})"
+            (broken if tpr[0] < 0.5 else kept).append(text)
+        out.append(f"* **{defense}**: broken (TPR@1e-6 < 0.5) by " + (", ".join(broken) or "none of the attacks run")
+                   + "; kept by " + (", ".join(kept) or "none") + ".")
+    return out
+
+
 def main(path: str) -> None:
     cells = load(path)
     lines, missing = table(cells)
@@ -101,6 +127,8 @@ def main(path: str) -> None:
           f"evasion rate (1 - TPR at FPR 1e-6, the share of marked images the verifier misses) in a usable cell and "
           f"0 in an unusable one. Intervals are 95 %; N is the number of images per cell, so they are wide.\n")
     print("\n".join(lines))
+    print("\n## Which tier breaks it\n")
+    print("\n".join(verdicts(cells)))
     if missing:
         print("\nNot finished: " + "; ".join(missing))
     print()
