@@ -1,5 +1,6 @@
 """A quick probe of `unlearn` (trigger known) on SleeperMark's shipped tiny-sd-rt embedding, outside the grid: the
-bit accuracy of images made with the trigger, before and after unlearning, on a few held-out prompts.
+bit accuracy of images made with the trigger, before and after unlearning, on a few held-out prompts, and the PSNR
+of the model's trigger-free images after unlearning against the same images before (its quality cost, paired).
 
     python experiments/unlearn_probe.py [STEPS] [N_IMAGES] [LR]
 
@@ -42,18 +43,25 @@ def main(steps: int = 20, n: int = 4, lr: float = 1e-3) -> None:
         bits = defense.detect(secret, images, ctx).bits
         return (bits == message[None]).float().mean(1).tolist()
 
+    def plain(pipe) -> torch.Tensor:  # the model's ordinary (trigger-free) images, same prompts and seeds
+        return env.context(embed).generate(pipe, req)
+
     pipe = copy_pipeline(env.pipeline(embed.key))
     t0 = time.perf_counter()
     before = bit_acc(pipe)
+    plain_before = plain(pipe)
     t1 = time.perf_counter()
     ctx = env.context(embed)
     ctx.knowledge = DefenseKnowledge("trigger_known", method="sleepermark", trigger=defense.known_trigger(secret))
     model_attacks.get("unlearn")(steps=steps, lr=lr).apply(pipe, ctx)
     t2 = time.perf_counter()
     after = bit_acc(pipe)
+    mse = float(((plain(pipe) - plain_before) ** 2).mean())
+    psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
     print(f"unlearn steps={steps} lr={lr:g} n={n}: bit accuracy with the trigger before "
           f"{sum(before) / n:.3f} {[round(x, 3) for x in before]}, after {sum(after) / n:.3f} "
-          f"{[round(x, 3) for x in after]}; unlearn {t2 - t1:.0f} s, generation+detection {t1 - t0:.0f} s")
+          f"{[round(x, 3) for x in after]}; trigger-free images after vs before: PSNR {psnr:.1f} dB; unlearn "
+          f"{t2 - t1:.0f} s, generation+detection {t1 - t0:.0f} s")
 
 
 if __name__ == "__main__":
