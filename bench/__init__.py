@@ -10,6 +10,7 @@ from .params import Param, param
 from .plugins import (
     AttackContext,
     Defense,
+    DefenseKnowledge,
     Detection,
     DetectionKind,
     Embedding,
@@ -23,8 +24,11 @@ from .plugins import (
     NegativePolicy,
     QualityMeasure,
     Secret,
+    SecretAccessError,
     StageContext,
     ThreatSetting,
+    ThreatTier,
+    Trigger,
     Verification,
 )
 from .prompts import read_prompts
@@ -38,6 +42,6 @@ __all__ = [
     "Defense", "Detection",
     "DetectionKind", "Embedding", "GenerationRequest", "ImageAttack", "MarkLocation", "MeasureContext",
     "Measurement", "Metric", "ModelAttack", "NegativePolicy", "QualityMeasure", "Secret", "StageContext",
-    "ThreatSetting", "Verification", "defenses", "image_attacks", "metrics", "model_attacks", "read_prompts", "World",
-    "worlds", "__version__",
+    "ThreatSetting", "ThreatTier", "Trigger", "DefenseKnowledge", "SecretAccessError", "Verification", "defenses",
+    "image_attacks", "metrics", "model_attacks", "read_prompts", "World", "worlds", "__version__",
 ]

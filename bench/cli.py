@@ -393,7 +393,13 @@ def _threat_model_text(attrs: dict) -> str:
                                                                              "remove the mark (quality kept)")
     if attrs.get("identity", False):
         goal = "none (the unattacked model)"
-    out = f"\nAttacker has: {has}.\nAttacker's goal: {goal}."
+    tier = attrs.get("tier") or "blind"
+    tiers = {"blind": "blind (knows nothing of the defence)",
+             "method_known": "method known (knows which watermark is used and how, not its secrets)",
+             "trigger_known": "trigger known (is given the defence's trigger, never its key or decoder)"}
+    out = f"\nAttacker has: {has}.\nAttacker's goal: {goal}.\nThreat tier: {tiers.get(tier, tier)}."
+    if attrs.get("serves_prompts", False):
+        out += "\nAttacks the suspect service: its weights stay, every prompt is rewritten before sampling."
     beyond = attrs.get("beyond_threat_model") or {}
     if beyond:
         cond = ", ".join(f"{k} = {v!r}" for k, v in beyond.items())
@@ -436,7 +442,10 @@ def matrix(df, metric: str):
     if sub.empty:
         return None
     multi_ma = sub["model_attack_label"].nunique() > 1
-    sub["column"] = (sub["model_attack_label"] + " | " if multi_ma else "") + sub["image_attack_label"]
+    tiers = [_tier(t) for t in sub["threat_json"]] if "threat_json" in sub else [""] * len(sub)
+    # the threat tier of a model attack that knows more than nothing of the defence, e.g. "unlearn <trigger_known>"
+    ma_label = sub["model_attack_label"] + [f" <{t}>" if t and t != "blind" else "" for t in tiers]
+    sub["column"] = (ma_label + " | " if multi_ma else "") + sub["image_attack_label"]
     multi_seed = sub["seed"].nunique() > 1
     sub["row"] = sub["defense_label"] + (" s" + sub["seed"].astype(str) if multi_seed else "")
     sub = sub.drop_duplicates(["row", "column"], keep="last")
@@ -453,6 +462,14 @@ def _outside(threat_json) -> bool:
     if not isinstance(threat_json, str) or not threat_json:
         return False
     return bool(json.loads(threat_json).get("outside", False))
+
+
+def _tier(threat_json) -> str:
+    """The model attack's threat tier stored with a cell (``blind``, ``method_known``, ``trigger_known``; ``""`` for
+    no model attack or a result stored before tiers were recorded)."""
+    if not isinstance(threat_json, str) or not threat_json:
+        return ""
+    return str(json.loads(threat_json).get("tier", ""))
 
 
 def _fmt_cell(r, with_n: bool = True) -> str:

@@ -46,7 +46,8 @@ class StaticInfo:
 
 #: class attributes ``bench ls`` shows besides docstring and parameters (a defence's threat setting; what a model
 #: attack assumes the attacker has, its goal, when it exceeds the threat model)
-LISTED_ATTRS: tuple[str, ...] = ("threat", "attacker_has", "goal", "beyond_threat_model", "identity")
+LISTED_ATTRS: tuple[str, ...] = ("threat", "attacker_has", "goal", "beyond_threat_model", "identity", "tier",
+                                 "serves_prompts")
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,11 @@ def accelerate(pipe, *, channels_last: bool = False, compile: bool = False) -> N
 
 def generate_images(pipe, request: GenerationRequest, *, device: str = "cpu", latents: torch.Tensor | None = None,
                     prompt_prefix: str = "", progress: Callable[..., Iterable] | None = None,
-                    **pipe_kwargs: Any) -> torch.Tensor:
-    """Sample ``len(request.prompts)`` images as float ``[N, 3, H, W]`` in ``[0, 1]`` on the CPU."""
+                    prompt_filter: Callable[[str], str] | None = None, **pipe_kwargs: Any) -> torch.Tensor:
+    """Sample ``len(request.prompts)`` images as float ``[N, 3, H, W]`` in ``[0, 1]`` on the CPU.
+
+    ``prompt_filter``: what the served model does to each full prompt (prefix included) before sampling (a model
+    attack with ``serves_prompts``, e.g. ``prompt_sanitise``)."""
     n = len(request.prompts)
     if len(request.seeds) != n:
         raise ValueError(f"{n} prompts but {len(request.seeds)} seeds")
@@ -80,6 +83,8 @@ def generate_images(pipe, request: GenerationRequest, *, device: str = "cpu", la
     for start in batches:
         sl = slice(start, start + request.batch_size)
         prompts = [prompt_prefix + p for p in request.prompts[sl]]
+        if prompt_filter is not None:
+            prompts = [prompt_filter(p) for p in prompts]
         kwargs = dict(pipe_kwargs)
         if request.negative_prompt:
             kwargs.setdefault("negative_prompt", [request.negative_prompt] * len(prompts))

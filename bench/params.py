@@ -11,8 +11,8 @@ type; ``float | None`` makes it optional); an instance holds each value as that 
 type, so the plugin needs no ``int()``/``float()`` casts. The older spelling ``params = (Param(...), ...)`` still
 works for third-party plugins; a class may not use both. The declaration is checked when the plugin registers
 (types, defaults inside their own ranges) and every value is checked when a config is loaded, so a bad value is
-refused before any model loads, with the key, the value and what is allowed in one sentence. The resolved values are recorded with every result (like diffusers'
-``register_to_config``).
+refused before any model loads, with the key, the value and what is allowed in one sentence. The resolved values
+are recorded with every result (like diffusers' ``register_to_config``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 from .cache import stable_hash
 from .config import BenchConfig, PluginSpec
 from .models import model_fingerprint
-from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy, Verification
+from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy, ThreatTier, Verification
 
 STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "detect")
 
@@ -212,13 +212,24 @@ class _Builder:
                               "width": self.cfg.model.width}
         return {"run_data": self._run_data}
 
-    def attacked_model(self, model_key: str, ma: PluginSpec, seed: int, attack_seed: int = 0) -> str:
+    def attacked_model(self, model_key: str, ma: PluginSpec, seed: int, attack_seed: int = 0, embed: str = "",
+                       defense: PluginSpec | None = None) -> str:
+        """The model attack's stage on ``model_key``. A blind attack's key depends on nothing of the defence (it is
+        shared by every defence); a ``method_known`` one also names the defence (``knows.method``); a
+        ``trigger_known`` one also takes the defence's embedding as an input (its trigger is read from there). The
+        clean model's branch gets the same knowledge, so that it is attacked the same way. Attack seed 0 adds
+        nothing to the key: the attack run every config had before attack seeds existed."""
         if getattr(_cls(ma), "identity", False):
             return model_key
-        # attack seed 0 adds nothing to the key: the attack run every config had before attack seeds existed
-        extra = {"attack_seed": attack_seed} if attack_seed else {}
-        return self.add("model_attack", (model_key,), ma, seed, label=f"model attack {ma.label}",
-                        **self.run_data(ma), **extra)
+        tier = ThreatTier(getattr(_cls(ma), "tier", ThreatTier.BLIND))
+        inputs: tuple[str, ...] = (model_key,)
+        extra: dict[str, Any] = {"attack_seed": attack_seed} if attack_seed else {}
+        if tier is not ThreatTier.BLIND and defense is not None:
+            extra["knows"] = {"tier": tier.value, "method": defense.name}
+            if tier.sees_trigger():
+                inputs = (model_key, embed)
+        return self.add("model_attack", inputs, ma, seed, label=f"model attack {ma.label}", **self.run_data(ma),
+                        **extra)
 
     def plain_images(self, model_key: str, request: GenerationRequest, run_seed: int) -> str:
         return self.add("generate", (model_key,), None, 0, label="generate", request=self.request_identity(request),
@@ -302,8 +313,8 @@ def build_plan(cfg: BenchConfig) -> Plan:
             dcls = _cls(d)
             embed = b.add("embed", (base,), d, seed, label=f"embed {d.label}", **b.run_data(d))
             for ma, attack_seed in attack_runs(cfg):
-                model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed, attack_seed)
-                clean_model = b.attacked_model(base, ma, seed, attack_seed)
+                model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed, attack_seed, embed, d)
+                clean_model = b.attacked_model(base, ma, seed, attack_seed, embed, d)
                 clean_twins = b.plain_images(clean_model, request, seed)
                 utility = b.utility_images(ma, model, clean_model, base, request, seed)
                 for variant in dcls.variants:

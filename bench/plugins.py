@@ -71,6 +71,97 @@ class ThreatSetting(str, enum.Enum):
         return self is not ThreatSetting.API
 
 
+class ThreatTier(str, enum.Enum):
+    """What a model attack knows of the defence it attacks (its threat tier; shown by ``bench ls -v``, stored per cell
+    and shown in the matrix and the report).
+
+    ``blind``: nothing: the released weights (and public data) only; the attack is the same whatever the defence.
+    ``method_known``: which method is used and how it works (e.g. which layers SleeperMark trains), not its secrets.
+    ``trigger_known``: also the defence's trigger (:meth:`Defense.known_trigger`: SleeperMark's trigger prompt, WDM's
+    trigger latent), never its key, message or decoder. Only this tier's attacks receive anything of the secret
+    (``ctx.knowledge``, :class:`DefenseKnowledge`); the others get a sealed view that refuses every read.
+    """
+
+    BLIND = "blind"
+    METHOD_KNOWN = "method_known"
+    TRIGGER_KNOWN = "trigger_known"
+
+    def sees_trigger(self) -> bool:
+        return self is ThreatTier.TRIGGER_KNOWN
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A defence's trigger as an attacker who knows it has it (:meth:`Defense.known_trigger`).
+
+    ``prompt_prefix`` / ``prompt_suffix``: text put before / after the prompt (separated by a space) to wake the mark
+    (SleeperMark: the paper's prefix, or the tiny world's content-neutral suffix). ``latent`` and ``mix``: an input
+    shift of the UNet, which sees ``mix * z_t + (1 - mix) * latent`` on the watermark's process (WDM's trigger and
+    gamma1), conditioned on ``prompt`` (WDM: the empty prompt).
+    """
+
+    prompt_prefix: str = ""
+    latent: "torch.Tensor | None" = None
+    mix: float = 1.0
+    prompt: str = ""
+    prompt_suffix: str = ""
+
+    @property
+    def in_prompt(self) -> bool:
+        """The trigger is text in the prompt."""
+        return bool(self.prompt_prefix or self.prompt_suffix)
+
+    def apply(self, prompt: str) -> str:
+        """``prompt`` with the trigger text where the defence puts it."""
+        return self.prompt_prefix + prompt + (f" {self.prompt_suffix}" if self.prompt_suffix else "")
+
+
+class SecretAccessError(PermissionError):
+    """A model attack read a defence's secret its threat tier does not allow."""
+
+
+class DefenseKnowledge:
+    """What a model attack knows of the defence whose model it attacks (``ctx.knowledge``), by its tier.
+
+    ``method``: the defence's registered name (``method_known`` and ``trigger_known``; None for ``blind`` and for
+    the clean base model's branch of a method-known attack, which attacks the base the same way). ``trigger()``: the
+    :class:`Trigger` (``trigger_known`` only; None when the defence has none); every other tier's view raises
+    :class:`SecretAccessError`, as does any attempt to reach the secret itself.
+    """
+
+    __slots__ = ("_tier", "_method", "_trigger")
+
+    def __init__(self, tier: "ThreatTier | str" = ThreatTier.BLIND, method: str | None = None,
+                 trigger: Trigger | None = None):
+        tier = ThreatTier(tier)
+        object.__setattr__(self, "_tier", tier)
+        object.__setattr__(self, "_method", method if tier is not ThreatTier.BLIND else None)
+        object.__setattr__(self, "_trigger", trigger if tier.sees_trigger() else None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise SecretAccessError("a defence's knowledge is read-only")
+
+    @property
+    def tier(self) -> ThreatTier:
+        return self._tier
+
+    @property
+    def method(self) -> str | None:
+        return self._method
+
+    def trigger(self) -> Trigger | None:
+        if not self._tier.sees_trigger():
+            raise SecretAccessError(f"a model attack of tier '{self._tier.value}' has no access to the defence's "
+                                    f"trigger (only '{ThreatTier.TRIGGER_KNOWN.value}' attacks have)")
+        return self._trigger
+
+    def secret(self) -> None:
+        raise SecretAccessError("no model attack has access to a defence's secret (key, message, decoder)")
+
+    def __repr__(self) -> str:
+        return f"DefenseKnowledge(tier={self._tier.value!r}, method={self._method!r})"
+
+
 def threat_scope(defense_cls: type, model_attack_cls: type) -> dict[str, Any]:
     """The defence's threat setting and whether a cell with this model attack lies outside it (stored per cell).
 
@@ -78,12 +169,16 @@ def threat_scope(defense_cls: type, model_attack_cls: type) -> dict[str, Any]:
     it is outside the setting of a defence that protects only API-served models.
     """
     setting = ThreatSetting(getattr(defense_cls, "threat", ThreatSetting.API))
-    on_weights = not getattr(model_attack_cls, "identity", False)
+    attacked = not getattr(model_attack_cls, "identity", False)
+    service = attacked and getattr(model_attack_cls, "serves_prompts", False)  # the service, not the weights
+    on_weights = attacked and not service
     outside = on_weights and not setting.covers_model_attacks()
     note = (f"outside the defence's threat model: it protects API-served models ({setting.value}), this model "
             f"attack needs the released weights") if outside else ""
-    return {"defense": setting.value, "model_attack_needs": "weights" if on_weights else "none",
-            "outside": outside, "note": note}
+    tier = ThreatTier(getattr(model_attack_cls, "tier", ThreatTier.BLIND)).value if attacked else ""
+    needs = "weights" if on_weights else "service" if service else "none"
+    return {"defense": setting.value, "model_attack_needs": needs,
+            "outside": outside, "note": note, **({"tier": tier} if tier else {})}
 
 
 class QualityMeasure(str, enum.Enum):
@@ -188,8 +283,10 @@ class StageContext:
                  progress: Callable[..., Iterable] | None = None,
                  generate: Callable[..., "torch.Tensor"] | None = None,
                  data: Any = None, stage: str = "", record: Callable[[str, Any], None] | None = None,
-                 variant: str = ""):
+                 variant: str = "", knowledge: "DefenseKnowledge | None" = None):
         self.generator = generator
+        #: what a model attack knows of the defence (its tier's view; a blind, sealed one unless the harness says)
+        self.knowledge = knowledge if knowledge is not None else DefenseKnowledge()
         self.device = device
         self._progress = progress
         self._generate = generate
@@ -363,6 +460,11 @@ class Defense(Plugin):
         """The embedded bits (bool ``[k]``) of a multi-bit defence; by default ``secret.tensors['message']``."""
         return secret.tensors["message"].bool()
 
+    def known_trigger(self, secret: Secret) -> Trigger | None:
+        """The trigger that wakes the mark, as a ``trigger_known`` attacker knows it (None: the defence has none).
+        The only part of a secret the harness ever hands a model attack (:class:`DefenseKnowledge`)."""
+        return None
+
 
 @dataclass
 class AttackContext:
@@ -515,7 +617,8 @@ class ImageAttack(Plugin):
 
 
 class ModelAttack(Plugin):
-    """A model-level attack: a pipeline in, a pipeline out. It may never use a defence's secret.
+    """A model-level attack: a pipeline in, a pipeline out. It never sees a defence's secret; a ``trigger_known``
+    attack (:attr:`tier`) sees the trigger alone, through ``ctx.knowledge`` (:class:`DefenseKnowledge`).
 
     ``uses_data`` says whether it reads ``ctx.data`` (a downstream dataset at the run's image size, the run's
     prompts): the run's prompts and image size then become part of its stage key. Record the cost with
@@ -538,6 +641,16 @@ class ModelAttack(Plugin):
     #: the new style or subject is learnt), ``"compression"`` (a cheaper model: utility = the quality kept) or
     #: ``""`` (removal only: the quality kept is still measured).
     goal: ClassVar[str] = ""
+    #: What the attack knows of the defence (:class:`ThreatTier`): ``blind`` (default), ``method_known`` or
+    #: ``trigger_known`` (it then reads ``ctx.knowledge.trigger()``; its stage depends on the defence's embedding).
+    tier: ClassVar[ThreatTier] = ThreatTier.BLIND
+    #: True for an attack on the suspect *service*, not the weights: it leaves the weights alone and every prompt
+    #: the served model is sampled with goes through :meth:`serve_prompt` (e.g. a filter of rare tokens).
+    serves_prompts: ClassVar[bool] = False
+
+    def serve_prompt(self, prompt: str) -> str:
+        """What the suspect service does to a prompt before sampling (``serves_prompts`` attacks)."""
+        return prompt
 
     def exceeds_threat_model(self) -> bool:
         """True when this instance's parameters match :attr:`beyond_threat_model`."""
@@ -559,6 +672,11 @@ class ModelAttack(Plugin):
                                         f"{cls.goal!r}")
         if cls.apply is ModelAttack.apply:
             raise PluginValidationError(f"{owner} must implement apply()")
+        if not isinstance(cls.tier, ThreatTier):
+            raise PluginValidationError(f"{owner}: class attribute 'tier' must be a ThreatTier "
+                                        f"({', '.join(t.value for t in ThreatTier)})")
+        if cls.serves_prompts and cls.serve_prompt is ModelAttack.serve_prompt:
+            raise PluginValidationError(f"{owner} declares serves_prompts, so it must implement serve_prompt()")
 
     def apply(self, pipe: Any, ctx: StageContext) -> Any:
         raise NotImplementedError

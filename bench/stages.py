@@ -18,8 +18,8 @@ from .config import BenchConfig, PluginSpec
 from .errors import PluginError
 from .models import apply_overrides, diff_pipeline, rebuild_pipeline
 from .plan import Plan, Stage, stage_seed
-from .plugins import (AttackContext, Detection, DetectionKind, Embedding, GenerationRequest, Secret, StageContext,
-                      apply_image_attack)
+from .plugins import (AttackContext, DefenseKnowledge, Detection, DetectionKind, Embedding, GenerationRequest, Secret,
+                      StageContext, ThreatTier, apply_image_attack)
 
 SECRET_PREFIX = "secret."
 MODEL_PREFIX = "model."
@@ -72,6 +72,31 @@ class StageEnv:
         meta = self.store.meta(embed_key).get("secret_meta", {})
         return Secret({k[len(SECRET_PREFIX):]: v for k, v in tensors.items() if k.startswith(SECRET_PREFIX)}, meta)
 
+    def knowledge(self, stage: Stage, attack) -> DefenseKnowledge:
+        """What a model attack's stage may know of the defence, by the attack's tier (:class:`DefenseKnowledge`):
+        a blind attack nothing; a ``method_known`` one the defence's name; a ``trigger_known`` one also the trigger,
+        read by the defence itself (:meth:`Defense.known_trigger`) from the embedding its stage takes as a second input.
+        The secret itself never leaves this function."""
+        tier = ThreatTier(getattr(type(attack), "tier", ThreatTier.BLIND))
+        knows = stage.extra_dict.get("knows") or {}
+        if tier is ThreatTier.BLIND or not knows:
+            return DefenseKnowledge(ThreatTier.BLIND)
+        trigger = None
+        if tier.sees_trigger() and len(stage.inputs) > 1:
+            embed_key = stage.inputs[1]
+            defense = self.plugin(self.plan.stages[embed_key].plugin)
+            trigger = defense.known_trigger(self.secret(embed_key))
+        return DefenseKnowledge(tier, method=knows.get("method"), trigger=trigger)
+
+    def prompt_filter(self, model_key: str):
+        """The prompt handling of a suspect service (``serve_prompt`` of a model attack with ``serves_prompts``)
+        whose model ``model_key`` is, or None."""
+        stage = self.plan.stages.get(model_key)
+        if stage is None or stage.kind != "model_attack" or stage.plugin is None:
+            return None
+        attack = self.plugin(stage.plugin)
+        return attack.serve_prompt if getattr(type(attack), "serves_prompts", False) else None
+
     def detection(self, key: str) -> Detection:
         t = self.store.tensors(key)
         return Detection(bits=t.get("bits"), scores=t.get("scores"))
@@ -102,7 +127,8 @@ class StageEnv:
 class Resources:
     """What a training plugin may use besides its input model (``ctx.data``): the clean base model and datasets.
 
-    A model attack gets no access to any defence's secret: only this, its parameters and the pipeline.
+    A model attack gets no access to any defence's secret: only this, its parameters, the pipeline and its tier's
+    view of the defence (``ctx.knowledge``).
     """
 
     def __init__(self, base_pipeline, height: int, width: int, prompts=None, num_inference_steps: int | None = None):
@@ -205,6 +231,7 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
         meta["secret_meta"] = out.secret.meta
     elif stage.kind == "model_attack":
         attack = env.plugin(stage.plugin)
+        ctx.knowledge = env.knowledge(stage, attack)
         pipe = copy_pipeline(env.pipeline(stage.inputs[0]))
         out = attack.apply(pipe, ctx)
         if out is None:
@@ -213,6 +240,11 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
     elif stage.kind == "generate":
         request = env.request(stage.extra_dict["run_seed"], stage.extra_dict.get("request_name", ""))
         pipe = env.pipeline(stage.inputs[0])
+        served = env.prompt_filter(stage.inputs[0])
+        if served is not None:  # a suspect service that rewrites prompts (a model attack with serves_prompts)
+            track = env.progress.track if env.progress is not None else None
+            ctx._generate = lambda p, req, **kw: _generate(p, req, env.cfg.run.device, track, prompt_filter=served,
+                                                           **kw)
         if stage.plugin is None:
             images = ctx.generate(pipe, request)
         else:

@@ -31,15 +31,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .plugins import (AttackContext, Defense, Detection, DetectionKind, Embedding, GenerationRequest, ImageAttack,
-                      MarkLocation, MeasureContext, Measurement, Metric, ModelAttack, Plugin, StageContext,
-                      apply_image_attack)
+from .plugins import (AttackContext, Defense, DefenseKnowledge, Detection, DetectionKind, Embedding, GenerationRequest,
+                      ImageAttack, MarkLocation, MeasureContext, Measurement, Metric, ModelAttack, Plugin, StageContext,
+                      Trigger, apply_image_attack)
 from .stages import Resources  # ctx.data: what a training plugin may read besides its input model
 
 __all__ = [
     "make_context", "micro_pipeline", "copy_pipeline", "sample_images", "generation_request", "check_images",
     "check_detection", "quantize", "contract_checks", "contract_cases", "run_contract", "PROMPT", "Resources",
-    "attack_context", "run_attack",
+    "attack_context", "run_attack", "knowledge_for", "TEST_TRIGGER",
 ]
 
 #: A caption of the tiny world, used where a check needs a prompt.
@@ -50,11 +50,24 @@ PROMPT = "a red circle on a blue background"
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
 def make_context(seed: int = 0, *, pipe: Any = None, height: int = 64, width: int = 64,
-                 prompts: Sequence[str] = (PROMPT,), device: str = "cpu", variant: str = "") -> StageContext:
+                 prompts: Sequence[str] = (PROMPT,), device: str = "cpu", variant: str = "",
+                 knowledge: DefenseKnowledge | None = None) -> StageContext:
     """A :class:`~bench.StageContext` as a stage gets it: a generator seeded with ``seed`` and, with ``pipe``,
-    ``ctx.data`` (the clean base model, datasets at ``height`` x ``width``, the run's prompts)."""
+    ``ctx.data`` (the clean base model, datasets at ``height`` x ``width``, the run's prompts); ``knowledge``: what a
+    model attack knows of the defence (default: the sealed, blind view)."""
     data = Resources(lambda: pipe, height, width, lambda: list(prompts)) if pipe is not None else None
-    return StageContext(torch.Generator().manual_seed(seed), device, data=data, variant=variant)
+    return StageContext(torch.Generator().manual_seed(seed), device, data=data, variant=variant, knowledge=knowledge)
+
+
+#: The trigger a ``trigger_known`` model attack is given by the contract checks (SleeperMark's default prefix).
+TEST_TRIGGER = Trigger(prompt_prefix="*[Z]& ")
+
+
+def knowledge_for(plugin: type[ModelAttack], trigger: Trigger | None = TEST_TRIGGER,
+                  method: str = "sleepermark") -> DefenseKnowledge:
+    """What the harness would hand a model attack of ``plugin``'s tier (:class:`~bench.DefenseKnowledge`): the
+    trigger only to a ``trigger_known`` one, the method's name to a ``method_known`` one, nothing to a blind one."""
+    return DefenseKnowledge(plugin.tier, method=method, trigger=trigger)
 
 
 @functools.lru_cache(maxsize=1)
@@ -354,7 +367,7 @@ def model_attack_returns_a_working_pipeline(plugin: type[ModelAttack]) -> None:
     request = generation_request()
     name = _name(plugin)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    ctx = make_context(0, pipe=pipe)
+    ctx = make_context(0, pipe=pipe, knowledge=knowledge_for(plugin))  # a blind attack: a sealed view
     attacked = plugin(**plugin.smoke_params).apply(copy_pipeline(pipe), ctx)
     _expect(attacked is not None, f"{name}.apply returned None, expected a pipeline")
     images = generate_images(attacked, request)
@@ -364,6 +377,9 @@ def model_attack_returns_a_working_pipeline(plugin: type[ModelAttack]) -> None:
             f"{name} changed the shared base pipeline in place")
     if not plugin.identity:
         _expect("steps" in ctx.costs, f"{name} records no cost (ctx.record_cost(steps=...))")
+    if plugin.serves_prompts:
+        served = plugin(**plugin.smoke_params).serve_prompt(TEST_TRIGGER.prompt_prefix + PROMPT)
+        _expect(isinstance(served, str), f"{name}.serve_prompt returned {type(served).__name__}, expected str")
 
 
 def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:

@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
-                   ThreatSetting, UserError, Verification, defenses, param, read_prompts)
-from bench.latent_nets import LatentDecoder, SecretEncoder  # noqa: F401  (SleeperMark's networks; AquaLoRA's too)
+                   ThreatSetting, Trigger, UserError, Verification, defenses, param, read_prompts)
+from bench.latent_nets import LatentDecoder, SecretEncoder
 from bench.latents import from_latent, to_latent
 from bench.noise import quantize8
 from bench.rng import global_rng_from
@@ -516,6 +516,14 @@ class SleeperMark(Defense):
         if (position or self.trigger_position) == "suffix":
             return f"{prompt} {trigger.strip()}"
         return trigger + prompt
+
+    def known_trigger(self, secret: Secret) -> Trigger:
+        """The trigger text where the embedding put it (what a ``trigger_known`` attacker knows; the key and the
+        decoder stay secret)."""
+        trigger = str(secret.meta.get("trigger", self.trigger))
+        if secret.meta.get("trigger_position", "prefix") == "suffix":
+            return Trigger(prompt_suffix=trigger.strip())
+        return Trigger(prompt_prefix=trigger)
 
     def generate(self, pipe, secret: Secret, request, ctx) -> torch.Tensor:
         trigger = secret.meta.get("trigger", self.trigger)

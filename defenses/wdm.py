@@ -72,10 +72,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from bench import (
-    Defense, defenses, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, param, Secret,
-    ThreatSetting, UserError, Verification,
-)
+from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
+                   ThreatSetting, Trigger, UserError, Verification, defenses, param)
 from bench.generation import latent_shape
 from bench.training import (decode_latents, drop_to_empty, encode_images, encode_prompts, sample_batches,
                             train_loop, trainable)
@@ -448,6 +446,12 @@ class WDM(Defense):
         with torch.no_grad():
             images = decode_latents(pipe, z.to(pipe.vae.dtype))
         return images.float().cpu().clamp(0, 1)
+
+    def known_trigger(self, secret: Secret) -> Trigger:
+        """The WDP's input shift: the trigger latent, gamma1 and the WDP's prompt (what a ``trigger_known`` attacker
+        knows; the watermark image stays secret)."""
+        return Trigger(latent=secret.tensors["trigger"].float(), mix=float(secret.meta["gamma1"]),
+                       prompt=str(secret.meta.get("wdp_prompt", "")))
 
     def detect_model(self, secret: Secret, pipe, seeds: Sequence[int], batch_size: int = 16,
                      progress: Callable[..., Iterable] | None = None) -> Detection:

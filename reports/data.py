@@ -198,7 +198,9 @@ class Results:
         """The heatmap column of a cell: the image attack, prefixed by the model attack when there are several
         (without its attack seed: repeated attack runs share a column, as run seeds do)."""
         if self.multi_model_attack:
-            return f"{cell.model_attack_base_label} | {cell.image_attack_label}"
+            tier = cell.threat.get("tier", "")
+            ma = cell.model_attack_base_label + (f" <{tier}>" if tier and tier != "blind" else "")
+            return f"{ma} | {cell.image_attack_label}"
         return cell.image_attack_label
 
     def row(self, cell: CellRow) -> str:

@@ -176,8 +176,21 @@ def threat_html(results: Results) -> str:
         dagger = (f"<p>{OUTSIDE_MARK} marks a cell outside its defence's threat model: a model attack (it needs the "
                   "released weights) on a defence that protects only API-served models. It is scored, but it is "
                   "not a robustness claim of that defence.</p>")
-    return f'<div class="threat"><p>Threat model of each defence:</p><ul>{items}</ul>{dagger}</div>'
+    tiers: dict[str, str] = {}
+    for c in results.cells:
+        if c.threat.get("tier"):
+            tiers.setdefault(c.model_attack_label, c.threat["tier"])
+    tier_html = ""
+    if tiers:
+        rows = "".join(f"<li><b>{e(a)}</b>: {e(_TIER_TEXT.get(t, t))}</li>" for a, t in tiers.items())
+        tier_html = ("<p>Threat tier of each model attack (what it knows of the defence; a column of a tier above "
+                     f"blind is tagged &lt;tier&gt;):</p><ul>{rows}</ul>")
+    return f'<div class="threat"><p>Threat model of each defence:</p><ul>{items}</ul>{dagger}{tier_html}</div>'
 
+
+_TIER_TEXT = {"blind": "blind: the released weights only, nothing of the defence",
+              "method_known": "method known: which watermark is used and how it works, not its secrets",
+              "trigger_known": "trigger known: the defence's trigger, never its key or decoder"}
 
 _SETTING_TEXT = {"api": "a model served behind an API (the provider samples; attackers see images)",
                  "weights": "released weights (the mark lives in them; model attacks are in scope)",
