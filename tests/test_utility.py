@@ -91,9 +91,26 @@ def test_a_learnt_style_is_recognised_and_an_unlearnt_one_is_not():
     assert set(ms) == {"utility_downstream", "utility_downstream_clean", "utility_downstream_base"}
     hits = Recogniser.shared().striped_hits(striped, eval_captions(task_of("tiny:style"), n))
     assert ms["utility_downstream"].value == pytest.approx(hits.mean()) and ms["utility_downstream"].n == n
-    assert ms["utility_downstream"].value >= 0.8
+    assert ms["utility_downstream"].value >= 0.6  # the content gate's ceiling: 0.72 on 64 rendered style images
     assert ms["utility_downstream"].low > ms["utility_downstream_clean"].high  # beyond the intervals
     assert "the attacker has the released watermarked weights" in ms["utility_downstream"].note
+
+
+@pytest.mark.slow  # the shipped tiny CLIP and its zero-shot classifier's text features
+@pytest.mark.skipif(not (TINY_CLIP / "open_clip_model.safetensors").exists(), reason="tiny CLIP not built")
+@pytest.mark.parametrize("task_name", ["tiny:style", "tiny:subject"])
+def test_a_broken_model_is_not_credited_with_the_task(task_name):
+    """Uniform noise and a flat grey image (what a fine-tune that broke the model draws) must not count as the new
+    style or subject: without the content gate both read 'striped' on every caption. Rendered task images must."""
+    n = 32
+    task = task_of(task_name)
+    caps = eval_captions(task, n)
+    noise = torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    grey = torch.full((n, 3, 64, 64), 0.5)
+    real = _images(task_name.split(":")[1], n)
+    assert recognised(task, noise, caps).mean() <= 0.1
+    assert recognised(task, grey, caps).mean() <= 0.1
+    assert recognised(task, real, caps).mean() >= (0.6 if task_name == "tiny:style" else 0.9)
 
 
 class _Fake(torch.nn.Module):

@@ -60,7 +60,7 @@ class AttackerUtility(Metric):
     Model-attacked cells only. Details in :mod:`bench.measures.utility`.
     """
 
-    version = "1"
+    version = "2"  # 2: the tiny world's recognition requires the caption's content (noise no longer counts)
     needs_images = True
     higher_is_better = True
     clip_model: str = param("tiny-world",
