@@ -110,14 +110,12 @@ def markdown(rows: list[dict]) -> str:
            "seed 0's), at fixed noise and timesteps (the same draws at every checkpoint), mean of 4 draws.", "",
            "Step 0 is the clean base. The target (issue 24): recognition >= 0.5 at the strongest sweep point, and a "
            "sweep from barely learnt to learnt.", "",
-           "**These rows were measured with the first recogniser (`attacker_utility` version 1), which credited a "
-           "broken model**: uniform noise and a flat grey image read 'striped' on 32 of 32 captions (1.00) and noise "
-           "read `sks` 0.53 of the time, so a recognition rate here may stand for images that lost their content (see "
-           "the held-out loss: LoRA at lr 1e-2 reads 0.78 at a loss 7x the base's). Version 2 also requires the "
-           "caption's content (zero-shot shape and colour; colour for the subject): noise and grey then read 0.016 "
-           "(style) and 0.05 (subject), rendered task images 0.72 and 0.98 (`tests/test_utility.py`). The "
-           "calibration has to be rerun with it (`python -m experiments.calibration`); until then the configured "
-           "rates are provisional.", "",
+           "Recognition is `attacker_utility` version 2: an image counts only if it also keeps its caption's content "
+           "(zero-shot shape and colour; colour for the subject). Version 1 lacked that gate and credited broken "
+           "models: uniform noise and a flat grey image read 'striped' on 32 of 32 captions, and a LoRA at lr 1e-2 "
+           "read 0.78 at 200 steps while its held-out loss rose sevenfold (its rows are kept in "
+           "`experiments/results/v1/`). With the gate noise and grey read 0.016 (style) and 0.05 (subject), "
+           "rendered task images 0.72 and 0.98 (`tests/test_utility.py`).", "",
            "![recognition against steps](img/calibration.png)", "",
            "| setting | steps | recognised [95% CI] | held-out loss | train s |", "|:---|---:|:---|---:|---:|"]
     for ds in ("tiny:style", "tiny:subject"):
