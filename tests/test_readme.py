@@ -110,7 +110,7 @@ def test_docs_block_selects_cells_and_columns_and_states_conditions(tmp_path):
     assert "| mark | none | none | 0.988 [0.978, 0.998] | 0.500 [0.490, 0.510] | 31.2 [31.2, 31.3] |" in text
     assert "| mark | lora(steps=20) | none | 0.750 [0.740, 0.760] | - | - |" in text
     assert "| other |" not in text and "STALE-CONTENT" not in text and text.endswith("\n\ntail\n")
-    assert "N = 32 per cell" in text and "1 independent embedding(s)" in text and "configs/x.toml" in text
+    assert "N = 32 per number" in text and "1 independent embedding(s)" in text and "configs/x.toml" in text
     assert "empirical threshold" in text  # the FPR label's meaning, stated under the table
     assert update_docs(doc, tmp_path, check=True)  # idempotent: now fresh
 
