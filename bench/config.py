@@ -391,12 +391,27 @@ def metric_outputs(metrics: list[PluginSpec], target_fprs: list[float]) -> set[s
     return names
 
 
+_EMPIRICAL = re.compile(r"(tpr|fpr)@fpr<=\d+/\d+")
+
+
 def _check_primary_metric(run: RunConfig, metrics: list[PluginSpec], path: str) -> None:
     known = metric_outputs(metrics, run.target_fprs)
     if known is None or run.primary_metric in known:
         return
+    family = run.primary_metric.split("@")[0]
+    if _EMPIRICAL.fullmatch(run.primary_metric) and f"{family}@{run.target_fprs[0]:g}" in known:
+        return  # an empirical operating point (zero-bit defences): its k/N depends on the negatives, known at run time
+    hint = suggest(run.primary_metric[:MAX_NAME], known)
+    if "@" in run.primary_metric:  # the same FPR spelled otherwise: tpr@1e-04 is named tpr@0.0001
+        try:
+            fpr = float(run.primary_metric.split("@", 1)[1])
+        except ValueError:
+            fpr = None
+        same = f"{family}@{fpr:g}" if fpr is not None else ""
+        if same in known:
+            hint = f" (did you mean {same!r}? an FPR is named in its shortest form)"
     raise ConfigError(f"{path}: run.primary_metric = {_v(run.primary_metric)} is not computed by this config's "
-                      f"metrics{suggest(run.primary_metric[:MAX_NAME], known)}; allowed: {', '.join(sorted(known))}")
+                      f"metrics{hint}; allowed: {', '.join(sorted(known))}")
 
 
 def _is_identity(spec: PluginSpec) -> bool:

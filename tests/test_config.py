@@ -178,3 +178,23 @@ def test_labels_name_the_plugin_and_only_varying_or_few_changed_parameters(tmp_p
     assert [a.label for a in cfg.image_attacks] == ["none", "jpeg(quality=90)", "jpeg(quality=50)",
                                                     "gaussian_noise(std=0.1)"]
     assert dict(cfg.defenses[1].params)["bits"] == 32 and len(cfg.defenses[1].params) > 1  # all kept
+
+
+def _with(metrics: str, primary: str, fprs: str = "[1e-6, 1e-4]") -> str:
+    text = MICRO_TOML.replace('metrics = ["bit_accuracy", "tpr", "pvalue", "auc", "psnr", "ssim"]',
+                              f"metrics = {metrics}")
+    text = text.replace("target_fprs = [1e-6, 0.1]", f"target_fprs = {fprs}", 1)
+    return text.replace("batch_size = 4", f'batch_size = 4\nprimary_metric = "{primary}"', 1)
+
+
+@pytest.mark.parametrize("metrics", ['["tpr", "keyless"]', '["tpr", "attacker_utility"]'])
+def test_primary_metric_is_checked_with_every_builtin_metric_and_an_fpr_spelling_gets_its_name(tmp_path, metrics):
+    """keyless and attacker_utility declare their outputs, so a misnamed primary metric is refused before the run
+    (before: with either listed, 'tpr@1e-04' passed validation and failed after the whole grid)."""
+    with pytest.raises(ConfigError, match=r"run.primary_metric = 'tpr@1e-04'.*did you mean 'tpr@0.0001'"):
+        load_config(write_config(tmp_path, _with(metrics, "tpr@1e-04")))
+    assert load_config(write_config(tmp_path, _with(metrics, "tpr@0.0001"))).run.primary_metric == "tpr@0.0001"
+    # a zero-bit defence's empirical operating point is named by the negatives it has, known only at run time
+    assert load_config(write_config(tmp_path, _with(metrics, "tpr@fpr<=1/32"))).run.primary_metric == "tpr@fpr<=1/32"
+    with pytest.raises(ConfigError, match="run.primary_metric = 'keyless_auc_typo'"):
+        load_config(write_config(tmp_path, _with(metrics, "keyless_auc_typo")))

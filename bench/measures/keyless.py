@@ -153,6 +153,10 @@ class KeylessDetectability(Metric):
     l2: float = param(1.0, "the classifier's L2 penalty on standardised weights", low=0.0)
     repeats: int = param(1, "random two-fold splits whose held-out scores are averaged per image", low=1)
 
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        return ("keyless_auc", "keyless_classifier_auc")
+
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         marked = ctx.unattacked_images()
         twins = ctx.twins()

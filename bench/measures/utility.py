@@ -70,6 +70,14 @@ class AttackerUtility(Metric):
     fid: bool = param(True, "compute the FID of the quality kept (about 0.13 s per image on a CPU)")
     smoke_params = {"clip_pretrained": "random", "fid": False}
 
+    @classmethod
+    def outputs(cls, params, target_fprs):
+        names = ["utility_downstream", "utility_downstream_clean", "utility_downstream_base",
+                 "utility_clip_delta", "utility_clip_delta_clean"]
+        if params.get("fid", True):
+            names += ["utility_fid", "utility_fid_clean"]
+        return tuple(names)
+
     def compute(self, ctx: MeasureContext) -> list[Measurement]:
         attack = ctx.model_attack
         if attack is None or getattr(type(attack), "identity", False):
