@@ -394,7 +394,7 @@ class _Evaluator:
 
     def _declared(self, cls: ast.ClassDef, depth: int) -> dict[str, tuple[str, Any]]:
         """``name -> (annotation, Declared)`` of the class body's ``name: type = param(...)`` lines."""
-        from .params import Declared
+        from .params import param
 
         out: dict[str, tuple[str, Any]] = {}
         for stmt in cls.body:
@@ -406,9 +406,7 @@ class _Evaluator:
                     raise _NotStatic
                 args = [self.value(a, depth + 1) for a in call.args]
                 kwargs = {k.arg: self.value(k.value, depth + 1) for k in call.keywords}
-                if "choices" in kwargs and kwargs["choices"] is not None:
-                    kwargs["choices"] = tuple(kwargs["choices"])
-                out[stmt.target.id] = (ast.unparse(stmt.annotation), Declared(*args, **kwargs))
+                out[stmt.target.id] = (ast.unparse(stmt.annotation), param(*args, **kwargs))
         return out
 
     def _inherited(self, cls: ast.ClassDef, attr: str, depth: int, complete: bool = True) -> Any:

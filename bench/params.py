@@ -107,17 +107,9 @@ class Param:
         return value
 
 
-@dataclass(frozen=True)
-class Declared:
-    """What :func:`param` returns: a parameter waiting for its name and type (the class attribute's annotation)."""
-
-    default: Any
-    doc: str = ""
-    low: float | None = None
-    high: float | None = None
-    choices: tuple[Any, ...] | None = None
-    optional: bool = False
-    keyed_at_default: bool = True
+class Declared(Param):
+    """What :func:`param` returns: a :class:`Param` still waiting for its name and type, which the class
+    attribute it is assigned to gives (its name, its annotation)."""
 
 
 def param(default: Any, doc: str = "", *, low: float | None = None, high: float | None = None,
@@ -128,7 +120,7 @@ def param(default: Any, doc: str = "", *, low: float | None = None, high: float 
     ``list[float]``; ``X | None`` makes it optional, i.e. ``None`` means "not set"). ``keyed_at_default=False``:
     see :class:`Param`.
     """
-    return Declared(default, doc, low, high, tuple(choices) if choices is not None else None, optional,
+    return Declared("", "", default, doc, low, high, tuple(choices) if choices is not None else None, optional,
                     keyed_at_default)
 
 

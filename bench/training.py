@@ -138,6 +138,24 @@ def train_loop(parameters: list[torch.nn.Parameter], step_fn: Callable[[int], to
     return losses
 
 
+def denoising_finetune(pipe, latents: torch.Tensor, cond: torch.Tensor, parameters: list[torch.nn.Parameter],
+                       generator: torch.Generator, steps: int, lr: float, batch_size: int,
+                       progress: Callable[..., Iterable] | None = None, description: str = "finetune",
+                       **loop) -> list[float]:
+    """The text-to-image fine-tune every training attack shares: ``steps`` AdamW steps (:func:`train_loop`,
+    ``loop`` its options) of the eps-prediction loss on shuffled batches of (``latents``, ``cond``), training
+    ``parameters`` of ``pipe.unet``, which is left in train mode; returns the losses."""
+    unet = pipe.unet
+    unet.train()
+    batches = sample_batches(len(cond), batch_size, generator)
+
+    def step(_):
+        idx = next(batches)
+        return diffusion_loss(unet, pipe.scheduler, latents[idx], cond[idx], generator)
+
+    return train_loop(parameters, step, steps, lr, progress, description, **loop)
+
+
 def trainable(module: torch.nn.Module, names: Iterable[str] | None = None) -> list[torch.nn.Parameter]:
     """Set ``requires_grad`` on the named parameters (all if ``names`` is None) and return them."""
     wanted = None if names is None else set(names)

@@ -51,6 +51,19 @@ name = "jpeg"
 quality = [90, 50]
 """
 
+#: model attacks appended to MICRO_TOML by the tests of model-attacked cells: none, a one-step LoRA, pruning
+MODEL_ATTACKS_TOML = """
+[[model_attacks]]
+name = "none"
+
+[[model_attacks]]
+name = "lora"
+steps = 1
+
+[[model_attacks]]
+name = "prune"
+"""
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():

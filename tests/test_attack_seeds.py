@@ -15,19 +15,9 @@ from bench.plan import build_plan, stage_seed
 from reports.data import CellRow, Results, Value
 from reports.leaderboard import _fmt_summary, build
 
-from .conftest import MICRO_TOML, write_config
+from .conftest import MICRO_TOML, MODEL_ATTACKS_TOML, write_config
 
-ATTACKS = """
-[[model_attacks]]
-name = "none"
-
-[[model_attacks]]
-name = "lora"
-steps = 1
-
-[[model_attacks]]
-name = "prune"
-"""
+ATTACKS = MODEL_ATTACKS_TOML
 
 
 def _plan(tmp_path, overrides=None, name="bench.toml"):

@@ -16,19 +16,9 @@ from bench.plugins import Defense, Detection, DetectionKind, MeasureContext
 from bench.registries import metrics
 from worlds.tiny import TINY_CLIP, shapes
 
-from .conftest import MICRO_TOML, write_config
+from .conftest import MICRO_TOML, MODEL_ATTACKS_TOML, write_config
 
-ATTACKS = """
-[[model_attacks]]
-name = "none"
-
-[[model_attacks]]
-name = "lora"
-steps = 1
-
-[[model_attacks]]
-name = "prune"
-"""
+ATTACKS = MODEL_ATTACKS_TOML
 
 
 def _plan(tmp_path, with_metric=True):

@@ -9,7 +9,7 @@ import torch
 
 from bench import ModelAttack, model_attacks, param
 from bench.rng import sub_generator
-from bench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
+from bench.training import denoising_finetune, encode_images, encode_prompts, trainable
 
 _SCOPES = {"up": r"^up_blocks\.", "all": r"^(down_blocks|mid_block|up_blocks)\."}
 
@@ -58,15 +58,8 @@ class AttentionReset(ModelAttack):
             cond = encode_prompts(pipe, captions)
             names = None if self.train == "all" else {f"{n}.{p}" for n, m in reset.items()
                                                      for p, _ in m.named_parameters()}
-            params = trainable(unet, names)
-            unet.train()
-            batches = sample_batches(len(captions), self.batch_size, ctx.generator)
-
-            def step(_):
-                idx = next(batches)
-                return diffusion_loss(unet, pipe.scheduler, latents[idx], cond[idx], ctx.generator)
-
-            losses = train_loop(params, step, self.steps, self.lr, ctx.progress, "attention_reset")
+            losses = denoising_finetune(pipe, latents, cond, trainable(unet, names), ctx.generator, self.steps,
+                                        self.lr, self.batch_size, ctx.progress, "attention_reset")
         unet.eval().requires_grad_(False)
         ctx.record_cost(steps=self.steps, layers_reset=len(reset), final_loss=losses[-1] if losses else None)
         return pipe

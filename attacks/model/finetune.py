@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 
 from bench import ModelAttack, model_attacks, param
-from bench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
+from bench.training import denoising_finetune, encode_images, encode_prompts, trainable
 
 
 @model_attacks.register("finetune")
@@ -40,15 +39,9 @@ class FineTune(ModelAttack):
         cond = encode_prompts(pipe, captions)
         unet = pipe.unet
         params = trainable(unet)
-        unet.train()
-        batches = sample_batches(len(captions), self.batch_size, ctx.generator)
-
-        def step(_):
-            idx = next(batches)
-            return diffusion_loss(unet, pipe.scheduler, latents[idx], cond[idx], ctx.generator)
-
-        losses = train_loop(params, step, self.steps, self.lr, ctx.progress, "finetune",
-                            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+        losses = denoising_finetune(pipe, latents, cond, params, ctx.generator, self.steps, self.lr, self.batch_size,
+                                    ctx.progress, "finetune", weight_decay=self.weight_decay,
+                                    max_grad_norm=self.max_grad_norm)
         unet.eval().requires_grad_(False)
         ctx.record_cost(steps=self.steps, trainable_params=sum(p.numel() for p in params),
                         images_seen=self.steps * self.batch_size, final_loss=losses[-1] if losses else None)

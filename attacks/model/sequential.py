@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench import ModelAttack, model_attacks, param
-from bench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
+from bench.training import denoising_finetune, encode_images, encode_prompts, trainable
 
 
 @model_attacks.register("sequential_finetune")
@@ -39,16 +39,9 @@ class SequentialFineTune(ModelAttack):
             images, captions = ctx.data.dataset(phase, self.num_images)
             latents = encode_images(pipe, images)
             cond = encode_prompts(pipe, captions)
-            params = trainable(unet)
-            unet.train()
-            batches = sample_batches(len(captions), self.batch_size, ctx.generator)
-
-            def step(_, latents=latents, cond=cond, batches=batches):
-                idx = next(batches)
-                return diffusion_loss(unet, pipe.scheduler, latents[idx], cond[idx], ctx.generator)
-
-            losses = train_loop(params, step, self.steps, self.lr, ctx.progress, f"sequential_finetune {phase}",
-                                weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+            losses = denoising_finetune(pipe, latents, cond, trainable(unet), ctx.generator, self.steps, self.lr,
+                                        self.batch_size, ctx.progress, f"sequential_finetune {phase}",
+                                        weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
             finals.append(losses[-1] if losses else None)
         unet.eval().requires_grad_(False)
         ctx.record_cost(steps=2 * self.steps, images_seen=2 * self.steps * self.batch_size,
