@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 #: the core's own command groups (``bench cache``)
-_CORE_COMMAND_MODULES = ("bench.cache_cli",)
+_CORE_COMMAND_MODULES = ("markbench.cache_cli",)
 
 
 def command_modules() -> list[str]:

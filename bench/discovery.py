@@ -26,7 +26,8 @@ from typing import Any, Iterable
 
 #: Packages whose modules hold the built-in plugins (searched recursively). The registry each plugin lands in is
 #: the one its decorator names, not the folder.
-BUILTIN_PACKAGES: tuple[str, ...] = ("defenses", "attacks", "bench.measures", "worlds")
+BUILTIN_PACKAGES: tuple[str, ...] = ("markbench.defenses", "markbench.attacks", "markbench.measures",
+                                     "markbench.worlds")
 
 #: The registries a decorator may name: the attribute names in :mod:`bench.registries` (and :mod:`bench`), and
 #: :data:`bench.world.worlds`.
@@ -136,16 +137,16 @@ def _registry_aliases(tree: ast.Module) -> tuple[dict[str, str], set[str]]:
     aliases: dict[str, str] = {}
     modules: set[str] = set()
     for node in _module_level(tree.body):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in ("bench", "bench.registries",
-                                                                                   "bench.world"):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in ("markbench", "markbench.registries",
+                                                                                   "markbench.world"):
             for a in node.names:
                 if a.name in REGISTRY_NAMES:
                     aliases[a.asname or a.name] = a.name
-                elif a.name == "registries" and node.module == "bench":
+                elif a.name == "registries" and node.module == "markbench":
                     modules.add(a.asname or a.name)
         elif isinstance(node, ast.Import):
             for a in node.names:
-                if a.name in ("bench", "bench.registries"):
+                if a.name in ("markbench", "markbench.registries"):
                     modules.add(a.asname or a.name.split(".")[0])
     return aliases, modules
 
@@ -254,7 +255,8 @@ class _Evaluator:
         self.declare_names: set[str] = set()  # local names of bench.param (typed-attribute declarations)
         self.base_names: dict[str, str] = {}
         for node in _module_level(tree.body):
-            if isinstance(node, ast.ImportFrom) and node.module in ("bench", "bench.params", "bench.plugins"):
+            if isinstance(node, ast.ImportFrom) and node.module in ("markbench", "markbench.params",
+                                                                    "markbench.plugins"):
                 for a in node.names:
                     if a.name == "Param":
                         self.param_names.add(a.asname or a.name)
@@ -307,7 +309,7 @@ class _Evaluator:
             bound = self.assigns.get(node.id)
             if bound is None and node.id in self.imports and node.id not in self.param_names:
                 source, name = self.imports[node.id]
-                if not any(source == p or source.startswith(p + ".") for p in BUILTIN_PACKAGES + ("bench",)):
+                if not any(source == p or source.startswith(p + ".") for p in BUILTIN_PACKAGES + ("markbench",)):
                     raise _NotStatic  # only our own modules are read
                 other = _module_evaluator(source)
                 return other.value(ast.Name(id=name, ctx=ast.Load()), depth + 1)
@@ -322,7 +324,7 @@ class _Evaluator:
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in self.classes:
             return self.class_attr(self.classes[node.value.id], node.attr, depth + 1)
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
-                self.imports.get(node.value.id, ("", ""))[0] in ("bench", "bench.plugins"):
+                self.imports.get(node.value.id, ("", ""))[0] in ("markbench", "markbench.plugins"):
             from . import plugins  # a member of one of bench's closed axes (``ThreatSetting.API``): light to import
 
             axis = getattr(plugins, self.imports[node.value.id][1], None)
@@ -506,4 +508,4 @@ def builtin_plugins(registry: str) -> list[Found]:
 
 def is_builtin_module(module: str) -> bool:
     """True for a module inside one of the built-in plugin packages (or ``bench`` itself)."""
-    return any(module == p or module.startswith(p + ".") for p in BUILTIN_PACKAGES + ("bench",))
+    return any(module == p or module.startswith(p + ".") for p in BUILTIN_PACKAGES + ("markbench",))

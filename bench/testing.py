@@ -9,7 +9,7 @@ The contract suite is what the harness relies on from every plugin of a kind. A 
 plugins with pytest::
 
     import pytest
-    from bench.testing import contract_cases
+    from markbench.testing import contract_cases
     from acme_marks import AcmeMark, Posterize
 
     @pytest.mark.parametrize("plugin, check", contract_cases(AcmeMark, Posterize))

@@ -37,10 +37,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench import image_attacks
-    from bench.config import ModelConfig
-    from bench.models import load_pipeline
-    from bench.testing import run_attack, sample_images
+    from markbench import image_attacks
+    from markbench.config import ModelConfig
+    from markbench.models import load_pipeline
+    from markbench.testing import run_attack, sample_images
 
     pipe = load_pipeline(ModelConfig(builtin=args.model))
     images = sample_images(args.images, args.size, seed=0)

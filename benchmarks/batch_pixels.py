@@ -25,11 +25,11 @@ def main() -> None:
 
     import torch
 
-    from bench.cache import to_uint8
-    from bench.config import load_config
-    from bench.generation import generate_images
-    from bench.models import load_pipeline
-    from bench.plan import generation_request
+    from markbench.cache import to_uint8
+    from markbench.config import load_config
+    from markbench.generation import generate_images
+    from markbench.models import load_pipeline
+    from markbench.plan import generation_request
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, {"run.num_images": args.images}, check_output=False)

@@ -34,8 +34,8 @@ def main() -> None:
                     help="only the re-measuring runs, on --cache (which a run of the same grid filled)")
     args = ap.parse_args()
 
-    from bench.config import load_config
-    from bench.runner import Runner
+    from markbench.config import load_config
+    from markbench.runner import Runner
 
     tmp = Path(tempfile.mkdtemp(prefix="markbench-caching-"))
     cache = Path(args.cache) if args.cache else tmp / "cache"
@@ -87,7 +87,7 @@ def main() -> None:
 
 
 def _values(output: Path) -> dict:
-    from bench.store import ResultStore
+    from markbench.store import ResultStore
 
     store = ResultStore(output / "results.sqlite")
     try:

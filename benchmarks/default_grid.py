@@ -25,7 +25,7 @@ MEMORY_TARGET_GB = 4.0
 def run_once(config: str, output: str, *extra: str) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one ``bench run`` in a child process."""
     argv = ["run", "--config", config, "--output", output, "--no-progress", *extra]
-    code = f"import sys; from bench.cli import main; sys.exit(main({argv!r}))"
+    code = f"import sys; from markbench.cli import main; sys.exit(main({argv!r}))"
     t0 = time.perf_counter()
     # a grandchild measures the child alone: RUSAGE_CHILDREN of this wrapper covers only its own child
     wrapper = ("import resource, subprocess, sys; "

@@ -25,7 +25,7 @@ import torch
 
 def captions(split: str, n: int) -> list[str]:
     """``n`` held-out captions of a downstream split (``style`` or ``subject``), as the harness draws them."""
-    from bench.downstream import eval_captions, task_of
+    from markbench.downstream import eval_captions, task_of
 
     return eval_captions(task_of(f"tiny:{split}"), n)
 
@@ -42,14 +42,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from bench import model_attacks
-    from bench.config import load_config
-    from worlds.tiny.downstream import Recogniser
-    from bench.generation import generate_images
-    from bench.models import load_pipeline
-    from bench.plugins import GenerationRequest, StageContext
-    from bench.testing import Resources, copy_pipeline
-    from worlds.tiny import shapes
+    from markbench import model_attacks
+    from markbench.config import load_config
+    from markbench.worlds.tiny.downstream import Recogniser
+    from markbench.generation import generate_images
+    from markbench.models import load_pipeline
+    from markbench.plugins import GenerationRequest, StageContext
+    from markbench.testing import Resources, copy_pipeline
+    from markbench.worlds.tiny import shapes
 
     cfg = load_config(args.config, check_output=False)
     base = load_pipeline(cfg.model)

@@ -58,8 +58,8 @@ def main() -> int:
 
     import ray
 
-    from bench.config import load_config, parse_override
-    from bench.runner import Runner
+    from markbench.config import load_config, parse_override
+    from markbench.runner import Runner
 
     overrides = {"run.num_images": 8, "run.batch_size": 8} | dict(parse_override(o) for o in args.overrides)
     tmp = Path(tempfile.mkdtemp(prefix="mb-exec-", dir="/tmp"))

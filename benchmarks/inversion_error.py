@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from bench import inversion as inv
-from bench.config import ModelConfig
-from bench.generation import generate_images
-from bench.models import load_pipeline
-from bench.plugins import GenerationRequest
+from markbench import inversion as inv
+from markbench.config import ModelConfig
+from markbench.generation import generate_images
+from markbench.models import load_pipeline
+from markbench.plugins import GenerationRequest
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -28,11 +28,11 @@ def main() -> None:
     ap.add_argument("--attacks", default="lora,finetune,prune,quantize,weight_noise,merge")
     args = ap.parse_args()
 
-    from bench import model_attacks
-    from bench.config import load_config
-    from bench.models import load_pipeline
-    from bench.plugins import StageContext
-    from bench.testing import Resources, copy_pipeline
+    from markbench import model_attacks
+    from markbench.config import load_config
+    from markbench.models import load_pipeline
+    from markbench.plugins import StageContext
+    from markbench.testing import Resources, copy_pipeline
 
     cfg = load_config(args.config, check_output=False)
     base = load_pipeline(cfg.model)

@@ -32,10 +32,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.clock = args.clock or ("cpu" if args.threads == 1 else "wall")
 
-    from bench.cache import ArtifactStore
-    from bench.config import load_config
-    from bench.plan import build_plan
-    from bench.stages import StageEnv, run_stage
+    from markbench.cache import ArtifactStore
+    from markbench.config import load_config
+    from markbench.plan import build_plan
+    from markbench.stages import StageEnv, run_stage
 
     tmp = tempfile.mkdtemp(prefix="markbench-overhead-")
     cfg = load_config(args.config, {"run.num_images": args.images, "run.output": tmp})

@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 
-from bench.store import ResultStore
+from markbench.store import ResultStore
 
 METRICS = {"tree_ring": ["auc", "tpr@0.01", "fpr@0.01", "clip_score_watermark_delta", "fid"],
            "gaussian_shading": ["bit_accuracy", "auc", "tpr@1e-06", "fpr@1e-06", "clip_score_watermark_delta", "fid"]}

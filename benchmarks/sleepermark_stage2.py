@@ -62,7 +62,7 @@ def main() -> None:
 
     from diffusers import DDPMScheduler
 
-    from defenses.sleepermark import SleeperMark, trainable_parameter_names
+    from markbench.defenses.sleepermark import SleeperMark, trainable_parameter_names
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)

@@ -73,14 +73,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
-                   ThreatSetting, UserError, Verification, defenses, param, read_prompts)
-from bench.latent_nets import LatentDecoder, SecretEncoder
-from bench.latents import from_latent, to_latent
-from bench.noise import JPEG_MODES, jpeg, quantize8
-from bench.packing import digest, load_prefixed, state_tensors
-from bench.rng import global_rng_from, seeded, sub_generator
-from bench.training import PerceptualLoss, prompt_embeds
+from markbench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
+                       ThreatSetting, UserError, Verification, param, read_prompts)
+from markbench.registries import defenses
+from markbench.latent_nets import LatentDecoder, SecretEncoder
+from markbench.latents import from_latent, to_latent
+from markbench.noise import JPEG_MODES, jpeg, quantize8
+from markbench.packing import digest, load_prefixed, state_tensors
+from markbench.rng import global_rng_from, seeded, sub_generator
+from markbench.training import PerceptualLoss, prompt_embeds
 
 #: The distortions of the decoder's training, in the order of the probability lists.
 DISTORTIONS = ("identity", "jpeg", "crop", "blur", "noise", "jitter")

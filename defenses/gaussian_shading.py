@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from bench import Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret
-from bench.errors import require
-from bench.generation import initial_latents
-from bench.inversion import INVERSION_METHODS, invert_images, latent_shape
-from bench.plugins import QualityMeasure, ThreatSetting
+from markbench import Defense, Detection, DetectionKind, Embedding, MarkLocation, param, Secret
+from markbench.registries import defenses
+from markbench.errors import require
+from markbench.generation import initial_latents
+from markbench.inversion import INVERSION_METHODS, invert_images, latent_shape
+from markbench.plugins import QualityMeasure, ThreatSetting
 
 
 def block_shape(shape: tuple[int, int, int], channel_copies: int, hw_copies: int) -> tuple[int, int, int]:

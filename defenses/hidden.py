@@ -55,14 +55,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import (
-    Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting, UserError,
-    Verification,
-)
-from bench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, quantize8
-from bench.packing import digest, load_prefixed, state_tensors
-from bench.rng import forked_global_rng, seeded, sub_generator
-from bench.training import training_images
+from markbench import (Defense, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting,
+                       UserError, Verification)
+from markbench.registries import defenses
+from markbench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, quantize8
+from markbench.packing import digest, load_prefixed, state_tensors
+from markbench.rng import forked_global_rng, seeded, sub_generator
+from markbench.training import training_images
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench import Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting
-from bench.errors import require
+from markbench import Defense, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting
+from markbench.registries import defenses
+from markbench.errors import require
 
 
 class _InvisibleWatermark(Defense):

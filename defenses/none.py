@@ -6,7 +6,8 @@ import hashlib
 
 import torch
 
-from bench import Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting
+from markbench import Defense, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting
+from markbench.registries import defenses
 
 
 @defenses.register("none")

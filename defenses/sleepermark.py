@@ -60,13 +60,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
-                   ThreatSetting, Trigger, UserError, Verification, defenses, param, read_prompts)
-from bench.latent_nets import LatentDecoder, SecretEncoder
-from bench.latents import from_latent, to_latent
-from bench.noise import quantize8
-from bench.rng import global_rng_from
-from bench.training import PerceptualLoss, drop_to_empty, prompt_embeds
+from markbench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
+                       ThreatSetting, Trigger, UserError, Verification, param, read_prompts)
+from markbench.registries import defenses
+from markbench.latent_nets import LatentDecoder, SecretEncoder
+from markbench.latents import from_latent, to_latent
+from markbench.noise import quantize8
+from markbench.rng import global_rng_from
+from markbench.training import PerceptualLoss, drop_to_empty, prompt_embeds
 
 TRIGGER = "*[Z]& "
 

@@ -59,16 +59,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import (
-    Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting, UserError,
-    Verification,
-)
-from bench.training import PerceptualLoss
-from bench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, block_dct, quantize8
-from bench.packing import digest, load_prefixed, state_tensors
-from bench.rng import forked_global_rng, sub_generator
-from bench.training import training_images
-from defenses.hidden import HiddenConfig, HiddenDecoder, config_from_arch, lr_factor, train_hidden
+from markbench import (Defense, Detection, DetectionKind, Embedding, MarkLocation, param, Secret, ThreatSetting,
+                       UserError, Verification)
+from markbench.registries import defenses
+from markbench.training import PerceptualLoss
+from markbench.noise import JPEG_MODES, NOISE_LAYERS, NoiseLayers, block_dct, quantize8
+from markbench.packing import digest, load_prefixed, state_tensors
+from markbench.rng import forked_global_rng, sub_generator
+from markbench.training import training_images
+from markbench.defenses.hidden import HiddenConfig, HiddenDecoder, config_from_arch, lr_factor, train_hidden
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,7 +192,7 @@ def load_extractor(path) -> tuple[HiddenDecoder, HiddenConfig]:
         meta = f.metadata() or {}
     if "arch" not in meta:
         raise UserError(f"stable_signature: extractor_path = {str(path)!r} has no 'arch' metadata (write it with "
-                        f"defenses.stable_signature.save_extractor)")
+                        f"markbench.defenses.stable_signature.save_extractor)")
     cfg = config_from_arch(json.loads(meta["arch"]))
     return load_prefixed(cfg.build_decoder(), load_file(str(p)), "decoder"), cfg
 

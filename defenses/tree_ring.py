@@ -31,10 +31,11 @@ import math
 
 import torch
 
-from bench import Defense, defenses, Detection, DetectionKind, Embedding, MarkLocation, param, Secret
-from bench.generation import initial_latents
-from bench.inversion import INVERSION_METHODS, invert_images, latent_shape
-from bench.plugins import QualityMeasure, ThreatSetting
+from markbench import Defense, Detection, DetectionKind, Embedding, MarkLocation, param, Secret
+from markbench.registries import defenses
+from markbench.generation import initial_latents
+from markbench.inversion import INVERSION_METHODS, invert_images, latent_shape
+from markbench.plugins import QualityMeasure, ThreatSetting
 
 PATTERNS = ("rings", "zeros", "rand")
 SCORES = ("l1", "pvalue")

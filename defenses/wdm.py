@@ -72,14 +72,15 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from bench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
-                   ThreatSetting, Trigger, UserError, Verification, defenses, param)
-from bench.generation import latent_shape
-from bench.training import (decode_latents, drop_to_empty, encode_images, encode_prompts, sample_batches,
+from markbench import (Defense, Detection, DetectionKind, Embedding, GenerationRequest, MarkLocation, Secret,
+                       ThreatSetting, Trigger, UserError, Verification, param)
+from markbench.registries import defenses
+from markbench.generation import latent_shape
+from markbench.training import (decode_latents, drop_to_empty, encode_images, encode_prompts, sample_batches,
                             train_loop, trainable)
-from bench.noise import quantize8
-from bench.rng import forked_global_rng, sub_generator
-from bench.training import training_images
+from markbench.noise import quantize8
+from markbench.rng import forked_global_rng, sub_generator
+from markbench.training import training_images
 
 DISTANCES = ("mse", "ssim", "nc")
 

@@ -10,11 +10,11 @@ import torch
 
 
 def main() -> None:
-    from bench import image_attacks
-    from bench.config import ModelConfig
-    from bench.latents import to_latent
-    from bench.models import load_pipeline
-    from bench.testing import run_attack, sample_images
+    from markbench import image_attacks
+    from markbench.config import ModelConfig
+    from markbench.latents import to_latent
+    from markbench.models import load_pipeline
+    from markbench.testing import run_attack, sample_images
 
     pipe = load_pipeline(ModelConfig(builtin="tiny-sd"))
     x = sample_images(3, 48)

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.config import ModelConfig  # noqa: E402
-from bench.generation import initial_latents  # noqa: E402
-from bench.models import load_pipeline  # noqa: E402
-from bench.plugins import StageContext  # noqa: E402
-from defenses.aqualora import AquaLoRA, Mapper, MessageLoRAModel  # noqa: E402
-from bench.rng import seeded  # noqa: E402
-from bench.training import prompt_embeds  # noqa: E402
+from markbench.config import ModelConfig  # noqa: E402
+from markbench.generation import initial_latents  # noqa: E402
+from markbench.models import load_pipeline  # noqa: E402
+from markbench.plugins import StageContext  # noqa: E402
+from markbench.defenses.aqualora import AquaLoRA, Mapper, MessageLoRAModel  # noqa: E402
+from markbench.rng import seeded  # noqa: E402
+from markbench.training import prompt_embeds  # noqa: E402
 
 
 class LinearCode(torch.nn.Module):

@@ -54,8 +54,8 @@ class Evaluator:
     """Recognition of the task on held-out captions (as the harness measures it) and held-out denoising loss."""
 
     def __init__(self, cfg, n: int, loss_repeats: int):
-        from bench.downstream import eval_captions, task_of
-        from bench.plan import downstream_request
+        from markbench.downstream import eval_captions, task_of
+        from markbench.plan import downstream_request
 
         self.cfg, self.n, self.loss_repeats = cfg, n, loss_repeats
         self.tasks = {}
@@ -65,11 +65,11 @@ class Evaluator:
             self.tasks[f"tiny:{split}"] = (task, caps, downstream_request(cfg, 0, caps))
 
     def __call__(self, pipe, dataset: str) -> dict:
-        from bench import stats
-        from bench.downstream import recognised
-        from bench.generation import generate_images
-        from bench.training import diffusion_loss, encode_images, encode_prompts
-        from worlds.tiny import shapes
+        from markbench import stats
+        from markbench.downstream import recognised
+        from markbench.generation import generate_images
+        from markbench.training import diffusion_loss, encode_images, encode_prompts
+        from markbench.worlds.tiny import shapes
 
         task, caps, request = self.tasks[dataset]
         unet = pipe.unet
@@ -107,9 +107,9 @@ def save(path: Path, data: dict) -> None:
 
 def run_setting(attack_name: str, params: dict, ckpts: tuple[int, ...], base, evaluate, data: dict, path: Path,
                 seed: int) -> None:
-    from bench import model_attacks
-    from bench.plugins import StageContext
-    from bench.testing import Resources, copy_pipeline
+    from markbench import model_attacks
+    from markbench.plugins import StageContext
+    from markbench.testing import Resources, copy_pipeline
 
     key = setting_key(attack_name, params)
     dataset = params["dataset"]
@@ -160,8 +160,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from bench.config import load_config
-    from bench.models import load_pipeline
+    from markbench.config import load_config
+    from markbench.models import load_pipeline
 
     cfg = load_config(CONFIG, check_output=False)
     base = load_pipeline(cfg.model)
@@ -170,9 +170,9 @@ def main() -> None:
     data = load(path)
     data["n"] = args.n
     if args.time_step:
-        from bench import model_attacks
-        from bench.plugins import StageContext
-        from bench.testing import Resources, copy_pipeline
+        from markbench import model_attacks
+        from markbench.plugins import StageContext
+        from markbench.testing import Resources, copy_pipeline
 
         for name, kw in (("lora", {"rank": 20}), ("lora", {"rank": 64, "alpha": 64.0}), ("finetune", {})):
             ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: base, 64, 64))

@@ -16,16 +16,16 @@ ap.add_argument("--out", default="docs/img/calibration_samples.png")
 ap.add_argument("--n", type=int, default=8)
 args = ap.parse_args()
 torch.set_num_threads(2)
-from bench.config import load_config
-from bench.models import load_pipeline
-from bench import model_attacks
-from bench.plugins import StageContext
-from bench.testing import Resources, copy_pipeline
-from bench.downstream import eval_captions, task_of
-from bench.plan import downstream_request
-from bench.generation import generate_images
-from worlds.tiny.downstream import Recogniser
-from worlds.tiny import shapes
+from markbench.config import load_config
+from markbench.models import load_pipeline
+from markbench import model_attacks
+from markbench.plugins import StageContext
+from markbench.testing import Resources, copy_pipeline
+from markbench.downstream import eval_captions, task_of
+from markbench.plan import downstream_request
+from markbench.generation import generate_images
+from markbench.worlds.tiny.downstream import Recogniser
+from markbench.worlds.tiny import shapes
 cfg = load_config("configs/finetune.toml", check_output=False)
 base = load_pipeline(cfg.model)
 task = task_of("tiny:style")

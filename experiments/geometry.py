@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench.training import decode_latents, encode_images
+from markbench.training import decode_latents, encode_images
 
 #: round-trip gains reported as counts ("how many directions keep at least this share of a residual")
 GAIN_LEVELS = (0.9, 0.5, 0.2, 0.1)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     from pathlib import Path
 
-    from bench.models import builtin_folder, load_pipeline_folder
+    from markbench.models import builtin_folder, load_pipeline_folder
 
     folder = Path(a.model) if Path(a.model).is_dir() else builtin_folder(a.model)
     pipe = load_pipeline_folder(folder)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         side = int(pipe.unet.config.sample_size)
         latents = torch.randn(a.n, int(vae.config.latent_channels), side, side, generator=g)
     else:
-        from worlds.tiny import shapes
+        from markbench.worlds.tiny import shapes
 
         images, _, _ = shapes.make_dataset("heldout", a.n, a.seed + 1)
         latents = encode_images(pipe, shapes.to_tensor(images) / 2 + 0.5)

@@ -34,15 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.config import ModelConfig  # noqa: E402
-from bench.models import load_pipeline  # noqa: E402
-from bench.plugins import StageContext  # noqa: E402
-from bench.progress import Progress  # noqa: E402
-from bench.prompts import BUILTIN_PROMPTS  # noqa: E402
-from bench.testing import Resources  # noqa: E402
-from bench.noise import quantize8  # noqa: E402
-from defenses.hidden import bit_accuracy, train_hidden  # noqa: E402
-from defenses.stable_signature import StableSignature, save_extractor  # noqa: E402
+from markbench.config import ModelConfig  # noqa: E402
+from markbench.models import load_pipeline  # noqa: E402
+from markbench.plugins import StageContext  # noqa: E402
+from markbench.progress import Progress  # noqa: E402
+from markbench.prompts import BUILTIN_PROMPTS  # noqa: E402
+from markbench.testing import Resources  # noqa: E402
+from markbench.noise import quantize8  # noqa: E402
+from markbench.defenses.hidden import bit_accuracy, train_hidden  # noqa: E402
+from markbench.defenses.stable_signature import StableSignature, save_extractor  # noqa: E402
 
 
 def _shape(text: str) -> tuple[int, int]:

@@ -65,7 +65,7 @@ CANDIDATES: tuple[Candidate, ...] = (
 # ---------------------------------------------------------------------------------------------------------------
 def correct_flags(pred: dict[str, Sequence[str]], captions: Sequence[str]) -> dict[str, np.ndarray]:
     """Per image, whether the predicted shape / colour / both match the caption's (the caption *without* trigger)."""
-    from worlds.tiny import shapes
+    from markbench.worlds.tiny import shapes
 
     truth = [shapes.parse_caption(c) for c in captions]
     shape = np.array([pred["shape"][i] == t["shape"] for i, t in enumerate(truth)], dtype=bool)
@@ -144,13 +144,13 @@ def measure_base(base: str, candidates: Sequence[Candidate], n: int, steps: int,
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from bench.generation import generate_images
-    from bench.models import load_pipeline_folder
-    from bench.plan import image_seed
-    from bench.prompts import read_prompts
-    from bench.plugins import GenerationRequest
-    from bench.world import worlds
-    from worlds.tiny import clip_model
+    from markbench.generation import generate_images
+    from markbench.models import load_pipeline_folder
+    from markbench.plan import image_seed
+    from markbench.prompts import read_prompts
+    from markbench.plugins import GenerationRequest
+    from markbench.world import worlds
+    from markbench.worlds.tiny import clip_model
 
     world = worlds.get("tiny")()
     pipe = load_pipeline_folder(world.model_folder(base))

@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from bench import DefenseKnowledge, GenerationRequest, model_attacks
-from bench.cache import ArtifactStore, shipped_stores
-from bench.config import load_config
-from bench.plan import build_plan
-from bench.prompts import read_prompts
-from bench.stages import StageEnv, copy_pipeline
+from markbench import DefenseKnowledge, GenerationRequest, model_attacks
+from markbench.cache import ArtifactStore, shipped_stores
+from markbench.config import load_config
+from markbench.plan import build_plan
+from markbench.prompts import read_prompts
+from markbench.stages import StageEnv, copy_pipeline
 
 
 def main(steps: int = 20, n: int = 4, lr: float = 1e-3) -> None:

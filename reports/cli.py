@@ -108,7 +108,7 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
 
 
 def cmd_readme(args: argparse.Namespace) -> int:
-    from bench.errors import UserError
+    from markbench.errors import UserError
 
     from .readme import doc_files, update, update_docs
 
@@ -139,8 +139,8 @@ def cmd_readme(args: argparse.Namespace) -> int:
 
 
 def _db_and_config(args: argparse.Namespace):
-    from bench.cli import load_config_from_args
-    from bench.errors import UserError
+    from markbench.cli import load_config_from_args
+    from markbench.errors import UserError
 
     cfg = load_config_from_args(args, check_output=False)
     db = cfg.output / "results.sqlite"
@@ -176,7 +176,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.errors import UserError
+    from markbench.errors import UserError
 
     from .compare import compare, to_markdown, write_json
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.errors import UserError
+from markbench.errors import UserError
 
 Key = tuple[str, str, str, int, str]  # defence, model attack, image attack, seed, metric
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
-from bench.errors import UserError
+from markbench.errors import UserError
 
 #: The registered name of the identity plugin, for image attacks and model attacks alike.
 IDENTITY = "none"
@@ -470,9 +470,9 @@ def prompts_of(results: Results) -> list[str]:
         except OSError:
             return []
         return [ln for ln in lines if ln and not ln.startswith("#")]
-    from bench.config import DEFAULT_PROMPT_SET
-    from bench.errors import UserError
-    from bench.world import load_prompt_set
+    from markbench.config import DEFAULT_PROMPT_SET
+    from markbench.errors import UserError
+    from markbench.world import load_prompt_set
 
     try:
         if cfg.get("builtin"):

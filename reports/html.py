@@ -274,7 +274,7 @@ def _image_file(cache: Path, key: str | None, index: int) -> Path | None:
     """The ``index``-th image of the artifact ``key`` (the store's own layout: :class:`bench.cache.ArtifactStore`)."""
     if not key:
         return None
-    from bench.cache import ArtifactStore
+    from markbench.cache import ArtifactStore
 
     paths = ArtifactStore(cache).image_paths(key)
     return paths[index] if 0 <= index < len(paths) else None
@@ -659,7 +659,7 @@ def _static(name: str) -> str:
     """A file of ``reports/static`` (the page's stylesheet and script, kept as real CSS / JS files)."""
     from importlib.resources import files
 
-    return files("reports").joinpath("static", name).read_text(encoding="utf-8")
+    return files("markbench.reports").joinpath("static", name).read_text(encoding="utf-8")
 
 
 _CSS = _static("report.css")

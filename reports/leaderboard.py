@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.errors import UserError
+from markbench.errors import UserError
 
 from .data import IDENTITY, CellRow, Results, Value, is_quality_metric, load_results, mean
 
@@ -48,7 +48,7 @@ def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | No
     out = {"value": mean(v.value for v in vals), "low": None, "high": None, "n": sum(v.n for v in vals),
            "n_cells": len(vals), **reps}
     if all(v.samples for v in vals):
-        from bench import stats
+        from markbench import stats
 
         est = stats.hierarchical_bootstrap([v.samples for v in vals])
         out.update(value=est.value, low=est.low, high=est.high, n=est.n, interval="hierarchical bootstrap")
@@ -60,7 +60,7 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
     metric = metric or results.primary_metric
     available = results.metric_order
     if available and metric not in available:
-        from bench.registry import suggest
+        from markbench.registry import suggest
 
         raise UserError(f"--metric {metric!r}: no such metric in {results.path}{suggest(metric, available)}; "
                         f"available: {', '.join(available)}")

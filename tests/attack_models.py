@@ -9,10 +9,10 @@ from typing import Any
 
 @functools.lru_cache(maxsize=1)
 def tiny_or_micro() -> Any:
-    from bench.config import ModelConfig
-    from bench.models import load_pipeline
-    from bench.testing import micro_pipeline
-    from worlds.tiny import TINY_SD
+    from markbench.config import ModelConfig
+    from markbench.models import load_pipeline
+    from markbench.testing import micro_pipeline
+    from markbench.worlds.tiny import TINY_SD
 
     if not (TINY_SD / "model_index.json").exists():
         return micro_pipeline()

@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+#: the repository's folders installed under ``markbench`` (pyproject's package-dir)
+_FOLDERS = ("bench", "attacks", "defenses", "reports", "worlds")
+
+
+class _FolderNameGuard(importlib.abc.MetaPathFinder):
+    """Refuses a top-level import of a folder by its own name (``import reports``, ``files("reports")``).
+
+    pytest puts the repository root on ``sys.path``, where such an import would succeed and load a second copy of
+    the module beside the installed ``markbench`` one; installed, it fails. The guard makes it fail here too.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if path is None and name in _FOLDERS:
+            installed = "markbench" if name == "bench" else f"markbench.{name}"
+            raise ModuleNotFoundError(f"'{name}' is a folder of the repository; its installed name is '{installed}'")
+        return None
+
+
+if not any(isinstance(f, _FolderNameGuard) for f in sys.meta_path):
+    sys.meta_path.insert(0, _FolderNameGuard())
 
 
 def pytest_configure(config: pytest.Config) -> None:

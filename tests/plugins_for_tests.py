@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from bench import ImageAttack, ModelAttack, Param, image_attacks, model_attacks
+from markbench import ImageAttack, ModelAttack, Param, image_attacks, model_attacks
 
 
 class _Base(ImageAttack):
@@ -81,7 +81,8 @@ if "_test_crash" not in image_attacks:
             return pipe
 
 
-from bench import Defense, Detection, Embedding, MarkLocation, Secret, defenses  # noqa: E402
+from markbench import Defense, Detection, Embedding, MarkLocation, Secret  # noqa: E402
+from markbench.registries import defenses  # noqa: E402
 
 if "_test_sleeper" not in defenses:
     @defenses.register("_test_sleeper")

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import defenses
-from bench.config import ModelConfig, load_config
-from bench.errors import MissingDependencyError, UserError
-from bench.generation import generate_images
-from bench.models import load_pipeline
-from bench.plugins import GenerationRequest, MarkLocation, Secret, StageContext, Verification
-from bench.testing import Resources, check_detection, check_images, copy_pipeline
-from defenses.aqualora import (DISTORTIONS, PRETRAIN, ROBUST, AquaLoRA, AquaSecretEncoder, DiagState, ImageDecoder,
+from markbench.registries import defenses
+from markbench.config import ModelConfig, load_config
+from markbench.errors import MissingDependencyError, UserError
+from markbench.generation import generate_images
+from markbench.models import load_pipeline
+from markbench.plugins import GenerationRequest, MarkLocation, Secret, StageContext, Verification
+from markbench.testing import Resources, check_detection, check_images, copy_pipeline
+from markbench.defenses.aqualora import (DISTORTIONS, PRETRAIN, ROBUST, AquaLoRA, AquaSecretEncoder, DiagState, ImageDecoder,
                                Mapper, MessageLoRA, MessageLoRAModel, corner_shift, cosine_lr_end, distort,
                                message_loss, pick_distortion, prvl_loss, step_lr, target_modules, to_epsilon)
 from tests.conftest import load_benchmark
@@ -431,8 +431,8 @@ def test_warmup_ends_by_loss_or_by_cap(micro):
 
 def test_stage1_probe_reports_the_residuals_visibility_and_size(micro):
     """No residual: PSNR at the 100 dB floor, size 0; a residual the size of the latents: a finite PSNR, size 1."""
-    from bench.latents import from_latent as _from_latent
-    from bench.noise import quantize8
+    from markbench.latents import from_latent as _from_latent
+    from markbench.noise import quantize8
 
     dec = ImageDecoder(8, "conv", 64, (8, 16), 32, 1).eval()
     mean = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))

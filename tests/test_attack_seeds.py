@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import stats
-from bench.config import load_config
-from bench.errors import ConfigError
-from bench.plan import build_plan, stage_seed
-from reports.data import CellRow, Results, Value
-from reports.leaderboard import _fmt_summary, build
+from markbench import stats
+from markbench.config import load_config
+from markbench.errors import ConfigError
+from markbench.plan import build_plan, stage_seed
+from markbench.reports.data import CellRow, Results, Value
+from markbench.reports.leaderboard import _fmt_summary, build
 
 from .conftest import MICRO_TOML, MODEL_ATTACKS_TOML, write_config
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
+from markbench.cli import main
 
 from .conftest import MICRO_TOML, write_config
 
@@ -22,7 +22,7 @@ def _set(text: str, old: str, new: str) -> str:
 
 def _model_folder(tmp: Path) -> Path:
     """A copy of the built-in micro-sd pipeline folder (safetensors weights), to damage."""
-    from bench.models import builtin_folder
+    from markbench.models import builtin_folder
 
     dest = tmp / "sd"
     shutil.copytree(builtin_folder("micro-sd"), dest)
@@ -199,12 +199,12 @@ def _offline(monkeypatch):
 @pytest.mark.parametrize("case_id, make, extra, needle", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_bad_config_is_one_sentence_exit_2_before_any_work(tmp_path, capsys, monkeypatch, command, case_id, make,
                                                            extra, needle):
-    import bench.modelcheck
+    import markbench.modelcheck
 
     def no_load(cfg):  # a run must refuse these before any model loads
         raise AssertionError("a model was loaded for a bad input")
 
-    monkeypatch.setattr(bench.modelcheck, "load_base", no_load)
+    monkeypatch.setattr(markbench.modelcheck, "load_base", no_load)
     path = _write(tmp_path, case_id, make)
     capsys.readouterr()  # what building a test model printed
     argv = [command, str(path)] if command == "validate" else [command, "--config", str(path), "--no-progress"]

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from bench.cache import ArtifactStore, CorruptArtifact, stable_hash
-from bench.cli import main
+from markbench.cache import ArtifactStore, CorruptArtifact, stable_hash
+from markbench.cli import main
 
 
 def _images(n=3, seed=0):
@@ -99,15 +99,15 @@ def test_read_only_fallback_is_never_moved(tmp_path, monkeypatch, capsys):
         store.check(key)
     assert e.value.readonly and "shipped (read-only)" in str(e.value)
     assert store.quarantine(key) is None and tens.exists()  # quarantine only ever moves the writable copy
-    import bench.cache
+    import markbench.cache
 
-    monkeypatch.setattr(bench.cache, "shipped_stores", lambda: (tmp_path / "shipped",))
+    monkeypatch.setattr(markbench.cache, "shipped_stores", lambda: (tmp_path / "shipped",))
     rc = main(["cache", "verify", "--cache", str(tmp_path / "cache")])
     assert rc == 1 and tens.exists() and "damaged (shipped, read-only, left as is" in capsys.readouterr().out
 
 
 def test_shipped_prebuilt_store_verifies_and_is_untouched():
-    from worlds.tiny import PREBUILT
+    from markbench.worlds.tiny import PREBUILT
 
     if not PREBUILT.is_dir():
         pytest.skip("no prebuilt store shipped")
@@ -151,8 +151,8 @@ def test_cache_verify_du_prune_commands(tmp_path, capsys):
 
 
 def test_prune_unused_by_keeps_exactly_the_configs_stages(tmp_path, micro_config, capsys):
-    from bench.config import load_config
-    from bench.plan import build_plan
+    from markbench.config import load_config
+    from markbench.plan import build_plan
 
     cfg = load_config(micro_config, {"run.cache": str(tmp_path / "c")})
     used = [k for k, s in build_plan(cfg).stages.items() if s.kind == "generate"][0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import stats
+from markbench import stats
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "finetune.toml"
@@ -21,7 +21,7 @@ CONFIG = REPO / "configs" / "finetune.toml"
 
 def _strongest() -> dict[str, object]:
     """The config's downstream training attacks, each at its strongest sweep point (most steps)."""
-    from bench.config import load_config
+    from markbench.config import load_config
 
     cfg = load_config(str(CONFIG), check_output=False)
     out: dict[str, object] = {}
@@ -36,9 +36,9 @@ def _strongest() -> dict[str, object]:
 
 
 def _recognition(pipe, cfg, task):
-    from bench.downstream import eval_captions, recognised
-    from bench.generation import generate_images
-    from bench.plan import downstream_request
+    from markbench.downstream import eval_captions, recognised
+    from markbench.generation import generate_images
+    from markbench.plan import downstream_request
 
     caps = eval_captions(task, cfg.run.num_images)
     hits = recognised(task, generate_images(pipe, downstream_request(cfg, 0, caps)), caps)
@@ -47,8 +47,8 @@ def _recognition(pipe, cfg, task):
 
 @pytest.fixture(scope="module")
 def world():
-    from bench.config import load_config
-    from bench.models import load_pipeline
+    from markbench.config import load_config
+    from markbench.models import load_pipeline
 
     cfg = load_config(str(CONFIG), check_output=False)
     return cfg, load_pipeline(cfg.model)
@@ -75,9 +75,9 @@ def test_the_config_has_every_downstream_training_attack():
                                                         "tiny:style at its configured settings (docs/calibration.md)")),
 ])
 def test_configured_training_attack_learns_its_data_beyond_the_base_interval(world, name):
-    from bench.downstream import task_of
-    from bench.plugins import StageContext
-    from bench.testing import Resources, copy_pipeline
+    from markbench.downstream import task_of
+    from markbench.plugins import StageContext
+    from markbench.testing import Resources, copy_pipeline
 
     cfg, base = world
     attack = _strongest().get(name)

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from bench.cli import main
+from markbench.cli import main
 
 from .conftest import MICRO_TOML, write_config
 
 
 def _bench(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "markbench.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
 
@@ -63,10 +63,10 @@ def test_export_csv_and_parquet_roundtrip(tmp_path, capsys):
     """Export writes the same rows the database holds (written here by hand, no model work)."""
     import pandas as pd
 
-    from bench.config import load_config
-    from bench.plan import build_plan
-    from bench.plugins import Measurement
-    from bench.store import ResultStore
+    from markbench.config import load_config
+    from markbench.plan import build_plan
+    from markbench.plugins import Measurement
+    from markbench.store import ResultStore
 
     path = write_config(tmp_path)
     cfg = load_config(path)
@@ -91,8 +91,8 @@ def test_export_csv_and_parquet_roundtrip(tmp_path, capsys):
 def test_old_schema_database_is_refused(tmp_path):
     import sqlite3
 
-    from bench.errors import UserError
-    from bench.store import ResultStore
+    from markbench.errors import UserError
+    from markbench.store import ResultStore
 
     db = tmp_path / "results.sqlite"
     con = sqlite3.connect(db)

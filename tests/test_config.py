@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import load_config, parse_override
-from bench.errors import ConfigError
+from markbench.config import load_config, parse_override
+from markbench.errors import ConfigError
 
 from .conftest import MICRO_TOML, write_config
 
@@ -161,7 +161,7 @@ def test_labels_name_the_plugin_and_only_varying_or_few_changed_parameters(tmp_p
     non-default ones); the full parameters stay in the store."""
     import glob
 
-    from bench.plan import build_plan
+    from markbench.plan import build_plan
 
     root = Path(__file__).resolve().parent.parent
     longest = 0

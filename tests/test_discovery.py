@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.discovery import BUILTIN_PACKAGES, _module_files, builtins_scan, scan
-from bench.registries import REGISTRIES
+from markbench.discovery import BUILTIN_PACKAGES, _module_files, builtins_scan, scan
+from markbench.registries import REGISTRIES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import ImageAttack, image_attacks, param
+from markbench import ImageAttack, image_attacks, param
 
 
 @image_attacks.register("posterize")
@@ -69,7 +69,7 @@ def test_scan_equals_what_the_decorators_register_when_imported():
         for module, _ in _module_files(package):
             importlib.import_module(module)
     scanned = {(f.registry, f.name, f.target) for f in builtins_scan().found}
-    from bench.world import worlds
+    from markbench.world import worlds
 
     registered = set()
     for key, reg in {**REGISTRIES, "worlds": worlds}.items():
@@ -82,7 +82,7 @@ def test_scan_equals_what_the_decorators_register_when_imported():
 
 def test_static_reading_equals_the_imported_class():
     """What `bench ls` shows without importing (docstring, version, parameters) is what the class declares."""
-    from bench.world import worlds
+    from markbench.world import worlds
 
     registries = {**REGISTRIES, "worlds": worlds}
     static = [f for f in builtins_scan().found]
@@ -107,8 +107,8 @@ def test_scan_follows_aliases_and_reports_what_it_cannot_read(tmp_path, monkeypa
     monkeypatch.syspath_prepend(str(tmp_path))
     pkg = _package(tmp_path, {
         "a.py": '''
-            import bench
-            from bench import image_attacks as ia, Param, ImageAttack
+            import markbench
+            from markbench import image_attacks as ia, Param, ImageAttack
             LEVELS = (2, 4)
 
             @ia.register("alias")
@@ -118,7 +118,7 @@ def test_scan_follows_aliases_and_reports_what_it_cannot_read(tmp_path, monkeypa
                 params = (Param("n", "int", 2, choices=LEVELS),)
 
             if True:
-                @bench.model_attacks.register("dotted")
+                @markbench.model_attacks.register("dotted")
                 class B:
                     """Dotted."""
                     version = "1"
@@ -135,7 +135,7 @@ def test_scan_follows_aliases_and_reports_what_it_cannot_read(tmp_path, monkeypa
                     pass
         ''',
         "b.py": '''
-            from bench.registries import metrics
+            from markbench.registries import metrics
             import torch
 
             @metrics.register("computed")
@@ -175,11 +175,24 @@ def _tree_with_newcomer(tmp_path: Path) -> Path:
     for f in (REPO / "attacks" / "image").glob("*.py"):
         (root / "attacks" / "image" / f.name).write_text(f.read_text())
     (root / "attacks" / "image" / "posterize.py").write_text(POSTERIZE)  # the only addition
+    # the folders as pip installs them (pyproject's package-dir): bench/ is `markbench`, attacks/ `markbench.attacks`
+    site = root / ".site" / "markbench"
+    site.mkdir(parents=True)
+    for entry in (root / "bench").iterdir():
+        if entry.name != "__pycache__":
+            (site / entry.name).symlink_to(entry)
+    for sub in ("attacks", "defenses", "reports", "worlds"):
+        (site / sub).symlink_to(root / sub)
     return root
 
 
+def _env(root: Path) -> dict[str, str]:
+    """PYTHONPATH on which `markbench` is the copied tree (ahead of the editable install of the real one)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / ".site"), str(root)])}
+
+
 def _run(root: Path, code: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = _env(root)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=root, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -193,14 +206,15 @@ def test_newcomer_one_file_attack_appears_in_ls_grid_and_contract(tmp_path):
                                          'name = "posterize"\nstrength = [0.2, 0.8]').format(output=tmp_path / "out"))
     out = _run(root, f'''
         import sys
-        from bench.cli import main
+        from markbench.cli import main
         assert main(["ls", "image-attacks"]) == 0
         print("TORCH", "torch" in sys.modules)
         assert main(["run", "--dry-run", "--no-progress", "--config", {str(config)!r}]) == 0
-        from bench import image_attacks
-        from bench.testing import contract_cases
+        from markbench import image_attacks
+        from markbench.testing import contract_cases
         cls = image_attacks.get("posterize")
-        assert cls.__module__ == "attacks.image.posterize" and image_attacks.origin("posterize") == "markbench"
+        assert cls.__module__ == "markbench.attacks.image.posterize"
+        assert image_attacks.origin("posterize") == "markbench"
         cases = contract_cases(cls)
         for case in cases:
             plugin, check = case.values
@@ -220,7 +234,7 @@ def test_newcomer_one_file_attack_appears_in_ls_grid_and_contract(tmp_path):
 def test_newcomer_attack_runs_in_the_repository_contract_tests(tmp_path):
     """The repository's own parametrized contract tests pick the new file up (pytest in the copied tree)."""
     root = _tree_with_newcomer(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = _env(root)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_image_attacks.py",
                           "-k", "posterize"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.cache import ArtifactStore, FeatureCache
-from bench.measures import clip_score as cs
-from bench.measures import features as feat
-from bench.registries import metrics
+from markbench.cache import ArtifactStore, FeatureCache
+from markbench.measures import clip_score as cs
+from markbench.measures import features as feat
+from markbench.registries import metrics
 from tests.conftest import MICRO_TOML, write_config
 from tests.test_quality_metrics import PROMPTS, Fake, by_name, make_ctx, rand_images
 
@@ -34,7 +34,7 @@ def _with(ctx, store):
 
 @pytest.fixture
 def fake(monkeypatch):
-    from bench.measures import fid
+    from markbench.measures import fid
 
     f = Fake()
     monkeypatch.setattr(fid, "extractor", lambda *a, **k: f)
@@ -112,7 +112,7 @@ def test_a_damaged_feature_entry_is_quarantined_and_recomputed(fake, tmp_path):
 
 @pytest.fixture
 def random_clip(tmp_path):
-    from worlds.tiny import clip_model
+    from markbench.worlds.tiny import clip_model
 
     torch.manual_seed(3)
     folder = tmp_path / "clip"
@@ -150,9 +150,9 @@ SMALL = SMALL.replace('[run]\n', '[run]\ncache = "{cache}"\n').replace("quality 
 
 
 def test_a_new_output_folder_on_the_same_cache_extracts_no_features(fake, tmp_path, monkeypatch):
-    from bench.config import load_config
-    from bench.runner import Runner
-    from bench.store import ResultStore
+    from markbench.config import load_config
+    from markbench.runner import Runner
+    from markbench.store import ResultStore
 
     clip_calls = []
     real = cs.ClipScorer.image_features

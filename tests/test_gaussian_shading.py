@@ -8,8 +8,8 @@ from scipy import stats as st
 
 pytest.importorskip("cryptography")  # the `crypto` extra
 
-from bench import Secret  # noqa: E402
-from defenses.gaussian_shading import (GaussianShading, block_shape, keystream_bits, majority_vote,  # noqa: E402
+from markbench import Secret  # noqa: E402
+from markbench.defenses.gaussian_shading import (GaussianShading, block_shape, keystream_bits, majority_vote,  # noqa: E402
                                        repeat_bits)
 
 

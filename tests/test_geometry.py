@@ -68,9 +68,9 @@ def test_shipped_round_trip_vae_carries_latent_residuals_that_tiny_sd_drops():
     """tiny-sd-rt is tiny-sd with the stage-3 decoder: the same UNet, text encoder and VAE encoder (so the same
     latent space), and a round trip that keeps residuals tiny-sd's VAE drops. Measured at one held-out latent along 128
     random orthonormal directions (2026-12-02): 5 vs 69 keep at least half of a residual, 25 vs 128 at least 0.2."""
-    from bench.models import builtin_folder, load_pipeline_folder
-    from bench.training import encode_images
-    from worlds.tiny import shapes
+    from markbench.models import builtin_folder, load_pipeline_folder
+    from markbench.training import encode_images
+    from markbench.worlds.tiny import shapes
 
     base = load_pipeline_folder(builtin_folder("tiny-sd"))
     rt = load_pipeline_folder(builtin_folder("tiny-sd-rt"))
@@ -95,7 +95,7 @@ def test_shipped_round_trip_vae_carries_latent_residuals_that_tiny_sd_drops():
 def test_variant_folder_follows_the_package_it_is_made_from(tmp_path, monkeypatch):
     """The tiny-sd-rt folder is links into the shipped artifacts; a folder left by another checkout (same name, links
     elsewhere) is re-pointed instead of trusted."""
-    from bench import models
+    from markbench import models
 
     monkeypatch.setenv("MARKBENCH_HOME", str(tmp_path / "home"))
     base, other = tmp_path / "base", tmp_path / "other"

@@ -19,14 +19,15 @@ import sys
 import pytest
 import torch
 
-from bench import defenses, model_attacks
-from bench.config import ModelConfig
-from bench.errors import MissingDependencyError
-from bench.generation import generate_images
-from bench.models import load_pipeline
-from bench.plugins import DetectionKind, GenerationRequest, MarkLocation, StageContext
-from bench.testing import Resources, check_detection, check_images, copy_pipeline
-from bench.store import ResultStore
+from markbench import model_attacks
+from markbench.registries import defenses
+from markbench.config import ModelConfig
+from markbench.errors import MissingDependencyError
+from markbench.generation import generate_images
+from markbench.models import load_pipeline
+from markbench.plugins import DetectionKind, GenerationRequest, MarkLocation, StageContext
+from markbench.testing import Resources, check_detection, check_images, copy_pipeline
+from markbench.store import ResultStore
 from tests.conftest import MICRO_TOML, write_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -110,7 +111,7 @@ def test_model_attack_returns_a_working_pipeline_on_the_gpu(name, pipes, request
 def test_hidden_trains_on_the_gpu():
     """The small HiDDeN of ``tests/test_hidden.py`` (4 bits, textured 16 px covers), trained on the GPU: it learns
     as on the CPU (0.926 there) and hands its networks back on the CPU."""
-    from defenses import hidden as H
+    from markbench.defenses import hidden as H
 
     g = torch.Generator().manual_seed(9)
     train, held = torch.rand((256, 3, 16, 16), generator=g), torch.rand((64, 3, 16, 16), generator=g)
@@ -154,7 +155,7 @@ def test_bench_run_on_the_gpu(tmp_path):
     a LoRA attack, through the command line with ``run.device = "cuda"``: every cell must finish."""
     text = MICRO_TOML.replace('[[defenses]]\nname = "dwtdctsvd"\n', "") + GRID
     cfg = write_config(tmp_path, text)
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--config", str(cfg), "--no-progress",
+    proc = subprocess.run([sys.executable, "-m", "markbench.cli", "run", "--config", str(cfg), "--no-progress",
                            "--set", "run.device=cuda"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = ResultStore(tmp_path / "out" / "results.sqlite")

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from bench import Secret, UserError
-from bench.data import load_image_captions
-from bench.plugins import StageContext
-from bench.testing import Resources
-from bench import noise as N
-from bench import rng as R
-from defenses import hidden as H
+from markbench import Secret, UserError
+from markbench.data import load_image_captions
+from markbench.plugins import StageContext
+from markbench.testing import Resources
+from markbench import noise as N
+from markbench import rng as R
+from markbench.defenses import hidden as H
 
 
 def _images(n=4, h=32, w=32, seed=0):
@@ -99,7 +99,7 @@ def test_resize_and_blur():
 
 
 def test_jpeg_real_codec_path_matches_pil_and_passes_the_gradient():
-    from attacks.image.jpeg import JPEG
+    from markbench.attacks.image.jpeg import JPEG
 
     x, _ = load_image_captions("tiny:heldout", 4, 64, 64)
     for q in (50, 80):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench import ConfigError, ImageAttack, image_attacks
-from bench.testing import contract_cases, run_attack
+from markbench import ConfigError, ImageAttack, image_attacks
+from markbench.testing import contract_cases, run_attack
 
 NAMES = [n for n in image_attacks.names() if not n.startswith("_test")]  # tests/plugins_for_tests misbehave
 BUILTINS = [n for n in NAMES if image_attacks.origin(n) == "markbench"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import inversion as inv
-from bench.config import ModelConfig
-from bench.models import load_pipeline
+from markbench import inversion as inv
+from markbench.config import ModelConfig
+from markbench.models import load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 from scipy import optimize
 from scipy import stats as st
 
-from bench.measures import keyless
-from bench.plugins import Defense, Detection, DetectionKind, MeasureContext
-from bench.registries import metrics
+from markbench.measures import keyless
+from markbench.plugins import Defense, Detection, DetectionKind, MeasureContext
+from markbench.registries import metrics
 
 
 class _Bits(Defense):

@@ -1,8 +1,10 @@
 """The layering that docs/architecture.md states, enforced by walking every import (function-local ones included).
 
-Layers, bottom to top: the core ``bench`` (knows no world, no report, no plugin by name); the plugins (``defenses``,
-``attacks``: only the public plugin API of ``bench``); the worlds (``worlds``: providers, may drive the core);
-``reports`` (reads stored results). Probes (``experiments``) and ``benchmarks`` sit on top and are imported by nobody.
+The folders are installed under one name, ``markbench`` (``bench/`` is ``markbench``, ``attacks/`` is
+``markbench.attacks``, and so on; pyproject's ``package_dir``): imports name the installed modules, and this file maps
+them back to folders. Layers, bottom to top: the core ``bench`` (knows no world, no report, no plugin by name); the
+plugins (``defenses``, ``attacks``: only the public plugin API of ``bench``); the worlds (``worlds``: providers, may
+drive the core); ``reports`` (reads stored results). Probes (``experiments``) and ``benchmarks`` sit on top and are imported by nobody.
 """
 
 from __future__ import annotations
@@ -12,6 +14,22 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the top-level folders installed under ``markbench`` (``bench`` is ``markbench`` itself)
+FOLDERS = ("bench", "attacks", "defenses", "reports", "worlds")
+#: where a module that imports a folder by its own name instead of its installed name may not live
+CHECKED = (*FOLDERS, "tests", "experiments", "benchmarks")
+
+
+def folder_name(module: str) -> str:
+    """The folder path of an installed module name: ``markbench.attacks.image`` -> ``attacks.image``,
+    ``markbench.stats`` -> ``bench.stats``; other names unchanged."""
+    head, _, rest = module.partition(".")
+    if head != "markbench":
+        return module
+    sub = rest.split(".")[0]
+    if sub in FOLDERS[1:]:
+        return rest
+    return "bench" + ("." + rest if rest else "")
 
 #: what the core may never import
 _NOT_IN_CORE = ("reports", "worlds", "defenses", "attacks", "experiments", "benchmarks", "tests")
@@ -53,15 +71,54 @@ def _imports_rel(root: Path, rel: Path) -> list[tuple[int, str]]:
     out: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out.extend((node.lineno, a.name) for a in node.names)
+            out.extend((node.lineno, folder_name(a.name)) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg[:len(pkg) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
-                mod = node.module or ""
+                mod = folder_name(node.module or "")
             out.append((node.lineno, mod))
     return out
+
+
+def folder_imports(root: Path) -> list[str]:
+    """Every absolute import of a folder by its own name (``from bench.x import``, ``import attacks``): it works
+    only from the repository root and would load a second copy of the module next to the installed one."""
+    found = []
+    for top in CHECKED:
+        for f in sorted((root / top).rglob("*.py")) if (root / top).is_dir() else []:
+            tree = ast.parse(f.read_text(encoding="utf-8"), filename=str(f))
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+                found += [f"{f.relative_to(root)}:{node.lineno}: imports {n}" for n in names
+                          if n.split(".")[0] in FOLDERS]
+    return sorted(found)
+
+
+def test_every_import_names_the_installed_markbench_modules():
+    assert folder_imports(ROOT) == []
+
+
+def test_the_folder_import_check_fails_on_a_deliberate_violation(tmp_path):
+    (tmp_path / "defenses").mkdir()
+    (tmp_path / "defenses" / "a.py").write_text("from markbench import Defense\nfrom bench.stats import x\n"
+                                                "import attacks.image\n")
+    assert folder_imports(tmp_path) == ["defenses/a.py:2: imports bench.stats",
+                                        "defenses/a.py:3: imports attacks.image"]
+
+
+def test_every_package_folder_is_installed_under_markbench():
+    """pyproject lists the packages by their installed names (``package-dir`` maps the folders): a new sub-package
+    folder missing from the list would be absent from a wheel while every test run from the checkout passes."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    assert setup["package-dir"] == {"markbench" if f == "bench" else f"markbench.{f}": f for f in FOLDERS}
+    folders = {".".join(i.parent.relative_to(ROOT).parts) for f in FOLDERS for i in (ROOT / f).rglob("__init__.py")}
+    installed = {"markbench" + m[len("bench"):] if m.split(".")[0] == "bench" else f"markbench.{m}" for m in folders}
+    assert installed == set(setup["packages"])
 
 
 def test_the_repository_keeps_its_layers():
@@ -72,13 +129,15 @@ def test_the_layer_check_fails_on_a_deliberate_violation(tmp_path):
     for pkg in RULES:
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / "bench" / "cli.py").write_text("def f():\n    from reports.html import render_report\n")
-    (tmp_path / "bench" / "cache.py").write_text("from worlds.tiny import PREBUILT\n")
+    (tmp_path / "bench" / "cli.py").write_text("def f():\n    from markbench.reports.html import render_report\n")
+    (tmp_path / "bench" / "cache.py").write_text("from markbench.worlds.tiny import PREBUILT\n")
     (tmp_path / "bench" / "sub").mkdir()
     (tmp_path / "bench" / "sub" / "m.py").write_text("from ...defenses import x\n")  # relative, out of the core
-    (tmp_path / "defenses" / "mine.py").write_text("from bench import Defense\nfrom bench.runner import Runner\n")
-    (tmp_path / "attacks" / "a.py").write_text("from bench.stages import run_stage\nfrom bench.training import x\n")
-    (tmp_path / "reports" / "r.py").write_text("import defenses.sleepermark\n")
+    (tmp_path / "defenses" / "mine.py").write_text("from markbench import Defense\n"
+                                                   "from markbench.runner import Runner\n")
+    (tmp_path / "attacks" / "a.py").write_text("from markbench.stages import run_stage\n"
+                                               "from markbench.training import x\n")
+    (tmp_path / "reports" / "r.py").write_text("import markbench.defenses.sleepermark\n")
     found = violations(tmp_path)
     assert found == sorted([
         "attacks/a.py:1: plugin imports the harness module bench.stages",
@@ -137,11 +196,11 @@ def private_imports(root: Path) -> list[str]:
             tree = ast.parse(f.read_text(encoding="utf-8"), filename=str(rel))
             foreign: set[str] = set()
             for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom) and node.module and node.module != own and \
-                        node.module.split(".")[0] in ("defenses", "attacks"):
+                module = folder_name(node.module or "") if isinstance(node, ast.ImportFrom) else ""
+                if module and module != own and module.split(".")[0] in ("defenses", "attacks"):
                     for a in node.names:
                         if a.name.startswith("_"):
-                            found.append(f"{rel}:{node.lineno}: imports {node.module}.{a.name}")
+                            found.append(f"{rel}:{node.lineno}: imports {module}.{a.name}")
                         foreign.add(a.asname or a.name)
             for node in ast.walk(tree):
                 if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
@@ -157,5 +216,6 @@ def test_no_plugin_uses_another_plugins_private_names():
 def test_the_private_name_check_fails_on_a_deliberate_violation(tmp_path):
     for pkg in ("defenses", "attacks"):
         (tmp_path / pkg).mkdir()
-    (tmp_path / "defenses" / "a.py").write_text("from defenses.b import B, _helper\nx = B._encode(1)\n")
-    assert private_imports(tmp_path) == ["defenses/a.py:1: imports defenses.b._helper", "defenses/a.py:2: uses B._encode"]
+    (tmp_path / "defenses" / "a.py").write_text("from markbench.defenses.b import B, _helper\nx = B._encode(1)\n")
+    assert private_imports(tmp_path) == ["defenses/a.py:1: imports defenses.b._helper",
+                                         "defenses/a.py:2: uses B._encode"]

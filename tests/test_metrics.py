@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy import stats as st
 
-from bench import stats
-from bench.plugins import Defense, Detection, DetectionKind, MeasureContext, Measurement
-from bench.registries import builtin_table
-from bench.registries import metrics as registry
+from markbench import stats
+from markbench.plugins import Defense, Detection, DetectionKind, MeasureContext, Measurement
+from markbench.registries import builtin_table
+from markbench.registries import metrics as registry
 
 K = 48
 

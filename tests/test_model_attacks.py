@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import model_attacks
-from bench.config import ModelConfig
-from bench.models import diff_pipeline, load_pipeline
-from bench.plugins import StageContext
-from bench.testing import Resources, copy_pipeline
-from bench.weights import layer_weights
+from markbench import model_attacks
+from markbench.config import ModelConfig
+from markbench.models import diff_pipeline, load_pipeline
+from markbench.plugins import StageContext
+from markbench.testing import Resources, copy_pipeline
+from markbench.weights import layer_weights
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_training_attacks_change_only_their_component(pipe, name, params, compon
 
 def test_finetune_learns(pipe):
     """The denoising loss on the training data goes down (the attack really trains)."""
-    from bench.training import diffusion_loss, encode_images, encode_prompts
+    from markbench.training import diffusion_loss, encode_images, encode_prompts
 
     ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
     images, captions = ctx.data.dataset("tiny:style", 8)

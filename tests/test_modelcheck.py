@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
+from markbench.cli import main
 
 from .conftest import MICRO_TOML
 
@@ -26,7 +26,7 @@ class _Payload:
 
 
 def _planted(tmp_path: Path, keep_safetensors: bool) -> tuple[Path, Path, Path]:
-    from bench.models import builtin_folder
+    from markbench.models import builtin_folder
 
     folder = tmp_path / "model"
     shutil.copytree(builtin_folder("micro-sd"), folder)
@@ -69,8 +69,8 @@ def test_opt_in_lets_a_pickle_only_folder_pass_validation(tmp_path, capsys):
 
 def test_pickle_beside_safetensors_is_never_read_when_loading(tmp_path):
     """With both present, the loader is told to read safetensors only: the run's model loads, the pickle stays shut."""
-    from bench.config import load_config
-    from bench.modelcheck import load_base
+    from markbench.config import load_config
+    from markbench.modelcheck import load_base
 
     cfg, planted, marker = _planted(tmp_path, keep_safetensors=True)
     pipe = load_base(load_config(cfg))

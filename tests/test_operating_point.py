@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.config import PluginSpec, load_config
-from bench.params import Param
-from bench.plugins import GenerationRequest
-from defenses.sleepermark import TRIGGER, SecretEncoder, SleeperMark
+from markbench.config import PluginSpec, load_config
+from markbench.params import Param
+from markbench.plugins import GenerationRequest
+from markbench.defenses.sleepermark import TRIGGER, SecretEncoder, SleeperMark
 from experiments import trigger_neutrality as tn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def test_probe_scores_rendered_world_images_against_an_independent_count():
     """Rendered (ground-truth) images of 8 held-out items scored by the shipped tiny CLIP; 3 of the captions are then
     given a wrong shape or colour, so the probe must count exactly 5 of 8 right (CLIP reads 99.9 % of rendered
     held-out images correctly: docs/tiny_world.md)."""
-    from worlds.tiny import clip_model, shapes
+    from markbench.worlds.tiny import clip_model, shapes
 
     items = shapes.sample_items("heldout", 8, seed=3)
     images = np.stack([shapes.render(it) for it in items])
@@ -144,7 +144,7 @@ class _RecordingCtx:
     ("prefix", "", ("a b", "c"), {"prompt_prefix": TRIGGER}),
 ])
 def test_generate_places_the_trigger_the_secret_records(position, variant, prompts, kwargs):
-    from bench.plugins import Secret
+    from markbench.plugins import Secret
 
     secret = Secret({"message": torch.zeros(4, dtype=torch.bool)}, {"trigger": TRIGGER, "trigger_position": position})
     ctx = _RecordingCtx(variant)
@@ -154,7 +154,7 @@ def test_generate_places_the_trigger_the_secret_records(position, variant, promp
 
 
 def test_secret_without_a_position_is_read_as_a_prefix():
-    from bench.plugins import Secret
+    from markbench.plugins import Secret
 
     secret = Secret({"message": torch.zeros(4, dtype=torch.bool)}, {"trigger": TRIGGER})
     ctx = _RecordingCtx("")

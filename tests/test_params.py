@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import Defense, ImageAttack, Param, param
-from bench.discovery import builtins_scan, scan
-from bench.errors import ConfigError, PluginValidationError
-from bench.params import annotation_type
+from markbench import Defense, ImageAttack, Param, param
+from markbench.discovery import builtins_scan, scan
+from markbench.errors import ConfigError, PluginValidationError
+from markbench.params import annotation_type
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_static_scan_reads_typed_declarations_like_the_import(tmp_path, monkeypa
     (root / "__init__.py").write_text("")
     (root / "a.py").write_text(textwrap.dedent('''
         from __future__ import annotations
-        from bench import ImageAttack, image_attacks, param
+        from markbench import ImageAttack, image_attacks, param
 
         LEVELS = (2, 4)
 
@@ -128,7 +128,7 @@ def test_static_scan_reads_typed_declarations_like_the_import(tmp_path, monkeypa
             n: int = param(4, "levels", choices=LEVELS)
     '''))
     found = {f.name: f for f in scan(["typedpkg"]).found}
-    from bench.registries import image_attacks
+    from markbench.registries import image_attacks
 
     monkeypatch.setattr(image_attacks, "register", lambda name: (lambda cls: cls))  # import without registering
     mod = importlib.import_module("typedpkg.a")
@@ -145,7 +145,7 @@ def _own_typed(cls) -> dict[str, str]:
 
 def test_no_builtin_casts_its_own_typed_parameter_to_the_type_it_already_has():
     """``int(self.bits)`` where ``bits`` is declared ``int`` is the defensive cast that typed declarations remove."""
-    from bench.registries import defenses, image_attacks, metrics, model_attacks
+    from markbench.registries import defenses, image_attacks, metrics, model_attacks
 
     regs = {"defenses": defenses, "image_attacks": image_attacks, "model_attacks": model_attacks,
             "metrics": metrics}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.cache import stable_hash
-from bench.config import load_config
-from bench.plan import build_plan, image_seed, stage_seed
+from markbench.cache import stable_hash
+from markbench.config import load_config
+from markbench.plan import build_plan, image_seed, stage_seed
 
 from .conftest import MICRO_TOML, write_config
 
@@ -55,7 +55,7 @@ def test_plugin_parameter_change_changes_only_downstream_keys(tmp_path):
 
 
 def test_plugin_version_is_part_of_the_key(tmp_path, monkeypatch):
-    from bench import image_attacks
+    from markbench import image_attacks
 
     base = _plan(tmp_path)
     monkeypatch.setattr(image_attacks.get("jpeg"), "version", "999")
@@ -144,7 +144,7 @@ def test_a_trigger_defences_twin_is_its_own_generation_on_the_clean_model(tmp_pa
 
 def test_post_hoc_plain_and_initial_noise_defences_use_the_clean_models_ordinary_images(tmp_path):
     import tests.plugins_for_tests  # noqa: F401  (registers _test_sleeper, an initial-noise defence)
-    from bench.registries import defenses
+    from markbench.registries import defenses
 
     text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "_test_sleeper"')
     plan = _plan(tmp_path, text)

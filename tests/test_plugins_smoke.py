@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import defenses, metrics, model_attacks
-from bench.plugins import Detection, MeasureContext
-from bench.testing import PROMPT, contract_cases
+from markbench import metrics, model_attacks
+from markbench.registries import defenses
+from markbench.plugins import Detection, MeasureContext
+from markbench.testing import PROMPT, contract_cases
 
 
 def _public(registry):

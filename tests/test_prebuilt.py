@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from worlds import tiny as zoo
-from bench.cache import ArtifactStore, shipped_stores
-from bench.config import load_config
-from bench.errors import UserError
-from bench.models import builtin_folder
-from bench.plan import build_plan
-from bench.prompts import BUILTIN_PROMPTS
+from markbench.worlds import tiny as zoo
+from markbench.cache import ArtifactStore, shipped_stores
+from markbench.config import load_config
+from markbench.errors import UserError
+from markbench.models import builtin_folder
+from markbench.plan import build_plan
+from markbench.prompts import BUILTIN_PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ def test_prebuilt_can_be_switched_off(monkeypatch):
 
 
 def test_tiny_prompt_sets_are_disjoint_domain_captions():
-    from worlds.tiny import shapes
+    from markbench.worlds.tiny import shapes
 
     held, train = BUILTIN_PROMPTS["tiny"], BUILTIN_PROMPTS["tiny-train"]
     assert len(held) == 64 and len(set(held)) == 64 and len(train) == 128 and len(set(train)) == 128
@@ -84,7 +84,7 @@ shipped = pytest.mark.skipif(not zoo.MANIFEST.exists(), reason="tiny world not b
 
 @shipped
 def test_shipped_embeddings_belong_to_the_shipped_tiny_sd():
-    from worlds.tiny.embed import base_fingerprint
+    from markbench.worlds.tiny.embed import base_fingerprint
 
     manifest = json.loads(zoo.MANIFEST.read_text())
     store = ArtifactStore(ROOT / "no-such-cache", fallbacks=(zoo.PREBUILT,))
@@ -129,7 +129,7 @@ builtin = "tiny"
 @pytest.mark.skipif(not (zoo.TINY_SD / "model_index.json").exists(), reason="tiny world not built")
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd-rt"])
 def test_zoo_embed_ships_embed_stages_that_a_run_then_reads(tmp_path, monkeypatch, model):
-    from worlds.tiny.embed import base_fingerprint, embed_configs
+    from markbench.worlds.tiny.embed import base_fingerprint, embed_configs
 
     cfg_path = _tiny_grid(tmp_path, model, """
 [[defenses]]
@@ -166,7 +166,7 @@ def _bench_run(tmp_path, config: str, only: str, n: int = 8):
     metric)`` and whether any embed stage ran (for a shipped embedding it must not: the shipped one is read)."""
     import pandas as pd
 
-    from bench.cli import main
+    from markbench.cli import main
 
     out, csv, cache = tmp_path / "run", tmp_path / "r.csv", tmp_path / "cache"
     args = ["--config", str(ROOT / config), "--output", str(out), "--set", f"run.num_images={n}",
@@ -213,7 +213,7 @@ def test_shipped_stable_signature_reads_its_key_above_chance(tmp_path):
 def test_zoo_embed_replaces_an_entrys_older_embedding_and_keeps_the_others(tmp_path):
     """Re-embedding a config entry with changed parameters ships the new embedding and drops the old one (its key can
     never be asked for again); another entry's embedding stays; a folder without a manifest record is re-shipped."""
-    from worlds.tiny.embed import embed_configs
+    from markbench.worlds.tiny.embed import embed_configs
 
     def grid(bits):
         return _tiny_grid(tmp_path, "tiny-sd", f"""

@@ -13,13 +13,13 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from bench import defenses
-from bench.errors import ConfigError, MissingDependencyError, UserError
-from bench.measures import clip_score as cs
-from bench.measures import fid
-from bench.plugins import Detection, MeasureContext
-from bench.registries import metrics
-from worlds.tiny import TINY_CLIP, clip_model, shapes
+from markbench.registries import defenses
+from markbench.errors import ConfigError, MissingDependencyError, UserError
+from markbench.measures import clip_score as cs
+from markbench.measures import fid
+from markbench.plugins import Detection, MeasureContext
+from markbench.registries import metrics
+from markbench.worlds.tiny import TINY_CLIP, clip_model, shapes
 
 PROMPTS = ("a large red circle on a blue background", "a small green square on a white background",
            "a medium yellow star on a black background", "a large purple heart on a grey background")
@@ -362,7 +362,7 @@ def test_clip_score_with_an_open_clip_architecture_and_a_weights_file(tmp_path):
 
 
 def test_clip_score_errors(monkeypatch, tmp_path):
-    from worlds import tiny as zoo
+    from markbench.worlds import tiny as zoo
 
     monkeypatch.setattr(zoo, "TINY_CLIP", tmp_path / "not-built")
     monkeypatch.setattr(cs, "_MODELS", {})

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
-from bench.config import load_config
-from bench.runner import Runner
+from markbench.cli import main
+from markbench.config import load_config
+from markbench.runner import Runner
 
 from . import plugins_for_tests  # noqa: F401  (registers the _test plugins; Ray workers import it by name)
 from .conftest import MICRO_TOML, write_config
@@ -128,7 +128,7 @@ def test_ray_executor_without_ray_is_one_sentence_exit_2(micro_config, monkeypat
 
 
 def test_resources_table_is_validated(tmp_path):
-    from bench.errors import ConfigError
+    from markbench.errors import ConfigError
 
     for table, message in (("render = {num_cpus = 1}", r"resources\.render: unknown stage kind 'render'"),
                            ("generate = {num_gpus = -1}", r"resources\.generate\.num_gpus = -1 is invalid"),
@@ -138,8 +138,8 @@ def test_resources_table_is_validated(tmp_path):
 
 
 def test_stage_resources_layer_kind_then_plugin_then_config(tmp_path):
-    from bench.plan import build_plan
-    from bench.resources import stage_resources
+    from markbench.plan import build_plan
+    from markbench.resources import stage_resources
 
     text = MICRO_TOML + '\n[[model_attacks]]\nname = "prune"\n' + \
         _braces('\n[resources]\ngenerate = {num_gpus = 0.5}\n"image_attack:jpeg" = {num_cpus = 2, memory = 1e9}\n')

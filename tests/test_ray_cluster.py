@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import load_config
-from bench.runner import Runner
+from markbench.config import load_config
+from markbench.runner import Runner
 
 from .conftest import MICRO_TOML, write_config
 from .test_ray import _braces, _ray_home, _rows

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reports.readme import END, fpr_meaning, render_block, update
+from markbench.reports.readme import END, fpr_meaning, render_block, update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_check_reports_a_stale_block_and_the_command_rewrites_it(tmp_path):
     board = tmp_path / "lb.json"
     board.write_text(json.dumps(_board()))
     readme.write_text("intro\n<!-- results:begin -->\nold numbers 0.99\n<!-- results:end -->\noutro\n")
-    cmd = [sys.executable, "-m", "bench.cli", "readme", "--readme", str(readme), "--leaderboard", str(board)]
+    cmd = [sys.executable, "-m", "markbench.cli", "readme", "--readme", str(readme), "--leaderboard", str(board)]
     stale = subprocess.run(cmd + ["--check"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert stale.returncode == 1 and "STALE" in stale.stdout
     assert "old numbers" in readme.read_text()  # --check changes nothing
@@ -68,14 +68,14 @@ def test_a_readme_without_markers_is_one_sentence_exit_2(tmp_path):
     readme.write_text("no markers here\n")
     board = tmp_path / "lb.json"
     board.write_text(json.dumps(_board()))
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "readme", "--readme", str(readme), "--leaderboard",
+    out = subprocess.run([sys.executable, "-m", "markbench.cli", "readme", "--readme", str(readme), "--leaderboard",
                           str(board)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "results block" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_docs_results_blocks_match_their_committed_results_files():
     """Fails when a docs/*.md results block disagrees with the results/*.json it names: run `bench readme`."""
-    from reports.readme import doc_files, update_docs
+    from markbench.reports.readme import doc_files, update_docs
 
     stale = [str(d) for d in doc_files(ROOT) if not update_docs(d, ROOT, check=True)]
     assert not stale, stale
@@ -98,7 +98,7 @@ def _cells_board():
 
 
 def test_docs_block_selects_cells_and_columns_and_states_conditions(tmp_path):
-    from reports.readme import update_docs
+    from markbench.reports.readme import update_docs
 
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "x.json").write_text(json.dumps(_cells_board()))
@@ -116,7 +116,7 @@ def test_docs_block_selects_cells_and_columns_and_states_conditions(tmp_path):
 
 
 def test_docs_block_with_a_missing_file_or_bad_option_is_one_sentence(tmp_path):
-    from reports.readme import update_docs
+    from markbench.reports.readme import update_docs
 
     doc = tmp_path / "m.md"
     doc.write_text("<!-- results:begin source=results/nope.json -->\n<!-- results:end -->\n")

@@ -5,11 +5,12 @@ import sys
 
 import pytest
 
-from bench import Defense, Detection, ImageAttack, ModelAttack, Param, defenses, image_attacks, metrics, model_attacks
-from bench.errors import ConfigError, PluginValidationError
-from bench.plugins import DetectionKind, MarkLocation
-from bench.discovery import builtin_plugins
-from bench.registry import EntryPointGroup, PluginLoadWarning, Registry
+from markbench import Defense, Detection, ImageAttack, ModelAttack, Param, image_attacks, metrics, model_attacks
+from markbench.registries import defenses
+from markbench.errors import ConfigError, PluginValidationError
+from markbench.plugins import DetectionKind, MarkLocation
+from markbench.discovery import builtin_plugins
+from markbench.registry import EntryPointGroup, PluginLoadWarning, Registry
 
 
 class _Base:
@@ -98,13 +99,13 @@ def test_unknown_name_did_you_mean_and_list():
 
 
 def test_ls_and_help_import_neither_torch_nor_diffusers():
-    code = ("import sys\nimport bench\nfrom bench.cli import main\nmain(['ls'])\nmain(['ls', 'attacks', '-v'])\n"
-            "print('torch' in sys.modules, 'diffusers' in sys.modules)")
+    code = ("import sys\nimport markbench\nfrom markbench.cli import main\nmain(['ls'])\n"
+            "main(['ls', 'attacks', '-v'])\nprint('torch' in sys.modules, 'diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "jpeg" in out.stdout and "quality: int = 50" in out.stdout  # the listing itself is there
     assert out.stdout.strip().splitlines()[-1] == "False False"
-    help_out = subprocess.run([sys.executable, "-c", "import sys\nfrom bench.cli import main\n"
+    help_out = subprocess.run([sys.executable, "-c", "import sys\nfrom markbench.cli import main\n"
                                "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
                                "print('torch' in sys.modules, 'diffusers' in sys.modules)"],
                               capture_output=True, text=True, timeout=120)
@@ -196,7 +197,7 @@ def test_broken_entry_points_warn_once_and_fail_only_where_used(monkeypatch):
     assert again == []  # the group is read once: warned once
     with pytest.raises(ConfigError, match="bench.toml: defenses.0.: defense 'acme_gone' cannot be used: .*acme-marks"):
         reg.get("acme_gone", where="bench.toml: defenses[0]")
-    with pytest.raises(ConfigError, match="acme_wrong.*subclass of bench.plugins.Defense"):
+    with pytest.raises(ConfigError, match="acme_wrong.*subclass of markbench.plugins.Defense"):
         reg.get("acme_wrong")
 
 
@@ -222,7 +223,7 @@ def test_entry_point_name_clashing_with_a_builtin_is_refused_not_fatal(monkeypat
     reg = Registry("image attack", ImageAttack, group, builtins=lambda: builtin_plugins("image_attacks"))
     with pytest.warns(PluginLoadWarning, match="jpeg.*clashes with the one of the same name from markbench"):
         names = reg.names()
-    assert "jpeg" in names and reg.describe_lazy("jpeg") == "attacks.image.jpeg:JPEG"
+    assert "jpeg" in names and reg.describe_lazy("jpeg") == "markbench.attacks.image.jpeg:JPEG"
 
 
 @pytest.mark.parametrize("registry", [defenses, image_attacks, model_attacks, metrics],

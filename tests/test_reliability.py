@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.cache import ArtifactStore
-from bench.cli import main
-from bench.config import load_config
-from bench.plan import build_plan
-from bench.runner import Runner
-from bench.store import ResultStore
+from markbench.cache import ArtifactStore
+from markbench.cli import main
+from markbench.config import load_config
+from markbench.plan import build_plan
+from markbench.runner import Runner
+from markbench.store import ResultStore
 
 from .conftest import MICRO_TOML, write_config
 
@@ -109,7 +109,7 @@ def test_generate_key_names_the_batch_size(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 def _bench(*args: str, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "markbench.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

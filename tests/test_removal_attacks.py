@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from bench import AttackContext, ImageAttack, Param, PluginValidationError, image_attacks
-from bench.config import load_config
-from bench.plan import build_plan
-from bench.testing import run_attack, sample_images
+from markbench import AttackContext, ImageAttack, Param, PluginValidationError, image_attacks
+from markbench.config import load_config
+from markbench.plan import build_plan
+from markbench.testing import run_attack, sample_images
 
 from .attack_models import tiny_or_micro
 from .conftest import MICRO_TOML, write_config
@@ -97,7 +97,7 @@ def _plan(tmp_path, attacks: str, model: str = "micro-sd"):
 
 
 def test_the_attack_stage_key_holds_the_base_models_fingerprint_and_other_attacks_keep_theirs(tmp_path):
-    from bench.models import model_fingerprint
+    from markbench.models import model_fingerprint
 
     plan = _plan(tmp_path, 'name = "regen_vae"\n\n[[image_attacks]]\nname = "jpeg"\nquality = 50')
     stages = [s for s in plan.stages.values() if s.kind == "image_attack"]
@@ -108,7 +108,7 @@ def test_the_attack_stage_key_holds_the_base_models_fingerprint_and_other_attack
                                                           "fingerprint": model_fingerprint(cfg.model)} for s in regen)
     assert jpeg and all("attack_model" not in s.extra_dict for s in jpeg)
     # the same attack on the same input images with another base model's fingerprint is another stage
-    from bench.plan import _Builder
+    from markbench.plan import _Builder
 
     b = _Builder(cfg)
     spec = regen[0].plugin
@@ -118,8 +118,8 @@ def test_the_attack_stage_key_holds_the_base_models_fingerprint_and_other_attack
 
 
 def test_a_run_hands_regen_vae_the_base_pipeline_it_already_holds(tmp_path):
-    from bench.cache import ArtifactStore
-    from bench.stages import StageEnv
+    from markbench.cache import ArtifactStore
+    from markbench.stages import StageEnv
 
     plan = _plan(tmp_path, 'name = "regen_vae"')
     cfg = load_config(tmp_path / "bench.toml", check_output=False)
@@ -206,7 +206,7 @@ def test_rinse_with_one_pass_is_regen_diffusion_and_two_passes_distort_more(pipe
 # ---------------------------------------------------------------------------------------------------------------
 def _latent_shift(pipe, a: torch.Tensor, b: torch.Tensor) -> float:
     """RMS distance of the posterior means (scaled latent) of two image batches."""
-    from bench.latents import to_latent
+    from markbench.latents import to_latent
 
     with torch.no_grad():
         za, zb = to_latent(pipe.vae, a)[0], to_latent(pipe.vae, b)[0]
@@ -260,7 +260,7 @@ def test_averaging_recovers_a_fixed_mark_better_with_more_images():
 
 
 def test_strength_clashes_only_with_the_parameters_it_sets(tmp_path):
-    from bench import ConfigError
+    from markbench import ConfigError
 
     plan = _plan(tmp_path, 'name = "rinse"\npasses = 4\nstrength = 1.0')
     spec = next(s for s in plan.stages.values() if s.kind == "image_attack").plugin

@@ -80,7 +80,7 @@ def console_lines(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
-    from reports.html import render_report
+    from markbench.reports.html import render_report
 
     d = tmp_path_factory.mktemp("browser")
     fx.make_fixture(d)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.errors import UserError
+from markbench.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -38,7 +38,7 @@ def fixture_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(fixture_dir, tmp_path_factory) -> str:
-    from reports.html import render_report
+    from markbench.reports.html import render_report
 
     out = render_report(fixture_dir / "results.sqlite", tmp_path_factory.mktemp("rep") / "report.html")
     return out.read_text(encoding="utf-8")
@@ -72,7 +72,7 @@ ALPHA_JPEG = "alpha/none/jpeg/s0"
 
 # -- loading ---------------------------------------------------------------------------------------------------------
 def test_load_results_grid(fixture_dir):
-    from reports.data import load_results
+    from markbench.reports.data import load_results
 
     res = load_results(fixture_dir / "results.sqlite")
     assert len(res.cells) == 21
@@ -93,7 +93,7 @@ def test_load_results_grid(fixture_dir):
 
 
 def test_sweep_parameter_rules():
-    from reports.data import sweep_parameter
+    from markbench.reports.data import sweep_parameter
 
     assert sweep_parameter([{"strength": 0.1, "k": 3}, {"strength": 0.2, "k": 5}]) == "strength"
     assert sweep_parameter([{"strength": None, "quality": 90}, {"strength": 0.5, "quality": 50}]) == "quality"
@@ -103,7 +103,7 @@ def test_sweep_parameter_rules():
 
 
 def test_bad_database_is_a_user_error(tmp_path):
-    from reports.data import load_results
+    from markbench.reports.data import load_results
 
     with pytest.raises(UserError, match="no such results database"):
         load_results(tmp_path / "nope.sqlite")
@@ -178,7 +178,7 @@ def test_report_image_panels(report):
 def test_amplified_difference_values():
     import numpy as np
 
-    from reports.html import amplified_difference
+    from markbench.reports.html import amplified_difference
 
     clean = np.full((4, 4, 3), 100, np.uint8)
     marked = clean.copy()
@@ -213,7 +213,7 @@ def test_report_manifest(report):
 
 
 def test_report_without_images(fixture_dir, tmp_path):
-    from reports.html import render_report
+    from markbench.reports.html import render_report
 
     out = render_report(fixture_dir / "results.sqlite", tmp_path / "r.html", cache_dir=tmp_path / "nowhere")
     page = out.read_text()
@@ -222,9 +222,9 @@ def test_report_without_images(fixture_dir, tmp_path):
 
 
 def test_report_and_leaderboard_with_seeds_and_model_attacks(tmp_path):
-    from reports.data import load_results
-    from reports.html import render_report
-    from reports.leaderboard import build
+    from markbench.reports.data import load_results
+    from markbench.reports.html import render_report
+    from markbench.reports.leaderboard import build
 
     fx.make_fixture(tmp_path, seeds=(0, 1), model_attacks=("none", "finetune(steps=10)"))
     res = load_results(tmp_path / "results.sqlite")
@@ -254,7 +254,7 @@ def test_report_and_leaderboard_with_seeds_and_model_attacks(tmp_path):
 
 
 def test_render_leaves_the_database_alone(fixture_dir, tmp_path):
-    from reports.html import render_report
+    from markbench.reports.html import render_report
 
     db = fixture_dir / "results.sqlite"
     before = db.read_bytes()
@@ -265,8 +265,8 @@ def test_render_leaves_the_database_alone(fixture_dir, tmp_path):
 # -- leaderboard -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def board(fixture_dir):
-    from reports.leaderboard import build
-    from reports.data import load_results
+    from markbench.reports.leaderboard import build
+    from markbench.reports.data import load_results
 
     return build(load_results(fixture_dir / "results.sqlite"))
 
@@ -315,8 +315,8 @@ def test_leaderboard_ranking_values(board):
 
 
 def test_leaderboard_other_metric(fixture_dir):
-    from reports.data import load_results
-    from reports.leaderboard import build
+    from markbench.reports.data import load_results
+    from markbench.reports.leaderboard import build
 
     res = load_results(fixture_dir / "results.sqlite")
     b = build(res, "fpr@0.01")  # lower is better: equal FPRs tie, the control goes last
@@ -326,7 +326,7 @@ def test_leaderboard_other_metric(fixture_dir):
 
 
 def test_leaderboard_markdown(board):
-    from reports.leaderboard import to_markdown
+    from markbench.reports.leaderboard import to_markdown
 
     md = to_markdown(board)
     lines = md.splitlines()
@@ -340,7 +340,7 @@ def test_leaderboard_markdown(board):
 
 
 def test_leaderboard_files_round_trip(fixture_dir, tmp_path):
-    from reports.leaderboard import load_leaderboard, write_leaderboard
+    from markbench.reports.leaderboard import load_leaderboard, write_leaderboard
 
     board = write_leaderboard(fixture_dir / "results.sqlite", tmp_path / "lb.json", tmp_path / "lb.md")
     assert load_leaderboard(tmp_path / "lb.json")["entries"] == json.loads(json.dumps(board["entries"]))
@@ -353,7 +353,7 @@ def test_leaderboard_files_round_trip(fixture_dir, tmp_path):
 
 # -- compare ---------------------------------------------------------------------------------------------------------
 def P(value, low=None, high=None, hib=True, n=32):
-    from reports.compare import Point
+    from markbench.reports.compare import Point
 
     return Point(value, low, high, n, hib)
 
@@ -362,7 +362,7 @@ K = ("alpha", "none", "jpeg", 0, "tpr@1e-06")
 
 
 def classify(base, cur, tol=0.0):
-    from reports.compare import compare_cells
+    from markbench.reports.compare import compare_cells
 
     r = compare_cells({K: base}, {K: cur}, tol)
     kinds = [name for name in ("regressions", "improvements", "changed") if getattr(r, name)]
@@ -388,7 +388,7 @@ def test_compare_classification(base, cur, tol, expected):
 
 
 def test_compare_missing_new_and_not_comparable():
-    from reports.compare import compare_cells
+    from markbench.reports.compare import compare_cells
 
     k2, k3, k4 = (*K[:4], "auc"), ("beta", "none", "none", 0, "auc"), (*K[:3], 1, "auc")
     r = compare_cells({K: P(0.5), k2: P(0.7), k4: P(0.1)}, {K: P(None), k2: P(0.7), k3: P(0.2)})
@@ -411,7 +411,7 @@ def shifted_dir(tmp_path_factory) -> Path:
 
 
 def test_compare_databases_end_to_end(fixture_dir, shifted_dir):
-    from reports.compare import compare, to_markdown
+    from markbench.reports.compare import compare, to_markdown
 
     r = compare(fixture_dir / "results.sqlite", shifted_dir)
     reg = {(c.key[0], c.key[2], c.key[4]): round(c.delta, 6) for c in r.regressions}
@@ -428,8 +428,8 @@ def test_compare_databases_end_to_end(fixture_dir, shifted_dir):
 
 
 def test_compare_same_results_is_clean(fixture_dir, tmp_path):
-    from reports.compare import compare
-    from reports.leaderboard import write_leaderboard
+    from markbench.reports.compare import compare
+    from markbench.reports.leaderboard import write_leaderboard
 
     write_leaderboard(fixture_dir / "results.sqlite", tmp_path / "lb.json")
     r = compare(tmp_path / "lb.json", fixture_dir / "results.sqlite")  # a leaderboard against its own database
@@ -438,7 +438,7 @@ def test_compare_same_results_is_clean(fixture_dir, tmp_path):
 
 # -- the command line ------------------------------------------------------------------------------------------------
 def run_cli(*argv, capsys=None):
-    from bench.cli import main
+    from markbench.cli import main
 
     return main(list(argv))
 
@@ -505,7 +505,7 @@ def test_modules_import_nothing_heavy():
 
 
 def test_glossary_tells_an_analytic_threshold_from_an_empirical_one():
-    from reports.data import describe_metric
+    from markbench.reports.data import describe_metric
 
     assert "analytic threshold" in describe_metric("tpr@1e-06")
     empirical = describe_metric("tpr@fpr<=1/32")
@@ -520,13 +520,13 @@ def test_leaderboard_combines_seeds_by_a_hierarchical_bootstrap_and_counts_embed
     summary is the mean of the seeds with the hierarchical-bootstrap interval of those outcomes, and says so."""
     import numpy as np
 
-    from bench import stats
-    from bench.config import load_config
-    from bench.plan import build_plan
-    from bench.plugins import Measurement
-    from bench.store import ResultStore
-    from reports.data import load_results
-    from reports.leaderboard import build, to_markdown
+    from markbench import stats
+    from markbench.config import load_config
+    from markbench.plan import build_plan
+    from markbench.plugins import Measurement
+    from markbench.store import ResultStore
+    from markbench.reports.data import load_results
+    from markbench.reports.leaderboard import build, to_markdown
     from tests.conftest import write_config
 
     cfg = load_config(write_config(tmp_path), {"run.seeds": [0, 1]})

@@ -6,10 +6,10 @@ import sqlite3
 
 import pytest
 
-from bench.cli import main
-from bench.config import load_config
-from bench.runner import Runner
-from bench.store import ResultStore
+from markbench.cli import main
+from markbench.config import load_config
+from markbench.runner import Runner
+from markbench.store import ResultStore
 
 from . import plugins_for_tests  # noqa: F401  (registers the _test plugins)
 from .conftest import MICRO_TOML, write_config
@@ -167,7 +167,7 @@ class _DeferredExecutor:
         return fut
 
     def wait(self, futures, timeout=None):
-        from bench.stages import run_stage
+        from markbench.stages import run_stage
 
         for item in reversed(self.queue):
             stage, env, deps, fut = item

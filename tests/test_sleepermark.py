@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import defenses
-from bench.config import ModelConfig, load_config
-from bench.errors import MissingDependencyError, UserError
-from bench.models import load_pipeline
-from bench.plugins import GenerationRequest, MarkLocation, StageContext, Verification
-from bench.testing import check_detection, check_images, copy_pipeline
-from bench.latents import from_latent as _from_latent
-from bench.latents import to_latent as _to_latent
-from defenses.sleepermark import (TRIGGER, LatentDecoder, SecretEncoder, SleeperMark, _roundtrip, load_prompts,
+from markbench.registries import defenses
+from markbench.config import ModelConfig, load_config
+from markbench.errors import MissingDependencyError, UserError
+from markbench.models import load_pipeline
+from markbench.plugins import GenerationRequest, MarkLocation, StageContext, Verification
+from markbench.testing import check_detection, check_images, copy_pipeline
+from markbench.latents import from_latent as _from_latent
+from markbench.latents import to_latent as _to_latent
+from markbench.defenses.sleepermark import (TRIGGER, LatentDecoder, SecretEncoder, SleeperMark, _roundtrip, load_prompts,
                                   ramp, sleeper_weights, trainable_parameter_names,
                                   watermark_target)
 
@@ -55,7 +55,7 @@ def _sd_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bench.models import clip_tokenizer
+    from markbench.models import clip_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -301,7 +301,7 @@ def test_rebuilt_decoder_matches_the_in_memory_one(micro):
         in_memory = dec(_to_latent(micro.vae, images)[0]) > 0
     stored = {k: v.clone() for k, v in secret.tensors.items()}  # what the artifact store gives back
     fresh = SleeperMark(**FAST)  # no cached detector
-    from bench.plugins import Secret
+    from markbench.plugins import Secret
 
     bits = fresh.detect(Secret(stored, json.loads(json.dumps(secret.meta))), images, _ctx()).bits
     assert torch.equal(bits, in_memory)
@@ -334,7 +334,7 @@ def test_without_stage2_the_trigger_free_model_is_the_base(micro):
     d = SleeperMark(**{**FAST, "stage2_steps": 0})
     emb = d.embed(copy_pipeline(micro), _ctx())
     request = _request(n=2)
-    from bench.generation import generate_images
+    from markbench.generation import generate_images
 
     assert torch.equal(d.generate(emb.pipeline, emb.secret, request, _ctx(1, "no_trigger")),
                        generate_images(micro, request))

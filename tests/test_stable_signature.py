@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from bench import Secret
-from bench.config import ModelConfig
-from bench.generation import generate_images
-from bench.models import diff_pipeline, load_pipeline
-from bench.plugins import GenerationRequest, StageContext
-from bench.prompts import BUILTIN_PROMPTS
-from bench.testing import Resources, copy_pipeline, quantize
-from defenses import hidden as H
-from defenses import stable_signature as S
+from markbench import Secret
+from markbench.config import ModelConfig
+from markbench.generation import generate_images
+from markbench.models import diff_pipeline, load_pipeline
+from markbench.plugins import GenerationRequest, StageContext
+from markbench.prompts import BUILTIN_PROMPTS
+from markbench.testing import Resources, copy_pipeline, quantize
+from markbench.defenses import hidden as H
+from markbench.defenses import stable_signature as S
 
 from .conftest import load_benchmark
 
@@ -86,7 +86,7 @@ def test_whitening_decorrelates_the_extractor_outputs_on_the_training_set():
 
 
 def test_watson_dct_distance():
-    from bench.data import load_image_captions
+    from markbench.data import load_image_captions
 
     x, _ = load_image_captions("tiny:heldout", 4, 64, 64)
     g = torch.Generator().manual_seed(0)
@@ -159,7 +159,7 @@ def test_detection_is_deterministic_and_the_secret_round_trips(tmp_path, embedde
 def test_vae_decoder_finetuning_attack_lowers_the_bit_accuracy(pipe, embedded, images, request_):
     """The reported weakness (Fernandez et al., Sec. 6): fine-tuning the decoder on clean images removes the mark.
     Numbers measured on the micro pipeline are in docs/stable_signature.md."""
-    from attacks.model.vae_decoder import VAEDecoderFineTune
+    from markbench.attacks.model.vae_decoder import VAEDecoderFineTune
 
     d, emb = embedded
     key = d.message(emb.secret)
@@ -173,8 +173,8 @@ def test_image_terms_share_the_training_module():
     """Stable Signature's image term extends the shared one (bench.training.PerceptualLoss) with Watson-DCT."""
     import torch.nn.functional as F
 
-    from bench.training import PerceptualLoss
-    from defenses.stable_signature import Perceptual, watson_dct
+    from markbench.training import PerceptualLoss
+    from markbench.defenses.stable_signature import Perceptual, watson_dct
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)

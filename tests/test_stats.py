@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from bench import stats
+from markbench import stats
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -75,15 +75,15 @@ def test_installed_plugins_listed_with_origin_and_a_broken_one_contained(site, t
     ok, bad = _config(tmp_path, "acme_posterize"), _config(tmp_path, "ghost")
     script = textwrap.dedent(f"""
         import sys
-        from bench.cli import main
+        from markbench.cli import main
         codes = [main(["ls"]), main(["validate", {str(ok)!r}]), main(["validate", {str(bad)!r}]),
                  main(["run", "--dry-run", "--config", {str(bad)!r}])]
         print("CODES", codes)
 
         # the documented defence is a working watermark (loaded as installed: through its entry point)
         import torch
-        from bench import defenses, image_attacks
-        from bench.testing import make_context, quantize, sample_images
+        from markbench.registries import defenses, image_attacks
+        from markbench.testing import make_context, quantize, sample_images
         d = defenses.get("acme_spread")()
         images = sample_images(16, 64)
         secret = d.embed(None, make_context(0)).secret

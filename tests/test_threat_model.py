@@ -7,13 +7,14 @@ import math
 
 import pytest
 
-from bench import ThreatSetting, defenses, model_attacks
-from bench.cli import main
-from bench.config import load_config
-from bench.plan import build_plan
-from bench.plugins import QualityMeasure, threat_scope
-from bench.runner import Runner
-from bench.store import ResultStore
+from markbench import ThreatSetting, model_attacks
+from markbench.registries import defenses
+from markbench.cli import main
+from markbench.config import load_config
+from markbench.plan import build_plan
+from markbench.plugins import QualityMeasure, threat_scope
+from markbench.runner import Runner
+from markbench.store import ResultStore
 
 from .conftest import write_config
 
@@ -122,7 +123,7 @@ def test_resample_gives_the_plain_generation_and_the_cell_is_marked_outside(run,
 
 
 def test_report_marks_the_cell_outside_the_threat_model(run, tmp_path):
-    from reports.html import render_report
+    from markbench.reports.html import render_report
 
     _, cfg, _ = run
     out = tmp_path / "r.html"

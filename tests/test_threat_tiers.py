@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import (DefenseKnowledge, ModelAttack, Secret, SecretAccessError, ThreatTier, Trigger, defenses,
-                   model_attacks)
-from bench.config import load_config
-from bench.plan import build_plan
-from bench.plugins import threat_scope
-from bench.stages import StageEnv
-from bench.testing import knowledge_for, make_context
+from markbench import DefenseKnowledge, ModelAttack, Secret, SecretAccessError, ThreatTier, Trigger, model_attacks
+from markbench.registries import defenses
+from markbench.config import load_config
+from markbench.plan import build_plan
+from markbench.plugins import threat_scope
+from markbench.stages import StageEnv
+from markbench.testing import knowledge_for, make_context
 
 from .conftest import write_config
 
@@ -166,7 +166,7 @@ def test_the_matrix_tags_a_column_with_its_tier():
 
     import pandas as pd
 
-    from bench.cli import matrix
+    from markbench.cli import matrix
 
     rows = [dict(metric="tpr", status="ok", model_attack_label=ma, image_attack_label="none", seed=0,
                  defense_label="sleepermark", value=v, low=None, high=None, n=8, note="",
@@ -202,8 +202,8 @@ def test_unlearn_brings_the_triggered_prediction_to_the_trigger_free_one(kind):
     at lr 1e-4; larger learning rates drift the random micro model more than they close the gap."""
     import copy
 
-    from bench.testing import copy_pipeline, micro_pipeline
-    from bench.training import add_noise, encode_images, encode_prompts
+    from markbench.testing import copy_pipeline, micro_pipeline
+    from markbench.training import add_noise, encode_images, encode_prompts
 
     pipe = copy_pipeline(micro_pipeline())
     frozen = copy.deepcopy(pipe.unet)

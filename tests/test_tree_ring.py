@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.stats import roc_auc
-from defenses.tree_ring import TreeRing, circle_mask, fft_latent, inject, l1_distance, make_key, p_values
+from markbench.stats import roc_auc
+from markbench.defenses.tree_ring import TreeRing, circle_mask, fft_latent, inject, l1_distance, make_key, p_values
 
 
 def _key(shape=(4, 16, 16), channel=3, radius=2.5, pattern="rings", seed=0):

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import model_attacks
-from bench.config import load_config
-from bench.downstream import eval_captions, recognised, task_of
-from worlds.tiny.downstream import Recogniser
-from bench.measures import fid, utility
-from bench.plan import build_plan
-from bench.plugins import Defense, Detection, DetectionKind, MeasureContext
-from bench.registries import metrics
-from worlds.tiny import TINY_CLIP, shapes
+from markbench import model_attacks
+from markbench.config import load_config
+from markbench.downstream import eval_captions, recognised, task_of
+from markbench.worlds.tiny.downstream import Recogniser
+from markbench.measures import fid, utility
+from markbench.plan import build_plan
+from markbench.plugins import Defense, Detection, DetectionKind, MeasureContext
+from markbench.registries import metrics
+from markbench.worlds.tiny import TINY_CLIP, shapes
 
 from .conftest import MICRO_TOML, MODEL_ATTACKS_TOML, write_config
 
@@ -115,7 +115,7 @@ def test_quality_kept_is_the_fid_and_clip_change_against_the_clean_base(monkeypa
     ref = torch.rand(6, 3, 16, 16, generator=g)
     marked = (ref + 0.2 * torch.randn(ref.shape, generator=g)).clamp(0, 1)
     torch.manual_seed(3)
-    from worlds.tiny import clip_model
+    from markbench.worlds.tiny import clip_model
 
     clip_model.save(clip_model.create(None), tmp_path / "clip")
     ctx = _ctx(model_attacks.get("prune")(), {"ordinary_marked": lambda: marked, "clean_twins": lambda: ref,
@@ -154,7 +154,7 @@ def test_every_model_attack_states_what_the_attacker_has(name):
 
 
 def test_bench_ls_verbose_shows_the_threat_model(capsys, monkeypatch):
-    from bench.cli import main
+    from markbench.cli import main
 
     monkeypatch.setenv("COLUMNS", "1000")  # one table row per line: no wrapping
     assert main(["ls", "model-attacks", "-v"]) == 0

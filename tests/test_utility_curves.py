@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import stats
-from reports.data import CellRow, Results, Value
-from reports.html import utility_html
-from reports.leaderboard import to_markdown, utility_curves
+from markbench import stats
+from markbench.reports.data import CellRow, Results, Value
+from markbench.reports.html import utility_html
+from markbench.reports.leaderboard import to_markdown, utility_curves
 
 TPR = "tpr@1e-06"
 
@@ -106,7 +106,7 @@ def test_utility_chart_plots_the_curve_values():
 
 
 def test_leaderboard_markdown_has_the_utility_section():
-    from reports.leaderboard import build
+    from markbench.reports.leaderboard import build
 
     res = synthetic()
     board = build(res, TPR)
@@ -118,7 +118,7 @@ def test_leaderboard_markdown_has_the_utility_section():
 
 
 def test_leaderboard_without_model_attack_utility_has_no_section():
-    from reports.leaderboard import build
+    from markbench.reports.leaderboard import build
 
     res = synthetic()
     res.cells = [c for c in res.cells if c.model_attack == "none"]

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from bench import defenses
-from worlds import tiny as zoo
-from bench.config import ModelConfig, load_config
-from bench.errors import UserError
-from bench.generation import generate_images
-from bench.models import load_pipeline
-from bench.plugins import DetectionKind, GenerationRequest, MarkLocation, Secret, StageContext, Verification
-from bench.testing import Resources, check_detection, check_images, copy_pipeline
-from defenses.wdm import (WDM, _EMA, extraction_timesteps, q_sample, similarity_scores, wdm_loss, wdm_loss_terms,
+from markbench.registries import defenses
+from markbench.worlds import tiny as zoo
+from markbench.config import ModelConfig, load_config
+from markbench.errors import UserError
+from markbench.generation import generate_images
+from markbench.models import load_pipeline
+from markbench.plugins import DetectionKind, GenerationRequest, MarkLocation, Secret, StageContext, Verification
+from markbench.testing import Resources, check_detection, check_images, copy_pipeline
+from markbench.defenses.wdm import (WDM, _EMA, extraction_timesteps, q_sample, similarity_scores, wdm_loss, wdm_loss_terms,
                           wdp_input, wdp_sample)
 from tests.test_sleepermark import _sd_pipeline
 
@@ -323,7 +323,7 @@ def test_trigger_and_watermark_sources(micro, tmp_path):
     Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "logo.png")
     z = WDM(watermark_source="file", watermark_file=str(tmp_path / "logo.png")).make_watermark(micro, shape, 64, g)
     with torch.no_grad():
-        from bench.training import encode_images
+        from markbench.training import encode_images
 
         red = torch.zeros(1, 3, 64, 64)
         red[:, 0] = 1.0
@@ -376,7 +376,7 @@ def test_caption_dropout_replaces_task_conditions_with_the_empty_prompt(monkeypa
     guidance subtracts), the rest on their captions; 0 never touches the empty prompt."""
     import types
 
-    import defenses.wdm as wdm_mod
+    import markbench.defenses.wdm as wdm_mod
 
     seen = []
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import world as W
-from bench.config import load_config
-from bench.errors import UserError
-from bench.plan import build_plan
+from markbench import world as W
+from markbench.config import load_config
+from markbench.errors import UserError
+from markbench.plan import build_plan
 from tests.conftest import MICRO_TOML, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def test_builtin_worlds_provide_the_models_the_core_used_to_know():
 
 
 def test_one_spec_syntax_for_prompt_sets_and_datasets():
-    from worlds.tiny import shapes
+    from markbench.worlds.tiny import shapes
 
     held = W.load_prompt_set("tiny:heldout")
     assert len(held) == 64 and len(set(held)) > 1
@@ -72,7 +72,7 @@ def test_the_prompts_of_a_config_come_from_its_world(tmp_path):
 
 
 def test_an_unknown_config_prompt_set_is_refused_before_any_model_loads(tmp_path):
-    from bench.errors import ConfigError
+    from markbench.errors import ConfigError
 
     cfg = write_config(tmp_path, MICRO_TOML.replace('set = "micro:shapes"', 'set = "tiny:heldot"'))
     with pytest.raises(ConfigError, match=r"prompts.set = 'tiny:heldot'.*did you mean 'heldout'"):
@@ -90,9 +90,9 @@ def test_model_fingerprints_are_unchanged_by_the_move(tmp_path):
     sha256(dtype, 'builtin:<name>:v<version>', the world's identity strings)."""
     import hashlib
 
-    from bench.config import ModelConfig
-    from bench.models import model_fingerprint
-    from worlds.tiny import fingerprint
+    from markbench.config import ModelConfig
+    from markbench.models import model_fingerprint
+    from markbench.worlds.tiny import fingerprint
 
     h = hashlib.sha256()
     for part in ("float32", "builtin:tiny-sd-rt:vshipped", fingerprint(), fingerprint("tiny-sd-rt")):
@@ -109,7 +109,7 @@ THIRD_WORLD = '''
 from pathlib import Path
 import os
 
-from bench import World, worlds
+from markbench.world import World, worlds
 
 
 @worlds.register("moon")
@@ -120,7 +120,7 @@ class MoonWorld(World):
         return {"moon-sd": "7"}
 
     def model_folder(self, name):
-        from worlds.micro import MicroWorld
+        from markbench.worlds.micro import MicroWorld
         return MicroWorld().model_folder("micro-sd")
 
     def prompt_sets(self):
@@ -163,14 +163,14 @@ def test_a_third_world_is_one_file(third_world, tmp_path):
     cfg = load_config(write_config(tmp_path, text))
     plan = build_plan(cfg)
     assert cfg.prompt_list()[:1] == ["a crater"] and len(plan.cells) == 2 * 3
-    from bench.models import load_pipeline
+    from markbench.models import load_pipeline
 
     pipe = load_pipeline(cfg.model)
     assert pipe.unet.config.block_out_channels == [32, 64]
 
 
 def test_bench_ls_worlds_lists_models_sets_and_datasets():
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "ls", "worlds"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "markbench.cli", "ls", "worlds"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     for word in ("tiny-sd-rt", "micro-sd", "sd-1.5", "tiny:heldout", "tiny:subject", "micro:shapes"):
@@ -181,14 +181,14 @@ def test_bench_ls_worlds_lists_models_sets_and_datasets():
 # The Stable Diffusion world: the real loading code, on an SD-architecture folder
 # --------------------------------------------------------------------------------------------------------------
 def _micro_folder() -> Path:
-    from worlds.micro import MicroWorld
+    from markbench.worlds.micro import MicroWorld
 
     return MicroWorld().model_folder("micro-sd")
 
 
 def test_sd_world_loads_a_folder_under_its_root(tmp_path, monkeypatch):
-    from bench.config import ModelConfig
-    from bench.models import load_pipeline, model_fingerprint
+    from markbench.config import ModelConfig
+    from markbench.models import load_pipeline, model_fingerprint
 
     shutil.copytree(_micro_folder(), tmp_path / "sd-1.5")
     monkeypatch.setenv("MARKBENCH_SD_ROOT", str(tmp_path))
@@ -202,7 +202,7 @@ def test_sd_world_loads_a_folder_under_its_root(tmp_path, monkeypatch):
 
 
 def test_sd_world_finds_a_snapshot_in_the_local_hub_cache(tmp_path, monkeypatch):
-    from bench.models import builtin_folder
+    from markbench.models import builtin_folder
 
     hub = tmp_path / "hub"
     repo = hub / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
@@ -222,7 +222,7 @@ def test_sd_world_without_weights_is_one_sentence_saying_how_to_provide_them(tmp
     monkeypatch.setenv("MARKBENCH_SD_ROOT", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     cfg = write_config(tmp_path, MICRO_TOML.replace('builtin = "micro-sd"', 'builtin = "sd-1.4"'))
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "validate", str(cfg)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "markbench.cli", "validate", str(cfg)], capture_output=True, text=True,
                          cwd=ROOT, timeout=120, env={**__import__("os").environ, "MARKBENCH_SD_ROOT": str(tmp_path),
                                                      "HF_HUB_CACHE": str(tmp_path / "hub")})
     assert out.returncode == 2, out.stdout + out.stderr
@@ -232,7 +232,7 @@ def test_sd_world_without_weights_is_one_sentence_saying_how_to_provide_them(tmp
 
 
 def test_sd_world_recommends_open_clip_vit_l14(monkeypatch):
-    import bench.measures.clip_score as cs
+    import markbench.measures.clip_score as cs
 
     seen = {}
 

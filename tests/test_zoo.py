@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from worlds.tiny import MANIFEST, TINY_CLIP, TINY_SD, shapes
+from markbench.worlds.tiny import MANIFEST, TINY_CLIP, TINY_SD, shapes
 
 SAMPLE_CAPTIONS = [
     "a small red triangle on a blue background",
@@ -94,8 +94,8 @@ def test_shapes_are_large_and_inside_the_image():
 
 # ------------------------------------------------------------------------------------------------ tokenizer, text tower
 def test_tokenizer_ids_equal_open_clips():
-    from bench.models import clip_tokenizer
-    from worlds.tiny import clip_model
+    from markbench.models import clip_tokenizer
+    from markbench.worlds.tiny import clip_model
 
     oc = clip_model.tokenizer()(SAMPLE_CAPTIONS)
     hf = clip_tokenizer()(SAMPLE_CAPTIONS, padding="max_length", max_length=77, truncation=True,
@@ -109,8 +109,8 @@ def test_tokenizer_ids_equal_open_clips():
 def test_text_encoder_is_the_clip_text_tower():
     import torch
 
-    from bench.models import clip_tokenizer
-    from worlds.tiny import clip_model
+    from markbench.models import clip_tokenizer
+    from markbench.worlds.tiny import clip_model
 
     torch.manual_seed(0)
     model = clip_model.create().eval()
@@ -125,7 +125,7 @@ def test_text_encoder_is_the_clip_text_tower():
 
 
 def test_zoo_command_is_wired():
-    from bench.cli import main
+    from markbench.cli import main
 
     assert main(["zoo"]) == 0
 
@@ -133,7 +133,7 @@ def test_zoo_command_is_wired():
 # ------------------------------------------------------------------------------------------------ shipped artifacts
 @shipped
 def test_manifest_matches_the_shipped_files():
-    from worlds.tiny.info import verify
+    from markbench.worlds.tiny.info import verify
 
     m = json.loads(MANIFEST.read_text())
     assert verify(MANIFEST.parent, m) == []
@@ -147,7 +147,7 @@ def test_shipped_pipeline_loads_like_stable_diffusion():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from bench.models import load_pipeline_folder
+    from markbench.models import load_pipeline_folder
 
     pipe = load_pipeline_folder(TINY_SD)
     assert isinstance(pipe, StableDiffusionPipeline)
@@ -155,7 +155,7 @@ def test_shipped_pipeline_loads_like_stable_diffusion():
     assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.steps_offset == 1
     assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
-    from worlds.tiny import clip_model
+    from markbench.worlds.tiny import clip_model
 
     shipped_ids = pipe.tokenizer(SAMPLE_CAPTIONS, padding="max_length", max_length=77).input_ids
     for a, b in zip(clip_model.tokenizer()(SAMPLE_CAPTIONS).tolist(), shipped_ids):
@@ -172,7 +172,7 @@ def test_shipped_pipeline_loads_like_stable_diffusion():
 def test_shipped_pipeline_generates_deterministically():
     import torch
 
-    from bench.models import load_pipeline_folder
+    from markbench.models import load_pipeline_folder
 
     pipe = load_pipeline_folder(TINY_SD)
     kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np", height=64, width=64)
@@ -186,7 +186,7 @@ def test_shipped_clip_loads_through_open_clip_local_dir():
     import open_clip
     import torch
 
-    from worlds.tiny import clip_model
+    from markbench.worlds.tiny import clip_model
 
     model = open_clip.create_model(f"local-dir:{TINY_CLIP}")
     ref = clip_model.load()
@@ -198,7 +198,7 @@ def test_shipped_clip_loads_through_open_clip_local_dir():
 @shipped
 @pytest.mark.slow
 def test_shipped_clip_zero_shot_accuracy():
-    from worlds.tiny.evaluate import measure_clip
+    from markbench.worlds.tiny.evaluate import measure_clip
 
     acc = measure_clip(n=300)
     assert acc["shape"] >= 0.85 and acc["colour"] >= 0.85, acc
@@ -207,7 +207,7 @@ def test_shipped_clip_zero_shot_accuracy():
 @shipped
 @pytest.mark.slow
 def test_shipped_vae_psnr():
-    from worlds.tiny.evaluate import measure_vae
+    from markbench.worlds.tiny.evaluate import measure_vae
 
     psnr = measure_vae(n=64)
     assert psnr["heldout"] >= 27.0, psnr
@@ -216,7 +216,7 @@ def test_shipped_vae_psnr():
 @shipped
 @pytest.mark.slow
 def test_shipped_ldm_follows_prompts_and_guidance_helps():
-    from worlds.tiny.evaluate import measure_ldm
+    from markbench.worlds.tiny.evaluate import measure_ldm
 
     res = measure_ldm(n=56, guidances=(1.0, 5.0))
     assert res["cfg5"]["shape_and_colour"] >= 0.55, res
@@ -228,10 +228,10 @@ def test_build_is_reproducible(tmp_path):
     """A micro build (a few steps of every stage) twice from one seed gives byte-identical weights."""
     import torch
 
-    from worlds.tiny.build import BuildPlan, build
-    from worlds.tiny.train_clip import ClipSettings
-    from worlds.tiny.train_unet import UnetSettings
-    from worlds.tiny.train_vae import VaeSettings
+    from markbench.worlds.tiny.build import BuildPlan, build
+    from markbench.worlds.tiny.train_clip import ClipSettings
+    from markbench.worlds.tiny.train_unet import UnetSettings
+    from markbench.worlds.tiny.train_vae import VaeSettings
 
     torch.set_num_threads(1)
     sums = []
@@ -261,7 +261,7 @@ def test_build_is_reproducible(tmp_path):
     assert sum(not torch.equal(two[k], rt[k]) for k in dec) > len(dec) // 2
     assert sorted(sums[0]["tiny-sd-rt"]) == ["vae/diffusion_pytorch_model.safetensors"]
     # shipping the checkpoints of a build that is past stage 2 ships tiny-sd's (two-stage) VAE, not stage 3's
-    from worlds.tiny.build import ship
+    from markbench.worlds.tiny.build import ship
 
     ship(tmp_path / "work0", tmp_path / "shipped", seed=5, measure=False)
     shipped = vae("shipped/tiny-sd/vae")
@@ -274,8 +274,8 @@ def test_a_finished_two_stage_vae_build_resumes_without_a_third_stage(tmp_path):
     build loads stage 2's optimiser state instead of failing on a stage-3 parameter set."""
     import torch
 
-    from worlds.tiny.common import load_checkpoint
-    from worlds.tiny.train_vae import VaeSettings, train_vae
+    from markbench.worlds.tiny.common import load_checkpoint
+    from markbench.worlds.tiny.train_vae import VaeSettings, train_vae
 
     torch.set_num_threads(1)
     s = VaeSettings(steps=2, decoder_steps=2, roundtrip_steps=0, batch_size=4, n_train=40, n_style=8, n_subject=8,

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from bench.world import World, worlds
+from markbench.world import World, worlds
 
 #: bump when the builder changes: the version is part of every cache key on micro-sd
 MICRO_SD_VERSION = "1"
@@ -49,7 +49,7 @@ def build_micro_sd(seed: int = 0, sample_size: int = 64):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bench.models import clip_tokenizer
+    from markbench.models import clip_tokenizer
 
     torch.manual_seed(seed)  # builder only: the artifact is then fixed on disk
     vae = AutoencoderKL(
@@ -90,7 +90,7 @@ class MicroWorld(World):
         return {"micro-sd": MICRO_SD_VERSION}
 
     def model_folder(self, name: str) -> Path:
-        from bench.models import markbench_home
+        from markbench.models import markbench_home
 
         folder = markbench_home() / "models" / f"{name}-v{MICRO_SD_VERSION}"
         if not (folder / "model_index.json").exists():

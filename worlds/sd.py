@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from bench.errors import UserError
-from bench.world import World, worlds
+from markbench.errors import UserError
+from markbench.world import World, worlds
 
 #: builtin name -> hub id (and the version that goes into cache keys: the hub id itself)
 SD_MODELS: dict[str, str] = {
@@ -86,6 +86,6 @@ class StableDiffusionWorld(World):
         return tuple(parts)
 
     def clip_scorer(self, model: str, pretrained: str | None, device: str, batch_size: int) -> Any:
-        from bench.measures.clip_score import open_clip_scorer
+        from markbench.measures.clip_score import open_clip_scorer
 
         return open_clip_scorer("ViT-L-14", pretrained or "openai", device, batch_size)

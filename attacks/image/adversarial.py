@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from bench import AttackContext, image_attacks, ImageAttack, param
-from bench.latents import to_latent
+from markbench import AttackContext, image_attacks, ImageAttack, param
+from markbench.latents import to_latent
 
 
 @image_attacks.register("adv_embedding")

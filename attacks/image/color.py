@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import image_attacks, ImageAttack, param
+from markbench import image_attacks, ImageAttack, param
 
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)

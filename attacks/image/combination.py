@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import image_attacks, ImageAttack, param
+from markbench import image_attacks, ImageAttack, param
 
 # The attacks a combination may chain: every other built-in image attack (not itself, so no recursion).
 MEMBER_CHOICES = ("none", "jpeg", "gaussian_blur", "gaussian_noise", "salt_pepper", "median_filter", "resize",

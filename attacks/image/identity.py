@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import ImageAttack, image_attacks
+from markbench import ImageAttack, image_attacks
 
 
 @image_attacks.register("none")

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from bench import image_attacks, ImageAttack, param
-from bench.noise import pil_jpeg
+from markbench import image_attacks, ImageAttack, param
+from markbench.noise import pil_jpeg
 
 
 @image_attacks.register("jpeg")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import ConfigError, image_attacks, ImageAttack, param
+from markbench import ConfigError, image_attacks, ImageAttack, param
 
 
 @image_attacks.register("median_filter")

@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
-from bench import AttackContext, image_attacks, ImageAttack, param
-from bench.latents import from_latent, to_latent
+from markbench import AttackContext, image_attacks, ImageAttack, param
+from markbench.latents import from_latent, to_latent
 
 
 def _latent_size_ok(vae: Any, images: torch.Tensor) -> None:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     h, w = images.shape[-2:]
     if h % factor or w % factor:
-        from bench import PluginError
+        from markbench import PluginError
 
         raise PluginError(f"regeneration needs image sides divisible by the VAE's factor {factor}, got {h}x{w}")
 

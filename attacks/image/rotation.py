@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from kornia.geometry.transform import rotate
 
-from bench import image_attacks, ImageAttack, param
+from markbench import image_attacks, ImageAttack, param
 
 
 @image_attacks.register("rotation")

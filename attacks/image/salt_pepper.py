@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bench import image_attacks, ImageAttack, param
+from markbench import image_attacks, ImageAttack, param
 
 
 @image_attacks.register("salt_pepper")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import image_attacks, ImageAttack, param
+from markbench import image_attacks, ImageAttack, param
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -7,9 +7,9 @@ import re
 
 import torch
 
-from bench import ModelAttack, model_attacks, param
-from bench.rng import sub_generator
-from bench.training import denoising_finetune, encode_images, encode_prompts, trainable
+from markbench import ModelAttack, model_attacks, param
+from markbench.rng import sub_generator
+from markbench.training import denoising_finetune, encode_images, encode_prompts, trainable
 
 _SCOPES = {"up": r"^up_blocks\.", "all": r"^(down_blocks|mid_block|up_blocks)\."}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from bench import GenerationRequest, ModelAttack, model_attacks, param
-from bench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
+from markbench import GenerationRequest, ModelAttack, model_attacks, param
+from markbench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
 
 
 @model_attacks.register("dreambooth")

@@ -6,8 +6,8 @@ import re
 
 import torch
 
-from bench import ModelAttack, ThreatTier, model_attacks, param
-from bench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
+from markbench import ModelAttack, ThreatTier, model_attacks, param
+from markbench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop, trainable
 
 #: The feed-forward output projections of the UNet's up-block transformers (the layers SleeperMark fine-tunes, with
 #: the attention projections): a unit is one hidden feature of the feed-forward, i.e. one input column of ``ff.net.2``.

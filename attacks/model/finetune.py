@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 
-from bench import ModelAttack, model_attacks, param
-from bench.training import denoising_finetune, encode_images, encode_prompts, trainable
+from markbench import ModelAttack, model_attacks, param
+from markbench.training import denoising_finetune, encode_images, encode_prompts, trainable
 
 
 @model_attacks.register("finetune")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bench import ModelAttack, model_attacks, param
-from bench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop
+from markbench import ModelAttack, model_attacks, param
+from markbench.training import diffusion_loss, encode_images, encode_prompts, sample_batches, train_loop
 
 
 @model_attacks.register("lora")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench import ModelAttack, model_attacks, param
+from markbench import ModelAttack, model_attacks, param
 
 
 @model_attacks.register("merge")
@@ -39,7 +39,7 @@ class Merge(ModelAttack):
     def apply(self, pipe, ctx):
         other = ctx.data.base_pipeline()
         if self.other == "finetuned":
-            from attacks.model.finetune import FineTune
+            from markbench.attacks.model.finetune import FineTune
 
             FineTune(dataset=self.dataset, steps=self.steps, num_images=self.num_images, lr=self.lr,
                      batch_size=self.batch_size).apply(other, ctx)

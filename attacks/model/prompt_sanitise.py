@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from bench import ModelAttack, ThreatTier, model_attacks, param
+from markbench import ModelAttack, ThreatTier, model_attacks, param
 
 _EDGE = "\"'.,;:!?()"
 

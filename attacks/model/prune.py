@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench import model_attacks, ModelAttack, param
-from bench.weights import SCOPES, layer_weights
+from markbench import model_attacks, ModelAttack, param
+from markbench.weights import SCOPES, layer_weights
 
 
 @model_attacks.register("prune")

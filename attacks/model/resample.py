@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import ModelAttack, model_attacks
+from markbench import ModelAttack, model_attacks
 
 
 @model_attacks.register("resample")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bench import model_attacks, ModelAttack, param
-from bench.training import diffusion_loss, encode_images, sample_batches, train_loop, trainable
+from markbench import model_attacks, ModelAttack, param
+from markbench.training import diffusion_loss, encode_images, sample_batches, train_loop, trainable
 
 
 @model_attacks.register("text_encoder")

@@ -7,8 +7,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from bench import ModelAttack, ThreatTier, model_attacks, param
-from bench.training import add_noise, encode_images, encode_prompts, sample_batches, train_loop, trainable
+from markbench import ModelAttack, ThreatTier, model_attacks, param
+from markbench.training import add_noise, encode_images, encode_prompts, sample_batches, train_loop, trainable
 
 
 @model_attacks.register("unlearn")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bench import model_attacks, ModelAttack, param
-from bench.training import sample_batches, train_loop, trainable
+from markbench import model_attacks, ModelAttack, param
+from markbench.training import sample_batches, train_loop, trainable
 
 
 @model_attacks.register("vae_decoder")

@@ -46,18 +46,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import param, stats
-from bench.errors import ConfigError, UserError
-from bench.measures.features import cached_features, extractor_identity
-from bench.params import param
-from bench.plugins import MeasureContext, Measurement, Metric
-from bench.registries import metrics
+from markbench import param, stats
+from markbench.errors import ConfigError, UserError
+from markbench.measures.features import cached_features, extractor_identity
+from markbench.params import param
+from markbench.plugins import MeasureContext, Measurement, Metric
+from markbench.registries import metrics
 
 #: the default scorer: the one the tiny world recommends (:meth:`bench.world.World.clip_scorer`)
 TINY_WORLD = "tiny-world"
 RANDOM = "random"
 WEIGHT = 100.0
-_SHARED = "bench.measures.clip_score"
+_SHARED = "markbench.measures.clip_score"
 _MODELS: dict[tuple, "ClipScorer"] = {}
 
 
@@ -110,7 +110,7 @@ def open_clip_scorer(name: str, pretrained: str | None, device: str, batch_size:
     import open_clip
     from PIL import Image
 
-    from bench.world import all_worlds
+    from markbench.world import all_worlds
 
     for w in all_worlds():  # a world may add open_clip architectures of its own (the tiny world's TinyWorld-RN)
         w.register_open_clip()
@@ -134,7 +134,7 @@ def scorer(model: str = TINY_WORLD, pretrained: str | None = None, device: str =
     """The CLIP scorer for ``model`` / ``pretrained`` (loaded once per process and device)."""
     key = (model, pretrained, str(device))
     if key not in _MODELS:
-        from bench.world import world_for_clip_model
+        from markbench.world import world_for_clip_model
 
         world = world_for_clip_model(model)
         if world is not None:  # a world's recommended scorer (model = "tiny-world": the shipped tiny CLIP)
@@ -177,7 +177,7 @@ class CLIPScore(Metric):
     def __init__(self, **given: Any):
         super().__init__(**given)
         model, pretrained = self.params["model"], self.params["pretrained"]
-        from bench.world import world_for_clip_model
+        from markbench.world import world_for_clip_model
 
         if (world_for_clip_model(model) is None and pretrained is None
                 and not model.startswith(("hf-hub:", "local-dir:"))):

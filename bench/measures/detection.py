@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from bench import stats
-from bench.plugins import Detection, DetectionKind, MeasureContext, Measurement, Metric
-from bench.registries import metrics
+from markbench import stats
+from markbench.plugins import Detection, DetectionKind, MeasureContext, Measurement, Metric
+from markbench.registries import metrics
 
 _SEED = 0  # bootstrap seed: intervals depend on the data only
 

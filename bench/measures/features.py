@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.plugins import MeasureContext
+from markbench.plugins import MeasureContext
 
 
 def tensor_digest(images: torch.Tensor) -> str:

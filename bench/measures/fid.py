@@ -80,11 +80,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError, MissingDependencyError
-from bench.measures.features import cached_features, extractor_identity, tensor_digest
-from bench.params import param
-from bench.plugins import MeasureContext, Measurement, Metric
-from bench.registries import metrics
+from markbench.errors import ConfigError, MissingDependencyError
+from markbench.measures.features import cached_features, extractor_identity, tensor_digest
+from markbench.params import param
+from markbench.plugins import MeasureContext, Measurement, Metric
+from markbench.registries import metrics
 
 FEATURE_DIM = 2048
 INCEPTION_SIZE = (299, 299)
@@ -93,7 +93,7 @@ REFERENCES = ("clean_base",)  # besides these: "<world>:<dataset>" (bench.world)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 JACKKNIFE_GROUPS = 50
 Z95 = 1.959963984540054
-_SHARED = "bench.measures.fid"  # key of this module's state in ctx.shared
+_SHARED = "markbench.measures.fid"  # key of this module's state in ctx.shared
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def _load_folder(folder: Path, limit: int) -> list[torch.Tensor]:
 
 
 def _world_dataset(spec: str, n: int) -> list[torch.Tensor]:
-    from bench.world import load_dataset
+    from markbench.world import load_dataset
 
     return [load_dataset(spec, n, seed=0)[0]]
 
@@ -373,7 +373,7 @@ class _InceptionMetric(Metric):
     def __init__(self, **given: Any):
         super().__init__(**given)
         ref = self.params["reference"]
-        from bench.world import dataset_specs, resolve_reference
+        from markbench.world import dataset_specs, resolve_reference
 
         if ref not in REFERENCES and resolve_reference(ref) is None and not Path(ref).expanduser().is_dir():
             raise ConfigError(f"metric '{self.name}': reference={ref!r} must be one of "
@@ -425,7 +425,7 @@ class _InceptionMetric(Metric):
             if ctx.reference_key:
                 cache[key] = feats
             return feats, True
-        from bench.world import resolve_reference
+        from markbench.world import resolve_reference
 
         world_ref = resolve_reference(ref)
         key = (self._feature_id(), world_ref or str(Path(ref).expanduser().resolve()), self.params["reference_size"])
@@ -437,7 +437,7 @@ class _InceptionMetric(Metric):
 
     def _reference_label(self) -> str:
         ref = self.params["reference"]
-        from bench.world import resolve_reference
+        from markbench.world import resolve_reference
 
         if ref == "clean_base":
             return "the clean base model's images (same prompts and seeds)"

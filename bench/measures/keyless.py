@@ -38,10 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench import param, stats
-from bench.params import param
-from bench.plugins import MeasureContext, Measurement, Metric
-from bench.registries import metrics
+from markbench import param, stats
+from markbench.params import param
+from markbench.plugins import MeasureContext, Measurement, Metric
+from markbench.registries import metrics
 
 _SEED = 0  # bootstrap seed: intervals depend on the data only
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench import stats
-from bench.plugins import MeasureContext, Measurement, Metric
-from bench.registries import metrics
+from markbench import stats
+from markbench.plugins import MeasureContext, Measurement, Metric
+from markbench.registries import metrics
 
 PSNR_CAP_DB = 100.0
 _CHUNK = 16  # images per call, to bound memory at 512 px and above

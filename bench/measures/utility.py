@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from bench import param, stats
-from bench.params import param
-from bench.plugins import MeasureContext, Measurement, Metric
-from bench.registries import metrics
+from markbench import param, stats
+from markbench.params import param
+from markbench.plugins import MeasureContext, Measurement, Metric
+from markbench.registries import metrics
 
 
 def _clean(x: float | None) -> float | None:
@@ -87,7 +87,7 @@ class AttackerUtility(Metric):
 
     # -- the downstream task ---------------------------------------------------------------------------------
     def _downstream(self, ctx: MeasureContext, attack: Any, threat: str) -> list[Measurement]:
-        from bench.downstream import eval_captions, recognised, task_of
+        from markbench.downstream import eval_captions, recognised, task_of
 
         task = task_of(attack.downstream_dataset(), attack.params.get("token"))
         roles = ("downstream_marked", "downstream_clean", "downstream_base")
@@ -123,7 +123,7 @@ class AttackerUtility(Metric):
         return out
 
     def _fid(self, ctx: MeasureContext, sets, threat: str) -> list[Measurement]:
-        from bench.measures import fid as fid_mod
+        from markbench.measures import fid as fid_mod
 
         plugin = metrics.get("fid")()
         ref, paired = plugin.reference_features(ctx)

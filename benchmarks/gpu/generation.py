@@ -43,10 +43,10 @@ def main() -> int:
 
     import tempfile
 
-    from bench.config import load_config, parse_override
-    from bench.generation import accelerate, generate_images
-    from bench.models import load_pipeline
-    from bench.plan import generation_request
+    from markbench.config import load_config, parse_override
+    from markbench.generation import accelerate, generate_images
+    from markbench.models import load_pipeline
+    from markbench.plan import generation_request
 
     overrides = dict(parse_override(o) for o in args.overrides)
     overrides |= {"run.num_images": args.images, "run.batch_size": args.batch, "run.device": args.device,

@@ -88,7 +88,7 @@ def _eval(args, console) -> int:
 
     folder = Path(args.dir) if args.dir else ARTIFACTS
     if not (folder / "tiny-sd" / "model_index.json").exists():
-        from bench.errors import UserError
+        from markbench.errors import UserError
 
         raise UserError(f"{folder}/tiny-sd: no pipeline there; run 'bench zoo build' first")
     q = measure_all(folder / "tiny-sd", folder / "tiny-clip", quick=args.quick,
@@ -104,8 +104,8 @@ def _eval(args, console) -> int:
 
 
 def _embed(args, console) -> int:
-    from bench.config import default_config_path
-    from bench.progress import Progress
+    from markbench.config import default_config_path
+    from markbench.progress import Progress
     from . import ARTIFACTS
     from .embed import embed_configs
 
@@ -126,7 +126,7 @@ def _ship(args, console) -> int:
     out = Path(args.out) if args.out else ARTIFACTS
     work = Path(args.work) if args.work else work_dir(args.seed)
     if not (work / "unet" / "checkpoint.pt").exists():
-        from bench.errors import UserError
+        from markbench.errors import UserError
 
         raise UserError(f"{work}: no UNet checkpoint there; start 'bench zoo build' first")
     ship(work, out, args.seed, measure=not args.no_measure, quick=args.quick, log=Logger(work / "build.log"))

@@ -222,8 +222,8 @@ def scorer(pretrained: str | None, device: str, batch_size: int, default: Path):
     file, default ``default``; ``"random"``: random weights under seed 0, for tests)."""
     import torch
 
-    from bench.errors import UserError
-    from bench.measures.clip_score import RANDOM, ClipScorer
+    from markbench.errors import UserError
+    from markbench.measures.clip_score import RANDOM, ClipScorer
 
     if pretrained == RANDOM:
         with torch.random.fork_rng(devices=[]):

@@ -21,7 +21,7 @@ from . import shapes
 
 def default_work_dir() -> Path:
     """Where a build keeps its datasets, checkpoints and logs: ``$MARKBENCH_HOME/zoo-build``."""
-    from bench.models import markbench_home
+    from markbench.models import markbench_home
 
     return markbench_home() / "zoo-build"
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.downstream import DownstreamTask
+from markbench.downstream import DownstreamTask
 
 EVAL_SEED = 1  # held-out captions: the attacks' datasets are drawn with seed 0
 

@@ -37,11 +37,11 @@ def base_fingerprint(model: str) -> str:
 def embed_configs(configs: list[str | Path], out: Path = ARTIFACTS, log: Callable[[str], None] = print,
                   progress=None, force: bool = False) -> list[dict]:
     """Embed the in-model defences of ``configs`` on their shipped model and ship them into ``out/prebuilt``."""
-    from bench.cache import ArtifactStore
-    from bench.config import load_config
-    from bench.errors import UserError
-    from bench.plan import build_plan
-    from bench.stages import StageEnv, run_stage
+    from markbench.cache import ArtifactStore
+    from markbench.config import load_config
+    from markbench.errors import UserError
+    from markbench.plan import build_plan
+    from markbench.stages import StageEnv, run_stage
     from .build import _readable, file_table, write_manifest_core
 
     out = Path(out)

@@ -43,7 +43,7 @@ def measure_vae(sd_dir: Path = TINY_SD, n: int = 256, seed: int = 0) -> dict:
 
 def measure_ldm(sd_dir: Path = TINY_SD, clip_dir: Path = TINY_CLIP, n: int = 168, guidances=(1.0, 3.0, 5.0),
                 steps: int = 20, seed: int = 0) -> dict:
-    from bench.models import load_pipeline_folder
+    from markbench.models import load_pipeline_folder
     from . import clip_model
     from .train_unet import evaluate_pipeline
 

@@ -75,7 +75,7 @@ def make_scheduler():
 def assemble_pipeline(vae, text_encoder, unet):
     from diffusers import StableDiffusionPipeline
 
-    from bench.models import clip_tokenizer
+    from markbench.models import clip_tokenizer
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
@@ -123,7 +123,7 @@ def prepare(work: Path, vae, text_encoder, seed: int, n_train: int, log: Logger)
     """Latents (and their mirror images) of the training pool (cached in ``work``), and every caption's text states."""
     import torch
 
-    from bench.models import clip_tokenizer
+    from markbench.models import clip_tokenizer
 
     images, captions = cached_dataset(work, "train", n_train, seed, log)
     path = work / "unet" / f"latents-n{n_train}-s{seed}.pt"

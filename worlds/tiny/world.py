@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from bench.errors import UserError
-from bench.world import World, worlds
+from markbench.errors import UserError
+from markbench.world import World, worlds
 
-import worlds.tiny as _pkg  # attributes read at call time (tests point them elsewhere)
+import markbench.worlds.tiny as _pkg  # attributes read at call time (tests point them elsewhere)
 
 
 def _domain_captions(n: int, split: int) -> tuple[str, ...]:
@@ -47,7 +47,7 @@ class TinyWorld(World):
         return {"tiny-sd": "shipped", "tiny-sd-rt": "shipped"}
 
     def model_folder(self, name: str) -> Path:
-        from bench.models import variant_folder
+        from markbench.models import variant_folder
 
         if not (_pkg.TINY_SD / "model_index.json").exists():
             raise UserError(f"model.builtin = {name!r}: the shipped tiny-world pipeline is missing from "
@@ -99,7 +99,7 @@ class TinyWorld(World):
         return (_pkg.PREBUILT,)
 
     def cli_module(self) -> str | None:
-        return "worlds.tiny.cli"
+        return "markbench.worlds.tiny.cli"
 
     @property
     def artifacts(self) -> Path:
