@@ -360,6 +360,7 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
         raise ConfigError(f"{path}: the grid has {n_cells} cells (seeds x defences x model attacks x image attacks); "
                           f"at most {MAX_CELLS} are allowed: split it into several configs")
     _check_primary_metric(run, specs["metrics"], path)
+    _check_primary_metric_kind(run, specs["defenses"], path)
     cfg = BenchConfig(path, run, model, prompts, specs["defenses"], specs["model_attacks"],
                       specs["image_attacks"], specs["metrics"], raw, _resources(raw, specs, path))
     if check_output:
@@ -412,6 +413,27 @@ def _check_primary_metric(run: RunConfig, metrics: list[PluginSpec], path: str) 
             hint = f" (did you mean {same!r}? an FPR is named in its shortest form)"
     raise ConfigError(f"{path}: run.primary_metric = {_v(run.primary_metric)} is not computed by this config's "
                       f"metrics{hint}; allowed: {', '.join(sorted(known))}")
+
+
+_ANALYTIC = re.compile(r"(tpr|fpr)@[0-9.eE+-]+")
+
+
+def _check_primary_metric_kind(run: RunConfig, defenses: list[PluginSpec], path: str) -> None:
+    """An analytic operating point (``tpr@1e-06``) exists only for multi-bit defences: a zero-bit (score) defence
+    has no analytic null, and reports ``tpr@fpr<=k/N`` at the FPR its negatives can resolve instead. A primary
+    metric that no defence of the config (controls aside) can produce would leave every row of the leaderboard
+    empty after the whole run."""
+    if not _ANALYTIC.fullmatch(run.primary_metric):
+        return
+    from .plugins import DetectionKind
+
+    marked = [s for s in defenses if s.name != "none"]
+    kinds = {s.name: getattr(_registry(s.kind).get(s.name), "detection", None) for s in marked}
+    if marked and all(k is DetectionKind.SCORE for k in kinds.values()):
+        names = ", ".join(sorted(kinds))
+        raise ConfigError(f"{path}: run.primary_metric = {_v(run.primary_metric)} is an analytic operating point, "
+                          f"which the zero-bit defence(s) {names} do not have; allowed for them: 'auc', or "
+                          f"'tpr@fpr<=k/N' (the empirical operating point their negatives resolve)")
 
 
 def _is_identity(spec: PluginSpec) -> bool:

@@ -198,3 +198,17 @@ def test_primary_metric_is_checked_with_every_builtin_metric_and_an_fpr_spelling
     assert load_config(write_config(tmp_path, _with(metrics, "tpr@fpr<=1/32"))).run.primary_metric == "tpr@fpr<=1/32"
     with pytest.raises(ConfigError, match="run.primary_metric = 'keyless_auc_typo'"):
         load_config(write_config(tmp_path, _with(metrics, "keyless_auc_typo")))
+
+
+def test_an_analytic_primary_metric_is_refused_when_every_defence_is_zero_bit(tmp_path):
+    """tree_ring (a score defence) reports tpr@fpr<=k/N, never the analytic tpr@0.01: with only it (and the control)
+    in the grid, 'tpr@0.01' would leave every leaderboard row empty after the whole run (configs/tree-ring-sd.toml
+    had exactly this)."""
+    zero_bit = _with('["tpr", "auc"]', "tpr@0.01", "[0.01]").replace('name = "dwtdctsvd"', 'name = "tree_ring"')
+    with pytest.raises(ConfigError, match=r"run.primary_metric = 'tpr@0.01' is an analytic operating point.*"
+                                          r"tree_ring.*'auc'"):
+        load_config(write_config(tmp_path, zero_bit))
+    assert load_config(write_config(tmp_path, zero_bit.replace('"tpr@0.01"', '"auc"'))).run.primary_metric == "auc"
+    # beside a multi-bit defence the analytic point exists (for that defence's rows): accepted
+    mixed = _with('["tpr", "auc"]', "tpr@0.01", "[0.01]")
+    assert load_config(write_config(tmp_path, mixed)).run.primary_metric == "tpr@0.01"
