@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -136,6 +138,7 @@ def test_merge_with_a_finetuned_model_interpolates_with_that_finetune_not_the_ba
     ("text_encoder", {"steps": 3, "num_images": 4, "batch_size": 2, "lr": 1e-3}, {"text_encoder"}),
     ("dreambooth", {"steps": 3, "num_instance_images": 2, "num_class_images": 2, "num_inference_steps": 2},
      {"unet"}),
+    ("distill", {"steps": 3, "num_images": 4, "batch_size": 2}, {"unet"}),
 ])
 def test_training_attacks_change_only_their_component(pipe, name, params, components):
     out, ctx = _apply(name, pipe, **params)
@@ -166,3 +169,53 @@ def test_finetune_learns(pipe):
 
     out, _ = _apply("finetune", pipe, steps=30, num_images=8, batch_size=4, lr=1e-3)
     assert loss(out) < loss(pipe)
+
+
+def test_reinitialise_draws_every_weight_afresh_at_the_kaiming_bound():
+    """Independent reference: Kaiming-uniform with a = sqrt(5) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's
+    default init of nn.Linear); norms go to (1, 0), biases to 0; the same generator seed gives the same student."""
+    from markbench.attacks.model.distill import reinitialise
+
+    net = torch.nn.Sequential(torch.nn.Linear(400, 300), torch.nn.GroupNorm(3, 300), torch.nn.Linear(300, 8))
+    with torch.no_grad():
+        for q in net.parameters():
+            q.fill_(7.0)
+    reinitialise(net, torch.Generator().manual_seed(0))
+    w = net[0].weight.detach()
+    bound = 1 / 400 ** 0.5
+    assert float(w.abs().max()) <= bound and float(w.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.02)
+    assert float(net[0].bias.abs().max()) == 0.0
+    assert torch.equal(net[1].weight, torch.ones(300)) and torch.equal(net[1].bias, torch.zeros(300))
+    again = copy.deepcopy(net)
+    reinitialise(again, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), again.parameters()))
+    reinitialise(again, torch.Generator().manual_seed(1))
+    assert not torch.equal(net[0].weight, again[0].weight)
+
+
+def test_distill_student_moves_towards_the_teacher(pipe):
+    """A fresh student starts far from the teacher's predictions and gets closer with training (held-out inputs: the
+    other captions, noise and timesteps than the attack's); the teacher's weights are no part of it."""
+    from markbench.training import add_noise, encode_images, prompt_embeds
+
+    ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
+    images, captions = ctx.data.dataset("tiny:heldout", 8)
+    lat, cond = encode_images(pipe, images), prompt_embeds(pipe, captions, "cpu")
+
+    def gap(p):
+        g = torch.Generator().manual_seed(123)
+        noisy, _, t = add_noise(pipe.scheduler, lat, g)
+        with torch.no_grad():
+            a = p.unet(noisy, t, encoder_hidden_states=cond).sample
+            b = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+        return float(torch.nn.functional.mse_loss(a, b))
+
+    fresh, _ = _apply("distill", pipe, steps=0, num_images=8, batch_size=4)
+    trained, ctx = _apply("distill", pipe, steps=40, num_images=8, batch_size=4, lr=1e-3)
+    shared = [k for k, v in fresh.unet.state_dict().items() if v.dim() > 1
+              and torch.equal(v, pipe.unet.state_dict()[k])]
+    assert shared == []  # nothing of the teacher's weights in the student
+    assert gap(trained) < 0.7 * gap(fresh)
+    assert ctx.costs["teacher_queries"] == 160
+    same, _ = _apply("distill", pipe, steps=0, init="teacher")
+    assert gap(same) == 0.0
