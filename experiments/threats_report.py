@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 
 FID_BAR = 1.25
 CLIP_BAR = 0.9
@@ -135,4 +134,12 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.threats_report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="docs/threats.md from a run of configs/sleepermark-threats.toml (its results database).",
+        epilog="example:\n  bench run --config configs/sleepermark-threats.toml --output runs/threats\n"
+               "  python -m experiments.threats_report runs/threats/results.sqlite > docs/threats.md")
+    ap.add_argument("results", help="the run's results.sqlite")
+    main(ap.parse_args().results)

@@ -12,7 +12,6 @@ in docs/threats.md.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -65,6 +64,16 @@ def main(steps: int = 20, n: int = 4, lr: float = 1e-3) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.unlearn_probe", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="unlearn (trigger known) on SleeperMark's shipped tiny-sd-rt embedding, outside the grid.",
+        epilog="examples:\n  python -m experiments.unlearn_probe              20 steps, 4 images, lr 1e-3\n"
+               "  python -m experiments.unlearn_probe 200 8 3e-4")
+    ap.add_argument("steps", nargs="?", type=int, default=20, help="unlearning steps (default 20)")
+    ap.add_argument("n", nargs="?", type=int, default=4, help="held-out prompts / images (default 4)")
+    ap.add_argument("lr", nargs="?", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    args = ap.parse_args()
     torch.manual_seed(0)
-    args = sys.argv[1:]
-    main(int(args[0]) if args else 20, int(args[1]) if len(args) > 1 else 4, float(args[2]) if len(args) > 2 else 1e-3)
+    main(args.steps, args.n, args.lr)
