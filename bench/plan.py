@@ -228,8 +228,22 @@ class _Builder:
             extra["knows"] = {"tier": tier.value, "method": defense.name}
             if tier.sees_trigger():
                 inputs = (model_key, embed)
+        if defense is not None and ma.instantiate().uses_second_marked_model():
+            # a second release of the model, marked by the same defence with an independent key (another embed
+            # stage: its own key, so its own random stream); the clean base for a defence that leaves the weights
+            extra["second_marked"] = len(inputs)
+            inputs = (*inputs, self.second_marked_model(defense, seed))
         return self.add("model_attack", inputs, ma, seed, label=f"model attack {ma.label}", **self.run_data(ma),
                         **extra)
+
+    def second_marked_model(self, defense: PluginSpec, seed: int) -> str:
+        """The model of a second, independent embedding of ``defense`` (another key), or the base model for a
+        defence that does not change the weights."""
+        base = self.base()
+        if not modifies_model(_cls(defense)):
+            return base
+        return self.add("embed", (base,), defense, seed, label=f"embed {defense.label} (second release)",
+                        **self.run_data(defense), release=2)
 
     def plain_images(self, model_key: str, request: GenerationRequest, run_seed: int) -> str:
         return self.add("generate", (model_key,), None, 0, label="generate", request=self.request_identity(request),

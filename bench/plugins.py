@@ -652,6 +652,13 @@ class ModelAttack(Plugin):
         """What the suspect service does to a prompt before sampling (``serves_prompts`` attacks)."""
         return prompt
 
+    def uses_second_marked_model(self) -> bool:
+        """True if this instance needs a second, independently watermarked release of the model (the same defence
+        embedded again with another key; for a defence that leaves the weights alone, the clean base): the planner
+        then adds that embedding as a stage and ``ctx.data.second_marked_model()`` returns a copy of it. An attacker
+        who holds two released watermarked models (and no key) is blind: no secret is read."""
+        return False
+
     def exceeds_threat_model(self) -> bool:
         """True when this instance's parameters match :attr:`beyond_threat_model`."""
         b = type(self).beyond_threat_model

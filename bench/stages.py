@@ -117,9 +117,12 @@ class StageEnv:
     def context(self, stage: Stage) -> StageContext:
         gen = torch.Generator().manual_seed(stage_seed(stage.seed, stage.key))
         track = self.progress.track if self.progress is not None else None
+        second = stage.extra_dict.get("second_marked")
+        second_model = (lambda: copy_pipeline(self.pipeline(stage.inputs[second]))) if second is not None else None
         return StageContext(gen, self.cfg.run.device, progress=track, stage=stage.kind,
                             data=Resources(self.base_pipeline, self.cfg.model.height, self.cfg.model.width,
-                                           self.cfg.prompt_list, self.cfg.model.num_inference_steps),
+                                           self.cfg.prompt_list, self.cfg.model.num_inference_steps,
+                                           second_marked_model=second_model),
                             variant=stage.extra_dict.get("variant", ""),
                             generate=lambda pipe, req, **kw: _generate(pipe, req, self.cfg.run.device, track, **kw))
 
@@ -131,12 +134,22 @@ class Resources:
     view of the defence (``ctx.knowledge``).
     """
 
-    def __init__(self, base_pipeline, height: int, width: int, prompts=None, num_inference_steps: int | None = None):
+    def __init__(self, base_pipeline, height: int, width: int, prompts=None, num_inference_steps: int | None = None,
+                 second_marked_model=None):
         self._base = base_pipeline  # a callable returning the (shared, read-only) base pipeline
         self.height = height
         self.width = width
         self.num_inference_steps = num_inference_steps  # the run's sampler steps (inversion-based verifiers)
         self._prompts = prompts or (lambda: [])
+        self._second = second_marked_model  # a callable returning a private copy, or None
+
+    def second_marked_model(self):
+        """A private copy of a second, independently watermarked release of the model (the same defence, another
+        key; :meth:`ModelAttack.uses_second_marked_model`). Only an attack that declared it gets one."""
+        if self._second is None:
+            raise PluginError("this attack did not declare uses_second_marked_model(): no second marked model is "
+                              "planned for it")
+        return self._second()
 
     def base_pipeline(self):
         """A private copy of the clean base model (e.g. for merging attacks)."""

@@ -105,3 +105,22 @@ if "_test_sleeper" not in defenses:
         def detect(self, secret, images, ctx):
             corner = images[:, :, :8, :8].mean((1, 2, 3)) > 0.99
             return Detection(bits=corner[:, None].repeat(1, 8))
+
+
+if "_test_weightmark" not in defenses:
+    @defenses.register("_test_weightmark")
+    class WeightMark(Defense):
+        """A toy weight mark: a key-dependent offset on the UNet's first convolution's bias, drawn from the embed
+        stage's generator (so two embeddings have two keys); detection reads nothing (all zero bits)."""
+
+        version = "1"
+        location = MarkLocation.MODEL_WEIGHTS
+
+        def embed(self, pipe, ctx):
+            bias = pipe.unet.conv_in.bias
+            with torch.no_grad():
+                bias += 0.01 * torch.randn(bias.shape, generator=ctx.generator).to(bias)
+            return Embedding(Secret({"message": torch.ones(8, dtype=torch.bool)}), pipeline=pipe)
+
+        def detect(self, secret, images, ctx):
+            return Detection(bits=torch.zeros(images.shape[0], 8, dtype=torch.bool))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 
 from markbench.cache import stable_hash
@@ -152,3 +154,28 @@ def test_post_hoc_plain_and_initial_noise_defences_use_the_clean_models_ordinary
         assert cell.twins == cell.clean_twins  # dwtdct: the unmarked images; none: itself; the noise mark: unpaired
     assert not defenses.get("_test_sleeper").has_paired_twin()
     assert defenses.get("dwtdct").has_paired_twin() and defenses.get("sleepermark").has_paired_twin()
+
+
+def test_a_merge_of_two_marked_models_gets_a_second_independent_embedding(tmp_path):
+    """merge(other = 'marked') takes a second embedding of the same defence (its own stage key, so another key
+    drawn) as an extra input; the control `none`, which leaves the weights alone, gets the clean base instead; other
+    merges plan no second embedding."""
+    import tests.plugins_for_tests  # noqa: F401  (registers _test_weightmark, a weight-marking defence)
+
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "_test_weightmark"') + textwrap.dedent('''
+        [[model_attacks]]
+        name = "merge"
+        other = ["marked", "base"]
+        ''')
+    plan = _plan(tmp_path, text)
+    embeds = [s for s in plan.stages.values() if s.kind == "embed" and s.plugin.name == "_test_weightmark"]
+    assert len(embeds) == 2 and embeds[0].key != embeds[1].key
+    first, second = sorted(embeds, key=lambda s: "release" in s.extra_dict)
+    merges = [s for s in plan.stages.values() if s.kind == "model_attack"]
+    marked = [s for s in merges if s.plugin.param_dict["other"] == "marked"]
+    plain = [s for s in merges if s.plugin.param_dict["other"] == "base"]
+    base = next(s.key for s in plan.stages.values() if s.kind == "base")
+    # the marked model merged with the second release; its clean twin (the clean base) attacked the same way; the
+    # control `none` merged with what a second release of it is: the clean base
+    assert {s.inputs for s in marked} == {(first.key, second.key), (base, second.key), (base, base)}
+    assert all(len(s.inputs) == 1 for s in plain)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+import torch
 
 from markbench.cli import main
 from markbench.config import load_config
@@ -204,3 +205,32 @@ def test_executor_with_capacity_gets_the_whole_graph_and_gives_the_same_numbers(
         mine = _values(cfg, metric)
         full_values = _values(cfg_full, metric)  # (that run's folder has since gained cells of other tests)
         assert len(mine) == 6 and mine == {cell: full_values[cell] for cell in mine}
+
+
+def test_merging_two_marked_releases_averages_the_two_embeddings_weights(tmp_path):
+    """End to end: merge(other = 'marked', alpha = 0.5) on a weight-marking defence stores the mean of the two
+    independent embeddings' weights (the one key's offset and the other's), computed here from their own stages."""
+    import textwrap
+
+    from markbench.cache import ArtifactStore
+    from markbench.plan import build_plan
+    from markbench.stages import MODEL_PREFIX
+
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "_test_weightmark"').replace(
+        "quality = [90, 50]", "quality = [90]").replace('"psnr", "ssim"', '"psnr"') + textwrap.dedent('''
+        [[model_attacks]]
+        name = "merge"
+        other = "marked"
+        alpha = 0.5
+        ''')
+    cfg, summary = _run(write_config(tmp_path, text))
+    assert summary.cells_failed == []
+    plan = build_plan(cfg)
+    store = ArtifactStore(cfg.cache_dir)
+    name = MODEL_PREFIX + "unet.conv_in.bias"
+    embeds = sorted((s for s in plan.stages.values() if s.kind == "embed" and s.plugin.name == "_test_weightmark"),
+                    key=lambda s: "release" in s.extra_dict)
+    one, two = (store.tensors(s.key)[name] for s in embeds)
+    merged = next(s for s in plan.stages.values() if s.kind == "model_attack" and s.inputs[0] == embeds[0].key)
+    assert not torch.allclose(one, two)  # two keys
+    assert torch.allclose(store.tensors(merged.key)[name], (one + two) / 2, atol=1e-6)

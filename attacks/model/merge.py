@@ -14,7 +14,10 @@ class Merge(ModelAttack):
 
     ``other = "base"``: the clean, unwatermarked base model (an attacker who has the public base the owner started
     from). ``other = "finetuned"``: the clean base fine-tuned independently on ``dataset`` with the ``finetune``
-    attack's recipe for ``steps`` steps (an attacker merging with a community fine-tune).
+    attack's recipe for ``steps`` steps (an attacker merging with a community fine-tune). ``other = "marked"``: a
+    second release of the model watermarked by the same defence with an independent key (the model-persistence
+    suite's merge of two independently watermarked models; the harness embeds it as its own stage,
+    ``ctx.data.second_marked_model()``): does either key survive the average of the two?
     """
 
     version = "1"
@@ -22,10 +25,12 @@ class Merge(ModelAttack):
     attacker_has = ("the released watermarked weights and another model. other = 'finetuned' (the realistic "
                     "attack): a model fine-tuned independently (here the finetune recipe on the public clean base, "
                     "standing for a community fine-tune); other = 'base': the owner's clean base model itself, which "
-                    "an attacker of released weights does not have: stronger than the threat model")
+                    "an attacker of released weights does not have: stronger than the threat model; other = "
+                    "'marked': a second release watermarked by the same method with another key (two marked models, "
+                    "no key)")
     beyond_threat_model = {"other": "base"}
     uses_data = True
-    other: str = param("base", "the model merged in", choices=("base", "finetuned"))
+    other: str = param("base", "the model merged in", choices=("base", "finetuned", "marked"))
     alpha: float = param(0.5, "weight of the other model", low=0.0, high=1.0)
     components: list[str] = param(["unet"], "components merged", choices=("unet", "text_encoder", "vae"))
     dataset: str = param("tiny:style", "for other = finetuned: its fine-tuning data")
@@ -36,8 +41,11 @@ class Merge(ModelAttack):
     batch_size: int = param(4, "for other = finetuned: its batch size", low=1, high=4096)
     smoke_params = {"other": "finetuned", "steps": 1, "num_images": 2, "batch_size": 2}
 
+    def uses_second_marked_model(self) -> bool:
+        return self.other == "marked"
+
     def apply(self, pipe, ctx):
-        other = ctx.data.base_pipeline()
+        other = ctx.data.second_marked_model() if self.other == "marked" else ctx.data.base_pipeline()
         if self.other == "finetuned":
             from markbench.attacks.model.finetune import FineTune
 
