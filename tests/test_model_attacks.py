@@ -219,3 +219,41 @@ def test_distill_student_moves_towards_the_teacher(pipe):
     assert ctx.costs["teacher_queries"] == 160
     same, _ = _apply("distill", pipe, steps=0, init="teacher")
     assert gap(same) == 0.0
+
+
+def test_vae_swap_to_the_base_restores_the_base_decoder_and_keeps_the_encoder(pipe):
+    """A decoder changed by the owner (a Stable-Signature-like release) is exchanged for the public base's: the
+    decoder side equals the base's again, the encoder side and every other component are the released model's."""
+    released = copy_pipeline(pipe)
+    with torch.no_grad():
+        for name, p in released.vae.named_parameters():
+            if name.startswith(("decoder.", "encoder.conv_in")):
+                p.add_(0.01)
+    ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
+    out = model_attacks.get("vae_swap")().apply(released, ctx)
+    changed = set(diff_pipeline(pipe, out))
+    assert changed and all(k.startswith("vae.encoder.conv_in") for k in changed)  # only the encoder edit is left
+    assert ctx.costs["swapped_params"] == sum(p.numel() for n, p in pipe.vae.named_parameters()
+                                              if n.startswith(("decoder.", "post_quant_conv")))
+
+
+def test_vae_swap_takes_another_builtin_models_decoder():
+    """tiny-sd with tiny-sd-rt's decoder (the same encoder, a decoder trained for round trips): decoder side equal
+    to tiny-sd-rt's, encoder side to tiny-sd's, checked against both models loaded independently."""
+    tiny = load_pipeline(ModelConfig(builtin="tiny-sd"))
+    rt = load_pipeline(ModelConfig(builtin="tiny-sd-rt"))
+    ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: tiny, 64, 64))
+    out = model_attacks.get("vae_swap")(source="tiny-sd-rt").apply(copy_pipeline(tiny), ctx)
+    got, want_dec, want_enc = out.vae.state_dict(), rt.vae.state_dict(), tiny.vae.state_dict()
+    for k, v in got.items():
+        ref = want_dec if k.startswith(("decoder.", "post_quant_conv")) else want_enc
+        assert torch.equal(v, ref[k]), k
+    assert any(not torch.equal(want_dec[k], want_enc[k]) for k in got if k.startswith("decoder."))  # a real change
+
+
+def test_vae_swap_names_a_source_it_cannot_use(pipe, tmp_path):
+    from markbench.errors import PluginError
+
+    ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
+    with pytest.raises(PluginError, match=r"vae_swap: source '.*nowhere' is neither 'base', a built-in model"):
+        model_attacks.get("vae_swap")(source=str(tmp_path / "nowhere")).apply(copy_pipeline(pipe), ctx)

@@ -1,0 +1,72 @@
+"""VAE replacement: the released pipeline's autoencoder exchanged for another one of the same latent space."""
+
+from __future__ import annotations
+
+from markbench import ModelAttack, PluginError, model_attacks, param
+
+
+@model_attacks.register("vae_swap")
+class VAESwap(ModelAttack):
+    """Swap the pipeline's VAE for another autoencoder of the same latent space, as a user of Stable Diffusion swaps
+    in the public fine-tuned decoder (``sd-vae-ft-mse``): the VAE-replacement adversary of model-persistence suites.
+    A mark that lives in the decoder's weights (Stable Signature, Fernandez et al. ICCV 2023, whose paper names
+    this threat) leaves with the decoder; a mark the UNet writes into the latents (SleeperMark, AquaLoRA, WDM) meets a
+    decoder it was never tuned for.
+
+    ``source = "base"``: the VAE of the public base model (the run's clean base; for a released model whose decoder
+    was replaced by the owner, the original is public). Otherwise a built-in model of a world (``bench ls worlds``;
+    e.g. ``"tiny-sd-rt"``, tiny-sd with a decoder trained for round trips, the tiny world's ft-MSE) or a diffusers
+    model folder with a ``vae/`` subfolder. A folder is named by its path in the cache key: give a changed folder a
+    new path. The latent space must match (channels and downsampling factor); the swap changes no other weight and
+    costs no training.
+    """
+
+    version = "1"
+    goal = ""
+    attacker_has = ("the released watermarked pipeline and a public autoencoder of the same latent space (the base "
+                    "model's, or a public fine-tuned one); no key, no training")
+    source: str = param("base", "the VAE swapped in: 'base' (the public base model's), a built-in model name (e.g. "
+                        "'tiny-sd-rt') or a diffusers model folder with a vae/ subfolder")
+    components: list[str] = param(["decoder"], "what is swapped: the decoder side (decoder, post_quant_conv: what "
+                                  "generation uses) and/or the encoder side (encoder, quant_conv: what a latent "
+                                  "verifier reads images through)", choices=("decoder", "encoder"))
+
+    _SIDES = {"decoder": ("decoder", "post_quant_conv"), "encoder": ("encoder", "quant_conv")}
+
+    def apply(self, pipe, ctx):
+        other = self._other_vae(ctx)
+        mine = pipe.vae
+        for field in ("latent_channels",):
+            if getattr(other.config, field) != getattr(mine.config, field):
+                raise PluginError(f"vae_swap: source {self.source!r} has {field} {getattr(other.config, field)}, "
+                                  f"the pipeline's VAE {getattr(mine.config, field)}: not the same latent space")
+        if len(other.config.block_out_channels) != len(mine.config.block_out_channels):
+            raise PluginError(f"vae_swap: source {self.source!r} downsamples by another factor than the pipeline's "
+                              f"VAE: not the same latent space")
+        state = mine.state_dict()
+        theirs = other.state_dict()
+        swapped = 0
+        for key in state:
+            if key.split(".")[0] in {m for c in self.components for m in self._SIDES[c]}:
+                if key not in theirs or theirs[key].shape != state[key].shape:
+                    raise PluginError(f"vae_swap: source {self.source!r} has another architecture ({key})")
+                state[key] = theirs[key].to(state[key])
+                swapped += state[key].numel()
+        mine.load_state_dict(state)
+        ctx.record_cost(steps=0, swapped_params=swapped)
+        return pipe
+
+    def _other_vae(self, ctx):
+        if self.source == "base":
+            return ctx.data.verifier_pipeline().vae
+        from pathlib import Path
+
+        from diffusers import AutoencoderKL
+
+        from markbench.models import builtin_folder, builtin_models
+
+        folder = builtin_folder(self.source) if self.source in builtin_models() else Path(self.source)
+        if not (folder / "vae").is_dir():
+            raise PluginError(f"vae_swap: source {self.source!r} is neither 'base', a built-in model "
+                              f"({', '.join(sorted(builtin_models()))}) nor a model folder with a vae/ subfolder")
+        return AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True, use_safetensors=True)
