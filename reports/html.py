@@ -32,6 +32,7 @@ from typing import Any
 from .data import (IDENTITY, CellRow, Results, describe_metric, is_quality_metric, load_results, prompts_of)
 from .leaderboard import build as build_leaderboard
 from .leaderboard import fmt, utility_curves
+from .answer import answer_html
 
 #: How many prompts get an image panel, how many attack outputs one panel row shows, and the thumbnail side.
 MAX_PROMPTS = 3
@@ -612,11 +613,21 @@ def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: 
         f"<title>MarkBench report: {e(name)}</title><style>{_CSS}</style></head><body>",
         f"<header><h1>MarkBench report: {e(name)}</h1><p class=\"facts\">{' &middot; '.join(facts)}</p>",
         '<p id="js-errors" class="error" hidden></p>',
-        '<nav><a href="#leaderboard">leaderboard</a> <a href="#matrix">results matrix</a> '
+        '<nav><a href="#answer">the answer</a> <a href="#leaderboard">leaderboard</a> '
+        '<a href="#matrix">results matrix</a> '
         '<a href="#curves">robustness curves</a> <a href="#utility">detection vs. utility</a> '
         '<a href="#tradeoff">quality vs. robustness</a> '
         '<a href="#images">images</a> <a href="#manifest">manifest</a> <a href="#glossary">glossary</a></nav></header>',
         '<main>',
+        '<section id="answer"><h2>The answer: what survived which attack, at what utility and fidelity</h2>',
+        answer_html(results, e, fmt),
+        '<div id="utility"><h3>Detection against attacker utility</h3>',
+        '<p class="muted">Per model attack: each defence\'s detection (y) against what the attack gave the attacker '
+        '(x: the share of the attacked watermarked model\'s images that show the fine-tune\'s new style or subject; '
+        'for attacks without a downstream task the paired CLIP-score change), one line per defence through the '
+        'attack\'s sweep, whiskers are 95% intervals. A mark that survives only at low utility survives an attack '
+        'that did not do what the attacker wanted.</p>',
+        f'{utility_html(utility_curves(results), results.defense_labels())}</div></section>',
         f'<section id="leaderboard"><h2>Leaderboard</h2>{leaderboard_html(results)}</section>',
         '<section id="matrix"><h2>Results matrix</h2>',
         f'<p><label>metric <select id="metric">{options}</select></label> '
@@ -631,13 +642,7 @@ def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: 
         'attack.</p>',
         '<div id="curve-legend" class="legend"></div><div id="curve-plots" class="plots">'
         '<noscript>The charts need JavaScript.</noscript></div></section>',
-        '<section id="utility"><h2>Detection against attacker utility</h2>',
-        '<p class="muted">Per model attack: each defence\'s detection (y) against what the attack gave the attacker '
-        '(x: the share of the attacked watermarked model\'s images that show the fine-tune\'s new style or subject; '
-        'for attacks without a downstream task the paired CLIP-score change), one line per defence through the '
-        'attack\'s sweep, whiskers are 95% intervals. A mark that survives only at low utility survives an attack '
-        'that did not do what the attacker wanted.</p>',
-        f'{utility_html(utility_curves(results), results.defense_labels())}</section>',
+
         '<section id="tradeoff"><h2>Quality vs. robustness</h2>',
         (f'<p><label>quality (x axis) <select id="xmetric">{x_options}</select></label> '
          f'<span class="muted">against the selected metric (y axis); one point per cell, whiskers are 95% '
