@@ -104,7 +104,7 @@ def build(results: Results, reported: list[Reported] | None = None) -> dict[str,
             if lo is not None and hi is not None and not lo <= rep.value <= hi:
                 disagreements.append(
                     f"{defense} under {col}: {rep.metric} {_f(s['value'])} [{_f(lo)}, {_f(hi)}] here, "
-                    f"{_f(rep.value)} reported ({rep.setting}; {rep.source})")
+                    f"{rep.value:g} reported ({rep.setting}; {rep.source})")  # as printed, unrounded
         if not row["control"]:
             verdicts.append(_verdict(row, columns))
     return {"columns": columns, "rows": rows, "reported": reported_rows, "verdicts": verdicts,

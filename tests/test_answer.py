@@ -94,7 +94,7 @@ def test_a_reported_number_outside_the_interval_is_called_out_and_one_inside_is_
     assert [(r["defense"], r["column"], r["reported"].value) for r in doc["reported"]] == [
         ("mark", "lora(steps=200)", 0.99), ("mark", "none", 0.95)]  # 'other' is not in this run
     assert doc["disagreements"] == ["mark under lora(steps=200): tpr@1e-06 0.200 [0.100, 0.350] here, "
-                                    "0.990 reported (SD v1.4; Paper A, Table 2)"]  # 0.95 lies inside [0.9, 1.0]: no call-out
+                                    "0.99 reported (SD v1.4; Paper A, Table 2)"]  # 0.95 lies inside [0.9, 1.0]: no call-out
 
 
 def test_the_section_renders_the_rows_reported_rows_and_disagreement():
