@@ -141,6 +141,10 @@ class RunConfig:
     max_retries: int = 3  # Ray: how often a stage whose worker died is run again
     channels_last: bool = False  # generation: UNet and VAE in channels-last memory format (faster convs on GPUs)
     compile: bool = False  # generation: torch.compile the UNet (slow first call; worth it for long GPU runs)
+    #: generation: sample every image in a batch of exactly batch_size (the last one padded) and fill the batches
+    #: with the images of every cell that samples the same model with the same settings (bench.generation); an
+    #: image's pixels then do not depend on what it ran beside, so merged and unmerged runs are bit-identical
+    batch_across_cells: bool = False
 
 
 @dataclass

@@ -85,14 +85,19 @@ def generate_images(pipe, request: GenerationRequest, *, device: str = "cpu", la
         prompts = [prompt_prefix + p for p in request.prompts[sl]]
         if prompt_filter is not None:
             prompts = [prompt_filter(p) for p in prompts]
+        chunk = latents[sl]
+        short = request.batch_size - len(prompts) if request.pad_to_batch else 0
+        if short > 0:  # a batch of exactly batch_size: the kernels, and so the pixels, are those of a full batch
+            prompts = prompts + [prompts[-1]] * short
+            chunk = torch.cat([chunk, chunk[-1:].expand(short, *chunk.shape[1:])])
         kwargs = dict(pipe_kwargs)
         if request.negative_prompt:
             kwargs.setdefault("negative_prompt", [request.negative_prompt] * len(prompts))
         with torch.inference_mode():
             result = pipe(prompt=prompts, height=request.height, width=request.width,
                           num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
-                          latents=latents[sl].to(device=device, dtype=dtype), output_type="pt", **kwargs)
-        out.append(result.images.float().cpu())
+                          latents=chunk.to(device=device, dtype=dtype), output_type="pt", **kwargs)
+        out.append(result.images.float().cpu()[:len(prompts) - max(short, 0)])
     if ticker is not None:
         for _ in ticker:  # close the bar
             pass

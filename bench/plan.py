@@ -124,7 +124,7 @@ def generation_request(cfg: BenchConfig, run_seed: int) -> GenerationRequest:
         seeds=tuple(image_seed(run_seed, i) for i in range(n)),
         height=m.height, width=m.width, num_inference_steps=m.num_inference_steps,
         guidance_scale=m.guidance_scale, batch_size=cfg.run.batch_size, negative_prompt=m.negative_prompt or None,
-        channels_last=cfg.run.channels_last, compile=cfg.run.compile,
+        channels_last=cfg.run.channels_last, compile=cfg.run.compile, pad_to_batch=cfg.run.batch_across_cells,
     )
 
 
@@ -136,6 +136,7 @@ def downstream_request(cfg: BenchConfig, run_seed: int, captions: list[str]) -> 
         seeds=tuple(int(stable_hash(["downstream-seed", run_seed, i])[:15], 16) for i in range(len(captions))),
         height=m.height, width=m.width, num_inference_steps=m.num_inference_steps,
         guidance_scale=m.guidance_scale, batch_size=cfg.run.batch_size, negative_prompt=m.negative_prompt or None,
+        pad_to_batch=cfg.run.batch_across_cells,
     )
 
 
@@ -201,7 +202,10 @@ class _Builder:
                 "batch_size": request.batch_size,
                 # kernels that may round differently: in the key only when on, so existing keys stay valid
                 **({"accel": {"channels_last": request.channels_last, "compile": request.compile}}
-                   if request.channels_last or request.compile else {})}
+                   if request.channels_last or request.compile else {}),
+                # every image in a batch of exactly batch_size (a padded last batch): other pixels where the last
+                # batch would be short, so in the key when on (run.batch_across_cells)
+                **({"padded": True} if request.pad_to_batch else {})}
 
     def run_data(self, spec: PluginSpec) -> dict[str, Any]:
         """What ``ctx.data`` shows a plugin of the run (prompts, image size): part of the key of those that read it."""

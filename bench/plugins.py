@@ -252,6 +252,8 @@ class GenerationRequest:
     negative_prompt: str | None = None
     channels_last: bool = False  # run the UNet and VAE in channels-last memory format (bench.generation)
     compile: bool = False  # torch.compile the UNet before sampling
+    #: sample in batches of exactly ``batch_size``, padding the last one (``run.batch_across_cells``)
+    pad_to_batch: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ from .cache import ArtifactStore, CorruptArtifact, FeatureCache, shipped_stores
 from .config import BenchConfig
 from .errors import BenchError, PluginError, UserError
 from .executor import Executor, make_executor
-from .plan import Cell, Plan, build_plan, stage_seed
+from .plan import Cell, Plan, Stage, build_plan, stage_seed
 from .plugins import DetectionKind, MeasureContext, Measurement, threat_scope
 from .progress import Progress
 from .resources import stage_resources
 from .provenance import git_hash, package_versions
-from .stages import StageEnv
+from .stages import StageEnv, generation_settings, run_generate_group
 from .store import ResultStore
 
 
@@ -113,6 +113,7 @@ class Runner:
         env = StageEnv(cfg, self.plan, self.artifacts, self.progress if self.executor.capacity == 1 else None)
         self._failures: dict[str, _Failure] = {}
         self._futures: dict[str, Future] = {}
+        self._settings: dict[str, Any] = {}  # stage key -> its generation settings (run.batch_across_cells)
         self._owner_cells = 0
         self._owner: dict[str, int] = {}  # stage key -> index of the cell that submitted it (charged its time)
         t_start = time.perf_counter()
@@ -193,12 +194,51 @@ class Runner:
                     self._seen_cached.add(stage.key)
                     summary.stages_cached += 1
                 continue
+            group = self._generation_group(stage, env)
+            if group:  # run.batch_across_cells: this generation shares its batches with other cells' (in-process)
+                self._submit_group(group, env, p.index)
+                if stage_bar is not None:
+                    self.progress.update(stage_bar, total=len(self._futures))
+                continue
             deps = [self._futures[k] for k in stage.inputs if k in self._futures]
             self._futures[stage.key] = self.executor.submit_stage(stage, env, deps, stage_resources(stage, self.cfg))
             self._owner[stage.key] = p.index
             if stage_bar is not None:
                 self.progress.update(stage_bar, total=len(self._futures))
         return p
+
+    def _generation_group(self, stage: Stage, env: StageEnv) -> list[Stage] | None:
+        """With ``run.batch_across_cells`` and the in-process executor: ``stage`` and every other plain generate
+        stage of the plan, not yet computed, that samples the same model with the same settings (the model is
+        ready: it is this stage's input), in plan order; None when there is no other (or the option is off)."""
+        if not self.cfg.run.batch_across_cells or self.executor.capacity != 1:
+            return None
+        def settings(s: Stage):
+            if s.key not in self._settings:
+                self._settings[s.key] = generation_settings(s, env)
+            return self._settings[s.key]
+
+        mine = settings(stage)
+        if mine is None:
+            return None
+        group = [stage] + [s for s in self.plan.stages.values()
+                           if s.kind == "generate" and s.key != stage.key and s.key not in self._futures
+                           and s.key not in self._failures and settings(s) == mine
+                           and not self.artifacts.exists(s.key)]
+        return group if len(group) > 1 else None
+
+    def _submit_group(self, group: list[Stage], env: StageEnv, index: int) -> None:
+        """Run a generation group (:func:`bench.stages.run_generate_group`) and give each member stage a future of
+        its own, as if it had been submitted alone."""
+        fut = self.executor.submit(run_generate_group, group, env)
+        for s in group:
+            member: Future = Future()
+            if fut.exception() is not None:
+                member.set_exception(fut.exception())
+            else:
+                member.set_result(fut.result()[s.key])
+            self._futures[s.key] = member
+            self._owner[s.key] = index
 
     def _ready(self, p: _Pending) -> bool:
         return all(self._futures[s.key].done() for s in p.stages if s.key in self._futures)

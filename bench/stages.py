@@ -7,6 +7,7 @@ Ray worker alike (the in-memory caches below are per process and only an optimis
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections import OrderedDict
 from typing import Any
@@ -291,6 +292,53 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
     if stage.kind != "base":
         store.write(stage.key, meta=meta, tensors=tensors, images=images)
     return meta
+
+
+def generation_settings(stage: Stage, env: StageEnv) -> tuple[str, GenerationRequest] | None:
+    """What a plain generate stage samples with, less its prompts and seeds: ``(model key, settings)``, for
+    grouping stages whose images may share batches (``run.batch_across_cells``); None for any other stage."""
+    if stage.kind != "generate" or stage.plugin is not None:
+        return None
+    request = env.request(stage.extra_dict["run_seed"], stage.extra_dict.get("request_name", ""))
+    if not request.pad_to_batch:
+        return None
+    return stage.inputs[0], dataclasses.replace(request, prompts=(), seeds=())
+
+
+def run_generate_group(stages: list[Stage], env: StageEnv) -> dict[str, dict[str, Any]]:
+    """Several plain generate stages of one model and one set of sampler settings in shared batches of exactly
+    ``batch_size`` (``run.batch_across_cells``): their prompts and seeds are concatenated, sampled, split and each
+    stage's images written as :func:`run_stage` writes them. With every batch full (the last padded), an image's
+    pixels do not depend on the images beside it (tests/test_generation_groups.py checks it bit for bit), so each
+    stage's images are those it gets alone. Returns each stage's metadata (its share of the time by image count)."""
+    t0 = time.perf_counter()
+    first = stages[0]
+    requests = [env.request(s.extra_dict["run_seed"], s.extra_dict.get("request_name", "")) for s in stages]
+    settings = {dataclasses.replace(r, prompts=(), seeds=()) for r in requests}
+    if len(settings) != 1 or len({s.inputs[0] for s in stages}) != 1 or not requests[0].pad_to_batch:
+        raise ValueError("a generation group must share one model and one set of padded sampler settings")
+    merged = dataclasses.replace(requests[0], prompts=tuple(p for r in requests for p in r.prompts),
+                                 seeds=tuple(s for r in requests for s in r.seeds))
+    ctx = env.context(first)
+    pipe = env.pipeline(first.inputs[0])
+    served = env.prompt_filter(first.inputs[0])
+    track = env.progress.track if env.progress is not None else None
+    images = _generate(pipe, merged, env.cfg.run.device, track,
+                       **({"prompt_filter": served} if served is not None else {}))
+    n = len(merged.prompts)
+    images = check_images(images, "generation", (n, 3, merged.height, merged.width))
+    seconds = time.perf_counter() - t0
+    out: dict[str, dict[str, Any]] = {}
+    start = 0
+    for stage, request in zip(stages, requests):
+        k = len(request.prompts)
+        meta = {"kind": stage.kind, "label": stage.label, "inputs": list(stage.inputs), "plugin": None,
+                "seed": stage.seed, "seconds": seconds * k / n, "costs": ctx.costs,
+                "batched_with": len(stages), **env.placement}
+        env.store.write(stage.key, meta=meta, tensors=None, images=images[start:start + k])
+        out[stage.key] = meta
+        start += k
+    return out
 
 
 def _modifies(defense) -> bool:
