@@ -36,6 +36,7 @@ num_images = {images}
 batch_size = {batch}
 batch_across_cells = {merged}
 target_fprs = [1e-6]
+primary_metric = "bit_accuracy"
 
 [model]
 builtin = "{model}"
