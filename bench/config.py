@@ -364,7 +364,8 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
         raise ConfigError(f"{path}: the grid has {n_cells} cells (seeds x defences x model attacks x image attacks); "
                           f"at most {MAX_CELLS} are allowed: split it into several configs")
     _check_primary_metric(run, specs["metrics"], path)
-    _check_primary_metric_kind(run, specs["defenses"], path)
+    if isinstance(raw.get("run"), dict) and "primary_metric" in raw["run"]:  # the default ranks what it can
+        _check_primary_metric_kind(run, specs["defenses"], path)
     cfg = BenchConfig(path, run, model, prompts, specs["defenses"], specs["model_attacks"],
                       specs["image_attacks"], specs["metrics"], raw, _resources(raw, specs, path))
     if check_output:

@@ -212,3 +212,7 @@ def test_an_analytic_primary_metric_is_refused_when_every_defence_is_zero_bit(tm
     # beside a multi-bit defence the analytic point exists (for that defence's rows): accepted
     mixed = _with('["tpr", "auc"]', "tpr@0.01", "[0.01]")
     assert load_config(write_config(tmp_path, mixed)).run.primary_metric == "tpr@0.01"
+    # not written in the file: the default (tpr@1e-06) ranks what it can, and is no error
+    default = _with('["tpr", "auc"]', "x", "[1e-6, 0.01]").replace('name = "dwtdctsvd"', 'name = "tree_ring"')
+    default = default.replace('primary_metric = "x"\n', "")
+    assert load_config(write_config(tmp_path, default)).run.primary_metric == "tpr@1e-06"
