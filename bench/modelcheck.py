@@ -23,6 +23,10 @@ from .errors import BenchError, ConfigError, UserError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 OPT_IN = "model.allow_pickle = true (or --allow-pickle)"
+#: the JSON files of a component that diffusers / transformers read when loading it
+LOADER_JSON = frozenset({"config.json", "scheduler_config.json", "tokenizer_config.json", "tokenizer.json",
+                         "special_tokens_map.json", "added_tokens.json", "vocab.json", "preprocessor_config.json",
+                         "generation_config.json"})
 #: configuration files larger than this are not parsed by the check (a tokenizer.json is a few MB)
 MAX_JSON_BYTES = 64 * 2 ** 20
 
@@ -61,14 +65,16 @@ def check_pipeline_folder(folder: Path, where: str, allow_pickle: bool = False) 
         if not comp.is_dir():
             raise ConfigError(f"{where}: {index} names the component '{_cut(name, 60)}' but {comp} is missing")
         files = [f for f in comp.iterdir() if f.is_file()]
-        for f in files:  # configuration files: the loader would fail on them after the run started
-            if f.suffix == ".json" and f.stat().st_size <= MAX_JSON_BYTES:
+        for f in files:  # the files the loaders read (others, e.g. a user's notes, are not looked at)
+            if (f.name in LOADER_JSON or f.name.endswith(".index.json")) and f.stat().st_size <= MAX_JSON_BYTES:
                 try:
-                    ok = isinstance(json.loads(f.read_bytes()), dict)
-                except (OSError, ValueError):
-                    ok = False
-                if not ok:
-                    raise ConfigError(f"{where}: {f} is not a JSON object; it must be the file save_pretrained "
+                    data, why = json.loads(f.read_bytes()), "it is not a JSON object"
+                except OSError as exc:
+                    data, why = None, f"it cannot be read ({exc.strerror or type(exc).__name__})"
+                except ValueError as exc:
+                    data, why = None, f"it is not valid JSON ({_cut(exc, 60)})"
+                if not isinstance(data, dict):
+                    raise ConfigError(f"{where}: {f} cannot be loaded: {why}; it must be the file save_pretrained "
                                       "writes (reinstall or re-save the model)")
         weights = [f for f in files if f.name.endswith(".safetensors") or f.suffix in PICKLE_SUFFIXES]
         if weights and not (comp / "config.json").exists():

@@ -214,7 +214,8 @@ CONFIGS = [
      "symbolic link"),
     ("model_index_component_not_a_pair", _folder_damage("component_wrong_type"), [], "[library, class]"),
     ("model_index_without_class_name", _folder_damage("no_class_name"), [], "_class_name"),
-    ("model_component_config_not_json", _folder_damage("component_config_not_json"), [], "config.json"),
+    ("model_component_config_not_json", _folder_damage("component_config_not_json"), [],
+     "unet/config.json cannot be loaded"),
     ("model_component_config_missing", _folder_damage("component_config_missing"), [], "config.json"),
     ("model_weights_truncated", _folder_damage("weights_truncated"), [], "safetensors"),
     ("model_weights_garbage", _folder_damage("weights_garbage"), [], "safetensors"),
@@ -376,3 +377,15 @@ def test_clearing_one_prompt_key_while_setting_another_is_fine(tmp_path, capsys)
     path = write_config(tmp_path)
     rc = main(["validate", str(path), "--no-model", "--set", "prompts.set=", "--set", 'prompts.list=["a red circle"]'])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_irrelevant_files_in_a_model_folder_are_not_looked_at(tmp_path, capsys):
+    """Only the files the loaders read are checked: a user's notes (a JSON list, a README) beside the weights leave
+    a good model folder valid."""
+    folder = _model_folder(tmp_path)
+    (folder / "unet" / "notes.json").write_text("[1, 2]")
+    (folder / "README.md").write_text("my model")
+    (folder / "vae" / "garbage.bin.txt").write_bytes(os.urandom(100))
+    path = _write(tmp_path, "x", lambda tmp: _with_model_path(tmp, folder))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
