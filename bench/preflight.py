@@ -14,8 +14,8 @@ def preflight(cfg, model: bool = True) -> None:
     from .modelcheck import check_model
 
     if model:
+        check_model(cfg)  # first: for a config written for another machine, the missing model is the news
         check_device(cfg)
-        check_model(cfg)
     for kind in ("defenses", "model_attacks", "image_attacks", "metrics"):
         for spec in getattr(cfg, kind):
             try:
