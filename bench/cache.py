@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -35,6 +36,10 @@ import numpy as np
 import torch
 
 from .errors import BenchError
+
+
+#: what every key is: a SHA-256 in hex (:func:`stable_hash`)
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 def stable_hash(obj: Any) -> str:
@@ -271,14 +276,17 @@ class ArtifactStore:
             pass
 
     def entries(self):
-        """``(key, folder)`` of every entry of this (writable) store."""
+        """``(key, folder)`` of every entry of this (writable) store: folders ``<xx>/<key>`` whose name is a key (64 hex
+        digits) starting with its shard's name. Anything else in the folder (a user's notes, a stray folder) is not an
+        entry: verify never reports it, prune never removes it."""
         if not self.root.is_dir():
             return
         for shard in sorted(self.root.iterdir()):
-            if len(shard.name) != 2 or not shard.is_dir():
+            if len(shard.name) != 2 or not shard.is_dir() or shard.is_symlink():
                 continue
             for entry in sorted(shard.iterdir()):
-                if entry.is_dir() and not entry.name.startswith(".tmp-"):
+                if _KEY.fullmatch(entry.name) and entry.name[:2] == shard.name and entry.is_dir() \
+                        and not entry.is_symlink():
                     yield entry.name, entry
 
 

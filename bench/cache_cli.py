@@ -92,6 +92,9 @@ def _store(args):
         root = load_config_from_args(args, check_output=False).cache_dir
     if root.exists() and not root.is_dir():
         raise UserError(f"--cache {str(root)!r} is not a folder")
+    if args.cache and not root.exists():  # a named folder that is not there is a typo, not an empty cache
+        raise UserError(f"--cache {str(root)[:200]!r}: no such folder; name an artifact cache folder (a config's "
+                        "run.cache, else <run.output>/cache)")
     return ArtifactStore(root, fallbacks=shipped_stores())
 
 
@@ -198,7 +201,9 @@ def _prune(args) -> int:
             keep |= _used_keys(config)
     now = time.time()
     doomed: list[Path] = []
-    for key, folder in store.entries():
+    # entries are pruned only by a criterion on entries: `--quarantine` alone empties the quarantine, nothing else
+    entries = store.entries() if max_age is not None or keep is not None else ()
+    for key, folder in entries:
         if max_age is not None and now - folder.stat().st_mtime < max_age:
             continue
         if keep is not None and key in keep:

@@ -28,8 +28,16 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (``error: ...``, exit code 2), like every other user error; the
+    usage itself is one ``--help`` away. Sub-command parsers are of this class too (argparse makes them so)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {one_line(message)}; see '{self.prog} --help'\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="bench", description="MarkBench: robustness of watermarks in text-to-image diffusion models.",
         epilog=EPILOG_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -109,15 +117,43 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(_extra={})
     extra: dict = {}
     for module in command_modules():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if not (exc.name and module.startswith(exc.name)):
-                raise
+        mod = _command_module(module)
+        if mod is None:
             continue
-        extra.update(mod.add_parsers(sub, cfg_args))
+        try:
+            extra.update(mod.add_parsers(sub, cfg_args))
+        except Exception as exc:  # a third-party command group must not break every other command
+            _command_module_warning(module, f"its add_parsers failed ({type(exc).__name__}: {one_line(exc)[:160]})")
     p.set_defaults(_extra=extra)
     return p
+
+
+#: command modules already reported as broken (warned once per process)
+_BROKEN_COMMAND_MODULES: set[str] = set()
+
+
+def _command_module(module: str):
+    """Import a command-group module; one that cannot be imported is reported once (naming its package) and left
+    out, so a broken third-party package never breaks ``bench ls`` or ``bench run``."""
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:
+        if module in _CORE_COMMAND_MODULES:
+            raise
+        _command_module_warning(module, f"could not be imported ({type(exc).__name__}: {one_line(exc)[:160]})")
+        return None
+
+
+def _command_module_warning(module: str, why: str) -> None:
+    if module in _BROKEN_COMMAND_MODULES:
+        return
+    _BROKEN_COMMAND_MODULES.add(module)
+    from importlib.metadata import entry_points
+
+    owners = [f"'{ep.name} = {ep.value}' of {ep.dist.name} {ep.dist.version}" if getattr(ep, "dist", None)
+              else f"'{ep.name} = {ep.value}'" for ep in entry_points(group="bench.commands") if ep.value == module]
+    where = f"entry point {owners[0]} (group bench.commands)" if owners else f"command module {module!r}"
+    print(f"warning: ignoring {where}: {why}", file=sys.stderr)
 
 
 #: the core's own command groups (``bench cache``)
@@ -143,10 +179,7 @@ def command_modules() -> list[str]:
 def _after_run_hooks() -> list:
     hooks = []
     for module in command_modules():
-        try:
-            hook = getattr(importlib.import_module(module), "after_run", None)
-        except ModuleNotFoundError:
-            continue
+        hook = getattr(_command_module(module), "after_run", None)
         if hook is not None:
             hooks.append(hook)
     return hooks
@@ -155,7 +188,10 @@ def _after_run_hooks() -> list:
 def main(argv: Sequence[str] | None = None) -> int:
     _plugin_warnings_as_lines()
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line printed by _Parser.error)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 0
@@ -223,7 +259,7 @@ def _load(args, check_output: bool = True):
     from .config import load_config, parse_override
 
     overrides = dict(parse_override(o) for o in args.overrides)
-    if args.output:
+    if args.output is not None:  # --output "" is refused by the config's check, not ignored
         overrides["run.output"] = args.output
     if getattr(args, "allow_pickle", False):
         overrides["model.allow_pickle"] = True

@@ -110,6 +110,12 @@ MAX_SIDE = 8_192
 MAX_CELLS = 100_000
 MAX_PROMPTS_FILE_BYTES = 64 * 2 ** 20
 MAX_NAME = 100
+#: the largest config file read (a grid is a few KB; a 300 MB file would only be parsed to be refused)
+MAX_CONFIG_BYTES = 16 * 2 ** 20
+#: the longest prompt accepted (CLIP reads 77 tokens; a megabyte-long line would only stall the tokenizer)
+MAX_PROMPT_CHARS = 2_000
+#: classifier-free guidance beyond this is no setting anyone samples with (and 1e308 overflows to NaN images)
+MAX_GUIDANCE = 100.0
 
 
 def _short(v: Any) -> str:
@@ -241,9 +247,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     """Load, override (``{"run.num_images": 8}``) and validate a config file."""
     p = Path(path) if path is not None else default_config_path()
     if not p.exists():
+        if p.is_symlink():
+            raise ConfigError(f"{p}: is a broken or looping symbolic link, not a config file")
         raise ConfigError(f"{p}: config file not found")
-    if not p.is_file():
+    if p.is_dir():
         raise ConfigError(f"{p}: is a folder, not a config file; name a TOML file such as {p / DEFAULT_CONFIG_NAME}")
+    if not p.is_file():
+        raise ConfigError(f"{p}: is not a regular file (a device, pipe or socket); name a TOML config file")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: has {p.stat().st_size} bytes; a config file may have at most {MAX_CONFIG_BYTES}")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -330,6 +342,7 @@ def parse_config(raw: dict[str, Any], path: str = DEFAULT_CONFIG_NAME, check_out
     prompts: PromptConfig = sections["prompts"]
     _check_run(run, path)
     _check_model(model, path)
+    _check_explicit_empty(raw.get("prompts", {}), "prompts", ("set", "builtin", "file", "list"), path)
     _check_prompts(prompts, path)
 
     specs = {kind: _parse_plugins(raw.get(kind), kind, path) for kind in _PLUGIN_SECTIONS}
@@ -596,8 +609,20 @@ def _check_model(model: ModelConfig, path: str) -> None:
     if model.num_inference_steps < 1 or model.num_inference_steps > 1000:
         raise ConfigError(f"{path}: model.num_inference_steps = {_v(model.num_inference_steps)} is invalid: "
                           "it must be an integer in [1, 1000]")
-    if model.guidance_scale < 0:
-        raise ConfigError(f"{path}: model.guidance_scale = {_v(model.guidance_scale)} is invalid: it must be >= 0")
+    if not 0 <= model.guidance_scale <= MAX_GUIDANCE:  # NaN fails both comparisons
+        raise ConfigError(f"{path}: model.guidance_scale = {_v(model.guidance_scale)} is invalid: it must be a "
+                          f"number in [0, {MAX_GUIDANCE:g}]")
+
+
+def _check_explicit_empty(table: dict, section: str, keys: tuple[str, ...], path: str) -> None:
+    """Keys written only with empty values (``list = []``, ``file = ""``) are a mistake, not "use the default": say so
+    instead of silently running the default. (Emptying one key while setting another, ``--set prompts.set=
+    --set prompts.file=x``, is how a key is cleared on the command line, and is fine.)"""
+    given = [k for k in keys if k in table]
+    if given and all(table[k] in ("", []) for k in given):
+        k = given[0]
+        raise ConfigError(f"{path}: {section}.{k} = {_v(table[k])} is empty; give a value, or remove the key to use "
+                          f"the default")
 
 
 def _check_prompts(prompts: PromptConfig, path: str) -> None:
@@ -618,15 +643,26 @@ def _check_prompts(prompts: PromptConfig, path: str) -> None:
     if prompts.file:
         f = _resolve(prompts.file, path)
         if "\0" in prompts.file or not f.exists():
-            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)}: no such file")
+            what = "is a broken or looping symbolic link" if "\0" not in prompts.file and f.is_symlink() \
+                else ": no such file"
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)}{' ' if what[0] != ':' else ''}{what}")
         if not f.is_file():
-            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} is a folder; it must be a text file "
+            what = "is a folder" if f.is_dir() else "is not a regular file (a device, pipe or socket)"
+            raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} {what}; it must be a text file "
                               "with one prompt per line")
         if f.stat().st_size > MAX_PROMPTS_FILE_BYTES:
             raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} has {f.stat().st_size} bytes; a prompts "
                               f"file may have at most {MAX_PROMPTS_FILE_BYTES} bytes")
     if any(not p.strip() for p in prompts.list):
         raise ConfigError(f"{path}: prompts.list holds an empty prompt; every prompt must be non-empty text")
+    _check_prompt_lengths(prompts.list, f"{path}: prompts.list")
+
+
+def _check_prompt_lengths(prompts: list[str], where: str) -> None:
+    for i, p in enumerate(prompts):
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ConfigError(f"{where}: prompt {i + 1} has {len(p)} characters ({_v(p, 40)}); a prompt may have at "
+                              f"most {MAX_PROMPT_CHARS}")
 
 
 def _resolve(p: str, config_path: str) -> Path:
@@ -657,6 +693,7 @@ def load_prompts(prompts: PromptConfig, path: str = "") -> list[str]:
         out = [ln for ln in lines if ln and not ln.startswith("#")]
         if not out:
             raise ConfigError(f"{path}: prompts.file = {_v(prompts.file)} holds no prompts")
+        _check_prompt_lengths(out, f"{path}: prompts.file = {_v(prompts.file)}")
         return out
     from .world import load_prompt_set
 
@@ -678,16 +715,21 @@ def _parse_plugins(entries: Any, kind: str, path: str) -> list[PluginSpec]:
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} must be a table with a 'name' or a plugin name, got {_v(entry)}")
         entry = dict(entry)
+        entry_given = set(entry)
         name = entry.pop("name", None)
         label = entry.pop("label", "")
-        if not isinstance(name, str):
+        if name is None:
             raise ConfigError(f"{where}: 'name' is missing (it must be a string naming a {kind[:-1]} plugin)")
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}.name = {_v(name)} is invalid: it must be a string naming a {kind[:-1]} plugin "
+                              f"(bench ls {kind.replace('_', '-')})")
         if len(name) > MAX_NAME or not name.isprintable():
             raise ConfigError(f"{where}.name = {_v(name)} is not a plugin name (names are short printable words; "
                               f"bench ls {kind.replace('_', '-')} lists them)")
-        if not isinstance(label, str) or (label and not re.fullmatch(r"[\w.+=,()\[\]-]+", label)):
-            raise ConfigError(f"{where}.label = {_v(label)} is invalid: it must be a short name of letters, digits "
-                              "and _ . + = , ( ) [ ] -")
+        if "label" in entry_given and (not isinstance(label, str) or not label or len(label) > MAX_NAME
+                                       or not re.fullmatch(r"[\w.+=,()\[\]-]+", label)):
+            raise ConfigError(f"{where}.label = {_v(label)} is invalid: it must be a name of 1 to {MAX_NAME} letters, "
+                              "digits and _ . + = , ( ) [ ] -")
         cls = _registry(kind).get(name, where=f"{where}.name")
         if "from" in entry:
             entry = {**_entry_from(entry.pop("from"), kind, name, label, path, where), **entry}
@@ -785,6 +827,9 @@ def check_output_writable(cfg: BenchConfig) -> None:
         shown = _v(str(folder))
         probe = folder
         while not probe.exists() and probe != probe.parent:
+            if probe.is_symlink():
+                raise ConfigError(f"{cfg.path}: {key} = {shown} is not writable ({probe} is a broken or looping "
+                                  "symbolic link); it must be a folder that exists or can be created")
             probe = probe.parent
         if probe.exists() and not probe.is_dir():
             raise ConfigError(f"{cfg.path}: {key} = {shown} is not writable ({probe} is not a folder); it must be "

@@ -23,6 +23,12 @@ from .errors import BenchError, ConfigError, UserError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 OPT_IN = "model.allow_pickle = true (or --allow-pickle)"
+#: the JSON files of a component that diffusers / transformers read when loading it
+LOADER_JSON = frozenset({"config.json", "scheduler_config.json", "tokenizer_config.json", "tokenizer.json",
+                         "special_tokens_map.json", "added_tokens.json", "vocab.json", "preprocessor_config.json",
+                         "generation_config.json"})
+#: configuration files larger than this are not parsed by the check (a tokenizer.json is a few MB)
+MAX_JSON_BYTES = 64 * 2 ** 20
 
 
 def _cut(text: Any, limit: int = 160) -> str:
@@ -42,15 +48,46 @@ def check_pipeline_folder(folder: Path, where: str, allow_pickle: bool = False) 
                           "that save_pretrained writes") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {index} must hold a JSON object naming the pipeline's components")
+    if not isinstance(data.get("_class_name"), str):
+        raise ConfigError(f"{where}: {index} has no '_class_name' (the pipeline's class, e.g. "
+                          "\"StableDiffusionPipeline\"); it must be the model_index.json that save_pretrained writes")
     for name, value in data.items():
-        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2 and value[0] and value[1]):
+        if name.startswith("_") or (not isinstance(value, list) and not (folder / name).is_dir()):
+            continue  # a pipeline setting such as "requires_safety_checker": false
+        if not (isinstance(value, list) and len(value) == 2
+                and all(v is None or isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where}: {index}: '{_cut(name, 60)}' = {_cut(json.dumps(value), 60)} is invalid: "
+                              "a component must be [library, class], e.g. [\"diffusers\", \"AutoencoderKL\"], or "
+                              "[null, null]")
+        if not (value[0] and value[1]):
             continue
         comp = folder / name
         if not comp.is_dir():
             raise ConfigError(f"{where}: {index} names the component '{_cut(name, 60)}' but {comp} is missing")
+        files = [f for f in comp.iterdir() if f.is_file()]
+        for f in files:  # the files the loaders read (others, e.g. a user's notes, are not looked at)
+            if (f.name in LOADER_JSON or f.name.endswith(".index.json")) and f.stat().st_size <= MAX_JSON_BYTES:
+                try:
+                    data, why = json.loads(f.read_bytes()), "it is not a JSON object"
+                except OSError as exc:
+                    data, why = None, f"it cannot be read ({exc.strerror or type(exc).__name__})"
+                except ValueError as exc:
+                    data, why = None, f"it is not valid JSON ({_cut(exc, 60)})"
+                if not isinstance(data, dict):
+                    raise ConfigError(f"{where}: {f} cannot be loaded: {why}; it must be the file save_pretrained "
+                                      "writes (reinstall or re-save the model)")
+        weights = [f for f in files if f.name.endswith(".safetensors") or f.suffix in PICKLE_SUFFIXES]
+        if weights and not (comp / "config.json").exists():
+            raise ConfigError(f"{where}: {comp} has weights but no config.json; the loader needs both (re-save the "
+                              "model with save_pretrained)")
         if not (comp / "config.json").exists():
             continue  # scheduler, tokenizer, feature extractor: configuration files only
-        files = [f for f in comp.iterdir() if f.is_file()]
+        for f in files:
+            if f.name.endswith(".safetensors"):
+                problem = safetensors_problem(f)
+                if problem:
+                    raise ConfigError(f"{where}: {f} is not a complete safetensors file ({problem}); re-download or "
+                                      "re-save the model")
         if any(f.name.endswith(".safetensors") for f in files):
             continue
         pickles = sorted(f for f in files if f.suffix in PICKLE_SUFFIXES)
@@ -60,6 +97,33 @@ def check_pipeline_folder(folder: Path, where: str, allow_pickle: bool = False) 
                               f"set {OPT_IN}")
         if not pickles:
             raise ConfigError(f"{where}: {comp} has no weights (no .safetensors file)")
+
+
+def safetensors_problem(path: Path) -> str:
+    """What is wrong with a safetensors file's framing, read from its header only (no tensor is loaded): ``""`` when
+    the header parses and the file is exactly as long as the header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than the 8-byte header length"
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 * 2 ** 20):
+                return f"the header claims {n} bytes, the file has {size}"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        return f"unreadable header: {_cut(exc, 60)}"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    if len(ends) != len([k for k in header if k != "__metadata__"]):
+        return "a tensor entry without data offsets"
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        return f"{size} bytes where the header describes {expected}"
+    return ""
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -34,20 +34,23 @@ _KIND_OF_SECTION = {"embed": "defenses", "generate": "defenses", "mark": "defens
 
 def parse_resources(table: Any, path: str) -> dict[str, dict[str, float]]:
     """Validate the config's ``[resources]`` table: ``{"kind" or "kind:plugin": {resource: amount >= 0}}``."""
+    from .config import _k, _v  # echoed values cut to 80 characters
+
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: 'resources' must be a table ([resources]), got {table!r}")
+        raise ConfigError(f"{path}: 'resources' must be a table ([resources]), got {_v(table)}")
     out: dict[str, dict[str, float]] = {}
     for key, value in table.items():
         kind = key.split(":", 1)[0]
         if kind not in STAGE_KINDS:
-            raise ConfigError(f"{path}: resources.{key}: unknown stage kind {kind!r}; allowed: "
+            raise ConfigError(f"{path}: resources.{_k(key)}: unknown stage kind {_v(kind)}; allowed: "
                               f"{', '.join(STAGE_KINDS)}, optionally followed by ':PLUGIN' (e.g. 'model_attack:lora')")
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: resources.{key} = {value!r} is invalid: it must be a table such as "
+            raise ConfigError(f"{path}: resources.{_k(key)} = {_v(value)} is invalid: it must be a table such as "
                               f"{{num_cpus = 1, num_gpus = 1, memory = 4e9}}")
         for name, amount in value.items():
-            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
-                raise ConfigError(f"{path}: resources.{key}.{name} = {amount!r} is invalid: it must be a number >= 0")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < float("inf"):
+                raise ConfigError(f"{path}: resources.{_k(key)}.{_k(name)} = {_v(amount)} is invalid: it must be a "
+                                  "finite number >= 0")
         out[key] = {name: float(amount) for name, amount in value.items()}
     return out
 

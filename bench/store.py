@@ -57,7 +57,17 @@ class ResultStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = sqlite3.connect(str(self.path), timeout=30)
+        if self.path.exists() and not self.path.is_file():
+            from .errors import UserError
+
+            raise UserError(f"{self.path}: is not a file; the results database must be a SQLite file (move the "
+                            "folder away, or use another run.output)")
+        try:
+            self.con = sqlite3.connect(str(self.path), timeout=30)
+        except sqlite3.Error as exc:
+            from .errors import UserError
+
+            raise UserError(f"{self.path}: the results database cannot be opened ({exc})") from None
         try:
             found = self.con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         except sqlite3.DatabaseError as exc:

@@ -44,6 +44,22 @@ def _folder_damage(what: str):
             shutil.rmtree(folder / "vae")
         elif what == "no_weights":
             (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        elif what == "component_wrong_type":
+            index = json.loads((folder / "model_index.json").read_text())
+            index["unet"] = 5
+            (folder / "model_index.json").write_text(json.dumps(index))
+        elif what == "no_class_name":
+            index = json.loads((folder / "model_index.json").read_text())
+            del index["_class_name"]
+            (folder / "model_index.json").write_text(json.dumps(index))
+        elif what == "component_config_not_json":
+            (folder / "unet" / "config.json").write_text('{"in_channels": ')
+        elif what == "component_config_missing":
+            (folder / "unet" / "config.json").unlink()
+        elif what in ("weights_truncated", "weights_garbage", "weights_empty"):
+            w = folder / "unet" / "diffusion_pytorch_model.safetensors"
+            w.write_bytes({"weights_truncated": w.read_bytes()[:-100], "weights_garbage": os.urandom(4000),
+                           "weights_empty": b""}[what])
         elif what == "pickle_only":
             (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
             (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
@@ -60,6 +76,23 @@ def _prompts_file(content: bytes | None, folder: bool = False):
             f.write_bytes(content)
         return _set(MICRO_TOML, 'set = "micro:shapes"', f'file = "{f}"')
     return make
+
+
+def _prompts_fifo(tmp: Path) -> str:
+    f = tmp / "prompts.txt"
+    os.mkfifo(f)  # reading it would block for ever: it must be refused without being opened
+    return _set(MICRO_TOML, 'set = "micro:shapes"', f'file = "{f}"')
+
+
+def _results_db_folder(tmp: Path) -> str:
+    (tmp / "out" / "results.sqlite").mkdir(parents=True)
+    return MICRO_TOML
+
+
+def _symlink_loop(tmp: Path, name: str) -> Path:
+    link = tmp / name
+    link.symlink_to(link)
+    return link
 
 
 def _run_as_value(t: str) -> str:
@@ -159,6 +192,42 @@ CONFIGS = [
      _text(lambda t: _set(t, '"ssim"]', '"ssim", {name = "fid", reference = "/no/such/dir"}]')),
      [], "reference"),
     ("old_results_database", _old_database, [], "schema version"),
+    ("guidance_nan", _text(lambda t: _set(t, "height = 64", "height = 64\nguidance_scale = nan")), [],
+     "model.guidance_scale"),
+    ("guidance_huge", _text(lambda t: _set(t, "height = 64", "height = 64\nguidance_scale = 1e308")), [],
+     "model.guidance_scale"),
+    ("prompt_megabyte_long_in_list", _text(lambda t: _set(t, 'set = "micro:shapes"', 'list = ["' + "a" * 1_000_000
+                                                                                          + '"]')), [], "prompts.list"),
+    ("prompt_megabyte_long_in_file", _prompts_file(b"a red circle\n" + b"a" * 1_000_000 + b"\n"), [], "prompts.file"),
+    ("prompts_list_explicitly_empty", _text(lambda t: _set(t, 'set = "micro:shapes"', "list = []")), [],
+     "prompts.list"),
+    ("prompts_file_is_a_fifo", _prompts_fifo, [], "not a regular file"),
+    ("label_empty", _text(lambda t: _set(t, 'name = "dwtdctsvd"', 'name = "dwtdctsvd"\nlabel = ""')), [], "label"),
+    ("label_huge", _text(lambda t: _set(t, 'name = "dwtdctsvd"', 'name = "dwtdctsvd"\nlabel = "' + "l" * 1_000_000
+                                        + '"')), [], "label"),
+    ("plugin_name_not_a_string", _text(lambda t: t + "\n[[defenses]]\nname = 5\n"), [], "defenses[2].name = 5"),
+    ("results_database_is_a_folder", _results_db_folder, [], "results.sqlite"),
+    ("output_symlink_loop", lambda tmp: _set(MICRO_TOML, 'output = "{output}"',
+                                             f'output = "{_symlink_loop(tmp, "loop")}"'), [], "symbolic link"),
+    ("cache_symlink_loop", lambda tmp: _set(MICRO_TOML, "seeds = [0]",
+                                            f'seeds = [0]\ncache = "{_symlink_loop(tmp, "loop")}"'), [],
+     "symbolic link"),
+    ("model_index_component_not_a_pair", _folder_damage("component_wrong_type"), [], "[library, class]"),
+    ("model_index_without_class_name", _folder_damage("no_class_name"), [], "_class_name"),
+    ("model_component_config_not_json", _folder_damage("component_config_not_json"), [],
+     "unet/config.json cannot be loaded"),
+    ("model_component_config_missing", _folder_damage("component_config_missing"), [], "config.json"),
+    ("model_weights_truncated", _folder_damage("weights_truncated"), [], "safetensors"),
+    ("model_weights_garbage", _folder_damage("weights_garbage"), [], "safetensors"),
+    ("model_weights_empty", _folder_damage("weights_empty"), [], "safetensors"),
+    ("output_option_empty", _text(lambda t: t), ["--output", ""], "run.output"),
+    ("resources_nan", _text(lambda t: t + "\n[resources]\ngenerate = {num_cpus = nan}\n"), [],
+     "resources.generate.num_cpus"),
+    ("resources_infinite", _text(lambda t: t + "\n[resources]\ngenerate = {memory = inf}\n"), [],
+     "resources.generate.memory"),
+    ("resources_not_a_table", _text(lambda t: "resources = 5\n" + t), [], "'resources' must be a table"),
+    ("resources_huge_key", _text(lambda t: t + "\n[resources]\n" + "g" * 1_000_000 + " = {num_cpus = 1}\n"), [],
+     "unknown stage kind"),
     ("not_utf8_config", None, [], "UTF-8"),
     ("set_without_equals", _text(lambda t: t), ["--set", "run.num_images"], "--set"),
     ("set_bad_value", _text(lambda t: t), ["--set", "run.num_images=-1"], "run.num_images"),
@@ -210,7 +279,7 @@ def test_bad_config_is_one_sentence_exit_2_before_any_work(tmp_path, capsys, mon
     argv = [command, str(path)] if command == "validate" else [command, "--config", str(path), "--no-progress"]
     rc = main(argv + extra)
     _assert_one_sentence(capsys, rc, needle)
-    if case_id != "old_results_database":
+    if case_id not in ("old_results_database", "results_database_is_a_folder"):
         assert not (tmp_path / "out" / "results.sqlite").exists()
 
 
@@ -222,10 +291,31 @@ COMMANDS = [
     ("prune_without_criterion", lambda tmp: ["cache", "prune", "--cache", str(tmp)], "--older-than"),
     ("prune_bad_age", lambda tmp: ["cache", "prune", "--cache", str(tmp), "--older-than", "banana"], "--older-than"),
     ("cache_is_a_file", lambda tmp: ["cache", "du", "--cache", str(_a_file(tmp))], "--cache"),
+    ("config_is_a_fifo", lambda tmp: ["validate", str(_fifo(tmp / "f.toml"))], "not a regular file"),
+    ("config_is_a_device", lambda tmp: ["run", "--config", "/dev/zero"], "not a regular file"),
+    ("config_symlink_loop", lambda tmp: ["validate", str(_symlink_loop(tmp, "loop.toml"))], "symbolic link"),
+    ("config_too_big", lambda tmp: ["validate", str(_sparse(tmp / "big.toml", 17 * 2 ** 20))], "at most"),
+    ("unknown_subcommand", lambda tmp: ["frobnicate"], "invalid choice: 'frobnicate'"),
+    ("unknown_option", lambda tmp: ["run", "--frob"], "unrecognized arguments: --frob"),
+    ("unknown_cache_subcommand", lambda tmp: ["cache", "frob"], "invalid choice: 'frob'"),
+    ("unknown_ls_kind", lambda tmp: ["ls", "nope"], "invalid choice: 'nope'"),
+    ("option_without_its_value", lambda tmp: ["cache", "prune", "--older-than"], "expected one argument"),
+    ("named_cache_folder_missing", lambda tmp: ["cache", "du", "--cache", str(tmp / "nope")], "no such folder"),
     ("show_without_results", lambda tmp: ["show", "--config", str(write_config(tmp))], "no results yet"),
     ("export_without_results", lambda tmp: ["export", "--config", str(write_config(tmp)), "--to", str(tmp / "x.xls")],
      "no results yet"),
 ]
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _sparse(path: Path, size: int) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
 
 
 @pytest.mark.parametrize("case_id, argv, needle", COMMANDS, ids=[c[0] for c in COMMANDS])
@@ -257,3 +347,45 @@ def test_model_that_cannot_load_is_one_user_error_before_any_cell(tmp_path, caps
     con = sqlite3.connect(tmp_path / "out" / "results.sqlite")
     assert con.execute("select count(*) from cells").fetchone()[0] == 0
     con.close()
+
+
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """run.device = 'cuda' (or 'cuda:7') where there is no such device: one sentence naming the device and the way
+    out, before any model loads; `validate --no-model` (a GPU config checked on a CPU box) still passes."""
+    import torch
+
+    import markbench.modelcheck
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: cuda and cuda:0 are fine, cuda:1 is not
+    monkeypatch.setattr(markbench.modelcheck, "load_base", lambda cfg: pytest.fail("a model was loaded"))
+    path = write_config(tmp_path, MICRO_TOML.replace("batch_size = 4", 'batch_size = 4\ndevice = "cuda:1"'))
+    capsys.readouterr()
+    line = _assert_one_sentence(capsys, main(["run", "--config", str(path), "--no-progress"]), "run.device")
+    assert "'cuda:1' is not available here (1 CUDA device(s), cuda:0 to cuda:0)" in line
+    _assert_one_sentence(capsys, main(["validate", str(path)]), "run.device")
+    assert main(["validate", str(path), "--no-model"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        path = write_config(tmp_path, MICRO_TOML.replace("batch_size = 4", f'batch_size = 4\ndevice = "{device}"'))
+        line = _assert_one_sentence(capsys, main(["validate", str(path)]), "run.device")
+        assert "no CUDA device" in line
+
+
+def test_clearing_one_prompt_key_while_setting_another_is_fine(tmp_path, capsys):
+    """Only keys that are all empty are refused: `--set prompts.set= --set prompts.list=[...]` switches sources."""
+    path = write_config(tmp_path)
+    rc = main(["validate", str(path), "--no-model", "--set", "prompts.set=", "--set", 'prompts.list=["a red circle"]'])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_irrelevant_files_in_a_model_folder_are_not_looked_at(tmp_path, capsys):
+    """Only the files the loaders read are checked: a user's notes (a JSON list, a README) beside the weights leave
+    a good model folder valid."""
+    folder = _model_folder(tmp_path)
+    (folder / "unet" / "notes.json").write_text("[1, 2]")
+    (folder / "README.md").write_text("my model")
+    (folder / "vae" / "garbage.bin.txt").write_bytes(os.urandom(100))
+    path = _write(tmp_path, "x", lambda tmp: _with_model_path(tmp, folder))
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err

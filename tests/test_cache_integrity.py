@@ -170,3 +170,44 @@ def test_concurrent_quarantine_of_one_key_is_harmless(tmp_path):
     assert store.quarantine(key) is not None
     assert store.quarantine(key) is None  # the other process got there first
     shutil.rmtree(tmp_path / "quarantine")
+
+
+def test_prune_quarantine_alone_empties_the_quarantine_and_keeps_every_entry(tmp_path, capsys):
+    """`bench cache prune --quarantine` (the help's "delete quarantined entries") used to delete every entry of the
+    cache too: without --older-than or --unused-by no entry is a candidate."""
+    store = ArtifactStore(tmp_path)
+    keys = [_entry(store, "a"), _entry(store, "b", images=False), _entry(store, "bad")]
+    (store.path(keys[2]) / "images" / "00000.png").write_bytes(b"junk")
+    assert main(["cache", "verify", "--cache", str(tmp_path)]) == 1  # quarantines the damaged one
+    assert len(list((tmp_path / "quarantine").iterdir())) == 1
+    capsys.readouterr()
+    assert main(["cache", "prune", "--cache", str(tmp_path), "--quarantine", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would remove") == 1 and "quarantine" in out
+    assert main(["cache", "prune", "--cache", str(tmp_path), "--quarantine"]) == 0
+    assert not any((tmp_path / "quarantine").iterdir())
+    assert store.exists(keys[0]) and store.exists(keys[1]) and not store.exists(keys[2])
+    store.verify(keys[0])
+    store.verify(keys[1])
+
+
+def test_files_and_folders_that_are_not_entries_are_never_reported_or_pruned(tmp_path, capsys):
+    """A user's notes, a stray folder inside a shard, a folder whose name is a key of another shard, symbolic links:
+    not entries. `verify` does not call them damaged (nor move them), `prune` never removes them."""
+    store = ArtifactStore(tmp_path)
+    key = _entry(store, "a")
+    (tmp_path / "NOTES.txt").write_text("mine")
+    (tmp_path / "zz" / "notanentry").mkdir(parents=True)
+    (tmp_path / "ab" / ("c" * 64)).mkdir(parents=True)  # a key-shaped name in the wrong shard
+    (tmp_path / "ab" / "stray.bin").write_bytes(b"x")
+    (tmp_path / "lo").symlink_to(tmp_path / "lo")
+    strays = [tmp_path / "NOTES.txt", tmp_path / "zz" / "notanentry", tmp_path / "ab" / ("c" * 64),
+              tmp_path / "ab" / "stray.bin"]
+    assert [k for k, _ in store.entries()] == [key]
+    assert main(["cache", "verify", "--cache", str(tmp_path)]) == 0
+    assert "1 entries, 0 damaged" in capsys.readouterr().out
+    past = time.time() - 10 * 86400
+    for p in strays + [store.path(key)]:
+        os.utime(p, (past, past))
+    assert main(["cache", "prune", "--cache", str(tmp_path), "--older-than", "1d"]) == 0
+    assert not store.exists(key) and all(p.exists() for p in strays)

@@ -124,3 +124,33 @@ def test_the_package_runs_the_contract_suite_on_its_own_plugins(site):
     assert out.returncode == 0, out.stdout[-3000:]
     assert "10 passed" in out.stdout  # 8 image-attack checks + 2 defence checks
 
+
+
+def test_broken_command_packages_are_one_warning_each_and_every_command_still_works(tmp_path):
+    """Entry points of the group bench.commands that name a missing module, a module whose own import fails, or a
+    module whose add_parsers raises: each is one warning naming its package; `bench ls` and `validate` work."""
+    site = tmp_path / "site"
+    (site / "cmdpkg").mkdir(parents=True)
+    (site / "cmdpkg" / "__init__.py").write_text("")
+    (site / "cmdpkg" / "needs_dep.py").write_text("import no_such_dependency_at_all\n")
+    (site / "cmdpkg" / "raises.py").write_text("def add_parsers(sub, cfg_args):\n    raise RuntimeError('boom')\n")
+    _dist(site, "cmd-plugins", "0.3", "[bench.commands]\nmissing = cmdpkg.missing\nneeds_dep = cmdpkg.needs_dep\n"
+                                       "raises = cmdpkg.raises\n")
+    from tests.conftest import MICRO_TOML
+
+    config = tmp_path / "c.toml"
+    config.write_text(MICRO_TOML.format(output=tmp_path / "out"))
+    script = textwrap.dedent(f"""
+        from markbench.cli import main
+        print("CODES", [main(["ls", "metrics"]), main(["validate", {str(config)!r}, "--no-model"])])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(site), capture_output=True,
+                         text=True, timeout=300)
+    assert "CODES [0, 0]" in out.stdout, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, out.stderr  # once each, although two commands ran
+    for name, why in (("missing", "No module named 'cmdpkg.missing'"),
+                      ("needs_dep", "No module named 'no_such_dependency_at_all'"), ("raises", "boom")):
+        line = [w for w in warnings if f"'{name} = cmdpkg.{name}' of cmd-plugins 0.3" in w]
+        assert len(line) == 1 and why in line[0], warnings
