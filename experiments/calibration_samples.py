@@ -6,7 +6,7 @@ alone).
 
 ``style`` (the figure of recogniser v2's reading): real style images, the clean base, LoRA (rank 20) at lr 3e-3 and
 at 1e-2 after 200 steps. ``subject`` (the calibrated settings of configs/finetune.toml, v3): real subject images,
-the clean base, full fine-tuning at lr 1e-4 after 200 steps, LoRA (rank 20) at lr 1e-3 after 600 steps. Each model
+the clean base, full fine-tuning at lr 1e-4 and LoRA (rank 20) at lr 1e-3, each after 200 steps. Each model
 is the attack's own ``apply`` (seed 0), its images generated exactly as the ``attacker_utility`` metric generates
 them.
 """
@@ -20,7 +20,7 @@ ROWS = {
     "style": [("lora", {"rank": 20, "alpha": 20.0, "lr": 3e-3, "steps": 200}),
               ("lora", {"rank": 20, "alpha": 20.0, "lr": 1e-2, "steps": 200})],
     "subject": [("finetune", {"lr": 1e-4, "steps": 200}),
-                ("lora", {"rank": 20, "alpha": 20.0, "lr": 1e-3, "steps": 600})],
+                ("lora", {"rank": 20, "alpha": 20.0, "lr": 1e-3, "steps": 200})],
 }
 
 
