@@ -74,10 +74,16 @@ def figure(rows: list[dict], path: Path) -> None:
         if b:
             for x in range(L, W - R, 8):
                 d.line([x, sy(b["recognition"]), x + 4, sy(b["recognition"])], fill=dash)
+    ceiling = style_vae_ceiling()
+    if ceiling is not None:  # the best any UNet fine-tune of tiny:style can reach through tiny-sd's VAE
+        for x in range(L, W - R, 12):
+            d.line([x, sy(ceiling), x + 8, sy(ceiling)], fill=(150, 0, 150), width=2)
     ly = T + 5
     d.text((W - R + 10, ly), "dashed: clean base (style black,", fill="black")
     d.text((W - R + 10, ly + 12), "subject grey); red line: 0.5", fill="black")
-    ly += 34
+    if ceiling is not None:
+        d.text((W - R + 10, ly + 24), f"purple: style after the VAE ({ceiling:.2f})", fill=(150, 0, 150))
+    ly += 46
     for i, (key, rs) in enumerate(settings(rows).items()):
         c = COLOURS[i % len(COLOURS)]
         pts = [(sx(r["steps"]), sy(r["recognition"])) for r in rs]
@@ -131,6 +137,15 @@ def markdown(rows: list[dict]) -> str:
             "development machine, shared with other jobs (`nice`d): an order of magnitude, not a benchmark.", ""]
     out += representable()
     return "\n".join(out)
+
+
+def style_vae_ceiling() -> float | None:
+    """Recognition of the real tiny:style images after tiny-sd's VAE round trip (experiments/style_representable.py)."""
+    path = Path("experiments/results/representable.json")
+    if not path.exists():
+        return None
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["images"] == "vae tiny-sd"]
+    return rows[0]["recognition"] if rows else None
 
 
 def representable() -> list[str]:
