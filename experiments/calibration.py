@@ -43,6 +43,12 @@ SETTINGS: list[tuple[str, dict, tuple[int, ...]]] = [
     ("lora", {"dataset": "tiny:style", "rank": 20, "alpha": 20.0, "lr": 1e-4}, (20, 200)),
     ("text_encoder", {"dataset": "tiny:style", "lr": 1e-4}, (20, 200, 600)),
     ("text_encoder", {"dataset": "tiny:style", "lr": 1e-3}, (20, 200, 600)),
+    # v3 (2026-12-07): tiny:style is capped by the VAE (experiments/style_representable.py); the style fine-tunes
+    # on tiny:subject, the new concept the tiny world carries, at the published defaults first
+    ("lora", {"dataset": "tiny:subject", "rank": 20, "alpha": 20.0, "lr": 1e-4}, (20, 200)),
+    ("finetune", {"dataset": "tiny:subject", "lr": 1e-4}, (20, 200)),
+    ("lora", {"dataset": "tiny:subject", "rank": 20, "alpha": 20.0, "lr": 1e-3}, (20, 200, 600)),
+    ("lora", {"dataset": "tiny:style", "rank": 64, "alpha": 64.0, "lr": 1e-3}, (20, 200, 600)),
 ]
 
 

@@ -74,10 +74,16 @@ def figure(rows: list[dict], path: Path) -> None:
         if b:
             for x in range(L, W - R, 8):
                 d.line([x, sy(b["recognition"]), x + 4, sy(b["recognition"])], fill=dash)
+    ceiling = style_vae_ceiling()
+    if ceiling is not None:  # the best any UNet fine-tune of tiny:style can reach through tiny-sd's VAE
+        for x in range(L, W - R, 12):
+            d.line([x, sy(ceiling), x + 8, sy(ceiling)], fill=(150, 0, 150), width=2)
     ly = T + 5
     d.text((W - R + 10, ly), "dashed: clean base (style black,", fill="black")
     d.text((W - R + 10, ly + 12), "subject grey); red line: 0.5", fill="black")
-    ly += 34
+    if ceiling is not None:
+        d.text((W - R + 10, ly + 24), f"purple: style after the VAE ({ceiling:.2f})", fill=(150, 0, 150))
+    ly += 46
     for i, (key, rs) in enumerate(settings(rows).items()):
         c = COLOURS[i % len(COLOURS)]
         pts = [(sx(r["steps"]), sy(r["recognition"])) for r in rs]
@@ -129,7 +135,56 @@ def markdown(rows: list[dict]) -> str:
                        f"{r['heldout_loss']:.4f} | {r['train_s']:.0f} |")
     out += ["", "Train seconds: wall time of the training steps alone (evaluations excluded) on the 2-core "
             "development machine, shared with other jobs (`nice`d): an order of magnitude, not a benchmark.", ""]
+    out += representable()
     return "\n".join(out)
+
+
+def style_vae_ceiling() -> float | None:
+    """Recognition of the real tiny:style images after tiny-sd's VAE round trip (experiments/style_representable.py)."""
+    path = Path("experiments/results/representable.json")
+    if not path.exists():
+        return None
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["images"] == "vae tiny-sd"]
+    return rows[0]["recognition"] if rows else None
+
+
+def representable() -> list[str]:
+    """The table of experiments/style_representable.py: can the tiny world carry the style at all?"""
+    path = Path("experiments/results/representable.json")
+    variants = Path("experiments/results/representable-variants.json")
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    more = [json.loads(q.read_text()) for q in sorted(Path("experiments/results").glob("representable-subject*.json"))]
+    out = ["## Can the tiny world carry the style? (`python -m experiments.style_representable`)", "",
+           f"The recogniser on {data['n']} real `{data['dataset']}` images for the held-out captions, and on the same "
+           "images after each shipped VAE's round trip (encode to the posterior mean, decode: what any UNet "
+           "fine-tune's images pass through), and after SDEdit with the clean base (noised to a share of the "
+           "sampler's 20-step schedule, denoised with guidance 7.5 and the striped caption). 'content': the "
+           "caption's shape and colour read; 'style alone': the striped question without the content gate. The "
+           "subject's rows (`--dataset tiny:subject --strengths ''`) for comparison.", "",
+           "| dataset | images | n | recognised [95% CI] | content | style alone | PSNR vs real (dB) |",
+           "|:---|:---|---:|:---|---:|---:|---:|"]
+    for d in [data, *more]:
+        for r in d["rows"]:
+            alone = f"{r['style_alone']:.3f}" if "style_alone" in r else "-"
+            out.append(f"| {d['dataset']} | {r['images']} | {d['n']} | {r['recognition']:.3f} [{r['low']:.3f}, "
+                       f"{r['high']:.3f}] | {r['content']:.3f} | {alone} | {min(r['psnr_vs_real'], 99):.1f} |")
+    out += ["", "![real style images, after tiny-sd's VAE, after tiny-sd-rt's VAE, SDEdit 0.3, SDEdit 0.6]"
+            "(img/style_representable.png)", ""]
+    if variants.exists():
+        v = json.loads(variants.read_text())
+        out += [f"Other stripe designs (`--variants`, {v['n']} items; a probe renderer, the world's own is unchanged), "
+                "each real and after tiny-sd's VAE (figure: `img/style_variants.png`, rows in the table's order):", "",
+                "| design | real: recognised | real: content / style alone | after VAE: recognised | "
+                "after VAE: content / style alone |", "|:---|:---|:---|:---|:---|"]
+        rows = v["rows"]
+        for a, b in zip(rows[0::2], rows[1::2]):
+            out.append(f"| {a['images'][:-5]} | {a['recognition']:.3f} [{a['low']:.2f}, {a['high']:.2f}] | "
+                       f"{a['content']:.2f} / {a['style_alone']:.2f} | {b['recognition']:.3f} [{b['low']:.2f}, "
+                       f"{b['high']:.2f}] | {b['content']:.2f} / {b['style_alone']:.2f} |")
+        out.append("")
+    return out
 
 
 def main() -> None:
