@@ -70,3 +70,26 @@ def test_the_config_embeds_at_the_point_the_curve_chose_with_the_curves_stage1_s
         (s["stage1_latent_steps"], s["stage1_steps"], s["image_loss_start"])
     assert p["trigger_position"] == "suffix" and cfg.run.seeds == [0, 1, 2]
     assert (p["tau"], p["beta"], p["uncond_prob"]) == (250.0, 100.0, 0.0)  # the paper's
+
+
+def test_stage2_probe_table_lists_every_checkpoint_and_marks_the_untouched_model():
+    from experiments import stage2_steps as s2
+
+    rows = [{"step": 0, "bit_accuracy_trigger": 0.5, "bit_accuracy_no_trigger": 0.51, "psnr_to_twin": float("inf"),
+             "ssim_to_twin": 1.0, "seconds": 30},
+            {"step": 150, "bit_accuracy_trigger": 0.61, "bit_accuracy_no_trigger": 0.52, "psnr_to_twin": 36.4,
+             "ssim_to_twin": 0.98, "seconds": 200}]
+    text = s2.render({"entry": "8e7bc806a1bc83d9", "bits": 32, "eta": 1.0, "lr": 1e-3, "steps": 600, "batch": 8,
+                      "n": 16, "ceiling_twin_plus_delta": 0.83, "rows": rows})
+    assert "| 0 | 0.500 | 0.510 | identical | 1.000 | 30 |" in text
+    assert "| 150 | 0.610 | 0.520 | 36.4 | 0.980 | 200 |" in text
+    assert "bit accuracy 0.830" in text and "`8e7bc806a1bc`" in text
+
+
+@pytest.mark.skipif(not (ROOT / "docs" / "data" / "stage2_steps.json").exists(), reason="no committed probe")
+def test_the_stage2_probe_table_in_the_docs_is_the_rendering_of_the_committed_measurement():
+    from experiments import stage2_steps as s2
+
+    result = json.loads((ROOT / "docs" / "data" / "stage2_steps.json").read_text())
+    text = (ROOT / "docs" / "operating_point.md").read_text()
+    assert text[text.index(s2.BEGIN) + len(s2.BEGIN):text.index(s2.END)].strip() == s2.render(result).strip()
