@@ -28,17 +28,17 @@ def collect(name: str, path: Path) -> dict:
     """The SleeperMark rows (and the control) of one run, unattacked cells only."""
     db = sqlite3.connect(str(path))
     out = {"name": name, "rows": []}
-    cells = db.execute("select cell_id, label, defense, defense_params, n_images, costs_json, status from cells "
-                       "where image_attack = 'none' and model_attack = 'none' order by label").fetchall()
-    for cell_id, label, defense, params, n, costs, status in cells:
+    cells = db.execute("select cell_id, label, defense, defense_params, n_images, costs_json, status, seed from cells "
+                       "where image_attack = 'none' and model_attack = 'none' order by seed, label").fetchall()
+    for cell_id, label, defense, params, n, costs, status, seed in cells:
         if status != "ok":
-            out["rows"].append({"label": label, "status": status})
+            out["rows"].append({"label": label, "status": status, "seed": seed})
             continue
         rows = {m: {"value": v, "low": lo, "high": hi, "note": note}
                 for m, v, lo, hi, note in db.execute("select metric, value, low, high, note from results "
                                                      "where cell_id = ?", (cell_id,))}
         p = json.loads(params or "{}")
-        row = {"label": label, "defense": defense, "n": n, "status": status,
+        row = {"label": label, "defense": defense, "n": n, "status": status, "seed": seed,
                "params": {k: p.get(k) for k in ("bits", "trigger", "trigger_position", "residual_rms", "stage1_steps",
                                                 "stage2_steps", "eta") if k in p},
                "metrics": {m: rows[m] for m in METRICS if m in rows},
@@ -62,9 +62,11 @@ def render(data: dict) -> str:
              "SSIM to twin | keyless AUC (Laplacian / classifier) | CLIP score (vs twin) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in data["runs"]:
+        several = len({r.get("seed") for r in run["rows"]}) > 1
         for row in run["rows"]:
+            name = f"{run['name']} seed {row.get('seed')}" if several else run["name"]
             if row.get("status") != "ok":
-                lines.append(f"| {run['name']} | {row['label']} | - | not finished ({row.get('status')}) | | | | | |")
+                lines.append(f"| {name} | {row['label']} | - | not finished ({row.get('status')}) | | | | | |")
                 continue
             if row["defense"] != "sleepermark":
                 continue
@@ -75,19 +77,21 @@ def render(data: dict) -> str:
             clip = m.get("clip_score")
             delta = m.get("clip_score_twin_delta")
             clip_s = f"{clip['value']:.1f} ({delta['value']:+.1f})" if clip and delta else "-"
-            lines.append(f"| {run['name']} | {row['label'].split('/')[0]} | {setting} | {_ci(m.get('bit_accuracy'))} | "
+            lines.append(f"| {name} | {row['label'].split('/')[0]} | {setting} | {_ci(m.get('bit_accuracy'))} | "
                          f"{tpr} | {_ci(m.get('psnr_watermark'), '.1f')} | {_ci(m.get('ssim_watermark'))} | "
                          f"{m['keyless_auc']['value']:.2f} / {m['keyless_classifier_auc']['value']:.2f} | {clip_s} |"
                          if "keyless_auc" in m and "keyless_classifier_auc" in m else
-                         f"| {run['name']} | {row['label'].split('/')[0]} | {setting} | {_ci(m.get('bit_accuracy'))} | "
+                         f"| {name} | {row['label'].split('/')[0]} | {setting} | {_ci(m.get('bit_accuracy'))} | "
                          f"{tpr} | {_ci(m.get('psnr_watermark'), '.1f')} | {_ci(m.get('ssim_watermark'))} | - | "
                          f"{clip_s} |")
     costs = []
     for run in data["runs"]:
+        several = len({r.get("seed") for r in run["rows"]}) > 1
         for row in run["rows"]:
             c = row.get("costs") or {}
+            name = f"{run['name']} seed {row.get('seed')}" if several else run["name"]
             if row.get("defense") == "sleepermark" and c and "[" not in row["label"]:
-                costs.append(f"{run['name']}: stage 1 bit accuracy on the round trip "
+                costs.append(f"{name}: stage 1 bit accuracy on the round trip "
                              f"{c.get('stage1_bit_accuracy_roundtrip', float('nan')):.3f}, embedding "
                              f"{c.get('seconds', float('nan')):.0f} s (stage 1 {c.get('stage1_seconds', 0):.0f} s, "
                              f"{c.get('stage1_steps')} steps; stage 2 {c.get('stage2_seconds', 0):.0f} s, "

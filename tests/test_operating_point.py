@@ -199,3 +199,18 @@ def test_operating_point_config_validates_with_its_settings():
     assert (p["bits"], p["trigger_position"], p["residual_rms"]) == (32, "suffix", 0.1)
     assert p["stage2_steps"] == 6000 and p["eta"] == 5.0  # the rest borrowed from sleepermark-tiny.toml
     assert cfg.model.builtin == "tiny-sd-rt"
+
+
+def test_operating_point_report_names_each_embeddings_row_by_its_seed():
+    from experiments import operating_point_report as opr
+
+    def row(seed, acc):
+        return {"label": f"sleepermark/none/none/s{seed}", "defense": "sleepermark", "n": 32, "status": "ok",
+                "seed": seed, "params": {"bits": 32, "trigger_position": "suffix", "residual_rms": 0.05},
+                "metrics": {"bit_accuracy": {"value": acc, "low": None, "high": None}}, "tpr": {}, "costs": {}}
+
+    several = opr.render({"runs": [{"name": "op", "rows": [row(0, 0.81), row(1, 0.77)]}]})
+    assert "| op seed 0 | sleepermark | 32 / suffix" in several and "| op seed 1 |" in several
+    assert "0.810" in several and "0.770" in several
+    one = opr.render({"runs": [{"name": "op", "rows": [row(0, 0.81)]}]})
+    assert "| op | sleepermark |" in one and "seed" not in one
