@@ -54,8 +54,11 @@ name = "none"
 
 
 def run(folder: Path, merged: bool, args) -> float:
-    cfg = folder / ("merged.toml" if merged else "alone.toml")
-    cfg.write_text(GRID.format(output=folder / ("merged" if merged else "alone"), seeds=list(range(args.seeds)),
+    """One ``bench run`` from an empty cache (a fresh folder each time), its wall time."""
+    folder = folder / f"{'merged' if merged else 'alone'}-{len(list(folder.iterdir()))}"
+    folder.mkdir()
+    cfg = folder / "grid.toml"
+    cfg.write_text(GRID.format(output=folder / "out", seeds=list(range(args.seeds)),
                                images=args.images, batch=args.batch, merged=str(merged).lower(), model=args.model,
                                steps=args.steps))
     t0 = time.perf_counter()
@@ -71,13 +74,19 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8, help="images per cell")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each (alone, shared, alone, ...); "
+                    "the best of each is reported, so a load change on a shared machine hits both")
     args = ap.parse_args()
+    walls: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        alone = run(folder, False, args)
-        merged = run(folder, True, args)
+        for _ in range(args.repeats):
+            for merged in (False, True):
+                walls[merged].append(run(Path(tmp), merged, args))
+    alone, merged = min(walls[False]), min(walls[True])
     print(f"{args.seeds} cells x {args.images} images, batch {args.batch}, {args.steps} steps on {args.model}:")
-    print(f"  one generation per cell: {alone:.1f} s; shared batches: {merged:.1f} s; ratio {alone / merged:.2f}x")
+    print(f"  one generation per cell: {alone:.1f} s (runs {', '.join(f'{w:.1f}' for w in walls[False])}); "
+          f"shared batches: {merged:.1f} s (runs {', '.join(f'{w:.1f}' for w in walls[True])}); "
+          f"ratio {alone / merged:.2f}x")
 
 
 if __name__ == "__main__":
