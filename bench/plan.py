@@ -26,7 +26,10 @@ from .config import BenchConfig, PluginSpec
 from .models import model_fingerprint
 from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy, ThreatTier, Verification
 
-STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "detect")
+STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "forge", "detect")
+
+#: A cell's axis: ``removal`` (marked images attacked, TPR) or ``forgery`` (clean images forged, FPR).
+AXES = ("removal", "forgery")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class Cell:
     twins: str = ""  # the right twin: the clean (equally attacked) model's images made as `unattacked` was made
     #: further image sets a metric may load by name (the attacker-utility images of a model-attacked cell)
     extra_images: tuple[tuple[str, str], ...] = ()
+    #: ``removal``, or ``forgery`` for a forging image attack: then ``images`` are forged clean images,
+    #: ``unattacked`` the clean images they were made from, ``negatives`` the same clean images unforged
+    axis: str = "removal"
 
     @property
     def defense_label(self) -> str:
@@ -269,6 +275,12 @@ class _Builder:
         return self.add("image_attack", (images_key,), ia, seed, label=f"image attack {ia.label}",
                         **self.attack_model(ia))
 
+    def forged_images(self, clean_key: str, marked_key: str, ia: PluginSpec, seed: int) -> str:
+        """A forgery's stage: the clean images ``clean_key`` made to read as marked, the mark learnt from the
+        marked images ``marked_key`` (a stage kind of its own, so no removal stage's key changes)."""
+        return self.add("forge", (clean_key, marked_key), ia, seed, label=f"forge {ia.label}",
+                        **self.attack_model(ia))
+
     def attack_model(self, ia: PluginSpec) -> dict[str, Any]:
         """The model an image attack declares it needs (``needs_model``), by fingerprint: part of its stage key, so
         that another base model gives another key. Attacks that need none keep their keys."""
@@ -280,6 +292,12 @@ class _Builder:
 
 #: how a repeated attack run is labelled: the model attack's label and `` a<attack seed>`` (reports.data parses it)
 ATTACK_SEED_SUFFIX = " a{}"
+
+
+def forges(ia: PluginSpec) -> bool:
+    """Whether a configured image attack is a forgery (:attr:`bench.ImageAttack.forges`)."""
+    cls = _cls(ia)
+    return bool(getattr(cls, "can_forge", False)) and bool(ia.instantiate().forges)
 
 
 def repeats_with_attack_seeds(ma: PluginSpec) -> bool:
@@ -335,6 +353,10 @@ def build_plan(cfg: BenchConfig) -> Plan:
                     else:
                         twins = clean_twins
                     for ia in cfg.image_attacks:
+                        if forges(ia):
+                            _forgery_cell(b, cfg, d, dcls, ma, ia, seed, embed, base, clean_model, clean_twins,
+                                          unattacked, reference, twins, variant)
+                            continue
                         images = b.attacked_images(unattacked, ia, seed)
                         if white_box_generation(dcls):
                             # a white-box verifier's null is its own procedure run on a clean model
@@ -361,3 +383,31 @@ def build_plan(cfg: BenchConfig) -> Plan:
                         b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
                                                  negatives, det_pos, det_neg, variant, reference, twins, utility))
     return b.plan
+
+
+def _forgery_cell(b: _Builder, cfg: BenchConfig, d: PluginSpec, dcls: type[Defense], ma: PluginSpec, ia: PluginSpec,
+                  seed: int, embed: str, base: str, clean_model: str, clean_twins: str, marked: str, reference: str,
+                  twins: str, variant: str) -> None:
+    """A forgery cell: the clean images the verifier would see (the clean model's images; for a white-box
+    verifier its own procedure on the clean model) are forged with what the attacker learns from the marked
+    images, and detected; the negatives are the same clean images unforged. Its key names the axis, so no removal
+    cell's key changes."""
+    request = b.plan.requests[seed]
+    if white_box_generation(dcls):
+        clean = b.add("generate", (clean_model, embed), d, seed, label=f"generate {d.label} on the clean model"
+                      + (f"[{variant}]" if variant else ""), request=b.request_identity(request), run_seed=seed,
+                      variant=variant)
+    else:
+        clean = clean_twins
+    images = b.forged_images(clean, marked, ia, seed)
+    det_pos = b.add("detect", (embed, images), d, seed, label=f"detect {d.label} (forged)")
+    det_neg = b.add("detect", (embed, clean), d, seed, label=f"detect {d.label} (negatives)")
+    key = stable_hash({
+        "cell": [det_pos, det_neg, images, clean, clean_twins, clean, reference, twins],
+        "metrics": [m.identity() for m in cfg.metrics],
+        "target_fprs": list(cfg.run.target_fprs),
+        "variant": variant,
+        "axis": "forgery",
+    })
+    b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, clean, clean_twins, clean, det_pos, det_neg,
+                             variant, reference, twins, (), "forgery"))
