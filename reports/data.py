@@ -449,6 +449,23 @@ def describe_metric(name: str) -> str:
                     f"(binomial tail); exact Clopper-Pearson interval.")
         return (f"False positive rate measured on the negatives at the threshold set for FPR {fpr}; exact "
                 f"Clopper-Pearson interval (small N cannot resolve small FPRs: see the note).")
+    m = re.fullmatch(r"(forged_fpr|clean_fpr|joint_evasion|joint_forgery)@(.+)", name)
+    if m:  # bench.measures.forgery
+        kind, at = m.groups()
+        return {"forged_fpr": f"Forgery cells: the fraction of forged clean images the verifier accepts at its "
+                              f"threshold for FPR {at}; exact Clopper-Pearson interval.",
+                "clean_fpr": f"Forgery cells: the same clean images before forging, at the threshold for FPR {at} "
+                             f"(the baseline the forgery raises).",
+                "joint_evasion": f"Per image: not detected at the threshold for FPR {at}, within the quality bound "
+                                 f"to the attack's input, and the content kept (where the world judges it); "
+                                 f"Clopper-Pearson.",
+                "joint_forgery": f"Forgery cells, per image: accepted as marked at the threshold for FPR {at} "
+                                 f"within the quality bound to the clean input; Clopper-Pearson."}[kind]
+    if name in ("quality_kept", "content_kept"):
+        return ("Fraction of attacked images within the joint_evasion metric's PSNR / SSIM bound to the attack's "
+                "input." if name == "quality_kept" else
+                "Fraction of attacked images whose content the world's judge (tiny world: zero-shot CLIP shape and "
+                "colour) reads as unchanged.")
     low = name.lower()
     if "fid" in low:
         return "Frechet Inception Distance between image sets (lower is closer); N = images per set."

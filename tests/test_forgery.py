@@ -154,3 +154,9 @@ def test_a_run_with_a_forgery_stores_it_apart_with_its_cost_and_the_reports_show
     assert {f["defense_label"] for f in board["forgery"]} == {"none", "dwtdctsvd"}
     md = leaderboard.to_markdown(board)
     assert "Forgery" in md and "joint success" in md
+    from markbench.reports.html import render_report
+
+    out = tmp_path / "report.html"
+    render_report(cfg.output / "results.sqlite", out)
+    page = out.read_text()
+    assert 'id="attacker"' in page and "forged FPR@1e-06" in page and "joint evasion@1e-06" in page
