@@ -563,6 +563,8 @@ class ImageAttack(Plugin):
 
     #: The attack implements :meth:`forge` (some of its parameter settings are forgeries).
     can_forge: ClassVar[bool] = False
+    #: Parameters that make it a forgery (e.g. ``{"mode": "forge"}``), for the contract tests.
+    forge_params: ClassVar[dict[str, Any]] = {}
 
     #: True for the no-op attack: the planner then adds no stage (the unattacked column).
     identity: ClassVar[bool] = False
@@ -629,8 +631,9 @@ class ImageAttack(Plugin):
                                             f"{', '.join(map(repr, ATTACK_MODELS))} or None")
             if "ctx" not in inspect.signature(cls.apply).parameters:
                 raise PluginValidationError(f"{owner} declares needs_model, so apply() must take a 'ctx' argument")
-        if cls.can_forge and cls.forge is ImageAttack.forge:
-            raise PluginValidationError(f"{owner} declares can_forge, so it must implement forge()")
+        if cls.can_forge and (cls.forge is ImageAttack.forge or not cls.forge_params):
+            raise PluginValidationError(f"{owner} declares can_forge, so it must implement forge() and name the "
+                                        f"parameters that make it a forgery (forge_params)")
         for s in (0.0, 0.5, 1.0):
             mapped = cls.natural_params(s)
             if not isinstance(mapped, dict):

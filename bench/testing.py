@@ -313,10 +313,37 @@ def batch_equals_per_image(plugin: type[ImageAttack]) -> None:
             f"{_name(plugin)} is declared deterministic but depends on the generator")
 
 
+def forgery_is_images_in_range(plugin: type[ImageAttack]) -> None:
+    """For an attack that can forge (``can_forge``): with its ``forge_params`` it declares itself a forgery, and
+    ``forge(clean, marked, generator, ctx)`` returns images of the clean images' shape, float32, finite, in [0, 1],
+    bit-identical under the same seed, without changing its inputs; its default parameters are not a forgery.
+    (Attacks that cannot forge are exempt.)"""
+    if not plugin.can_forge:
+        return
+    name = _name(plugin)
+    _expect(not _attack(plugin).forges, f"{name}: its default parameters must be a removal attack")
+    attack = _attack(plugin, **plugin.forge_params)
+    _expect(attack.forges, f"{name}({plugin.forge_params}) does not declare itself a forgery (forges is False)")
+    clean, marked = sample_images(), sample_images(seed=31)
+    c0, m0 = clean.clone(), marked.clone()
+
+    def forge(seed: int) -> torch.Tensor:
+        ctx = attack_context() if plugin.needs_model else AttackContext()
+        return attack.forge(clean, marked, _gen(seed), ctx)
+
+    out = forge(4)
+    _expect(isinstance(out, torch.Tensor) and out.shape == clean.shape and out.dtype == torch.float32,
+            f"{name}.forge returned {getattr(out, 'shape', type(out).__name__)}, expected {tuple(clean.shape)} float32")
+    _expect(bool(torch.isfinite(out).all()) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0,
+            f"{name}.forge returned values outside [0, 1]")
+    _expect(torch.equal(out, forge(4)), f"{name}.forge differs between identically seeded runs")
+    _expect(torch.equal(clean, c0) and torch.equal(marked, m0), f"{name}.forge modified its inputs in place")
+
+
 IMAGE_ATTACK_CHECKS: tuple[Callable[[type], None], ...] = (
     declaration_is_valid, from_strength_gives_declared_values, output_is_images_in_range,
     same_seed_is_bit_identical, no_global_rng_and_no_inplace, zero_strength_is_near_identity,
-    effect_grows_with_strength, batch_equals_per_image,
+    effect_grows_with_strength, batch_equals_per_image, forgery_is_images_in_range,
 )
 
 

@@ -66,6 +66,7 @@ class Averaging(ImageAttack):
     mode: str = param("remove", "'remove': subtract the pattern from marked images; 'forge': add it to clean images "
                       "(a forgery cell)", choices=("remove", "forge"), keyed_at_default=False)
     can_forge = True
+    forge_params = {"mode": "forge"}
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
