@@ -486,6 +486,8 @@ class AttackContext:
     progress: Callable[..., Iterable] | None = None
     #: what the attack reports of its cost (``record_cost``): stored with the stage and the cell
     costs: dict[str, Any] = field(default_factory=dict)
+    #: the tensors of the attack's trained surrogate (``trains_surrogate``), None for other attacks
+    surrogate: "dict[str, torch.Tensor] | None" = None
 
     def record_cost(self, **costs: Any) -> None:
         """Report the attack's cost, e.g. ``model_evals=`` (forward or backward passes of a network) and
@@ -565,6 +567,10 @@ class ImageAttack(Plugin):
     can_forge: ClassVar[bool] = False
     #: Parameters that make it a forgery (e.g. ``{"mode": "forge"}``), for the contract tests.
     forge_params: ClassVar[dict[str, Any]] = {}
+    #: The attack trains a surrogate detector first (a cached ``surrogate`` stage): it declares the parameter
+    #: ``train_images`` (images per class the attacker generates) and implements :meth:`train_surrogate`; its
+    #: ``apply`` / ``forge`` then find the trained tensors in ``ctx.surrogate``.
+    trains_surrogate: ClassVar[bool] = False
 
     #: True for the no-op attack: the planner then adds no stage (the unattacked column).
     identity: ClassVar[bool] = False
@@ -631,6 +637,10 @@ class ImageAttack(Plugin):
                                             f"{', '.join(map(repr, ATTACK_MODELS))} or None")
             if "ctx" not in inspect.signature(cls.apply).parameters:
                 raise PluginValidationError(f"{owner} declares needs_model, so apply() must take a 'ctx' argument")
+        if cls.trains_surrogate and (cls.train_surrogate is ImageAttack.train_surrogate
+                                     or "train_images" not in by_name):
+            raise PluginValidationError(f"{owner} declares trains_surrogate, so it must implement train_surrogate() "
+                                        f"and declare the parameter 'train_images'")
         if cls.can_forge and (cls.forge is ImageAttack.forge or not cls.forge_params):
             raise PluginValidationError(f"{owner} declares can_forge, so it must implement forge() and name the "
                                         f"parameters that make it a forgery (forge_params)")
@@ -661,6 +671,12 @@ class ImageAttack(Plugin):
     def forges(self) -> bool:
         """Whether this configured attack is a forgery (its cell forges clean images); False by default."""
         return False
+
+    def train_surrogate(self, marked: "torch.Tensor", clean: "torch.Tensor", generator: "torch.Generator",
+                        ctx: AttackContext) -> "dict[str, torch.Tensor]":
+        """Train the attacker's surrogate on its own marked and clean images (``train_images`` of each, from the
+        watermarked model as the attacker can sample it and from the clean model); returns its tensors."""
+        raise NotImplementedError
 
     def forge(self, clean: "torch.Tensor", marked: "torch.Tensor", generator: "torch.Generator",
               ctx: AttackContext) -> "torch.Tensor":

@@ -73,7 +73,7 @@ class _Pending:
 
 
 #: stage kinds whose recorded cost is stored with the cell
-_COSTED = ("embed", "model_attack", "image_attack", "forge")
+_COSTED = ("embed", "model_attack", "image_attack", "forge", "surrogate")
 _CELL_ATTACK = ("image_attack", "forge")
 
 #: how often one cell is tried after healing damaged entries it read

@@ -109,10 +109,14 @@ class StageEnv:
         holds, loaded once); a context without a model for an attack that needs none (its costs are recorded)."""
         need = stage.extra_dict.get("attack_model")
         track = self.progress.track if self.progress is not None else None
+        # an attack's trained surrogate: the last input of its image-attack / forge stage, when it has one
+        n_images = {"image_attack": 1, "forge": 2}.get(stage.kind)
+        surrogate = (self.store.tensors(stage.inputs[-1])
+                     if n_images is not None and len(stage.inputs) > n_images else None)
         if not need:  # no model; still a place to record the attack's cost
-            return AttackContext(device=self.cfg.run.device, progress=track)
+            return AttackContext(device=self.cfg.run.device, progress=track, surrogate=surrogate)
         return AttackContext(model=self.base_pipeline(), model_fingerprint=need["fingerprint"],
-                             device=self.cfg.run.device, progress=track)
+                             device=self.cfg.run.device, progress=track, surrogate=surrogate)
 
     def context(self, stage: Stage) -> StageContext:
         gen = torch.Generator().manual_seed(stage_seed(stage.seed, stage.key))
@@ -257,6 +261,14 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
         clean = store.images(stage.inputs[0])
         images = check_images(defense.mark(clean.clone(), env.secret(stage.inputs[1]), ctx), f"{who}.mark",
                               tuple(clean.shape))
+    elif stage.kind == "surrogate":
+        attack = env.plugin(stage.plugin)
+        marked, clean = store.images(stage.inputs[0]), store.images(stage.inputs[1])
+        actx = env.attack_context(stage)
+        tensors = attack.train_surrogate(marked, clean, ctx.generator, actx)
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise PluginError(f"{who}.train_surrogate returned {type(tensors).__name__}, expected a dict of tensors")
+        ctx.costs.update(actx.costs)
     elif stage.kind == "image_attack":
         attack = env.plugin(stage.plugin)
         src = store.images(stage.inputs[0])

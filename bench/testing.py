@@ -165,9 +165,22 @@ def attack_context(model: Any = None) -> AttackContext:
 
 def run_attack(attack: ImageAttack, images: torch.Tensor, generator: torch.Generator,
                model: Any = None) -> torch.Tensor:
-    """``attack.apply`` as the harness calls it: with an :func:`attack_context` for an attack that needs a model."""
+    """``attack.apply`` as the harness calls it: with an :func:`attack_context` for an attack that needs a model,
+    and a trained surrogate (:func:`trained_surrogate`) for one that ``trains_surrogate``."""
     ctx = attack_context(model) if type(attack).needs_model else None
+    if type(attack).trains_surrogate:
+        ctx = ctx or AttackContext()
+        ctx.surrogate = trained_surrogate(attack, images.shape[-1])
     return apply_image_attack(attack, images, generator, ctx)
+
+
+def trained_surrogate(attack: ImageAttack, size: int = 48) -> dict[str, torch.Tensor]:
+    """What the harness's ``surrogate`` stage gives an attack that ``trains_surrogate``: trained on 8 sample
+    images carrying a fixed +-6/255 pattern against the same 8 without it (seeded)."""
+    clean = sample_images(8, size, seed=55)
+    mark = (torch.randint(0, 2, (1, 3, size, size), generator=_gen(56)).float() * 2 - 1) * (6 / 255)
+    ctx = attack_context() if type(attack).needs_model else AttackContext()
+    return attack.train_surrogate((clean + mark).clamp(0, 1), clean, _gen(57), ctx)
 
 
 def _attack(plugin: type[ImageAttack], **params: Any) -> ImageAttack:
@@ -329,6 +342,8 @@ def forgery_is_images_in_range(plugin: type[ImageAttack]) -> None:
 
     def forge(seed: int) -> torch.Tensor:
         ctx = attack_context() if plugin.needs_model else AttackContext()
+        if plugin.trains_surrogate:
+            ctx.surrogate = trained_surrogate(attack, clean.shape[-1])
         return attack.forge(clean, marked, _gen(seed), ctx)
 
     out = forge(4)

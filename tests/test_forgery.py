@@ -160,3 +160,58 @@ def test_a_run_with_a_forgery_stores_it_apart_with_its_cost_and_the_reports_show
     render_report(cfg.output / "results.sqlite", out)
     page = out.read_text()
     assert 'id="attacker"' in page and "forged FPR@1e-06" in page and "joint evasion@1e-06" in page
+
+
+SURROGATE_TOML = MICRO_TOML.replace('[[defenses]]\nname = "none"\n\n', '', 1).replace(
+    'metrics = ["bit_accuracy", "tpr", "pvalue", "auc", "psnr", "ssim"]',
+    'metrics = ["bit_accuracy", "tpr", "psnr", "ssim", "forgery", "joint_evasion"]',
+) + """
+[[image_attacks]]
+name = "adv_surrogate"
+train_images = 6
+train_steps = 5
+steps = 3
+mode = ["remove", "forge"]
+"""
+
+
+def test_adv_surrogate_trains_one_cached_surrogate_per_defence_on_the_attackers_own_images(tmp_path):
+    plan = _plan(tmp_path, SURROGATE_TOML)
+    surrogates = [s for s in plan.stages.values() if s.kind == "surrogate"]
+    # one per defence and mode (the mode is a parameter of the attack, so part of the key)
+    assert len(surrogates) == 2
+    for s in surrogates:
+        marked, clean = (plan.stages[k] for k in s.inputs)
+        assert marked.kind == "mark" and clean.kind == "generate"  # dwtdctsvd is post-hoc: the service marks
+        assert plan.stages[marked.inputs[0]].key == clean.key
+        req = plan.named_requests[clean.extra_dict["request_name"]]
+        assert len(req.prompts) == 6 and not set(req.seeds) & set(plan.requests[0].seeds)
+    removal = next(c for c in plan.cells if c.axis == "removal" and c.image_attack.name == "adv_surrogate")
+    attack, neg = plan.stages[removal.images], plan.stages[removal.negatives]
+    assert attack.inputs[-1] == neg.inputs[-1] and plan.stages[attack.inputs[-1]].kind == "surrogate"
+    forged = next(c for c in plan.cells if c.axis == "forgery")
+    assert plan.stages[plan.stages[forged.images].inputs[-1]].kind == "surrogate"
+
+
+def test_adv_surrogate_pgd_moves_the_surrogates_logit_the_way_the_mode_asks_more_than_random_signs():
+    from markbench import AttackContext
+    from markbench.registries import image_attacks
+    from markbench.testing import sample_images, trained_surrogate
+
+    a = image_attacks.get("adv_surrogate")(train_steps=150, steps=20, eps=8 / 255)
+    tensors = trained_surrogate(a, 32)
+    assert float(tensors["train_accuracy"]) > 0.9  # a fixed +-6/255 pattern is learnable
+    net = a.load_surrogate(tensors)
+    x = sample_images(6, 32, seed=90)
+    ctx = AttackContext(surrogate=tensors)
+    g = torch.Generator().manual_seed(1)
+    removed, forged = a.apply(x, g, ctx), a.forge(x, x, g, ctx)
+    signs = (x + (torch.randint(0, 2, x.shape, generator=g) * 2 - 1) * 8 / 255).clamp(0, 1)
+    with torch.no_grad():
+        logit = {k: net(v).squeeze(1) for k, v in (("x", x), ("removed", removed), ("forged", forged),
+                                                      ("signs", signs))}
+    assert float((removed - x).abs().max()) <= 8 / 255 + 1e-6
+    assert float(logit["removed"].mean()) < float(logit["x"].mean()) - abs(float(logit["signs"].mean() -
+                                                                             logit["x"].mean()))
+    assert float(logit["forged"].mean()) > float(logit["x"].mean()) + abs(float(logit["signs"].mean() -
+                                                                           logit["x"].mean()))
