@@ -313,7 +313,13 @@ class _Builder:
                               request=self.request_identity(request), run_seed=seed, request_name=name)
         else:
             marked = self.named_images(model, name, request, seed)
-        return self.add("surrogate", (marked, clean), ia, seed, label=f"train surrogate {ia.label}")
+        # the surrogate depends on the training parameters only: one is shared by every attack setting that trains
+        # it the same way (removal and forgery, every budget); the others are keyed at their defaults
+        train = set(getattr(cls, "surrogate_params", ())) | {"train_images"}
+        defaults = {p.name: p.default for p in cls.params}
+        spec = dataclasses.replace(ia, params=tuple((k, v if k in train else defaults.get(k, v)) for k, v in ia.params),
+                                   given=tuple(k for k in ia.given if k in train), display="")
+        return self.add("surrogate", (marked, clean), spec, seed, label=f"train surrogate {ia.name}")
 
     def attack_model(self, ia: PluginSpec) -> dict[str, Any]:
         """The model an image attack declares it needs (``needs_model``), by fingerprint: part of its stage key, so

@@ -571,6 +571,9 @@ class ImageAttack(Plugin):
     #: ``train_images`` (images per class the attacker generates) and implements :meth:`train_surrogate`; its
     #: ``apply`` / ``forge`` then find the trained tensors in ``ctx.surrogate``.
     trains_surrogate: ClassVar[bool] = False
+    #: The parameters the surrogate's training reads (besides ``train_images``): only they key its stage, so one
+    #: surrogate serves every setting of the others (a removal and a forgery, every budget).
+    surrogate_params: ClassVar[tuple[str, ...]] = ()
 
     #: True for the no-op attack: the planner then adds no stage (the unattacked column).
     identity: ClassVar[bool] = False

@@ -49,6 +49,7 @@ class AdvSurrogate(ImageAttack):
     strength_mapping = "eps = (2 + 6 s) / 255"
     zero_strength_tolerance = 2.0 / 255
     trains_surrogate = True
+    surrogate_params = ("train_images", "train_steps", "train_batch", "lr", "width")
     can_forge = True
     forge_params = {"mode": "forge"}
     smoke_params = {"steps": 3, "train_steps": 5}
