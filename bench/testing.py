@@ -426,7 +426,8 @@ def model_attack_returns_a_working_pipeline(plugin: type[ModelAttack]) -> None:
 
 def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
     """On a synthetic multi-bit cell (45 of 48 bits right on 8 images, random negatives): a non-empty list of
-    :class:`~bench.Measurement` with N > 0 and finite-or-NaN values."""
+    :class:`~bench.Measurement` with N > 0 and finite-or-NaN values (for a metric that measures nothing in a removal
+    cell, in the same cell as a forgery cell)."""
     from .registries import defenses, model_attacks
 
     g = _gen(0)
@@ -442,6 +443,9 @@ def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
                          prompts=(PROMPT,) * 8,
                          model_attack=model_attacks.get("prune")())  # a model-attacked cell: attacker utility
     out = plugin(**plugin.smoke_params).compute(ctx)
+    if not out:  # a metric of forgery cells only (the ``forgery`` metric): the same cell as a forgery
+        ctx.axis = "forgery"
+        out = plugin(**plugin.smoke_params).compute(ctx)
     name = _name(plugin)
     _expect(bool(out) and all(isinstance(m, Measurement) and m.n > 0 for m in out),
             f"{name}.compute returned {out!r}, expected Measurements with N > 0")
