@@ -16,7 +16,8 @@ Three tables:
   clean images' (Clopper-Pearson), the joint forgery rate, PSNR / SSIM of the forged images to the clean input, and
   the cost.
 
-Cells that did not finish are listed by label.
+Cells that did not finish are listed by label; of two cells under one label (a re-run with other settings), the
+later one is shown.
 """
 
 from __future__ import annotations
@@ -64,8 +65,15 @@ def main(path: str) -> None:
     db = sqlite3.connect(path)
     columns = {r[1] for r in db.execute("PRAGMA table_info(cells)")}
     axis = "axis" if "axis" in columns else "'removal'"
-    cells = db.execute(f"select cell_id, defense_label, image_attack_label, status, n_images, costs_json, "
-                       f"coalesce({axis}, 'removal') from cells order by rowid").fetchall()
+    rows = db.execute(f"select cell_id, defense_label, image_attack_label, status, n_images, costs_json, "
+                      f"coalesce({axis}, 'removal'), model_attack_label, seed from cells order by rowid").fetchall()
+    # a cell re-run with other settings under the same label replaces the earlier one (the reports do the same)
+    latest: dict[tuple, tuple] = {}
+    for r in sorted(rows, key=lambda r: db.execute("select updated from cells where cell_id = ?",
+                                                   (r[0],)).fetchone()[0]):
+        latest[(r[1], r[7], r[2], r[8])] = r[:7]
+    order = list(dict.fromkeys((r[1], r[7], r[2], r[8]) for r in rows))
+    cells = [latest[k] for k in order]
     results = {cell_id: {m: (v, lo, hi) for m, v, lo, hi in db.execute(
         "select metric, value, low, high from results where cell_id = ?", (cell_id,))} for cell_id, *_ in cells}
     missing = [f"{d}/{a} ({s})" for _, d, a, s, *_ in cells if s != "ok"]
