@@ -48,7 +48,7 @@ CREATE VIEW IF NOT EXISTS results_full AS
            c.defense_version, c.model_attack_version, c.image_attack_version, c.defense_origin,
            c.model_attack_origin, c.image_attack_origin,
            c.timings_json, c.costs_json, u.versions_json, u.git_hash, c.run_id, c.cell_id, c.updated,
-           c.threat_json
+           c.threat_json, c.axis
     FROM results r JOIN cells c ON r.cell_id = c.cell_id LEFT JOIN runs u ON c.run_id = u.run_id;
 """
 
@@ -79,6 +79,10 @@ class ResultStore:
             self.con.execute("ALTER TABLE cells ADD COLUMN threat_json TEXT")
         if "axis" not in columns:  # written before forgery cells existed: every cell is a removal cell
             self.con.execute("ALTER TABLE cells ADD COLUMN axis TEXT")
+        if "axis" not in {r[1] for r in self.con.execute("PRAGMA table_info(results_full)")}:
+            # the view of an older database: made again with the axis (a view holds no data)
+            self.con.execute("DROP VIEW IF EXISTS results_full")
+            self.con.executescript(_SCHEMA)
         self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.con.commit()
 

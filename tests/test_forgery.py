@@ -149,6 +149,13 @@ def test_a_run_with_a_forgery_stores_it_apart_with_its_cost_and_the_reports_show
     removal = next(x for x in res.cells if x.image_attack == "averaging")
     assert removal.costs["image_attack"]["attacker_images"] == 4
     assert "joint_evasion@1e-06" in removal.metrics
+    from markbench.cli import matrix
+    from markbench.store import ResultStore
+
+    store = ResultStore(cfg.output / "results.sqlite")
+    _, _, cols = matrix(store.dataframe(), "tpr@1e-06")
+    store.close()
+    assert cols[-1].startswith("forgery: averaging") and not any(c.startswith("forgery") for c in cols[:-1])
     board = leaderboard.build(res)
     assert all("forge" not in k for e in board["entries"] for k in e["per_attack"])
     assert {f["defense_label"] for f in board["forgery"]} == {"none", "dwtdctsvd"}
