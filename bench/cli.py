@@ -482,6 +482,10 @@ def matrix(df, metric: str):
     # the threat tier of a model attack that knows more than nothing of the defence, e.g. "unlearn <trigger_known>"
     ma_label = sub["model_attack_label"] + [f" <{t}>" if t and t != "blind" else "" for t in tiers]
     sub["column"] = (ma_label + " | " if multi_ma else "") + sub["image_attack_label"]
+    if "axis" in sub:  # forgery cells (false positives of forged clean images) are columns of their own, last
+        forged = sub["axis"].fillna("removal") == "forgery"
+        sub["column"] = sub["column"].where(~forged, "forgery: " + sub["column"])
+        sub = sub.loc[list(sub.index[~forged]) + list(sub.index[forged])]
     multi_seed = sub["seed"].nunique() > 1
     sub["row"] = sub["defense_label"] + (" s" + sub["seed"].astype(str) if multi_seed else "")
     sub = sub.drop_duplicates(["row", "column"], keep="last")

@@ -26,7 +26,10 @@ from .config import BenchConfig, PluginSpec
 from .models import model_fingerprint
 from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy, ThreatTier, Verification
 
-STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "detect")
+STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "forge", "surrogate", "detect")
+
+#: A cell's axis: ``removal`` (marked images attacked, TPR) or ``forgery`` (clean images forged, FPR).
+AXES = ("removal", "forgery")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class Cell:
     twins: str = ""  # the right twin: the clean (equally attacked) model's images made as `unattacked` was made
     #: further image sets a metric may load by name (the attacker-utility images of a model-attacked cell)
     extra_images: tuple[tuple[str, str], ...] = ()
+    #: ``removal``, or ``forgery`` for a forging image attack: then ``images`` are forged clean images,
+    #: ``unattacked`` the clean images they were made from, ``negatives`` the same clean images unforged
+    axis: str = "removal"
 
     @property
     def defense_label(self) -> str:
@@ -281,11 +287,57 @@ class _Builder:
                                     ("downstream_base", base))]
         return tuple(out)
 
-    def attacked_images(self, images_key: str, ia: PluginSpec, seed: int) -> str:
+    def attacked_images(self, images_key: str, ia: PluginSpec, seed: int, surrogate: str = "") -> str:
         if getattr(_cls(ia), "identity", False):
             return images_key
-        return self.add("image_attack", (images_key,), ia, seed, label=f"image attack {ia.label}",
+        inputs = (images_key, surrogate) if surrogate else (images_key,)
+        return self.add("image_attack", inputs, ia, seed, label=f"image attack {ia.label}",
                         **self.attack_model(ia))
+
+    def forged_images(self, clean_key: str, marked_key: str, ia: PluginSpec, seed: int, surrogate: str = "") -> str:
+        """A forgery's stage: the clean images ``clean_key`` made to read as marked, the mark learnt from the
+        marked images ``marked_key`` (a stage kind of its own, so no removal stage's key changes)."""
+        inputs = (clean_key, marked_key) + ((surrogate,) if surrogate else ())
+        return self.add("forge", inputs, ia, seed, label=f"forge {ia.label}", **self.attack_model(ia))
+
+    def surrogate(self, ia: PluginSpec, d: PluginSpec, dcls: type[Defense], model: str, clean_model: str, embed: str,
+                  seed: int) -> str:
+        """For an attack that trains a surrogate detector (``trains_surrogate``): the cached stage that trains it
+        on images the attacker makes itself, with prompts of the run's set and seeds of their own: the watermarked
+        model's images as it can get them (a post-hoc mark: the service's marked images; a sampling-time mark:
+        the defence's generation; a trigger mark: the watermarked model's ordinary images, since the attacker
+        does not know the trigger; a mark in the weights: the model's ordinary images) against the clean
+        (equally model-attacked) model's ordinary images. Empty for every other attack (no stage, no key change)."""
+        cls = _cls(ia)
+        if not getattr(cls, "trains_surrogate", False):
+            return ""
+        n = int(ia.param_dict.get("train_images", 0))
+        name = f"surrogate {n}@{seed}"
+        request = self.plan.named_requests.get(name)
+        if request is None:
+            m = self.cfg.model
+            prompts = self.cfg.prompt_list()
+            request = GenerationRequest(
+                prompts=tuple(prompts[i % len(prompts)] for i in range(n)),
+                seeds=tuple(int(stable_hash(["surrogate-seed", seed, i])[:15], 16) for i in range(n)),
+                height=m.height, width=m.width, num_inference_steps=m.num_inference_steps,
+                guidance_scale=m.guidance_scale, batch_size=self.cfg.run.batch_size,
+                negative_prompt=m.negative_prompt or None)
+        clean = self.named_images(clean_model, name, request, seed)
+        if dcls.location is MarkLocation.POST_HOC:
+            marked = self.add("mark", (clean, embed), d, seed, label=f"mark {d.label} (attacker's images)")
+        elif custom_generation(dcls) and not twin_procedure(dcls):
+            marked = self.add("generate", (model, embed), d, seed, label=f"generate {d.label} (attacker's images)",
+                              request=self.request_identity(request), run_seed=seed, request_name=name)
+        else:
+            marked = self.named_images(model, name, request, seed)
+        # the surrogate depends on the training parameters only: one is shared by every attack setting that trains
+        # it the same way (removal and forgery, every budget); the others are keyed at their defaults
+        train = set(getattr(cls, "surrogate_params", ())) | {"train_images"}
+        defaults = {p.name: p.default for p in cls.params}
+        spec = dataclasses.replace(ia, params=tuple((k, v if k in train else defaults.get(k, v)) for k, v in ia.params),
+                                   given=tuple(k for k in ia.given if k in train), display="")
+        return self.add("surrogate", (marked, clean), spec, seed, label=f"train surrogate {ia.name}")
 
     def attack_model(self, ia: PluginSpec) -> dict[str, Any]:
         """The model an image attack declares it needs (``needs_model``), by fingerprint: part of its stage key, so
@@ -298,6 +350,12 @@ class _Builder:
 
 #: how a repeated attack run is labelled: the model attack's label and `` a<attack seed>`` (reports.data parses it)
 ATTACK_SEED_SUFFIX = " a{}"
+
+
+def forges(ia: PluginSpec) -> bool:
+    """Whether a configured image attack is a forgery (:attr:`bench.ImageAttack.forges`)."""
+    cls = _cls(ia)
+    return bool(getattr(cls, "can_forge", False)) and bool(ia.instantiate().forges)
 
 
 def repeats_with_attack_seeds(ma: PluginSpec) -> bool:
@@ -353,16 +411,22 @@ def build_plan(cfg: BenchConfig) -> Plan:
                     else:
                         twins = clean_twins
                     for ia in cfg.image_attacks:
-                        images = b.attacked_images(unattacked, ia, seed)
+                        surrogate = b.surrogate(ia, d, dcls, model, clean_model, embed, seed)
+                        if forges(ia):
+                            _forgery_cell(b, cfg, d, dcls, ma, ia, seed, embed, base, clean_model, clean_twins,
+                                          unattacked, reference, twins, variant, surrogate)
+                            continue
+                        images = b.attacked_images(unattacked, ia, seed, surrogate)
                         if white_box_generation(dcls):
                             # a white-box verifier's null is its own procedure run on a clean model
                             negatives = b.add("generate", (clean_model if attacked_negatives else base, embed), d,
                                               seed, label=f"generate {d.label} on the clean model"
                                               + (f"[{variant}]" if variant else ""),
                                               request=b.request_identity(request), run_seed=seed, variant=variant)
-                            negatives = b.attacked_images(negatives, ia, seed) if attacked_negatives else negatives
+                            negatives = (b.attacked_images(negatives, ia, seed, surrogate) if attacked_negatives
+                                         else negatives)
                         elif attacked_negatives:
-                            negatives = b.attacked_images(clean_twins, ia, seed)
+                            negatives = b.attacked_images(clean_twins, ia, seed, surrogate)
                         else:
                             negatives = b.plain_images(base, request, seed)
                         det_pos = b.add("detect", (embed, images), d, seed, label=f"detect {d.label}")
@@ -379,3 +443,31 @@ def build_plan(cfg: BenchConfig) -> Plan:
                         b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
                                                  negatives, det_pos, det_neg, variant, reference, twins, utility))
     return b.plan
+
+
+def _forgery_cell(b: _Builder, cfg: BenchConfig, d: PluginSpec, dcls: type[Defense], ma: PluginSpec, ia: PluginSpec,
+                  seed: int, embed: str, base: str, clean_model: str, clean_twins: str, marked: str, reference: str,
+                  twins: str, variant: str, surrogate: str = "") -> None:
+    """A forgery cell: the clean images the verifier would see (the clean model's images; for a white-box
+    verifier its own procedure on the clean model) are forged with what the attacker learns from the marked
+    images, and detected; the negatives are the same clean images unforged. Its key names the axis, so no removal
+    cell's key changes."""
+    request = b.plan.requests[seed]
+    if white_box_generation(dcls):
+        clean = b.add("generate", (clean_model, embed), d, seed, label=f"generate {d.label} on the clean model"
+                      + (f"[{variant}]" if variant else ""), request=b.request_identity(request), run_seed=seed,
+                      variant=variant)
+    else:
+        clean = clean_twins
+    images = b.forged_images(clean, marked, ia, seed, surrogate)
+    det_pos = b.add("detect", (embed, images), d, seed, label=f"detect {d.label} (forged)")
+    det_neg = b.add("detect", (embed, clean), d, seed, label=f"detect {d.label} (negatives)")
+    key = stable_hash({
+        "cell": [det_pos, det_neg, images, clean, clean_twins, clean, reference, twins],
+        "metrics": [m.identity() for m in cfg.metrics],
+        "target_fprs": list(cfg.run.target_fprs),
+        "variant": variant,
+        "axis": "forgery",
+    })
+    b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, clean, clean_twins, clean, det_pos, det_neg,
+                             variant, reference, twins, (), "forgery"))

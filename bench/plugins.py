@@ -477,12 +477,25 @@ class AttackContext:
       what an attacker of released weights has.
     * ``model_fingerprint``: identifies that model; it is part of the attack stage's cache key.
     * ``device``: where the attack may compute. ``progress(iterable, total=..., description=...)``: a progress bar.
+    * ``record_cost(**costs)``: the attack's cost (model evaluations, images it needed), stored with the cell.
+
+    An attack without ``needs_model`` gets a context (without a model) when its ``apply`` takes ``ctx``.
     """
 
     model: Any = None
     model_fingerprint: str = ""
     device: str = "cpu"
     progress: Callable[..., Iterable] | None = None
+    #: what the attack reports of its cost (``record_cost``): stored with the stage and the cell
+    costs: dict[str, Any] = field(default_factory=dict)
+    #: the tensors of the attack's trained surrogate (``trains_surrogate``), None for other attacks
+    surrogate: "dict[str, torch.Tensor] | None" = None
+
+    def record_cost(self, **costs: Any) -> None:
+        """Report the attack's cost, e.g. ``model_evals=`` (forward or backward passes of a network) and
+        ``attacker_images=`` (images the attacker needed besides the one it attacks); the harness adds the seconds
+        and the number of images attacked."""
+        self.costs.update(costs)
 
     def track(self, iterable: Iterable, total: int | None = None, description: str = "") -> Iterable:
         return iterable if self.progress is None else self.progress(iterable, total=total, description=description)
@@ -495,15 +508,32 @@ ATTACK_MODELS = ("base",)
 def apply_image_attack(attack: "ImageAttack", images: "torch.Tensor", generator: "torch.Generator",
                        ctx: AttackContext | None = None) -> "torch.Tensor":
     """Call ``attack.apply`` as the harness does: ``apply(images, generator)``, plus ``ctx=`` for an attack that
-    declares ``needs_model`` (the classic two-argument ``apply`` of every other attack is unchanged)."""
-    if type(attack).needs_model:
-        if ctx is None or ctx.model is None:
-            from .errors import PluginError
-
-            raise PluginError(f"image attack '{attack.name}' needs the {type(attack).needs_model} model, "
-                              f"but none was given")
-        return attack.apply(images, generator, ctx=ctx)
+    declares ``needs_model`` or whose ``apply`` takes ``ctx`` (the classic two-argument ``apply`` of every other
+    attack is unchanged)."""
+    _check_model(attack, ctx)
+    if _takes_ctx(type(attack).apply):
+        return attack.apply(images, generator, ctx=ctx if ctx is not None else AttackContext())
     return attack.apply(images, generator)
+
+
+def forge_images(attack: "ImageAttack", clean: "torch.Tensor", marked: "torch.Tensor", generator: "torch.Generator",
+                 ctx: AttackContext | None = None) -> "torch.Tensor":
+    """Call ``attack.forge`` as the harness does for a forgery (``attack.forges`` True): the clean images to forge
+    and the marked images the attacker learns the mark from."""
+    _check_model(attack, ctx)
+    return attack.forge(clean, marked, generator, ctx=ctx if ctx is not None else AttackContext())
+
+
+def _check_model(attack: "ImageAttack", ctx: AttackContext | None) -> None:
+    if type(attack).needs_model and (ctx is None or ctx.model is None):
+        from .errors import PluginError
+
+        raise PluginError(f"image attack '{attack.name}' needs the {type(attack).needs_model} model, "
+                          f"but none was given")
+
+
+def _takes_ctx(fn: Callable) -> bool:
+    return "ctx" in inspect.signature(fn).parameters
 
 
 class ImageAttack(Plugin):
@@ -527,7 +557,25 @@ class ImageAttack(Plugin):
     growing effect of strength is measured: ``"mad"``, mean absolute difference, ``"psnr"``, loss of PSNR, or
     ``"fixed_mark"``, how close the attack brings a batch carrying one fixed additive pattern back to the unmarked
     images (mean squared error): for estimation attacks whose strength is the number of images they learn from).
+
+    Forgery (spoofing): an attack whose :attr:`forges` is True (a property of its parameters, e.g. ``mode =
+    "forge"``) is a *forgery*: the planner hands it clean images (the clean model's) and the marked images the
+    attacker has, ``forge(clean, marked, generator, ctx) -> images``, and its cell measures the false-positive rate
+    of the forged images at the defence's threshold (metric ``forgery``) instead of removal. An attack that can
+    forge declares ``can_forge = True`` and implements :meth:`forge`.
     """
+
+    #: The attack implements :meth:`forge` (some of its parameter settings are forgeries).
+    can_forge: ClassVar[bool] = False
+    #: Parameters that make it a forgery (e.g. ``{"mode": "forge"}``), for the contract tests.
+    forge_params: ClassVar[dict[str, Any]] = {}
+    #: The attack trains a surrogate detector first (a cached ``surrogate`` stage): it declares the parameter
+    #: ``train_images`` (images per class the attacker generates) and implements :meth:`train_surrogate`; its
+    #: ``apply`` / ``forge`` then find the trained tensors in ``ctx.surrogate``.
+    trains_surrogate: ClassVar[bool] = False
+    #: The parameters the surrogate's training reads (besides ``train_images``): only they key its stage, so one
+    #: surrogate serves every setting of the others (a removal and a forgery, every budget).
+    surrogate_params: ClassVar[tuple[str, ...]] = ()
 
     #: True for the no-op attack: the planner then adds no stage (the unattacked column).
     identity: ClassVar[bool] = False
@@ -594,6 +642,13 @@ class ImageAttack(Plugin):
                                             f"{', '.join(map(repr, ATTACK_MODELS))} or None")
             if "ctx" not in inspect.signature(cls.apply).parameters:
                 raise PluginValidationError(f"{owner} declares needs_model, so apply() must take a 'ctx' argument")
+        if cls.trains_surrogate and (cls.train_surrogate is ImageAttack.train_surrogate
+                                     or "train_images" not in by_name):
+            raise PluginValidationError(f"{owner} declares trains_surrogate, so it must implement train_surrogate() "
+                                        f"and declare the parameter 'train_images'")
+        if cls.can_forge and (cls.forge is ImageAttack.forge or not cls.forge_params):
+            raise PluginValidationError(f"{owner} declares can_forge, so it must implement forge() and name the "
+                                        f"parameters that make it a forgery (forge_params)")
         for s in (0.0, 0.5, 1.0):
             mapped = cls.natural_params(s)
             if not isinstance(mapped, dict):
@@ -615,6 +670,23 @@ class ImageAttack(Plugin):
 
     def apply(self, images: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
         """Attack ``images``; an attack with ``needs_model`` has ``apply(images, generator, ctx)`` instead."""
+        raise NotImplementedError
+
+    @property
+    def forges(self) -> bool:
+        """Whether this configured attack is a forgery (its cell forges clean images); False by default."""
+        return False
+
+    def train_surrogate(self, marked: "torch.Tensor", clean: "torch.Tensor", generator: "torch.Generator",
+                        ctx: AttackContext) -> "dict[str, torch.Tensor]":
+        """Train the attacker's surrogate on its own marked and clean images (``train_images`` of each, from the
+        watermarked model as the attacker can sample it and from the clean model); returns its tensors."""
+        raise NotImplementedError
+
+    def forge(self, clean: "torch.Tensor", marked: "torch.Tensor", generator: "torch.Generator",
+              ctx: AttackContext) -> "torch.Tensor":
+        """Make the clean images ``[N, 3, H, W]`` read as marked, learning the mark from ``marked`` (the defence's
+        images the attacker has, ``[M, 3, H, W]``); returns the forged images, same shape as ``clean``."""
         raise NotImplementedError
 
 
@@ -719,6 +791,7 @@ class MeasureContext:
       ``ordinary_marked`` (the attacked watermarked model's ordinary images) and, for a downstream fine-tune,
       ``downstream_marked`` / ``downstream_clean`` / ``downstream_base`` (held-out downstream captions' images of the
       attacked model, the equally attacked clean model and the unattacked base).
+    * ``axis``: ``"removal"`` or ``"forgery"`` (see :class:`ImageAttack`); ``image_attack``: the cell's image attack.
     """
 
     defense: Defense
@@ -735,6 +808,11 @@ class MeasureContext:
     paired_twin: bool = True
     model_attack: "ModelAttack | None" = None
     features: Any = None
+    #: ``"removal"`` or ``"forgery"`` (the cell forged clean images: ``images()`` are the forged images,
+    #: ``unattacked_images()`` the clean images they were made from, ``negatives`` those clean images' detection)
+    axis: str = "removal"
+    #: the configured image attack of the cell (its parameters), None outside a run
+    image_attack: "ImageAttack | None" = None
 
     def images(self) -> "torch.Tensor":
         return self.loaders["images"]()

@@ -19,17 +19,20 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-STAGE_KINDS = ("embed", "model_attack", "generate", "mark", "image_attack", "detect")
+STAGE_KINDS = ("embed", "model_attack", "generate", "mark", "image_attack", "forge", "surrogate", "detect")
 KIND_DEFAULTS: dict[str, dict[str, float]] = {
     "embed": {"num_cpus": 1, "num_gpus": 1},
     "model_attack": {"num_cpus": 1, "num_gpus": 1},
     "generate": {"num_cpus": 1, "num_gpus": 1},
     "mark": {"num_cpus": 1},
     "image_attack": {"num_cpus": 1},
+    "forge": {"num_cpus": 1},
+    "surrogate": {"num_cpus": 1},
     "detect": {"num_cpus": 1},
 }
 _KIND_OF_SECTION = {"embed": "defenses", "generate": "defenses", "mark": "defenses", "detect": "defenses",
-                    "model_attack": "model_attacks", "image_attack": "image_attacks"}
+                    "model_attack": "model_attacks", "image_attack": "image_attacks",
+                    "forge": "image_attacks", "surrogate": "image_attacks"}
 
 
 def parse_resources(table: Any, path: str) -> dict[str, dict[str, float]]:

@@ -72,6 +72,10 @@ class _Pending:
     attempts: int = 1  # a cell is tried again (up to _HEAL_ATTEMPTS) after a damaged cache entry it read is healed
 
 
+#: stage kinds whose recorded cost is stored with the cell
+_COSTED = ("embed", "model_attack", "image_attack", "forge", "surrogate")
+_CELL_ATTACK = ("image_attack", "forge")
+
 #: how often one cell is tried after healing damaged entries it read
 _HEAL_ATTEMPTS = 3
 
@@ -276,11 +280,13 @@ class Runner:
                 elif stage.key not in self._seen_cached:  # computed for an earlier cell of this run
                     self._seen_cached.add(stage.key)
                     summary.stages_cached += 1
-            elif stage.kind in ("embed", "model_attack"):
+            elif stage.kind in _COSTED:
                 meta = self.artifacts.meta(stage.key)
             else:
                 continue
-            if stage.kind in ("embed", "model_attack") and meta.get("costs"):
+            if stage.kind in _COSTED and meta.get("costs") and (
+                    stage.kind not in _CELL_ATTACK or stage.key == p.cell.images):
+                # an image attack's cost: the one that made the cell's images (not the negatives' twin stage)
                 p.costs[stage.kind] = meta["costs"] | {"seconds": meta.get("seconds")}
         for key in p.cell.stage_keys():
             if key in self._failures:
@@ -411,7 +417,8 @@ class Runner:
                      **{role: loader(key) for role, key in cell.extra_images}},
             prompts=env.request(cell.seed).prompts, reference_key=cell.reference, shared=self._shared,
             device=self.cfg.run.device, paired_twin=type(defense).has_paired_twin(),
-            model_attack=env.plugin(cell.model_attack), features=self.features,
+            model_attack=env.plugin(cell.model_attack), features=self.features, axis=cell.axis,
+            image_attack=env.plugin(cell.image_attack),
         )
         out: list[Measurement] = []
         for spec in self.cfg.metrics:

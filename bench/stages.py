@@ -20,7 +20,7 @@ from .errors import PluginError
 from .models import apply_overrides, diff_pipeline, rebuild_pipeline
 from .plan import Plan, Stage, stage_seed
 from .plugins import (AttackContext, DefenseKnowledge, Detection, DetectionKind, Embedding, GenerationRequest, Secret,
-                      StageContext, ThreatTier, apply_image_attack)
+                      StageContext, ThreatTier, apply_image_attack, forge_images)
 
 SECRET_PREFIX = "secret."
 MODEL_PREFIX = "model."
@@ -105,15 +105,19 @@ class StageEnv:
     def request(self, seed: int, name: str = "") -> GenerationRequest:
         return self.plan.named_requests[name] if name else self.plan.requests[seed]
 
-    def attack_context(self, stage: Stage) -> AttackContext | None:
+    def attack_context(self, stage: Stage) -> AttackContext:
         """The model an image attack declared (``needs_model = "base"``: the base pipeline this process already
-        holds, loaded once), or None for an attack that needs none."""
+        holds, loaded once); a context without a model for an attack that needs none (its costs are recorded)."""
         need = stage.extra_dict.get("attack_model")
-        if not need:
-            return None
         track = self.progress.track if self.progress is not None else None
+        # an attack's trained surrogate: the last input of its image-attack / forge stage, when it has one
+        n_images = {"image_attack": 1, "forge": 2}.get(stage.kind)
+        surrogate = (self.store.tensors(stage.inputs[-1])
+                     if n_images is not None and len(stage.inputs) > n_images else None)
+        if not need:  # no model; still a place to record the attack's cost
+            return AttackContext(device=self.cfg.run.device, progress=track, surrogate=surrogate)
         return AttackContext(model=self.base_pipeline(), model_fingerprint=need["fingerprint"],
-                             device=self.cfg.run.device, progress=track)
+                             device=self.cfg.run.device, progress=track, surrogate=surrogate)
 
     def context(self, stage: Stage) -> StageContext:
         gen = torch.Generator().manual_seed(stage_seed(stage.seed, stage.key))
@@ -271,11 +275,30 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
         clean = store.images(stage.inputs[0])
         images = check_images(defense.mark(clean.clone(), env.secret(stage.inputs[1]), ctx), f"{who}.mark",
                               tuple(clean.shape))
+    elif stage.kind == "surrogate":
+        attack = env.plugin(stage.plugin)
+        marked, clean = store.images(stage.inputs[0]), store.images(stage.inputs[1])
+        actx = env.attack_context(stage)
+        tensors = attack.train_surrogate(marked, clean, ctx.generator, actx)
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise PluginError(f"{who}.train_surrogate returned {type(tensors).__name__}, expected a dict of tensors")
+        ctx.costs.update(actx.costs)
     elif stage.kind == "image_attack":
         attack = env.plugin(stage.plugin)
         src = store.images(stage.inputs[0])
-        images = check_images(apply_image_attack(attack, src.clone(), ctx.generator, env.attack_context(stage)),
-                              who, tuple(src.shape))
+        actx = env.attack_context(stage)
+        images = check_images(apply_image_attack(attack, src.clone(), ctx.generator, actx), who, tuple(src.shape))
+        ctx.costs.update(actx.costs)
+        ctx.costs.setdefault("images", int(src.shape[0]))
+    elif stage.kind == "forge":
+        attack = env.plugin(stage.plugin)
+        clean = store.images(stage.inputs[0])
+        marked = store.images(stage.inputs[1])
+        actx = env.attack_context(stage)
+        images = check_images(forge_images(attack, clean.clone(), marked.clone(), ctx.generator, actx),
+                              f"{who}.forge", tuple(clean.shape))
+        ctx.costs.update(actx.costs)
+        ctx.costs.setdefault("images", int(clean.shape[0]))
     elif stage.kind == "detect":
         defense = env.plugin(stage.plugin)
         secret = env.secret(stage.inputs[0])

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS cells (
     image_attack TEXT, image_attack_label TEXT, image_attack_params TEXT, image_attack_version TEXT,
     image_attack_origin TEXT,
     negatives TEXT, n_images INTEGER, status TEXT, error TEXT, traceback TEXT,
-    timings_json TEXT, costs_json TEXT, stage_keys_json TEXT, updated REAL, threat_json TEXT
+    timings_json TEXT, costs_json TEXT, stage_keys_json TEXT, updated REAL, threat_json TEXT, axis TEXT
 );
 CREATE TABLE IF NOT EXISTS results (
     cell_id TEXT, metric TEXT, value REAL, low REAL, high REAL, n INTEGER, note TEXT, higher_is_better INTEGER,
@@ -48,7 +48,7 @@ CREATE VIEW IF NOT EXISTS results_full AS
            c.defense_version, c.model_attack_version, c.image_attack_version, c.defense_origin,
            c.model_attack_origin, c.image_attack_origin,
            c.timings_json, c.costs_json, u.versions_json, u.git_hash, c.run_id, c.cell_id, c.updated,
-           c.threat_json
+           c.threat_json, c.axis
     FROM results r JOIN cells c ON r.cell_id = c.cell_id LEFT JOIN runs u ON c.run_id = u.run_id;
 """
 
@@ -87,6 +87,12 @@ class ResultStore:
         columns = {r[1] for r in self.con.execute("PRAGMA table_info(cells)")}
         if "threat_json" not in columns:  # a database written before the threat model was recorded
             self.con.execute("ALTER TABLE cells ADD COLUMN threat_json TEXT")
+        if "axis" not in columns:  # written before forgery cells existed: every cell is a removal cell
+            self.con.execute("ALTER TABLE cells ADD COLUMN axis TEXT")
+        if "axis" not in {r[1] for r in self.con.execute("PRAGMA table_info(results_full)")}:
+            # the view of an older database: made again with the axis (a view holds no data)
+            self.con.execute("DROP VIEW IF EXISTS results_full")
+            self.con.executescript(_SCHEMA)
         self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         self.con.commit()
 
@@ -129,12 +135,13 @@ class ResultStore:
             self.con.execute("DELETE FROM results WHERE cell_id=?", (cell.key,))
             self.con.execute("DELETE FROM samples WHERE cell_id=?", (cell.key,))
             self.con.execute(
-                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?)",
+                "INSERT OR REPLACE INTO cells VALUES (?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?, ?,?,?,?,?,?)",
                 (cell.key, run_id, cell.label, cell.seed, *spec(cell.defense, cell.defense_label), cell.defense.origin,
                  *spec(cell.model_attack), cell.model_attack.origin, *spec(cell.image_attack), cell.image_attack.origin,
                  negatives, n_images, status, error, traceback,
                  json.dumps(timings or {}), json.dumps(costs or {}, default=str),
-                 json.dumps(list(cell.stage_keys())), time.time(), json.dumps(threat or {})),
+                 json.dumps(list(cell.stage_keys())), time.time(), json.dumps(threat or {}),
+                 getattr(cell, "axis", "removal")),
             )
             self.con.executemany(
                 "INSERT INTO results VALUES (?,?,?,?,?,?,?,?)",

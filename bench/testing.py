@@ -165,9 +165,22 @@ def attack_context(model: Any = None) -> AttackContext:
 
 def run_attack(attack: ImageAttack, images: torch.Tensor, generator: torch.Generator,
                model: Any = None) -> torch.Tensor:
-    """``attack.apply`` as the harness calls it: with an :func:`attack_context` for an attack that needs a model."""
+    """``attack.apply`` as the harness calls it: with an :func:`attack_context` for an attack that needs a model,
+    and a trained surrogate (:func:`trained_surrogate`) for one that ``trains_surrogate``."""
     ctx = attack_context(model) if type(attack).needs_model else None
+    if type(attack).trains_surrogate:
+        ctx = ctx or AttackContext()
+        ctx.surrogate = trained_surrogate(attack, images.shape[-1])
     return apply_image_attack(attack, images, generator, ctx)
+
+
+def trained_surrogate(attack: ImageAttack, size: int = 48) -> dict[str, torch.Tensor]:
+    """What the harness's ``surrogate`` stage gives an attack that ``trains_surrogate``: trained on 8 sample
+    images carrying a fixed +-6/255 pattern against the same 8 without it (seeded)."""
+    clean = sample_images(8, size, seed=55)
+    mark = (torch.randint(0, 2, (1, 3, size, size), generator=_gen(56)).float() * 2 - 1) * (6 / 255)
+    ctx = attack_context() if type(attack).needs_model else AttackContext()
+    return attack.train_surrogate((clean + mark).clamp(0, 1), clean, _gen(57), ctx)
 
 
 def _attack(plugin: type[ImageAttack], **params: Any) -> ImageAttack:
@@ -313,10 +326,39 @@ def batch_equals_per_image(plugin: type[ImageAttack]) -> None:
             f"{_name(plugin)} is declared deterministic but depends on the generator")
 
 
+def forgery_is_images_in_range(plugin: type[ImageAttack]) -> None:
+    """For an attack that can forge (``can_forge``): with its ``forge_params`` it declares itself a forgery, and
+    ``forge(clean, marked, generator, ctx)`` returns images of the clean images' shape, float32, finite, in [0, 1],
+    bit-identical under the same seed, without changing its inputs; its default parameters are not a forgery.
+    (Attacks that cannot forge are exempt.)"""
+    if not plugin.can_forge:
+        return
+    name = _name(plugin)
+    _expect(not _attack(plugin).forges, f"{name}: its default parameters must be a removal attack")
+    attack = _attack(plugin, **plugin.forge_params)
+    _expect(attack.forges, f"{name}({plugin.forge_params}) does not declare itself a forgery (forges is False)")
+    clean, marked = sample_images(), sample_images(seed=31)
+    c0, m0 = clean.clone(), marked.clone()
+
+    def forge(seed: int) -> torch.Tensor:
+        ctx = attack_context() if plugin.needs_model else AttackContext()
+        if plugin.trains_surrogate:
+            ctx.surrogate = trained_surrogate(attack, clean.shape[-1])
+        return attack.forge(clean, marked, _gen(seed), ctx)
+
+    out = forge(4)
+    _expect(isinstance(out, torch.Tensor) and out.shape == clean.shape and out.dtype == torch.float32,
+            f"{name}.forge returned {getattr(out, 'shape', type(out).__name__)}, expected {tuple(clean.shape)} float32")
+    _expect(bool(torch.isfinite(out).all()) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0,
+            f"{name}.forge returned values outside [0, 1]")
+    _expect(torch.equal(out, forge(4)), f"{name}.forge differs between identically seeded runs")
+    _expect(torch.equal(clean, c0) and torch.equal(marked, m0), f"{name}.forge modified its inputs in place")
+
+
 IMAGE_ATTACK_CHECKS: tuple[Callable[[type], None], ...] = (
     declaration_is_valid, from_strength_gives_declared_values, output_is_images_in_range,
     same_seed_is_bit_identical, no_global_rng_and_no_inplace, zero_strength_is_near_identity,
-    effect_grows_with_strength, batch_equals_per_image,
+    effect_grows_with_strength, batch_equals_per_image, forgery_is_images_in_range,
 )
 
 
@@ -384,7 +426,8 @@ def model_attack_returns_a_working_pipeline(plugin: type[ModelAttack]) -> None:
 
 def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
     """On a synthetic multi-bit cell (45 of 48 bits right on 8 images, random negatives): a non-empty list of
-    :class:`~bench.Measurement` with N > 0 and finite-or-NaN values."""
+    :class:`~bench.Measurement` with N > 0 and finite-or-NaN values (for a metric that measures nothing in a removal
+    cell, in the same cell as a forgery cell)."""
     from .registries import defenses, model_attacks
 
     g = _gen(0)
@@ -400,6 +443,9 @@ def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
                          prompts=(PROMPT,) * 8,
                          model_attack=model_attacks.get("prune")())  # a model-attacked cell: attacker utility
     out = plugin(**plugin.smoke_params).compute(ctx)
+    if not out:  # a metric of forgery cells only (the ``forgery`` metric): the same cell as a forgery
+        ctx.axis = "forgery"
+        out = plugin(**plugin.smoke_params).compute(ctx)
     name = _name(plugin)
     _expect(bool(out) and all(isinstance(m, Measurement) and m.n > 0 for m in out),
             f"{name}.compute returned {out!r}, expected Measurements with N > 0")

@@ -92,6 +92,12 @@ class World:
         the quality kept)."""
         return None
 
+    def same_content(self, images: "torch.Tensor", reference: "torch.Tensor") -> Any:
+        """Per image, whether this world's judge reads the same content in ``images`` as in ``reference`` (bool
+        ``[N]``; the tiny world: its zero-shot CLIP names the same shape and colour), or ``None`` if the world has no
+        such judge (an attack's joint success then rests on the quality bound alone)."""
+        return None
+
     # -- quality references -------------------------------------------------------------------------------------
     def clip_scorer(self, model: str, pretrained: str | None, device: str, batch_size: int) -> Any:
         """The CLIP scorer this world recommends (for ``clip_score``'s ``model`` in :attr:`clip_models`)."""

@@ -94,6 +94,8 @@ class CellRow:
     #: the defence's threat setting and whether this cell lies outside it (bench.plugins.threat_scope); empty for
     #: databases written before it was recorded
     threat: dict[str, Any] = field(default_factory=dict)
+    #: ``removal`` (marked images attacked) or ``forgery`` (clean images forged; bench.plan.Cell.axis)
+    axis: str = "removal"
 
     @property
     def outside_threat_model(self) -> bool:
@@ -151,6 +153,9 @@ class Results:
     cells: list[CellRow]  # one per grid position, in the order they were first written
     metric_order: list[str]
     notes: dict[str, str]  # metric -> one representative note
+    #: the forgery cells (``axis = "forgery"``), kept apart: ``cells`` and everything built on it (heatmap,
+    #: leaderboard ranking, compare) are removal cells only
+    forgery_cells: list[CellRow] = field(default_factory=list)
 
     # -- the run --------------------------------------------------------------------------------------------
     @property
@@ -345,7 +350,8 @@ def load_results(db_path: str | Path) -> Results:
                 traceback=r["traceback"] or "", timings=_json(r["timings_json"], {}),
                 costs=_json(r["costs_json"], {}), stage_keys=_json(r["stage_keys_json"], []),
                 updated=float(r["updated"] or 0.0),
-                threat=_json(r["threat_json"], {}) if "threat_json" in r.keys() else {})
+                threat=_json(r["threat_json"], {}) if "threat_json" in r.keys() else {},
+                axis=(r["axis"] if "axis" in r.keys() else None) or "removal")
         metric_order: dict[str, None] = {}
         notes: dict[str, str] = {}
         for r in con.execute("SELECT * FROM results ORDER BY rowid"):
@@ -375,7 +381,9 @@ def load_results(db_path: str | Path) -> Results:
     for c in by_id.values():
         first_seen.setdefault(c.position, len(first_seen))
     cells = sorted(latest.values(), key=lambda c: first_seen[c.position])
-    return Results(path=path, runs=runs, cells=cells, metric_order=list(metric_order), notes=notes)
+    return Results(path=path, runs=runs, cells=[c for c in cells if c.axis != "forgery"],
+                   metric_order=list(metric_order), notes=notes,
+                   forgery_cells=[c for c in cells if c.axis == "forgery"])
 
 
 def resolve_db(path: str | Path) -> Path:
@@ -441,6 +449,23 @@ def describe_metric(name: str) -> str:
                     f"(binomial tail); exact Clopper-Pearson interval.")
         return (f"False positive rate measured on the negatives at the threshold set for FPR {fpr}; exact "
                 f"Clopper-Pearson interval (small N cannot resolve small FPRs: see the note).")
+    m = re.fullmatch(r"(forged_fpr|clean_fpr|joint_evasion|joint_forgery)@(.+)", name)
+    if m:  # bench.measures.forgery
+        kind, at = m.groups()
+        return {"forged_fpr": f"Forgery cells: the fraction of forged clean images the verifier accepts at its "
+                              f"threshold for FPR {at}; exact Clopper-Pearson interval.",
+                "clean_fpr": f"Forgery cells: the same clean images before forging, at the threshold for FPR {at} "
+                             f"(the baseline the forgery raises).",
+                "joint_evasion": f"Per image: not detected at the threshold for FPR {at}, within the quality bound "
+                                 f"to the attack's input, and the content kept (where the world judges it); "
+                                 f"Clopper-Pearson.",
+                "joint_forgery": f"Forgery cells, per image: accepted as marked at the threshold for FPR {at} "
+                                 f"within the quality bound to the clean input; Clopper-Pearson."}[kind]
+    if name in ("quality_kept", "content_kept"):
+        return ("Fraction of attacked images within the joint_evasion metric's PSNR / SSIM bound to the attack's "
+                "input." if name == "quality_kept" else
+                "Fraction of attacked images whose content the world's judge (tiny world: zero-shot CLIP shape and "
+                "colour) reads as unchanged.")
     low = name.lower()
     if "fid" in low:
         return "Frechet Inception Distance between image sets (lower is closer); N = images per set."

@@ -31,8 +31,8 @@ from typing import Any
 
 from .data import (IDENTITY, CellRow, Results, describe_metric, is_quality_metric, load_results, prompts_of)
 from .leaderboard import build as build_leaderboard
-from .leaderboard import fmt, utility_curves
 from .answer import answer_html
+from .leaderboard import attacker_rows, fmt, forgery_rows, utility_curves
 
 #: How many prompts get an image panel, how many attack outputs one panel row shows, and the thumbnail side.
 MAX_PROMPTS = 3
@@ -507,6 +507,69 @@ def leaderboard_html(results: Results) -> str:
             f'<table class="grid lb"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
 
 
+def _ci_html(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "-"
+    t = e(fmt(v["value"]))
+    if v.get("low") is not None and v.get("high") is not None:
+        t += f' <span class="ci">[{e(fmt(v["low"]))}, {e(fmt(v["high"]))}]</span>'
+    return t
+
+
+def _cost_html(cost: dict[str, Any]) -> str:
+    parts = []
+    if cost.get("seconds_per_image") is not None:
+        parts.append(f"{1000 * cost['seconds_per_image']:.1f} ms/image")
+    for k, what in (("model_evals", "model evals"), ("attacker_images", "attacker images")):
+        if cost.get(k) is not None:
+            parts.append(f"{e(cost[k])} {what}")
+    return ", ".join(parts) or "-"
+
+
+def attacker_html(results: Results) -> str:
+    """The forgery cells (false positives of forged clean images) and the removal cells' joint evasion rate and
+    cost, as two tables; empty when the run has neither."""
+    out = []
+    joint = attacker_rows(results)
+    if joint:
+        fprs = list(dict.fromkeys(f for r in joint for f in r["joint_evasion"]))
+        head = ("<tr><th>defence</th><th>model attack</th><th>image attack</th>"
+                + "".join(f"<th>joint evasion@{e(f)}</th>" for f in fprs)
+                + "<th>quality kept</th><th>content kept</th><th>cost</th></tr>")
+        body = "".join(
+            f"<tr><td>{e(r['defense_label'])}</td><td>{e(r['model_attack_label'])}</td>"
+            f"<td>{e(r['image_attack_label'])}</td>"
+            + "".join(f"<td>{_ci_html(r['joint_evasion'].get(f))}</td>" for f in fprs)
+            + f"<td>{_ci_html(r['quality_kept'])}</td><td>{_ci_html(r['content_kept'])}</td>"
+              f"<td>{_cost_html(r['cost'])}</td></tr>" for r in joint)
+        out.append("<h3>Removal: images that evade detection within the quality bound</h3>"
+                   '<p class="muted">Per image: not detected at the defence\'s threshold, within the PSNR / SSIM '
+                   "bound to the attack's input, and (where the world has a judge) the same content; 95% "
+                   "Clopper-Pearson. Cost: the attack's seconds per image, model evaluations, images it needed.</p>"
+                   f'<table class="grid"><thead>{head}</thead><tbody>{body}</tbody></table>')
+    forged = forgery_rows(results)
+    if forged:
+        fprs = list(dict.fromkeys(f for r in forged for f in r["forged_fpr"]))
+        head = ("<tr><th>defence</th><th>model attack</th><th>forgery</th>"
+                + "".join(f"<th>forged FPR@{e(f)}</th><th>clean FPR@{e(f)}</th>" for f in fprs)
+                + "<th>joint forgery</th><th>PSNR</th><th>SSIM</th><th>cost</th></tr>")
+        body = "".join(
+            f"<tr><td>{e(r['defense_label'])}</td><td>{e(r['model_attack_label'])}</td>"
+            f"<td>{e(r['image_attack_label'])}</td>"
+            + "".join(f"<td>{_ci_html(r['forged_fpr'].get(f))}</td><td>{_ci_html(r['clean_fpr'].get(f))}</td>"
+                      for f in fprs)
+            + f"<td>{_ci_html(next(iter(r['joint_forgery'].values()), None))}</td>"
+              f"<td>{_ci_html(r['psnr'])}</td><td>{_ci_html(r['ssim'])}</td><td>{_cost_html(r['cost'])}</td></tr>"
+            for r in forged)
+        out.append("<h3>Forgery: clean images made to read as marked</h3>"
+                   '<p class="muted">The clean model\'s images, forged with what the attacker learnt from the marked '
+                   "images, against the defence's own threshold: the false-positive rate of the forged images and of "
+                   "the same clean images before forging (95% Clopper-Pearson); PSNR / SSIM of the forged images to "
+                   "the clean input.</p>"
+                   f'<table class="grid"><thead>{head}</thead><tbody>{body}</tbody></table>')
+    return "".join(out)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the page
 # ------------------------------------------------------------------------------------------------------------------
@@ -629,6 +692,8 @@ def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: 
         'that did not do what the attacker wanted.</p>',
         f'{utility_html(utility_curves(results), results.defense_labels())}</div></section>',
         f'<section id="leaderboard"><h2>Leaderboard</h2>{leaderboard_html(results)}</section>',
+        *([f'<section id="attacker"><h2>Forgery and the attacker\'s joint success</h2>{attacker}</section>']
+          if (attacker := attacker_html(results)) else []),
         '<section id="matrix"><h2>Results matrix</h2>',
         f'<p><label>metric <select id="metric">{options}</select></label> '
         f'<span id="metric-about" class="muted">{e(metric_about)}</span></p>',

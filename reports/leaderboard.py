@@ -152,7 +152,108 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
             for c in results.ok_cells for m, v in c.metrics.items()
         ],
         **({"utility_curves": curves} if curves else {}),
+        # sections present only when the run has them, so a grid without forgeries or joint rates keeps its document
+        **({"forgery": forgery_rows(results)} if results.forgery_cells else {}),
+        **({"attacker": attacker_rows(results)} if any(_joint(c) for c in results.ok_cells) else {}),
     }
+
+
+# -- forgery and the attacker's joint success ------------------------------------------------------------------------
+def _v(v) -> dict[str, Any] | None:
+    return None if v is None else {"value": v.value, "low": v.low, "high": v.high, "n": v.n}
+
+
+def _joint(c: CellRow, prefix: str = "joint_evasion@") -> dict[str, Any]:
+    return {m[len(prefix):]: _v(v) for m, v in c.metrics.items() if m.startswith(prefix)}
+
+
+def _cost(c: CellRow) -> dict[str, Any]:
+    cost = c.costs.get("forge") or c.costs.get("image_attack") or {}
+    n = cost.get("images") or c.n_images or None
+    out = {k: cost.get(k) for k in ("seconds", "model_evals", "attacker_images", "images") if cost.get(k) is not None}
+    if n and cost.get("seconds") is not None:
+        out["seconds_per_image"] = cost["seconds"] / n
+    return out
+
+
+def forgery_rows(results: Results) -> list[dict[str, Any]]:
+    """One row per forgery cell: the forged images' FPR at the defence's threshold beside the clean images' FPR
+    (Clopper-Pearson), their quality to the clean input, the joint forgery rate and the attack's cost."""
+    rows = []
+    for c in results.forgery_cells:
+        rows.append({
+            "defense_label": c.defense_label, "model_attack_label": c.model_attack_label,
+            "image_attack_label": c.image_attack_label, "seed": c.seed, "status": c.status,
+            "forged_fpr": {m[len("forged_fpr@"):]: _v(v) for m, v in c.metrics.items() if m.startswith("forged_fpr@")},
+            "clean_fpr": {m[len("clean_fpr@"):]: _v(v) for m, v in c.metrics.items() if m.startswith("clean_fpr@")},
+            "psnr": _v(c.metrics.get("psnr_attack")), "ssim": _v(c.metrics.get("ssim_attack")),
+            "joint_forgery": _joint(c, "joint_forgery@"), "cost": _cost(c),
+        })
+    return rows
+
+
+def attacker_rows(results: Results) -> list[dict[str, Any]]:
+    """One row per attacked removal cell with a joint rate: the fraction of images that evade detection within the
+    quality bound (and keep their content), and the attack's cost."""
+    return [{"defense_label": c.defense_label, "model_attack_label": c.model_attack_label,
+             "image_attack_label": c.image_attack_label, "seed": c.seed, "joint_evasion": _joint(c),
+             "quality_kept": _v(c.metrics.get("quality_kept")), "content_kept": _v(c.metrics.get("content_kept")),
+             "cost": _cost(c)}
+            for c in results.ok_cells if not c.is_clean and _joint(c)]
+
+
+def _fmt_v(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "-"
+    if v.get("low") is None or v.get("high") is None:
+        return fmt(v["value"])
+    return f"{fmt(v['value'])} [{fmt(v['low'])}, {fmt(v['high'])}]"
+
+
+def _fmt_cost(cost: dict[str, Any]) -> str:
+    parts = []
+    if cost.get("seconds_per_image") is not None:
+        parts.append(f"{1000 * cost['seconds_per_image']:.1f} ms/image")
+    if cost.get("model_evals") is not None:
+        parts.append(f"{cost['model_evals']} model evals")
+    if cost.get("attacker_images") is not None:
+        parts.append(f"{cost['attacker_images']} attacker images")
+    return ", ".join(parts) or "-"
+
+
+def forgery_markdown(board: dict[str, Any]) -> list[str]:
+    rows = board.get("forgery") or []
+    if not rows:
+        return []
+    fprs = list(dict.fromkeys(f for r in rows for f in r["forged_fpr"]))
+    lines = ["", "#### Forgery: clean images made to read as marked (false positives; lower is better for the "
+             "defence)", "",
+             "| defence | model attack | forgery | " + " | ".join(f"forged FPR@{_md(f)} (clean)" for f in fprs)
+             + " | joint forgery | PSNR / SSIM to the clean input | cost |",
+             "|:---|:---|:---|" + "---:|" * (len(fprs) + 3)]
+    for r in rows:
+        jf = next(iter(r["joint_forgery"].values()), None)
+        q = f"{fmt((r['psnr'] or {}).get('value'))} / {fmt((r['ssim'] or {}).get('value'))}"
+        lines.append(f"| {_md(r['defense_label'])} | {_md(r['model_attack_label'])} | {_md(r['image_attack_label'])}"
+                     " | " + " | ".join(f"{_fmt_v(r['forged_fpr'].get(f))} ({_fmt_v(r['clean_fpr'].get(f))})"
+                                      for f in fprs)
+                     + f" | {_fmt_v(jf)} | {q} | {_fmt_cost(r['cost'])} |")
+    return lines
+
+
+def attacker_markdown(board: dict[str, Any]) -> list[str]:
+    rows = board.get("attacker") or []
+    if not rows:
+        return []
+    fprs = list(dict.fromkeys(f for r in rows for f in r["joint_evasion"]))
+    lines = ["", "#### The attacker's joint success: images that evade detection and stay within the quality bound",
+             "", "| defence | model attack | image attack | " + " | ".join(f"joint evasion@{_md(f)}" for f in fprs)
+             + " | quality kept | content kept | cost |", "|:---|:---|:---|" + "---:|" * (len(fprs) + 3)]
+    for r in rows:
+        lines.append(f"| {_md(r['defense_label'])} | {_md(r['model_attack_label'])} | {_md(r['image_attack_label'])}"
+                     " | " + " | ".join(_fmt_v(r["joint_evasion"].get(f)) for f in fprs)
+                     + f" | {_fmt_v(r['quality_kept'])} | {_fmt_v(r['content_kept'])} | {_fmt_cost(r['cost'])} |")
+    return lines
 
 
 # -- detection against attacker utility ----------------------------------------------------------------------------
@@ -300,6 +401,7 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
                          + " | ".join(fmt(e["per_attack"].get(c)) for c in cols) + " |")
         lines += ["", "</details>"]
     lines += utility_markdown(board.get("utility_curves") or [])
+    lines += attacker_markdown(board) + forgery_markdown(board)
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,8 @@ class GaussianNoise(ImageAttack):
     Strength mapping (WAVES range): ``std = 0.1 * s`` (on the [0, 1] pixel scale; s=0.5 gives the default 0.05).
 
     Origin: WAVES (An et al., ICML 2024, "WAVES: Benchmarking the Robustness of Image Watermarks"), "Gaussian
-    noise" distortion with std 0-0.1.
+    noise" distortion with std 0-0.1: checked against WAVES' distortion code, which adds ``randn * std`` to the
+    image as a [0, 1] tensor and clamps, with ``noise = (0, 0.1)`` as its strength range (the same mapping).
     """
 
     version = "1"

@@ -234,3 +234,31 @@ class ROCAUC(Metric):
         return [_measurement("auc", est, higher_is_better=True,
                              note=f"{pos.size} positives vs {neg.size} negatives; {what}; ties count half; "
                                   f"95% stratified bootstrap")]
+
+
+def decisions(ctx: MeasureContext) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
+    """Per target FPR, the verifier's decision on each image, as the ``tpr`` metric makes it: ``(label,
+    detected_pos, detected_neg, rule)`` with bool arrays over the cell's images and negatives. Bits: the analytic
+    threshold (label ``1e-06``); scores: the threshold set on the negatives (label ``fpr<=k/N``, each label once).
+    Shared by the metrics that need per-image decisions (``forgery``, ``joint_evasion``)."""
+    out = []
+    if _kind(ctx) is DetectionKind.BITS:
+        pos, neg, k = _bits_data(ctx)
+        for fpr in ctx.target_fprs:
+            tau = stats.bit_threshold(k, fpr)
+            out.append((stats.analytic_fpr_label(fpr), pos >= tau, neg >= tau,
+                        f"detected iff matches >= {tau} of {k} bits (analytic, target FPR {fpr:g})"))
+        return out
+    pos, neg = _scores(ctx.detection, "detection"), _scores(ctx.negatives, "negatives")
+    if neg.size == 0:
+        return out
+    seen: set[str] = set()
+    for fpr in ctx.target_fprs:
+        label = stats.empirical_fpr_label(neg.size, fpr)
+        if label in seen:
+            continue
+        seen.add(label)
+        op = stats.tpr_at_fpr_scores(pos, neg, fpr)
+        out.append((label, pos > op.threshold, neg > op.threshold,
+                    f"detected iff score > {op.threshold:.6g} (set on {neg.size} negatives, target FPR {fpr:g})"))
+    return out

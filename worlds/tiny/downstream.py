@@ -84,6 +84,16 @@ class Recogniser:
             self._zero_shot = ZeroShot(self.model)
         return self._zero_shot
 
+    def same_content(self, images: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+        """Per image: the zero-shot classifier reads the same shape and colour in ``images[i]`` as in
+        ``reference[i]`` (bool ``[N]``): the content an attack must keep."""
+        if images.shape[0] != reference.shape[0]:
+            raise ValueError(f"same_content: {images.shape[0]} images against {reference.shape[0]} references")
+        a = self.zero_shot.predict(images.float().clamp(0, 1) * 2 - 1)
+        b = self.zero_shot.predict(reference.float().clamp(0, 1) * 2 - 1)
+        return np.array([a["shape"][i] == b["shape"][i] and a["colour"][i] == b["colour"][i]
+                         for i in range(images.shape[0])], dtype=bool)
+
     def content_hits(self, images: torch.Tensor, captions: list[str], shape: bool = True) -> np.ndarray:
         """Per image: the zero-shot classifier reads the caption's colour (and shape, if ``shape``) (bool ``[N]``)."""
         from . import shapes

@@ -85,6 +85,11 @@ class TinyWorld(World):
 
         return task_for(name, token)
 
+    def same_content(self, images, reference):
+        from .downstream import Recogniser
+
+        return Recogniser.shared().same_content(images, reference)
+
     def clip_scorer(self, model: str, pretrained: str | None, device: str, batch_size: int) -> Any:
         from .clip_model import scorer
 
