@@ -155,20 +155,13 @@ def _verdict(row: dict[str, Any], columns: list[str]) -> str:
     return f"{row['defense']}: " + "; ".join(parts) + "."
 
 
-def answer_html(results: Results, escape, fmt, reported: list[Reported] | None = None) -> str:
-    """The section as HTML (``escape`` and ``fmt`` are the report's own helpers)."""
+def answer_html(results: Results, escape, ci, reported: list[Reported] | None = None) -> str:
+    """The section as HTML (``escape`` and ``ci``, a value with its interval, are the report's own helpers)."""
     doc = build(results, reported)
     if not doc["rows"]:
         return '<p class="muted">No finished cell without an image attack.</p>'
     e = escape
-
-    def summ(s):
-        if not s:
-            return "-"
-        t = e(fmt(s["value"]))
-        if s.get("low") is not None and s.get("high") is not None:
-            t += f' <span class="ci">[{e(fmt(s["low"]))}, {e(fmt(s["high"]))}]</span>'
-        return t
+    summ = ci
 
     fid_cols = [m for m in FIDELITY if any(m in r["fidelity"] for r in doc["rows"])]
     head = ("<tr><th>defence</th>" + "".join(f"<th>{e(c)}</th>" for c in doc["columns"])
@@ -191,7 +184,7 @@ def answer_html(results: Results, escape, fmt, reported: list[Reported] | None =
         for rep_row in [x for x in doc["reported"] if x["defense"] == r["defense"]]:
             rep: Reported = rep_row["reported"]
             cells = "".join(
-                f'<td class="reported" title="{e(rep.setting)}; {e(rep.source)}">{e(fmt(rep.value))} '
+                f'<td class="reported" title="{e(rep.setting)}; {e(rep.source)}">{e(f"{rep.value:g}")} '
                 f'<span class="muted">{e(rep.metric)}, reported</span></td>' if c == rep_row["column"] else "<td></td>"
                 for c in doc["columns"])
             body.append(f'<tr class="reported"><td class="muted">{e(r["defense"])}, reported '

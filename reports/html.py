@@ -481,14 +481,6 @@ def leaderboard_html(results: Results) -> str:
     board = build_leaderboard(results)
     quality = list(dict.fromkeys(q for en in board["entries"] for q in en["quality"]))
 
-    def summ(s):
-        if not s:
-            return "-"
-        t = fmt(s["value"])
-        if s.get("low") is not None and s.get("high") is not None:
-            t += f' <span class="ci">[{fmt(s["low"])}, {fmt(s["high"])}]</span>'
-        return t
-
     head = ("<tr><th>rank</th><th>defence</th><th>clean</th><th>mean over attacks</th><th>worst (attack)</th>"
             + "".join(f"<th>{e(q)}</th>" for q in quality) + "<th>failed</th></tr>")
     body = []
@@ -497,9 +489,9 @@ def leaderboard_html(results: Results) -> str:
         worst = "-" if r["worst"] is None else f"{e(fmt(r['worst']))} ({e(r['worst_attack'])})"
         body.append(f"<tr><td>{en['rank']}</td><td>{e(en['defense_label'])}"
                     + (' <span class="muted">(control)</span>' if en["control"] else "") + "</td>"
-                    f"<td>{summ(en['clean'])}</td><td>{e(fmt(r['mean']))} "
+                    f"<td>{ci_html(en['clean'])}</td><td>{e(fmt(r['mean']))} "
                     f"<span class=\"muted\">({r['n_cells']} cells)</span></td><td>{worst}</td>"
-                    + "".join(f"<td>{summ(en['quality'].get(q))}</td>" for q in quality)
+                    + "".join(f"<td>{ci_html(en['quality'].get(q))}</td>" for q in quality)
                     + f"<td>{en['n_failed']}</td></tr>")
     direction = "higher is better" if board["higher_is_better"] else "lower is better"
     return (f'<p>Ranked by the mean of <code>{e(board["metric"])}</code> ({direction}) over the attacked cells; '
@@ -507,7 +499,8 @@ def leaderboard_html(results: Results) -> str:
             f'<table class="grid lb"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
 
 
-def _ci_html(v: dict[str, Any] | None) -> str:
+def ci_html(v: dict[str, Any] | None) -> str:
+    """A value with its 95% interval (``{"value", "low", "high"}``), escaped; ``-`` for none."""
     if not v:
         return "-"
     t = e(fmt(v["value"]))
@@ -539,8 +532,8 @@ def attacker_html(results: Results) -> str:
         body = "".join(
             f"<tr><td>{e(r['defense_label'])}</td><td>{e(r['model_attack_label'])}</td>"
             f"<td>{e(r['image_attack_label'])}</td>"
-            + "".join(f"<td>{_ci_html(r['joint_evasion'].get(f))}</td>" for f in fprs)
-            + f"<td>{_ci_html(r['quality_kept'])}</td><td>{_ci_html(r['content_kept'])}</td>"
+            + "".join(f"<td>{ci_html(r['joint_evasion'].get(f))}</td>" for f in fprs)
+            + f"<td>{ci_html(r['quality_kept'])}</td><td>{ci_html(r['content_kept'])}</td>"
               f"<td>{_cost_html(r['cost'])}</td></tr>" for r in joint)
         out.append("<h3>Removal: images that evade detection within the quality bound</h3>"
                    '<p class="muted">Per image: not detected at the defence\'s threshold, within the PSNR / SSIM '
@@ -556,10 +549,10 @@ def attacker_html(results: Results) -> str:
         body = "".join(
             f"<tr><td>{e(r['defense_label'])}</td><td>{e(r['model_attack_label'])}</td>"
             f"<td>{e(r['image_attack_label'])}</td>"
-            + "".join(f"<td>{_ci_html(r['forged_fpr'].get(f))}</td><td>{_ci_html(r['clean_fpr'].get(f))}</td>"
+            + "".join(f"<td>{ci_html(r['forged_fpr'].get(f))}</td><td>{ci_html(r['clean_fpr'].get(f))}</td>"
                       for f in fprs)
-            + f"<td>{_ci_html(next(iter(r['joint_forgery'].values()), None))}</td>"
-              f"<td>{_ci_html(r['psnr'])}</td><td>{_ci_html(r['ssim'])}</td><td>{_cost_html(r['cost'])}</td></tr>"
+            + f"<td>{ci_html(next(iter(r['joint_forgery'].values()), None))}</td>"
+              f"<td>{ci_html(r['psnr'])}</td><td>{ci_html(r['ssim'])}</td><td>{_cost_html(r['cost'])}</td></tr>"
             for r in forged)
         out.append("<h3>Forgery: clean images made to read as marked</h3>"
                    '<p class="muted">The clean model\'s images, forged with what the attacker learnt from the marked '
@@ -683,7 +676,7 @@ def _page(results: Results, cache: Path | None, looked: list[str], max_prompts: 
         '<a href="#images">images</a> <a href="#manifest">manifest</a> <a href="#glossary">glossary</a></nav></header>',
         '<main>',
         '<section id="answer"><h2>The answer: what survived which attack, at what utility and fidelity</h2>',
-        answer_html(results, e, fmt),
+        answer_html(results, e, ci_html),
         '<div id="utility"><h3>Detection against attacker utility</h3>',
         '<p class="muted">Per model attack: each defence\'s detection (y) against what the attack gave the attacker '
         '(x: the share of the attacked watermarked model\'s images that show the fine-tune\'s new style or subject; '

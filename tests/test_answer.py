@@ -8,7 +8,7 @@ from pathlib import Path
 
 from markbench.reports.answer import SURVIVES, answer_html, build, load_reported
 from markbench.reports.data import Results, Value
-from markbench.reports.leaderboard import fmt
+from markbench.reports.html import ci_html
 
 from .test_utility_curves import cell
 
@@ -98,7 +98,7 @@ def test_a_reported_number_outside_the_interval_is_called_out_and_one_inside_is_
 
 
 def test_the_section_renders_the_rows_reported_rows_and_disagreement():
-    page = answer_html(results(), lambda x: html.escape(str(x)), fmt, load_reported(REPORTED))
+    page = answer_html(results(), lambda x: html.escape(str(x)), ci_html, load_reported(REPORTED))
     assert page.count('<tr class="reported">') == 2 and "Paper A, Table 2" in page
     assert "Where this run and the papers disagree" in page
     assert 'data-metric="tpr@fpr&lt;=1/32"' in page
