@@ -63,6 +63,7 @@ def _values(cfg):
     return {(r.cell, r.metric): (r.value, r.low, r.high) for r in df.itertuples()}
 
 
+@pytest.mark.slow
 def test_merged_generation_gives_every_cell_the_images_and_numbers_it_gets_alone(tmp_path, monkeypatch):
     """Two run seeds: the base model samples two prompt lists with the same settings, so their generations share
     batches. The same grid with the grouping switched off (same keys) stores the same images and numbers."""

@@ -193,6 +193,7 @@ def test_reinitialise_draws_every_weight_afresh_at_the_kaiming_bound():
     assert not torch.equal(net[0].weight, again[0].weight)
 
 
+@pytest.mark.slow
 def test_distill_student_moves_towards_the_teacher(pipe):
     """A fresh student starts far from the teacher's predictions and gets closer with training (held-out inputs: the
     other captions, noise and timesteps than the attack's); the teacher's weights are no part of it."""
