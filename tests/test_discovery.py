@@ -240,5 +240,6 @@ def test_newcomer_attack_runs_in_the_repository_contract_tests(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_image_attacks.py",
                           "-k", "posterize"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
-    # the 8 contract checks and the built-ins' defaults-equal-mid-strength test, each with id [posterize...]
-    assert "9 passed" in out.stdout and "failed" not in out.stdout
+    # every image-attack contract check and the built-ins' defaults-equal-mid-strength test, each with id
+    # [posterize...]
+    assert f"{len(IMAGE_ATTACK_CHECKS) + 1} passed" in out.stdout and "failed" not in out.stdout
