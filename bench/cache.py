@@ -259,7 +259,13 @@ class ArtifactStore:
         first). A fallback's copy is never moved."""
         src = self.own_path(key)
         dest = self.root / QUARANTINE / f"{key}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            from .errors import UserError
+
+            raise UserError(f"{dest.parent}: is not a folder, so the cache cannot set its damaged entry {key[:12]} "
+                            f"aside; move that file away and run again") from None
         try:
             os.replace(src, dest)
         except FileNotFoundError:

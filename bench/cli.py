@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
             continue
         try:
             extra.update(mod.add_parsers(sub, cfg_args))
-        except Exception as exc:  # a third-party command group must not break every other command
+        except (Exception, SystemExit) as exc:  # a third-party command group must not break every other command
             _command_module_warning(module, f"its add_parsers failed ({type(exc).__name__}: {one_line(exc)[:160]})")
     p.set_defaults(_extra=extra)
     return p
@@ -137,7 +137,7 @@ def _command_module(module: str):
     out, so a broken third-party package never breaks ``bench ls`` or ``bench run``."""
     try:
         return importlib.import_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a sys.exit() at import must not end every command silently
         if module in _CORE_COMMAND_MODULES:
             raise
         _command_module_warning(module, f"could not be imported ({type(exc).__name__}: {one_line(exc)[:160]})")

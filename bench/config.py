@@ -609,6 +609,9 @@ def _check_model(model: ModelConfig, path: str) -> None:
     if model.num_inference_steps < 1 or model.num_inference_steps > 1000:
         raise ConfigError(f"{path}: model.num_inference_steps = {_v(model.num_inference_steps)} is invalid: "
                           "it must be an integer in [1, 1000]")
+    if len(model.negative_prompt) > MAX_PROMPT_CHARS:  # as a prompt: a huge one stalls the tokenizer
+        raise ConfigError(f"{path}: model.negative_prompt has {len(model.negative_prompt)} characters; a prompt may "
+                          f"have at most {MAX_PROMPT_CHARS}")
     if not 0 <= model.guidance_scale <= MAX_GUIDANCE:  # NaN fails both comparisons
         raise ConfigError(f"{path}: model.guidance_scale = {_v(model.guidance_scale)} is invalid: it must be a "
                           f"number in [0, {MAX_GUIDANCE:g}]")

@@ -82,7 +82,14 @@ def executor_available(name: str) -> str:
 def make_executor(cfg) -> Executor:
     """The executor ``cfg.run.executor`` names (the config has checked that it is available)."""
     if cfg.run.executor == "ray":
-        from .ray_executor import RayExecutor
+        try:
+            from .ray_executor import RayExecutor
+        except ImportError as exc:  # installed but broken (a version mismatch, a shadowing ray.py): one sentence
+            from .errors import UserError
+
+            raise UserError(f"{cfg.path}: run.executor = 'ray' needs the Python package 'ray', which is installed "
+                            f"but cannot be imported ({type(exc).__name__}: {str(exc)[:160]}); reinstall it with: "
+                            "pip install 'markbench[ray]'") from None
 
         return RayExecutor(address=cfg.run.address or None, max_retries=cfg.run.max_retries)
     return InProcessExecutor()

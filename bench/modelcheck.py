@@ -61,6 +61,10 @@ def check_pipeline_folder(folder: Path, where: str, allow_pickle: bool = False) 
                               "[null, null]")
         if not (value[0] and value[1]):
             continue
+        unknown = _unknown_class(value[0], value[1])
+        if unknown:
+            raise ConfigError(f"{where}: {index}: '{_cut(name, 60)}' = {_cut(json.dumps(value), 80)} {unknown}; it must "
+                              "name a class of that library, as save_pretrained writes it")
         comp = folder / name
         if not comp.is_dir():
             raise ConfigError(f"{where}: {index} names the component '{_cut(name, 60)}' but {comp} is missing")
@@ -97,6 +101,21 @@ def check_pipeline_folder(folder: Path, where: str, allow_pickle: bool = False) 
                               f"set {OPT_IN}")
         if not pickles:
             raise ConfigError(f"{where}: {comp} has no weights (no .safetensors file)")
+
+
+def _unknown_class(library: str, name: str) -> str:
+    """Why ``[library, name]`` names no loadable class ("" when it does, or when the library is not one whose names
+    can be listed without loading: a custom pipeline's own library is left to the loader)."""
+    if library not in ("diffusers", "transformers"):
+        return ""
+    import importlib
+    import sys
+
+    module = sys.modules.get(library) or importlib.import_module(library)
+    names = getattr(module, "_class_to_module", None)  # the lazy module's table: no class is imported
+    if not isinstance(names, dict) or name in names or name in getattr(module, "__all__", ()):
+        return ""
+    return f"names no class of {library}"
 
 
 def safetensors_problem(path: Path) -> str:

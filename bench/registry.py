@@ -88,7 +88,8 @@ class EntryPointGroup:
             where = f"entry point '{ep.name} = {ep.value}' of {origin} (group {self.name})"
             try:
                 obj = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any failure of a third-party import is contained
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - any failure of a third-party import (even
+                # a sys.exit() at import) is contained
                 self._broken(ep.name, where, f"could not be imported ({type(exc).__name__}: {exc})")
                 continue
             fits = [r for r in self.members if isinstance(obj, type) and issubclass(obj, r.base)]

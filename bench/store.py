@@ -77,6 +77,15 @@ class ResultStore:
 
                 raise UserError(f"{self.path}: not a MarkBench results database ({exc})") from None
             found = None
+            tables = [r[0] for r in self.con.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%'")]
+            if tables:  # another program's database: never write into it
+                self.con.close()
+                from .errors import UserError
+
+                shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+                raise UserError(f"{self.path}: not a MarkBench results database (it holds the tables {shown} and no "
+                                f"'meta' table); use another run.output") from None
         if found is not None and int(found[0]) != SCHEMA_VERSION:
             self.con.close()
             from .errors import UserError

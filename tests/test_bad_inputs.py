@@ -60,6 +60,10 @@ def _folder_damage(what: str):
             w = folder / "unet" / "diffusion_pytorch_model.safetensors"
             w.write_bytes({"weights_truncated": w.read_bytes()[:-100], "weights_garbage": os.urandom(4000),
                            "weights_empty": b""}[what])
+        elif what == "unknown_class":  # a misspelt class: caught from the library's table, nothing loaded
+            index = json.loads((folder / "model_index.json").read_text())
+            index["unet"] = ["diffusers", "UNet2DConditionModl"]
+            (folder / "model_index.json").write_text(json.dumps(index))
         elif what == "pickle_only":
             (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
             (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
@@ -86,6 +90,18 @@ def _prompts_fifo(tmp: Path) -> str:
 
 def _results_db_folder(tmp: Path) -> str:
     (tmp / "out" / "results.sqlite").mkdir(parents=True)
+    return MICRO_TOML
+
+
+def _foreign_database(tmp: Path) -> str:
+    """Another program's SQLite database where the results database goes: refused, and never written into."""
+    import sqlite3
+
+    (tmp / "out").mkdir(parents=True)
+    con = sqlite3.connect(tmp / "out" / "results.sqlite")
+    con.execute("CREATE TABLE results (x)")
+    con.commit()
+    con.close()
     return MICRO_TOML
 
 
@@ -229,6 +245,11 @@ CONFIGS = [
     ("resources_huge_key", _text(lambda t: t + "\n[resources]\n" + "g" * 1_000_000 + " = {num_cpus = 1}\n"), [],
      "unknown stage kind"),
     ("not_utf8_config", None, [], "UTF-8"),
+    ("negative_prompt_megabyte_long",
+     _text(lambda t: _set(t, "height = 64", 'height = 64\nnegative_prompt = "' + "n" * 1_000_000 + '"')), [],
+     "model.negative_prompt"),
+    ("foreign_results_database", _foreign_database, [], "not a MarkBench results database"),
+    ("model_component_unknown_class", _folder_damage("unknown_class"), [], "names no class of diffusers"),
     ("set_without_equals", _text(lambda t: t), ["--set", "run.num_images"], "--set"),
     ("set_bad_value", _text(lambda t: t), ["--set", "run.num_images=-1"], "run.num_images"),
     ("set_unknown_section", _text(lambda t: t), ["--set", "runn.seeds=[1]"], "--set runn.seeds"),
@@ -279,7 +300,13 @@ def test_bad_config_is_one_sentence_exit_2_before_any_work(tmp_path, capsys, mon
     argv = [command, str(path)] if command == "validate" else [command, "--config", str(path), "--no-progress"]
     rc = main(argv + extra)
     _assert_one_sentence(capsys, rc, needle)
-    if case_id not in ("old_results_database", "results_database_is_a_folder"):
+    if case_id == "foreign_results_database":  # refused and left exactly as it was
+        import sqlite3
+
+        con = sqlite3.connect(tmp_path / "out" / "results.sqlite")
+        assert [r[0] for r in con.execute("SELECT name FROM sqlite_master")] == ["results"]
+        con.close()
+    elif case_id not in ("old_results_database", "results_database_is_a_folder"):
         assert not (tmp_path / "out" / "results.sqlite").exists()
 
 

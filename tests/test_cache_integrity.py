@@ -211,3 +211,17 @@ def test_files_and_folders_that_are_not_entries_are_never_reported_or_pruned(tmp
         os.utime(p, (past, past))
     assert main(["cache", "prune", "--cache", str(tmp_path), "--older-than", "1d"]) == 0
     assert not store.exists(key) and all(p.exists() for p in strays)
+
+
+def test_a_quarantine_path_that_is_a_file_is_one_sentence_not_a_traceback(tmp_path, capsys):
+    """A damaged entry must be set aside into <cache>/quarantine; when that path is a file, verify (and a run that
+    heals) say so in one line and exit 2 (an audit found a FileExistsError traceback); the entry stays."""
+    store = ArtifactStore(tmp_path)
+    bad = _entry(store, "bad")
+    (store.path(bad) / "images" / "00000.png").write_bytes(b"junk")
+    (tmp_path / "quarantine").write_text("a user's file")
+    capsys.readouterr()
+    assert main(["cache", "verify", "--cache", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "quarantine: is not a folder" in err and "Traceback" not in err
+    assert store.exists(bad) and (tmp_path / "quarantine").read_text() == "a user's file"

@@ -240,3 +240,13 @@ def test_strength_maps_through_declared_ranges():
     assert jpeg.params["quality"] == 10
     assert isinstance(image_attacks.get("jpeg")(strength=0.0), ImageAttack)
     assert defenses.get("dwtdct").detection is DetectionKind.BITS
+
+
+def test_a_plugin_that_exits_at_import_is_one_warning_not_the_end_of_every_command(monkeypatch):
+    """sys.exit() at a third-party module's import raises SystemExit, which is not an Exception: it used to end
+    `bench ls`, `validate` and `run` silently with its code (an audit found exit 3 and no output)."""
+    _fake_entry_points(monkeypatch, [_FakeEP("acme_exit", "bench.defenses", error=SystemExit(3),
+                                             value="acme.exits:Mark"), _FakeEP("acme", "bench.defenses", Good)])
+    reg = Registry("defense", Defense, "bench.defenses")
+    with pytest.warns(PluginLoadWarning, match="acme.exits:Mark.*could not be imported .SystemExit: 3"):
+        assert reg.names() == ["acme"]
