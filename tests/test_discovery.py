@@ -235,6 +235,8 @@ def test_newcomer_one_file_attack_appears_in_ls_grid_and_contract(tmp_path):
 @pytest.mark.slow
 def test_newcomer_attack_runs_in_the_repository_contract_tests(tmp_path):
     """The repository's own parametrized contract tests pick the new file up (pytest in the copied tree)."""
+    from markbench.testing import IMAGE_ATTACK_CHECKS
+
     root = _tree_with_newcomer(tmp_path)
     env = _env(root)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_image_attacks.py",
