@@ -336,10 +336,10 @@ def run_generate_group(stages: list[Stage], env: StageEnv) -> dict[str, dict[str
     stage's images are those it gets alone. Returns each stage's metadata (its share of the time by image count)."""
     t0 = time.perf_counter()
     first = stages[0]
-    requests = [env.request(s.extra_dict["run_seed"], s.extra_dict.get("request_name", "")) for s in stages]
-    settings = {dataclasses.replace(r, prompts=(), seeds=()) for r in requests}
-    if len(settings) != 1 or len({s.inputs[0] for s in stages}) != 1 or not requests[0].pad_to_batch:
+    settings = {generation_settings(s, env) for s in stages}
+    if len(settings) != 1 or None in settings:
         raise ValueError("a generation group must share one model and one set of padded sampler settings")
+    requests = [env.request(s.extra_dict["run_seed"], s.extra_dict.get("request_name", "")) for s in stages]
     merged = dataclasses.replace(requests[0], prompts=tuple(p for r in requests for p in r.prompts),
                                  seeds=tuple(s for r in requests for s in r.seeds))
     ctx = env.context(first)

@@ -161,7 +161,7 @@ def measure(points, latent_steps, steps, messages, n_train, n_held, seed, log=pr
     pipe = load_pipeline_folder(worlds.get("tiny")().model_folder("tiny-sd-rt"))
     pipe.set_progress_bar_config(disable=True)
     if pool_cache and Path(pool_cache).exists():
-        train, held = torch.load(pool_cache)
+        train, held = torch.load(pool_cache, weights_only=True)  # tensors only: nothing unpickled runs
     else:
         train = _pool(pipe, list(read_prompts("tiny:train", "capacity_curve")), n_train, 10_000, 20)
         held = _pool(pipe, list(read_prompts("tiny:heldout", "capacity_curve")), n_held, 20_000, 20)

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     decoder.eval()
     pipe = load_pipeline_folder(worlds.get("tiny")().model_folder("tiny-sd-rt"))
     pipe.set_progress_bar_config(disable=True)
-    (mean, std), _ = torch.load(a.pool)
+    (mean, std), _ = torch.load(a.pool, weights_only=True)  # tensors only: nothing unpickled runs
     train_caps = list(read_prompts("tiny:train", "stage2_steps"))
     chosen = [train_caps[i % len(train_caps)] for i in range(mean.shape[0])]
     held = list(read_prompts("tiny:heldout", "stage2_steps"))[: a.n]

@@ -79,7 +79,7 @@ class Distill(ModelAttack):
             reinitialise(student, ctx.generator)
         teacher.eval().requires_grad_(False)
         student.train().requires_grad_(True)
-        params = [p for p in student.parameters()]
+        params = list(student.parameters())
         batches = sample_batches(len(captions), self.batch_size, ctx.generator)
 
         def step(_):

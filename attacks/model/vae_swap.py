@@ -36,18 +36,18 @@ class VAESwap(ModelAttack):
     def apply(self, pipe, ctx):
         other = self._other_vae(ctx)
         mine = pipe.vae
-        for field in ("latent_channels",):
-            if getattr(other.config, field) != getattr(mine.config, field):
-                raise PluginError(f"vae_swap: source {self.source!r} has {field} {getattr(other.config, field)}, "
-                                  f"the pipeline's VAE {getattr(mine.config, field)}: not the same latent space")
+        if other.config.latent_channels != mine.config.latent_channels:
+            raise PluginError(f"vae_swap: source {self.source!r} has latent_channels {other.config.latent_channels}, "
+                              f"the pipeline's VAE {mine.config.latent_channels}: not the same latent space")
         if len(other.config.block_out_channels) != len(mine.config.block_out_channels):
             raise PluginError(f"vae_swap: source {self.source!r} downsamples by another factor than the pipeline's "
                               f"VAE: not the same latent space")
         state = mine.state_dict()
         theirs = other.state_dict()
         swapped = 0
+        sides = {m for c in self.components for m in self._SIDES[c]}
         for key in state:
-            if key.split(".")[0] in {m for c in self.components for m in self._SIDES[c]}:
+            if key.split(".")[0] in sides:
                 if key not in theirs or theirs[key].shape != state[key].shape:
                     raise PluginError(f"vae_swap: source {self.source!r} has another architecture ({key})")
                 state[key] = theirs[key].to(state[key])
