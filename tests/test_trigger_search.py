@@ -137,25 +137,21 @@ def test_search_recovers_a_planted_trigger_and_claims_none_on_the_clean_model(ti
 
 @pytest.mark.slow
 def test_a_claimed_trigger_is_unlearnt_and_nothing_claimed_leaves_the_weights(tiny):
-    """apply(): on the toy the found trigger drives ``unlearn`` (the UNet changes, the cost says so, and the
-    planted residual of the found input shrinks); on the clean model nothing is claimed and no weight moves."""
-    tid, _ = _rare_token(tiny.tokenizer)
+    """apply(): on the toy the found string drives ``unlearn`` as a prompt trigger (the UNet changes, the cost
+    names the string and the follow-up); on the clean model nothing is claimed and no weight moves. (The toy's
+    residual lives in hooks, outside the weights, so whether unlearning removes it is not asked here: the probe of
+    docs/threats.md measures that on SleeperMark.)"""
+    tid, word = _rare_token(tiny.tokenizer)
     toy = plant_backdoor(copy_pipeline(tiny), tid)
     cls = model_attacks.get("trigger_search")
-    attack = cls(**SEARCH, unlearn_steps=30, unlearn_lr=1e-3, unlearn_num_images=8)
-    from markbench.attacks.model.trigger_search import _Probe
-
-    def residual(pipe):
-        probe = _Probe(pipe, attack, make_context(1, pipe=pipe))
-        return probe.score([[tid]])[0]["S"]
-
-    before_s = residual(toy)
+    attack = cls(**SEARCH, unlearn_steps=5, unlearn_lr=1e-3, unlearn_num_images=8)
     before = {k: v.clone() for k, v in toy.unet.state_dict().items()}
     ctx = make_context(0, pipe=toy, knowledge=_sealed(cls))
     attack.apply(toy, ctx)
-    assert ctx.costs["search_claimed"] and ctx.costs["followup"] == "unlearn" and ctx.costs["steps"] == 30
+    assert ctx.costs["search_claimed"] and word in ctx.costs["search_found"].split()
+    assert ctx.costs["followup"] == "unlearn" and ctx.costs["steps"] == 5
+    assert ctx.costs["unlearn_trigger_kind"] == "prompt_prefix" and ctx.costs["search_seconds"] > 0
     assert any(not torch.equal(before[k], v) for k, v in toy.unet.state_dict().items())
-    assert residual(toy) < 0.5 * before_s
     clean = copy_pipeline(tiny)
     ctx = make_context(0, pipe=clean, knowledge=_sealed(cls))
     attack.apply(clean, ctx)
