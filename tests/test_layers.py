@@ -285,10 +285,10 @@ def test_the_private_name_check_fails_on_a_deliberate_violation(tmp_path):
 
 #: the tests and scripts that test or time the harness itself, and may therefore drive its stages directly (a stage
 #: environment, ``run_stage``): the runner's executor protocol, the environment's secret gating per threat tier and
-#: the model it hands an attack, the harness-overhead benchmark, and a probe that replays one stage. Every other test,
+#: the model it hands an attack, the harness-overhead benchmark, and the probes that replay one stage. Every other test,
 #: benchmark and probe goes through the public API and ``markbench.testing``
 HARNESS_USERS = ("tests/test_runner.py", "tests/test_threat_tiers.py", "tests/test_removal_attacks.py",
-                 "benchmarks/overhead.py", "experiments/unlearn_probe.py")
+                 "benchmarks/overhead.py", "experiments/unlearn_probe.py", "experiments/trigger_search_probe.py")
 
 
 def stage_imports(root: Path) -> list[str]:
