@@ -106,12 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", "-f", choices=("table", "csv", "json"), default="table")
     s.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
                    help="attacks as rows (default: automatic, when there are many attack columns)")
+    s.add_argument("--all-cells", action="store_true", help=ALL_CELLS_HELP)
 
     e = sub.add_parser("export", help="export all results (one row per cell and metric) to CSV, Parquet or JSON",
                        epilog="examples:\n  bench export --to results.csv\n  bench export --to results.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg_args(e)
     e.add_argument("--to", required=True, help="output file: .csv, .parquet or .json")
+    e.add_argument("--all-cells", action="store_true", help=ALL_CELLS_HELP)
 
     # Command groups owned by other packages: each module's add_parsers(sub, cfg_args) returns {command: handler}.
     p.set_defaults(_extra={})
@@ -443,23 +445,47 @@ def _threat_model_text(attrs: dict) -> str:
     return out
 
 
-def _results(args):
+#: ``--all-cells`` (show, export, report, leaderboard)
+ALL_CELLS_HELP = ("also read the database's cells that the config's grid no longer has (left by an earlier version of "
+                  "the config in the same output folder); default: only the config's grid, when a config names the "
+                  "database (--config, or no --output); every cell when only --output names it")
+
+
+def grid_filter(cfg, args) -> set[str] | None:
+    """The cell labels a reader of the results database keeps: the config's grid now (:func:`plan.grid_labels`)
+    when the config names the database (``--config`` given, or its own ``run.output``), so that cells an earlier
+    version of the config left there stay out; ``None`` (every cell) with ``--all-cells``, or when only
+    ``--output`` names a run folder (the default config is not that run's)."""
+    from .plan import grid_labels
+
+    if getattr(args, "all_cells", False) or (getattr(args, "output", None) and not getattr(args, "config", None)):
+        return None
+    return grid_labels(cfg)
+
+
+def _grid_frame(cfg, cells: set[str] | None):
+    """The results frame of the config's database, only the cells labelled ``cells`` (all if ``None``)."""
     from .store import ResultStore
 
+    store = ResultStore(cfg.output / "results.sqlite")
+    try:
+        df = store.dataframe()
+    finally:
+        store.close()
+    return df if cells is None or df.empty else df[df["cell"].isin(cells)]
+
+
+def _results(args):
     cfg = _load(args, check_output=False)
     db = cfg.output / "results.sqlite"
     if not db.exists():
         raise UserError(f"{db}: no results yet; run 'bench run' with this config first")
-    store = ResultStore(db)
-    try:
-        return cfg, store.dataframe()
-    finally:
-        store.close()
+    return cfg, _grid_frame(cfg, grid_filter(cfg, args))
 
 
 def cmd_show(args) -> int:
-    cfg, _ = _results(args)
-    _print_matrix(cfg, args.metric, args.format, _console(), transpose=args.transpose)
+    cfg, df = _results(args)
+    _print_matrix(cfg, args.metric, args.format, _console(), transpose=args.transpose, df=df)
     return 0
 
 
@@ -522,17 +548,14 @@ def _fmt_cell(r, with_n: bool = True) -> str:
     return s + (f" n={int(r['n'])}" if with_n else "")
 
 
-def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | None = None) -> None:
-    from .store import ResultStore
-
+def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | None = None, df=None) -> None:
     db = cfg.output / "results.sqlite"
-    if not db.exists():
-        return
-    store = ResultStore(db)
-    try:
-        df = store.dataframe()
-    finally:
-        store.close()
+    if df is None:
+        if not db.exists():
+            return
+        from .plan import grid_labels
+
+        df = _grid_frame(cfg, grid_labels(cfg))
     metric = metric or cfg.run.primary_metric
     available = sorted(df["metric"].unique()) if not df.empty else []
     if metric not in available:

@@ -12,6 +12,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
+from markbench.cli import ALL_CELLS_HELP, grid_filter
+
 EPILOG_REPORT = textwrap.dedent("""\
     examples:
       bench report                                  the report of the run in ./bench.toml's output folder
@@ -38,11 +40,14 @@ EPILOG_COMPARE = textwrap.dedent("""\
 
 
 def after_run(cfg: Any, console: Any, err: Any) -> None:
-    """Called by ``bench run`` when the run is done: write ``<output>/report.html``."""
+    """Called by ``bench run`` when the run is done: write ``<output>/report.html`` (the config's grid)."""
+    from markbench.plan import grid_labels
+
     from .html import render_report
 
     try:
-        report = render_report(cfg.output / "results.sqlite", cfg.output / "report.html", cfg.cache_dir)
+        report = render_report(cfg.output / "results.sqlite", cfg.output / "report.html", cfg.cache_dir,
+                               cells=grid_labels(cfg))
     except Exception as exc:  # a report that cannot render must not hide the run's outcome
         err.print(f"warning: report not written: {exc}", markup=False)
         return
@@ -58,6 +63,7 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
     r.add_argument("--out", default=None, metavar="FILE", help="the HTML file to write (default: <output>/report.html)")
     r.add_argument("--cache", default=None, metavar="DIR",
                    help="artifact cache holding the images (default: run.cache, else <output>/cache)")
+    r.add_argument("--all-cells", action="store_true", help=ALL_CELLS_HELP)
 
     lb = sub.add_parser("leaderboard", help="write the leaderboard (JSON and Markdown) of a run", formatter_class=fmt,
                         description="Rank defences by robustness across the grid, with quality beside it.",
@@ -69,6 +75,7 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
                     help="leaderboard Markdown (default: <output>/leaderboard.md)")
     lb.add_argument("--metric", "-m", default=None, help="ranking metric (default: run.primary_metric)")
     lb.add_argument("--quiet", "-q", action="store_true", help="do not print the Markdown table")
+    lb.add_argument("--all-cells", action="store_true", help=ALL_CELLS_HELP)
 
     c = sub.add_parser("compare", help="compare two runs cell by cell; exit 1 on a regression", formatter_class=fmt,
                        description="Compare two leaderboards, results databases or run folders cell by cell.",
@@ -156,7 +163,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     cache = args.cache
     if cache is None and cfg.cache_dir.is_dir():
         cache = cfg.cache_dir
-    out = render_report(db, args.out or cfg.output / "report.html", cache)
+    out = render_report(db, args.out or cfg.output / "report.html", cache, cells=grid_filter(cfg, args))
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.2f} MB)")
     return 0
@@ -168,7 +175,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     cfg, db = _db_and_config(args)
     out_json = Path(args.out_json) if args.out_json else cfg.output / "leaderboard.json"
     out_md = Path(args.out_md) if args.out_md else cfg.output / "leaderboard.md"
-    board = write_leaderboard(db, out_json, out_md, metric=args.metric)
+    board = write_leaderboard(db, out_json, out_md, metric=args.metric, cells=grid_filter(cfg, args))
     if not args.quiet:
         sys.stdout.write(to_markdown(board))
     print(f"wrote {out_json} and {out_md}", file=sys.stderr)

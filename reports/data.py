@@ -322,9 +322,14 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return con
 
 
-def load_results(db_path: str | Path) -> Results:
-    """Read a ``results.sqlite`` into :class:`Results` (read-only; raises :class:`UserError` on a bad file)."""
+def load_results(db_path: str | Path, cells: Iterable[str] | None = None) -> Results:
+    """Read a ``results.sqlite`` into :class:`Results` (read-only; raises :class:`UserError` on a bad file).
+
+    ``cells``: keep only the cells with these labels (``defence/model attack/image attack/sN``: a config's grid,
+    :func:`markbench.plan.grid_labels`), so that cells an earlier version of the config left in the same database
+    do not join its tables; ``None``: every cell."""
     path = Path(db_path)
+    keep = None if cells is None else set(cells)
     con = connect_readonly(path)
     try:
         con.row_factory = sqlite3.Row
@@ -335,6 +340,8 @@ def load_results(db_path: str | Path) -> Results:
                 for r in con.execute("SELECT * FROM runs ORDER BY started, rowid")]
         by_id: dict[str, CellRow] = {}
         for r in con.execute("SELECT * FROM cells ORDER BY updated, rowid"):
+            if keep is not None and r["label"] not in keep:
+                continue
             by_id[r["cell_id"]] = CellRow(
                 cell_id=r["cell_id"], run_id=r["run_id"] or "", label=r["label"] or "", seed=int(r["seed"] or 0),
                 defense=r["defense"] or "", defense_label=r["defense_label"] or "",

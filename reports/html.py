@@ -27,7 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .data import (IDENTITY, CellRow, Results, describe_metric, is_quality_metric, load_results, prompts_of)
 from .leaderboard import build as build_leaderboard
@@ -48,14 +48,16 @@ def e(x: Any) -> str:
 
 
 def render_report(db_path: str | os.PathLike, out_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                  *, max_prompts: int = MAX_PROMPTS, max_attack_images: int = MAX_ATTACK_IMAGES) -> Path:
+                  *, max_prompts: int = MAX_PROMPTS, max_attack_images: int = MAX_ATTACK_IMAGES,
+                  cells: Iterable[str] | None = None) -> Path:
     """Render the report of ``db_path`` into the single file ``out_path``; returns its path.
 
     ``cache_dir`` is the artifact cache holding the images (default: ``<db folder>/cache``, else the run's
-    ``run.cache`` or ``<run.output>/cache``); without one the image panels say where they looked.
+    ``run.cache`` or ``<run.output>/cache``); without one the image panels say where they looked. ``cells``: only
+    these cell labels (a config's grid; :func:`reports.data.load_results`).
     """
     db = Path(db_path)
-    results = load_results(db)
+    results = load_results(db, cells)
     cache, looked = find_cache(results, db, cache_dir)
     page = _page(results, cache, looked, max_prompts, max_attack_images)
     out = Path(out_path)

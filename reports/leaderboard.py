@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from markbench.errors import UserError
 
@@ -431,9 +431,10 @@ def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:
 
 # -- files --------------------------------------------------------------------------------------------------------
 def write_leaderboard(db_path: str | Path, out_json: str | Path | None = None, out_md: str | Path | None = None,
-                      metric: str | None = None) -> dict[str, Any]:
-    """Build the leaderboard of a database and write it as JSON and/or Markdown; returns the document."""
-    board = build(load_results(db_path), metric)
+                      metric: str | None = None, cells: Iterable[str] | None = None) -> dict[str, Any]:
+    """Build the leaderboard of a database and write it as JSON and/or Markdown; returns the document. ``cells``:
+    only these cell labels (a config's grid; :func:`reports.data.load_results`)."""
+    board = build(load_results(db_path, cells), metric)
     if out_json is not None:
         p = Path(out_json)
         p.parent.mkdir(parents=True, exist_ok=True)
