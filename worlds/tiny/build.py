@@ -148,8 +148,8 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
     if "vae-ind" in stages:
         if not plan.resume:
             _fresh(work / "vae-ind" / "vae" / "checkpoint.pt")
-        res = train_attacker_vae(work / "vae-ind", work / "vae-ind" / "ship", plan.seed, plan.vae_ind, resume=plan.resume,
-                                 bar=bar, log=log)
+        res = train_attacker_vae(work / "vae-ind", work / "vae-ind" / "ship", plan.seed, plan.vae_ind,
+                                 resume=plan.resume, bar=bar, log=log)
         _copy_folder(work / "vae-ind" / "ship", out / "tiny-vae-ind")
         training["vae-ind"] = res
     for name in stages:

@@ -27,8 +27,8 @@ def add_parsers(sub, cfg_args) -> dict:
             """))
     zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
     b = zs.add_parser("build", help="rebuild the artifacts from a seed (resumable)")
-    b.add_argument("--only", choices=("clip", "vae", "unet", "vae-ind"), default=None, help="run one stage (vae-ind: the "
-                   "independent attacker VAE)")
+    b.add_argument("--only", choices=("clip", "vae", "unet", "vae-ind"), default=None,
+                   help="run one stage (vae-ind: the independent attacker VAE)")
     b.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --work")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--work", default=None, help="work folder (default: $MARKBENCH_HOME/zoo-build/seed-N)")

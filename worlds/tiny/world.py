@@ -66,7 +66,7 @@ class TinyWorld(World):
 
     def autoencoders(self) -> Mapping[str, str]:
         return {"tiny-vae-ind": "tiny-sd's VAE architecture and latent shape, trained from another seed on images "
-                                "tiny-sd's VAE never saw, about a fifth of its training (bench zoo build --only "
+                                "tiny-sd's VAE never saw, about a quarter of its training (bench zoo build --only "
                                 "vae-ind); its own latent space, not tiny-sd's"}
 
     def autoencoder_folder(self, name: str) -> Path:
