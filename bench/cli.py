@@ -377,7 +377,8 @@ def _ls_worlds(console, verbose: bool) -> None:
             what += f" [from {origin}]"
         sets = [f"{name}:{s}" for s in w.prompt_sets()]
         data = [f"{name}:{d}" for d in w.datasets()]
-        table.add_row(name, escape(what), "\n".join(w.models()) or "-",
+        models = list(w.models()) + [f"{a} (autoencoder)" for a in w.autoencoders()]  # attacker models it ships
+        table.add_row(name, escape(what), "\n".join(models) or "-",
                       escape("prompts: " + (", ".join(sets) or "-") + "\ndatasets: " + (", ".join(data) or "-")))
     console.print(table)
 

@@ -111,6 +111,97 @@ def builtin_models() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Attacker models: what an attack regenerates or optimises through instead of the run's base model
+# ---------------------------------------------------------------------------------------------------------------
+#: the attacker-model value that means "the run's clean base model" (what an attacker of released weights has)
+BASE = "base"
+
+
+def vae_source(source: str, where: str = "vae") -> tuple[str, Path | None]:
+    """What an attacker-VAE value names, checked without loading anything: ``("base", None)``, or the kind
+    (``"autoencoder"``: a standalone VAE a world ships, e.g. the tiny world's independent ``tiny-vae-ind``;
+    ``"model"``: a built-in model's VAE, e.g. ``tiny-sd-rt``; ``"folder"``: a diffusers VAE folder, or a pipeline
+    folder with a ``vae/`` subfolder) and its folder (``None`` for a built-in model: built on first use).
+    :class:`~bench.errors.ConfigError` in one sentence if it is none of these."""
+    from .errors import ConfigError
+    from .world import autoencoder_folder, autoencoder_names, model_names
+
+    if source == BASE:
+        return BASE, None
+    if source in autoencoder_names():
+        return "autoencoder", autoencoder_folder(source)
+    if source in model_names():
+        return "model", None
+    folder = Path(source).expanduser()
+    if (folder / "config.json").is_file():
+        return "folder", folder
+    if (folder / "vae" / "config.json").is_file():
+        return "folder", folder / "vae"
+    known = sorted(autoencoder_names()) + sorted(model_names())
+    raise ConfigError(f"{where} = {source!r} is neither 'base', a shipped autoencoder or built-in model "
+                      f"({', '.join(known)}) nor a folder with a VAE (config.json, or vae/config.json)")
+
+
+def pipeline_source(source: str, where: str = "model") -> tuple[str, Path | None]:
+    """What an attacker-pipeline value names: ``("base", None)``, ``("model", None)`` (a built-in model) or
+    ``("folder", path)`` (a diffusers pipeline folder); a :class:`~bench.errors.ConfigError` for anything else, and
+    one that says why for a standalone autoencoder (it has no diffusion model of its latent space)."""
+    from .errors import ConfigError
+    from .world import autoencoder_names, model_names
+
+    if source == BASE:
+        return BASE, None
+    if source in model_names():
+        return "model", None
+    if source in autoencoder_names():
+        raise ConfigError(f"{where} = {source!r} is an autoencoder without a diffusion model of its own latent space "
+                          f"(the base UNet denoises another latent space); use it with regen_vae, or name a "
+                          f"pipeline: 'base', a built-in model ({', '.join(sorted(model_names()))}) or a folder")
+    folder = Path(source).expanduser()
+    if (folder / "model_index.json").is_file():
+        return "folder", folder
+    raise ConfigError(f"{where} = {source!r} is neither 'base', a built-in model ({', '.join(sorted(model_names()))}) "
+                      f"nor a diffusers pipeline folder (model_index.json)")
+
+
+_ATTACKER_MODELS: dict[tuple[str, str, str, str], Any] = {}
+
+
+def load_vae(source: str, device: str = "cpu", dtype: str = "float32", where: str = "vae"):
+    """The attacker VAE ``source`` names (:func:`vae_source`; not ``"base"``: that one is the run's own pipeline's),
+    loaded once per process, in eval mode without gradients on its weights. Shared: read it, never train it."""
+    import torch
+
+    kind, folder = vae_source(source, where)
+    if kind == BASE:
+        raise ValueError("load_vae('base'): the base model's VAE is the run's pipeline's (ctx.model.vae)")
+    key = ("vae", str(folder) if folder is not None else source, str(device), dtype)
+    if key not in _ATTACKER_MODELS:
+        from diffusers import AutoencoderKL
+
+        _quiet_loading()
+        if folder is None:
+            folder = builtin_folder(source) / "vae"
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                            torch_dtype=getattr(torch, _DTYPES[dtype]))
+        _ATTACKER_MODELS[key] = vae.to(device).eval().requires_grad_(False)
+    return _ATTACKER_MODELS[key]
+
+
+def load_attacker_pipeline(source: str, device: str = "cpu", dtype: str = "float32", where: str = "model"):
+    """The attacker pipeline ``source`` names (:func:`pipeline_source`; not ``"base"``), loaded once per process.
+    Shared: build new pipelines from its components, never change its weights."""
+    kind, folder = pipeline_source(source, where)
+    if kind == BASE:
+        raise ValueError("load_attacker_pipeline('base'): the base pipeline is the run's (ctx.model)")
+    key = ("pipeline", str(folder) if folder is not None else source, str(device), dtype)
+    if key not in _ATTACKER_MODELS:
+        _ATTACKER_MODELS[key] = load_pipeline_folder(folder if folder is not None else builtin_folder(source), dtype,
+                                                     device)
+    return _ATTACKER_MODELS[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -73,6 +73,18 @@ class World:
         """Extra strings hashed into the model's fingerprint (e.g. checksums of shipped weights)."""
         return ()
 
+    # -- attacker models ----------------------------------------------------------------------------------------
+    def autoencoders(self) -> Mapping[str, str]:
+        """Standalone autoencoders this world ships for attackers, by name -> a one-line description: VAEs with the
+        latent shape of its models, trained independently of them (another seed, other images), so that "an
+        attack through a model the defender never saw" can be measured (``regen_vae``'s ``vae``,
+        ``adv_embedding``'s ``encoder``, ``vae_swap``'s ``source``)."""
+        return {}
+
+    def autoencoder_folder(self, name: str) -> Path:
+        """A diffusers ``AutoencoderKL`` folder (``config.json`` + weights) for the autoencoder ``name``."""
+        raise UserError(f"world '{self.name}' has no autoencoder {name!r}")
+
     # -- prompts and data ---------------------------------------------------------------------------------------
     def prompt_sets(self) -> Mapping[str, Callable[[], Sequence[str]]]:
         """Named prompt sets: name -> a function returning the prompts (built on first use)."""
@@ -165,6 +177,24 @@ def world_of_model(name: str, where: str = "model.builtin") -> World:
     if name not in names:
         raise UserError(f"{where} = {name!r} is unknown{suggest(name, names)}; available: {', '.join(sorted(names))}")
     return get_world(names[name])
+
+
+def autoencoder_names() -> dict[str, str]:
+    """Every standalone autoencoder a world ships (:meth:`World.autoencoders`) -> the world that provides it."""
+    out: dict[str, str] = {}
+    for w in all_worlds():
+        for m in w.autoencoders():
+            out.setdefault(m, w.name)
+    return out
+
+
+def autoencoder_folder(name: str) -> Path:
+    """The folder of the shipped autoencoder ``name`` (``config.json`` + weights)."""
+    names = autoencoder_names()
+    if name not in names:
+        raise UserError(f"autoencoder {name!r} is unknown{suggest(name, names)}; available: "
+                        f"{', '.join(sorted(names)) or 'none'}")
+    return get_world(names[name]).autoencoder_folder(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -240,12 +240,15 @@ def test_build_is_reproducible(tmp_path):
                          clip=ClipSettings(steps=3, batch_size=8, n_train=40, n_style=8, n_subject=8, n_eval=16),
                          vae=VaeSettings(steps=2, decoder_steps=2, roundtrip_steps=2, batch_size=4, n_train=40,
                                          n_style=8, n_subject=8, n_eval=8),
-                         unet=UnetSettings(steps=3, batch_size=4, n_train=40, eval_every=0))
+                         unet=UnetSettings(steps=3, batch_size=4, n_train=40, eval_every=0),
+                         vae_ind=VaeSettings(steps=2, decoder_steps=2, roundtrip_steps=0, batch_size=4, n_train=40,
+                                             n_style=8, n_subject=8, n_eval=8))
         m = build(plan)
         sums.append({c: {f: v["sha256"] for f, v in files.items() if f.endswith(".safetensors")}
                      for c, files in m["files"].items()})
     assert sums[0] == sums[1]
     assert sums[0]["tiny-sd"] and sums[0]["tiny-clip"]
+    assert sorted(sums[0]["tiny-vae-ind"]) == ["vae/diffusion_pytorch_model.safetensors"]
     # stages 2 and 3 train the decoder side only: both shipped VAEs have stage 1's encoder (the UNet's latent space)
     from safetensors.torch import load_file
 
@@ -259,6 +262,11 @@ def test_build_is_reproducible(tmp_path):
     assert torch.equal(stage1["post_quant_conv.weight"], two["post_quant_conv.weight"])  # stage 2: decoder only
     assert not torch.equal(two["post_quant_conv.weight"], rt["post_quant_conv.weight"])  # stage 3 trains it
     assert sum(not torch.equal(two[k], rt[k]) for k in dec) > len(dec) // 2
+    # the independent attacker VAE: tiny-sd's architecture, its own seed and data, float16 on disk
+    ind = vae("out0/tiny-vae-ind/vae")
+    assert ind.keys() == two.keys() and {t.dtype for t in ind.values()} == {torch.float16}
+    assert not any(torch.allclose(ind[k].float(), two[k]) for k in enc if two[k].numel() > 16)
+    assert m["training"]["vae-ind"]["seed"] == 5 + 1000 and m["training"]["vae-ind"]["heldout_psnr"]["n"] == 256
     assert sorted(sums[0]["tiny-sd-rt"]) == ["vae/diffusion_pytorch_model.safetensors"]
     # shipping the checkpoints of a build that is past stage 2 ships tiny-sd's (two-stage) VAE, not stage 3's
     from markbench.worlds.tiny.build import ship

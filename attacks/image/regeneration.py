@@ -6,9 +6,11 @@ with a generative model (a VAE decoder, or a diffusion model's denoiser). WAVES 
 Benchmarking the Robustness of Image Watermarks") benchmarks the diffusion form as Regen-Diff and its repetition as
 Rinse-2xDiff / Rinse-4xDiff, and the VAE form as Regen-VAE / Regen-KLVAE.
 
-All three use the model the harness hands them (``needs_model = "base"``: the run's clean base pipeline, what an
-attacker of released weights has). An independent attacker model (a VAE or diffusion model the defender never saw)
-is not part of this file.
+By default all three use the model the harness hands them (``needs_model = "base"``: the run's clean base pipeline,
+what an attacker of released weights has). Which model the attacker uses is a parameter and part of the result:
+``regen_vae``'s ``vae`` may name an independent VAE the defender never saw (the tiny world ships ``tiny-vae-ind``,
+trained apart from tiny-sd), ``regen_diffusion``'s and ``rinse``'s ``model`` another pipeline
+(:mod:`bench.models`: ``vae_source``, ``pipeline_source``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from markbench import AttackContext, image_attacks, ImageAttack, param
 from markbench.latents import from_latent, to_latent
+from markbench.models import BASE, load_attacker_pipeline, load_vae, pipeline_source, vae_source
 
 
 def _latent_size_ok(vae: Any, images: torch.Tensor) -> None:
@@ -42,6 +45,11 @@ class RegenVAE(ImageAttack):
     Strength mapping: ``latent_noise = 0.5 * max(0, 2 s - 1)``: up to s = 0.5 (the default) the plain
     encode-decode round trip, the noise then grows to sigma = 0.5 at s = 1. Strength 0 is not the identity: it is
     the VAE's reconstruction error (hence ``zero_strength_tolerance``).
+
+    ``vae``: ``"base"`` (the default), or a VAE the defender never saw: a shipped attacker autoencoder (the tiny
+    world's ``tiny-vae-ind``: tiny-sd's architecture, trained from another seed on other images), a built-in model's
+    VAE (e.g. ``tiny-sd-rt``) or a VAE folder (:func:`bench.models.vae_source`); the noise is then in that VAE's own
+    scaled latent units. A name is keyed by its name (a folder by its path): give changed weights a new one.
     """
 
     version = "1"
@@ -51,6 +59,13 @@ class RegenVAE(ImageAttack):
     latent_noise: float = param(0.0, "std of the Gaussian noise added to the scaled latent (Zhao et al.'s sigma)",
             low=0.0, high=4.0)
     batch_size: int = param(16, "images encoded at once", low=1, high=1024)
+    vae: str = param(BASE, "the attacker's VAE: 'base' (the base model's), a shipped attacker autoencoder (e.g. "
+            "'tiny-vae-ind', trained independently of tiny-sd), a built-in model (e.g. 'tiny-sd-rt') or a VAE folder",
+            keyed_at_default=False)
+
+    def __init__(self, **given: Any):
+        super().__init__(**given)
+        vae_source(self.vae, "regen_vae.vae")  # a name or folder that is none: refused when the config is read
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -58,7 +73,7 @@ class RegenVAE(ImageAttack):
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, generator: torch.Generator, ctx: AttackContext) -> torch.Tensor:
-        vae = ctx.model.vae
+        vae = ctx.model.vae if self.vae == BASE else load_vae(self.vae, ctx.device, where="regen_vae.vae")
         _latent_size_ok(vae, images)
         dtype = next(vae.parameters()).dtype
         out = []
@@ -133,6 +148,10 @@ class RegenDiffusion(ImageAttack):
     steps of the N-step schedule (``num_inference_steps``), i.e. to the grid step just below t (DDIM with "leading"
     spacing, N = 50: t = 200 is noised to step 181 and denoised in 10 steps), so the effective step changes in jumps
     of T / N.
+
+    ``model``: ``"base"`` (the default) or another pipeline, a built-in model (e.g. ``tiny-sd-rt``) or a pipeline
+    folder (:func:`bench.models.pipeline_source`). A standalone autoencoder (``tiny-vae-ind``) is refused: the
+    regeneration needs a diffusion model of that VAE's own latent space, and the tiny world ships none (60 MB budget).
     """
 
     version = "1"
@@ -144,6 +163,8 @@ class RegenDiffusion(ImageAttack):
     num_inference_steps: int = param(50, "the sampler's schedule length (img2img runs the last int(N t / T) of its "
             "steps)", low=1, high=1000)
     batch_size: int = param(16, "images regenerated at once", low=1, high=1024)
+    model: str = param(BASE, "the attacker's pipeline: 'base' (the base model), a built-in model (e.g. "
+            "'tiny-sd-rt') or a pipeline folder", keyed_at_default=False)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -151,12 +172,20 @@ class RegenDiffusion(ImageAttack):
 
     def __init__(self, **given: Any):
         super().__init__(**given)
+        pipeline_source(self.model, "regen_diffusion.model")
         self._img2img = _Img2ImgCache()
+
+    def attacker_pipeline(self, ctx: AttackContext) -> Any:
+        """The pipeline that regenerates: the run's base (``ctx.model``) or the one ``model`` names."""
+        if self.model == BASE:
+            return ctx.model
+        return load_attacker_pipeline(self.model, ctx.device, where="regen_diffusion.model")
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, generator: torch.Generator, ctx: AttackContext) -> torch.Tensor:
-        _latent_size_ok(ctx.model.vae, images)
-        return regenerate(self._img2img.get(ctx.model), images, generator, self.noise_step,
+        pipe = self.attacker_pipeline(ctx)
+        _latent_size_ok(pipe.vae, images)
+        return regenerate(self._img2img.get(pipe), images, generator, self.noise_step,
                           self.num_inference_steps, self.batch_size, ctx.device)
 
 
@@ -169,7 +198,7 @@ class Rinse(ImageAttack):
     its noise from the same generator in turn (so one pass with the same generator is exactly ``regen_diffusion``).
 
     Strength mapping: ``total_noise_step = round(40 + 160 s)``, split over the passes: with 2 passes 20 to 100
-    steps each, with 4 passes 10 to 50 (WAVES' Rinse-2x and Rinse-4x ranges).
+    steps each, with 4 passes 10 to 50 (WAVES' Rinse-2x and Rinse-4x ranges). ``model``: as ``regen_diffusion``'s.
     """
 
     version = "1"
@@ -181,6 +210,8 @@ class Rinse(ImageAttack):
     total_noise_step: int = param(120, "noise steps over all passes (each pass: total / passes)", low=1, high=4000)
     num_inference_steps: int = param(50, "the sampler's schedule length per pass", low=1, high=1000)
     batch_size: int = param(16, "images regenerated at once", low=1, high=1024)
+    model: str = param(BASE, "the attacker's pipeline: 'base' (the base model), a built-in model (e.g. "
+            "'tiny-sd-rt') or a pipeline folder", keyed_at_default=False)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -188,7 +219,14 @@ class Rinse(ImageAttack):
 
     def __init__(self, **given: Any):
         super().__init__(**given)
+        pipeline_source(self.model, "rinse.model")
         self._img2img = _Img2ImgCache()
+
+    def attacker_pipeline(self, ctx: AttackContext) -> Any:
+        """The pipeline that regenerates: the run's base (``ctx.model``) or the one ``model`` names."""
+        if self.model == BASE:
+            return ctx.model
+        return load_attacker_pipeline(self.model, ctx.device, where="rinse.model")
 
     @property
     def noise_step_per_pass(self) -> int:
@@ -196,8 +234,9 @@ class Rinse(ImageAttack):
 
     @torch.no_grad()
     def apply(self, images: torch.Tensor, generator: torch.Generator, ctx: AttackContext) -> torch.Tensor:
-        _latent_size_ok(ctx.model.vae, images)
-        img2img = self._img2img.get(ctx.model)
+        pipe = self.attacker_pipeline(ctx)
+        _latent_size_ok(pipe.vae, images)
+        img2img = self._img2img.get(pipe)
         x = images
         for _ in range(self.passes):
             x = regenerate(img2img, x, generator, self.noise_step_per_pass, self.num_inference_steps,

@@ -16,9 +16,11 @@ class VAESwap(ModelAttack):
     ``source = "base"``: the VAE of the public base model (the run's clean base; for a released model whose decoder
     was replaced by the owner, the original is public). Otherwise a built-in model of a world (``bench ls worlds``;
     e.g. ``"tiny-sd-rt"``, tiny-sd with a decoder trained for round trips, the tiny world's ft-MSE) or a diffusers
-    model folder with a ``vae/`` subfolder. A folder is named by its path in the cache key: give a changed folder a
-    new path. The latent space must match (channels and downsampling factor); the swap changes no other weight and
-    costs no training.
+    model folder with a ``vae/`` subfolder, or a standalone autoencoder a world ships (``tiny-vae-ind``: tiny-sd's
+    architecture and latent shape but trained independently, so *not* its latent space: the swap then shows what a
+    foreign decoder or encoder does, not a benign replacement). A folder is named by its path in the cache key: give a
+    changed folder a new path. The latent space must match (channels and downsampling factor); the swap changes no
+    other weight and costs no training.
     """
 
     version = "1"
@@ -26,7 +28,8 @@ class VAESwap(ModelAttack):
     attacker_has = ("the released watermarked pipeline and a public autoencoder of the same latent space (the base "
                     "model's, or a public fine-tuned one); no key, no training")
     source: str = param("base", "the VAE swapped in: 'base' (the public base model's), a built-in model name (e.g. "
-                        "'tiny-sd-rt') or a diffusers model folder with a vae/ subfolder")
+                        "'tiny-sd-rt'), a shipped autoencoder (e.g. 'tiny-vae-ind') or a diffusers model folder "
+                        "with a vae/ subfolder")
     components: list[str] = param(["decoder"], "what is swapped: the decoder side (decoder, post_quant_conv: what "
                                   "generation uses) and/or the encoder side (encoder, quant_conv: what a latent "
                                   "verifier reads images through)", choices=("decoder", "encoder"))
@@ -59,6 +62,12 @@ class VAESwap(ModelAttack):
     def _other_vae(self, ctx):
         if self.source == "base":
             return ctx.data.verifier_pipeline().vae
+        from markbench.world import autoencoder_names
+
+        if self.source in autoencoder_names():
+            from markbench.models import load_vae
+
+            return load_vae(self.source, where="vae_swap.source")
         from pathlib import Path
 
         from diffusers import AutoencoderKL

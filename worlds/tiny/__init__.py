@@ -2,7 +2,8 @@
 
 ``bench zoo build`` rebuilds every artifact from a seed; ``bench zoo info`` prints what is shipped. The built models
 live in ``worlds/tiny/artifacts/`` (``tiny-sd/``: a diffusers Stable Diffusion folder; ``tiny-clip/``: an open_clip
-model; ``tiny-sd-rt/vae/``: the round-trip VAE of the ``tiny-sd-rt`` variant) with a ``manifest.json`` of sizes,
+model; ``tiny-sd-rt/vae/``: the round-trip VAE of the ``tiny-sd-rt`` variant; ``tiny-vae-ind/vae/``: an
+independent VAE of tiny-sd's architecture, the attacker model ``tiny-vae-ind``) with a ``manifest.json`` of sizes,
 checksums, training settings and quality figures.
 """
 
@@ -14,6 +15,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 TINY_SD = ARTIFACTS / "tiny-sd"
 TINY_SD_RT = ARTIFACTS / "tiny-sd-rt"  # only its vae/: the rest is tiny-sd's (bench.models.builtin_folder)
 TINY_CLIP = ARTIFACTS / "tiny-clip"
+TINY_VAE_IND = ARTIFACTS / "tiny-vae-ind"  # vae/: the independent attacker VAE (``bench zoo build --only vae-ind``)
 MANIFEST = ARTIFACTS / "manifest.json"
 
 

@@ -7,7 +7,13 @@ Stages (each resumable; ``--only`` runs one):
    trip) gives ``artifacts/tiny-sd-rt/vae/``, the VAE of the ``tiny-sd-rt`` variant
 3. ``unet``: the latent UNet on that latent space, with the CLIP's text tower as text encoder
    (:mod:`worlds.tiny.train_unet`) -> ``artifacts/tiny-sd/`` (a diffusers Stable Diffusion folder)
-4. measure: the quality figures (:mod:`worlds.tiny.evaluate`) -> ``artifacts/manifest.json`` with sizes, sha256
+4. ``vae-ind``: the independent attacker VAE (:func:`worlds.tiny.train_vae.train_attacker_vae`): tiny-sd's VAE
+   architecture and latent shape, trained from another seed (:data:`~worlds.tiny.train_vae.ATTACKER_SEED_OFFSET`) on
+   images the defender's VAE never saw, on a shorter schedule -> ``artifacts/tiny-vae-ind/vae/`` (float16 weights),
+   the attacker model ``tiny-vae-ind`` of ``regen_vae``, ``adv_embedding`` and ``vae_swap``. It depends on no other
+   stage; ``--only vae-ind`` adds it to a shipped folder without touching the other artifacts or the manifest's
+   other entries.
+5. measure: the quality figures (:mod:`worlds.tiny.evaluate`) -> ``artifacts/manifest.json`` with sizes, sha256
    checksums, training settings, CPU seconds, versions.
 
 Work files (rendered datasets, checkpoints, logs) live in ``--work`` (default ``$MARKBENCH_HOME/zoo-build/seed-N``).
@@ -27,7 +33,9 @@ from typing import Any
 from . import ARTIFACTS, MANIFEST
 from .common import Logger, NullBar, file_sha256
 
-STAGES = ("clip", "vae", "unet")
+STAGES = ("clip", "vae", "unet", "vae-ind")
+#: what each stage ships (``write_manifest_core`` lists and sizes them)
+COMPONENTS = ("tiny-sd", "tiny-sd-rt", "tiny-clip", "prebuilt", "tiny-vae-ind")
 MAX_BYTES = 60_000_000  # the issue's budget: at most 60 MB shipped in all
 
 
@@ -43,6 +51,7 @@ class BuildPlan:
     clip: Any = None  # ClipSettings
     vae: Any = None  # VaeSettings
     unet: Any = None  # UnetSettings
+    vae_ind: Any = None  # VaeSettings of the attacker VAE (default: train_vae.attacker_vae_settings())
     extra: dict = field(default_factory=dict)
 
 
@@ -97,7 +106,7 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
     """Run the plan; return the manifest written to ``plan.out/manifest.json``."""
     from .train_clip import ClipSettings, train_clip
     from .train_unet import UnetSettings, train_unet
-    from .train_vae import VaeSettings, train_vae
+    from .train_vae import VaeSettings, train_attacker_vae, train_vae
 
     bar = bar or NullBar()
     work = Path(plan.work or work_dir(plan.seed))
@@ -136,10 +145,21 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
                                       work / "clip" / "final", plan.seed, plan.unet or UnetSettings(),
                                       resume=plan.resume, bar=bar, log=log, final_vae_dir=work / "vae" / "final")
         _copy_folder(work / "unet" / "pipeline", out / "tiny-sd")
+    if "vae-ind" in stages:
+        if not plan.resume:
+            _fresh(work / "vae-ind" / "vae" / "checkpoint.pt")
+        res = train_attacker_vae(work / "vae-ind", work / "vae-ind" / "ship", plan.seed, plan.vae_ind,
+                                 resume=plan.resume, bar=bar, log=log)
+        _copy_folder(work / "vae-ind" / "ship", out / "tiny-vae-ind")
+        training["vae-ind"] = res
     for name in stages:
         training[name]["finished"] = True
     _readable(out)
-    manifest.update(write_manifest_core(out, plan.seed, time.time() - t_start, manifest))
+    core = write_manifest_core(out, plan.seed, time.time() - t_start, manifest)
+    if stages == ["vae-ind"]:  # an attacker model added to a shipped world: the other entries stay as they are
+        manifest["files"], manifest["total_bytes"] = core["files"], core["total_bytes"]
+    else:
+        manifest.update(core)
     if plan.measure and (out / "tiny-sd" / "model_index.json").exists() and (out / "tiny-clip").exists():
         from .evaluate import check_targets, measure_all
 
@@ -232,7 +252,7 @@ def write_manifest_core(out: Path, seed: int, seconds: float, previous: dict) ->
     from . import shapes
 
     files = {}
-    for comp in ("tiny-sd", "tiny-sd-rt", "tiny-clip", "prebuilt"):
+    for comp in COMPONENTS:
         if (out / comp).exists():
             files[comp] = file_table(out / comp)
     total = sum(f["bytes"] for comp in files.values() for f in comp.values())

@@ -101,6 +101,10 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
             n_eval = str(tr["vae"].get("settings", {}).get("n_eval", ""))
             for k in ("heldout", "style", "subject"):
                 t.add_row(f"tiny-sd-rt VAE round-trip PSNR, {k}", f"{rt[k]:.2f} dB", n_eval)
+        ind = tr.get("vae-ind", {}).get("heldout_psnr")
+        if ind:
+            for k in ("heldout", "style", "subject"):
+                t.add_row(f"tiny-vae-ind (attacker VAE) round-trip PSNR, {k}", f"{ind[k]:.2f} dB", str(ind["n"]))
         ldm = q["ldm_heldout_accuracy"]
         for k, r in ldm.items():
             if isinstance(r, dict):

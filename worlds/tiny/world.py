@@ -64,6 +64,20 @@ class TinyWorld(World):
         # tiny-sd-rt is tiny-sd with another VAE decoder: both checksums identify it
         return (_pkg.fingerprint(),) + ((_pkg.fingerprint("tiny-sd-rt"),) if name == "tiny-sd-rt" else ())
 
+    def autoencoders(self) -> Mapping[str, str]:
+        return {"tiny-vae-ind": "tiny-sd's VAE architecture and latent shape, trained from another seed on images "
+                                "tiny-sd's VAE never saw, about a quarter of its training (bench zoo build --only "
+                                "vae-ind); its own latent space, not tiny-sd's"}
+
+    def autoencoder_folder(self, name: str) -> Path:
+        if name != "tiny-vae-ind":
+            return super().autoencoder_folder(name)
+        folder = _pkg.TINY_VAE_IND / "vae"
+        if not (folder / "config.json").exists():
+            raise UserError(f"the tiny world's independent attacker VAE is missing from {_pkg.TINY_VAE_IND}; build it "
+                            f"with 'bench zoo build --only vae-ind'")
+        return folder
+
     def prompt_sets(self) -> Mapping[str, Callable[[], Sequence[str]]]:
         return {"heldout": lambda: _domain_captions(64, 1), "train": lambda: _domain_captions(128, 0)}
 

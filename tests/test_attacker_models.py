@@ -1,0 +1,247 @@
+"""The attacker's own models (issue 27): the independent VAE the tiny world ships (``tiny-vae-ind``), how the
+regeneration attacks and ``adv_embedding`` select a model other than the base (``regen_vae.vae``,
+``regen_diffusion.model`` / ``rinse.model``, ``adv_embedding.encoder``), and black-box ``adv_embedding`` checked with
+values against references computed here (diffusers' own encode, the CLIP scorer's own no-grad embedding)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from markbench import ConfigError, image_attacks
+from markbench.config import PluginSpec
+from markbench.models import load_vae, pipeline_source, vae_source
+from markbench.testing import contract_cases, run_attack, sample_images
+from markbench.worlds.tiny import MANIFEST, TINY_CLIP, TINY_SD, TINY_VAE_IND
+
+from .attack_models import tiny_or_micro
+from .conftest import MICRO_TOML, write_config
+
+shipped = pytest.mark.skipif(not (TINY_VAE_IND / "vae" / "config.json").exists() or
+                             not (TINY_SD / "model_index.json").exists() or not TINY_CLIP.exists(),
+                             reason="the tiny world's models (tiny-sd, tiny-clip, tiny-vae-ind) are not built")
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_or_micro()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return sample_images(3, 48)
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory, pipe):
+    """A VAE folder of the base VAE's architecture with other (random, seeded) weights: an attacker VAE that needs
+    no shipped artifact."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        vae = AutoencoderKL(**{k: v for k, v in pipe.vae.config.items() if not k.startswith("_")})
+    folder = tmp_path_factory.mktemp("attacker-vae") / "vae"
+    vae.save_pretrained(folder)
+    return folder
+
+
+def _latent(vae, x: torch.Tensor) -> torch.Tensor:
+    """Reference embedding of a VAE: diffusers' posterior mean of ``2x - 1``, times the scaling factor."""
+    with torch.no_grad():
+        return vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean().sqrt())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Naming an attacker model
+# ---------------------------------------------------------------------------------------------------------------
+def test_vae_source_tells_base_autoencoders_models_and_folders_apart_and_refuses_the_rest(vae_folder, tmp_path):
+    assert vae_source("base") == ("base", None)
+    assert vae_source("micro-sd") == ("model", None)
+    assert vae_source(str(vae_folder)) == ("folder", vae_folder)
+    assert vae_source(str(vae_folder.parent)) == ("folder", vae_folder)  # a folder with a vae/ subfolder
+    with pytest.raises(ConfigError, match=r"^regen_vae\.vae = '.*nowhere' is neither 'base', a shipped autoencoder"):
+        vae_source(str(tmp_path / "nowhere"), "regen_vae.vae")
+    if (TINY_VAE_IND / "vae" / "config.json").exists():
+        assert vae_source("tiny-vae-ind") == ("autoencoder", TINY_VAE_IND / "vae")
+
+
+def test_a_diffusion_regeneration_refuses_an_autoencoder_and_says_why(tmp_path):
+    assert pipeline_source("base") == ("base", None) and pipeline_source("micro-sd") == ("model", None)
+    with pytest.raises(ConfigError, match="an autoencoder without a diffusion model of its own latent space"):
+        image_attacks.get("regen_diffusion")(model="tiny-vae-ind")
+    with pytest.raises(ConfigError, match="rinse.model = .* nor a diffusers pipeline folder"):
+        image_attacks.get("rinse")(model=str(tmp_path))
+
+
+@pytest.mark.parametrize("attack, key, bad", [("regen_vae", "vae", "tiny-vae-x"),
+                                              ("adv_embedding", "encoder", "tiny-vea-ind"),
+                                              ("regen_diffusion", "model", "tiny-sd-xx")])
+def test_an_unknown_attacker_model_is_one_sentence_exit_2(tmp_path, capsys, attack, key, bad):
+    from markbench.cli import main
+
+    text = MICRO_TOML.replace('name = "jpeg"\nquality = [90, 50]', f'name = "{attack}"\n{key} = "{bad}"')
+    path = write_config(tmp_path, text)
+    rc = main(["validate", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert str(path) in err and f"{attack}.{key} = {bad!r}" in err and "'base'" in err
+
+
+def test_the_new_parameters_leave_existing_stage_keys_alone_at_their_defaults():
+    """``vae`` / ``model`` / ``encoder`` / ``clip_model`` were added after attacks-tiny's stages were computed: at
+    their defaults they are not in the key (so those stages stand); another value is."""
+    for name, key, other in (("regen_vae", "vae", "micro-sd"), ("regen_diffusion", "model", "micro-sd"),
+                             ("rinse", "model", "micro-sd"), ("adv_embedding", "encoder", "clip"),
+                             ("adv_embedding", "clip_model", "sd-world")):
+        cls = image_attacks.get(name)
+        default = cls().params
+
+        def spec(params):
+            return PluginSpec("image_attacks", name, tuple(sorted(params.items())), cls.version)
+
+        assert key not in spec(default).identity()["params"]
+        assert spec({**default, key: other}).identity()["params"][key] == other
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# regen_vae and regen_diffusion through the attacker's model
+# ---------------------------------------------------------------------------------------------------------------
+def test_regen_vae_through_another_vae_equals_that_vaes_round_trip(pipe, images, vae_folder):
+    from diffusers import AutoencoderKL
+
+    theirs = AutoencoderKL.from_pretrained(str(vae_folder), local_files_only=True)
+    out = run_attack(image_attacks.get("regen_vae")(vae=str(vae_folder)), images, _gen(), model=pipe)
+    with torch.no_grad():
+        ref = ((theirs.decode(theirs.encode(images * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    base = run_attack(image_attacks.get("regen_vae")(), images, _gen(), model=pipe)
+    assert float((out - base).abs().mean()) > 0.01  # another VAE, another reconstruction
+
+
+@pytest.mark.slow
+def test_regen_diffusion_regenerates_with_the_pipeline_it_names(pipe):
+    attack = image_attacks.get("regen_diffusion")(model="micro-sd")
+    from markbench import AttackContext
+
+    theirs = attack.attacker_pipeline(AttackContext(model=pipe))
+    assert theirs is not pipe and theirs is attack.attacker_pipeline(AttackContext(model=pipe))  # loaded once
+    assert theirs.unet.config.block_out_channels == image_attacks.get("regen_diffusion")().attacker_pipeline(
+        AttackContext(model=theirs)).unet.config.block_out_channels
+    assert image_attacks.get("rinse")().attacker_pipeline(AttackContext(model=pipe)) is pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# adv_embedding: grey-box and black-box encoders
+# ---------------------------------------------------------------------------------------------------------------
+class AdvEmbeddingIndependentVAE(image_attacks.get("adv_embedding")):
+    """adv_embedding, black-box: the encoder of the tiny world's independent VAE (the contract's settings)."""
+    name = "adv_embedding[tiny-vae-ind]"
+    smoke_params = {"steps": 3, "encoder": "tiny-vae-ind"}
+
+
+class AdvEmbeddingClip(image_attacks.get("adv_embedding")):
+    """adv_embedding, black-box: the tiny CLIP's image tower (the contract's settings)."""
+    name = "adv_embedding[clip]"
+    smoke_params = {"steps": 3, "encoder": "clip"}
+
+
+@shipped
+@pytest.mark.parametrize("plugin, check", contract_cases(AdvEmbeddingIndependentVAE, AdvEmbeddingClip,
+                                                         model=tiny_or_micro))
+def test_black_box_adv_embedding_contract(plugin, check):
+    check(plugin)
+
+
+def _clip_embedding(x: torch.Tensor) -> torch.Tensor:
+    from markbench.measures.clip_score import scorer
+
+    return scorer("tiny-world").image_features(x).float()  # no-grad, float64-normalised: independent of the attack
+
+
+ENCODERS = ("base", "tiny-vae-ind", "clip")
+
+
+@pytest.fixture(scope="module")
+def attacked(pipe, images) -> dict[str, torch.Tensor]:
+    """adv_embedding at eps 8/255, 20 PGD steps, through each encoder."""
+    return {e: run_attack(image_attacks.get("adv_embedding")(strength=1.0, steps=20, encoder=e), images, _gen(3),
+                          pipe) for e in ENCODERS}
+
+
+@shipped
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_adv_embedding_moves_the_chosen_embedding_within_its_budget(pipe, images, attacked, encoder):
+    """At eps = 8/255 (20 PGD steps) the chosen encoder's embedding moves more than twice as far as under a random
+    +-eps sign pattern, and further than the other encoders' attacks move it; L-inf <= eps on the 8-bit grid.
+    The figures: ``python -m experiments.adv_embedding_shift``."""
+    if encoder == "base":
+        def emb(x):
+            return _latent(pipe.vae, x)
+    elif encoder == "tiny-vae-ind":
+        ind = load_vae("tiny-vae-ind")
+
+        def emb(x):
+            return _latent(ind, x)
+    else:
+        emb = _clip_embedding
+    eps = 8 / 255
+    outs = attacked
+    out = outs[encoder]
+    assert float((out - images).abs().max()) <= eps + 1e-6
+    assert torch.allclose(out, (out * 255).round() / 255, atol=1e-6)
+    sign = torch.randint(0, 2, images.shape, generator=_gen(8)).float() * 2 - 1
+    rand = (images + eps * sign).clamp(0, 1)
+    moved, random_moved = _rms(emb(out), emb(images)), _rms(emb(rand), emb(images))
+    assert moved > 2 * random_moved, (moved, random_moved)
+    for other, o in outs.items():
+        if other != encoder:
+            assert moved > _rms(emb(o), emb(images)), (encoder, other)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shipped independent VAE
+# ---------------------------------------------------------------------------------------------------------------
+@shipped
+def test_the_independent_vae_has_tiny_sds_architecture_but_weights_of_its_own():
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    ind = load_vae("tiny-vae-ind")
+    own = AutoencoderKL.from_pretrained(str(TINY_SD / "vae"), local_files_only=True)
+    skip = ("_", "scaling_factor")
+    assert {k: v for k, v in ind.config.items() if not k.startswith(skip)} == \
+        {k: v for k, v in own.config.items() if not k.startswith(skip)}
+    assert next(ind.parameters()).dtype == torch.float32  # shipped as float16, loaded as float32
+    stored = load_file(str(TINY_VAE_IND / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    theirs, mine = ind.state_dict(), own.state_dict()
+    assert theirs.keys() == mine.keys()
+    assert all(not torch.allclose(theirs[k], mine[k]) for k in theirs if theirs[k].numel() > 16)
+    # the manifest lists it (size, checksum, training) without changing what identifies tiny-sd
+    m = json.loads(MANIFEST.read_text())
+    assert sorted(m["files"]["tiny-vae-ind"]) == ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert m["training"]["vae-ind"]["seed"] != m["training"]["vae"]["seed"]
+
+
+@shipped
+def test_the_independent_vaes_held_out_psnr_is_what_the_manifest_records():
+    from markbench.worlds.tiny import shapes
+    from markbench.worlds.tiny.train_vae import psnr_round_trip
+
+    rec = json.loads(MANIFEST.read_text())["training"]["vae-ind"]["heldout_psnr"]
+    images, _, _ = shapes.make_dataset("heldout", 32, 1)  # the first 32 of the recorded 256
+    psnr = psnr_round_trip(load_vae("tiny-vae-ind"), images)
+    assert math.isfinite(psnr) and abs(psnr - rec["heldout"]) < 1.5, (psnr, rec)
+    assert 20.0 < rec["heldout"] < 40.0
