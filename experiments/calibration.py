@@ -47,8 +47,13 @@ SETTINGS: list[tuple[str, dict, tuple[int, ...]]] = [
     # on tiny:subject, the new concept the tiny world carries, at the published defaults first
     ("lora", {"dataset": "tiny:subject", "rank": 20, "alpha": 20.0, "lr": 1e-4}, (20, 200)),
     ("finetune", {"dataset": "tiny:subject", "lr": 1e-4}, (20, 200)),
-    ("lora", {"dataset": "tiny:subject", "rank": 20, "alpha": 20.0, "lr": 1e-3}, (20, 200, 600)),
+    ("lora", {"dataset": "tiny:subject", "rank": 20, "alpha": 20.0, "lr": 1e-3}, (20, 200, 600, 800, 2000)),
     ("lora", {"dataset": "tiny:style", "rank": 64, "alpha": 64.0, "lr": 1e-3}, (20, 200, 600)),
+    # the attacks still on tiny:style, moved to the subject: the text encoder alone (the UNet never drew an arrow),
+    # and the sequential fine-tune (style, then subject) at the tiny world's full fine-tuning lr (one checkpoint:
+    # its step loop runs twice, once per phase, so only its end is a model of a configured `steps`)
+    ("text_encoder", {"dataset": "tiny:subject", "lr": 1e-3}, (20, 200, 600)),
+    ("sequential_finetune", {"first": "tiny:style", "dataset": "tiny:subject", "lr": 1e-4}, (200,)),
 ]
 
 
