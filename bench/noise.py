@@ -75,8 +75,28 @@ def resize(images: torch.Tensor, scale: float) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
 
 
+def separable_gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[N, C, H, W]`` with a ``kernel_size`` kernel (computed in float64, then cast to
+    the images' dtype), reflect padding (replicate when the image is too small), rows then columns. The image
+    attacks' blur (``gaussian_blur``, ``sharpen``'s unsharp mask); ``kernel_size <= 1`` is the identity."""
+    if kernel_size <= 1:
+        return x.clone()
+    half = (kernel_size - 1) / 2.0
+    t = torch.linspace(-half, half, kernel_size, dtype=torch.float64, device=x.device)
+    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
+    k1 = (k1 / k1.sum()).to(x.dtype)
+    c, h, w = x.shape[1:]
+    pad = kernel_size // 2
+    mode = "reflect" if pad < h and pad < w else "replicate"
+    y = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    y = F.conv2d(y, k1.view(1, 1, kernel_size, 1).expand(c, 1, kernel_size, 1), groups=c)
+    return F.conv2d(y, k1.view(1, 1, 1, kernel_size).expand(c, 1, 1, kernel_size), groups=c)
+
+
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur (kernel radius ceil(3 sigma), reflect padding)."""
+    """Separable Gaussian blur (kernel radius ceil(3 sigma), clamped to the image, reflect padding): the training
+    noise layer. A deliberate near-copy of :func:`separable_gaussian_blur` (its kernel in the images' dtype, columns
+    first): the shipped embeddings were trained with exactly these numerics, so it is kept as it is."""
     if sigma <= 0:
         return images
     radius = max(1, int(math.ceil(3 * sigma)))

@@ -97,6 +97,10 @@ class Param:
                 raise ValueError(f"must be {self.allowed()}")
             if self.choices is not None and not all(v in self.choices for v in value):
                 raise ValueError(f"must contain only {', '.join(repr(c) for c in self.choices)}")
+            if inner == "float":  # as a float parameter is: [1, 2] is [1.0, 2.0], and no NaN or infinity
+                value = [float(v) for v in value]
+                if not all(math.isfinite(v) for v in value):
+                    raise ValueError(f"must be {self.allowed()} of finite numbers")
             return list(value)
         if self.choices is not None and value not in self.choices:
             raise ValueError(f"must be {self.allowed()}")

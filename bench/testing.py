@@ -70,12 +70,16 @@ def knowledge_for(plugin: type[ModelAttack], trigger: Trigger | None = TEST_TRIG
     return DefenseKnowledge(plugin.tier, method=method, trigger=trigger)
 
 
+#: the SD-architecture model the contract suite runs plugins on (random weights, built from configs by its world)
+TEST_MODEL = "micro-sd"
+
+
 @functools.lru_cache(maxsize=1)
 def _micro_pipeline() -> Any:
     from .config import ModelConfig
     from .models import load_pipeline
 
-    return load_pipeline(ModelConfig(builtin="micro-sd"))
+    return load_pipeline(ModelConfig(builtin=TEST_MODEL))
 
 
 def micro_pipeline() -> Any:

@@ -711,7 +711,7 @@ class AquaLoRA(Defense):
             loss = msg
             if not warm and step >= self.perceptual_start:
                 full_loss = step >= self.full_loss_start
-                w_p = float(self.perceptual_weight if full_loss else self.perceptual_weight_early)
+                w_p = self.perceptual_weight if full_loss else self.perceptual_weight_early
                 w_r = self.prvl_weight if full_loss else 0.0
                 if (w_p > 0 and perceptual.kind != "none") or w_r > 0:
                     with torch.no_grad():

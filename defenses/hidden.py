@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -333,10 +333,6 @@ def bit_accuracy(decoder: nn.Module, images: torch.Tensor, messages: torch.Tenso
     return hits / max(1, total)
 
 
-def _floats(values: Sequence[Any]) -> tuple[float, ...]:
-    return tuple(float(v) for v in values)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The defence
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,9 +420,9 @@ class HiDDeN(Defense):
         self._cache: dict[str, tuple[HiddenEncoder, HiddenDecoder, HiddenConfig]] = {}
 
     def noise(self) -> NoiseLayers:
-        return NoiseLayers(tuple(self.noise_layers), _floats(self.crop_fraction), _floats(self.cropout_fraction),
-                           _floats(self.dropout_keep), _floats(self.resize_scale), _floats(self.blur_sigma),
-                           tuple(int(q) for q in self.jpeg_quality), self.jpeg_mode)
+        return NoiseLayers(tuple(self.noise_layers), tuple(self.crop_fraction), tuple(self.cropout_fraction),
+                           tuple(self.dropout_keep), tuple(self.resize_scale), tuple(self.blur_sigma),
+                           tuple(self.jpeg_quality), self.jpeg_mode)
 
     def config(self) -> HiddenConfig:
         """The library's settings from this plugin's parameters (declared once: their defaults are

@@ -327,7 +327,7 @@ class SleeperMark(Defense):
         device = next(decoder.parameters()).device
         warm = self.stage1_latent_steps
         total = warm + self.stage1_steps
-        warm_bsz = int(self.stage1_latent_batch_size or self.stage1_batch_size)
+        warm_bsz = self.stage1_latent_batch_size or self.stage1_batch_size
         acc = float("nan")
         for i in ctx.progress(range(total), total=total, description="sleepermark: stage 1"):
             step = i - warm  # < 0: the latent-level warm-up

@@ -108,6 +108,21 @@ def verdicts(cells) -> list[str]:
     return out
 
 
+def tier_list() -> list[str]:
+    """One line per threat tier naming the built-in model attacks declared in it (read from the registry, so the
+    list follows the code)."""
+    from markbench.plugins import ThreatTier
+    from markbench.registries import model_attacks
+
+    by_tier: dict[str, list[str]] = {t.value: [] for t in ThreatTier}
+    for name in model_attacks.names():
+        cls = model_attacks.get(name)
+        if getattr(cls, "identity", False) or model_attacks.origin(name) != "markbench":
+            continue
+        by_tier[ThreatTier(getattr(cls, "tier", ThreatTier.BLIND)).value].append(f"`{name}`")
+    return [f"* `{tier}`: " + (", ".join(sorted(names)) or "none") for tier, names in by_tier.items()]
+
+
 def main(path: str) -> None:
     cells = load(path)
     lines, missing = table(cells)
@@ -119,7 +134,13 @@ def main(path: str) -> None:
           "declared class attribute (`bench ls model-attacks -v`); only `trigger_known` attacks are handed the "
           "defence's trigger (`ctx.knowledge.trigger()`), never its key or decoder; every other attack gets a sealed "
           "view that refuses the read (tests/test_threat_tiers.py). The matrix of `bench show` tags a column with "
-          "its tier.\n")
+          "its tier. The model attacks of each tier:\n")
+    print("\n".join(tier_list()) + "\n")
+    print("`trigger_search` is the method-known tier's search for the trigger (no key, no decoder, no clean base): "
+          "a string that changes the model's low-noise output by the same residual whatever the caption; a claimed "
+          "one is handed, as the attacker's own knowledge, to `unlearn`, so its column against `unlearn`'s shows "
+          "whether tier 1 + search does what tier 2 does (experiments/trigger_search_probe.py measures the search "
+          "alone).\n")
     print(f"Usability bar: the attacked watermarked model's trigger-free images (its `[no_trigger]` row) have FID "
           f"at most {FID_BAR} x and CLIP score at least {CLIP_BAR} x those of the unattacked watermarked model "
           f"(both against the clean base model's images of the same prompts and seeds). *Evades and usable* is the "

@@ -4,12 +4,13 @@ The folders are installed under one name, ``markbench`` (``bench/`` is ``markben
 ``markbench.attacks``, and so on; pyproject's ``package_dir``): imports name the installed modules, and this file maps
 them back to folders. Layers, bottom to top: the core ``bench`` (knows no world, no report, no plugin by name); the
 plugins (``defenses``, ``attacks``: only the public plugin API of ``bench``); the worlds (``worlds``: providers, may
-drive the core); ``reports`` (reads stored results). Probes (``experiments``) and ``benchmarks`` sit on top and are imported by nobody.
+drive the core); ``reports`` (reads stored results). Probes (``experiments``) and ``benchmarks`` sit on top and are imported by no package (only by their own tests).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from pathlib import Path
 
@@ -37,7 +38,7 @@ _NOT_IN_CORE = ("reports", "worlds", "defenses", "attacks", "experiments", "benc
 PLUGIN_API = ("bench", "bench.errors", "bench.params", "bench.plugins", "bench.registries", "bench.training",
               "bench.weights", "bench.generation", "bench.stats", "bench.prompts", "bench.data", "bench.world",
               "bench.models", "bench.noise", "bench.rng", "bench.packing", "bench.latents", "bench.inversion",
-              "bench.latent_nets")
+              "bench.latent_nets", "bench.downstream")
 RULES: dict[str, tuple[str, ...]] = {
     # package -> forbidden import prefixes
     "bench": _NOT_IN_CORE,
@@ -58,7 +59,8 @@ def violations(root: Path) -> list[str]:
                 head = name.split(".")[0]
                 if head in forbidden or any(name == p or name.startswith(p + ".") for p in forbidden):
                     found.append(f"{rel}:{line}: {package} imports {name}")
-                elif package in ("defenses", "attacks") and head == "bench":
+                elif (package in ("defenses", "attacks") or rel.parts[:2] == ("bench", "measures")) and head == "bench":
+                    # metric plugins (bench/measures) are plugins too: the public API, the toolkits, their own package
                     if name not in PLUGIN_API and not name.startswith("bench.measures"):
                         found.append(f"{rel}:{line}: plugin imports the harness module {name}")
     return sorted(set(found))
@@ -70,6 +72,9 @@ def _imports_rel(root: Path, rel: Path) -> list[tuple[int, str]]:
     pkg = list(rel.with_suffix("").parts[:-1])
     out: list[tuple[int, str]] = []
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and \
+                isinstance(node.args[0].value, str) and _is_dynamic_import(node.func):
+            out.append((node.lineno, folder_name(node.args[0].value)))  # importlib.import_module("markbench.x")
         if isinstance(node, ast.Import):
             out.extend((node.lineno, folder_name(a.name)) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -80,6 +85,12 @@ def _imports_rel(root: Path, rel: Path) -> list[tuple[int, str]]:
                 mod = folder_name(node.module or "")
             out.append((node.lineno, mod))
     return out
+
+
+def _is_dynamic_import(func: ast.expr) -> bool:
+    """``importlib.import_module(...)``, ``import_module(...)`` or ``__import__(...)``: an import by a string."""
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    return name in ("import_module", "__import__")
 
 
 def folder_imports(root: Path) -> list[str]:
@@ -138,9 +149,16 @@ def test_the_layer_check_fails_on_a_deliberate_violation(tmp_path):
     (tmp_path / "attacks" / "a.py").write_text("from markbench.stages import run_stage\n"
                                                "from markbench.training import x\n")
     (tmp_path / "reports" / "r.py").write_text("import markbench.defenses.sleepermark\n")
+    (tmp_path / "bench" / "measures").mkdir()
+    (tmp_path / "bench" / "measures" / "q.py").write_text("from markbench.stats import x\n"
+                                                          "def f():\n    from markbench.runner import Runner\n")
+    (tmp_path / "bench" / "models.py").write_text("import importlib\n"
+                                                  "def f():\n    return importlib.import_module('markbench.worlds.tiny')\n")
     found = violations(tmp_path)
     assert found == sorted([
         "attacks/a.py:1: plugin imports the harness module bench.stages",
+        "bench/measures/q.py:3: plugin imports the harness module bench.runner",
+        "bench/models.py:3: bench imports worlds.tiny",
         "bench/cache.py:1: bench imports worlds.tiny",
         "bench/cli.py:2: bench imports reports.html",
         "bench/sub/m.py:1: bench imports defenses",
@@ -149,23 +167,67 @@ def test_the_layer_check_fails_on_a_deliberate_violation(tmp_path):
     ])
 
 
-def test_the_core_names_no_world():
-    """No comparison with, or prefix test for, a world's name in the core: worlds are looked up, never special-cased."""
-    offending = []
-    for f in sorted((ROOT / "bench").rglob("*.py")):
+#: a world's name in a string: a model (``tiny-sd``, ``micro-sd``), a spec (``tiny:heldout``), a scorer
+#: (``tiny-world``), the tiny world's command (``zoo``)
+_WORLD_NAME = re.compile(r"(?<![A-Za-z])(tiny|micro)([-:]|$)|(?<![A-Za-z])zoo(?![A-Za-z])")
+#: the only places the core may spell a world's name: named defaults, each looked up through the world registry
+#: like any other value (file -> the module-level constant that holds it)
+CORE_DEFAULTS = {
+    "bench/config.py": "DEFAULT_PROMPT_SET",            # the prompt set of a config that names none
+    "bench/measures/clip_score.py": "DEFAULT_CLIP_MODEL",  # the CLIP scorer a world registers under this name
+    "bench/testing.py": "TEST_MODEL",                   # the plugin contract suite's SD-architecture model
+}
+
+
+def world_names_in_core(root: Path) -> list[str]:
+    """Every string in the core's code (not its docstrings or parameter help texts) that spells a world's name,
+    outside the named defaults of :data:`CORE_DEFAULTS`: a comparison, a tuple, a dict key or a local constant with
+    such a name is a special case, however it is written."""
+    found = []
+    for f in sorted((root / "bench").rglob("*.py")):
+        rel = f.relative_to(root).as_posix()
         tree = ast.parse(f.read_text(encoding="utf-8"))
+        allowed: set[int] = set()
         for node in ast.walk(tree):
-            consts = []
-            if isinstance(node, ast.Compare):
-                consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
-            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    node.func.attr in ("startswith", "endswith"):
-                consts = [a for a in node.args if isinstance(a, ast.Constant)]
-            for c in consts:
-                values = c.value if isinstance(c.value, tuple) else (c.value,)
-                if any(isinstance(v, str) and ("tiny" in v or "zoo" in v or "micro" in v) for v in values):
-                    offending.append(f"{f.relative_to(ROOT)}:{node.lineno}")
-    assert offending == []
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+                allowed.add(id(body[0].value))  # a docstring
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                allowed.add(id(node.value))  # a bare string (an attribute's docstring)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "param":
+                allowed.update(id(c) for a in node.args[1:] for c in ast.walk(a))  # the help text
+                allowed.update(id(c) for k in node.keywords if k.arg == "help" for c in ast.walk(k.value))
+            if isinstance(node, ast.Assign) and node in tree.body and CORE_DEFAULTS.get(rel) in \
+                    [t.id for t in node.targets if isinstance(t, ast.Name)]:
+                allowed.add(id(node.value))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in allowed \
+                    and _WORLD_NAME.search(node.value):
+                found.append(f"{rel}:{node.lineno}: {node.value[:60]!r}")
+    return sorted(found)
+
+
+def test_the_core_names_no_world():
+    """Worlds are looked up, never special-cased: the core spells no world's name but in its named defaults."""
+    assert world_names_in_core(ROOT) == []
+
+
+def test_the_world_name_check_fails_on_a_deliberate_violation(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "models.py").write_text(textwrap.dedent('''\
+        """Loads models (a docstring may say tiny-sd)."""
+        T = "tiny-sd"
+        def load(name):
+            if name in ("tiny-sd", "tiny-sd-rt"):
+                return 1
+            return {"micro-sd": 3}.get(name) or name.startswith("tiny:")
+        '''))
+    (tmp_path / "bench" / "config.py").write_text('DEFAULT_PROMPT_SET = "micro:shapes"\nOTHER = "zoo"\n')
+    assert world_names_in_core(tmp_path) == [
+        "bench/config.py:2: 'zoo'",
+        "bench/models.py:2: 'tiny-sd'", "bench/models.py:4: 'tiny-sd'", "bench/models.py:4: 'tiny-sd-rt'",
+        "bench/models.py:6: 'micro-sd'", "bench/models.py:6: 'tiny:'",
+    ]
 
 
 def test_architecture_doc_states_the_checked_rule():
@@ -219,3 +281,61 @@ def test_the_private_name_check_fails_on_a_deliberate_violation(tmp_path):
     (tmp_path / "defenses" / "a.py").write_text("from markbench.defenses.b import B, _helper\nx = B._encode(1)\n")
     assert private_imports(tmp_path) == ["defenses/a.py:1: imports defenses.b._helper",
                                          "defenses/a.py:2: uses B._encode"]
+
+
+#: the tests and scripts that test or time the harness itself, and may therefore drive its stages directly (a stage
+#: environment, ``run_stage``): the runner's executor protocol, the environment's secret gating per threat tier and
+#: the model it hands an attack, the harness-overhead benchmark, and the probes that replay one stage. Every other test,
+#: benchmark and probe goes through the public API and ``markbench.testing``
+HARNESS_USERS = ("tests/test_runner.py", "tests/test_threat_tiers.py", "tests/test_removal_attacks.py",
+                 "benchmarks/overhead.py", "experiments/unlearn_probe.py", "experiments/trigger_search_probe.py")
+
+
+def stage_imports(root: Path) -> list[str]:
+    """Files of tests/, benchmarks/ and experiments/ that import ``markbench.stages`` and are not in
+    :data:`HARNESS_USERS`."""
+    found = []
+    for top in ("tests", "benchmarks", "experiments"):
+        for f in sorted((root / top).rglob("*.py")) if (root / top).is_dir() else []:
+            rel = f.relative_to(root)
+            if rel.as_posix() in HARNESS_USERS or rel.name == "test_layers.py":
+                continue
+            found += [f"{rel.as_posix()}:{line}" for line, name in _imports_rel(root, rel)
+                      if name == "bench.stages" or name.startswith("bench.stages.")]
+    return found
+
+
+def test_only_the_harness_tests_drive_stages_directly():
+    assert stage_imports(ROOT) == []
+
+
+def test_the_stage_import_check_fails_on_a_deliberate_violation(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_my_attack.py").write_text("def f():\n    from markbench.stages import StageEnv\n")
+    (tmp_path / "tests" / "test_runner.py").write_text("from markbench.stages import run_stage\n")
+    assert stage_imports(tmp_path) == ["tests/test_my_attack.py:2"]
+
+
+def unlisted_scripts(root: Path) -> list[str]:
+    """Scripts of benchmarks/ and experiments/ that their folder's README.md does not name: a benchmark without its
+    target, or a probe without what it measures, is where results drift away from the docs."""
+    found = []
+    for top in ("benchmarks", "experiments"):
+        readme = (root / top / "README.md").read_text(encoding="utf-8") if (root / top / "README.md").exists() else ""
+        for f in sorted((root / top).rglob("*")):
+            if f.suffix in (".py", ".sh") and f.name != "__init__.py" and "__pycache__" not in f.parts \
+                    and f.stem not in readme:
+                found.append(f.relative_to(root).as_posix())
+    return found
+
+
+def test_every_benchmark_and_probe_is_listed_in_its_readme():
+    assert unlisted_scripts(ROOT) == []
+
+
+def test_the_listing_check_fails_on_an_unlisted_script(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "README.md").write_text("| `python benchmarks/speed.py` | ... |\n")
+    (tmp_path / "benchmarks" / "speed.py").write_text("")
+    (tmp_path / "benchmarks" / "probe.py").write_text("")
+    assert unlisted_scripts(tmp_path) == ["benchmarks/probe.py"]

@@ -172,3 +172,14 @@ def test_keyed_at_default_passes_through_to_the_generated_param():
 
     assert Late.params == (Param("added", "str", "prefix", "added after artifacts shipped",
                                  choices=("prefix", "suffix"), keyed_at_default=False),)
+
+
+def test_list_float_elements_are_floats_like_a_float_parameter_and_must_be_finite():
+    p = Param("x", "list[float]", [0.5])
+    out = p.check([1, 2.5])
+    assert out == [1.0, 2.5] and all(type(v) is float for v in out)
+    for bad in ([float("nan")], [1.0, float("inf")], [True]):
+        with pytest.raises(ValueError):
+            p.check(bad)
+    ints = Param("n", "list[int]", [1]).check([1, 2])
+    assert ints == [1, 2] and all(type(v) is int for v in ints)

@@ -51,6 +51,9 @@ name = "fine_prune"
 name = "prompt_sanitise"
 
 [[model_attacks]]
+name = "trigger_search"
+
+[[model_attacks]]
 name = "unlearn"
 
 [[image_attacks]]
@@ -120,7 +123,8 @@ def test_only_the_trigger_known_attacks_stage_reads_a_secret(planned, monkeypatc
 
     monkeypatch.setattr(env, "secret", secret)
     embeds = {s.plugin.name: s.key for s in plan.stages.values() if s.kind == "embed"}
-    for name in ("finetune", "fine_prune", "prompt_sanitise"):
+    for name in ("finetune", "fine_prune", "prompt_sanitise", "trigger_search"):
+        assert _attack_stages(plan, name)
         for stage in _attack_stages(plan, name):
             assert len(stage.inputs) == 1  # no embedding among its inputs
             view = env.knowledge(stage, env.plugin(stage.plugin))
@@ -154,6 +158,7 @@ def test_the_tier_is_stored_with_each_cell_and_a_service_attack_needs_no_weights
     sm, dwt = defenses.get("sleepermark"), defenses.get("dwtdctsvd")
     assert threat_scope(sm, model_attacks.get("unlearn"))["tier"] == "trigger_known"
     assert threat_scope(sm, model_attacks.get("fine_prune"))["tier"] == "method_known"
+    assert threat_scope(sm, model_attacks.get("trigger_search"))["tier"] == "method_known"
     assert threat_scope(sm, model_attacks.get("finetune"))["tier"] == "blind"
     assert "tier" not in threat_scope(sm, model_attacks.get("none"))
     served = threat_scope(dwt, model_attacks.get("prompt_sanitise"))  # an API-served defence

@@ -6,33 +6,14 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from markbench import ConfigError, image_attacks, ImageAttack, param
+from markbench.noise import separable_gaussian_blur
 
 
 def default_sigma(kernel_size: int) -> float:
     """The sigma OpenCV and torchvision derive from a kernel size: ``0.3 * ((k - 1) / 2 - 1) + 0.8``."""
     return 0.3 * ((kernel_size - 1) * 0.5 - 1.0) + 0.8
-
-
-def _gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[N, C, H, W]`` with reflect padding (replicate when the image is too small)."""
-    if kernel_size <= 1:
-        return x.clone()
-    half = (kernel_size - 1) / 2.0
-    t = torch.linspace(-half, half, kernel_size, dtype=torch.float64, device=x.device)
-    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
-    k1 = (k1 / k1.sum()).to(x.dtype)
-    n, c, h, w = x.shape
-    pad = kernel_size // 2
-    mode = "reflect" if pad < h and pad < w else "replicate"
-    y = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    kh = k1.view(1, 1, kernel_size, 1).expand(c, 1, kernel_size, 1)
-    kw = k1.view(1, 1, 1, kernel_size).expand(c, 1, 1, kernel_size)
-    y = F.conv2d(y, kh, groups=c)
-    y = F.conv2d(y, kw, groups=c)
-    return y
 
 
 @image_attacks.register("gaussian_blur")
@@ -71,5 +52,5 @@ class GaussianBlur(ImageAttack):
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         x = images.detach().to(torch.float32)
         k = self.kernel_size
-        sigma = float(self.sigma) if self.sigma is not None else default_sigma(k)
-        return _gaussian_blur(x, k, sigma).clamp(0.0, 1.0).contiguous()
+        sigma = self.sigma if self.sigma is not None else default_sigma(k)
+        return separable_gaussian_blur(x, k, sigma).clamp(0.0, 1.0).contiguous()

@@ -6,23 +6,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from markbench import image_attacks, ImageAttack, param
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with kernel side ``2 * ceil(3 sigma) + 1`` and reflect padding."""
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    size = 2 * radius + 1
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=x.device)
-    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
-    k1 = (k1 / k1.sum()).to(x.dtype)
-    c, h, w = x.shape[1:]
-    mode = "reflect" if radius < h and radius < w else "replicate"
-    y = F.pad(x, (radius, radius, radius, radius), mode=mode)
-    y = F.conv2d(y, k1.view(1, 1, size, 1).expand(c, 1, size, 1), groups=c)
-    return F.conv2d(y, k1.view(1, 1, 1, size).expand(c, 1, 1, size), groups=c)
+from markbench.noise import separable_gaussian_blur
 
 
 @image_attacks.register("sharpen")
@@ -51,5 +37,5 @@ class Sharpen(ImageAttack):
         amount = self.amount
         if amount == 0.0:
             return x.clamp(0.0, 1.0).clone()
-        detail = x - _gaussian_blur(x, self.sigma)
+        detail = x - separable_gaussian_blur(x, 2 * max(1, math.ceil(3.0 * self.sigma)) + 1, self.sigma)
         return (x + amount * detail).clamp(0.0, 1.0).contiguous()

@@ -40,21 +40,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from markbench import param, stats
-from markbench.errors import ConfigError, UserError
+from markbench.errors import ConfigError
 from markbench.measures.features import cached_features, extractor_identity
-from markbench.params import param
 from markbench.plugins import MeasureContext, Measurement, Metric
 from markbench.registries import metrics
 
-#: the default scorer: the one the tiny world recommends (:meth:`bench.world.World.clip_scorer`)
-TINY_WORLD = "tiny-world"
+#: the default scorer's name. No special case: like any ``model`` it is looked up among the names the registered
+#: worlds answer to (:attr:`bench.world.World.clip_models`); the tiny world registers it for its shipped CLIP
+DEFAULT_CLIP_MODEL = "tiny-world"
 RANDOM = "random"
 WEIGHT = 100.0
 _SHARED = "markbench.measures.clip_score"
@@ -129,7 +128,7 @@ def open_clip_scorer(name: str, pretrained: str | None, device: str, batch_size:
                       preprocess_id=f"open_clip {name}: 8-bit PIL, {' '.join(repr(transform).split())}")
 
 
-def scorer(model: str = TINY_WORLD, pretrained: str | None = None, device: str = "cpu",
+def scorer(model: str = DEFAULT_CLIP_MODEL, pretrained: str | None = None, device: str = "cpu",
            batch_size: int = 64) -> ClipScorer:
     """The CLIP scorer for ``model`` / ``pretrained`` (loaded once per process and device)."""
     key = (model, pretrained, str(device))
@@ -166,7 +165,7 @@ class CLIPScore(Metric):
     version = "2"
     needs_images = True
     higher_is_better = True
-    model: str = param(TINY_WORLD, "'tiny-world' (the shipped tiny CLIP) or an open_clip architecture (ViT-B-32, "
+    model: str = param(DEFAULT_CLIP_MODEL, "'tiny-world' (the shipped tiny CLIP) or an open_clip architecture (ViT-B-32, "
             "hf-hub:..., local-dir:...)")
     pretrained: str | None = param(None, "weights: an open_clip pretrained tag (e.g. 'openai'; downloads) or a local "
             "file; for 'tiny-world' a built folder (default: the shipped one); 'random': random weights, for tests")

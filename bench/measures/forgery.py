@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from markbench import stats
+from markbench.measures.clip_score import DEFAULT_CLIP_MODEL
 from markbench.measures.detection import decisions
 from markbench import param
 from markbench.plugins import MeasureContext, Measurement, Metric
@@ -94,7 +95,7 @@ class JointEvasion(Metric):
                             low=0.0, high=1.0)
     content: bool = param(True, "also require the world's judge (the tiny CLIP) to read the same content as in "
                           "the input, where the world has one")
-    clip_model: str = param("tiny-world", "which world's judge: a CLIP model name a world recommends")
+    clip_model: str = param(DEFAULT_CLIP_MODEL, "which world's judge: a CLIP model name a world recommends")
 
     @classmethod
     def outputs(cls, params, target_fprs):

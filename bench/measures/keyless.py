@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 from markbench import param, stats
-from markbench.params import param
 from markbench.plugins import MeasureContext, Measurement, Metric
 from markbench.registries import metrics
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from markbench import param, stats
-from markbench.params import param
+from markbench.measures.clip_score import DEFAULT_CLIP_MODEL
 from markbench.plugins import MeasureContext, Measurement, Metric
 from markbench.registries import metrics
 
@@ -63,7 +63,7 @@ class AttackerUtility(Metric):
     version = "2"  # 2: the tiny world's recognition requires the caption's content (noise no longer counts)
     needs_images = True
     higher_is_better = True
-    clip_model: str = param("tiny-world",
+    clip_model: str = param(DEFAULT_CLIP_MODEL,
             "the CLIP of the CLIP-score change, as clip_score's model ('tiny-world' or an open_clip name)")
     clip_pretrained: str | None = param(None,
             "its weights, as clip_score's pretrained (default: the shipped tiny CLIP; 'random': for tests)")

@@ -2,7 +2,7 @@
 docs/gaussian_shading.md: one row per (model attack, image attack), value [95% interval] and N per metric, and a
 dagger where the cell lies outside the defence's threat model.
 
-    python benchmarks/sampling_time_tables.py runs/sampling-time-tiny/results.sqlite
+    python experiments/sampling_time_tables.py runs/sampling-time-tiny/results.sqlite
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Prints, for N seeded standard-normal initial latents z:
 The reference measured in the same run is z itself: a correlation of 0 and a sign agreement of 0.5 are what an
 inversion that recovers nothing gives.
 
-    python benchmarks/inversion_error.py --model tiny-sd --n 4 --steps 20
+    python experiments/inversion_error.py --model tiny-sd --n 4 --steps 20
 """
 
 from __future__ import annotations
