@@ -185,40 +185,88 @@ def bootstrap(values: Any, statistic: str | Callable[[np.ndarray], np.ndarray] =
     return Estimate(value, float(lo), float(hi), n)
 
 
-def hierarchical_replicates(groups: Any, rng: np.random.Generator, n_boot: int) -> np.ndarray:
-    """``n_boot`` two-level bootstrap replicates of the mean of group means: draw G groups with replacement from
-    the G groups, then, within each drawn group, its values with replacement (as many as it has); a replicate is
-    the mean over the drawn groups of their resampled means."""
-    arrays = [np.asarray(g, dtype=float).ravel() for g in groups]
-    if not arrays or any(a.size == 0 for a in arrays):
-        raise ValueError("hierarchical bootstrap: every group needs at least one value")
-    n_groups = len(arrays)
-    picks = rng.integers(0, n_groups, size=(n_boot, n_groups))
-    means = np.empty((n_boot, n_groups))
-    for g, a in enumerate(arrays):  # every slot that drew group g gets its own inner resample of g's values
+def _is_leaf(node: Any) -> bool:
+    """A group of values (a 1-D array, or a sequence of numbers), as opposed to a group of groups."""
+    if isinstance(node, np.ndarray):
+        return node.dtype != object
+    if hasattr(node, "numpy") and hasattr(node, "shape"):  # a tensor
+        return True
+    return all(np.isscalar(x) or (isinstance(x, np.ndarray) and x.ndim == 0) for x in node)
+
+
+def _as_tree(node: Any) -> Any:
+    """``node`` with every leaf a float array and every group of groups a list (checked: no empty group)."""
+    if _is_leaf(node):
+        a = np.asarray(node, dtype=float).ravel()
+        if a.size == 0:
+            raise ValueError("hierarchical bootstrap: every group needs at least one value")
+        return a
+    children = [_as_tree(c) for c in node]
+    if not children:
+        raise ValueError("hierarchical bootstrap: every group needs at least one member")
+    # a group whose one member is a group of groups is that member: drawing one of one changes nothing
+    return children[0] if len(children) == 1 and isinstance(children[0], list) else children
+
+
+def _tree_mean(tree: Any) -> float:
+    return float(tree.mean()) if isinstance(tree, np.ndarray) else float(np.mean([_tree_mean(c) for c in tree]))
+
+
+def _tree_size(tree: Any) -> int:
+    return int(tree.size) if isinstance(tree, np.ndarray) else sum(_tree_size(c) for c in tree)
+
+
+def _tree_replicates(tree: Any, rng: np.random.Generator, k: int) -> np.ndarray:
+    """``k`` bootstrap replicates of the tree's mean of means: a leaf resamples its values; a group draws as many
+    members as it has, with replacement, and each drawn slot is one independent replicate of that member."""
+    if isinstance(tree, np.ndarray):
+        return tree[rng.integers(0, tree.size, size=(k, tree.size))].mean(axis=1)
+    n = len(tree)
+    picks = rng.integers(0, n, size=(k, n))
+    means = np.empty((k, n))
+    for g, child in enumerate(tree):  # every slot that drew member g gets its own replicate of g
         slots = picks == g
-        k = int(slots.sum())
-        if k:
-            means[slots] = a[rng.integers(0, a.size, size=(k, a.size))].mean(axis=1)
+        c = int(slots.sum())
+        if c:
+            means[slots] = _tree_replicates(child, rng, c)
     return means.mean(axis=1)
 
 
+def hierarchical_replicates(groups: Any, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """``n_boot`` multi-level bootstrap replicates of the mean of group means: draw G groups with replacement from
+    the G groups, then, within each drawn group, its members with replacement (as many as it has), down to the
+    values; a replicate is the mean over the drawn groups of their resampled means.
+
+    ``groups``: a list of groups, each a sequence of values (two levels: repetitions, then images) or itself a list
+    of groups (three levels: e.g. run seeds, the attack runs within each, then images). Two-level input draws the
+    same random numbers as it always did (its replicates are unchanged)."""
+    tree = _as_tree(list(groups))
+    if isinstance(tree, np.ndarray) or not groups:
+        raise ValueError("hierarchical bootstrap: give a list of groups")
+    return _tree_replicates(tree, rng, n_boot)
+
+
 def hierarchical_bootstrap(groups: Any, *, seed: int = 0, n_boot: int = 2000, alpha: float = 0.05) -> Estimate:
-    """The mean of group means with a ``1 - alpha`` percentile interval from a two-level bootstrap.
+    """The mean of group means with a ``1 - alpha`` percentile interval from a multi-level bootstrap.
 
     ``groups``: one array of per-image values per independent repetition (a run seed: a new key, embedding and
     attack run). Resampling the repetitions first, then the images within each, puts the spread *between*
     embeddings and attack runs into the interval, which a bootstrap over pooled images leaves out (Davison &
     Hinkley 1997, Sec. 3.8; Field & Welsh 2007). Each repetition counts equally. With one group this is the
-    ordinary bootstrap of its mean. Deterministic for ``seed``; ``n`` = the number of values in all groups.
+    ordinary bootstrap of its mean. A group may itself be a list of groups (nested repetitions: the attack runs
+    ``[run] attack_seeds`` repeats within one run seed, which share that seed's key and embedding): resampled at
+    each level in turn (run seeds, then attack runs within each drawn seed, then images), each member of a level
+    counting equally. Deterministic for ``seed``; ``n`` = the number of values in all groups.
     """
-    arrays = [np.asarray(g, dtype=float).ravel() for g in groups]
-    if not arrays:
+    groups = list(groups)
+    if not groups:
         return Estimate(math.nan, math.nan, math.nan, 0)
-    reps = hierarchical_replicates(arrays, np.random.default_rng(seed), n_boot)
-    value = float(np.mean([a.mean() for a in arrays]))
+    tree = _as_tree(groups)
+    if isinstance(tree, np.ndarray):
+        raise ValueError("hierarchical bootstrap: give a list of groups")
+    reps = _tree_replicates(tree, np.random.default_rng(seed), n_boot)
     lo, hi = np.percentile(reps, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return Estimate(value, float(lo), float(hi), int(sum(a.size for a in arrays)))
+    return Estimate(_tree_mean(tree), float(lo), float(hi), _tree_size(tree))
 
 
 def bit_accuracy(matches_per_image: Any, n_bits: int, generator_seed: int = 0, n_boot: int = 2000) -> Estimate:

@@ -18,7 +18,7 @@ from pathlib import Path
 DOC = Path("docs/calibration.md")
 FIG = Path("docs/img/calibration.png")
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (23, 190, 207), (127, 127, 127)]
+           (227, 119, 194), (23, 190, 207), (127, 127, 127), (188, 189, 34), (0, 0, 128)]
 
 
 def load(paths: list[str]) -> list[dict]:

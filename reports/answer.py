@@ -82,12 +82,13 @@ def build(results: Results, reported: list[Reported] | None = None) -> dict[str,
                 continue
             attacked = col != IDENTITY
             runs = len({c.seed for c in cells})
+            seeds = [c.seed for c in cells]  # attack runs of one run seed are nested in it (leaderboard._summary)
             entry = {"metric": metric, "detection": _summary([results.value(c, metric) for c in cells], attacked,
-                                                             runs), "n_embeddings": runs}
+                                                             seeds=seeds), "n_embeddings": runs}
             u = _utility_metric(results, cells) if attacked else None
             if u is not None:
                 entry["utility_metric"] = u
-                entry["utility"] = _summary([results.value(c, u) for c in cells], True, runs)
+                entry["utility"] = _summary([results.value(c, u) for c in cells], True, seeds=seeds)
             row["cells"][col] = entry
         rows.append(row)
         for rep in reported if not _is_variant(mine[0]) else ():
@@ -99,7 +100,7 @@ def build(results: Results, reported: list[Reported] | None = None) -> dict[str,
             vals = [results.value(c, rep.metric) for c in hits]
             if any(v is None for v in vals):
                 continue
-            s = _summary(vals, col != IDENTITY, len({c.seed for c in hits}))
+            s = _summary(vals, col != IDENTITY, seeds=[c.seed for c in hits])
             lo, hi = s.get("low"), s.get("high")
             if lo is not None and hi is not None and not lo <= rep.value <= hi:
                 disagreements.append(

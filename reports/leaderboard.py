@@ -10,7 +10,8 @@ pull-request comment or a CI job summary. Both are pure functions of the results
   counted in ``n_failed`` and left out of the mean); **robustness.worst**: the worst of them and which attack.
 * **Several seeds** (each a new key, embedding and attack run): a summary is the mean over seeds with a
   hierarchical-bootstrap interval (seeds, then images), and says how many embeddings and attack runs it rests on;
-  ``per_attack_summary`` gives that per attack column.
+  ``per_attack_summary`` gives that per attack column. Repeated attack runs (``[run] attack_seeds``) are nested
+  in their seed (seeds, then attack runs, then images).
 * Ranked by ``robustness.mean`` (best first, per the metric's direction), then ``robustness.worst``, then ``clean``,
   then the control (the defence named ``none``) after the others; defences without a value come last.
 """
@@ -30,27 +31,41 @@ SCHEMA_VERSION = 1
 KIND = "markbench-leaderboard"
 
 
-def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | None = None) -> dict[str, Any] | None:
+def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | None = None,
+             seeds: list[int] | None = None) -> dict[str, Any] | None:
     """One cell: its value, interval and N. Several (one per run seed: each a new key, embedding and, in an attacked
     cell, attack run): the mean of the seeds' values with a hierarchical-bootstrap interval (seeds resampled, then
     images within each: :func:`bench.stats.hierarchical_bootstrap`) where every cell stored its per-image values,
     else no interval. ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it.
-    Repeated attack runs (``[run] attack_seeds``) within a run seed are further groups of the same bootstrap, so
-    the spread between attack seeds widens the interval as the spread between run seeds does; ``n_embeddings``
-    (the distinct run seeds) is then given by the caller."""
-    vals = [v for v in values if v is not None and v.value is not None]
+
+    ``seeds``: the run seed of each value. Repeated attack runs (``[run] attack_seeds``) share their run seed's key
+    and embedding, so the values of one run seed are nested in it: the bootstrap resamples run seeds, then the
+    attack runs within each drawn seed, then images (a three-level bootstrap), and the spread between attack runs
+    widens the interval. The value is then the mean over run seeds of the mean over their attack runs. Without
+    ``seeds`` (or with one value per seed) every value is its own repetition, as before."""
+    pairs = [(v, None if seeds is None else seeds[i]) for i, v in enumerate(values)
+             if v is not None and v.value is not None]
+    vals = [v for v, _ in pairs]
     if not vals:
         return None
-    reps = {"n_embeddings": min(n_embeddings or len(vals), len(vals)), "n_attack_runs": len(vals) if attacked else 0}
+    runs = list(dict.fromkeys(s for _, s in pairs)) if seeds is not None else []
+    reps = {"n_embeddings": min(n_embeddings or len(runs) or len(vals), len(vals)),
+            "n_attack_runs": len(vals) if attacked else 0}
     if len(vals) == 1:
         v = vals[0]
         return {"value": v.value, "low": v.low, "high": v.high, "n": v.n, "n_cells": 1, **reps}
-    out = {"value": mean(v.value for v in vals), "low": None, "high": None, "n": sum(v.n for v in vals),
-           "n_cells": len(vals), **reps}
+    nested = [[v for v, s in pairs if s == r] for r in runs]
+    if nested and any(len(g) > 1 for g in nested):
+        value = mean(mean(v.value for v in g) for g in nested)
+    else:
+        nested, value = [], mean(v.value for v in vals)
+    out = {"value": value, "low": None, "high": None, "n": sum(v.n for v in vals), "n_cells": len(vals), **reps}
     if all(v.samples for v in vals):
         from markbench import stats
 
-        est = stats.hierarchical_bootstrap([v.samples for v in vals])
+        groups = ([[v.samples for v in g] if len(g) > 1 else g[0].samples for g in nested] if nested
+                  else [v.samples for v in vals])
+        est = stats.hierarchical_bootstrap(groups)
         out.update(value=est.value, low=est.low, high=est.high, n=est.n, interval="hierarchical bootstrap")
     return out
 
@@ -100,7 +115,7 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
             "per_attack_summary": {
                 k: _summary([v for c, v in measured if results.column(c) == k],
                             attacked=any(c.model_attack != IDENTITY for c, _ in measured if results.column(c) == k),
-                            n_embeddings=len({c.seed for c, _ in measured if results.column(c) == k}))
+                            seeds=[c.seed for c, _ in measured if results.column(c) == k])
                 for k in per_attack},
             "quality": {q: s for q in quality
                         if (s := _summary([results.value(c, q) for c in ref if c.ok])) is not None},
@@ -304,10 +319,10 @@ def utility_curves(results: Results, metrics: list[str] | None = None) -> list[d
                     ys = [results.value(c, metric) for c in cs]
                     if any(y is None for y in ys):
                         continue
-                    runs = len({c.seed for c in cs})
+                    seeds = [c.seed for c in cs]
                     pts.append({"model_attack": label,
-                                "x": _summary([results.value(c, x_metric) for c in cs], True, runs),
-                                "y": _summary(ys, True, runs)})
+                                "x": _summary([results.value(c, x_metric) for c in cs], True, seeds=seeds),
+                                "y": _summary(ys, True, seeds=seeds)})
                 if pts:
                     lines[defense] = sorted(pts, key=lambda p: p["x"]["value"])
             if lines:

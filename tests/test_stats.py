@@ -345,3 +345,74 @@ def test_hierarchical_interval_includes_the_spread_between_embeddings():
     assert h.low <= b.mean() + 0.05 and h.high >= a.mean() - 0.05
     one = stats.hierarchical_bootstrap([a])  # one group: the ordinary bootstrap of its mean
     assert (one.low, one.high) == pytest.approx((stats.bootstrap(a).low, stats.bootstrap(a).high), abs=0.03)
+
+
+def _exact_tree_distribution(tree):
+    """Every outcome of the multi-level bootstrap of a tree (a leaf: a list of values; a group: a list of trees),
+    with its probability, by brute force: a leaf's resampled means over all n^n draws; a group draws G of its G
+    members (G^G picks), each drawn slot an independent outcome of that member."""
+    import itertools
+    from collections import defaultdict
+
+    if all(isinstance(x, float) for x in tree):
+        dist = defaultdict(float)
+        for draw in itertools.product(tree, repeat=len(tree)):
+            dist[round(float(np.mean(draw)), 9)] += 1.0 / len(tree) ** len(tree)
+        return dist
+    members = [_exact_tree_distribution(m) for m in tree]
+    g = len(tree)
+    dist = defaultdict(float)
+    for picks in itertools.product(range(g), repeat=g):
+        for combo in itertools.product(*(members[i].items() for i in picks)):
+            p = np.prod([q for _, q in combo]) / g ** g
+            dist[round(float(np.mean([v for v, _ in combo])), 9)] += p
+    return dist
+
+
+def test_three_level_bootstrap_matches_brute_force_enumeration():
+    """Two run seeds, the first with two attack runs: run seeds are drawn, then attack runs within each drawn seed,
+    then images; the replicates' distribution equals the exact one, and the value is the mean over seeds of the
+    mean over their attack runs (not the mean of the three runs)."""
+    tree = [[[0.0, 1.0], [1.0, 1.0]], [[0.0, 0.0, 1.0]]]
+    exact = _exact_tree_distribution(tree)
+    assert sum(exact.values()) == pytest.approx(1.0)
+    support = np.array(sorted(exact))
+    probs = np.array([exact[v] for v in support])
+    reps = stats.hierarchical_replicates(tree, np.random.default_rng(0), 40_000)
+    freq = np.array([np.mean(np.isclose(reps, v)) for v in support])
+    assert freq.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(freq, probs, atol=0.01)
+    mean = (probs * support).sum()
+    assert reps.mean() == pytest.approx(mean, abs=0.005)
+    est = stats.hierarchical_bootstrap(tree, n_boot=4000)
+    assert est.value == pytest.approx(((0.5 + 1.0) / 2 + 1 / 3) / 2) and est.n == 7
+
+
+def test_two_level_input_draws_what_it_always_drew_and_one_seed_of_runs_is_its_runs():
+    rng = np.random.default_rng(5)
+    a, b, c = rng.random(16), rng.random(9), rng.random(30)
+    # a single run seed holding two attack runs: drawing one seed of one is no draw, so it is the runs' bootstrap
+    assert stats.hierarchical_bootstrap([[a, b]]) == stats.hierarchical_bootstrap([a, b])
+    # nested groups of one member are their member
+    assert stats.hierarchical_bootstrap([[a], [b], [c]]) == stats.hierarchical_bootstrap([a, b, c])
+    with pytest.raises(ValueError, match="at least one"):
+        stats.hierarchical_bootstrap([[a, []]])
+
+
+def test_attack_runs_nested_in_their_seed_count_as_one_embedding():
+    """Two embeddings that disagree (0.95 vs 0.55), each attacked twice with nearly the same outcome: the interval
+    rests on two embeddings, as wide as two seeds of one run each, and wider than treating the four runs as four
+    independent repetitions (which halves the chance of drawing one embedding only)."""
+    rng = np.random.default_rng(2)
+    runs = [[rng.normal(m, 0.02, 32) for _ in range(2)] for m in (0.95, 0.55)]
+    nested = stats.hierarchical_bootstrap(runs)
+    flat = stats.hierarchical_bootstrap([r for seed in runs for r in seed])
+    per_seed = stats.hierarchical_bootstrap([np.concatenate(seed) for seed in runs])
+    assert nested.value == pytest.approx(flat.value)
+    # the replicates' spread: two draws of two embeddings (sd 0.2 / sqrt 2), not four draws (0.2 / 2)
+    sd = lambda groups: stats.hierarchical_replicates(groups, np.random.default_rng(0), 4000).std()  # noqa: E731
+    assert sd(runs) == pytest.approx(0.2 / np.sqrt(2), rel=0.1)
+    assert sd([r for seed in runs for r in seed]) == pytest.approx(0.2 / 2, rel=0.1)
+    # the 95% interval spans both embeddings, as two seeds of one run each do
+    assert nested.low < 0.56 and nested.high > 0.94
+    assert nested.high - nested.low == pytest.approx(per_seed.high - per_seed.low, rel=0.1)
