@@ -17,3 +17,27 @@ def tiny_or_micro() -> Any:
     if not (TINY_SD / "model_index.json").exists():
         return micro_pipeline()
     return load_pipeline(ModelConfig(builtin="tiny-sd"))
+
+
+def gen(seed: int = 0):
+    """A CPU generator seeded ``seed``."""
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def model_fixtures():
+    """The module-scoped ``pipe`` (:func:`tiny_or_micro`) and ``images`` (3 sample images, 48 px) fixtures the
+    removal- and attacker-model tests share: ``pipe, images = model_fixtures()`` at a test module's top level."""
+    import pytest
+    from markbench.testing import sample_images
+
+    @pytest.fixture(scope="module")
+    def pipe():
+        return tiny_or_micro()
+
+    @pytest.fixture(scope="module")
+    def images():
+        return sample_images(3, 48)
+
+    return pipe, images

@@ -14,10 +14,10 @@ import torch
 from markbench import ConfigError, image_attacks
 from markbench.config import PluginSpec
 from markbench.models import load_vae, pipeline_source, vae_source
-from markbench.testing import contract_cases, run_attack, sample_images
+from markbench.testing import contract_cases, run_attack
 from markbench.worlds.tiny import MANIFEST, TINY_CLIP, TINY_SD, TINY_VAE_IND
 
-from .attack_models import tiny_or_micro
+from .attack_models import gen, model_fixtures, tiny_or_micro
 from .conftest import MICRO_TOML, write_config
 
 shipped = pytest.mark.skipif(not (TINY_VAE_IND / "vae" / "config.json").exists() or
@@ -25,18 +25,8 @@ shipped = pytest.mark.skipif(not (TINY_VAE_IND / "vae" / "config.json").exists()
                              reason="the tiny world's models (tiny-sd, tiny-clip, tiny-vae-ind) are not built")
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_or_micro()
-
-
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    return sample_images(3, 48)
+_gen = gen
+pipe, images = model_fixtures()
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,12 @@ from markbench.config import load_config
 from markbench.plan import build_plan
 from markbench.testing import run_attack, sample_images
 
-from .attack_models import tiny_or_micro
+from .attack_models import gen, model_fixtures
 from .conftest import MICRO_TOML, write_config
 
 
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_or_micro()
-
-
-@pytest.fixture(scope="module")
-def images() -> torch.Tensor:
-    return sample_images(3, 48)
+_gen = gen
+pipe, images = model_fixtures()
 
 
 # ---------------------------------------------------------------------------------------------------------------
