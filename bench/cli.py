@@ -464,6 +464,31 @@ def grid_filter(cfg, args) -> set[str] | None:
     return grid_labels(cfg)
 
 
+def stale_note(cfg, db) -> str | None:
+    """A sentence when cells the readers show under the config's labels were computed with other settings than the
+    config has now (a changed model, steps, image count or prompts keeps a cell's label but not its key) and not yet
+    recomputed; ``None`` when every shown cell is current."""
+    import sqlite3
+
+    from .plan import grid_cells
+
+    planned = grid_cells(cfg)
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            latest = dict(con.execute("SELECT label, cell_id FROM cells ORDER BY updated, rowid"))  # the last wins
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    stale = sorted(label for label, key in latest.items() if label in planned and planned[label] != key)
+    if not stale:
+        return None
+    return (f"note: {len(stale)} of the {len(planned)} cells of {cfg.path or 'the config'} in {db} were computed "
+            f"with other settings than the config has now (e.g. {stale[0]}) and are shown as they were; "
+            f"'bench run' with this config recomputes them")
+
+
 def _grid_frame(cfg, cells: set[str] | None):
     """The results frame of the config's database, only the cells labelled ``cells`` (all if ``None``)."""
     from .store import ResultStore
@@ -481,7 +506,11 @@ def _results(args):
     db = cfg.output / "results.sqlite"
     if not db.exists():
         raise UserError(f"{db}: no results yet; run 'bench run' with this config first")
-    return cfg, _grid_frame(cfg, grid_filter(cfg, args))
+    cells = grid_filter(cfg, args)
+    note = stale_note(cfg, db) if cells is not None else None
+    if note:
+        print(note, file=sys.stderr)
+    return cfg, _grid_frame(cfg, cells)
 
 
 def cmd_show(args) -> int:

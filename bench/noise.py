@@ -93,6 +93,12 @@ def separable_gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> 
     return F.conv2d(y, k1.view(1, 1, 1, kernel_size).expand(c, 1, 1, kernel_size), groups=c)
 
 
+def gaussian_blur_sigma(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """:func:`separable_gaussian_blur` with the kernel its sigma asks for, side ``2 * ceil(3 sigma) + 1`` (at least
+    3): ``sharpen``'s unsharp mask and ``averaging``'s high-pass."""
+    return separable_gaussian_blur(x, 2 * max(1, math.ceil(3.0 * sigma)) + 1, sigma)
+
+
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur (kernel radius ceil(3 sigma), clamped to the image, reflect padding): the training
     noise layer. A deliberate near-copy of :func:`separable_gaussian_blur` (its kernel in the images' dtype, columns

@@ -473,9 +473,14 @@ def _forgery_cell(b: _Builder, cfg: BenchConfig, d: PluginSpec, dcls: type[Defen
                              variant, reference, twins, (), "forgery"))
 
 
+def grid_cells(cfg: BenchConfig) -> dict[str, str]:
+    """The cells of a config's grid now: label -> cell key (the key changes with any setting a cell depends on)."""
+    return {c.label: c.key for c in build_plan(cfg).cells}
+
+
 def grid_labels(cfg: BenchConfig) -> set[str]:
     """The labels (``defence/model attack/image attack/sN``) of the cells a config's grid has now. The readers of a
     results database (``bench show``, ``export``, ``report``, ``leaderboard``) keep only these, so that the cells an
     earlier version of the config left in the same output folder do not mix into its tables (``--all-cells`` keeps
     them). Labels, not cell keys: a run with an override that changes no label (``run.num_images``) is still read."""
-    return {c.label for c in build_plan(cfg).cells}
+    return set(grid_cells(cfg))

@@ -54,3 +54,21 @@ def test_readers_keep_the_configs_grid_and_all_cells_brings_back_the_rest(tmp_pa
     assert main(["report", "--config", str(new), "--out", str(tmp_path / "r.html")]) == 0
     assert main(["report", "--config", str(new), "--out", str(tmp_path / "all.html"), "--all-cells"]) == 0
     assert "quality=50" not in (tmp_path / "r.html").read_text() and "quality=50" in (tmp_path / "all.html").read_text()
+
+
+@pytest.mark.slow  # two small runs: about 30 s on the shared CPU
+def test_readers_say_when_shown_cells_were_computed_with_other_settings(tmp_path, capsys):
+    a = write_config(tmp_path, SMALL, name="a.toml")
+    assert main(["run", "--config", str(a), "--no-progress"]) == 0
+    # same labels, another sampler setting: only the none row is recomputed
+    c = write_config(tmp_path, SMALL.replace("num_inference_steps = 2", "num_inference_steps = 3"), name="c.toml")
+    assert main(["run", "--config", str(c), "--no-progress", "--only", "none/none/jpeg(quality=90)/*"]) == 0
+    capsys.readouterr()
+    assert main(["show", "--config", str(c), "--metric", "bit_accuracy", "--format", "csv"]) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 of the 3 cells" in err and "other settings" in err
+    assert main(["leaderboard", "--config", str(c), "-q", "--out-json", str(tmp_path / "c.json"),
+                 "--out-md", str(tmp_path / "c.md")]) == 0
+    assert "note: 2 of the 3 cells" in capsys.readouterr().err
+    assert main(["show", "--config", str(a), "--metric", "bit_accuracy", "--format", "csv"]) == 0
+    assert "note: 1 of the 3 cells" in capsys.readouterr().err  # the none row now has c's settings

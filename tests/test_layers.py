@@ -67,14 +67,22 @@ def violations(root: Path) -> list[str]:
 
 
 def _imports_rel(root: Path, rel: Path) -> list[tuple[int, str]]:
-    """Every module the file ``root/rel`` imports (relative imports resolved against its package)."""
+    """Every module the file ``root/rel`` imports, as folder paths: relative imports resolved against its package,
+    ``from package import module`` as that module too (``from markbench import runner`` imports ``bench.runner``),
+    and ``importlib.import_module`` / ``__import__`` with a literal name (aliased, by keyword, or relative to a
+    literal package)."""
     tree = ast.parse((root / rel).read_text(encoding="utf-8"), filename=str(rel))
     pkg = list(rel.with_suffix("").parts[:-1])
+    dynamic = {"import_module", "__import__"}
+    for node in ast.walk(tree):  # ``from importlib import import_module as im``
+        if isinstance(node, ast.ImportFrom) and node.module == "importlib":
+            dynamic.update(a.asname for a in node.names if a.name == "import_module" and a.asname)
     out: list[tuple[int, str]] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and \
-                isinstance(node.args[0].value, str) and _is_dynamic_import(node.func):
-            out.append((node.lineno, folder_name(node.args[0].value)))  # importlib.import_module("markbench.x")
+        if isinstance(node, ast.Call):
+            name = _dynamic_import_name(node, dynamic)
+            if name is not None:
+                out.append((node.lineno, folder_name(name)))
         if isinstance(node, ast.Import):
             out.extend((node.lineno, folder_name(a.name)) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -84,13 +92,33 @@ def _imports_rel(root: Path, rel: Path) -> list[tuple[int, str]]:
             else:
                 mod = folder_name(node.module or "")
             out.append((node.lineno, mod))
+            for a in node.names:  # a name that is a module of the package is an import of that module
+                sub = _canonical(f"{mod}.{a.name}" if mod else a.name)
+                path = root.joinpath(*sub.split("."))
+                if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+                    out.append((node.lineno, sub))
     return out
 
 
-def _is_dynamic_import(func: ast.expr) -> bool:
-    """``importlib.import_module(...)``, ``import_module(...)`` or ``__import__(...)``: an import by a string."""
-    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-    return name in ("import_module", "__import__")
+def _canonical(path: str) -> str:
+    """A folder path as :func:`folder_name` gives it: ``bench.worlds`` (``markbench.worlds``) is ``worlds``."""
+    parts = path.split(".")
+    return ".".join(parts[1:]) if parts[0] == "bench" and len(parts) > 1 and parts[1] in FOLDERS[1:] else path
+
+
+def _dynamic_import_name(node: ast.Call, dynamic: set[str]) -> str | None:
+    """The installed module name of ``import_module("x")`` / ``__import__("x")`` (or an alias), if literal."""
+    func = node.func
+    fname = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if fname not in dynamic:
+        return None
+    args = list(node.args) + [k.value for k in node.keywords if k.arg in ("name", "package")]
+    name = args[0] if args else None
+    if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+        return None
+    if name.value.startswith(".") and len(args) > 1 and isinstance(args[1], ast.Constant):
+        return f"{args[1].value}.{name.value.lstrip('.')}"  # import_module(".worlds.micro", "markbench")
+    return name.value
 
 
 def folder_imports(root: Path) -> list[str]:
@@ -154,10 +182,18 @@ def test_the_layer_check_fails_on_a_deliberate_violation(tmp_path):
                                                           "def f():\n    from markbench.runner import Runner\n")
     (tmp_path / "bench" / "models.py").write_text("import importlib\n"
                                                   "def f():\n    return importlib.import_module('markbench.worlds.tiny')\n")
+    (tmp_path / "bench" / "runner.py").write_text("")
+    (tmp_path / "bench" / "loader.py").write_text("from importlib import import_module as im\nfrom markbench import worlds\n"
+                                                  "def f():\n    im(name='markbench.reports.html')\n"
+                                                  "    return im('.defenses.x', 'markbench')\n")
+    (tmp_path / "bench" / "measures" / "p.py").write_text("from .. import runner, stats\nfrom markbench import param\n")
     found = violations(tmp_path)
     assert found == sorted([
         "attacks/a.py:1: plugin imports the harness module bench.stages",
         "bench/measures/q.py:3: plugin imports the harness module bench.runner",
+        "bench/measures/p.py:1: plugin imports the harness module bench.runner",
+        "bench/loader.py:2: bench imports worlds", "bench/loader.py:4: bench imports reports.html",
+        "bench/loader.py:5: bench imports defenses.x",
         "bench/models.py:3: bench imports worlds.tiny",
         "bench/cache.py:1: bench imports worlds.tiny",
         "bench/cli.py:2: bench imports reports.html",
@@ -167,9 +203,17 @@ def test_the_layer_check_fails_on_a_deliberate_violation(tmp_path):
     ])
 
 
-#: a world's name in a string: a model (``tiny-sd``, ``micro-sd``), a spec (``tiny:heldout``), a scorer
-#: (``tiny-world``), the tiny world's command (``zoo``)
-_WORLD_NAME = re.compile(r"(?<![A-Za-z])(tiny|micro)([-:]|$)|(?<![A-Za-z])zoo(?![A-Za-z])")
+def world_names() -> set[str]:
+    """Every name the registered worlds answer to: their own, their models', CLIP scorers' and autoencoders', and the
+    tiny world's command ``zoo``."""
+    from markbench.world import all_worlds
+
+    names = {"zoo"}
+    for w in all_worlds():
+        names.update([w.name, *w.models(), *w.clip_models, *w.autoencoders()])
+    return names
+
+
 #: the only places the core may spell a world's name: named defaults, each looked up through the world registry
 #: like any other value (file -> the module-level constant that holds it)
 CORE_DEFAULTS = {
@@ -177,12 +221,18 @@ CORE_DEFAULTS = {
     "bench/measures/clip_score.py": "DEFAULT_CLIP_MODEL",  # the CLIP scorer a world registers under this name
     "bench/testing.py": "TEST_MODEL",                   # the plugin contract suite's SD-architecture model
 }
+#: keyword arguments whose strings are prose for people (a parameter's doc, argparse's help texts)
+_PROSE_KEYWORDS = ("doc", "help", "description", "epilog")
 
 
-def world_names_in_core(root: Path) -> list[str]:
-    """Every string in the core's code (not its docstrings or parameter help texts) that spells a world's name,
-    outside the named defaults of :data:`CORE_DEFAULTS`: a comparison, a tuple, a dict key or a local constant with
-    such a name is a special case, however it is written."""
+def world_names_in_core(root: Path, names: set[str] | None = None) -> list[str]:
+    """Every string in the core's code (not its docstrings, parameter docs, help texts or ``__all__``) that spells a
+    world's name (:func:`world_names`, any case, delimited by anything but a letter or digit), outside the named
+    defaults of :data:`CORE_DEFAULTS`: a comparison, a tuple, a dict key, a path or a local constant with such a name
+    is a special case, however it is written."""
+    names = world_names() if names is None else names
+    pattern = re.compile(r"(?<![a-z0-9])(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True))
+                         + r")(?![a-z0-9])", re.I)
     found = []
     for f in sorted((root / "bench").rglob("*.py")):
         rel = f.relative_to(root).as_posix()
@@ -194,15 +244,17 @@ def world_names_in_core(root: Path) -> list[str]:
                 allowed.add(id(body[0].value))  # a docstring
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
                 allowed.add(id(node.value))  # a bare string (an attribute's docstring)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "param":
-                allowed.update(id(c) for a in node.args[1:] for c in ast.walk(a))  # the help text
-                allowed.update(id(c) for k in node.keywords if k.arg == "help" for c in ast.walk(k.value))
-            if isinstance(node, ast.Assign) and node in tree.body and CORE_DEFAULTS.get(rel) in \
-                    [t.id for t in node.targets if isinstance(t, ast.Name)]:
-                allowed.add(id(node.value))
+            if isinstance(node, ast.Call):
+                if isinstance(node.func, ast.Name) and node.func.id == "param":
+                    allowed.update(id(c) for a in node.args[1:] for c in ast.walk(a))  # the doc, positional
+                allowed.update(id(c) for k in node.keywords if k.arg in _PROSE_KEYWORDS for c in ast.walk(k.value))
+            if isinstance(node, ast.Assign) and node in tree.body:
+                targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                if CORE_DEFAULTS.get(rel) in targets or "__all__" in targets:
+                    allowed.update(id(c) for c in ast.walk(node.value))
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in allowed \
-                    and _WORLD_NAME.search(node.value):
+                    and pattern.search(node.value):
                 found.append(f"{rel}:{node.lineno}: {node.value[:60]!r}")
     return sorted(found)
 
@@ -222,9 +274,13 @@ def test_the_world_name_check_fails_on_a_deliberate_violation(tmp_path):
                 return 1
             return {"micro-sd": 3}.get(name) or name.startswith("tiny:")
         '''))
-    (tmp_path / "bench" / "config.py").write_text('DEFAULT_PROMPT_SET = "micro:shapes"\nOTHER = "zoo"\n')
-    assert world_names_in_core(tmp_path) == [
-        "bench/config.py:2: 'zoo'",
+    (tmp_path / "bench" / "config.py").write_text('DEFAULT_PROMPT_SET = "micro:shapes"\nOTHER = "zoo"\n'
+                                                  'PATH = "worlds/tiny/prebuilt"\nMOD = "markbench.worlds.Tiny.x"\n'
+                                                  'SD = "sd-1.5"\nHELP = dict(help="tiny-sd is fine in help text")\n')
+    names = {"tiny", "tiny-sd", "tiny-sd-rt", "micro", "micro-sd", "sd", "sd-1.5", "zoo"}
+    assert world_names_in_core(tmp_path, names) == [
+        "bench/config.py:2: 'zoo'", "bench/config.py:3: 'worlds/tiny/prebuilt'",
+        "bench/config.py:4: 'markbench.worlds.Tiny.x'", "bench/config.py:5: 'sd-1.5'",
         "bench/models.py:2: 'tiny-sd'", "bench/models.py:4: 'tiny-sd'", "bench/models.py:4: 'tiny-sd-rt'",
         "bench/models.py:6: 'micro-sd'", "bench/models.py:6: 'tiny:'",
     ]
@@ -323,9 +379,11 @@ def unlisted_scripts(root: Path) -> list[str]:
     for top in ("benchmarks", "experiments"):
         readme = (root / top / "README.md").read_text(encoding="utf-8") if (root / top / "README.md").exists() else ""
         for f in sorted((root / top).rglob("*")):
+            rel = f.relative_to(root)
+            spelled = (rel.as_posix(), ".".join(rel.with_suffix("").parts))  # benchmarks/x.py or experiments.x
             if f.suffix in (".py", ".sh") and f.name != "__init__.py" and "__pycache__" not in f.parts \
-                    and f.stem not in readme:
-                found.append(f.relative_to(root).as_posix())
+                    and not any(name in readme for name in spelled):
+                found.append(rel.as_posix())
     return found
 
 
@@ -335,7 +393,7 @@ def test_every_benchmark_and_probe_is_listed_in_its_readme():
 
 def test_the_listing_check_fails_on_an_unlisted_script(tmp_path):
     (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "README.md").write_text("| `python benchmarks/speed.py` | ... |\n")
+    (tmp_path / "benchmarks" / "README.md").write_text("| `python benchmarks/speed.py` | the probe's ratio |\n")
     (tmp_path / "benchmarks" / "speed.py").write_text("")
-    (tmp_path / "benchmarks" / "probe.py").write_text("")
+    (tmp_path / "benchmarks" / "probe.py").write_text("")  # its name is in the text, but not as a script
     assert unlisted_scripts(tmp_path) == ["benchmarks/probe.py"]

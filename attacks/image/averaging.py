@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from markbench import AttackContext, image_attacks, ImageAttack, param
-
-
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur (kernel 2 * ceil(3 sigma) + 1, reflect padding; replicate when too small)."""
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    c = x.shape[1]
-    mode = "reflect" if radius < min(x.shape[-2:]) else "replicate"
-    y = F.pad(x, (radius, radius, radius, radius), mode=mode)
-    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+from markbench.noise import gaussian_blur_sigma
 
 
 @image_attacks.register("averaging")
@@ -75,7 +61,7 @@ class Averaging(ImageAttack):
     def pattern(self, images: torch.Tensor) -> torch.Tensor:
         """The estimated fixed pattern ``[1, 3, H, W]`` from the first ``min(n, N)`` images."""
         x = images[: max(1, min(self.images, images.shape[0]))].to(torch.float32)
-        return (x - _blur(x, self.blur_sigma)).mean(0, keepdim=True)
+        return (x - gaussian_blur_sigma(x, self.blur_sigma)).mean(0, keepdim=True)
 
     @property
     def forges(self) -> bool:
@@ -94,7 +80,7 @@ class Averaging(ImageAttack):
         marked image i (leave-one-out; all n when i is not among them, or when n = 1)."""
         m = marked[: max(1, min(self.images, marked.shape[0]))].to(torch.float32)
         ctx.record_cost(attacker_images=int(m.shape[0]), model_evals=0)
-        r = m - _blur(m, self.blur_sigma)
+        r = m - gaussian_blur_sigma(m, self.blur_sigma)
         total, n = r.sum(0, keepdim=True), r.shape[0]
         c = clean.to(torch.float32)
         pattern = total.expand_as(c).clone() / n

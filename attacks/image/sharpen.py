@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from markbench import image_attacks, ImageAttack, param
-from markbench.noise import separable_gaussian_blur
+from markbench.noise import gaussian_blur_sigma
 
 
 @image_attacks.register("sharpen")
@@ -37,5 +36,5 @@ class Sharpen(ImageAttack):
         amount = self.amount
         if amount == 0.0:
             return x.clamp(0.0, 1.0).clone()
-        detail = x - separable_gaussian_blur(x, 2 * max(1, math.ceil(3.0 * self.sigma)) + 1, self.sigma)
+        detail = x - gaussian_blur_sigma(x, self.sigma)
         return (x + amount * detail).clamp(0.0, 1.0).contiguous()
