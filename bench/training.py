@@ -7,7 +7,7 @@ All randomness comes from the caller's ``torch.Generator``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,19 @@ def sample_batches(n: int, batch_size: int, generator: torch.Generator) -> Itera
             idx = perm[i:i + batch_size]
             if len(idx) == batch_size or n < batch_size:  # drop a short last batch
                 yield idx
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter],
+                   grad_clip: float = 0.0, sched: Any = None) -> None:
+    """One step of a hand-written loop: zero the gradients, back-propagate ``loss``, clip the gradient norm of
+    ``parameters`` to ``grad_clip`` (0: no clipping), step the optimiser, then the schedule if any."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
 
 
 def train_loop(parameters: list[torch.nn.Parameter], step_fn: Callable[[int], torch.Tensor], steps: int, lr: float,

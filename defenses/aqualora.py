@@ -81,7 +81,7 @@ from markbench.latents import from_latent, to_latent
 from markbench.noise import JPEG_MODES, jpeg, quantize8
 from markbench.packing import digest, load_prefixed, state_tensors
 from markbench.rng import global_rng_from, seeded, sub_generator
-from markbench.training import PerceptualLoss, prompt_embeds
+from markbench.training import PerceptualLoss, optimizer_step, prompt_embeds
 
 #: The distortions of the decoder's training, in the order of the probability lists.
 DISTORTIONS = ("identity", "jpeg", "crop", "blur", "noise", "jitter")
@@ -783,12 +783,7 @@ class AquaLoRA(Defense):
                     delta = encoder(m) * sf
                 loss = self.ppft_loss(unet, lora, z0, delta, mapper(m), noise, t, emb[caption_index[idx]].to(device),
                                       alphas_cumprod, prediction_type)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.stage2_grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(lora_params, self.stage2_grad_clip)
-                opt.step()
-                sched.step()
+                optimizer_step(opt, loss, lora_params, self.stage2_grad_clip, sched)
                 losses = (losses + [float(loss.detach())])[-10:]
         unet.eval()
         mapper.eval().requires_grad_(False)

@@ -67,7 +67,7 @@ from markbench.latent_nets import LatentDecoder, SecretEncoder
 from markbench.latents import from_latent, to_latent
 from markbench.noise import quantize8
 from markbench.rng import global_rng_from
-from markbench.training import PerceptualLoss, drop_to_empty, prompt_embeds
+from markbench.training import PerceptualLoss, drop_to_empty, optimizer_step, prompt_embeds
 
 TRIGGER = "*[Z]& "
 
@@ -356,12 +356,7 @@ class SleeperMark(Defense):
                     loss = loss + l_img * F.mse_loss(marked, clean)
                 if l_perc > 0:
                     loss = loss + l_perc * perceptual(clean, marked)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.stage1_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.stage1_grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(opt, loss, params, self.stage1_grad_clip, sched)
             acc = float(((logits.detach() > 0) == (m > 0.5)).float().mean())
         return acc
 
@@ -438,12 +433,7 @@ class SleeperMark(Defense):
             plain = drop_to_empty(emb[idx], emb_empty, p_uncond, gen)  # after the paper's draws
             loss, _ = self.stage2_loss(unet, frozen, z0, noise, t, plain.to(device), emb_trigger[idx].to(device),
                                        delta_z, alphas_cumprod)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.stage2_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.stage2_grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(opt, loss, params, self.stage2_grad_clip, sched)
 
     # -- Defense API --------------------------------------------------------------------------------------------
     def embed(self, pipe, ctx) -> Embedding:
