@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--uncond-prob", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trigger-position", choices=("suffix", "prefix"), default="suffix",
+                   help="where the trigger goes (the embedding's stage 1 does not depend on it)")
     p.add_argument("--only-wm", action="store_true", help="capacity test, not the method: train the watermark term "
                    "alone (no preservation terms): can the trainable modules write the shift at all?")
     p.add_argument("--save-unet", type=Path, help="save the trained parameters here at the end")
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     message = tensors["secret.message"].bool()
     delta_z = tensors["secret.delta_z"].float()
     bits = int(message.numel())
-    sm = SleeperMark(bits=bits, trigger_position="suffix", eta=a.eta, stage2_lr=a.lr, stage2_batch_size=a.batch,
+    sm = SleeperMark(bits=bits, trigger_position=a.trigger_position, eta=a.eta, stage2_lr=a.lr, stage2_batch_size=a.batch,
                      stage2_grad_clip=a.clip, uncond_prob=a.uncond_prob,
                      secret_res=0, decoder_channels=[32, 64], decoder_hidden=256, decoder_mlp_layers=3)
     decoder = LatentDecoder(bits, 4, (16, 16), [32, 64], 256, 3, 0.1)  # the config's decoder
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
         w1, w2 = sleeper_weights(torch.tensor(PROBE_T), a.eta, sm.tau, sm.beta)
         return {"entry": a.entry.name, "bits": bits, "residual_rms": dz_rms, "ceiling_twin_plus_delta": ceiling,
                 "eta": a.eta, "lr": a.lr, "clip": a.clip, "batch": a.batch, "steps": a.steps,
-                "uncond_prob": a.uncond_prob, "only_wm": a.only_wm, "n": a.n, "stage2_seed": a.seed, "trainable_params": n_trainable,
+                "uncond_prob": a.uncond_prob, "only_wm": a.only_wm,
+                "trigger_position": a.trigger_position, "n": a.n, "stage2_seed": a.seed, "trainable_params": n_trainable,
                 "optimum_a": {str(t): round(float(x / (x + y)), 4) for t, x, y in zip(PROBE_T, w1, w2)},
                 "torch_threads": torch.get_num_threads(), "rows": rows, "log": logs}
 

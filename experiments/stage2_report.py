@@ -51,16 +51,27 @@ def render_runs(runs: list[dict]) -> str:
              "base's images for the same triggered prompts and seeds. `a(t)`: the share of `dz` by which the "
              "fine-tuned UNet moves its clean-latent estimate at timestep t (fixed probe batch of 8 training "
              "latents; optimum in the triggered branch w1 / (w1 + w2), 0 in the others); `r(51)`: the rms of the "
-             "part of that move orthogonal to `dz`, over rms(`dz`).", "",
+             "part of that move orthogonal to `dz`, over rms(`dz`). A row without images: the last probe of a run "
+             "stopped before its next image checkpoint.", "",
              "| run | eta | lr | clip | loss terms | step | bits with trigger | without | PSNR (dB) | SSIM | "
              "a(1) / a(51) / a(201) triggered | a(51) plain / empty | r(51) | s a step |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         terms = "watermark only (capacity test)" if run.get("only_wm") else "the defence's three"
-        for r in run["rows"]:
-            pr = _nearest_probe(run, r["step"])
+        by_step = {r["step"]: r for r in run["rows"]}
+        last = run["log"][-1]["step"] if run["log"] else None
+        if last is not None and last not in by_step:  # a run stopped after its last image checkpoint
+            by_step[last] = None
+        for step in sorted(by_step):
+            r = by_step[step]
+            pr = _nearest_probe(run, step)
             probe = pr.get("probe", {})
-            psnr = "identical" if r["psnr_to_twin"] == float("inf") else f"{r['psnr_to_twin']:.1f}"
+            if r is None:
+                images = "- | - | - | -"
+            else:
+                psnr = "identical" if r["psnr_to_twin"] == float("inf") else f"{r['psnr_to_twin']:.1f}"
+                images = (f"{r['bit_accuracy_trigger']:.3f} | {r['bit_accuracy_no_trigger']:.3f} | {psnr} | "
+                          f"{r['ssim_to_twin']:.3f}")
             if probe:
                 a_t = " / ".join(f"{probe[f'trigger@{t}']['a']:.3f}" for t in (1, 51, 201))
                 a_o = f"{probe['plain@51']['a']:.3f} / {probe['empty@51']['a']:.3f}"
@@ -69,8 +80,7 @@ def render_runs(runs: list[dict]) -> str:
                 a_t = a_o = drift = "-"
             sps = f"{pr['train_s_per_step']:.2f}" if "train_s_per_step" in pr else "-"
             lines.append(f"| {run['name']} | {run['eta']:g} | {run['lr']:g} | {run['clip']:g} | {terms} | "
-                         f"{r['step']} | {r['bit_accuracy_trigger']:.3f} | {r['bit_accuracy_no_trigger']:.3f} | "
-                         f"{psnr} | {r['ssim_to_twin']:.3f} | {a_t} | {a_o} | {drift} | {sps} |")
+                         f"{step} | {images} | {a_t} | {a_o} | {drift} | {sps} |")
     first = runs[0] if runs else None
     if first:
         opt = first["optimum_a"]
