@@ -72,6 +72,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     tensors = load_file(str(a.entry / "tensors.safetensors"))
+    # Deliberate copy of experiments/stage2_steps.py's setup (stage 1 entry, decoder, pipeline, captions, image and
+    # read helpers), with the trigger position and clip as options: each probe stays standalone, so that the figures
+    # it produced in docs/operating_point.md are reproduced by the script as it was run.
     message = tensors["secret.message"].bool()
     delta_z = tensors["secret.delta_z"].float()
     bits = int(message.numel())
