@@ -186,11 +186,12 @@ def bootstrap(values: Any, statistic: str | Callable[[np.ndarray], np.ndarray] =
 
 
 def _is_leaf(node: Any) -> bool:
-    """A group of values (a 1-D array, or a sequence of numbers), as opposed to a group of groups."""
+    """A group of values (a 1-D array, or a sequence of numbers), as opposed to a group of groups (a 2-D array is
+    a group of its rows, as the same values given as nested lists are)."""
     if isinstance(node, np.ndarray):
-        return node.dtype != object
+        return node.dtype != object and node.ndim <= 1
     if hasattr(node, "numpy") and hasattr(node, "shape"):  # a tensor
-        return True
+        return len(node.shape) <= 1
     return all(np.isscalar(x) or (isinstance(x, np.ndarray) and x.ndim == 0) for x in node)
 
 

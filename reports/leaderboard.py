@@ -92,13 +92,16 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
         measured = [(c, v) for c, v in measured if v is not None]
         robustness: dict[str, Any] = {"mean": None, "worst": None, "worst_attack": None,
                                       "n_cells": len(measured), "n_attacked": len(attacked)}
-        if measured:
-            worst_c, worst_v = (min if hib else max)(measured, key=lambda cv: cv[1].value)
-            robustness.update(mean=mean(v.value for _, v in measured), worst=worst_v.value,
-                              worst_attack=_attack_name(results, worst_c))
-        per_attack: dict[str, list[float]] = {}
+        per_attack: dict[str, list[tuple[int, float]]] = {}
         for c, v in measured:
-            per_attack.setdefault(results.column(c), []).append(v.value)
+            per_attack.setdefault(results.column(c), []).append((c.seed, v.value))
+        # a column's value: the mean over run seeds of each seed's mean over its attack runs (as its interval nests
+        # them), so that repeating a training attack with more attack seeds does not weigh it more than the others
+        column_value = {k: mean(mean(v for s, v in pts if s == seed) for seed in dict.fromkeys(s for s, _ in pts))
+                        for k, pts in per_attack.items()}
+        if column_value:
+            worst = (min if hib else max)(column_value, key=column_value.get)
+            robustness.update(mean=mean(column_value.values()), worst=column_value[worst], worst_attack=worst)
         ref = clean or cells
         first = cells[0]
         entries.append({
@@ -111,7 +114,7 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
             "control": first.defense == "none",
             "clean": _summary([results.value(c, metric) for c in clean if c.ok]),
             "robustness": robustness,
-            "per_attack": {k: mean(v) for k, v in per_attack.items()},
+            "per_attack": column_value,
             "per_attack_summary": {
                 k: _summary([v for c, v in measured if results.column(c) == k],
                             attacked=any(c.model_attack != IDENTITY for c, _ in measured if results.column(c) == k),
@@ -329,10 +332,6 @@ def utility_curves(results: Results, metrics: list[str] | None = None) -> list[d
                 out.append({"attack": attack, "params": fixed, "x_metric": x_metric, "metric": metric,
                             "lines": lines})
     return out
-
-
-def _attack_name(results: Results, c: CellRow) -> str:
-    return results.column(c) + (f" s{c.seed}" if results.multi_seed else "")
 
 
 # -- Markdown -----------------------------------------------------------------------------------------------------

@@ -140,3 +140,18 @@ def test_attack_runs_are_nested_in_their_run_seed_in_leaderboard_curves_and_answ
     assert entry["n_embeddings"] == 2
     assert (entry["detection"]["low"], entry["detection"]["high"]) == pytest.approx((ref.low, ref.high))
     assert (entry["utility"]["low"], entry["utility"]["high"]) == pytest.approx((ref_u.low, ref_u.high))
+
+
+def test_a_columns_ranking_value_nests_attack_runs_like_its_interval():
+    """Run seed 0 with three attack runs and run seed 1 with one: the column's value in the ranking (per_attack,
+    robustness mean and worst) is the mean over run seeds of each seed's mean over its attack runs, the value its
+    interval reports, not the flat mean of the four runs (which would weigh the repeated seed three times)."""
+    runs = {(0, 0): 0.5, (0, 1): 0.6, (0, 2): 0.7, (1, 0): 0.9}
+    cells = [_cell(a, [v] * 8, seed=s) for (s, a), v in runs.items()]
+    entry = build(_results(cells), "bit_accuracy")["entries"][0]
+    nested = (np.mean([0.5, 0.6, 0.7]) + 0.9) / 2
+    assert entry["per_attack"]["none"] == pytest.approx(nested)
+    assert entry["per_attack"]["none"] != pytest.approx(np.mean(list(runs.values())))
+    assert entry["robustness"]["mean"] == pytest.approx(nested) == entry["robustness"]["worst"]
+    assert entry["robustness"]["worst_attack"] == "none"
+    assert entry["per_attack_summary"]["none"]["value"] == pytest.approx(nested)

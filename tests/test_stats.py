@@ -416,3 +416,15 @@ def test_attack_runs_nested_in_their_seed_count_as_one_embedding():
     # the 95% interval spans both embeddings, as two seeds of one run each do
     assert nested.low < 0.56 and nested.high > 0.94
     assert nested.high - nested.low == pytest.approx(per_seed.high - per_seed.low, rel=0.1)
+
+
+def test_hierarchical_bootstrap_reads_a_2d_array_as_a_group_of_its_rows_like_nested_lists():
+    """Two run seeds, each with two attack runs given as a 2 x 32 array: the same interval as the same values given
+    as nested lists (a 2-D array used to be pooled into one group of 64 values, a far narrower interval)."""
+    rng = np.random.default_rng(7)
+    runs = [rng.normal(np.array(m)[:, None], 0.02, (2, 32)) for m in ((0.45, 0.75), (0.5, 0.7))]
+    as_lists = stats.hierarchical_bootstrap([[list(r) for r in g] for g in runs], seed=0)
+    as_arrays = stats.hierarchical_bootstrap(runs, seed=0)
+    assert (as_arrays.value, as_arrays.low, as_arrays.high) == pytest.approx((as_lists.value, as_lists.low, as_lists.high))
+    pooled = stats.hierarchical_bootstrap([g.ravel() for g in runs], seed=0)
+    assert as_arrays.high - as_arrays.low > 2 * (pooled.high - pooled.low)
