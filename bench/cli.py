@@ -452,27 +452,29 @@ ALL_CELLS_HELP = ("also read the database's cells that the config's grid no long
                   "database (--config, or no --output); every cell when only --output names it")
 
 
-def grid_filter(cfg, args) -> set[str] | None:
-    """The cell labels a reader of the results database keeps: the config's grid now (:func:`plan.grid_labels`)
-    when the config names the database (``--config`` given, or its own ``run.output``), so that cells an earlier
-    version of the config left there stay out; ``None`` (every cell) with ``--all-cells``, or when only
-    ``--output`` names a run folder (the default config is not that run's)."""
-    from .plan import grid_labels
+def read_cells(cfg, args, db) -> set[str] | None:
+    """The cell labels a reader of the results database ``db`` keeps (show, export, report, leaderboard): the
+    config's grid now (:func:`plan.grid_cells`, planned once) when the config names the database (``--config``
+    given, or its own ``run.output``), so that cells an earlier version of the config left there stay out, saying on
+    stderr when some of them were computed with other settings (:func:`stale_note`); ``None`` (every cell) with
+    ``--all-cells``, or when only ``--output`` names a run folder (the default config is not that run's)."""
+    from .plan import grid_cells
 
     if getattr(args, "all_cells", False) or (getattr(args, "output", None) and not getattr(args, "config", None)):
         return None
-    return grid_labels(cfg)
+    planned = grid_cells(cfg)
+    note = stale_note(planned, cfg.path, db)
+    if note:
+        print(note, file=sys.stderr)
+    return set(planned)
 
 
-def stale_note(cfg, db) -> str | None:
-    """A sentence when cells the readers show under the config's labels were computed with other settings than the
-    config has now (a changed model, steps, image count or prompts keeps a cell's label but not its key) and not yet
-    recomputed; ``None`` when every shown cell is current."""
+def stale_note(planned: dict[str, str], config: str, db) -> str | None:
+    """A sentence when cells the readers show under the config's labels (``planned``: label -> cell key) were
+    computed with other settings than the config has now (a changed model, steps, image count or prompts keeps a
+    cell's label but not its key) and not yet recomputed; ``None`` when every shown cell is current."""
     import sqlite3
 
-    from .plan import grid_cells
-
-    planned = grid_cells(cfg)
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
@@ -484,7 +486,7 @@ def stale_note(cfg, db) -> str | None:
     stale = sorted(label for label, key in latest.items() if label in planned and planned[label] != key)
     if not stale:
         return None
-    return (f"note: {len(stale)} of the {len(planned)} cells of {cfg.path or 'the config'} in {db} were computed "
+    return (f"note: {len(stale)} of the {len(planned)} cells of {config or 'the config'} in {db} were computed "
             f"with other settings than the config has now (e.g. {stale[0]}) and are shown as they were; "
             f"'bench run' with this config recomputes them")
 
@@ -506,11 +508,7 @@ def _results(args):
     db = cfg.output / "results.sqlite"
     if not db.exists():
         raise UserError(f"{db}: no results yet; run 'bench run' with this config first")
-    cells = grid_filter(cfg, args)
-    note = stale_note(cfg, db) if cells is not None else None
-    if note:
-        print(note, file=sys.stderr)
-    return cfg, _grid_frame(cfg, cells)
+    return cfg, _grid_frame(cfg, read_cells(cfg, args, db))
 
 
 def cmd_show(args) -> int:

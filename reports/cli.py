@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
-from markbench.cli import ALL_CELLS_HELP, grid_filter, stale_note
+from markbench.cli import ALL_CELLS_HELP, read_cells
 
 EPILOG_REPORT = textwrap.dedent("""\
     examples:
@@ -156,15 +156,6 @@ def _db_and_config(args: argparse.Namespace):
     return cfg, db
 
 
-def _cells(cfg: Any, db: Path, args: argparse.Namespace) -> set[str] | None:
-    """The cells to read (:func:`markbench.cli.grid_filter`), saying on stderr when some are out of date."""
-    cells = grid_filter(cfg, args)
-    note = stale_note(cfg, db) if cells is not None else None
-    if note:
-        print(note, file=sys.stderr)
-    return cells
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from .html import render_report
 
@@ -172,7 +163,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     cache = args.cache
     if cache is None and cfg.cache_dir.is_dir():
         cache = cfg.cache_dir
-    out = render_report(db, args.out or cfg.output / "report.html", cache, cells=_cells(cfg, db, args))
+    out = render_report(db, args.out or cfg.output / "report.html", cache, cells=read_cells(cfg, args, db))
     size = out.stat().st_size
     print(f"wrote {out} ({size / 1e6:.2f} MB)")
     return 0
@@ -184,7 +175,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     cfg, db = _db_and_config(args)
     out_json = Path(args.out_json) if args.out_json else cfg.output / "leaderboard.json"
     out_md = Path(args.out_md) if args.out_md else cfg.output / "leaderboard.md"
-    board = write_leaderboard(db, out_json, out_md, metric=args.metric, cells=_cells(cfg, db, args))
+    board = write_leaderboard(db, out_json, out_md, metric=args.metric, cells=read_cells(cfg, args, db))
     if not args.quiet:
         sys.stdout.write(to_markdown(board))
     print(f"wrote {out_json} and {out_md}", file=sys.stderr)
