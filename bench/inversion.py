@@ -16,6 +16,15 @@ Two inversions:
   ``z_t <- sqrt(a_t / a_prev) (z_prev - sqrt(1 - a_prev) eps(z_t)) + sqrt(1 - a_t) eps(z_t)``, started from the
   ``"ddim"`` estimate. It costs ``1 + fixed_point_iters`` UNet calls per step instead of one.
 
+And, before either, an optional **decoder inversion** (``decoder_steps > 0``): the gradient-based decoder inversion
+that Hong et al. ("On exact inversion of DPM-solvers", CVPR 2024, arXiv 2311.18387) use as part of the exact
+inversion for Tree-Ring detection (Hong et al., NeurIPS 2024, arXiv 2409.18442, compare it with a gradient-free
+one). The VAE encoder is not the decoder's inverse, so the latent is
+refined from the encoder's posterior mean by gradient descent on ``||D(z) - x||^2`` (Adam, cosine learning rate,
+``decoder_steps`` steps at ``decoder_lr``). It costs ``decoder_steps`` decoder forward and backward passes per image,
+no UNet call; with a lossy small VAE it is where most of the lost noise is recovered, when it can be at all (the
+decoder may map many latents to one image: docs/gaussian_shading.md measures what it recovers in the tiny world).
+
 The latent shape, the VAE scaling factor and the noise schedule are read from the pipeline, never assumed. Whatever
 scheduler the pipeline samples with, the inversion uses a DDIM schedule built from that scheduler's config (the same
 ``alphas_cumprod`` and timestep spacing).
@@ -108,6 +117,34 @@ def decode(pipe: Any, latents: torch.Tensor, *, batch_size: int = 16) -> torch.T
     return torch.cat(out)
 
 
+def decoder_invert(pipe: Any, images: torch.Tensor, start: torch.Tensor, *, steps: int, lr: float = 0.05
+                   ) -> torch.Tensor:
+    """Scaled latents whose decoding matches ``images`` (``[N, 3, H, W]`` in [0, 1]) in mean squared error.
+
+    Gradient descent from ``start`` (the encoder's scaled posterior mean, :func:`encode`) with Adam and a cosine
+    learning rate from ``lr`` to 0 over ``steps`` steps. Only the latent is optimised: the gradient is taken with
+    :func:`torch.autograd.grad` with respect to it alone, so the VAE's parameters get no ``.grad`` and are not changed.
+    Deterministic (no randomness): the same images and start give the same latents.
+    """
+    if steps <= 0:
+        return start.clone()
+    vae = pipe.vae
+    scale = float(vae.config.scaling_factor)
+    target = images.to(device=vae.device, dtype=torch.float32) * 2 - 1
+    z = start.detach().to(device=vae.device, dtype=torch.float32).clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    with torch.enable_grad():
+        for _ in range(steps):
+            rec = vae.decode((z / scale).to(vae.dtype)).sample.float()
+            loss = ((rec - target) ** 2).mean()
+            (grad,) = torch.autograd.grad(loss, [z])
+            z.grad = grad
+            opt.step()
+            sched.step()
+    return z.detach()
+
+
 @torch.no_grad()
 def invert_latents(pipe: Any, latents: torch.Tensor, num_inference_steps: int, *, method: str = "ddim",
                    fixed_point_iters: int = 3, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,23 +196,24 @@ _RECENT_MAX = 4
 
 
 def invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, method: str = "ddim",
-                  fixed_point_iters: int = 3, batch_size: int = 16) -> torch.Tensor:
+                  fixed_point_iters: int = 3, batch_size: int = 16, decoder_steps: int = 0,
+                  decoder_lr: float = 0.05) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1] -> the initial noise ``[N, C, h, w]`` (float32, CPU) they came from.
 
-    VAE posterior mean, empty prompt, guidance 1, DDIM inversion over ``num_inference_steps`` (see the module
-    docstring for ``method``). Images whose size is not the pipeline's multiple are an error, not a silent resize.
+    VAE posterior mean (refined by :func:`decoder_invert` when ``decoder_steps > 0``), empty prompt, guidance 1, DDIM
+    inversion over ``num_inference_steps`` (see the module docstring for ``method``). Images whose size is not the pipeline's multiple are an error, not a silent resize.
     The last few results are kept in memory (keyed by the pipeline object and the images' bytes): two sampling-time
     defences verifying the same negatives invert them once. The result is a deterministic function of both.
     """
     latent_shape(pipe, images.shape[-2], images.shape[-1])  # checks the size
     digest = hashlib.sha256(images.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
     key = (id(pipe), method, int(num_inference_steps), int(fixed_point_iters) if method == "exact" else 0,
-           tuple(images.shape), digest)
+           int(decoder_steps), float(decoder_lr) if decoder_steps else 0.0, tuple(images.shape), digest)
     if key in _RECENT:
         _RECENT.move_to_end(key)
         return _RECENT[key].clone()
     z = _invert_images(pipe, images, num_inference_steps, method=method, fixed_point_iters=fixed_point_iters,
-                       batch_size=batch_size)
+                       batch_size=batch_size, decoder_steps=decoder_steps, decoder_lr=decoder_lr)
     _RECENT[key] = z.clone()
     while len(_RECENT) > _RECENT_MAX:
         _RECENT.popitem(last=False)
@@ -183,11 +221,14 @@ def invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, 
 
 
 def _invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, method: str,
-                   fixed_point_iters: int, batch_size: int) -> torch.Tensor:
+                   fixed_point_iters: int, batch_size: int, decoder_steps: int = 0, decoder_lr: float = 0.05
+                   ) -> torch.Tensor:
     device = pipe.unet.device
     out = []
     for i in range(0, images.shape[0], batch_size):
         z0 = encode(pipe, images[i:i + batch_size], batch_size=batch_size, device=device)
+        if decoder_steps:
+            z0 = decoder_invert(pipe, images[i:i + batch_size], z0, steps=decoder_steps, lr=decoder_lr)
         out.append(invert_latents(pipe, z0, num_inference_steps, method=method,
                                   fixed_point_iters=fixed_point_iters).cpu())
     return torch.cat(out)

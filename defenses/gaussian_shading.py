@@ -90,6 +90,11 @@ class GaussianShading(Defense):
     inversion_steps: int = param(0, "DDIM inversion steps; 0 = the run's sampler steps (paper: 50 and 50)", low=0,
             high=1000)
     fixed_point_iters: int = param(3, "fixed-point iterations per step of the exact inversion", low=1, high=50)
+    decoder_inversion_steps: int = param(0, "gradient steps of decoder inversion before the DDIM inversion (Hong et al. "
+                                         "2024); 0 = the encoder's posterior mean alone (the paper's)", low=0,
+                                         high=5000, keyed_at_default=False)
+    decoder_inversion_lr: float = param(0.05, "Adam learning rate of decoder inversion (cosine to 0)", low=1e-5,
+                                        high=1.0, keyed_at_default=False)
     smoke_params = {"hw_copies": 2, "inversion_steps": 2}
 
     def _layout(self, shape) -> tuple[int, int, int]:
@@ -136,5 +141,6 @@ class GaussianShading(Defense):
     def detect(self, secret: Secret, images: torch.Tensor, ctx) -> Detection:
         steps = self.inversion_steps or getattr(ctx.data, "num_inference_steps", None) or 50
         z = invert_images(ctx.data.verifier_pipeline(), images, steps, method=self.inversion,
-                          fixed_point_iters=self.fixed_point_iters)
+                          fixed_point_iters=self.fixed_point_iters, decoder_steps=self.decoder_inversion_steps,
+                          decoder_lr=self.decoder_inversion_lr)
         return Detection(bits=self.decode(secret, z))

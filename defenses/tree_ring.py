@@ -135,6 +135,11 @@ class TreeRing(Defense):
     inversion_steps: int = param(0, "DDIM inversion steps; 0 = the run's sampler steps (paper: 50 and 50)", low=0,
             high=1000)
     fixed_point_iters: int = param(3, "fixed-point iterations per step of the exact inversion", low=1, high=50)
+    decoder_inversion_steps: int = param(0, "gradient steps of decoder inversion before the DDIM inversion (Hong et al. "
+                                         "2024); 0 = the encoder's posterior mean alone (the paper's)", low=0,
+                                         high=5000, keyed_at_default=False)
+    decoder_inversion_lr: float = param(0.05, "Adam learning rate of decoder inversion (cosine to 0)", low=1e-5,
+                                        high=1.0, keyed_at_default=False)
     smoke_params = {"radius": 2.0, "channel": 0, "inversion_steps": 2}
 
     def embed(self, pipe, ctx) -> Embedding:
@@ -159,7 +164,8 @@ class TreeRing(Defense):
     def invert(self, images: torch.Tensor, ctx) -> torch.Tensor:
         steps = self.inversion_steps or getattr(ctx.data, "num_inference_steps", None) or 50
         return invert_images(ctx.data.verifier_pipeline(), images, steps, method=self.inversion,
-                             fixed_point_iters=self.fixed_point_iters)
+                             fixed_point_iters=self.fixed_point_iters, decoder_steps=self.decoder_inversion_steps,
+                             decoder_lr=self.decoder_inversion_lr)
 
     def detect(self, secret: Secret, images: torch.Tensor, ctx) -> Detection:
         key, mask = self.key(secret)
