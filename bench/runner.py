@@ -140,6 +140,7 @@ class Runner:
                 for cell in cells:
                     prev = status.get(cell.key)
                     if prev == "ok" or (prev == "failed" and not rerun_failed):
+                        store.relabel(cell)  # the config may name the same cell differently now
                         summary.cells_skipped += 1
                         if prev == "failed":
                             summary.cells_failed.append((cell.label, "failed in an earlier run "

@@ -163,6 +163,21 @@ class ResultStore:
                  for m in measurements if getattr(m, "samples", None) is not None],
             )
 
+    def relabel(self, cell) -> bool:
+        """Give a finished cell the labels the current config gives it; ``True`` if any changed.
+
+        Labels are display names, not part of a cell's key: a config that renames an entry (``label = ...``) or stops
+        sweeping one of its parameters finds its cells done, and the readers, which keep the cells whose labels the
+        config's grid has, must then find them under the new names rather than hide them.
+        """
+        new = (cell.label, cell.defense_label or cell.defense.label, cell.model_attack.label, cell.image_attack.label)
+        with self.con:
+            cur = self.con.execute(
+                "UPDATE cells SET label=?, defense_label=?, model_attack_label=?, image_attack_label=? "
+                "WHERE cell_id=? AND (label IS NOT ? OR defense_label IS NOT ? OR model_attack_label IS NOT ? "
+                "OR image_attack_label IS NOT ?)", (*new, cell.key, *new))
+        return cur.rowcount > 0
+
     # -- reading --------------------------------------------------------------------------------------------
     def dataframe(self, cell_ids: Iterable[str] | None = None):
         """``results_full`` as a pandas DataFrame (optionally only some cells)."""

@@ -73,6 +73,32 @@ def test_adding_an_attack_recomputes_only_its_stages(finished):
     assert summary.cells_ok == 2 and summary.cells_skipped == 6
 
 
+def test_a_relabelled_entry_finds_its_done_cells_under_the_new_labels(finished, capsys):
+    """Labels are display names: renaming an entry (or no longer sweeping a value) recomputes nothing, and the
+    config's readers must show the done cells under the names the config gives them now, not hide them."""
+    tmp, _, _, _ = finished
+    text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "dwtdctsvd"\nlabel = "wm"') \
+        .replace("quality = [90, 50]", "quality = [90, 50]\nlabel = \"j\"")
+    path = write_config(tmp, text, name="bench_relabelled.toml")
+    cfg, summary = _run(path)
+    assert summary.stages_run == {} and summary.cells_skipped == 6
+    store = ResultStore(cfg.output / "results.sqlite")
+    cells = store.cells_frame()
+    store.close()
+    labels = set(cells.label)
+    assert {"wm/none/j(quality=50)/s0", "wm/none/j(quality=90)/s0", "none/none/none/s0"} <= labels
+    mine = cells[(cells.defense == "dwtdctsvd") & cells.image_attack.isin(["none", "jpeg"])]  # not other tests' cells
+    assert len(mine) == 3 and set(mine.defense_label) == {"wm"} and not any(mine.label.str.startswith("dwtdctsvd/"))
+    main(["show", "--config", str(path), "--metric", "bit_accuracy"])
+    out = capsys.readouterr().out
+    assert "wm" in out and "j(quality=50)" in out
+    # and back: the first config's names return
+    _run(finished[1])
+    store = ResultStore(cfg.output / "results.sqlite")
+    assert not any(store.cells_frame().label.str.startswith("wm/"))
+    store.close()
+
+
 def test_cell_numbers_do_not_depend_on_other_cells(finished, tmp_path):
     _, _, cfg_full, _ = finished
     path = write_config(tmp_path)
