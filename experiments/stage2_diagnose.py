@@ -17,6 +17,10 @@ for and what the UNet does:
 
     python -m experiments.stage2_diagnose --entry RUN/cache/xx/KEY --pool POOL.pt --steps 600 --every 300 \\
         --eta 1 --out experiments/results/stage2_diagnose/NAME.json
+
+``--trainable`` picks the UNet parameters trained (``TRAINABLE_SETS`` of the defence: the paper's up-block
+attention by default, or wider sets: is the module set what limits stage 2?); ``--only-wm`` trains the watermark
+term alone (a capacity test, not the method).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trigger-position", choices=("suffix", "prefix"), default="suffix",
                    help="where the trigger goes (the embedding's stage 1 does not depend on it)")
+    p.add_argument("--trigger", help="the trigger string (default: the defence's, the paper's `*[Z]& `)")
     p.add_argument("--only-wm", action="store_true", help="capacity test, not the method: train the watermark term "
                    "alone (no preservation terms): can the trainable modules write the shift at all?")
     p.add_argument("--trainable", default="up_attention", help="the parameter set stage 2 trains (markbench."
@@ -81,8 +86,9 @@ def main(argv=None) -> int:
     message = tensors["secret.message"].bool()
     delta_z = tensors["secret.delta_z"].float()
     bits = int(message.numel())
-    sm = SleeperMark(bits=bits, trigger_position=a.trigger_position, eta=a.eta, stage2_lr=a.lr, stage2_batch_size=a.batch,
-                     stage2_grad_clip=a.clip, uncond_prob=a.uncond_prob,
+    given = {"trigger": a.trigger} if a.trigger else {}
+    sm = SleeperMark(bits=bits, trigger_position=a.trigger_position, eta=a.eta, stage2_lr=a.lr,
+                     stage2_batch_size=a.batch, stage2_grad_clip=a.clip, uncond_prob=a.uncond_prob, **given,
                      secret_res=0, decoder_channels=[32, 64], decoder_hidden=256, decoder_mlp_layers=3)
     decoder = LatentDecoder(bits, 4, (16, 16), [32, 64], 256, 3, 0.1)  # the config's decoder
     decoder.load_state_dict({k[len("secret.decoder."):]: v for k, v in tensors.items()
@@ -158,7 +164,8 @@ def main(argv=None) -> int:
         return {"entry": a.entry.name, "bits": bits, "residual_rms": dz_rms, "ceiling_twin_plus_delta": ceiling,
                 "eta": a.eta, "lr": a.lr, "clip": a.clip, "batch": a.batch, "steps": a.steps,
                 "uncond_prob": a.uncond_prob, "only_wm": a.only_wm,
-                "trigger_position": a.trigger_position, "n": a.n, "stage2_seed": a.seed, "trainable": a.trainable,
+                "trigger_position": a.trigger_position, "trigger": sm.trigger, "n": a.n, "stage2_seed": a.seed,
+                "trainable": a.trainable,
                 "trainable_params": n_trainable,
                 "optimum_a": {str(t): round(float(x / (x + y)), 4) for t, x, y in zip(PROBE_T, w1, w2)},
                 "torch_threads": torch.get_num_threads(), "rows": rows, "log": logs}

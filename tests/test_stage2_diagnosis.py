@@ -69,7 +69,7 @@ def test_tuning_table_pairs_each_image_checkpoint_with_the_last_probe_before_it_
     assert ("| x | up_attention | 0.02 | 0.001 | 1e-05 | the defence's three | 150 | 0.600 | 0.520 | 33.3 | 0.950 | "
             "0.63 | 0.500 / 0.510 / 0.539 | 0.010 / 0.010 | +0.500 | 0.20 | 1.20 |") in text
     assert ("| x | up_attention | 0.02 | 0.001 | 1e-05 | the defence's three | 200 | - | - | - | - | - | "
-            "0.500 / 0.510 / 0.539 | 0.010 / 0.010 | +0.500 | 0.20 | 1.30 |") in text  # stopped after its last image checkpoint
+            "0.500 / 0.510 / 0.539 | 0.010 / 0.010 | +0.500 | 0.20 | 1.30 |") in text  # a stopped run
     assert text.count("| x |") == 3
     wider = rep.render_runs([{**run, "trainable": "up_blocks", "only_wm": True}])
     assert "| x | up_blocks | 0.02 | 0.001 | 1e-05 | watermark only (capacity test) | 150 |" in wider
