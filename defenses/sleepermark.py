@@ -82,12 +82,32 @@ _TRAINABLE_MODULE = re.compile(
 )
 
 
-def trainable_parameter_names(unet: nn.Module) -> list[str]:
-    """Names of the UNet parameters stage 2 trains (see ``_TRAINABLE_MODULE``); empty if the UNet has none."""
+# Parameter sets stage 2 can train (``trainable_parameter_names``' ``which``): the paper's first.
+TRAINABLE_SETS = ("up_attention", "up_attention+top_block", "up_blocks")
+
+
+def trainable_parameter_names(unet: nn.Module, which: str = "up_attention") -> list[str]:
+    """Names of the UNet parameters stage 2 trains; empty if the UNet has none of the set.
+
+    ``"up_attention"`` (the paper's): the up-block attention/transformer modules matched by ``_TRAINABLE_MODULE``.
+    ``"up_attention+top_block"``: those plus every parameter of the highest-resolution up block (the last of
+    ``unet.up_blocks``). In Stable Diffusion that block has a transformer, which the paper's set already trains; the
+    tiny worlds' highest-resolution up block has no attention, so the paper's set cannot reach the full-resolution
+    latent there except through frozen resnets (docs/operating_point.md, section 5): its resnets stand in for SD's
+    highest-resolution transformer. ``"up_blocks"``: every parameter of every up block."""
+    if which not in TRAINABLE_SETS:
+        raise ValueError(f"trainable_parameter_names: which = {which!r}; allowed: {', '.join(TRAINABLE_SETS)}")
     out: list[str] = []
     for mod_name, module in unet.named_modules():
         if _TRAINABLE_MODULE.match(mod_name):
             out.extend(f"{mod_name}.{p}" for p, _ in module.named_parameters(recurse=False))
+    if which == "up_attention":
+        return out
+    n_up = len(unet.up_blocks)
+    blocks = range(n_up) if which == "up_blocks" else (n_up - 1,)
+    have = set(out)
+    for b in blocks:
+        out.extend(n for n, _ in unet.up_blocks[b].named_parameters(prefix=f"up_blocks.{b}") if n not in have)
     return out
 
 

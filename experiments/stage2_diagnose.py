@@ -17,6 +17,10 @@ for and what the UNet does:
 
     python -m experiments.stage2_diagnose --entry RUN/cache/xx/KEY --pool POOL.pt --steps 600 --every 300 \\
         --eta 1 --out experiments/results/stage2_diagnose/NAME.json
+
+``--trainable`` picks the UNet parameters trained (``TRAINABLE_SETS`` of the defence: the paper's up-block
+attention by default, or wider sets: is the module set what limits stage 2?); ``--only-wm`` trains the watermark
+term alone (a capacity test, not the method).
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trigger-position", choices=("suffix", "prefix"), default="suffix",
                    help="where the trigger goes (the embedding's stage 1 does not depend on it)")
+    p.add_argument("--trigger", help="the trigger string (default: the defence's, the paper's `*[Z]& `)")
     p.add_argument("--only-wm", action="store_true", help="capacity test, not the method: train the watermark term "
                    "alone (no preservation terms): can the trainable modules write the shift at all?")
+    p.add_argument("--trainable", default="up_attention", help="the parameter set stage 2 trains (markbench."
+                   "defenses.sleepermark.TRAINABLE_SETS; up_attention: the paper's)")
     p.add_argument("--save-unet", type=Path, help="save the trained parameters here at the end")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
@@ -58,11 +65,12 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file, save_file
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from markbench.defenses.sleepermark import (SleeperMark, sleeper_weights, trainable_parameter_names,
-                                                  watermark_target)
+    from markbench.defenses.sleepermark import (TRAINABLE_SETS, SleeperMark, sleeper_weights,
+                                                  trainable_parameter_names, watermark_target)
     from markbench.generation import generate_images
     from markbench.latent_nets import LatentDecoder
     from markbench.latents import from_latent, to_latent
+    from markbench.measures.keyless import laplacian_energy
     from markbench.models import load_pipeline_folder
     from markbench.noise import quantize8
     from markbench.plugins import GenerationRequest
@@ -78,8 +86,9 @@ def main(argv=None) -> int:
     message = tensors["secret.message"].bool()
     delta_z = tensors["secret.delta_z"].float()
     bits = int(message.numel())
-    sm = SleeperMark(bits=bits, trigger_position=a.trigger_position, eta=a.eta, stage2_lr=a.lr, stage2_batch_size=a.batch,
-                     stage2_grad_clip=a.clip, uncond_prob=a.uncond_prob,
+    given = {"trigger": a.trigger} if a.trigger else {}
+    sm = SleeperMark(bits=bits, trigger_position=a.trigger_position, eta=a.eta, stage2_lr=a.lr,
+                     stage2_batch_size=a.batch, stage2_grad_clip=a.clip, uncond_prob=a.uncond_prob, **given,
                      secret_res=0, decoder_channels=[32, 64], decoder_hidden=256, decoder_mlp_layers=3)
     decoder = LatentDecoder(bits, 4, (16, 16), [32, 64], 256, 3, 0.1)  # the config's decoder
     decoder.load_state_dict({k[len("secret.decoder."):]: v for k, v in tensors.items()
@@ -111,7 +120,9 @@ def main(argv=None) -> int:
         emb_empty = prompt_embeds(pipe, [""], "cpu")
     unet = pipe.unet
     frozen = copy.deepcopy(unet).eval().requires_grad_(False)
-    names = set(trainable_parameter_names(unet))
+    if a.trainable not in TRAINABLE_SETS:
+        p.error(f"--trainable {a.trainable!r}: allowed: {', '.join(TRAINABLE_SETS)}")
+    names = set(trainable_parameter_names(unet, a.trainable))
     unet.requires_grad_(False)
     params = [q for n, q in unet.named_parameters() if n in names]
     for q in params:
@@ -153,9 +164,16 @@ def main(argv=None) -> int:
         return {"entry": a.entry.name, "bits": bits, "residual_rms": dz_rms, "ceiling_twin_plus_delta": ceiling,
                 "eta": a.eta, "lr": a.lr, "clip": a.clip, "batch": a.batch, "steps": a.steps,
                 "uncond_prob": a.uncond_prob, "only_wm": a.only_wm,
-                "trigger_position": a.trigger_position, "n": a.n, "stage2_seed": a.seed, "trainable_params": n_trainable,
+                "trigger_position": a.trigger_position, "trigger": sm.trigger, "n": a.n, "stage2_seed": a.seed,
+                "trainable": a.trainable,
+                "trainable_params": n_trainable,
                 "optimum_a": {str(t): round(float(x / (x + y)), 4) for t, x, y in zip(PROBE_T, w1, w2)},
                 "torch_threads": torch.get_num_threads(), "rows": rows, "log": logs}
+
+    def keyless(x, ref):  # folded AUC of the Laplacian energy, marked against the twin (as stage2_oracle's)
+        pos, neg = laplacian_energy(x), laplacian_energy(ref)
+        gt = sum(float(u > v) + 0.5 * float(u == v) for u in pos for v in neg) / (len(pos) * len(neg))
+        return max(gt, 1 - gt)
 
     def checkpoint(step):
         unet.eval()
@@ -165,6 +183,7 @@ def main(argv=None) -> int:
                "psnr_to_twin": float(sum(float(peak_signal_noise_ratio(marked[i:i + 1], twin[i:i + 1], data_range=1.0))
                                          for i in range(a.n)) / a.n),
                "ssim_to_twin": float(structural_similarity_index_measure(marked, twin, data_range=1.0)),
+               "keyless_laplacian_auc": keyless(marked, twin),
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -188,8 +207,9 @@ def main(argv=None) -> int:
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, int(ac.shape[0]), (a.batch,), generator=gen)
         plain = drop_to_empty(emb[idx], emb_empty, a.uncond_prob, gen)
-        loss, parts = sm.stage2_loss(unet, frozen, z0, noise, t, plain, emb_trig[idx], delta_z, ac)
-        if a.only_wm:  # the same watermark term, alone (the triggered half only)
+        if not a.only_wm:
+            loss, parts = sm.stage2_loss(unet, frozen, z0, noise, t, plain, emb_trig[idx], delta_z, ac)
+        else:  # the same watermark term, alone (the triggered half only; nothing above draws from gen)
             abar = ac[t].view(-1, 1, 1, 1)
             z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
             with torch.no_grad():

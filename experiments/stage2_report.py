@@ -51,11 +51,16 @@ def render_runs(runs: list[dict]) -> str:
              "base's images for the same triggered prompts and seeds. `a(t)`: the share of `dz` by which the "
              "fine-tuned UNet moves its clean-latent estimate at timestep t (fixed probe batch of 8 training "
              "latents; optimum in the triggered branch w1 / (w1 + w2), 0 in the others); `r(51)`: the rms of the "
-             "part of that move orthogonal to `dz`, over rms(`dz`). A row without images: the last probe of a run "
-             "stopped before its next image checkpoint.", "",
-             "| run | eta | lr | clip | loss terms | step | bits with trigger | without | PSNR (dB) | SSIM | "
-             "a(1) / a(51) / a(201) triggered | a(51) plain / empty | r(51) | s a step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "part of that move orthogonal to `dz`, over rms(`dz`); trigger-specific: a(51) triggered minus plain. "
+             "Trained: the UNet parameters stage 2 trains (`trainable_parameter_names`: `up_attention` the paper's "
+             "up-block attention; `+top_block` adds the highest-resolution up block; `up_blocks` every up-block "
+             "parameter). Keyless AUC: Laplacian energy of the triggered images against the twin's, folded (not "
+             "logged by the earliest runs: -). A row without images: the last probe of a run stopped before its next "
+             "image checkpoint.", "",
+             "| run | trained | eta | lr | clip | loss terms | step | bits with trigger | without | PSNR (dB) | SSIM | "
+             "keyless AUC | a(1) / a(51) / a(201) triggered | a(51) plain / empty | trigger-specific | r(51) | "
+             "s a step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         terms = "watermark only (capacity test)" if run.get("only_wm") else "the defence's three"
         by_step = {r["step"]: r for r in run["rows"]}
@@ -67,20 +72,22 @@ def render_runs(runs: list[dict]) -> str:
             pr = _nearest_probe(run, step)
             probe = pr.get("probe", {})
             if r is None:
-                images = "- | - | - | -"
+                images = "- | - | - | - | -"
             else:
                 psnr = "identical" if r["psnr_to_twin"] == float("inf") else f"{r['psnr_to_twin']:.1f}"
+                kl = f"{r['keyless_laplacian_auc']:.2f}" if "keyless_laplacian_auc" in r else "-"
                 images = (f"{r['bit_accuracy_trigger']:.3f} | {r['bit_accuracy_no_trigger']:.3f} | {psnr} | "
-                          f"{r['ssim_to_twin']:.3f}")
+                          f"{r['ssim_to_twin']:.3f} | {kl}")
             if probe:
                 a_t = " / ".join(f"{probe[f'trigger@{t}']['a']:.3f}" for t in (1, 51, 201))
                 a_o = f"{probe['plain@51']['a']:.3f} / {probe['empty@51']['a']:.3f}"
                 drift = f"{probe['trigger@51']['r']:.2f}"
+                spec = f"{probe['trigger@51']['a'] - probe['plain@51']['a']:+.3f}"
             else:
-                a_t = a_o = drift = "-"
+                a_t = a_o = drift = spec = "-"
             sps = f"{pr['train_s_per_step']:.2f}" if "train_s_per_step" in pr else "-"
-            lines.append(f"| {run['name']} | {run['eta']:g} | {run['lr']:g} | {run['clip']:g} | {terms} | "
-                         f"{step} | {images} | {a_t} | {a_o} | {drift} | {sps} |")
+            lines.append(f"| {run['name']} | {run.get('trainable', 'up_attention')} | {run['eta']:g} | {run['lr']:g} | "
+                         f"{run['clip']:g} | {terms} | {step} | {images} | {a_t} | {a_o} | {spec} | {drift} | {sps} |")
     first = runs[0] if runs else None
     if first:
         opt = first["optimum_a"]

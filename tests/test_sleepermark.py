@@ -154,6 +154,42 @@ def test_trainable_set_on_micro_pipeline(micro):
     assert _modules(names) == {f"up_blocks.1.attentions.{a}.{m}" for a in range(n_attn) for m in _SD_MODULES}
 
 
+def _up_block_params(unet, blocks):
+    """Independent reference: every parameter name under ``up_blocks.<b>.`` for the given block indices."""
+    return {n for n, _ in unet.named_parameters() if any(n.startswith(f"up_blocks.{b}.") for b in blocks)}
+
+
+def _tiny_layout_unet():
+    """UNet2DConditionModel with tiny-sd's block layout (its highest-resolution up block has no attention)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+@pytest.mark.parametrize("which", ["sd", "tiny-layout"])
+def test_wider_trainable_sets_add_exactly_the_top_up_block_or_every_up_block(which):
+    unet = _sd_unet() if which == "sd" else _tiny_layout_unet()
+    last = len(unet.up_blocks) - 1
+    paper = set(trainable_parameter_names(unet))
+    assert set(trainable_parameter_names(unet, "up_attention")) == paper
+    top = trainable_parameter_names(unet, "up_attention+top_block")
+    every = trainable_parameter_names(unet, "up_blocks")
+    assert len(top) == len(set(top)) and len(every) == len(set(every))  # no name twice
+    assert set(top) == paper | _up_block_params(unet, [last])
+    assert set(every) == _up_block_params(unet, range(len(unet.up_blocks)))
+    if which == "tiny-layout":  # the top up block has no attention: the wider set adds its resnets
+        assert not getattr(unet.up_blocks[last], "attentions", None)
+        added = set(top) - paper
+        assert added and all(n.startswith(f"up_blocks.{last}.resnets.") for n in added)
+    with pytest.raises(ValueError, match="up_attention"):
+        trainable_parameter_names(unet, "all")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Formulas
 # ---------------------------------------------------------------------------------------------------------------

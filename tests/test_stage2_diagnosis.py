@@ -62,15 +62,17 @@ def test_tuning_table_pairs_each_image_checkpoint_with_the_last_probe_before_it_
            "rows": [{"step": 0, "bit_accuracy_trigger": 0.51, "bit_accuracy_no_trigger": 0.5,
                      "psnr_to_twin": float("inf"), "ssim_to_twin": 1.0},
                     {"step": 150, "bit_accuracy_trigger": 0.6, "bit_accuracy_no_trigger": 0.52,
-                     "psnr_to_twin": 33.33, "ssim_to_twin": 0.95}]}
+                     "psnr_to_twin": 33.33, "ssim_to_twin": 0.95, "keyless_laplacian_auc": 0.63}]}
     text = rep.render_runs([run])
-    assert ("| x | 0.02 | 0.001 | 1e-05 | the defence's three | 0 | 0.510 | 0.500 | identical | 1.000 | "
-            "0.000 / 0.000 / 0.000 | 0.000 / 0.000 | 0.00 | - |") in text
-    assert ("| x | 0.02 | 0.001 | 1e-05 | the defence's three | 150 | 0.600 | 0.520 | 33.3 | 0.950 | "
-            "0.500 / 0.510 / 0.539 | 0.010 / 0.010 | 0.20 | 1.20 |") in text
-    assert ("| x | 0.02 | 0.001 | 1e-05 | the defence's three | 200 | - | - | - | - | 0.500 / 0.510 / 0.539 | "
-            "0.010 / 0.010 | 0.20 | 1.30 |") in text  # stopped after its last image checkpoint
+    assert ("| x | up_attention | 0.02 | 0.001 | 1e-05 | the defence's three | 0 | 0.510 | 0.500 | identical | 1.000 | "
+            "- | 0.000 / 0.000 / 0.000 | 0.000 / 0.000 | +0.000 | 0.00 | - |") in text  # no keyless AUC logged
+    assert ("| x | up_attention | 0.02 | 0.001 | 1e-05 | the defence's three | 150 | 0.600 | 0.520 | 33.3 | 0.950 | "
+            "0.63 | 0.500 / 0.510 / 0.539 | 0.010 / 0.010 | +0.500 | 0.20 | 1.20 |") in text
+    assert ("| x | up_attention | 0.02 | 0.001 | 1e-05 | the defence's three | 200 | - | - | - | - | - | "
+            "0.500 / 0.510 / 0.539 | 0.010 / 0.010 | +0.500 | 0.20 | 1.30 |") in text  # a stopped run
     assert text.count("| x |") == 3
+    wider = rep.render_runs([{**run, "trainable": "up_blocks", "only_wm": True}])
+    assert "| x | up_blocks | 0.02 | 0.001 | 1e-05 | watermark only (capacity test) | 150 |" in wider
     assert "eta 0.02: 0.194 / 0.128 / 0.050" in text
 
 
