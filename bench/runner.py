@@ -419,6 +419,7 @@ class Runner:
             device=self.cfg.run.device, paired_twin=type(defense).has_paired_twin(),
             model_attack=env.plugin(cell.model_attack), features=self.features, axis=cell.axis,
             image_attack=env.plugin(cell.image_attack),
+            detections={role: (lambda k=key: env.detection(k)) for role, key in cell.extra_detections},
         )
         out: list[Measurement] = []
         for spec in self.cfg.metrics:
