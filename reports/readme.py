@@ -107,7 +107,8 @@ def update(readme: str | Path, leaderboard: str | Path, check: bool = False) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # Generated results blocks in docs/*.md: one per (results file, selection)
 # ---------------------------------------------------------------------------------------------------------------
-#: ``<!-- results:begin source=results/x.json defenses=a,b metrics=m1,m2 -->`` ... ``<!-- results:end -->``
+#: ``<!-- results:begin source=results/x.json defenses=a,b metrics=m1,m2 -->`` ... ``<!-- results:end -->``;
+#: ``view=threats`` / ``view=threats-verdict``: the threat-tier matrix / verdict sentences (reports/threats.py)
 _DOC_BLOCK = re.compile(r"<!-- results:begin source=(?P<source>\S+)(?P<opts>[^>]*?)\s*-->.*?<!-- results:end -->",
                         re.S)
 _SELECTORS = ("defenses", "model_attacks", "image_attacks", "metrics")
