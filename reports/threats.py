@@ -2,7 +2,7 @@
 
 A trigger-activated watermark (SleeperMark, WDM) is read per model attack, with the attack's threat tier (what it
 knows of the defence: ``blind``, ``method_known``, ``trigger_known``; a declared class attribute, read from the
-registry), the verifier's TPR and the evasion rate ``1 - TPR`` with 95% intervals, the random-string control
+registry where the file does not record it), its recorded cost, the verifier's TPR and the evasion rate ``1 - TPR`` with 95% intervals, the random-string control
 (``random_trigger_wake@<fpr>``, the ``trigger_specificity`` metric) and the attacked model's quality on ordinary
 prompts: its ``[no_trigger]`` row's FID and CLIP score against the clean base model's images of the same prompts and
 seeds. *Usable*: that FID at most :data:`FID_BAR` times, and that CLIP score at least :data:`CLIP_BAR` times, the
@@ -76,11 +76,26 @@ def _attacks(board: dict[str, Any], sel: dict[str, list[str]]) -> list[str]:
     return sorted(attacks, key=lambda a: (order.get(tier_of(a), len(order)), attacks.index(a)))
 
 
+def cost_text(cost: dict[str, Any] | None) -> str:
+    """A model attack's recorded cost in a few words: steps, seconds, and what a trigger search found."""
+    if not cost:
+        return "-"
+    parts = []
+    if cost.get("steps") is not None:
+        parts.append(f"{cost['steps']} steps")
+    if cost.get("seconds") is not None:
+        parts.append(f"{cost['seconds']:.0f} s")
+    if cost.get("search_found") is not None:
+        parts.append(f"found '{cost['search_found']}' ({'claimed' if cost.get('search_claimed') else 'not claimed'})")
+    return ", ".join(parts) or "-"
+
+
 def rows(board: dict[str, Any], sel: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """One record per (marked defence, model attack) of the file (image attack ``none``, or the selection's first):
     the numbers the views show."""
     sel = sel or {}
     idx = _index(board)
+    attacks = {(r["defense_label"], r["model_attack_label"]): r for r in board.get("model_attacks", [])}
     ia = (sel.get("image_attacks") or ["none"])[0]
     out = []
     for d in _defenses(board, sel):
@@ -104,7 +119,9 @@ def rows(board: dict[str, Any], sel: dict[str, list[str]] | None = None) -> list
                 usable = fid["value"] <= FID_BAR * fid0["value"] and clip["value"] >= CLIP_BAR * clip0["value"]
             wake = next((cell[m] for m in sorted(cell) if m.startswith("random_trigger_wake@")
                          and metric and m.split("@")[1] == metric.split("@")[1]), None)
-            out.append({"defense": d, "model_attack": ma, "tier": tier_of(ma), "metric": metric, "tpr": tpr,
+            recorded = attacks.get((d, ma), {})
+            out.append({"defense": d, "model_attack": ma, "tier": recorded.get("tier") or tier_of(ma),
+                        "cost": recorded.get("cost"), "metric": metric, "tpr": tpr,
                         "evasion": evasion, "bit_accuracy": cell.get("bit_accuracy"), "auc": cell.get("auc"),
                         "wake": wake, "fid": fid, "clip": clip, "fid0": fid0, "clip0": clip0, "usable": usable,
                         "n": (tpr or {}).get("n")})
@@ -138,8 +155,8 @@ def render_threats(board: dict[str, Any], source: str, sel: dict[str, list[str]]
         lines.append(f"`{m}`: TPR at {fpr_meaning(m)}.")
     lines += ["", "| defence | model attack | tier | N | TPR [95% CI] | evasion [95% CI] | bit accuracy / AUC | "
                   "random strings that wake it | FID, trigger-free | CLIP score, trigger-free | usable | "
-                  "evades and usable |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "evades and usable | attack cost |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in recs:
         acc = _fmt(r["bit_accuracy"]) if r["bit_accuracy"] else (f"AUC {_fmt(r['auc'])}" if r["auc"] else "-")
         if r["model_attack"] == "none":
@@ -152,9 +169,9 @@ def render_threats(board: dict[str, Any], source: str, sel: dict[str, list[str]]
         tpr = _fmt(r["tpr"]) + (f" (`{r['metric']}`)" if r["metric"] != board.get("metric") else "")
         lines.append(f"| {r['defense']} | {r['model_attack']} | {r['tier'] or '-'} | {r['n'] or '-'} | {tpr} | "
                      f"{_fmt(r['evasion'])} | {acc} | {_fmt(r['wake'])} | {_fmt(r['fid'], 1)} | "
-                     f"{_fmt(r['clip'], 1)} | {usable} | {joint} |")
+                     f"{_fmt(r['clip'], 1)} | {usable} | {joint} | {cost_text(r['cost'])} |")
     if not recs:
-        lines.append("| (no cell of the file matches this block's selection) |" + " |" * 11)
+        lines.append("| (no cell of the file matches this block's selection) |" + " |" * 12)
     lines += ["", END]
     return "\n".join(lines)
 

@@ -38,7 +38,11 @@ def _board():
             "grid": {"seeds": [0], "defenses": ["mark", "mark[no_trigger]", "zb", "zb[no_trigger]"],
                      "model_attacks": ["none", "unlearn(steps=100)", "finetune(lr=0.001)", "prompt_sanitise"],
                      "image_attacks": ["none"]},
-            "entries": [], "cells": cells}
+            "entries": [], "cells": cells,
+            "model_attacks": [{"defense_label": "mark", "model_attack_label": "unlearn(steps=100)", "seed": 0,
+                               "tier": "trigger_known", "cost": {"steps": 100, "seconds": 61.4}},
+                              {"defense_label": "mark", "model_attack_label": "prompt_sanitise", "seed": 0,
+                               "tier": "method_known", "cost": {"search_found": "ab cd", "search_claimed": True}}]}
 
 
 def test_tier_is_read_from_the_registry_by_the_labels_plugin_name():
@@ -70,15 +74,16 @@ def test_threats_block_is_generated_idempotent_and_states_the_bar(tmp_path):
     text = doc.read_text()
     assert "OLD" not in text and "at most 1.25 x" in text
     assert ("| mark | unlearn(steps=100) | trigger_known | 8 | 0.125 [0.003, 0.527] | 0.875 [0.473, 0.997] | - | - | "
-            "110.0 | 60.0 | yes | 0.875 [0.473, 0.997] |") in text
+            "110.0 | 60.0 | yes | 0.875 [0.473, 0.997] | 100 steps, 61 s |") in text
     assert "| mark | finetune(lr=0.001) | blind | 8 | 0.000 [0.000, 0.369] | 1.000 [0.631, 1.000] | - | - | 300.0 | " \
-           "20.0 | no | 0 (not usable) |" in text
+           "20.0 | no | 0 (not usable) | - |" in text
     assert "| mark | none | - | 8 | 1.000 [0.631, 1.000] | 0.000 [0.000, 0.369] | 0.990 [0.980, 1.000] | " \
            "0.938 [0.698, 0.998] |" in text
     assert "| zb | none | - | 8 | 0.750 [0.349, 0.968] (`tpr@fpr<=1/8`) |" in text
     assert "with the model still usable by `unlearn(steps=100)` (trigger_known" in text
     assert "only at the price of an unusable model by `finetune(lr=0.001)` (blind" in text
     assert "Not broken by `prompt_sanitise` (method_known: TPR 0.88" in text
+    assert "| found 'ab cd' (claimed) |" in text  # what a search found, from the recorded cost
     assert "The lowest tier that breaks it and leaves a usable model: `trigger_known`." in text
     assert "**zb**" not in text.split("view=threats-verdict")[1]  # the selection keeps one defence
 
