@@ -46,7 +46,8 @@ def random_strings(tokenizer: Any, n_tokens: int, count: int, generator: torch.G
                    exclude: tuple[str, ...] = (), max_tries: int = 10_000) -> list[str]:
     """``count`` distinct strings of exactly ``n_tokens`` tokens: token ids drawn uniformly from the vocabulary
     (special tokens excluded), decoded, kept when the text is printable (no partial UTF-8 byte), tokenizes back to
-    ``n_tokens`` tokens (a string anyone can type) and is none of ``exclude`` (the trigger). Deterministic given the generator."""
+    ``n_tokens`` tokens (a string anyone can type) and is none of ``exclude`` (the trigger). Deterministic given the
+    generator."""
     if n_tokens < 1 or count < 1:
         raise ValueError(f"random_strings: n_tokens ({n_tokens}) and count ({count}) must be at least 1")
     vocab = len(tokenizer)

@@ -2,11 +2,12 @@
 
 A trigger-activated watermark (SleeperMark, WDM) is read per model attack, with the attack's threat tier (what it
 knows of the defence: ``blind``, ``method_known``, ``trigger_known``; a declared class attribute, read from the
-registry where the file does not record it), its recorded cost, the verifier's TPR and the evasion rate ``1 - TPR`` with 95% intervals, the random-string control
-(``random_trigger_wake@<fpr>``, the ``trigger_specificity`` metric) and the attacked model's quality on ordinary
-prompts: its ``[no_trigger]`` row's FID and CLIP score against the clean base model's images of the same prompts and
-seeds. *Usable*: that FID at most :data:`FID_BAR` times, and that CLIP score at least :data:`CLIP_BAR` times, the
-unattacked watermarked model's. *Evades and usable*: the evasion rate in a usable cell, 0 in an unusable one.
+registry where the file does not record it), its recorded cost, the verifier's TPR and the evasion rate ``1 - TPR``
+with 95% intervals, the random-string control (``random_trigger_wake@<fpr>``, the ``trigger_specificity`` metric)
+and the attacked model's quality on ordinary prompts: its ``[no_trigger]`` row's FID and CLIP score against the
+clean base model's images of the same prompts and seeds. *Usable*: that FID at most :data:`FID_BAR` times, and that
+CLIP score at least :data:`CLIP_BAR` times, the unattacked watermarked model's. *Evades and usable*: the evasion
+rate in a usable cell, 0 in an unusable one.
 
 ``view=threats-verdict`` says the same in sentences: which attacks break each defence (TPR below
 :data:`BROKEN_BELOW`), at which tier and at what quality cost, and which do not. Every number comes from the file.

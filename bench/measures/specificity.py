@@ -2,12 +2,12 @@
 
 A trigger-activated watermark (SleeperMark: Wang et al., "SleeperMark: Towards Robust Watermark against Fine-Tuning
 Text-to-image Diffusion Models", CVPR 2025) rests on its trigger being a secret the mark answers to alone. The
-paper's own check is that trigger-free prompts leave the mark asleep (the ``[no_trigger]`` row); it does not show
-that *other* strings leave it asleep. This metric is that control: the harness generates the watermarked (attacked)
-model's images (before any image attack) with ``strings`` random strings of the trigger's token length put where the trigger goes (the run's
-prompts and seeds, ``per_string`` images each; :mod:`bench.triggers`) and the verifier reads them with the key. A
-string *wakes* the mark when at least half of its images are detected at the run's threshold (the ``tpr`` metric's:
-analytic for bits, set on the cell's negatives for scores).
+``[no_trigger]`` row checks that trigger-free prompts leave the mark asleep; this metric checks *other* strings in
+the trigger's place: the harness generates the watermarked (attacked) model's images (before any image attack) with
+``strings`` random strings of the trigger's token length put where the trigger goes (the run's prompts and seeds,
+``per_string`` images each; :mod:`bench.triggers`) and the verifier reads them with the key. A string *wakes* the
+mark when at least half of its images are detected at the run's threshold (the ``tpr`` metric's: analytic for bits,
+set on the cell's negatives for scores).
 
 Outputs (trigger row of a defence that declares ``prompt_trigger``; nothing elsewhere):
 
