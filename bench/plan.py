@@ -69,6 +69,8 @@ class Cell:
     #: ``removal``, or ``forgery`` for a forging image attack: then ``images`` are forged clean images,
     #: ``unattacked`` the clean images they were made from, ``negatives`` the same clean images unforged
     axis: str = "removal"
+    #: further detections a metric may load by name (``random_trigger``: the ``trigger_specificity`` probe)
+    extra_detections: tuple[tuple[str, str], ...] = ()
 
     @property
     def defense_label(self) -> str:
@@ -81,7 +83,8 @@ class Cell:
 
     def stage_keys(self) -> tuple[str, ...]:
         keys = (self.detect_pos, self.detect_neg, self.images, self.unattacked, self.clean_twins, self.negatives)
-        return keys + tuple(k for k in (self.reference, self.twins) if k) + tuple(k for _, k in self.extra_images)
+        return (keys + tuple(k for k in (self.reference, self.twins) if k) + tuple(k for _, k in self.extra_images)
+                + tuple(k for _, k in self.extra_detections))
 
 
 @dataclass
@@ -287,6 +290,23 @@ class _Builder:
                                     ("downstream_base", base))]
         return tuple(out)
 
+    def trigger_probe(self, d: PluginSpec, dcls: type[Defense], model: str, embed: str, request: GenerationRequest,
+                      seed: int, variant: str) -> tuple[tuple[str, str], ...]:
+        """For the ``trigger_specificity`` metric: the watermarked (attacked) model's images with random strings of
+        the trigger's token length in the trigger's place, and the verifier's reading of them (a ``generate`` stage
+        whose ``probe`` names the strings' count and images per string, then a ``detect`` stage). Only for the
+        trigger row (variant ``""``) of a defence with a prompt trigger (:attr:`bench.Defense.prompt_trigger`);
+        nothing (no stage, no key change) otherwise."""
+        spec = next((m for m in self.cfg.metrics if m.name == "trigger_specificity"), None)
+        if spec is None or variant != "" or not getattr(dcls, "prompt_trigger", False):
+            return ()
+        p = spec.param_dict
+        probe = {"random_trigger": int(p["strings"]), "per_string": int(p["per_string"])}
+        images = self.add("generate", (model, embed), d, seed, label=f"generate {d.label} (random triggers)",
+                          request=self.request_identity(request), run_seed=seed, probe=probe)
+        det = self.add("detect", (embed, images), d, seed, label=f"detect {d.label} (random triggers)")
+        return (("random_trigger", det),)
+
     def attacked_images(self, images_key: str, ia: PluginSpec, seed: int, surrogate: str = "") -> str:
         if getattr(_cls(ia), "identity", False):
             return images_key
@@ -410,6 +430,7 @@ def build_plan(cfg: BenchConfig) -> Plan:
                                       request=b.request_identity(request), run_seed=seed, variant=variant)
                     else:
                         twins = clean_twins
+                    probes = b.trigger_probe(d, dcls, model, embed, request, seed, variant)
                     for ia in cfg.image_attacks:
                         surrogate = b.surrogate(ia, d, dcls, model, clean_model, embed, seed)
                         if forges(ia):
@@ -439,9 +460,12 @@ def build_plan(cfg: BenchConfig) -> Plan:
                             "target_fprs": list(cfg.run.target_fprs),
                             "negatives": cfg.run.negatives,
                             "variant": variant,
+                            # in the key only when there is one, so that every other cell keeps its key
+                            **({"probes": [list(p) for p in probes]} if probes else {}),
                         })
                         b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
-                                                 negatives, det_pos, det_neg, variant, reference, twins, utility))
+                                                 negatives, det_pos, det_neg, variant, reference, twins, utility,
+                                                 extra_detections=probes))
     return b.plan
 
 

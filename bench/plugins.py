@@ -403,6 +403,10 @@ class Defense(Plugin):
     #: (Tree-Ring, Gaussian Shading) has no paired twin (its clean counterpart draws other noise), every other has
     #: both. The one declaration of this fact: :meth:`has_paired_twin` and the metrics read it.
     quality_measures: ClassVar[tuple[QualityMeasure, ...] | None] = None
+    #: True if the defence's trigger is text in the prompt (:meth:`known_trigger` returns a prompt prefix or suffix and
+    #: :meth:`generate` is the standard sampler given the trigger text): the ``trigger_specificity`` metric then puts
+    #: random strings of the trigger's token length in its place (:mod:`bench.triggers`).
+    prompt_trigger: ClassVar[bool] = False
     #: True if :meth:`embed` reads the run's prompts or image size (``ctx.data.prompts()``, ``ctx.data.height``,
     #: ``ctx.data.dataset``): they then become part of the embed stage's cache key.
     uses_data: ClassVar[bool] = False
@@ -792,6 +796,9 @@ class MeasureContext:
       ``downstream_marked`` / ``downstream_clean`` / ``downstream_base`` (held-out downstream captions' images of the
       attacked model, the equally attacked clean model and the unattacked base).
     * ``axis``: ``"removal"`` or ``"forgery"`` (see :class:`ImageAttack`); ``image_attack``: the cell's image attack.
+    * ``detections``: further detections by name, loaded lazily: ``random_trigger`` (the verifier's reading of the
+      watermarked, attacked model's images with random strings in the trigger's place), when the
+      ``trigger_specificity`` metric is configured and the defence has a prompt trigger (:mod:`bench.triggers`).
     """
 
     defense: Defense
@@ -813,6 +820,7 @@ class MeasureContext:
     axis: str = "removal"
     #: the configured image attack of the cell (its parameters), None outside a run
     image_attack: "ImageAttack | None" = None
+    detections: Mapping[str, Callable[[], Detection]] = field(default_factory=dict)
 
     def images(self) -> "torch.Tensor":
         return self.loaders["images"]()

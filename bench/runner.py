@@ -285,6 +285,8 @@ class Runner:
                 meta = self.artifacts.meta(stage.key)
             else:
                 continue
+            if stage.kind == "model_attack" and "model_attack" in p.costs and not self._on_marked_model(stage):
+                continue  # a model attack's cost: the attack on the cell's watermarked model, not on its clean twin
             if stage.kind in _COSTED and meta.get("costs") and (
                     stage.kind not in _CELL_ATTACK or stage.key == p.cell.images):
                 # an image attack's cost: the one that made the cell's images (not the negatives' twin stage)
@@ -293,6 +295,12 @@ class Runner:
             if key in self._failures:
                 return self._failures[key]
         return None
+
+    def _on_marked_model(self, stage) -> bool:
+        """Whether a model-attack stage attacks a watermarked model (its first input is an embedding), not the clean
+        base; the two are one stage for a defence that leaves the weights alone."""
+        first = self.plan.stages.get(stage.inputs[0]) if stage.inputs else None
+        return first is not None and first.kind == "embed"
 
     def _finish(self, p: _Pending, env: StageEnv, store: ResultStore, run_id: str,
                 summary: RunSummary) -> int | None:
@@ -420,6 +428,7 @@ class Runner:
             device=self.cfg.run.device, paired_twin=type(defense).has_paired_twin(),
             model_attack=env.plugin(cell.model_attack), features=self.features, axis=cell.axis,
             image_attack=env.plugin(cell.image_attack),
+            detections={role: (lambda k=key: env.detection(k)) for role, key in cell.extra_detections},
         )
         out: list[Measurement] = []
         for spec in self.cfg.metrics:

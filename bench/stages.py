@@ -265,6 +265,9 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
                                                            **kw)
         if stage.plugin is None:
             images = ctx.generate(pipe, request)
+        elif stage.extra_dict.get("probe"):
+            request, meta["probe_strings"] = _trigger_probe(stage, env, pipe, request, ctx)
+            images = ctx.generate(pipe, request)
         else:
             defense = env.plugin(stage.plugin)
             images = defense.generate(pipe, env.secret(stage.inputs[1]), request, ctx)
@@ -315,6 +318,24 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
     if stage.kind != "base":
         store.write(stage.key, meta=meta, tensors=tensors, images=images)
     return meta
+
+
+def _trigger_probe(stage: Stage, env: StageEnv, pipe, request: GenerationRequest, ctx: StageContext):
+    """The request of a ``trigger_specificity`` probe (a ``generate`` stage with ``probe``): random strings of the
+    trigger's token length in the trigger's place (:mod:`bench.triggers`). The harness reads the trigger from the
+    embedding (the defender's side of the evaluation); the strings come from the stage's generator."""
+    from .triggers import probe_request, random_strings, token_length, trigger_text
+
+    probe = stage.extra_dict["probe"]
+    defense = env.plugin(stage.plugin)
+    trigger = defense.known_trigger(env.secret(stage.inputs[1]))
+    if trigger is None or not trigger.in_prompt:
+        raise PluginError(f"defence '{stage.plugin.label}' declares prompt_trigger but its known_trigger() gives no "
+                          f"text in the prompt")
+    text = trigger_text(trigger)
+    strings = random_strings(pipe.tokenizer, token_length(pipe.tokenizer, text), int(probe["random_trigger"]),
+                             ctx.generator, exclude=(text,))
+    return probe_request(request, trigger, strings, int(probe["per_string"])), strings
 
 
 def generation_settings(stage: Stage, env: StageEnv) -> tuple[str, GenerationRequest] | None:

@@ -429,7 +429,8 @@ def model_attack_returns_a_working_pipeline(plugin: type[ModelAttack]) -> None:
 
 
 def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
-    """On a synthetic multi-bit cell (45 of 48 bits right on 8 images, random negatives): a non-empty list of
+    """On a synthetic multi-bit cell (45 of 48 bits right on 8 images, random negatives, random bits for the
+    random-trigger probe of ``ctx.detections``): a non-empty list of
     :class:`~bench.Measurement` with N > 0 and finite-or-NaN values (for a metric that measures nothing in a removal
     cell, in the same cell as a forgery cell)."""
     from .registries import defenses, model_attacks
@@ -445,7 +446,9 @@ def metric_computes_on_a_synthetic_cell(plugin: type[Metric]) -> None:
                          loaders={"images": lambda: imgs, "unattacked": lambda: imgs, "clean_twins": lambda: imgs,
                                   "reference": lambda: imgs, "twins": lambda: imgs, "ordinary_marked": lambda: imgs},
                          prompts=(PROMPT,) * 8,
-                         model_attack=model_attacks.get("prune")())  # a model-attacked cell: attacker utility
+                         model_attack=model_attacks.get("prune")(),  # a model-attacked cell: attacker utility
+                         # the random-string probe of a prompt trigger (trigger_specificity): the mark asleep
+                         detections={"random_trigger": lambda: Detection(bits=neg)})
     out = plugin(**plugin.smoke_params).compute(ctx)
     if not out:  # a metric of forgery cells only (the ``forgery`` metric): the same cell as a forgery
         ctx.axis = "forgery"

@@ -188,6 +188,7 @@ class SleeperMark(Defense):
     verification = Verification.BLACK_BOX
     detection = DetectionKind.BITS
     variants = ("", "no_trigger")
+    prompt_trigger = True  # the trigger is prompt text: the trigger_specificity metric probes random strings there
 
     # -- the mark ------------------------------------------------------------------------------------------
     bits: int = param(48, "message length in bits", low=1, high=1024)

@@ -92,9 +92,11 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
                         formatter_class=fmt,
                         description="Rewrite the block between the README's results markers from a leaderboard "
                                     "JSON, and every block '<!-- results:begin source=results/X.json ... -->' of "
-                                    "docs/*.md from the results file it names, so no number in the README or the "
-                                    "docs is typed by hand. A docs block may select cells and columns: "
-                                    "defenses=a,b model_attacks=... image_attacks=... metrics=m1,m2 (labels).",
+                                    "docs/*.md (and of README.md) from the results file it names, so no number in "
+                                    "the README or the docs is typed by hand. A docs block may select cells and "
+                                    "columns: defenses=a,b model_attacks=... image_attacks=... metrics=m1,m2 "
+                                    "(labels), and a view: view=threats (the threat-tier matrix) or "
+                                    "view=threats-verdict (which tier breaks each defence, at what quality).",
                         epilog=textwrap.dedent("""\
                             examples:
                               bench readme                              README.md and docs/*.md from results/

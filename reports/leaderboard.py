@@ -173,6 +173,7 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
         # sections present only when the run has them, so a grid without forgeries or joint rates keeps its document
         **({"forgery": forgery_rows(results)} if results.forgery_cells else {}),
         **({"attacker": attacker_rows(results)} if any(_joint(c) for c in results.ok_cells) else {}),
+        **({"model_attacks": rows} if (rows := model_attack_rows(results)) else {}),
     }
 
 
@@ -208,6 +209,23 @@ def forgery_rows(results: Results) -> list[dict[str, Any]]:
             "joint_forgery": _joint(c, "joint_forgery@"), "cost": _cost(c),
         })
     return rows
+
+
+def model_attack_rows(results: Results) -> list[dict[str, Any]]:
+    """One row per (defence, model attack, seed) with a model attack that changed something: its threat tier (what it
+    knew of the defence, stored with the cell) and its cost as the attack recorded it on the watermarked model (its
+    scalar entries: steps, trainable parameters, what a search found ...; ``seconds``: the stage's)."""
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for c in results.ok_cells:
+        if c.model_attack == IDENTITY or not c.threat.get("tier"):
+            continue
+        key = (c.defense_label.split("[")[0], c.model_attack_label, c.seed)
+        cost = {k: v for k, v in (c.costs.get("model_attack") or {}).items()
+                if isinstance(v, (int, float, str, bool))}
+        row = out.setdefault(key, {"defense_label": key[0], "model_attack_label": key[1], "seed": key[2],
+                                   "tier": c.threat.get("tier", ""), "cost": {}})
+        row["cost"].update(cost)
+    return list(out.values())
 
 
 def attacker_rows(results: Results) -> list[dict[str, Any]]:

@@ -260,3 +260,50 @@ def test_merging_two_marked_releases_averages_the_two_embeddings_weights(tmp_pat
     merged = next(s for s in plan.stages.values() if s.kind == "model_attack" and s.inputs[0] == embeds[0].key)
     assert not torch.allclose(one, two)  # two keys
     assert torch.allclose(store.tensors(merged.key)[name], (one + two) / 2, atol=1e-6)
+
+
+@pytest.mark.slow  # a micro run: about 35 s on the shared 2-core CPU
+def test_a_cells_model_attack_cost_is_the_attack_on_its_watermarked_model_not_the_clean_twin(tmp_path):
+    """A cell runs its model attack twice (on the watermarked model and on the clean base, for the negatives); the
+    cost stored with the cell is the first's. `_test_bias_probe` records the conv_in bias sum it saw, which the
+    weight mark's key offset makes different on the two models."""
+    import json
+    import textwrap
+
+    from markbench import ModelAttack
+    from markbench.registries import model_attacks
+
+    if "_test_bias_probe" not in model_attacks:
+        @model_attacks.register("_test_bias_probe")
+        class BiasProbe(ModelAttack):
+            """Records the UNet's conv_in bias sum as its cost; changes the weights a little."""
+
+            version = "1"
+
+            def apply(self, pipe, ctx):
+                ctx.record_cost(bias_sum=float(pipe.unet.conv_in.bias.sum()))
+                with torch.no_grad():
+                    pipe.unet.conv_in.weight.mul_(0.99)
+                return pipe
+
+    # the weight mark alone (no `none` defence planned first), so the clean twin's stage comes after the marked one
+    text = MICRO_TOML.replace('[[defenses]]\nname = "none"\n\n', "").replace(
+        'name = "dwtdctsvd"', 'name = "_test_weightmark"').replace(
+        "quality = [90, 50]", "quality = [90]").replace('"psnr", "ssim"', '"psnr"') + textwrap.dedent('''
+        [[model_attacks]]
+        name = "_test_bias_probe"
+        ''')
+    from markbench.cache import ArtifactStore
+    from markbench.plan import build_plan
+
+    cfg, summary = _run(write_config(tmp_path, text), only="_test_weightmark/_test_bias_probe/*")
+    assert summary.cells_failed == []
+    plan = build_plan(cfg)
+    store = ArtifactStore(cfg.cache_dir)
+    stages = [s for s in plan.stages.values() if s.kind == "model_attack" and s.plugin.name == "_test_bias_probe"]
+    on = {plan.stages[s.inputs[0]].kind: store.meta(s.key)["costs"]["bias_sum"] for s in stages}
+    assert set(on) == {"embed", "base"} and on["embed"] != on["base"]
+    db = sqlite3.connect(cfg.output / "results.sqlite")
+    (costs,) = db.execute("select costs_json from cells where defense_label = '_test_weightmark' and "
+                          "model_attack_label = '_test_bias_probe'").fetchone()
+    assert json.loads(costs)["model_attack"]["bias_sum"] == on["embed"]
