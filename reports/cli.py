@@ -94,7 +94,9 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
                                     "JSON, and every block '<!-- results:begin source=results/X.json ... -->' of "
                                     "docs/*.md from the results file it names, so no number in the README or the "
                                     "docs is typed by hand. A docs block may select cells and columns: "
-                                    "defenses=a,b model_attacks=... image_attacks=... metrics=m1,m2 (labels).",
+                                    "defenses=a,b model_attacks=... image_attacks=... metrics=m1,m2 (labels); "
+                                    "view=utility shows detection against attacker utility at each point of "
+                                    "each model attack's sweep (the leaderboard's utility curves) instead.",
                         epilog=textwrap.dedent("""\
                             examples:
                               bench readme                              README.md and docs/*.md from results/
