@@ -84,6 +84,10 @@ def test_utility_curves_combine_seeds_with_the_hierarchical_bootstrap():
     (pt,) = utility_curves(res)[0]["lines"]["alpha"]
     ref = stats.hierarchical_bootstrap([a, b])
     assert (pt["y"]["value"], pt["y"]["low"], pt["y"]["high"]) == pytest.approx((ref.value, ref.low, ref.high))
+    # the utility too, from its stored per-image outcomes (attacker_utility stores them)
+    ref_x = stats.hierarchical_bootstrap([[1, 0, 1, 0], [1, 0, 1, 0]])
+    assert (pt["x"]["value"], pt["x"]["low"], pt["x"]["high"]) == pytest.approx((ref_x.value, ref_x.low, ref_x.high))
+    assert pt["x"]["low"] < 0.5 < pt["x"]["high"]
     assert pt["y"]["n_attack_runs"] == 2
 
 
