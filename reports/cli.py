@@ -95,8 +95,10 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
                                     "docs/*.md (and of README.md) from the results file it names, so no number in "
                                     "the README or the docs is typed by hand. A docs block may select cells and "
                                     "columns: defenses=a,b model_attacks=... image_attacks=... metrics=m1,m2 "
-                                    "(labels), and a view: view=threats (the threat-tier matrix) or "
-                                    "view=threats-verdict (which tier breaks each defence, at what quality).",
+                                    "(labels), and a view: view=utility (detection against attacker utility at each "
+                                    "point of each model attack's sweep: the leaderboard's utility curves), "
+                                    "view=threats (the threat-tier matrix) or view=threats-verdict (which tier breaks "
+                                    "each defence, at what quality).",
                         epilog=textwrap.dedent("""\
                             examples:
                               bench readme                              README.md and docs/*.md from results/

@@ -81,6 +81,7 @@ def test_a_learnt_style_is_recognised_and_an_unlearnt_one_is_not():
     assert set(ms) == {"utility_downstream", "utility_downstream_clean", "utility_downstream_base"}
     hits = Recogniser.shared().striped_hits(striped, eval_captions(task_of("tiny:style"), n))
     assert ms["utility_downstream"].value == pytest.approx(hits.mean()) and ms["utility_downstream"].n == n
+    assert ms["utility_downstream"].samples == tuple(float(h) for h in hits)  # per image, for the bootstrap
     assert ms["utility_downstream"].value >= 0.6  # the content gate's ceiling: 0.72 on 64 rendered style images
     assert ms["utility_downstream"].low > ms["utility_downstream_clean"].high  # beyond the intervals
     assert "the attacker has the released watermarked weights" in ms["utility_downstream"].note
@@ -128,6 +129,9 @@ def test_quality_kept_is_the_fid_and_clip_change_against_the_clean_base(monkeypa
     clip = metrics.get("clip_score")(pretrained=str(tmp_path / "clip"))
     delta = clip.scores(marked, ctx) - clip.scores(ref, ctx)
     assert ms["utility_clip_delta"].value == pytest.approx(delta.mean())
+    # the per-image changes are stored (repeated attack runs combine by the hierarchical bootstrap)
+    assert ms["utility_clip_delta"].samples == pytest.approx(tuple(delta.tolist()))
+    assert ms["utility_clip_delta_clean"].samples == (0.0,) * 6
     assert ms["utility_clip_delta_clean"].value == 0.0
     # the unattacked model has no utility to report
     assert metrics.get("attacker_utility")().compute(_ctx(model_attacks.get("none")(), {})) == []

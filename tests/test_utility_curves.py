@@ -84,6 +84,10 @@ def test_utility_curves_combine_seeds_with_the_hierarchical_bootstrap():
     (pt,) = utility_curves(res)[0]["lines"]["alpha"]
     ref = stats.hierarchical_bootstrap([a, b])
     assert (pt["y"]["value"], pt["y"]["low"], pt["y"]["high"]) == pytest.approx((ref.value, ref.low, ref.high))
+    # the utility too, from its stored per-image outcomes (attacker_utility stores them)
+    ref_x = stats.hierarchical_bootstrap([[1, 0, 1, 0], [1, 0, 1, 0]])
+    assert (pt["x"]["value"], pt["x"]["low"], pt["x"]["high"]) == pytest.approx((ref_x.value, ref_x.low, ref_x.high))
+    assert pt["x"]["low"] < 0.5 < pt["x"]["high"]
     assert pt["y"]["n_attack_runs"] == 2
 
 
@@ -124,3 +128,37 @@ def test_leaderboard_without_model_attack_utility_has_no_section():
     res.cells = [c for c in res.cells if c.model_attack == "none"]
     board = build(res, TPR)
     assert "utility_curves" not in board and "attacker utility" not in to_markdown(board)
+
+
+def test_docs_utility_block_shows_each_sweep_point_with_its_stored_utility_and_detection():
+    """`view=utility` in a docs results block (bench readme): a row per sweep point and defence, with the values and
+    intervals put into the results, the unattacked cell as the reference row, the selection applied."""
+    from markbench.reports.leaderboard import build
+    from markbench.reports.readme import render_table
+
+    board = build(synthetic(), TPR)
+    board["grid"]["model_attacks"] = ["none", "lora(steps=20)", "lora(steps=200)", "lora(steps=2000)"]
+    block = render_table(board, "results/x.json", {"view": ["utility"], "defenses": ["beta", "alpha"],
+                                                   "model_attacks": ["lora(steps=20)", "lora(steps=2000)"]})
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [
+        "| none | beta | - | 1.000 [0.900, 1.000] |",
+        "| none | alpha | - | 1.000 [0.900, 1.000] |",
+        "| lora(steps=20) | beta | `utility_downstream` 0.120 [0.020, 0.220] | 1.000 [0.890, 1.000] |",
+        "| lora(steps=20) | alpha | `utility_downstream` 0.100 [0.000, 0.200] | 0.950 [0.850, 0.990] |",
+        "| lora(steps=2000) | beta | `utility_downstream` 0.750 [0.650, 0.850] | 0.970 [0.840, 1.000] |",
+        "| lora(steps=2000) | alpha | `utility_downstream` 0.700 [0.600, 0.800] | 0.300 [0.150, 0.450] |"]
+    assert block.startswith("<!-- results:begin source=results/x.json defenses=beta,alpha "
+                            "model_attacks=lora(steps=20),lora(steps=2000) view=utility -->")
+    assert "N = 32 per number" in block and "1 attack run(s) per point" in block and "analytic binomial" in block
+
+
+def test_docs_block_refuses_an_unknown_view_in_one_sentence(tmp_path):
+    from markbench.reports.readme import update_docs
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "x.json").write_text("{}")
+    doc = tmp_path / "m.md"
+    doc.write_text("<!-- results:begin source=results/x.json view=curves -->\n<!-- results:end -->\n")
+    with pytest.raises(ValueError, match=r"m\.md: view=curves in a results block: allowed cells, utility"):
+        update_docs(doc, tmp_path)

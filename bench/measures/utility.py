@@ -22,6 +22,11 @@ for the same captions and seeds (``ctx.reference()``):
 * ``utility_clip_delta`` / ``utility_clip_delta_clean``: mean paired CLIP-score change
   (:mod:`bench.measures.clip_score`, the tiny CLIP by default), 95% t-interval.
 
+Recognition and the CLIP-score change store their per-image values (``Measurement.samples``: the 0/1 outcomes, the
+paired changes), so that repeated attack runs (``[run] attack_seeds``) and run seeds combine by the hierarchical
+bootstrap in the leaderboard and its utility curves, with an interval, as detection does. FID is a set statistic and
+has none.
+
 Every note says what the attack assumes the attacker has (``ModelAttack.attacker_has``) and flags an attack
 stronger than the threat model (``merge(other=base)``: the attacker would need the owner's clean base).
 """
@@ -103,7 +108,7 @@ class AttackerUtility(Metric):
             est = stats.rate(int(hits.sum()), int(hits.size))
             out.append(Measurement(
                 name=name, value=est.value, low=_clean(est.low), high=_clean(est.high), n=est.n,
-                higher_is_better=True,
+                higher_is_better=True, samples=tuple(float(h) for h in np.asarray(hits).ravel()),
                 note=(f"share of {hits.size} images of {who} for held-out {task.dataset} captions in which the "
                       f"dataset's world recognises {task.description} (bench.downstream); exact Clopper-Pearson "
                       f"interval; {threat}")))
@@ -156,10 +161,11 @@ class AttackerUtility(Metric):
             scores = clip.scores(load(), ctx)
             if scores.shape != ref.shape or scores.size == 0:
                 continue
-            est = stats.mean_t_interval(np.asarray(scores - ref))
+            delta = np.asarray(scores - ref, dtype=float).ravel()
+            est = stats.mean_t_interval(delta)
             out.append(Measurement(
                 name=f"utility_clip_delta{suffix}", value=est.value, low=_clean(est.low), high=_clean(est.high),
-                n=est.n, higher_is_better=True,
+                n=est.n, higher_is_better=True, samples=tuple(delta.tolist()),
                 note=(f"quality kept: mean CLIP-score change of {est.n} of {what} against the unattacked clean "
                       f"base's image for the same caption and seed (CLIP {self.params['clip_model']}); "
                       f"95% t-interval; {threat}")))
