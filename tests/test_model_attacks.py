@@ -258,3 +258,50 @@ def test_vae_swap_names_a_source_it_cannot_use(pipe, tmp_path):
     ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
     with pytest.raises(PluginError, match=r"vae_swap: source '.*nowhere' is neither 'base', a built-in model"):
         model_attacks.get("vae_swap")(source=str(tmp_path / "nowhere")).apply(copy_pipeline(pipe), ctx)
+
+
+def test_low_rank_compensation_adds_the_truncated_svd_of_the_quantization_error(pipe):
+    """LoRC (ZeroQuant-V2): W' = Q(W) + best rank-r approximation of W - Q(W); checked per layer against numpy's SVD,
+    and the residual's Frobenius norm must be Eckart-Young's sqrt(sum of the dropped squared singular values)."""
+    import numpy as np
+
+    plain, plain_ctx = _apply("quantize", pipe, method="rtn", bits=4)
+    comp, comp_ctx = _apply("quantize", pipe, method="rtn", bits=4, compensation_rank=2)
+    checked = 0
+    for (_, _, w0), (_, _, q), (_, _, wc) in zip(layer_weights(pipe, "unet"), layer_weights(plain, "unet"),
+                                                 layer_weights(comp, "unet")):
+        if w0.ndim < 2:
+            continue
+        err = (w0.detach() - q.detach()).reshape(w0.shape[0], -1).double().numpy()
+        u, s, vh = np.linalg.svd(err, full_matrices=False)
+        want = q.detach().reshape(w0.shape[0], -1).double().numpy() + (u[:, :2] * s[:2]) @ vh[:2]
+        got = wc.detach().reshape(w0.shape[0], -1).double().numpy()
+        assert np.allclose(got, want, atol=1e-5)
+        resid = np.linalg.norm(w0.detach().reshape(w0.shape[0], -1).double().numpy() - got)
+        assert resid == pytest.approx(float(np.sqrt((s[2:] ** 2).sum())), rel=1e-3, abs=1e-5)
+        checked += 1
+    assert checked > 3
+    assert comp_ctx.costs["rms_error"] < plain_ctx.costs["rms_error"]
+
+
+def test_low_rank_compensation_at_full_rank_gives_the_weights_back(pipe):
+    comp, ctx = _apply("quantize", pipe, method="rtn", bits=2, compensation_rank=4096)
+    for (_, _, w0), (_, _, w) in zip(layer_weights(pipe, "unet"), layer_weights(comp, "unet")):
+        if w0.ndim >= 2:
+            assert torch.allclose(w, w0, atol=1e-5)
+    assert ctx.costs["rms_error"] < 1e-5
+
+
+def test_layer_finetune_trains_only_the_named_layers_and_declares_the_method_known_tier(pipe):
+    from markbench import ThreatTier
+
+    cls = model_attacks.get("layer_finetune")
+    assert cls.tier == ThreatTier.METHOD_KNOWN and model_attacks.get("finetune").tier != ThreatTier.METHOD_KNOWN
+    out, ctx = _apply("layer_finetune", pipe, steps=2, num_images=4, batch_size=2, lr=1e-2)
+    before = dict(pipe.unet.named_parameters())
+    changed = {n for n, p in out.unet.named_parameters() if not torch.equal(p, before[n])}
+    inside = {n for n in before if n.startswith("up_blocks.") and ".attentions." in n}
+    assert changed and changed <= inside  # nothing outside the up-block transformers moved
+    assert len(changed) > len(inside) // 2  # and most of them did
+    assert ctx.costs["trainable_params"] == sum(before[n].numel() for n in inside)
+    assert _changed_components(pipe, out) == {"unet"}

@@ -20,6 +20,12 @@ class Quantize(ModelAttack):
       weights are stored dequantized. The *activation* quantization that dynamic quantization also does at run time
       cannot live in stored weights and is not simulated: this is the weight half of that attack.
     * ``fp16`` / ``bf16``: cast to half precision and back (the rounding a half-precision release applies).
+
+    ``compensation_rank > 0``: low-rank compensation of the quantization error (LoRC, Yao et al., "ZeroQuant-V2",
+    arXiv 2303.08302): each quantized weight, reshaped to ``[out, in * k * k]``, gets back the best rank-r
+    approximation of its error ``W - Q(W)`` (truncated SVD), stored beside the quantized weight as a low-rank adapter
+    in a real release and added here: ``W' = Q(W) + U_r S_r V_r^T``. It recovers part of what rounding removed, at
+    ``r (out + in k k)`` extra numbers per layer: the "low-rank-compensated quantisation" of issue 29's suite.
     """
 
     version = "1"
@@ -30,13 +36,15 @@ class Quantize(ModelAttack):
     bits: int = param(8, "bits per weight for rtn", low=2, high=16)
     per_channel: bool = param(True, "rtn: one scale per output channel (else per tensor)")
     scope: str = param("unet", "which component", choices=SCOPES)
+    compensation_rank: int = param(0, "rank of the low-rank compensation of each layer's quantization error (LoRC; "
+                                   "0: none)", low=0, high=4096, keyed_at_default=False)
 
     def apply(self, pipe, ctx):
         layers = list(layer_weights(pipe, self.scope))
         err = 0.0
         with torch.no_grad():
             for _, module, w in layers:
-                q = self._quantize(module, w.detach())
+                q = compensate(w.detach().float(), self._quantize(module, w.detach()).float(), self.compensation_rank)
                 err += float((q - w).float().pow(2).sum())
                 w.copy_(q.to(w.dtype))
         n = sum(w.numel() for _, _, w in layers)
@@ -60,6 +68,18 @@ class Quantize(ModelAttack):
         else:
             scale = wf.abs().amax().clamp_min(1e-12) / qmax
         return (wf / scale).round().clamp(-qmax, qmax) * scale
+
+
+def compensate(w: torch.Tensor, q: torch.Tensor, rank: int) -> torch.Tensor:
+    """``q`` plus the best rank-``rank`` approximation (Eckart-Young: truncated SVD) of the error ``w - q``, with
+    both reshaped to ``[out, rest]``; ``rank`` 0 returns ``q`` unchanged."""
+    if rank <= 0 or w.ndim < 2:
+        return q
+    err = (w - q).reshape(w.shape[0], -1).double()
+    u, s, vh = torch.linalg.svd(err, full_matrices=False)
+    r = min(rank, s.numel())
+    low = (u[:, :r] * s[:r]) @ vh[:r]
+    return q + low.to(q.dtype).reshape(q.shape)
 
 
 def _dynamic_int8(linear: torch.nn.Linear) -> torch.Tensor:
