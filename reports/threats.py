@@ -41,6 +41,16 @@ def tier_of(model_attack_label: str) -> str:
     return ThreatTier(getattr(cls, "tier", ThreatTier.BLIND)).value
 
 
+def serves_prompts(model_attack_label: str) -> bool:
+    """Whether a model attack is a suspect *service* that rewrites prompts and leaves the weights alone
+    (``ModelAttack.serves_prompts``, e.g. ``prompt_sanitise``): it defeats black-box verification through prompts, it
+    does not remove the mark from the model."""
+    name = model_attack_label.split("(")[0].split(" ")[0]
+    from markbench.registries import model_attacks
+
+    return name in model_attacks and bool(getattr(model_attacks.get(name), "serves_prompts", False))
+
+
 def _index(board: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, dict[str, Any]]]:
     out: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for c in board.get("cells", []):
@@ -188,14 +198,19 @@ def verdicts(board: dict[str, Any], sel: dict[str, list[str]] | None = None) -> 
 
     def short(r: dict[str, Any]) -> str:
         q = ""
+        bits = r.get("bit_accuracy")
+        if bits and bits.get("value") is not None:
+            q += f", bit accuracy {bits['value']:.3f}"
         if r["fid"] is not None and r["clip"] is not None:
-            q = f"; trigger-free FID {r['fid']['value']:.1f}, CLIP score {r['clip']['value']:.1f}"
+            q += f"; trigger-free FID {r['fid']['value']:.1f}, CLIP score {r['clip']['value']:.1f}"
         return f"`{r['model_attack']}` ({r['tier']}: TPR {r['tpr']['value']:.2f}{q})"
 
     for d, recs in by_def.items():
         clean = next((r for r in recs if r["model_attack"] == "none"), None)
         attacked = [r for r in recs if r["model_attack"] != "none" and r["tpr"] and r["tpr"].get("value") is not None]
         broken = [r for r in attacked if r["tpr"]["value"] < BROKEN_BELOW]
+        service = [r for r in broken if serves_prompts(r["model_attack"])]  # the weights keep the mark
+        broken = [r for r in broken if r not in service]
         usable = [r for r in broken if r["usable"]]
         unusable = [r for r in broken if r["usable"] is False]
         unknown = [r for r in broken if r["usable"] is None]
@@ -219,11 +234,18 @@ def verdicts(board: dict[str, Any], sel: dict[str, list[str]] | None = None) -> 
         if kept:
             parts.append(("Not broken" if broken else "not broken by any attack of the grid; it keeps its mark under")
                          + (" by " if broken else " ") + "; ".join(short(r) for r in kept) + ".")
+        if service:
+            parts.append("Its verification through the suspect's prompts (the weights unchanged, so not a removal) is "
+                         "defeated by " + "; ".join(short(r) for r in service) + ".")
         if usable:
             lowest = min((r["tier"] for r in usable), key=lambda t: order.get(t, len(order)))
             parts.append(f"The lowest tier that breaks it and leaves a usable model: `{lowest}`.")
         elif broken:
             parts.append("No attack of the grid breaks it and leaves a usable model.")
+        if broken or service:
+            parts.append(f"(TPR per image at the metric's FPR; a verifier that pools several images can still detect "
+                         f"a mark whose bit accuracy stays above chance. Usable is a point comparison at N = "
+                         f"{(clean or attacked[0])['n'] if (clean or attacked) else '?'} images.)")
         out.append(parts[0] + ": " + " ".join(parts[1:]))
     return out
 

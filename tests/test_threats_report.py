@@ -109,3 +109,18 @@ def test_readme_source_blocks_are_generated_and_the_leaderboard_block_is_left_to
     assert "KEEP" in text and "LB" not in text
     update_docs(readme, tmp_path)
     assert "KEEP" not in readme.read_text() and "**mark**" in readme.read_text()
+
+
+def test_a_prompt_filtering_service_is_not_counted_as_breaking_the_mark():
+    """prompt_sanitise leaves the weights alone: when it defeats black-box verification, the verdict says so apart,
+    and the lowest tier that *breaks* the mark is read from the attacks that change the model."""
+    board = _board()
+    for c in board["cells"]:
+        if c["defense_label"] == "mark" and c["model_attack_label"] == "prompt_sanitise" and c["metric"] == "tpr@1e-06":
+            c.update(value=0.0, low=0.0, high=0.369)
+    board["cells"] = [c for c in board["cells"] if not c["model_attack_label"].startswith("unlearn")]
+    v = next(s for s in verdicts(board) if s.startswith("**mark**"))
+    assert "defeated by `prompt_sanitise` (method_known: TPR 0.00" in v
+    assert "still usable by `prompt_sanitise`" not in v and "lowest tier that breaks it and leaves a usable" not in v
+    assert "No attack of the grid breaks it and leaves a usable model." in v
+    assert "pools several images" in v and "N = 8" in v
