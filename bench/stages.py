@@ -267,6 +267,7 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
             images = ctx.generate(pipe, request)
         elif stage.extra_dict.get("probe"):
             request, meta["probe_strings"] = _trigger_probe(stage, env, pipe, request, ctx)
+            meta["probe_prompts"] = list(request.prompts)  # what was sampled: checkable against the strings
             images = ctx.generate(pipe, request)
         else:
             defense = env.plugin(stage.plugin)

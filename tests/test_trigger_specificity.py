@@ -16,7 +16,7 @@ import torch
 from scipy import stats as st
 
 from markbench import Defense, Detection, Embedding, MarkLocation, Secret
-from markbench.config import load_config
+from markbench.config import load_config, load_prompts
 from markbench.models import clip_tokenizer
 from markbench.plan import build_plan
 from markbench.plugins import DetectionKind, GenerationRequest, MeasureContext, Trigger
@@ -206,6 +206,10 @@ def test_a_run_generates_the_probe_with_strings_of_the_triggers_length_and_measu
     tok = clip_tokenizer()
     n = token_length(tok, "zq xv")
     assert len(strings) == 3 and all(token_length(tok, s) == n for s in strings)
+    # the strings reached the sampled prompts, each in the trigger's place of a run prompt (not the plain captions)
+    prompts = store.meta(probe.key)["probe_prompts"]
+    assert len(prompts) == 3 and all(s in p for s, p in zip(strings, prompts))
+    assert not set(prompts) & set(load_prompts(cfg.prompts))
     assert store.images(probe.key).shape == (3, 3, 64, 64)
     bits = store.tensors(det.key)["bits"]
     expected = float(bits.all(dim=1).double().mean())  # at FPR 0.1 a 4-bit image is detected iff all 4 match
