@@ -38,7 +38,9 @@ def fpr_meaning(metric: str) -> str:
     return f"the metric {metric} as stored"
 
 
-def _interval(cell: dict[str, Any] | None, digits: int = 2) -> str:
+def format_interval(cell: dict[str, Any] | None, digits: int = 2) -> str:
+    """``value [low, high]`` of a stored number at ``digits`` decimals (``-`` when absent; no brackets without an
+    interval). The one formatter of the generated tables (reports/readme.py, reports/threats.py)."""
     if not cell or cell.get("value") is None:
         return "-"
     s = f"{cell['value']:.{digits}f}"
@@ -79,8 +81,8 @@ def render_block(board: dict[str, Any], source: str = "results/leaderboard.json"
         mean = "-" if rob.get("mean") is None else f"{rob['mean']:.2f} ({rob.get('n_attacked', 0)} cells)"
         psnr = quality.get("psnr_watermark")
         ssim = quality.get("ssim_watermark")
-        lines.append(f"| {name} | {_interval(e.get('clean'))} | {mean} | {worst} | {_interval(psnr, 1)} | "
-                     f"{_interval(ssim, 3)} | {_interval(quality.get('keyless_auc'))} |")
+        lines.append(f"| {name} | {format_interval(e.get('clean'))} | {mean} | {worst} | {format_interval(psnr, 1)} | "
+                     f"{format_interval(ssim, 3)} | {format_interval(quality.get('keyless_auc'))} |")
     lines += ["", END]
     return "\n".join(lines)
 

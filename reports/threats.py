@@ -59,12 +59,9 @@ def _index(board: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, dict[s
 
 
 def _fmt(c: dict[str, Any] | None, digits: int = 3) -> str:
-    if not c or c.get("value") is None:
-        return "-"
-    s = f"{c['value']:.{digits}f}"
-    if c.get("low") is not None and c.get("high") is not None:
-        s += f" [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
-    return s
+    from .readme import format_interval  # at call time: readme imports this module for its threat views
+
+    return format_interval(c, digits)
 
 
 def detection_metric(board: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str | None:

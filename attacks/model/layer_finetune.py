@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from markbench import ThreatTier, model_attacks, param
-from markbench.training import denoising_finetune, encode_images, encode_prompts, trainable
+from markbench.training import trainable
 
 from .finetune import FineTune
 
@@ -35,21 +35,12 @@ class LayerFineTune(FineTune):
                     "clean base), and a downstream image-caption dataset")
     layers: str = param("up_attention", "which parameters train (the rest stay frozen)", choices=tuple(LAYER_SETS))
 
-    def apply(self, pipe, ctx):
-        images, captions = ctx.data.dataset(self.dataset, self.num_images)
-        latents = encode_images(pipe, images)
-        cond = encode_prompts(pipe, captions)
-        unet = pipe.unet
+    progress_label = "layer_finetune"
+
+    def trainable_parameters(self, unet) -> list:
         pattern = re.compile(LAYER_SETS[self.layers])
         names = [n for n, _ in unet.named_parameters() if pattern.match(n)]
         if not names:
             raise ValueError(f"layer_finetune: the UNet has no parameter in layers = {self.layers!r} "
                              f"(pattern {LAYER_SETS[self.layers]})")
-        params = trainable(unet, names)
-        losses = denoising_finetune(pipe, latents, cond, params, ctx.generator, self.steps, self.lr, self.batch_size,
-                                    ctx.progress, "layer_finetune", weight_decay=self.weight_decay,
-                                    max_grad_norm=self.max_grad_norm)
-        unet.eval().requires_grad_(False)
-        ctx.record_cost(steps=self.steps, trainable_params=sum(p.numel() for p in params),
-                        images_seen=self.steps * self.batch_size, final_loss=losses[-1] if losses else None)
-        return pipe
+        return trainable(unet, names)
