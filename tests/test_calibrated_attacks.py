@@ -55,7 +55,7 @@ def world():
 
 
 #: every downstream training attack the config has, each tested below at its strongest sweep point
-TESTED = ("lora", "finetune", "dreambooth", "sequential_finetune", "text_encoder")
+TESTED = ("lora", "finetune", "dreambooth", "sequential_finetune", "text_encoder", "layer_finetune")
 
 
 def test_every_downstream_training_attack_of_the_config_is_tested():
@@ -71,6 +71,8 @@ def test_every_downstream_training_attack_of_the_config_is_tested():
     "dreambooth",
     # style then subject, each phase full fine-tuning at the tiny world's lr 1e-4 (0.938 after 200 + 200 steps)
     "sequential_finetune",
+    # method known: the full fine-tune's data, rate and steps on the up-block transformers only
+    "layer_finetune",
     # the text encoder alone cannot teach the frozen UNet a shape it never drew: on tiny:subject at lr 1e-3 it reads
     # 0.031 after 20 and 200 steps (base 0.000 [0.000, 0.109]) while its held-out loss falls 0.033 -> 0.023
     # (docs/calibration.md); strict: this fails loudly once the config's attack learns

@@ -33,20 +33,14 @@ class FineTune(ModelAttack):
     max_grad_norm: float = param(1.0, "gradient-norm clip", low=0.0, high=1e6)
     smoke_params = {"steps": 2, "num_images": 4, "batch_size": 2}
 
-    progress_label = "finetune"
-
-    def trainable_parameters(self, unet) -> list:
-        """The parameters the fine-tune trains (every UNet parameter); the rest are frozen."""
-        return trainable(unet)
-
     def apply(self, pipe, ctx):
         images, captions = ctx.data.dataset(self.dataset, self.num_images)
         latents = encode_images(pipe, images)
         cond = encode_prompts(pipe, captions)
         unet = pipe.unet
-        params = self.trainable_parameters(unet)
+        params = trainable(unet)
         losses = denoising_finetune(pipe, latents, cond, params, ctx.generator, self.steps, self.lr, self.batch_size,
-                                    ctx.progress, self.progress_label, weight_decay=self.weight_decay,
+                                    ctx.progress, "finetune", weight_decay=self.weight_decay,
                                     max_grad_norm=self.max_grad_norm)
         unet.eval().requires_grad_(False)
         ctx.record_cost(steps=self.steps, trainable_params=sum(p.numel() for p in params),
