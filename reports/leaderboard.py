@@ -438,7 +438,11 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
 
 
 def _fmt_point(p: dict[str, Any]) -> str:
-    return f"{fmt(p['x']['value'])} &rarr; {_fmt_summary(p['y'])}"
+    x = p["x"]
+    utility = fmt(x["value"])
+    if x.get("low") is not None and x.get("high") is not None:
+        utility += f" [{fmt(x['low'])}, {fmt(x['high'])}]"
+    return f"{utility} &rarr; {_fmt_summary(p['y'])}"
 
 
 def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:
