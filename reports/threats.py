@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .readme import format_interval, fpr_meaning  # readme imports this module only inside a function
+
 FID_BAR = 1.25
 CLIP_BAR = 0.9
 BROKEN_BELOW = 0.5
@@ -59,8 +61,6 @@ def _index(board: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, dict[s
 
 
 def _fmt(c: dict[str, Any] | None, digits: int = 3) -> str:
-    from .readme import format_interval  # at call time: readme imports this module for its threat views
-
     return format_interval(c, digits)
 
 
@@ -148,7 +148,6 @@ def _conditions(board: dict[str, Any], source: str) -> str:
 
 def render_threats(board: dict[str, Any], source: str, sel: dict[str, list[str]], opts: str = "") -> str:
     """The threat-tier matrix block (markers included)."""
-    from .readme import fpr_meaning
 
     recs = rows(board, sel)
     extra = " ".join([opts] + [f"{k}={','.join(v)}" for k, v in sel.items() if v]).strip()

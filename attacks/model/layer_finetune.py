@@ -34,8 +34,8 @@ class LayerFineTune(ModelAttack):
     attacker_has = ("the released watermarked weights, which layers the method trains (not its trigger, key or "
                     "clean base), and a downstream image-caption dataset")
     layers: str = param("up_attention", "which parameters train (the rest stay frozen)", choices=tuple(LAYER_SETS))
-    # finetune's parameters and defaults (the diffusers recipe), declared here because the plugin scan reads each
-    # plugin class on its own, without importing it
+    # A deliberate copy of finetune's parameter declarations and defaults (the diffusers recipe): the plugin scan
+    # reads each plugin class on its own, without importing it, so they cannot be inherited
     dataset: str = param("tiny:style", "downstream data: tiny:<split> or a folder of image-caption pairs")
     num_images: int = param(64, "how many dataset images to train on", low=1, high=1_000_000)
     steps: int = param(200, "optimisation steps", low=0, high=1_000_000)
