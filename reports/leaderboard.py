@@ -36,7 +36,8 @@ def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | No
     """One cell: its value, interval and N. Several (one per run seed: each a new key, embedding and, in an attacked
     cell, attack run): the mean of the seeds' values with a hierarchical-bootstrap interval (seeds resampled, then
     images within each: :func:`bench.stats.hierarchical_bootstrap`) where every cell stored its per-image values,
-    else no interval. ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it.
+    else no interval; a rate (every per-image value 0 or 1) gets the envelope of that interval and the pooled
+    count's exact Clopper-Pearson interval (:func:`bench.stats.hierarchical_rate`). ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it.
 
     ``seeds``: the run seed of each value. Repeated attack runs (``[run] attack_seeds``) share their run seed's key
     and embedding, so the values of one run seed are nested in it: the bootstrap resamples run seeds, then the
@@ -65,8 +66,13 @@ def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | No
 
         groups = ([[v.samples for v in g] if len(g) > 1 else g[0].samples for g in nested] if nested
                   else [v.samples for v in vals])
-        est = stats.hierarchical_bootstrap(groups)
-        out.update(value=est.value, low=est.low, high=est.high, n=est.n, interval="hierarchical bootstrap")
+        if stats.is_binary(groups):  # a rate: never narrower than the pooled count's exact interval
+            est = stats.hierarchical_rate(groups)
+            out.update(value=est.value, low=est.low, high=est.high, n=est.n,
+                       interval="envelope of hierarchical bootstrap and pooled Clopper-Pearson")
+        else:
+            est = stats.hierarchical_bootstrap(groups)
+            out.update(value=est.value, low=est.low, high=est.high, n=est.n, interval="hierarchical bootstrap")
     return out
 
 
