@@ -32,7 +32,7 @@ from typing import Any, Iterable
 from .data import (IDENTITY, CellRow, Results, describe_metric, is_quality_metric, load_results, prompts_of)
 from .leaderboard import build as build_leaderboard
 from .answer import answer_html
-from .leaderboard import attacker_rows, fmt, forgery_rows, utility_curves
+from .leaderboard import attacker_rows, fmt, fmt_loss, forgery_rows, utility_curves
 
 #: How many prompts get an image panel, how many attack outputs one panel row shows, and the thumbnail side.
 MAX_PROMPTS = 3
@@ -632,16 +632,26 @@ def utility_html(curves: list[dict[str, Any]], rows: list[str]) -> str:
                     svg.append(f'<line x1="{sx(x["low"])}" x2="{sx(x["high"])}" y1="{py}" y2="{py}" stroke="{c}" '
                                'stroke-opacity="0.5"/>')
                 tip = (f'{defense} / {p["model_attack"]}: {cur["x_metric"]} = {fmt(x["value"])}, '
-                       f'{cur["metric"]} = {fmt(y["value"])} [{fmt(y.get("low"))}, {fmt(y.get("high"))}]')
+                       f'{cur["metric"]} = {fmt(y["value"])} [{fmt(y.get("low"))}, {fmt(y.get("high"))}]'
+                       + (f', held-out loss = {fmt_loss(p["loss"])} (lower = more utility)' if p.get("loss") else ""))
+                loss_attr = f' data-loss="{p["loss"]["value"]!r}"' if p.get("loss") else ""
                 svg.append(f'<circle class="upt" cx="{px}" cy="{py}" r="3.5" fill="{c}" data-defense="{e(defense)}" '
                            f'data-model-attack="{e(p["model_attack"])}" data-x="{x["value"]!r}" '
-                           f'data-y="{y["value"]!r}" data-y-low="{y.get("low")!r}" data-y-high="{y.get("high")!r}">'
-                           f'<title>{e(tip)}</title></circle>')
+                           f'data-y="{y["value"]!r}" data-y-low="{y.get("low")!r}" data-y-high="{y.get("high")!r}"'
+                           f'{loss_attr}><title>{e(tip)}</title></circle>')
         svg.append("</svg>")
         legend = "".join(f'<span class="item"><span class="sw" style="background:{colour_of.get(d, "#333")}">'
                          f'</span>{e(d)}</span>' for d in cur["lines"])
+        loss_rows = [(d, p) for d, line in cur["lines"].items() for p in line if p.get("loss")]
+        loss_table = ""
+        if loss_rows:  # the held-out downstream loss beside each point's recognition (lower = more utility)
+            loss_table = ('<table class="utility-loss"><tr><th>defence</th><th>point</th><th>' + e(cur["x_metric"])
+                          + '</th><th>held-out loss (lower = more utility)</th></tr>'
+                          + "".join(f'<tr><td>{e(d)}</td><td>{e(p["model_attack"])}</td><td>{e(fmt(p["x"]["value"]))}'
+                                    f'</td><td>{e(fmt_loss(p["loss"]))}</td></tr>' for d, p in loss_rows)
+                          + "</table>")
         out.append(f'<div class="plot utility"><h4>{e(title)}: {e(cur["metric"])}</h4>{"".join(svg)}'
-                   f'<div class="legend">{legend}</div></div>')
+                   f'<div class="legend">{legend}</div>{loss_table}</div>')
     out.append("</div>")
     return "".join(out)
 

@@ -302,6 +302,9 @@ def attacker_markdown(board: dict[str, Any]) -> list[str]:
 #: The x axis of a model attack's curve: the first of these every cell of the attack stored (bench.measures.utility):
 #: recognition of a fine-tune's new style or subject, else the quality kept (paired CLIP-score change).
 UTILITY_X = ("utility_downstream", "utility_clip_delta")
+#: Shown beside the x of a point wherever its cells stored it: the attacked watermarked model's held-out downstream
+#: loss (lower = more utility; bench.measures.utility)
+UTILITY_LOSS = "utility_heldout_loss"
 
 
 def detection_metrics(results: Results) -> list[str]:
@@ -347,14 +350,19 @@ def utility_curves(results: Results, metrics: list[str] | None = None) -> list[d
                     if any(y is None for y in ys):
                         continue
                     seeds = [c.seed for c in cs]
-                    pts.append({"model_attack": label,
-                                "x": _summary([results.value(c, x_metric) for c in cs], True, seeds=seeds),
-                                "y": _summary(ys, True, seeds=seeds)})
+                    point = {"model_attack": label,
+                             "x": _summary([results.value(c, x_metric) for c in cs], True, seeds=seeds),
+                             "y": _summary(ys, True, seeds=seeds)}
+                    losses = [results.value(c, UTILITY_LOSS) for c in cs]
+                    if all(v is not None for v in losses):
+                        point["loss"] = _summary(losses, True, seeds=seeds)
+                    pts.append(point)
                 if pts:
                     lines[defense] = sorted(pts, key=lambda p: p["x"]["value"])
             if lines:
+                has_loss = any("loss" in p for pts in lines.values() for p in pts)
                 out.append({"attack": attack, "params": fixed, "x_metric": x_metric, "metric": metric,
-                            "lines": lines})
+                            **({"loss_metric": UTILITY_LOSS} if has_loss else {}), "lines": lines})
     return out
 
 
@@ -448,7 +456,19 @@ def _fmt_point(p: dict[str, Any]) -> str:
     utility = fmt(x["value"])
     if x.get("low") is not None and x.get("high") is not None:
         utility += f" [{fmt(x['low'])}, {fmt(x['high'])}]"
+    if p.get("loss"):
+        utility += f" (held-out loss {fmt_loss(p['loss'])})"
     return f"{utility} &rarr; {_fmt_summary(p['y'])}"
+
+
+def fmt_loss(s: dict[str, Any] | None) -> str:
+    """A held-out loss summary, four decimals (its values are about 0.01-0.05), with its interval."""
+    if not s or s.get("value") is None:
+        return "-"
+    out = f"{s['value']:.4f}"
+    if s.get("low") is not None and s.get("high") is not None:
+        out += f" [{s['low']:.4f}, {s['high']:.4f}]"
+    return out
 
 
 def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:
@@ -459,8 +479,10 @@ def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:
            "Per model attack, each defence's detection at each point of the attack's sweep, written "
            "`utility -> detection [95% interval]`, in order of the utility the attacker got (the share of the "
            "attacked watermarked model's images showing the fine-tune's new style or subject, or for attacks "
-           "without a downstream task the paired CLIP-score change). A mark that survives only where the "
-           "attacker got nothing survives nothing."]
+           "without a downstream task the paired CLIP-score change); where measured, the attacked watermarked "
+           "model's held-out downstream loss beside it (`utility_heldout_loss`: its denoising loss on the task's "
+           "held-out images; lower = more utility). A mark that survives only where the attacker got nothing "
+           "survives nothing."]
     for cur in curves:
         title = cur["attack"] + (f" ({cur['params']})" if cur["params"] else "")
         out += ["", f"**{_md(title)}**: {_code(cur['metric'])} against {_code(cur['x_metric'])}", "",
