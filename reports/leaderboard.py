@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from markbench.errors import UserError
+from markbench.registries import STRONGER_LEGEND, STRONGER_MARK
 
 from .data import IDENTITY, CellRow, Results, Value, is_quality_metric, load_results, mean
 
@@ -140,6 +141,8 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
                 clean is None, sign * (clean or 0.0), e["control"])
 
     curves = utility_curves(results, [m for m in dict.fromkeys([metric, "bit_accuracy"]) if m in available])
+    # the columns whose model attack assumes more than its threat model (merge(other=base)): marked in the Markdown
+    stronger = list(dict.fromkeys(results.column(c) for c in results.cells if c.stronger_than_threat_model))
     entries.sort(key=sort_key)
     for i, e in enumerate(entries, 1):
         e["rank"] = i
@@ -176,6 +179,7 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
             for c in results.ok_cells for m, v in c.metrics.items()
         ],
         **({"utility_curves": curves} if curves else {}),
+        **({"stronger_than_threat_model": stronger} if stronger else {}),
         # sections present only when the run has them, so a grid without forgeries or joint rates keeps its document
         **({"forgery": forgery_rows(results)} if results.forgery_cells else {}),
         **({"attacker": attacker_rows(results)} if any(_joint(c) for c in results.ok_cells) else {}),
@@ -361,8 +365,10 @@ def utility_curves(results: Results, metrics: list[str] | None = None) -> list[d
                     lines[defense] = sorted(pts, key=lambda p: p["x"]["value"])
             if lines:
                 has_loss = any("loss" in p for pts in lines.values() for p in pts)
+                stronger = any(c.stronger_than_threat_model for c in cells)
                 out.append({"attack": attack, "params": fixed, "x_metric": x_metric, "metric": metric,
-                            **({"loss_metric": UTILITY_LOSS} if has_loss else {}), "lines": lines})
+                            **({"loss_metric": UTILITY_LOSS} if has_loss else {}),
+                            **({"stronger_than_threat_model": True} if stronger else {}), "lines": lines})
     return out
 
 
@@ -418,7 +424,8 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
     for e in board["entries"]:
         r = e["robustness"]
         name = _md(e["defense_label"]) + (" (control)" if e.get("control") else "")
-        worst = "-" if r["worst"] is None else f"{fmt(r['worst'])} ({_md(r['worst_attack'])})"
+        worst = ("-" if r["worst"] is None
+                 else f"{fmt(r['worst'])} ({_md(r['worst_attack'])}{_mark(board, r['worst_attack'])})")
         mean_s = "-" if r["mean"] is None else f"{fmt(r['mean'])} ({r['n_cells']} cells)"
         row = [str(e["rank"]), name, _fmt_summary(e["clean"]), mean_s, worst]
         row += [_fmt_summary(e["quality"].get(q)) for q in quality] + [str(e["n_failed"])]
@@ -440,7 +447,7 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
     if per_attack and any(e["per_attack"] for e in board["entries"]):
         cols = list(dict.fromkeys(k for e in board["entries"] for k in e["per_attack"]))
         lines += ["", f"<details><summary>{_md(metric)} per attack</summary>", "",
-                  "| defence | " + " | ".join(_md(c) for c in cols) + " |",
+                  "| defence | " + " | ".join(_md(c) + _mark(board, c) for c in cols) + " |",
                   "|:---|" + "---:|" * len(cols)]
         for e in board["entries"]:
             lines.append(f"| {_md(e['defense_label'])} | "
@@ -448,7 +455,15 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
         lines += ["", "</details>"]
     lines += utility_markdown(board.get("utility_curves") or [])
     lines += attacker_markdown(board) + forgery_markdown(board)
+    if board.get("stronger_than_threat_model") or any(c.get("stronger_than_threat_model")
+                                                      for c in board.get("utility_curves") or []):
+        lines += ["", _md(STRONGER_LEGEND) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _mark(board: dict[str, Any], column: str | None) -> str:
+    """The stronger-than-threat-model marker of a column the board lists (:data:`STRONGER_MARK`), else nothing."""
+    return " " + STRONGER_MARK if column in (board.get("stronger_than_threat_model") or []) else ""
 
 
 def _fmt_point(p: dict[str, Any]) -> str:
@@ -485,6 +500,7 @@ def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:
            "survives nothing."]
     for cur in curves:
         title = cur["attack"] + (f" ({cur['params']})" if cur["params"] else "")
+        title += f" {STRONGER_MARK}" if cur.get("stronger_than_threat_model") else ""
         out += ["", f"**{_md(title)}**: {_code(cur['metric'])} against {_code(cur['x_metric'])}", "",
                 "| defence | points (model attack: utility &rarr; detection) |", "|:---|:---|"]
         for defense, pts in cur["lines"].items():
