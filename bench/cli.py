@@ -335,7 +335,7 @@ def _print_plan(runner, cells, console) -> None:
         entry[1] += int(cached)
     console.print(f"{len(cells)} cells, {len(stages)} stages")
     for kind, (n, cached) in by_kind.items():
-        console.print(f"  {kind:13s} {n:4d} stages, {cached:4d} cached, {n - cached:4d} to run")
+        console.print(f"  {kind:15s} {n:4d} stages, {cached:4d} cached, {n - cached:4d} to run")
     for c in cells:
         console.print(f"  {c.label}", markup=False)
 

@@ -224,11 +224,15 @@ def render_utility(board: dict[str, Any], source: str, selection: dict[str, list
     for m in metrics:
         if m.startswith("tpr@"):
             lines.append(f"`{m}`: TPR at {fpr_meaning(m)}.")
+    # the held-out loss is explained only in a block that shows one (so the blocks of files without it stay as
+    # they were generated)
+    any_loss = any(r.get("loss") for rows in table.values() for r in rows.values())
+    loss_text = ("; where measured, `utility_heldout_loss` beside it: its denoising loss on the task's held-out "
+                 "images, lower = more utility" if any_loss else "")
     lines += ["Utility: the attacked watermarked model's, read as the metric the attack's row names "
               "(`utility_downstream`: the share of its images for held-out captions that show the fine-tune's new "
-              "style or subject; `utility_clip_delta`: its paired CLIP-score change against the clean base, x100; "
-              "where measured, `utility_heldout_loss` beside it: its denoising loss on the task's held-out images, "
-              "lower = more utility); the control's rows are the equally attacked clean model.",
+              f"style or subject; `utility_clip_delta`: its paired CLIP-score change against the clean base, x100"
+              f"{loss_text}); the control's rows are the equally attacked clean model.",
               "", "| model attack | defence | utility | " + " | ".join(f"`{m}`" for m in metrics) + " |",
               "| --- | --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
     for d in defenses:

@@ -122,6 +122,8 @@ def test_configured_training_attack_learns_its_data_beyond_the_base_interval(wor
     task = task_of(attack.downstream_dataset(), attack.params.get("token"))
     before = _recognition(base, cfg, task)
     after = _recognition(tuned, cfg, task)
+    print(f"{attack.describe()}: recognised {after.value:.3f} [{after.low:.3f}, {after.high:.3f}], base "
+          f"{before.value:.3f}")  # shown with -s
     assert after.value > before.high, (f"{attack.describe()}: recognised {after.value:.3f} after, base "
                                        f"{before.value:.3f} [{before.low:.3f}, {before.high:.3f}]")
 
@@ -135,5 +137,37 @@ def test_configured_training_attack_lowers_the_heldout_loss_below_the_base_inter
     attack, tuned = trained(name)
     before = _heldout_loss(base, cfg, attack.downstream_dataset())
     after = _heldout_loss(tuned, cfg, attack.downstream_dataset())
+    print(f"{attack.describe()}: held-out loss {after.value:.4f} [{after.low:.4f}, {after.high:.4f}], base "
+          f"{before.value:.4f} [{before.low:.4f}, {before.high:.4f}]")  # shown with -s
     assert after.value < before.low, (f"{attack.describe()}: held-out loss {after.value:.4f} after, base "
                                       f"{before.value:.4f} [{before.low:.4f}, {before.high:.4f}]")
+
+
+@pytest.mark.slow
+def test_fine_prune_recovery_lowers_the_heldout_loss_of_the_pruned_model(world):
+    """fine_prune at the config's settings: its recovery fine-tune moves the pruned model towards its data (the
+    held-out loss on its dataset's seed-1 draw, paired, below the same pruning with no recovery)."""
+    from markbench.downstream import LOSS_PROTOCOL, heldout_data, heldout_loss
+    from markbench.plugins import StageContext
+    from markbench.registries import model_attacks
+    from markbench.testing import Resources, copy_pipeline
+    from markbench.config import load_config
+
+    cfg, base = world
+    spec = next(s for s in load_config(str(CONFIG), check_output=False).model_attacks if s.name == "fine_prune")
+    params = dict(spec.param_dict)
+    images, captions = heldout_data(params["dataset"], cfg.run.num_images, cfg.model.height, cfg.model.width,
+                                    data_seed=LOSS_PROTOCOL["data_seed"])
+
+    def loss(p):
+        ctx = StageContext(torch.Generator().manual_seed(0),
+                           data=Resources(lambda: base, cfg.model.height, cfg.model.width))
+        tuned = model_attacks.get("fine_prune")(**p).apply(copy_pipeline(base), ctx)
+        return heldout_loss(tuned, images, captions, noise_seed=LOSS_PROTOCOL["noise_seed"],
+                            repeats=LOSS_PROTOCOL["repeats"])
+
+    pruned, recovered = loss({**params, "recover_steps": 0}), loss(params)
+    diff = stats.mean_t_interval((recovered - pruned).numpy())
+    print(f"fine_prune: held-out loss {float(pruned.mean()):.4f} pruned -> {float(recovered.mean()):.4f} recovered, "
+          f"paired change {diff.value:.4f} [{diff.low:.4f}, {diff.high:.4f}]")  # shown with -s
+    assert diff.high < 0, f"recovery did not lower the held-out loss: {diff}"
