@@ -110,3 +110,18 @@ def test_the_stored_heldout_loss_equals_an_independent_computation_and_is_cached
     # a second run computes nothing
     again = Runner(cfg).run(only="none/lora*")
     assert again.stages_run == {} and again.cells_failed == []
+
+
+def test_a_folder_datasets_heldout_split_is_the_images_after_those_the_attack_trains_on(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from markbench.downstream import heldout_data
+
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
+    images, captions = heldout_data(str(tmp_path), 4, 8, 8, skip=3)
+    assert captions == ["caption 3", "caption 4"]  # the attack (num_images = 3) trains on 0, 1, 2
+    assert torch.allclose(images[:, 0, 0, 0], torch.tensor([120 / 255, 160 / 255]))
+    assert heldout_data(str(tmp_path), 4, 8, 8, skip=5) is None  # nothing held out: no loss
