@@ -320,12 +320,9 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
             tensors = {"loss": torch.zeros(0)}
             meta["note"] = f"dataset {proto['dataset']} has no held-out images beyond the first {proto.get('skip', 0)}"
         else:
-            loss = heldout_loss(env.pipeline(stage.inputs[0]), data[0], data[1], noise_seed=int(proto["noise_seed"]),
-                                repeats=int(proto["repeats"]))
-            if not torch.isfinite(loss).all():
-                raise PluginError(f"held-out loss of {proto['dataset']}: {int((~torch.isfinite(loss)).sum())} "
-                                  f"non-finite value(s)")
-            tensors = {"loss": loss}
+            # stored as computed: a broken model's non-finite loss is reported by the metric, not a failed cell
+            tensors = {"loss": heldout_loss(env.pipeline(stage.inputs[0]), data[0], data[1],
+                                            noise_seed=int(proto["noise_seed"]), repeats=int(proto["repeats"]))}
     else:  # pragma: no cover - the planner makes no other kind
         raise ValueError(f"unknown stage kind {stage.kind}")
 

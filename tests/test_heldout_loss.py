@@ -4,6 +4,7 @@ nothing), and keyed apart from every existing stage."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from markbench.config import load_config
@@ -125,3 +126,23 @@ def test_a_folder_datasets_heldout_split_is_the_images_after_those_the_attack_tr
     assert captions == ["caption 3", "caption 4"]  # the attack (num_images = 3) trains on 0, 1, 2
     assert torch.allclose(images[:, 0, 0, 0], torch.tensor([120 / 255, 160 / 255]))
     assert heldout_data(str(tmp_path), 4, 8, 8, skip=5) is None  # nothing held out: no loss
+
+
+def test_a_non_finite_heldout_loss_is_reported_as_no_number_with_a_note_not_a_crash():
+    from markbench.plugins import Detection, MeasureContext
+    from markbench.registries import metrics, model_attacks
+
+    from .test_utility import _Bits
+
+    values = {"heldout_loss_marked": lambda: torch.tensor([0.02, float("nan")]),
+              "heldout_loss_clean": lambda: torch.tensor([0.02, 0.04]),
+              "heldout_loss_base": lambda: torch.tensor([0.03, 0.05])}
+    ctx = MeasureContext(defense=_Bits(), detection=Detection(), negatives=Detection(), message=None,
+                         target_fprs=(), generator=torch.Generator().manual_seed(0), values=values,
+                         model_attack=model_attacks.get("lora")(dataset="tiny:subject"))
+    out = {m.name: m for m in metrics.get("attacker_utility")(fid=False).compute(ctx)}
+    assert out["utility_heldout_loss"].value != out["utility_heldout_loss"].value  # NaN
+    assert "1 of 2 images give a non-finite loss" in out["utility_heldout_loss"].note
+    assert out["utility_heldout_loss_clean"].value == pytest.approx(0.03)
+    assert out["utility_heldout_loss_clean"].samples == pytest.approx((0.02, 0.04))
+    assert not out["utility_heldout_loss_base"].higher_is_better

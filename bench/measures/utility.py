@@ -139,6 +139,12 @@ class AttackerUtility(Metric):
             values = np.asarray(ctx.values[role](), dtype=float).ravel()
             if values.size == 0:
                 continue
+            if not np.isfinite(values).all():  # a model broken to NaN / inf: no number, said in the note
+                out.append(Measurement(
+                    name=name, value=math.nan, n=int(values.size), higher_is_better=False,
+                    note=(f"held-out loss of {who} on {dataset}: {int((~np.isfinite(values)).sum())} of "
+                          f"{values.size} images give a non-finite loss (the model is broken); {threat}")))
+                continue
             est = stats.mean_t_interval(values)
             out.append(Measurement(
                 name=name, value=est.value, low=_clean(est.low), high=_clean(est.high), n=est.n,
