@@ -335,7 +335,7 @@ def _print_plan(runner, cells, console) -> None:
         entry[1] += int(cached)
     console.print(f"{len(cells)} cells, {len(stages)} stages")
     for kind, (n, cached) in by_kind.items():
-        console.print(f"  {kind:13s} {n:4d} stages, {cached:4d} cached, {n - cached:4d} to run")
+        console.print(f"  {kind:15s} {n:4d} stages, {cached:4d} cached, {n - cached:4d} to run")
     for c in cells:
         console.print(f"  {c.label}", markup=False)
 
@@ -544,6 +544,8 @@ def matrix(df, metric: str):
     sub["row"] = sub["defense_label"] + (" s" + sub["seed"].astype(str) if multi_seed else "")
     sub = sub.drop_duplicates(["row", "column"], keep="last")
     sub["outside"] = [_outside(t) for t in sub["threat_json"]] if "threat_json" in sub else False
+    sub["stronger"] = ([_stronger(a, p) for a, p in zip(sub["model_attack"], sub["model_attack_params"])]
+                       if "model_attack_params" in sub else False)
     order_cols = list(dict.fromkeys(sub["column"]))
     order_rows = list(dict.fromkeys(sub["row"]))
     return sub, order_rows, order_cols
@@ -556,6 +558,18 @@ def _outside(threat_json) -> bool:
     if not isinstance(threat_json, str) or not threat_json:
         return False
     return bool(json.loads(threat_json).get("outside", False))
+
+
+def _stronger(model_attack, params_json) -> bool:
+    """Whether a stored cell's model attack assumes more than its threat model (its declared
+    ``beyond_threat_model``, :func:`bench.registries.exceeds_threat_model`)."""
+    from .registries import exceeds_threat_model
+
+    try:
+        params = json.loads(params_json) if isinstance(params_json, str) and params_json else {}
+    except ValueError:
+        params = {}
+    return exceeds_threat_model(model_attack if isinstance(model_attack, str) else "", params)
 
 
 def _tier(threat_json) -> str:
@@ -595,25 +609,29 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | 
         raise UserError(f"--metric {metric!r}: no such metric in the results{suggest(metric, available)}; "
                         f"available: {', '.join(available)}")
     sub, rows, cols = matrix(df, metric)
+    from .registries import STRONGER_LEGEND, STRONGER_MARK
+
     if fmt in ("csv", "json"):
         table = {row: {col: None for col in cols} for row in rows}
         for _, r in sub.iterrows():
             table[r["row"]][r["column"]] = {"value": r["value"], "low": r["low"], "high": r["high"],
                                             "n": int(r["n"]), "note": r["note"],
-                                            "outside_threat_model": bool(r["outside"])}
+                                            "outside_threat_model": bool(r["outside"]),
+                                            "stronger_than_threat_model": bool(r["stronger"])}
         if fmt == "json":
             print(json.dumps({"metric": metric, "rows": rows, "columns": cols, "cells": table}, indent=1))
         else:
             import csv
 
             w = csv.writer(sys.stdout)
-            w.writerow(["defense", "attack", "metric", "value", "low", "high", "n", "outside_threat_model"])
+            w.writerow(["defense", "attack", "metric", "value", "low", "high", "n", "outside_threat_model",
+                        "stronger_than_threat_model"])
             for row in rows:
                 for col in cols:
                     c = table[row][col]
                     if c is not None:
                         w.writerow([row, col, metric, c["value"], c["low"], c["high"], c["n"],
-                                    int(c["outside_threat_model"])])
+                                    int(c["outside_threat_model"]), int(c["stronger_than_threat_model"])])
         return
     from rich.markup import escape
     from rich.table import Table
@@ -621,7 +639,8 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | 
     ns = set(int(n) for n in sub["n"])
     uniform_n = len(ns) == 1
     cells = {(r["row"], r["column"]): _fmt_cell(r, with_n=not uniform_n)
-             + (f" {OUTSIDE_MARK}" if r["outside"] else "") for _, r in sub.iterrows()}
+             + (f" {OUTSIDE_MARK}" if r["outside"] else "") + (f" {STRONGER_MARK}" if r["stronger"] else "")
+             for _, r in sub.iterrows()}
     # defences x attacks; with many attack columns the table is shown with attacks as rows so it fits a terminal
     flip = transpose if transpose is not None else len(cols) > max(4, len(rows))
     n_text = f"N={ns.pop()}" if uniform_n else "N per cell"
@@ -643,6 +662,8 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | 
         console.print(f"{OUTSIDE_MARK} outside the defence's threat model: a model attack (it needs the released "
                       "weights) on a defence that protects only API-served models; scored, but not a robustness "
                       "claim of that defence", markup=False)
+    if sub["stronger"].any():
+        console.print(STRONGER_LEGEND, markup=False)
     notes = sorted(set(n for n in sub["note"] if n))
     for n in notes:
         console.print(f"note: {n}", markup=False)

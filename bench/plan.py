@@ -26,7 +26,8 @@ from .config import BenchConfig, PluginSpec
 from .models import model_fingerprint
 from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy, ThreatTier, Verification
 
-STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "forge", "surrogate", "detect")
+STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "forge", "surrogate", "detect",
+               "downstream_loss")
 
 #: A cell's axis: ``removal`` (marked images attacked, TPR) or ``forgery`` (clean images forged, FPR).
 AXES = ("removal", "forgery")
@@ -71,6 +72,9 @@ class Cell:
     axis: str = "removal"
     #: further detections a metric may load by name (``random_trigger``: the ``trigger_specificity`` probe)
     extra_detections: tuple[tuple[str, str], ...] = ()
+    #: per-image values a metric may load by name (``heldout_loss_marked`` / ``_clean`` / ``_base``: the
+    #: ``downstream_loss`` stages of a downstream fine-tune, for the attacker-utility metric)
+    extra_values: tuple[tuple[str, str], ...] = ()
 
     @property
     def defense_label(self) -> str:
@@ -84,7 +88,7 @@ class Cell:
     def stage_keys(self) -> tuple[str, ...]:
         keys = (self.detect_pos, self.detect_neg, self.images, self.unattacked, self.clean_twins, self.negatives)
         return (keys + tuple(k for k in (self.reference, self.twins) if k) + tuple(k for _, k in self.extra_images)
-                + tuple(k for _, k in self.extra_detections))
+                + tuple(k for _, k in self.extra_detections) + tuple(k for _, k in self.extra_values))
 
 
 @dataclass
@@ -290,6 +294,32 @@ class _Builder:
                                     ("downstream_base", base))]
         return tuple(out)
 
+    def utility_losses(self, ma: PluginSpec, model: str, clean_model: str, base: str
+                       ) -> tuple[tuple[str, str], ...]:
+        """For the ``attacker_utility`` metric and a model attack with a downstream dataset (a world's task or a
+        folder): the held-out denoising loss (:func:`bench.downstream.heldout_loss`) of the attacked watermarked
+        model, the equally attacked clean model and the unattacked base, one ``downstream_loss`` stage each, keyed by
+        the model's stage key and the loss protocol (a stage kind of its own: no other stage's key changes, and a
+        cached model is read, not retrained). Nothing for any other attack."""
+        if getattr(_cls(ma), "identity", False) or not any(m.name == "attacker_utility" for m in self.cfg.metrics):
+            return ()
+        from .downstream import LOSS_PROTOCOL
+        from .world import is_dataset_spec
+
+        attack = ma.instantiate()
+        dataset = attack.downstream_dataset()
+        if not dataset:
+            return ()
+        protocol: dict[str, Any] = {"dataset": dataset, "n": self.cfg.run.num_images, "height": self.cfg.model.height,
+                                    "width": self.cfg.model.width, **LOSS_PROTOCOL}
+        if not is_dataset_spec(dataset):  # a folder: held out are the images after those the attack trains on
+            p = attack.params
+            protocol["skip"] = int(p.get("num_images", p.get("num_instance_images", 0)) or 0)
+        return tuple((role, self.add("downstream_loss", (m,), None, 0, label=f"held-out loss {dataset}",
+                                     protocol=protocol))
+                     for role, m in (("heldout_loss_marked", model), ("heldout_loss_clean", clean_model),
+                                     ("heldout_loss_base", base)))
+
     def trigger_probe(self, d: PluginSpec, dcls: type[Defense], model: str, embed: str, request: GenerationRequest,
                       seed: int, variant: str) -> tuple[tuple[str, str], ...]:
         """For the ``trigger_specificity`` metric: the watermarked (attacked) model's images with random strings of
@@ -413,6 +443,7 @@ def build_plan(cfg: BenchConfig) -> Plan:
                 clean_model = b.attacked_model(base, ma, seed, attack_seed, embed, d)
                 clean_twins = b.plain_images(clean_model, request, seed)
                 utility = b.utility_images(ma, model, clean_model, base, request, seed)
+                losses = b.utility_losses(ma, model, clean_model, base)
                 for variant in dcls.variants:
                     if dcls.location is MarkLocation.POST_HOC:
                         unattacked = b.add("mark", (clean_twins, embed), d, seed, label=f"mark {d.label}")
@@ -462,10 +493,11 @@ def build_plan(cfg: BenchConfig) -> Plan:
                             "variant": variant,
                             # in the key only when there is one, so that every other cell keeps its key
                             **({"probes": [list(p) for p in probes]} if probes else {}),
+                            **({"losses": [list(v) for v in losses]} if losses else {}),
                         })
                         b.plan.cells.append(Cell(d, ma, ia, seed, key, embed, images, unattacked, clean_twins,
                                                  negatives, det_pos, det_neg, variant, reference, twins, utility,
-                                                 extra_detections=probes))
+                                                 extra_detections=probes, extra_values=losses))
     return b.plan
 
 

@@ -42,3 +42,23 @@ def __getattr__(name: str):
     if name in _TABLES:
         return builtin_table(_TABLES[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: The marker of a result whose model attack assumes more than its threat model gives the attacker (a double
+#: dagger; the dagger marks a cell outside its *defence's* threat model), and the legend line that explains it.
+STRONGER_MARK = "\u2021"
+STRONGER_LEGEND = (f"{STRONGER_MARK} the model attack assumes more than its threat model gives the attacker (its "
+                   "declared beyond_threat_model, e.g. merge(other=base): the owner's clean base model, which an "
+                   "attacker of released weights lacks); scored, but stronger than a realistic attack")
+
+
+def exceeds_threat_model(model_attack: str, params) -> bool:
+    """Whether the model attack ``model_attack`` with these resolved parameters assumes more than its threat model
+    gives the attacker: its parameters match its declared :attr:`bench.ModelAttack.beyond_threat_model` (as
+    :meth:`bench.ModelAttack.exceeds_threat_model` says of an instance). Read from the registry's record of the class
+    (nothing is imported for a built-in); an unknown attack (a plugin not installed here) is not marked."""
+    if not model_attack or model_attack not in model_attacks.names():
+        return False
+    beyond = dict(model_attacks.info(model_attack).extra).get("beyond_threat_model") or {}
+    params = params or {}
+    return bool(beyond) and all(params.get(k) == v for k, v in beyond.items())

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-STAGE_KINDS = ("embed", "model_attack", "generate", "mark", "image_attack", "forge", "surrogate", "detect")
+STAGE_KINDS = ("embed", "model_attack", "generate", "mark", "image_attack", "forge", "surrogate", "detect",
+               "downstream_loss")
 KIND_DEFAULTS: dict[str, dict[str, float]] = {
     "embed": {"num_cpus": 1, "num_gpus": 1},
     "model_attack": {"num_cpus": 1, "num_gpus": 1},
@@ -29,6 +30,7 @@ KIND_DEFAULTS: dict[str, dict[str, float]] = {
     "forge": {"num_cpus": 1},
     "surrogate": {"num_cpus": 1},
     "detect": {"num_cpus": 1},
+    "downstream_loss": {"num_cpus": 1, "num_gpus": 1},
 }
 _KIND_OF_SECTION = {"embed": "defenses", "generate": "defenses", "mark": "defenses", "detect": "defenses",
                     "model_attack": "model_attacks", "image_attack": "image_attacks",

@@ -429,6 +429,7 @@ class Runner:
             model_attack=env.plugin(cell.model_attack), features=self.features, axis=cell.axis,
             image_attack=env.plugin(cell.image_attack),
             detections={role: (lambda k=key: env.detection(k)) for role, key in cell.extra_detections},
+            values={role: (lambda k=key: store.tensors(k)["loss"]) for role, key in cell.extra_values},
         )
         out: list[Measurement] = []
         for spec in self.cfg.metrics:

@@ -310,6 +310,19 @@ def run_stage(stage: Stage, env: StageEnv) -> dict[str, Any]:
         n_bits = int(defense.message(secret).numel()) if defense.detection is DetectionKind.BITS else None
         det = check_detection(defense.detect(secret, imgs, ctx), who, imgs.shape[0], defense.detection, n_bits)
         tensors = {k: v for k, v in (("bits", det.bits), ("scores", det.scores)) if v is not None}
+    elif stage.kind == "downstream_loss":
+        from .downstream import heldout_data, heldout_loss
+
+        proto = stage.extra_dict["protocol"]
+        data = heldout_data(proto["dataset"], int(proto["n"]), int(proto["height"]), int(proto["width"]),
+                            skip=int(proto.get("skip", 0)), data_seed=int(proto["data_seed"]))
+        if data is None:  # a folder with no image beyond those the attack trains on: no held-out loss
+            tensors = {"loss": torch.zeros(0)}
+            meta["note"] = f"dataset {proto['dataset']} has no held-out images beyond the first {proto.get('skip', 0)}"
+        else:
+            # stored as computed: a broken model's non-finite loss is reported by the metric, not a failed cell
+            tensors = {"loss": heldout_loss(env.pipeline(stage.inputs[0]), data[0], data[1],
+                                            noise_seed=int(proto["noise_seed"]), repeats=int(proto["repeats"]))}
     else:  # pragma: no cover - the planner makes no other kind
         raise ValueError(f"unknown stage kind {stage.kind}")
 

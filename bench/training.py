@@ -93,6 +93,25 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, g
     return loss.mean() if reduction == "mean" else loss
 
 
+def fixed_noise_losses(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
+                       repeats: int = 4, chunk: int = 16) -> torch.Tensor:
+    """Per-image denoising loss ``[N]`` at noise and timesteps drawn from ``generator``: ``repeats`` times, each
+    time one :func:`add_noise` draw for the whole set (t, then noise: the draws :func:`diffusion_loss` makes), the
+    UNet run ``chunk`` images at a time (so the draws, and the values, do not depend on ``chunk``); the mean over
+    the repeats. A caller that seeds ``generator`` the same way for every model gets the same draws for all of them,
+    so two models' losses are paired image by image (the held-out loss of :mod:`bench.downstream`)."""
+    total = torch.zeros(latents.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(repeats):
+            noisy, noise, t = add_noise(scheduler, latents, generator)
+            target = denoising_target(scheduler, latents, noise, t)
+            for i in range(0, latents.shape[0], chunk):
+                pred = unet(noisy[i:i + chunk], t[i:i + chunk], encoder_hidden_states=cond[i:i + chunk]).sample
+                err = F.mse_loss(pred.float(), target[i:i + chunk].float(), reduction="none").mean((1, 2, 3))
+                total[i:i + chunk] += err.double().cpu()
+    return (total / repeats).float()
+
+
 def sample_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterable[torch.Tensor]:
     """Endless epochs of shuffled index batches (each epoch a new permutation from ``generator``)."""
     if n < 1:

@@ -77,10 +77,8 @@ class Evaluator:
 
     def __call__(self, pipe, dataset: str) -> dict:
         from markbench import stats
-        from markbench.downstream import recognised
+        from markbench.downstream import LOSS_PROTOCOL, heldout_data, heldout_loss, recognised
         from markbench.generation import generate_images
-        from markbench.training import diffusion_loss, encode_images, encode_prompts
-        from markbench.worlds.tiny import shapes
 
         task, caps, request = self.tasks[dataset]
         unet = pipe.unet
@@ -91,16 +89,14 @@ class Evaluator:
             images = generate_images(pipe, request)
             hits = recognised(task, images, caps)
             est = stats.rate(int(hits.sum()), int(hits.size))
-            split = dataset.split(":")[1]
-            real, real_caps, _ = shapes.make_dataset(split, self.n, seed=1, size=self.cfg.model.height)
-            lat = encode_images(pipe, (shapes.to_tensor(real) + 1) / 2)
-            cond = encode_prompts(pipe, real_caps)
-            g = torch.Generator().manual_seed(1234)
-            losses = [float(diffusion_loss(unet, pipe.scheduler, lat, cond, g)) for _ in range(self.loss_repeats)]
+            real, real_caps = heldout_data(dataset, self.n, self.cfg.model.height, self.cfg.model.width,
+                                           data_seed=LOSS_PROTOCOL["data_seed"])
+            losses = heldout_loss(pipe, real, real_caps, noise_seed=LOSS_PROTOCOL["noise_seed"],
+                                  repeats=self.loss_repeats)
         if was_training:
             unet.train()
         return {"recognition": est.value, "low": est.low, "high": est.high, "n": est.n,
-                "heldout_loss": sum(losses) / len(losses), "eval_s": time.perf_counter() - t0}
+                "heldout_loss": float(losses.double().mean()), "eval_s": time.perf_counter() - t0}
 
 
 def load(path: Path) -> dict:
@@ -169,7 +165,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated attack names")
     ap.add_argument("--index", default=None, help="comma-separated indices into SETTINGS (to split over processes)")
     ap.add_argument("--n", type=int, default=32, help="images per recognition measurement")
-    ap.add_argument("--loss-repeats", type=int, default=4)
+    ap.add_argument("--loss-repeats", type=int, default=4)  # the harness's: bench.downstream.LOSS_PROTOCOL
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--time-step", action="store_true", help="time 10 LoRA steps and one evaluation, then exit")

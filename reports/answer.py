@@ -12,7 +12,7 @@ from importlib.resources import files
 from typing import Any
 
 from .data import IDENTITY, CellRow, Results, describe_metric
-from .leaderboard import UTILITY_X, _summary
+from .leaderboard import UTILITY_LOSS, UTILITY_X, _summary, fmt_loss
 
 #: a detection rate at or above this counts as "still detected" in the verdicts (most marked images flagged)
 SURVIVES = 0.5
@@ -89,6 +89,9 @@ def build(results: Results, reported: list[Reported] | None = None) -> dict[str,
             if u is not None:
                 entry["utility_metric"] = u
                 entry["utility"] = _summary([results.value(c, u) for c in cells], True, seeds=seeds)
+                losses = [results.value(c, UTILITY_LOSS) for c in cells]
+                if all(v is not None for v in losses):  # the held-out downstream loss beside it (lower = more)
+                    entry["utility_loss"] = _summary(losses, True, seeds=seeds)
             row["cells"][col] = entry
         rows.append(row)
         for rep in reported if not _is_variant(mine[0]) else ():
@@ -137,6 +140,8 @@ def _verdict(row: dict[str, Any], columns: list[str]) -> str:
         if col == IDENTITY or entry is None:
             continue
         util = (f", utility {_f(entry['utility']['value'])}" if entry.get("utility") else ", utility not measured")
+        if entry.get("utility_loss"):
+            util += f", held-out loss {entry['utility_loss']['value']:.4f}"
         text = f"{col} ({entry['metric']} {_f(entry['detection']['value'])}{util})"
         if not entry["metric"].startswith("tpr@"):
             unjudged.append(text)
@@ -177,6 +182,9 @@ def answer_html(results: Results, escape, ci, reported: list[Reported] | None = 
                 continue
             util = (f'<br><span class="muted">{e(entry["utility_metric"])} {summ(entry["utility"])}</span>'
                     if entry.get("utility") else "")
+            if entry.get("utility_loss"):
+                util += (f'<br><span class="muted">held-out loss (lower = more utility) '
+                         f'{e(fmt_loss(entry["utility_loss"]))}</span>')
             tds.append(f'<td data-metric="{e(entry["metric"])}">{summ(entry["detection"])} '
                        f'<span class="muted">{e(entry["metric"])}</span>{util}</td>')
         tds += [f"<td>{summ(r['fidelity'].get(m))}</td>" for m in fid_cols]

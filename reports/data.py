@@ -102,6 +102,14 @@ class CellRow:
         return bool(self.threat.get("outside", False))
 
     @property
+    def stronger_than_threat_model(self) -> bool:
+        """Whether the cell's model attack assumes more than its threat model gives the attacker (its declared
+        ``beyond_threat_model``, e.g. ``merge(other=base)``): :func:`bench.registries.exceeds_threat_model`."""
+        from markbench.registries import exceeds_threat_model
+
+        return exceeds_threat_model(self.model_attack, self.model_attack_params)
+
+    @property
     def ok(self) -> bool:
         return self.status == "ok"
 

@@ -29,10 +29,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from markbench.registries import STRONGER_LEGEND, STRONGER_MARK
+
 from .data import (IDENTITY, CellRow, Results, describe_metric, is_quality_metric, load_results, prompts_of)
 from .leaderboard import build as build_leaderboard
 from .answer import answer_html
-from .leaderboard import attacker_rows, fmt, forgery_rows, utility_curves
+from .leaderboard import attacker_rows, fmt, fmt_loss, forgery_rows, utility_curves
 
 #: How many prompts get an image panel, how many attack outputs one panel row shows, and the thumbnail side.
 MAX_PROMPTS = 3
@@ -171,8 +173,11 @@ def threat_html(results: Results) -> str:
     for c in results.cells:
         if c.threat.get("defense"):
             settings.setdefault(c.defense_label, c.threat["defense"])
+    stronger = ""
+    if any(c.stronger_than_threat_model for c in results.cells):
+        stronger = f'<p class="stronger-legend">{e(STRONGER_LEGEND)}.</p>'
     if not settings:
-        return ""
+        return f'<div class="threat">{stronger}</div>' if stronger else ""
     items = "".join(f"<li><b>{e(d)}</b>: protects {e(_SETTING_TEXT.get(t, t))}</li>" for d, t in settings.items())
     dagger = ""
     if any(c.outside_threat_model for c in results.cells):
@@ -188,7 +193,8 @@ def threat_html(results: Results) -> str:
         rows = "".join(f"<li><b>{e(a)}</b>: {e(_TIER_TEXT.get(t, t))}</li>" for a, t in tiers.items())
         tier_html = ("<p>Threat tier of each model attack (what it knows of the defence; a column of a tier above "
                      f"blind is tagged &lt;tier&gt;):</p><ul>{rows}</ul>")
-    return f'<div class="threat"><p>Threat model of each defence:</p><ul>{items}</ul>{dagger}{tier_html}</div>'
+    return (f'<div class="threat"><p>Threat model of each defence:</p><ul>{items}</ul>{dagger}{stronger}{tier_html}'
+            '</div>')
 
 
 _TIER_TEXT = {"blind": "blind: the released weights only, nothing of the defence",
@@ -234,9 +240,13 @@ def _td(c: CellRow | None, metric: str, results: Results, lo: float, hi: float, 
     outside = c.outside_threat_model
     if outside:
         tip += "\n" + c.threat.get("note", "outside the defence's threat model")
-    return (f'<td class="c{" outside" if outside else ""}" data-cell="{e(c.label)}" data-value="{v.value!r}" '
-            f'style="background:{colour(v.value, lo, hi, hib)}" title="{e(tip)}"><span class="v">'
-            f'{e(fmt(v.value))}{OUTSIDE_MARK if outside else ""}</span>'
+    stronger = c.stronger_than_threat_model
+    if stronger:
+        tip += "\n" + STRONGER_LEGEND
+    marks = (OUTSIDE_MARK if outside else "") + (STRONGER_MARK if stronger else "")
+    return (f'<td class="c{" outside" if outside else ""}{" stronger" if stronger else ""}" data-cell="{e(c.label)}" '
+            f'data-value="{v.value!r}" style="background:{colour(v.value, lo, hi, hib)}" title="{e(tip)}">'
+            f'<span class="v">{e(fmt(v.value))}{marks}</span>'
             f'<span class="ci">{e(ci)}</span><span class="n">n={v.n}</span></td>')
 
 
@@ -632,16 +642,28 @@ def utility_html(curves: list[dict[str, Any]], rows: list[str]) -> str:
                     svg.append(f'<line x1="{sx(x["low"])}" x2="{sx(x["high"])}" y1="{py}" y2="{py}" stroke="{c}" '
                                'stroke-opacity="0.5"/>')
                 tip = (f'{defense} / {p["model_attack"]}: {cur["x_metric"]} = {fmt(x["value"])}, '
-                       f'{cur["metric"]} = {fmt(y["value"])} [{fmt(y.get("low"))}, {fmt(y.get("high"))}]')
+                       f'{cur["metric"]} = {fmt(y["value"])} [{fmt(y.get("low"))}, {fmt(y.get("high"))}]'
+                       + (f', held-out loss = {fmt_loss(p["loss"])} (lower = more utility)' if p.get("loss") else ""))
+                loss_attr = f' data-loss="{p["loss"]["value"]!r}"' if p.get("loss") else ""
                 svg.append(f'<circle class="upt" cx="{px}" cy="{py}" r="3.5" fill="{c}" data-defense="{e(defense)}" '
                            f'data-model-attack="{e(p["model_attack"])}" data-x="{x["value"]!r}" '
-                           f'data-y="{y["value"]!r}" data-y-low="{y.get("low")!r}" data-y-high="{y.get("high")!r}">'
-                           f'<title>{e(tip)}</title></circle>')
+                           f'data-y="{y["value"]!r}" data-y-low="{y.get("low")!r}" data-y-high="{y.get("high")!r}"'
+                           f'{loss_attr}><title>{e(tip)}</title></circle>')
         svg.append("</svg>")
         legend = "".join(f'<span class="item"><span class="sw" style="background:{colour_of.get(d, "#333")}">'
                          f'</span>{e(d)}</span>' for d in cur["lines"])
+        loss_rows = [(d, p) for d, line in cur["lines"].items() for p in line if p.get("loss")]
+        loss_table = ""
+        if loss_rows:  # the held-out downstream loss beside each point's recognition (lower = more utility)
+            loss_table = ('<table class="utility-loss"><tr><th>defence</th><th>point</th><th>' + e(cur["x_metric"])
+                          + '</th><th>held-out loss (lower = more utility)</th></tr>'
+                          + "".join(f'<tr><td>{e(d)}</td><td>{e(p["model_attack"])}</td><td>{e(fmt(p["x"]["value"]))}'
+                                    f'</td><td>{e(fmt_loss(p["loss"]))}</td></tr>' for d, p in loss_rows)
+                          + "</table>")
+        if cur.get("stronger_than_threat_model"):
+            title += " " + STRONGER_MARK
         out.append(f'<div class="plot utility"><h4>{e(title)}: {e(cur["metric"])}</h4>{"".join(svg)}'
-                   f'<div class="legend">{legend}</div></div>')
+                   f'<div class="legend">{legend}</div>{loss_table}</div>')
     out.append("</div>")
     return "".join(out)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from markbench.errors import UserError
+from markbench.registries import STRONGER_LEGEND, STRONGER_MARK
 
 from .data import IDENTITY, CellRow, Results, Value, is_quality_metric, load_results, mean
 
@@ -36,7 +37,8 @@ def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | No
     """One cell: its value, interval and N. Several (one per run seed: each a new key, embedding and, in an attacked
     cell, attack run): the mean of the seeds' values with a hierarchical-bootstrap interval (seeds resampled, then
     images within each: :func:`bench.stats.hierarchical_bootstrap`) where every cell stored its per-image values,
-    else no interval. ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it.
+    else no interval; a rate (every per-image value 0 or 1) gets the envelope of that interval and the pooled
+    count's exact Clopper-Pearson interval (:func:`bench.stats.hierarchical_rate`). ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it.
 
     ``seeds``: the run seed of each value. Repeated attack runs (``[run] attack_seeds``) share their run seed's key
     and embedding, so the values of one run seed are nested in it: the bootstrap resamples run seeds, then the
@@ -65,8 +67,13 @@ def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | No
 
         groups = ([[v.samples for v in g] if len(g) > 1 else g[0].samples for g in nested] if nested
                   else [v.samples for v in vals])
-        est = stats.hierarchical_bootstrap(groups)
-        out.update(value=est.value, low=est.low, high=est.high, n=est.n, interval="hierarchical bootstrap")
+        if stats.is_binary(groups):  # a rate: never narrower than the pooled count's exact interval
+            est = stats.hierarchical_rate(groups)
+            out.update(value=est.value, low=est.low, high=est.high, n=est.n,
+                       interval="envelope of hierarchical bootstrap and pooled Clopper-Pearson")
+        else:
+            est = stats.hierarchical_bootstrap(groups)
+            out.update(value=est.value, low=est.low, high=est.high, n=est.n, interval="hierarchical bootstrap")
     return out
 
 
@@ -134,6 +141,8 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
                 clean is None, sign * (clean or 0.0), e["control"])
 
     curves = utility_curves(results, [m for m in dict.fromkeys([metric, "bit_accuracy"]) if m in available])
+    # the columns whose model attack assumes more than its threat model (merge(other=base)): marked in the Markdown
+    stronger = list(dict.fromkeys(results.column(c) for c in results.cells if c.stronger_than_threat_model))
     entries.sort(key=sort_key)
     for i, e in enumerate(entries, 1):
         e["rank"] = i
@@ -170,6 +179,7 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
             for c in results.ok_cells for m, v in c.metrics.items()
         ],
         **({"utility_curves": curves} if curves else {}),
+        **({"stronger_than_threat_model": stronger} if stronger else {}),
         # sections present only when the run has them, so a grid without forgeries or joint rates keeps its document
         **({"forgery": forgery_rows(results)} if results.forgery_cells else {}),
         **({"attacker": attacker_rows(results)} if any(_joint(c) for c in results.ok_cells) else {}),
@@ -296,6 +306,9 @@ def attacker_markdown(board: dict[str, Any]) -> list[str]:
 #: The x axis of a model attack's curve: the first of these every cell of the attack stored (bench.measures.utility):
 #: recognition of a fine-tune's new style or subject, else the quality kept (paired CLIP-score change).
 UTILITY_X = ("utility_downstream", "utility_clip_delta")
+#: Shown beside the x of a point wherever its cells stored it: the attacked watermarked model's held-out downstream
+#: loss (lower = more utility; bench.measures.utility)
+UTILITY_LOSS = "utility_heldout_loss"
 
 
 def detection_metrics(results: Results) -> list[str]:
@@ -341,14 +354,21 @@ def utility_curves(results: Results, metrics: list[str] | None = None) -> list[d
                     if any(y is None for y in ys):
                         continue
                     seeds = [c.seed for c in cs]
-                    pts.append({"model_attack": label,
-                                "x": _summary([results.value(c, x_metric) for c in cs], True, seeds=seeds),
-                                "y": _summary(ys, True, seeds=seeds)})
+                    point = {"model_attack": label,
+                             "x": _summary([results.value(c, x_metric) for c in cs], True, seeds=seeds),
+                             "y": _summary(ys, True, seeds=seeds)}
+                    losses = [results.value(c, UTILITY_LOSS) for c in cs]
+                    if all(v is not None for v in losses):
+                        point["loss"] = _summary(losses, True, seeds=seeds)
+                    pts.append(point)
                 if pts:
                     lines[defense] = sorted(pts, key=lambda p: p["x"]["value"])
             if lines:
+                has_loss = any("loss" in p for pts in lines.values() for p in pts)
+                stronger = any(c.stronger_than_threat_model for c in cells)
                 out.append({"attack": attack, "params": fixed, "x_metric": x_metric, "metric": metric,
-                            "lines": lines})
+                            **({"loss_metric": UTILITY_LOSS} if has_loss else {}),
+                            **({"stronger_than_threat_model": True} if stronger else {}), "lines": lines})
     return out
 
 
@@ -404,7 +424,8 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
     for e in board["entries"]:
         r = e["robustness"]
         name = _md(e["defense_label"]) + (" (control)" if e.get("control") else "")
-        worst = "-" if r["worst"] is None else f"{fmt(r['worst'])} ({_md(r['worst_attack'])})"
+        worst = ("-" if r["worst"] is None
+                 else f"{fmt(r['worst'])} ({_md(r['worst_attack'])}{_mark(board, r['worst_attack'])})")
         mean_s = "-" if r["mean"] is None else f"{fmt(r['mean'])} ({r['n_cells']} cells)"
         row = [str(e["rank"]), name, _fmt_summary(e["clean"]), mean_s, worst]
         row += [_fmt_summary(e["quality"].get(q)) for q in quality] + [str(e["n_failed"])]
@@ -426,7 +447,7 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
     if per_attack and any(e["per_attack"] for e in board["entries"]):
         cols = list(dict.fromkeys(k for e in board["entries"] for k in e["per_attack"]))
         lines += ["", f"<details><summary>{_md(metric)} per attack</summary>", "",
-                  "| defence | " + " | ".join(_md(c) for c in cols) + " |",
+                  "| defence | " + " | ".join(_md(c) + _mark(board, c) for c in cols) + " |",
                   "|:---|" + "---:|" * len(cols)]
         for e in board["entries"]:
             lines.append(f"| {_md(e['defense_label'])} | "
@@ -434,7 +455,15 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
         lines += ["", "</details>"]
     lines += utility_markdown(board.get("utility_curves") or [])
     lines += attacker_markdown(board) + forgery_markdown(board)
+    if board.get("stronger_than_threat_model") or any(c.get("stronger_than_threat_model")
+                                                      for c in board.get("utility_curves") or []):
+        lines += ["", _md(STRONGER_LEGEND) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _mark(board: dict[str, Any], column: str | None) -> str:
+    """The stronger-than-threat-model marker of a column the board lists (:data:`STRONGER_MARK`), else nothing."""
+    return " " + STRONGER_MARK if column in (board.get("stronger_than_threat_model") or []) else ""
 
 
 def _fmt_point(p: dict[str, Any]) -> str:
@@ -442,7 +471,19 @@ def _fmt_point(p: dict[str, Any]) -> str:
     utility = fmt(x["value"])
     if x.get("low") is not None and x.get("high") is not None:
         utility += f" [{fmt(x['low'])}, {fmt(x['high'])}]"
+    if p.get("loss"):
+        utility += f" (held-out loss {fmt_loss(p['loss'])})"
     return f"{utility} &rarr; {_fmt_summary(p['y'])}"
+
+
+def fmt_loss(s: dict[str, Any] | None) -> str:
+    """A held-out loss summary, four decimals (its values are about 0.01-0.05), with its interval."""
+    if not s or s.get("value") is None:
+        return "-"
+    out = f"{s['value']:.4f}"
+    if s.get("low") is not None and s.get("high") is not None:
+        out += f" [{s['low']:.4f}, {s['high']:.4f}]"
+    return out
 
 
 def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:
@@ -453,10 +494,13 @@ def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:
            "Per model attack, each defence's detection at each point of the attack's sweep, written "
            "`utility -> detection [95% interval]`, in order of the utility the attacker got (the share of the "
            "attacked watermarked model's images showing the fine-tune's new style or subject, or for attacks "
-           "without a downstream task the paired CLIP-score change). A mark that survives only where the "
-           "attacker got nothing survives nothing."]
+           "without a downstream task the paired CLIP-score change); where measured, the attacked watermarked "
+           "model's held-out downstream loss beside it (`utility_heldout_loss`: its denoising loss on the task's "
+           "held-out images; lower = more utility). A mark that survives only where the attacker got nothing "
+           "survives nothing."]
     for cur in curves:
         title = cur["attack"] + (f" ({cur['params']})" if cur["params"] else "")
+        title += f" {STRONGER_MARK}" if cur.get("stronger_than_threat_model") else ""
         out += ["", f"**{_md(title)}**: {_code(cur['metric'])} against {_code(cur['x_metric'])}", "",
                 "| defence | points (model attack: utility &rarr; detection) |", "|:---|:---|"]
         for defense, pts in cur["lines"].items():

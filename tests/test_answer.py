@@ -110,3 +110,18 @@ def test_the_shipped_reported_numbers_parse_and_name_known_metrics():
     assert {r.metric for r in shipped} <= {"bit_accuracy", "tpr@1e-06"}
     sleeper = {(r.model_attack, r.match.get("steps"), r.metric): r.value for r in shipped if r.defense == "sleepermark"}
     assert sleeper[("lora", 2000, "tpr@1e-06")] == 0.992  # ../shared/METHODS.md's table
+
+
+def test_the_heldout_loss_stands_beside_the_utility_in_the_answer():
+    res = results()
+    for c in res.cells:
+        if c.model_attack_label == "lora(steps=200)" and c.image_attack == "none":
+            c.metrics["utility_heldout_loss"] = Value(0.0142, 0.0120, 0.0164, 32, higher_is_better=False)
+    doc = build(res, load_reported(REPORTED))
+    mark = next(r for r in doc["rows"] if r["defense"] == "mark")
+    assert mark["cells"]["lora(steps=200)"]["utility_loss"]["value"] == 0.0142
+    assert "utility_loss" not in mark["cells"]["lora(steps=20)"]  # not stored there: not shown
+    (verdict,) = [v for v in doc["verdicts"] if v.startswith("mark:")]
+    assert "broken by lora(steps=200) (tpr@1e-06 0.200, utility 0.700, held-out loss 0.0142)" in verdict
+    page = answer_html(res, lambda x: html.escape(str(x)), ci_html, load_reported(REPORTED))
+    assert "held-out loss (lower = more utility) 0.0142 [0.0120, 0.0164]" in page

@@ -1,6 +1,8 @@
 """Every downstream training attack, at the settings the shipped configs/finetune.toml gives it (its strongest sweep
 point), moves the tiny-world model towards its data: the tiny CLIP recognises the new style or subject in more of
-the fine-tuned model's images for held-out captions than the clean base's 95% interval allows (issue 24).
+the fine-tuned model's images for held-out captions than the clean base's 95% interval allows, and its held-out
+downstream loss (bench.downstream.heldout_loss, the attacker-utility metric's) falls below the clean base's 95%
+interval (issue 24). Each attack is trained once per module and both are read from that one fine-tuned model.
 
 The images are generated as the ``attacker_utility`` metric generates them (bench.plan.downstream_request, run seed
 0, the config's sampler settings); recognition by bench.downstream. Calibration: docs/calibration.md.
@@ -45,6 +47,15 @@ def _recognition(pipe, cfg, task):
     return stats.rate(int(hits.sum()), int(hits.size))
 
 
+def _heldout_loss(pipe, cfg, dataset):
+    from markbench.downstream import LOSS_PROTOCOL, heldout_data, heldout_loss
+
+    images, captions = heldout_data(dataset, cfg.run.num_images, cfg.model.height, cfg.model.width,
+                                    data_seed=LOSS_PROTOCOL["data_seed"])
+    return stats.mean_t_interval(heldout_loss(pipe, images, captions, noise_seed=LOSS_PROTOCOL["noise_seed"],
+                                              repeats=LOSS_PROTOCOL["repeats"]).numpy())
+
+
 @pytest.fixture(scope="module")
 def world():
     from markbench.config import load_config
@@ -52,6 +63,29 @@ def world():
 
     cfg = load_config(str(CONFIG), check_output=False)
     return cfg, load_pipeline(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    """``trained(name) -> (attack, fine-tuned pipeline)``: each configured attack trained once per module (the
+    recognition test and the held-out loss test read the same fine-tuned model)."""
+    from markbench.plugins import StageContext
+    from markbench.testing import Resources, copy_pipeline
+
+    cfg, base = world
+    done: dict[str, tuple] = {}
+
+    def get(name):
+        if name not in done:
+            attack = _strongest().get(name)
+            if attack is None:
+                pytest.skip(f"{name} is not in {CONFIG.name}")
+            ctx = StageContext(torch.Generator().manual_seed(0),
+                               data=Resources(lambda: base, cfg.model.height, cfg.model.width))
+            done[name] = (attack, attack.apply(copy_pipeline(base), ctx))
+        return done[name]
+
+    return get
 
 
 #: every downstream training attack the config has, each tested below at its strongest sweep point
@@ -80,19 +114,60 @@ def test_every_downstream_training_attack_of_the_config_is_tested():
                                                         "tiny:subject's arrow at its configured settings "
                                                         "(docs/calibration.md)")),
 ])
-def test_configured_training_attack_learns_its_data_beyond_the_base_interval(world, name):
+def test_configured_training_attack_learns_its_data_beyond_the_base_interval(world, trained, name):
     from markbench.downstream import task_of
-    from markbench.plugins import StageContext
-    from markbench.testing import Resources, copy_pipeline
 
     cfg, base = world
-    attack = _strongest().get(name)
-    if attack is None:
-        pytest.skip(f"{name} is not in {CONFIG.name}")
+    attack, tuned = trained(name)
     task = task_of(attack.downstream_dataset(), attack.params.get("token"))
     before = _recognition(base, cfg, task)
-    ctx = StageContext(torch.Generator().manual_seed(0),
-                       data=Resources(lambda: base, cfg.model.height, cfg.model.width))
-    after = _recognition(attack.apply(copy_pipeline(base), ctx), cfg, task)
+    after = _recognition(tuned, cfg, task)
+    print(f"{attack.describe()}: recognised {after.value:.3f} [{after.low:.3f}, {after.high:.3f}], base "
+          f"{before.value:.3f}")  # shown with -s
     assert after.value > before.high, (f"{attack.describe()}: recognised {after.value:.3f} after, base "
                                        f"{before.value:.3f} [{before.low:.3f}, {before.high:.3f}]")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TESTED)
+def test_configured_training_attack_lowers_the_heldout_loss_below_the_base_interval(world, trained, name):
+    """Every one, the text encoder included (calibration: 0.033 -> 0.023 at lr 1e-3, though it is not recognised):
+    the fine-tuned model predicts the noise of the task's held-out images better than the clean base's interval."""
+    cfg, base = world
+    attack, tuned = trained(name)
+    before = _heldout_loss(base, cfg, attack.downstream_dataset())
+    after = _heldout_loss(tuned, cfg, attack.downstream_dataset())
+    print(f"{attack.describe()}: held-out loss {after.value:.4f} [{after.low:.4f}, {after.high:.4f}], base "
+          f"{before.value:.4f} [{before.low:.4f}, {before.high:.4f}]")  # shown with -s
+    assert after.value < before.low, (f"{attack.describe()}: held-out loss {after.value:.4f} after, base "
+                                      f"{before.value:.4f} [{before.low:.4f}, {before.high:.4f}]")
+
+
+@pytest.mark.slow
+def test_fine_prune_recovery_lowers_the_heldout_loss_of_the_pruned_model(world):
+    """fine_prune at the config's settings: its recovery fine-tune moves the pruned model towards its data (the
+    held-out loss on its dataset's seed-1 draw, paired, below the same pruning with no recovery)."""
+    from markbench.downstream import LOSS_PROTOCOL, heldout_data, heldout_loss
+    from markbench.plugins import StageContext
+    from markbench.registries import model_attacks
+    from markbench.testing import Resources, copy_pipeline
+    from markbench.config import load_config
+
+    cfg, base = world
+    spec = next(s for s in load_config(str(CONFIG), check_output=False).model_attacks if s.name == "fine_prune")
+    params = dict(spec.param_dict)
+    images, captions = heldout_data(params["dataset"], cfg.run.num_images, cfg.model.height, cfg.model.width,
+                                    data_seed=LOSS_PROTOCOL["data_seed"])
+
+    def loss(p):
+        ctx = StageContext(torch.Generator().manual_seed(0),
+                           data=Resources(lambda: base, cfg.model.height, cfg.model.width))
+        tuned = model_attacks.get("fine_prune")(**p).apply(copy_pipeline(base), ctx)
+        return heldout_loss(tuned, images, captions, noise_seed=LOSS_PROTOCOL["noise_seed"],
+                            repeats=LOSS_PROTOCOL["repeats"])
+
+    pruned, recovered = loss({**params, "recover_steps": 0}), loss(params)
+    diff = stats.mean_t_interval((recovered - pruned).numpy())
+    print(f"fine_prune: held-out loss {float(pruned.mean()):.4f} pruned -> {float(recovered.mean()):.4f} recovered, "
+          f"paired change {diff.value:.4f} [{diff.low:.4f}, {diff.high:.4f}]")  # shown with -s
+    assert diff.high < 0, f"recovery did not lower the held-out loss: {diff}"

@@ -163,3 +163,39 @@ def test_docs_block_refuses_an_unknown_view_in_one_sentence(tmp_path):
     doc.write_text("<!-- results:begin source=results/x.json view=curves -->\n<!-- results:end -->\n")
     with pytest.raises(ValueError, match=r"m\.md: view=curves in a results block: allowed cells, utility"):
         update_docs(doc, tmp_path)
+
+
+def _with_loss() -> Results:
+    """synthetic() with the held-out loss stored on alpha's LoRA points (loss = 0.03 - 0.01 * utility)."""
+    res = synthetic()
+    for c in res.cells:
+        if c.defense == "alpha" and c.model_attack == "lora":
+            u = c.metrics["utility_downstream"].value
+            c.metrics["utility_heldout_loss"] = Value(0.03 - 0.01 * u, 0.029 - 0.01 * u, 0.031 - 0.01 * u, 32,
+                                                      higher_is_better=False)
+    res.metric_order.append("utility_heldout_loss")
+    return res
+
+
+def test_the_heldout_loss_is_shown_beside_recognition_wherever_utility_is_shown():
+    from markbench.reports.leaderboard import build
+    from markbench.reports.readme import render_table
+
+    res = _with_loss()
+    lora = next(c for c in utility_curves(res) if c["attack"] == "lora")
+    assert lora["loss_metric"] == "utility_heldout_loss" and lora["x_metric"] == "utility_downstream"
+    alpha20 = lora["lines"]["alpha"][0]
+    assert (alpha20["loss"]["value"], alpha20["loss"]["low"]) == pytest.approx((0.029, 0.028))
+    assert all("loss" not in p for p in lora["lines"]["beta"])  # beta stored none: nothing invented
+    board = build(res, TPR)
+    md = to_markdown(board)
+    assert "lora(steps=20): 0.100 [0.000, 0.200] (held-out loss 0.0290 [0.0280, 0.0300]) &rarr; 0.950" in md
+    assert "lower = more utility" in md
+    page = utility_html(board["utility_curves"], res.defense_labels())
+    losses = sorted(float(v) for v in re.findall(r'data-loss="([^"]+)"', page))
+    assert losses == pytest.approx([0.023, 0.026, 0.029])  # alpha's three points, beta's none
+    assert "<td>0.0230 [0.0220, 0.0240]</td>" in page  # steps=2000: u = 0.7
+    block = render_table(board, "results/x.json", {"view": ["utility"], "defenses": ["alpha"],
+                                                   "model_attacks": ["lora(steps=200)"]})
+    assert ("| lora(steps=200) | alpha | `utility_downstream` 0.400 [0.300, 0.500]; `utility_heldout_loss` "
+            "0.0260 [0.0250, 0.0270] | 0.800 [0.650, 0.900] |") in block

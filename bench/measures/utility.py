@@ -13,6 +13,14 @@ CLIP, zero-shot):
 * ``utility_downstream_clean``: the same for the equally attacked *clean* model;
 * ``utility_downstream_base``: the unattacked base (the level before any fine-tune: what "learnt" is read against).
 
+The held-out downstream loss (every model attack that trains on a downstream dataset: a world's task or a folder;
+the attacked model's denoising loss on the task's held-out images, :func:`bench.downstream.heldout_loss`: the same
+seeded noise and timesteps for every model, so the three values are paired image by image). Lower is more utility:
+the model predicts the noise of the task's unseen images better.
+
+* ``utility_heldout_loss`` / ``utility_heldout_loss_clean`` / ``utility_heldout_loss_base``: the attacked watermarked
+  model, the equally attacked clean model, the unattacked base; mean over images, 95% t-interval.
+
 Quality kept (every model attack; the attacker's whole goal for ``goal = "compression"``: pruning, quantisation):
 the model's ordinary images (the run's captions and seeds, no trigger) against the unattacked clean base's images
 for the same captions and seeds (``ctx.reference()``):
@@ -22,7 +30,7 @@ for the same captions and seeds (``ctx.reference()``):
 * ``utility_clip_delta`` / ``utility_clip_delta_clean``: mean paired CLIP-score change
   (:mod:`bench.measures.clip_score`, the tiny CLIP by default), 95% t-interval.
 
-Recognition and the CLIP-score change store their per-image values (``Measurement.samples``: the 0/1 outcomes, the
+Recognition, the held-out loss and the CLIP-score change store their per-image values (``Measurement.samples``: the 0/1 outcomes, the
 paired changes), so that repeated attack runs (``[run] attack_seeds``) and run seeds combine by the hierarchical
 bootstrap in the leaderboard and its utility curves, with an interval, as detection does. FID is a set statistic and
 has none.
@@ -65,7 +73,8 @@ class AttackerUtility(Metric):
     Model-attacked cells only. Details in :mod:`bench.measures.utility`.
     """
 
-    version = "2"  # 2: the tiny world's recognition requires the caption's content (noise no longer counts)
+    # 2: the tiny world's recognition requires the caption's content (noise no longer counts); 3: the held-out loss
+    version = "3"
     needs_images = True
     higher_is_better = True
     clip_model: str = param(DEFAULT_CLIP_MODEL,
@@ -78,6 +87,7 @@ class AttackerUtility(Metric):
     @classmethod
     def outputs(cls, params, target_fprs):
         names = ["utility_downstream", "utility_downstream_clean", "utility_downstream_base",
+                 "utility_heldout_loss", "utility_heldout_loss_clean", "utility_heldout_loss_base",
                  "utility_clip_delta", "utility_clip_delta_clean"]
         if params.get("fid", True):
             names += ["utility_fid", "utility_fid_clean"]
@@ -88,7 +98,8 @@ class AttackerUtility(Metric):
         if attack is None or getattr(type(attack), "identity", False):
             return []
         threat = threat_note(attack)
-        return self._downstream(ctx, attack, threat) + self._quality(ctx, threat)
+        return (self._downstream(ctx, attack, threat) + self._heldout_loss(ctx, attack, threat)
+                + self._quality(ctx, threat))
 
     # -- the downstream task ---------------------------------------------------------------------------------
     def _downstream(self, ctx: MeasureContext, attack: Any, threat: str) -> list[Measurement]:
@@ -112,6 +123,35 @@ class AttackerUtility(Metric):
                 note=(f"share of {hits.size} images of {who} for held-out {task.dataset} captions in which the "
                       f"dataset's world recognises {task.description} (bench.downstream); exact Clopper-Pearson "
                       f"interval; {threat}")))
+        return out
+
+    # -- the held-out downstream loss ---------------------------------------------------------------------------
+    def _heldout_loss(self, ctx: MeasureContext, attack: Any, threat: str) -> list[Measurement]:
+        roles = ("heldout_loss_marked", "heldout_loss_clean", "heldout_loss_base")
+        if not all(r in ctx.values for r in roles):
+            return []
+        dataset = attack.downstream_dataset()
+        out = []
+        for role, name, who in zip(roles, ("utility_heldout_loss", "utility_heldout_loss_clean",
+                                           "utility_heldout_loss_base"),
+                                   ("the attacked watermarked model", "the equally attacked clean model",
+                                    "the unattacked clean base (before the attack)")):
+            values = np.asarray(ctx.values[role](), dtype=float).ravel()
+            if values.size == 0:
+                continue
+            if not np.isfinite(values).all():  # a model broken to NaN / inf: no number, said in the note
+                out.append(Measurement(
+                    name=name, value=math.nan, n=int(values.size), higher_is_better=False,
+                    note=(f"held-out loss of {who} on {dataset}: {int((~np.isfinite(values)).sum())} of "
+                          f"{values.size} images give a non-finite loss (the model is broken); {threat}")))
+                continue
+            est = stats.mean_t_interval(values)
+            out.append(Measurement(
+                name=name, value=est.value, low=_clean(est.low), high=_clean(est.high), n=est.n,
+                higher_is_better=False, samples=tuple(values.tolist()),
+                note=(f"held-out loss (lower = more utility): mean denoising loss of {who} on {values.size} held-out "
+                      f"images of {dataset} (the split the attack does not train on), at the same seeded noise and "
+                      f"timesteps for every model (bench.downstream.heldout_loss); 95% t-interval; {threat}")))
         return out
 
     # -- the quality kept ------------------------------------------------------------------------------------
