@@ -414,7 +414,7 @@ def cmd_ls(args) -> int:
                 what += _threat_model_text(dict(info.extra))
             if info.origin != "markbench":  # first, so a narrow table cannot cut it off
                 what = f"[from {info.origin}] {what}"
-            params = "\n".join(f"{d.name}: {d.type} = {d.default!r}; {d.allowed}" for d in describe(info.params))
+            params = "\n".join(d.line for d in describe(info.params))
             setting = (str(dict(info.extra).get("threat", "-")),) if kind == "defenses" else ()
             table.add_row(escape(name), *setting, escape(what), escape(params) or "-")
         console.print(table)

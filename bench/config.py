@@ -62,6 +62,17 @@ class PluginSpec:
         return {"name": self.name, "version": self.version,
                 "params": {k: v for k, v in params.items() if k not in unkeyed}}
 
+    def embedding_spec(self) -> "PluginSpec":
+        """This spec as every stage but detection sees it: its verifier-only parameters (``param(...,
+        verifier=True)``) at their declared defaults, so that entries differing only in how they are read share
+        the embed / generate / model-attack stages (and keep the keys those stages had before the parameters were
+        declared verifier-only). ``self`` when it sets none of them otherwise."""
+        declared = {p.name: p for p in _registry(self.kind).get(self.name).params if p.verifier}
+        if not declared or all(v == declared[k].default for k, v in self.param_dict.items() if k in declared):
+            return self
+        params = tuple((k, _frozen(declared[k].default) if k in declared else v) for k, v in self.params)
+        return replace(self, params=params, given=tuple(k for k in self.given if k not in declared))
+
     @property
     def label(self) -> str:
         if self.display:
@@ -116,6 +127,11 @@ MAX_CONFIG_BYTES = 16 * 2 ** 20
 MAX_PROMPT_CHARS = 2_000
 #: classifier-free guidance beyond this is no setting anyone samples with (and 1e308 overflows to NaN images)
 MAX_GUIDANCE = 100.0
+
+
+def _frozen(v: Any) -> Any:
+    """A parameter value as a :class:`PluginSpec` holds it (a list as a tuple: the spec is hashable)."""
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _short(v: Any) -> str:

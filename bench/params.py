@@ -57,6 +57,11 @@ class Param:
     #: is left out of cache keys (``PluginSpec.identity``), so those keys stand; it is still recorded with every
     #: result. A value other than the default is keyed as usual.
     keyed_at_default: bool = True
+    #: True for a defence's *verifier-only* parameter: read by its detector alone (an inversion's settings, a
+    #: detection score). It enters the detect stage's key, never the embed / generate / model-attack keys (there it
+    #: is keyed at its declared default, :meth:`bench.config.PluginSpec.embedding_spec`), so two config entries that
+    #: differ only in verifier parameters share one embedding and one set of images, read two ways.
+    verifier: bool = False
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values."""
@@ -117,15 +122,17 @@ class Declared(Param):
 
 
 def param(default: Any, doc: str = "", *, low: float | None = None, high: float | None = None,
-          choices: Sequence[Any] | None = None, optional: bool = False, keyed_at_default: bool = True) -> Any:
+          choices: Sequence[Any] | None = None, optional: bool = False, keyed_at_default: bool = True,
+          verifier: bool = False) -> Any:
     """Declare a plugin parameter as a typed class attribute: ``steps: int = param(200, "optimiser steps", low=0)``.
 
     The type comes from the annotation (``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``list[int]``,
     ``list[float]``; ``X | None`` makes it optional, i.e. ``None`` means "not set"). ``keyed_at_default=False``:
-    see :class:`Param`.
+    see :class:`Param`. ``verifier=True`` (defences only): read by the detector alone, keyed by the detect stage
+    only (see :class:`Param`).
     """
     return Declared("", "", default, doc, low, high, tuple(choices) if choices is not None else None, optional,
-                    keyed_at_default)
+                    keyed_at_default, verifier)
 
 
 def annotation_type(annotation: Any) -> tuple[str, bool]:
@@ -166,7 +173,7 @@ def params_from_attributes(owner: str, namespace: Mapping[str, Any], annotations
         except ValueError as exc:
             raise PluginValidationError(f"{owner}: parameter '{name}': {exc}") from None
         own.append(Param(name, typ, d.default, d.doc, d.low, d.high, d.choices, d.optional or optional,
-                         d.keyed_at_default))
+                         d.keyed_at_default, d.verifier))
     by_name = {p.name: p for p in own}
     merged = [by_name.pop(p.name, p) for p in inherited]
     return tuple(merged) + tuple(p for p in own if p.name in by_name)
@@ -245,10 +252,17 @@ class ParamDoc:
     default: Any
     allowed: str
     doc: str = field(default="")
+    verifier: bool = False
+
+    @property
+    def line(self) -> str:
+        """``name: type = default; allowed`` (``bench ls``), with ``[verifier only]`` for a verifier parameter."""
+        return (f"{self.name}: {self.type} = {self.default!r}; {self.allowed}"
+                + (" [verifier only]" if self.verifier else ""))
 
 
 def describe(params: Sequence[Param]) -> list[ParamDoc]:
-    return [ParamDoc(p.name, p.type, p.default, p.allowed(), p.doc) for p in params]
+    return [ParamDoc(p.name, p.type, p.default, p.allowed(), p.doc, p.verifier) for p in params]
 
 
 def _cut(text: str, limit: int = 80) -> str:

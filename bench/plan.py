@@ -195,6 +195,8 @@ class _Builder:
 
     def add(self, kind: str, inputs: tuple[str, ...], plugin: PluginSpec | None = None, seed: int = 0,
             label: str = "", **extra: Any) -> str:
+        if plugin is not None and kind != "detect":  # verifier-only parameters are keyed by detection alone
+            plugin = plugin.embedding_spec()
         key = stable_hash({"kind": kind, "inputs": list(inputs), "plugin": plugin.identity() if plugin else None,
                            "seed": seed, "extra": extra})
         if key not in self.plan.stages:

@@ -209,6 +209,10 @@ class Registry(Generic[T]):
         if not isinstance(version, str) or not version:
             raise PluginValidationError(f"{owner} must set a non-empty string class attribute 'version'")
         validate_declarations(owner, getattr(cls, "params", ()))
+        verifier = [p.name for p in getattr(cls, "params", ()) if getattr(p, "verifier", False)]
+        if verifier and self.kind != "defense":
+            raise PluginValidationError(f"{owner}: parameter '{verifier[0]}' is declared verifier=True, which only a "
+                                        "defence's parameter can be (it is read by the defence's detector alone)")
         check = getattr(cls, "validate_class", None)
         if check is not None:
             check(owner)

@@ -86,15 +86,17 @@ class GaussianShading(Defense):
     uses_data = True  # the message length is the latent's block size, read from the pipeline at the run's size
     channel_copies: int = param(1, "copies of the message block over the latent channels", low=1, high=64)
     hw_copies: int = param(8, "copies per spatial side (hw_copies^2 spatial copies)", low=1, high=128)
-    inversion: str = param("ddim", "inversion: plain DDIM or exact (fixed-point)", choices=INVERSION_METHODS)
+    inversion: str = param("ddim", "inversion: plain DDIM or exact (fixed-point)", choices=INVERSION_METHODS,
+                           verifier=True)
     inversion_steps: int = param(0, "DDIM inversion steps; 0 = the run's sampler steps (paper: 50 and 50)", low=0,
-            high=1000)
-    fixed_point_iters: int = param(3, "fixed-point iterations per step of the exact inversion", low=1, high=50)
+            high=1000, verifier=True)
+    fixed_point_iters: int = param(3, "fixed-point iterations per step of the exact inversion", low=1, high=50,
+                                   verifier=True)
     decoder_inversion_steps: int = param(0, "gradient steps of decoder inversion before the DDIM inversion (Hong et al. "
                                          "2024); 0 = the encoder's posterior mean alone (the paper's)", low=0,
-                                         high=5000, keyed_at_default=False)
+                                         high=5000, keyed_at_default=False, verifier=True)
     decoder_inversion_lr: float = param(0.05, "Adam learning rate of decoder inversion (cosine to 0)", low=1e-5,
-                                        high=1.0, keyed_at_default=False)
+                                        high=1.0, keyed_at_default=False, verifier=True)
     smoke_params = {"hw_copies": 2, "inversion_steps": 2}
 
     def _layout(self, shape) -> tuple[int, int, int]:

@@ -130,16 +130,18 @@ class TreeRing(Defense):
     channel: int = param(3, "latent channel carrying the key", low=0, high=63)
     pattern: str = param("rings", "key pattern: rings (paper default), zeros or rand", choices=PATTERNS)
     score: str = param("l1", "detection score: -L1 distance (paper) or -log10 p (non-central chi-square)",
-            choices=SCORES)
-    inversion: str = param("ddim", "inversion: plain DDIM or exact (fixed-point)", choices=INVERSION_METHODS)
+            choices=SCORES, verifier=True)
+    inversion: str = param("ddim", "inversion: plain DDIM or exact (fixed-point)", choices=INVERSION_METHODS,
+                           verifier=True)
     inversion_steps: int = param(0, "DDIM inversion steps; 0 = the run's sampler steps (paper: 50 and 50)", low=0,
-            high=1000)
-    fixed_point_iters: int = param(3, "fixed-point iterations per step of the exact inversion", low=1, high=50)
+            high=1000, verifier=True)
+    fixed_point_iters: int = param(3, "fixed-point iterations per step of the exact inversion", low=1, high=50,
+                                   verifier=True)
     decoder_inversion_steps: int = param(0, "gradient steps of decoder inversion before the DDIM inversion (Hong et al. "
                                          "2024); 0 = the encoder's posterior mean alone (the paper's)", low=0,
-                                         high=5000, keyed_at_default=False)
+                                         high=5000, keyed_at_default=False, verifier=True)
     decoder_inversion_lr: float = param(0.05, "Adam learning rate of decoder inversion (cosine to 0)", low=1e-5,
-                                        high=1.0, keyed_at_default=False)
+                                        high=1.0, keyed_at_default=False, verifier=True)
     smoke_params = {"radius": 2.0, "channel": 0, "inversion_steps": 2}
 
     def embed(self, pipe, ctx) -> Embedding:
