@@ -140,7 +140,10 @@ def build(results: Results, metric: str | None = None) -> dict[str, Any]:
         return (r["mean"] is None, sign * (r["mean"] or 0.0), r["worst"] is None, sign * (r["worst"] or 0.0),
                 clean is None, sign * (clean or 0.0), e["control"])
 
-    curves = utility_curves(results, [m for m in dict.fromkeys([metric, "bit_accuracy"]) if m in available])
+    # the ranking metric and every detection metric (a score defence's empirical-threshold TPR too: its per-image
+    # outcomes combine over attack runs, where its AUC, which stores none, cannot)
+    curves = utility_curves(results, [m for m in dict.fromkeys([metric, *detection_metrics(results), "bit_accuracy"])
+                                      if m in available])
     # the columns whose model attack assumes more than its threat model (merge(other=base)): marked in the Markdown
     stronger = list(dict.fromkeys(results.column(c) for c in results.cells if c.stronger_than_threat_model))
     entries.sort(key=sort_key)
