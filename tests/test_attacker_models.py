@@ -336,7 +336,7 @@ def test_the_independent_unet_was_trained_apart_from_the_defenders_models():
 
 
 @shipped_ind
-@pytest.mark.slow  # 56 images at guidance 5 through the small pipeline: about 15 s on the shared 2-core CPU
+@pytest.mark.slow  # 56 images at guidance 5 through the small pipeline: about 30 s on the shared 2-core CPU
 def test_the_independent_pipeline_draws_the_worlds_content_as_the_manifest_records():
     """Its images for held-out captions are read by the tiny CLIP with the colour and shape asked for well above
     chance (1/8 colours, 1/7 shapes), near what the manifest records for the shipped weights (the first 56 of its
