@@ -99,6 +99,21 @@ def _copy_folder(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def _ship_clip_half(src: Path, dst: Path) -> None:
+    """Ship the trained CLIP (float32 in the work folder) with float16 weights, as :func:`ship` does: half the bytes,
+    so that a full build stays within :data:`MAX_BYTES` with the attacker models (its float32 copy alone would take
+    9.3 MB more); the UNet stage reads the float32 copy in the work folder."""
+    from . import clip_model
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    clip_model.save(clip_model.load(src), tmp, half=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
 def _readable(out: Path) -> None:
     """safetensors writes files 0600; shipped files are readable by everyone."""
     for p in Path(out).rglob("*"):
@@ -132,7 +147,7 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
             _fresh(work / "clip" / "checkpoint.pt")
         res = train_clip(work, work / "clip" / "final", plan.seed, plan.clip or ClipSettings(), resume=plan.resume,
                          bar=bar, log=log)
-        _copy_folder(work / "clip" / "final", out / "tiny-clip")
+        _ship_clip_half(work / "clip" / "final", out / "tiny-clip")
         training["clip"] = res
     if "vae" in stages:
         if not plan.resume:
