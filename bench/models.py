@@ -143,9 +143,10 @@ def vae_source(source: str, where: str = "vae") -> tuple[str, Path | None]:
 
 
 def pipeline_source(source: str, where: str = "model") -> tuple[str, Path | None]:
-    """What an attacker-pipeline value names: ``("base", None)``, ``("model", None)`` (a built-in model) or
-    ``("folder", path)`` (a diffusers pipeline folder); a :class:`~bench.errors.ConfigError` for anything else, and
-    one that says why for a standalone autoencoder (it has no diffusion model of its latent space)."""
+    """What an attacker-pipeline value names: ``("base", None)``, ``("model", None)`` (a built-in model, e.g. the
+    tiny world's independent attacker pipeline ``tiny-sd-ind``) or ``("folder", path)`` (a diffusers pipeline
+    folder); a :class:`~bench.errors.ConfigError` for anything else, and one that says why for a standalone
+    autoencoder (it is no pipeline: a world ships the pipeline built on it, if any, as a built-in model)."""
     from .errors import ConfigError
     from .world import autoencoder_names, model_names
 
@@ -154,9 +155,10 @@ def pipeline_source(source: str, where: str = "model") -> tuple[str, Path | None
     if source in model_names():
         return "model", None
     if source in autoencoder_names():
-        raise ConfigError(f"{where} = {source!r} is an autoencoder without a diffusion model of its own latent space "
-                          f"(the base UNet denoises another latent space); use it with regen_vae, or name a "
-                          f"pipeline: 'base', a built-in model ({', '.join(sorted(model_names()))}) or a folder")
+        raise ConfigError(f"{where} = {source!r} is a standalone autoencoder, not a pipeline (the base UNet denoises "
+                          f"another latent space); use it with regen_vae, or name a pipeline: 'base', a built-in "
+                          f"model ({', '.join(sorted(model_names()))}; a world's attacker pipeline built on that "
+                          f"autoencoder is among them) or a folder")
     folder = Path(source).expanduser()
     if (folder / "model_index.json").is_file():
         return "folder", folder

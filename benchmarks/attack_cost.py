@@ -1,6 +1,10 @@
 """Cost per image of the removal attacks (issue 27) against the JPEG attack, measured in the same run.
 
     python benchmarks/attack_cost.py [--model tiny-sd] [--images 16] [--size 64] [--threads 1] [--repeats 3]
+    python benchmarks/attack_cost.py --attacks 'jpeg,regen_diffusion,regen_diffusion[model=tiny-sd-ind]'
+
+An entry of ``--attacks`` may set parameters in brackets, ``name[key=value,...]`` (values read as TOML scalars,
+strings bare), e.g. regeneration through the attacker's own pipeline instead of the base's.
 
 Each attack is applied to the same batch of images exactly as the harness's image-attack stage calls it (with the
 base pipeline for attacks that declare ``needs_model``; defaults, i.e. strength 0.5, except :data:`PARAMS`),
@@ -31,6 +35,25 @@ ATTACKS = ("jpeg", "regen_vae", "regen_diffusion", "rinse", "adv_embedding", "av
 PARAMS = {"unmarker": {"stage1_steps": 200, "stage2_steps": 50}}
 
 
+def _entries(spec: str) -> list[tuple[str, dict]]:
+    """``"a,b[k=v,k2=v2]"`` -> ``[("a", {}), ("b[k=v,k2=v2]", {"k": v, "k2": v2})]`` (commas inside brackets kept)."""
+    import re
+    import tomllib
+
+    out = []
+    for m in re.finditer(r"([^,\[]+)(\[[^\]]*\])?", spec):
+        name, bracket = m.group(1).strip(), m.group(2)
+        given = {}
+        for kv in (bracket[1:-1].split(",") if bracket else []):
+            key, value = kv.split("=", 1)
+            try:
+                given[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                given[key.strip()] = value.strip()
+        out.append((name + (bracket or ""), given))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-sd", help="a built-in model (tiny-sd, micro-sd)")
@@ -55,8 +78,8 @@ def main() -> None:
           f"median of {args.repeats} ({args.clock} time)")
     per_image: dict[str, float] = {}
     labels: dict[str, str] = {}
-    for name in args.attacks.split(","):
-        attack = image_attacks.get(name)(**PARAMS.get(name, {}))
+    for name, given in _entries(args.attacks):
+        attack = image_attacks.get(name.split("[")[0])(**{**PARAMS.get(name, {}), **given})
         labels[name] = attack.describe()
         model = pipe if attack.needs_model else None
         if type(attack).trains_surrogate:

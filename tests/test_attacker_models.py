@@ -13,9 +13,9 @@ import torch
 
 from markbench import ConfigError, image_attacks
 from markbench.config import PluginSpec
-from markbench.models import load_vae, pipeline_source, vae_source
+from markbench.models import load_attacker_pipeline, load_vae, pipeline_source, vae_source
 from markbench.testing import contract_cases, run_attack
-from markbench.worlds.tiny import MANIFEST, TINY_CLIP, TINY_SD, TINY_VAE_IND
+from markbench.worlds.tiny import MANIFEST, TINY_CLIP, TINY_SD, TINY_SD_IND, TINY_VAE_IND
 
 from .attack_models import gen, model_fixtures, tiny_or_micro
 from .conftest import MICRO_TOML, write_config
@@ -23,6 +23,10 @@ from .conftest import MICRO_TOML, write_config
 shipped = pytest.mark.skipif(not (TINY_VAE_IND / "vae" / "config.json").exists() or
                              not (TINY_SD / "model_index.json").exists() or not TINY_CLIP.exists(),
                              reason="the tiny world's models (tiny-sd, tiny-clip, tiny-vae-ind) are not built")
+shipped_ind = pytest.mark.skipif(not (TINY_SD_IND / "unet" / "config.json").exists() or
+                                 not (TINY_VAE_IND / "vae" / "config.json").exists() or
+                                 not (TINY_SD / "model_index.json").exists() or not TINY_CLIP.exists(),
+                                 reason="the tiny world's independent pipeline (tiny-sd-ind) is not built")
 
 
 _gen = gen
@@ -67,12 +71,20 @@ def test_vae_source_tells_base_autoencoders_models_and_folders_apart_and_refuses
         assert vae_source("tiny-vae-ind") == ("autoencoder", TINY_VAE_IND / "vae")
 
 
-def test_a_diffusion_regeneration_refuses_an_autoencoder_and_says_why(tmp_path):
+def test_a_diffusion_regeneration_refuses_a_bare_autoencoder_and_names_the_pipelines(tmp_path):
     assert pipeline_source("base") == ("base", None) and pipeline_source("micro-sd") == ("model", None)
-    with pytest.raises(ConfigError, match="an autoencoder without a diffusion model of its own latent space"):
+    with pytest.raises(ConfigError, match=r"regen_diffusion\.model = 'tiny-vae-ind' is a standalone autoencoder, not a "
+                                          r"pipeline.*built-in model \(.*tiny-sd-ind"):
         image_attacks.get("regen_diffusion")(model="tiny-vae-ind")
     with pytest.raises(ConfigError, match="rinse.model = .* nor a diffusers pipeline folder"):
         image_attacks.get("rinse")(model=str(tmp_path))
+
+
+def test_the_independent_diffusion_model_is_accepted_by_name_where_it_was_refused():
+    """The tiny world's independent attacker pipeline is a built-in model: both diffusion regenerations take it."""
+    assert pipeline_source("tiny-sd-ind") == ("model", None)
+    for name in ("regen_diffusion", "rinse"):
+        assert image_attacks.get(name)(model="tiny-sd-ind").model == "tiny-sd-ind"
 
 
 @pytest.mark.parametrize("attack, key, bad", [("regen_vae", "vae", "tiny-vae-x"),
@@ -235,3 +247,107 @@ def test_the_independent_vaes_held_out_psnr_is_what_the_manifest_records():
     psnr = psnr_round_trip(load_vae("tiny-vae-ind"), images)
     assert math.isfinite(psnr) and abs(psnr - rec["heldout"]) < 1.5, (psnr, rec)
     assert 20.0 < rec["heldout"] < 40.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shipped independent diffusion model (tiny-sd-ind)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def independent():
+    return load_attacker_pipeline("tiny-sd-ind")
+
+
+@shipped_ind
+def test_the_independent_pipeline_is_the_attackers_vae_and_unet_with_the_public_text_encoder(independent):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from markbench.models import load_pipeline_folder
+
+    own = load_pipeline_folder(TINY_SD)
+    assert isinstance(independent, StableDiffusionPipeline)
+    # tiny-sd's UNet family: block types, latent shape, text conditioning, epsilon prediction; fewer channels
+    same = ("down_block_types", "up_block_types", "in_channels", "out_channels", "sample_size", "cross_attention_dim",
+            "addition_embed_type", "layers_per_block", "attention_head_dim")
+    assert {k: independent.unet.config[k] for k in same} == {k: own.unet.config[k] for k in same}
+    assert tuple(independent.unet.config.block_out_channels) == (16, 32, 48)
+    n_ind, n_own = (sum(p.numel() for p in u.parameters()) for u in (independent.unet, own.unet))
+    assert n_ind < n_own / 5, (n_ind, n_own)
+    assert dict(independent.scheduler.config) == dict(own.scheduler.config)
+    assert independent.scheduler.config.prediction_type == "epsilon"
+    # the VAE is the shipped attacker VAE, weight for weight; the text encoder is tiny-sd's (the public CLIP's tower)
+    vae = load_vae("tiny-vae-ind")
+    assert all(torch.equal(a, b) for a, b in zip(independent.vae.state_dict().values(), vae.state_dict().values()))
+    te, own_te = independent.text_encoder.state_dict(), own.text_encoder.state_dict()
+    assert te.keys() == own_te.keys() and all(torch.equal(te[k], own_te[k]) for k in te)
+    # stored in float16, loaded as float32
+    assert next(independent.unet.parameters()).dtype == torch.float32
+    stored = load_file(str(TINY_SD_IND / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+
+
+@shipped_ind
+def test_regeneration_through_the_independent_pipeline_is_stock_img2img_on_it(pipe, images, independent):
+    """regen_diffusion(model="tiny-sd-ind") returns images of the input's shape, equal to diffusers' img2img run on
+    the independent pipeline's components with the same generator, and unlike the base model's regeneration."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    attack = image_attacks.get("regen_diffusion")(model="tiny-sd-ind", noise_step=200, num_inference_steps=20)
+    out = run_attack(attack, images, _gen(4), model=pipe)
+    assert out.shape == images.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    ref_pipe = StableDiffusionImg2ImgPipeline(
+        vae=independent.vae, text_encoder=independent.text_encoder, tokenizer=independent.tokenizer,
+        unet=independent.unet, scheduler=type(independent.scheduler).from_config(independent.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref_pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = ref_pipe(prompt=[""] * len(images), image=images, strength=0.2, num_inference_steps=20,
+                       guidance_scale=1.0, generator=_gen(4), output_type="pt").images.float().clamp(0, 1)
+    assert torch.allclose(out, (ref * 255).round() / 255, atol=1.5 / 255)
+    base = run_attack(image_attacks.get("regen_diffusion")(noise_step=200, num_inference_steps=20), images, _gen(4),
+                      model=pipe)
+    assert float((out - base).abs().mean()) > 0.01  # another model, another regeneration
+    assert float((out - images).abs().mean()) > 0.005
+
+
+@shipped_ind
+def test_the_independent_unet_was_trained_apart_from_the_defenders_models():
+    """Its seed (weights, batches, images) is the attacker's, not tiny-sd's; its images are the training split drawn
+    from that seed (another stream than tiny-sd's: the first images differ), whose captions are all training
+    combinations, so no evaluation caption (the held-out combinations) was ever trained on; its latents are the
+    attacker VAE's."""
+    from markbench.worlds.tiny import shapes
+
+    m = json.loads(MANIFEST.read_text())
+    rec, theirs = m["training"]["unet-ind"], m["training"]["unet"]
+    assert rec["seed"] == m["training"]["vae-ind"]["seed"] != theirs["seed"]
+    assert rec["data"]["image_seed"] == rec["seed"] and rec["data"]["split"] == "train"
+    assert "tiny-vae-ind" in rec["data"]["latents"]
+    n = 64
+    mine, my_caps, _ = shapes.make_dataset("train", n, rec["data"]["image_seed"])
+    defender, _, _ = shapes.make_dataset("train", n, theirs["seed"])
+    differ = (mine.reshape(n, -1) != defender.reshape(n, -1)).any(axis=1)
+    assert differ.mean() > 0.9, differ.mean()
+    train_combos, held_combos = (set(c) for c in shapes.combinations())
+    parsed = [shapes.parse_caption(c) for c in my_caps]
+    assert all((p["shape"], p["colour"], p["background"]) in train_combos for p in parsed)
+    assert not any((p["shape"], p["colour"], p["background"]) in held_combos for p in parsed)
+    assert sorted(m["files"]["tiny-sd-ind"]) == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+
+
+@shipped_ind
+@pytest.mark.slow  # 56 images at guidance 5 through the small pipeline: about 30 s on the shared 2-core CPU
+def test_the_independent_pipeline_draws_the_worlds_content_as_the_manifest_records():
+    """Its images for held-out captions are read by the tiny CLIP with the colour and shape asked for well above
+    chance (1/8 colours, 1/7 shapes), near what the manifest records for the shipped weights (the first 56 of its
+    168 captions and seeds; the record is n = 168)."""
+    from markbench.models import builtin_folder, load_pipeline_folder
+    from markbench.worlds.tiny import clip_model
+    from markbench.worlds.tiny.train_unet import evaluate_pipeline
+
+    rec = json.loads(MANIFEST.read_text())["training"]["unet-ind"]["quality"]["ldm_heldout_accuracy"]["cfg5"]
+    pipe = load_pipeline_folder(builtin_folder("tiny-sd-ind"))
+    res = evaluate_pipeline(pipe, clip_model.ZeroShot(clip_model.load()), n=56, guidances=(5.0,), steps=20)["cfg5"]
+    assert res["colour"] >= 0.25 and res["shape"] >= 0.25, res  # twice chance; recorded: 0.46 and 0.42 (n = 168)
+    for k in ("colour", "shape", "shape_and_colour"):
+        assert abs(res[k] - rec[k]) < 0.15, (k, res[k], rec[k])

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_builtin_worlds_provide_the_models_the_core_used_to_know():
-    assert W.model_names() == {"tiny-sd": "tiny", "tiny-sd-rt": "tiny", "micro-sd": "micro", "sd-1.4": "sd",
-                               "sd-1.5": "sd", "sd-2.1-base": "sd"}
+    assert W.model_names() == {"tiny-sd": "tiny", "tiny-sd-rt": "tiny", "tiny-sd-ind": "tiny", "micro-sd": "micro",
+                               "sd-1.4": "sd", "sd-1.5": "sd", "sd-2.1-base": "sd"}
 
 
 def test_one_spec_syntax_for_prompt_sets_and_datasets():

@@ -137,7 +137,11 @@ def test_manifest_matches_the_shipped_files():
 
     m = json.loads(MANIFEST.read_text())
     assert verify(MANIFEST.parent, m) == []
-    assert m["total_bytes"] <= 60 * 1024 * 1024
+    from markbench.worlds.tiny.build import MAX_BYTES
+
+    assert m["total_bytes"] <= MAX_BYTES  # 60,000,000 bytes in all, the attacker models included
+    assert m["total_bytes"] == sum(f.stat().st_size for f in MANIFEST.parent.rglob("*")
+                                   if f.is_file() and f.name != "manifest.json")
     for key in ("clip_zero_shot_heldout", "vae_psnr_db", "ldm_heldout_accuracy"):
         assert key in m["quality"]
 
@@ -242,7 +246,8 @@ def test_build_is_reproducible(tmp_path):
                                          n_style=8, n_subject=8, n_eval=8),
                          unet=UnetSettings(steps=3, batch_size=4, n_train=40, eval_every=0),
                          vae_ind=VaeSettings(steps=2, decoder_steps=2, roundtrip_steps=0, batch_size=4, n_train=40,
-                                             n_style=8, n_subject=8, n_eval=8))
+                                             n_style=8, n_subject=8, n_eval=8),
+                         unet_ind=UnetSettings(steps=3, batch_size=4, n_train=40, eval_every=0))
         m = build(plan)
         sums.append({c: {f: v["sha256"] for f, v in files.items() if f.endswith(".safetensors")}
                      for c, files in m["files"].items()})
@@ -268,6 +273,12 @@ def test_build_is_reproducible(tmp_path):
     assert not any(torch.allclose(ind[k].float(), two[k]) for k in enc if two[k].numel() > 16)
     assert m["training"]["vae-ind"]["seed"] == 5 + 1000 and m["training"]["vae-ind"]["heldout_psnr"]["n"] == 256
     assert sorted(sums[0]["tiny-sd-rt"]) == ["vae/diffusion_pytorch_model.safetensors"]
+    # the independent attacker UNet: tiny-sd's UNet family with fewer channels, its own seed, float16 on disk
+    unet_ind = load_file(str(tmp_path / "out0/tiny-sd-ind/unet/diffusion_pytorch_model.safetensors"))
+    own_unet = load_file(str(tmp_path / "out0/tiny-sd/unet/diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in unet_ind.values()} == {torch.float16}
+    assert sum(t.numel() for t in unet_ind.values()) < sum(t.numel() for t in own_unet.values()) / 5
+    assert m["training"]["unet-ind"]["seed"] == 5 + 1000 and m["training"]["unet-ind"]["data"]["image_seed"] == 1005
     # shipping the checkpoints of a build that is past stage 2 ships tiny-sd's (two-stage) VAE, not stage 3's
     from markbench.worlds.tiny.build import ship
 

@@ -9,7 +9,8 @@ Rinse-2xDiff / Rinse-4xDiff, and the VAE form as Regen-VAE / Regen-KLVAE.
 By default all three use the model the harness hands them (``needs_model = "base"``: the run's clean base pipeline,
 what an attacker of released weights has). Which model the attacker uses is a parameter and part of the result:
 ``regen_vae``'s ``vae`` may name an independent VAE the defender never saw (the tiny world ships ``tiny-vae-ind``,
-trained apart from tiny-sd), ``regen_diffusion``'s and ``rinse``'s ``model`` another pipeline
+trained apart from tiny-sd), ``regen_diffusion``'s and ``rinse``'s ``model`` another pipeline (the tiny world ships
+``tiny-sd-ind``: that VAE with a smaller UNet trained apart from tiny-sd, and the public text encoder)
 (:mod:`bench.models`: ``vae_source``, ``pipeline_source``).
 """
 
@@ -149,9 +150,11 @@ class RegenDiffusion(ImageAttack):
     spacing, N = 50: t = 200 is noised to step 181 and denoised in 10 steps), so the effective step changes in jumps
     of T / N.
 
-    ``model``: ``"base"`` (the default) or another pipeline, a built-in model (e.g. ``tiny-sd-rt``) or a pipeline
-    folder (:func:`bench.models.pipeline_source`). A standalone autoencoder (``tiny-vae-ind``) is refused: the
-    regeneration needs a diffusion model of that VAE's own latent space, and the tiny world ships none (60 MB budget).
+    ``model``: ``"base"`` (the default) or another pipeline, a built-in model (e.g. ``tiny-sd-rt``; the tiny world's
+    independent attacker pipeline ``tiny-sd-ind``: the attacker VAE ``tiny-vae-ind`` with a smaller UNet trained on
+    its latent space from another seed, on other images, and tiny-sd's public text encoder and scheduler) or a
+    pipeline folder (:func:`bench.models.pipeline_source`). A standalone autoencoder (``tiny-vae-ind`` alone) is
+    refused: the regeneration needs a diffusion model of that VAE's own latent space (``tiny-sd-ind`` is that one).
     """
 
     version = "1"
@@ -164,7 +167,7 @@ class RegenDiffusion(ImageAttack):
             "steps)", low=1, high=1000)
     batch_size: int = param(16, "images regenerated at once", low=1, high=1024)
     model: str = param(BASE, "the attacker's pipeline: 'base' (the base model), a built-in model (e.g. "
-            "'tiny-sd-rt') or a pipeline folder", keyed_at_default=False)
+            "'tiny-sd-rt', or 'tiny-sd-ind': independent of tiny-sd) or a pipeline folder", keyed_at_default=False)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -211,7 +214,7 @@ class Rinse(ImageAttack):
     num_inference_steps: int = param(50, "the sampler's schedule length per pass", low=1, high=1000)
     batch_size: int = param(16, "images regenerated at once", low=1, high=1024)
     model: str = param(BASE, "the attacker's pipeline: 'base' (the base model), a built-in model (e.g. "
-            "'tiny-sd-rt') or a pipeline folder", keyed_at_default=False)
+            "'tiny-sd-rt', or 'tiny-sd-ind': independent of tiny-sd) or a pipeline folder", keyed_at_default=False)
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:

@@ -13,7 +13,13 @@ Stages (each resumable; ``--only`` runs one):
    the attacker model ``tiny-vae-ind`` of ``regen_vae``, ``adv_embedding`` and ``vae_swap``. It depends on no other
    stage; ``--only vae-ind`` adds it to a shipped folder without touching the other artifacts or the manifest's
    other entries.
-5. measure: the quality figures (:mod:`worlds.tiny.evaluate`) -> ``artifacts/manifest.json`` with sizes, sha256
+5. ``unet-ind``: the independent attacker UNet (:func:`worlds.tiny.train_unet.train_attacker_unet`): tiny-sd's UNet
+   family with fewer channels (0.72 M parameters, float16), trained from the attacker's seed on latents of the
+   attacker VAE (``tiny-vae-ind``, which it needs) of the attacker's own images, conditioned on the public text
+   encoder -> ``artifacts/tiny-sd-ind/unet/``; with ``tiny-vae-ind`` and tiny-sd's text encoder, tokenizer and
+   scheduler it is the pipeline ``tiny-sd-ind`` (``regen_diffusion`` / ``rinse``'s ``model``). ``--only unet-ind``
+   adds it like ``vae-ind``.
+6. measure: the quality figures (:mod:`worlds.tiny.evaluate`) -> ``artifacts/manifest.json`` with sizes, sha256
    checksums, training settings, CPU seconds, versions.
 
 Work files (rendered datasets, checkpoints, logs) live in ``--work`` (default ``$MARKBENCH_HOME/zoo-build/seed-N``).
@@ -33,9 +39,11 @@ from typing import Any
 from . import ARTIFACTS, MANIFEST
 from .common import Logger, NullBar, file_sha256
 
-STAGES = ("clip", "vae", "unet", "vae-ind")
+STAGES = ("clip", "vae", "unet", "vae-ind", "unet-ind")
+#: the stages that add an attacker model to a shipped world: alone, they leave the manifest's other entries as they are
+ATTACKER_STAGES = ("vae-ind", "unet-ind")
 #: what each stage ships (``write_manifest_core`` lists and sizes them)
-COMPONENTS = ("tiny-sd", "tiny-sd-rt", "tiny-clip", "prebuilt", "tiny-vae-ind")
+COMPONENTS = ("tiny-sd", "tiny-sd-rt", "tiny-clip", "prebuilt", "tiny-vae-ind", "tiny-sd-ind")
 MAX_BYTES = 60_000_000  # the issue's budget: at most 60 MB shipped in all
 
 
@@ -52,6 +60,7 @@ class BuildPlan:
     vae: Any = None  # VaeSettings
     unet: Any = None  # UnetSettings
     vae_ind: Any = None  # VaeSettings of the attacker VAE (default: train_vae.attacker_vae_settings())
+    unet_ind: Any = None  # UnetSettings of the attacker UNet (default: train_unet.attacker_unet_settings())
     extra: dict = field(default_factory=dict)
 
 
@@ -90,6 +99,21 @@ def _copy_folder(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def _ship_clip_half(src: Path, dst: Path) -> None:
+    """Ship the trained CLIP (float32 in the work folder) with float16 weights, as :func:`ship` does: half the bytes,
+    so that a full build stays within :data:`MAX_BYTES` with the attacker models (its float32 copy alone would take
+    9.3 MB more); the UNet stage reads the float32 copy in the work folder."""
+    from . import clip_model
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    clip_model.save(clip_model.load(src), tmp, half=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
 def _readable(out: Path) -> None:
     """safetensors writes files 0600; shipped files are readable by everyone."""
     for p in Path(out).rglob("*"):
@@ -105,7 +129,7 @@ def _fresh(path: Path) -> None:
 def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None) -> dict:
     """Run the plan; return the manifest written to ``plan.out/manifest.json``."""
     from .train_clip import ClipSettings, train_clip
-    from .train_unet import UnetSettings, train_unet
+    from .train_unet import UnetSettings, train_attacker_unet, train_unet
     from .train_vae import VaeSettings, train_attacker_vae, train_vae
 
     bar = bar or NullBar()
@@ -123,7 +147,7 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
             _fresh(work / "clip" / "checkpoint.pt")
         res = train_clip(work, work / "clip" / "final", plan.seed, plan.clip or ClipSettings(), resume=plan.resume,
                          bar=bar, log=log)
-        _copy_folder(work / "clip" / "final", out / "tiny-clip")
+        _ship_clip_half(work / "clip" / "final", out / "tiny-clip")
         training["clip"] = res
     if "vae" in stages:
         if not plan.resume:
@@ -152,15 +176,29 @@ def build(plan: BuildPlan, bar: NullBar | None = None, log: Logger | None = None
                                  resume=plan.resume, bar=bar, log=log)
         _copy_folder(work / "vae-ind" / "ship", out / "tiny-vae-ind")
         training["vae-ind"] = res
+    if "unet-ind" in stages:
+        for need in (out / "tiny-vae-ind" / "vae", out / "tiny-sd" / "text_encoder", out / "tiny-clip"):
+            if not need.exists():
+                raise FileNotFoundError(f"{need} is missing: build the clip, vae, unet and vae-ind stages first")
+        if not plan.resume:
+            _fresh(work / "unet-ind" / "unet" / "checkpoint.pt")
+        res = train_attacker_unet(work / "unet-ind", work / "unet-ind" / "ship", out / "tiny-vae-ind" / "vae",
+                                  out / "tiny-clip", out / "tiny-sd" / "text_encoder", plan.seed, plan.unet_ind,
+                                  resume=plan.resume, bar=bar, log=log,
+                                  measure_n=(56 if plan.quick_measure else 168) if plan.measure else 0)
+        _copy_folder(work / "unet-ind" / "ship", out / "tiny-sd-ind")
+        training["unet-ind"] = res
     for name in stages:
         training[name]["finished"] = True
     _readable(out)
     core = write_manifest_core(out, plan.seed, time.time() - t_start, manifest)
-    if stages == ["vae-ind"]:  # an attacker model added to a shipped world: the other entries stay as they are
+    attacker_only = set(stages) <= set(ATTACKER_STAGES)
+    if attacker_only:  # an attacker model added to a shipped world: the other entries stay as they are
         manifest["files"], manifest["total_bytes"] = core["files"], core["total_bytes"]
     else:
         manifest.update(core)
-    if plan.measure and (out / "tiny-sd" / "model_index.json").exists() and (out / "tiny-clip").exists():
+    if (plan.measure and not attacker_only and (out / "tiny-sd" / "model_index.json").exists()
+            and (out / "tiny-clip").exists()):
         from .evaluate import check_targets, measure_all
 
         manifest["quality"] = measure_all(out / "tiny-sd", out / "tiny-clip", quick=plan.quick_measure, log=log)

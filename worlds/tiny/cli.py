@@ -21,14 +21,15 @@ def add_parsers(sub, cfg_args) -> dict:
               bench zoo build --seed 0            rebuild everything (hours on a 2-core CPU)
               bench zoo build --only unet --resume
               bench zoo build --only vae-ind      (re)build the independent attacker VAE (tiny-vae-ind) alone
+              bench zoo build --only unet-ind     (re)build the attacker UNet of tiny-sd-ind (needs tiny-vae-ind)
               bench zoo ship --work DIR           ship the latest checkpoints of a running build
               bench zoo embed                     ship the defences of bench.toml pre-embedded in the tiny world
               bench zoo embed configs/sleepermark-tiny.toml --force   re-train one (SleeperMark: ~15 min, two threads)
             """))
     zs = z.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
     b = zs.add_parser("build", help="rebuild the artifacts from a seed (resumable)")
-    b.add_argument("--only", choices=("clip", "vae", "unet", "vae-ind"), default=None,
-                   help="run one stage (vae-ind: the independent attacker VAE)")
+    b.add_argument("--only", choices=("clip", "vae", "unet", "vae-ind", "unet-ind"), default=None,
+                   help="run one stage (vae-ind / unet-ind: the independent attacker VAE / UNet)")
     b.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --work")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--work", default=None, help="work folder (default: $MARKBENCH_HOME/zoo-build/seed-N)")

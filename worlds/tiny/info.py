@@ -111,6 +111,13 @@ def print_info(console, folder: Path = ARTIFACTS, check: bool = False, show_file
                 scale = k[3:]
                 t.add_row(f"LDM shape+colour, guidance {scale}", _pct(r["shape_and_colour"]), str(r["n"]))
                 t.add_row(f"  shape / colour, guidance {scale}", f"{_pct(r['shape'])} / {_pct(r['colour'])}", "")
+        ind_ldm = tr.get("unet-ind", {}).get("quality", {}).get("ldm_heldout_accuracy", {})
+        for k, r in ind_ldm.items():
+            if isinstance(r, dict):
+                scale = k[3:]
+                t.add_row(f"tiny-sd-ind (attacker pipeline) shape+colour, guidance {scale}",
+                          _pct(r["shape_and_colour"]), str(r["n"]))
+                t.add_row(f"  shape / colour, guidance {scale}", f"{_pct(r['shape'])} / {_pct(r['colour'])}", "")
         console.print(t)
         met = m.get("targets_met", {})
         if met:

@@ -58,12 +58,12 @@ class UnetSettings:
     checkpoint_seconds: float = 180.0
 
 
-def build_unet(seed: int = 0):
+def build_unet(seed: int = 0, config: dict | None = None):
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIG)
+    return UNet2DConditionModel(**(UNET_CONFIG if config is None else config))
 
 
 def make_scheduler():
@@ -153,11 +153,14 @@ def prepare(work: Path, vae, text_encoder, seed: int, n_train: int, log: Logger)
 
 def train_unet(work: Path, out: Path, vae_dir: Path, clip_dir: Path, seed: int = 0,
                settings: UnetSettings | None = None, resume: bool = True, bar: NullBar | None = None,
-               log: Logger | None = None, final_vae_dir: Path | None = None) -> dict:
+               log: Logger | None = None, final_vae_dir: Path | None = None, config: dict | None = None,
+               text_encoder_dir: Path | None = None) -> dict:
     """Train (or resume) the UNet on latents from ``vae_dir``'s encoder; save the whole pipeline to ``out``.
 
     ``final_vae_dir``: the VAE that ships (same encoder, decoder fine-tuned); used for evaluation and the saved
-    pipeline when it exists, else ``vae_dir``'s.
+    pipeline when it exists, else ``vae_dir``'s. ``config``: the UNet's diffusers config (default
+    :data:`UNET_CONFIG`, tiny-sd's). ``text_encoder_dir``: a saved ``CLIPTextModel`` to condition on (default: the
+    text tower of the CLIP in ``clip_dir``, converted; the CLIP still scores the evaluation images).
     """
     import copy
 
@@ -170,13 +173,20 @@ def train_unet(work: Path, out: Path, vae_dir: Path, clip_dir: Path, seed: int =
     log = log or Logger()
     work = Path(work)
     ckpt_path = work / "unet" / "checkpoint.pt"
-    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True).float().eval().requires_grad_(False)
     clip = clip_model.load(clip_dir)
-    text_encoder = clip_model.to_hf_text_encoder(clip).requires_grad_(False)
+    if text_encoder_dir is not None:
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(str(text_encoder_dir), local_files_only=True).float().eval()
+        text_encoder.requires_grad_(False)
+    else:
+        text_encoder = clip_model.to_hf_text_encoder(clip).requires_grad_(False)
     prep = prepare(work, vae, text_encoder, seed, s.n_train, log)
     latents, cap_index, states = prep["latents"], prep["cap_index"], prep["states"]
 
-    unet = build_unet(seed)
+    config = UNET_CONFIG if config is None else config
+    unet = build_unet(seed, config)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
@@ -260,7 +270,7 @@ def train_unet(work: Path, out: Path, vae_dir: Path, clip_dir: Path, seed: int =
     pipe = assemble_pipeline(shipped_vae(), text_encoder, ema)
     pipe.save_pretrained(out)
     return {"settings": asdict(s), "config": {k: list(v) if isinstance(v, tuple) else v
-                                               for k, v in UNET_CONFIG.items()},
+                                               for k, v in config.items()},
             "seed": seed, "steps": step, "cpu_seconds": round(cpu_seconds, 1), "history": history}
 
 
@@ -277,6 +287,81 @@ def export_checkpoint(work: Path, out: Path, vae_dir: Path, clip_dir: Path) -> i
     text_encoder = clip_model.to_hf_text_encoder(clip_model.load(clip_dir))
     assemble_pipeline(vae, text_encoder, unet.eval()).save_pretrained(out)
     return int(state["step"])
+
+
+#: The independent attacker UNet (``tiny-sd-ind``'s): tiny-sd's block types, latent shape (4 x 16 x 16), text
+#: conditioning (cross-attention on the tiny CLIP text tower's 64-d states, the pooled-text addition embedding) and
+#: scheduler, with fewer channels (16/32/48 instead of 32/64/128, norm groups 8): 0.72 M parameters instead of 4.15 M,
+#: 1.44 MB in float16, what the tiny world's 60 MB budget leaves room for beside the other shipped artifacts.
+ATTACKER_UNET_CONFIG = dict(UNET_CONFIG, block_out_channels=(16, 32, 48), norm_num_groups=8)
+
+
+def attacker_unet_settings() -> UnetSettings:
+    """The attacker UNet's schedule: tiny-sd's recipe (batch 32, AdamW 6e-4 constant after warm-up, min-SNR-5, EMA
+    0.999, 10 % caption drop for classifier-free guidance) for 2,500 steps instead of 6,000 on a model a sixth the
+    size (about 0.24 CPU s a step on one thread: about a sixth of tiny-sd's 3,401 CPU s; an attacker with less
+    compute, and what one working session of the shared 2-core CPU allowed), on 6,000 training images of the
+    attacker's own seed (the attacker VAE's pool). The learning rate is constant after warm-up, so a longer run
+    continues the same trajectory."""
+    return UnetSettings(steps=2500, warmup=300, n_train=6000, eval_every=1000, eval_n=56, checkpoint_seconds=120.0)
+
+
+def attacker_pipeline(vae_dir: Path, unet_dir: Path, text_encoder_dir: Path):
+    """The attacker's pipeline in memory, float32: its VAE, its UNet, the public text encoder, tiny-sd's scheduler and
+    tokenizer (what the tiny world's ``tiny-sd-ind`` folder holds)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(str(unet_dir), local_files_only=True, torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(str(text_encoder_dir), local_files_only=True)
+    return assemble_pipeline(vae.float().eval(), text_encoder.float().eval(), unet.float().eval())
+
+
+def train_attacker_unet(work: Path, out: Path, vae_dir: Path, clip_dir: Path, text_encoder_dir: Path, seed: int = 0,
+                        settings: UnetSettings | None = None, resume: bool = True, bar: NullBar | None = None,
+                        log: Logger | None = None, measure_n: int = 168) -> dict:
+    """Train the independent attacker UNet (:data:`ATTACKER_UNET_CONFIG`, seed ``seed + ATTACKER_SEED_OFFSET``) in
+    ``work`` on latents of the attacker VAE ``vae_dir`` (the shipped ``tiny-vae-ind``) of training-split images
+    rendered from the attacker's seed (the same pool as the attacker VAE's: none of tiny-sd's training images nor of
+    the evaluation sets), conditioned on the public text encoder ``text_encoder_dir`` (tiny-sd's, the tiny CLIP's text
+    tower); ship its EMA weights in float16 to ``out/unet/``. Returns the training record with ``quality``: the tiny
+    CLIP's zero-shot accuracy on images of the shipped float16 weights for ``measure_n`` held-out captions at guidance
+    1, 3 and 5 (DDIM 20 steps; the same captions and seeds as tiny-sd's ``ldm_heldout_accuracy``)."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from . import clip_model
+    from .train_vae import ATTACKER_SEED_OFFSET
+
+    work, out = Path(work), Path(out)
+    s = settings or attacker_unet_settings()
+    log = log or Logger()
+    res = train_unet(work, work / "pipeline", vae_dir, clip_dir, seed + ATTACKER_SEED_OFFSET, s, resume=resume,
+                     bar=bar, log=log, config=ATTACKER_UNET_CONFIG, text_encoder_dir=text_encoder_dir)
+    unet = UNet2DConditionModel.from_pretrained(str(work / "pipeline" / "unet"), local_files_only=True)
+    if out.exists():
+        shutil.rmtree(out)
+    unet.to(torch.float16).save_pretrained(out / "unet")
+    res["dtype"] = "float16"
+    res["parameters"] = sum(p.numel() for p in unet.parameters())
+    res["data"] = {"split": "train", "n_images": s.n_train, "image_seed": seed + ATTACKER_SEED_OFFSET,
+                   "latents": "posterior mean of the attacker VAE (tiny-vae-ind), images and their mirror images",
+                   "text_encoder": "tiny-sd's text_encoder (the tiny CLIP's text tower, public)"}
+    if measure_n:
+        pipe = attacker_pipeline(vae_dir, out / "unet", text_encoder_dir)
+        zs = clip_model.ZeroShot(clip_model.load(clip_dir))
+        q = evaluate_pipeline(pipe, zs, n=measure_n, guidances=(1.0, 3.0, 5.0), steps=20, seed=0)
+        q["num_inference_steps"] = 20
+        q["note"] = "shipped float16 weights loaded as float32; the captions and seeds of tiny-sd's ldm_heldout_accuracy"
+        res["quality"] = {"ldm_heldout_accuracy": q}
+        log("attacker UNet (float16) held-out accuracy: " + "; ".join(
+            f"{k}: shape+colour {v['shape_and_colour']:.3f} shape {v['shape']:.3f} colour {v['colour']:.3f}"
+            for k, v in q.items() if isinstance(v, dict)))
+    return res
 
 
 def main(argv=None) -> int:  # python -m worlds.tiny.train_unet WORK OUT VAE_DIR CLIP_DIR [--steps N]

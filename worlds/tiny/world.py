@@ -38,13 +38,15 @@ class TinyWorld(World):
     version = "1"
     params = ()
 
-    description = "shipped tiny-sd / tiny-sd-rt pipelines and the coloured-shapes domain (64 px)"
+    description = "shipped tiny-sd / tiny-sd-rt pipelines (and the attacker's tiny-sd-ind) and the coloured-shapes domain (64 px)"
     legacy_prompt_sets = {"tiny": "heldout", "tiny-train": "train"}
     legacy_references = {"tiny_world_heldout": "heldout"}
     clip_models = ("tiny-world",)
 
     def models(self) -> Mapping[str, str]:
-        return {"tiny-sd": "shipped", "tiny-sd-rt": "shipped"}
+        # tiny-sd-ind: the attacker's independent pipeline (regen_diffusion / rinse's model); a complete SD pipeline,
+        # so it loads as a base model too
+        return {"tiny-sd": "shipped", "tiny-sd-rt": "shipped", "tiny-sd-ind": "shipped"}
 
     def model_folder(self, name: str) -> Path:
         from markbench.models import variant_folder
@@ -54,14 +56,32 @@ class TinyWorld(World):
                             f"{_pkg.TINY_SD}; rebuild it with 'bench zoo build' or use model.builtin = 'micro-sd'")
         if name == "tiny-sd":
             return _pkg.TINY_SD
+        if name == "tiny-sd-ind":
+            return self._independent_folder()
         if not (_pkg.TINY_SD_RT / "vae" / "config.json").exists():
             raise UserError(f"model.builtin = 'tiny-sd-rt': its VAE is missing from {_pkg.TINY_SD_RT}; rebuild it "
                             f"with 'bench zoo build --only vae' or use model.builtin = 'tiny-sd'")
         return variant_folder(_pkg.TINY_SD, {"vae": _pkg.TINY_SD_RT / "vae"},
                               f"tiny-sd-rt-{_pkg.fingerprint('tiny-sd')}-{_pkg.fingerprint('tiny-sd-rt')}")
 
+    def _independent_folder(self) -> Path:
+        """tiny-sd-ind: tiny-sd's folder with the attacker's VAE (tiny-vae-ind) and UNet linked in; its text encoder,
+        tokenizer and scheduler are tiny-sd's (the text encoder is the public tiny CLIP's text tower)."""
+        from markbench.models import variant_folder
+
+        for folder, stage in ((_pkg.TINY_VAE_IND / "vae", "vae-ind"), (_pkg.TINY_SD_IND / "unet", "unet-ind")):
+            if not (folder / "config.json").exists():
+                raise UserError(f"model 'tiny-sd-ind': the attacker's {folder.name} is missing from {folder.parent}; "
+                                f"build it with 'bench zoo build --only {stage}'")
+        ids = "-".join(_pkg.fingerprint(m) for m in ("tiny-sd", "tiny-vae-ind", "tiny-sd-ind"))
+        return variant_folder(_pkg.TINY_SD, {"vae": _pkg.TINY_VAE_IND / "vae", "unet": _pkg.TINY_SD_IND / "unet"},
+                              f"tiny-sd-ind-{ids}")
+
     def model_identity(self, name: str) -> tuple[str, ...]:
-        # tiny-sd-rt is tiny-sd with another VAE decoder: both checksums identify it
+        # tiny-sd-rt is tiny-sd with another VAE decoder: both checksums identify it; tiny-sd-ind is tiny-sd's text
+        # encoder with the attacker's VAE and UNet
+        if name == "tiny-sd-ind":
+            return tuple(_pkg.fingerprint(m) for m in ("tiny-sd", "tiny-vae-ind", "tiny-sd-ind"))
         return (_pkg.fingerprint(),) + ((_pkg.fingerprint("tiny-sd-rt"),) if name == "tiny-sd-rt" else ())
 
     def autoencoders(self) -> Mapping[str, str]:
