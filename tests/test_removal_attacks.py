@@ -258,3 +258,28 @@ def test_strength_clashes_only_with_the_parameters_it_sets(tmp_path):
     assert params["passes"] == 4 and params["total_noise_step"] == 200
     with pytest.raises(ConfigError, match="set either 'strength' or the natural parameter"):
         _plan(tmp_path, 'name = "rinse"\ntotal_noise_step = 100\nstrength = 1.0')
+
+
+def test_the_stable_diffusion_attack_config_has_every_attack_of_the_tiny_grid_at_its_papers_settings(tmp_path):
+    """configs/attacks-sd.toml (issue 27: every attack has a Stable Diffusion configuration): it reads, names every
+    image attack of configs/attacks-tiny.toml, leaves UnMarker at its paper's defaults (the tiny grid scales its steps),
+    and plans on the SD-architecture micro pipeline with its model swapped in (no weights here)."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    sd = load_config(configs / "attacks-sd.toml", check_output=False)
+    tiny = load_config(configs / "attacks-tiny.toml", check_output=False)
+    assert (sd.model.height, sd.model.width, sd.model.num_inference_steps) == (512, 512, 50)
+    assert {s.name for s in tiny.image_attacks} <= {s.name for s in sd.image_attacks}
+    unmarker = next(s for s in sd.image_attacks if s.name == "unmarker").instantiate()
+    defaults = type(unmarker)()
+    assert (unmarker.stage1_steps, unmarker.stage2_steps) == (defaults.stage1_steps, defaults.stage2_steps) == (2000, 500)
+    text = (configs / "attacks-sd.toml").read_text()
+    text = text.replace('hub_id = "stabilityai/stable-diffusion-2-1-base"', 'builtin = "micro-sd"')
+    text = text.replace("height = 512", "height = 64").replace("width = 512", "width = 64")
+    text = text.replace('from = "tree-ring-sd.toml"', f'from = "{configs / "tree-ring-sd.toml"}"')
+    text = text.replace('from = "gaussian-shading-sd.toml"', f'from = "{configs / "gaussian-shading-sd.toml"}"')
+    plan = build_plan(load_config(write_config(tmp_path, text, output=str(tmp_path / "out")),
+                                  {"run.num_images": 2, "run.device": "cpu"}, check_output=False))
+    attacked = {s.plugin.name for s in plan.stages.values() if s.kind == "image_attack"}
+    assert attacked == {s.name for s in sd.image_attacks} - {"none"}
