@@ -481,12 +481,9 @@ def _fmt_point(p: dict[str, Any]) -> str:
 
 def fmt_loss(s: dict[str, Any] | None) -> str:
     """A held-out loss summary, four decimals (its values are about 0.01-0.05), with its interval."""
-    if not s or s.get("value") is None:
-        return "-"
-    out = f"{s['value']:.4f}"
-    if s.get("low") is not None and s.get("high") is not None:
-        out += f" [{s['low']:.4f}, {s['high']:.4f}]"
-    return out
+    from .readme import format_interval  # the one interval formatter (readme imports this module: imported here)
+
+    return format_interval(s, 4)
 
 
 def utility_markdown(curves: list[dict[str, Any]]) -> list[str]:

@@ -143,36 +143,6 @@ def test_configured_training_attack_lowers_the_heldout_loss_below_the_base_inter
                                       f"{before.value:.4f} [{before.low:.4f}, {before.high:.4f}]")
 
 
-@pytest.mark.slow
-def test_fine_prune_recovery_lowers_the_heldout_loss_of_the_pruned_model(world):
-    """fine_prune at the config's settings: its recovery fine-tune moves the pruned model towards its data (the
-    held-out loss on its dataset's seed-1 draw, paired, below the same pruning with no recovery)."""
-    from markbench.downstream import LOSS_PROTOCOL, heldout_data, heldout_loss
-    from markbench.plugins import StageContext
-    from markbench.registries import model_attacks
-    from markbench.testing import Resources, copy_pipeline
-    from markbench.config import load_config
-
-    cfg, base = world
-    spec = next(s for s in load_config(str(CONFIG), check_output=False).model_attacks if s.name == "fine_prune")
-    params = dict(spec.param_dict)
-    images, captions = heldout_data(params["dataset"], cfg.run.num_images, cfg.model.height, cfg.model.width,
-                                    data_seed=LOSS_PROTOCOL["data_seed"])
-
-    def loss(p):
-        ctx = StageContext(torch.Generator().manual_seed(0),
-                           data=Resources(lambda: base, cfg.model.height, cfg.model.width))
-        tuned = model_attacks.get("fine_prune")(**p).apply(copy_pipeline(base), ctx)
-        return heldout_loss(tuned, images, captions, noise_seed=LOSS_PROTOCOL["noise_seed"],
-                            repeats=LOSS_PROTOCOL["repeats"])
-
-    pruned, recovered = loss({**params, "recover_steps": 0}), loss(params)
-    diff = stats.mean_t_interval((recovered - pruned).numpy())
-    print(f"fine_prune: held-out loss {float(pruned.mean()):.4f} pruned -> {float(recovered.mean()):.4f} recovered, "
-          f"paired change {diff.value:.4f} [{diff.low:.4f}, {diff.high:.4f}]")  # shown with -s
-    assert diff.high < 0, f"recovery did not lower the held-out loss: {diff}"
-
-
 def _config_attack(name: str) -> dict:
     from markbench.config import load_config
 
@@ -180,21 +150,21 @@ def _config_attack(name: str) -> dict:
     return dict(spec.param_dict)
 
 
-@pytest.mark.slow
-def test_attention_reset_recovery_lowers_the_heldout_loss_of_the_reset_model(world):
-    """attention_reset at the config's settings: its recovery fine-tune moves the model whose cross-attention K/V were
-    re-initialised back towards its data (the held-out loss on its dataset's seed-1 draw, paired image by image,
-    below the same reset with no recovery steps). The same generator seed draws the same re-initialisation."""
+def _recovery_change(world, name: str, without_recovery: dict):
+    """An attack that damages the model and then fine-tunes it back (fine_prune, attention_reset), at the config's
+    settings and with its recovery switched off (``without_recovery``), the same generator seed for both (the same
+    damage): per-image held-out losses on its dataset's seed-1 draw (bench.downstream's protocol), and their paired
+    change (recovered - damaged) with its t interval."""
     from markbench.downstream import LOSS_PROTOCOL, heldout_data, heldout_loss
     from markbench.plugins import StageContext
     from markbench.registries import model_attacks
     from markbench.testing import Resources, copy_pipeline
 
     cfg, base = world
-    params = _config_attack("attention_reset")
-    attack_cls = model_attacks.get("attention_reset")
-    images, captions = heldout_data(attack_cls(**params).params["dataset"], cfg.run.num_images, cfg.model.height, cfg.model.width,
-                                    data_seed=LOSS_PROTOCOL["data_seed"])
+    params = _config_attack(name)
+    attack_cls = model_attacks.get(name)
+    images, captions = heldout_data(attack_cls(**params).params["dataset"], cfg.run.num_images, cfg.model.height,
+                                    cfg.model.width, data_seed=LOSS_PROTOCOL["data_seed"])
 
     def loss(p):
         ctx = StageContext(torch.Generator().manual_seed(0),
@@ -203,10 +173,27 @@ def test_attention_reset_recovery_lowers_the_heldout_loss_of_the_reset_model(wor
         return heldout_loss(tuned, images, captions, noise_seed=LOSS_PROTOCOL["noise_seed"],
                             repeats=LOSS_PROTOCOL["repeats"])
 
-    reset, recovered = loss({**params, "steps": 0}), loss(params)
-    diff = stats.mean_t_interval((recovered - reset).numpy())
-    print(f"attention_reset: held-out loss {float(reset.mean()):.4f} reset -> {float(recovered.mean()):.4f} "
+    damaged, recovered = loss({**params, **without_recovery}), loss(params)
+    diff = stats.mean_t_interval((recovered - damaged).numpy())
+    print(f"{name}: held-out loss {float(damaged.mean()):.4f} without recovery -> {float(recovered.mean()):.4f} "
           f"recovered, paired change {diff.value:.4f} [{diff.low:.4f}, {diff.high:.4f}]")  # shown with -s
+    return diff
+
+
+@pytest.mark.slow
+def test_fine_prune_recovery_lowers_the_heldout_loss_of_the_pruned_model(world):
+    """fine_prune at the config's settings: its recovery fine-tune moves the pruned model towards its data (the
+    held-out loss on its dataset's seed-1 draw, paired, below the same pruning with no recovery)."""
+    diff = _recovery_change(world, "fine_prune", {"recover_steps": 0})
+    assert diff.high < 0, f"recovery did not lower the held-out loss: {diff}"
+
+
+@pytest.mark.slow
+def test_attention_reset_recovery_lowers_the_heldout_loss_of_the_reset_model(world):
+    """attention_reset at the config's settings: its recovery fine-tune moves the model whose cross-attention K/V were
+    re-initialised back towards its data (the held-out loss on its dataset's seed-1 draw, paired image by image,
+    below the same reset with no recovery steps). The same generator seed draws the same re-initialisation."""
+    diff = _recovery_change(world, "attention_reset", {"steps": 0})
     assert diff.high < 0, f"the recovery did not lower the held-out loss: {diff}"
 
 
@@ -234,7 +221,6 @@ def test_vae_decoder_moves_the_marked_decoder_towards_clean_reconstruction(world
     from markbench.models import apply_overrides
     from markbench.plugins import StageContext
     from markbench.registries import model_attacks
-    from markbench.stages import MODEL_PREFIX
     from markbench.testing import Resources, copy_pipeline
 
     cfg, base = world
@@ -242,7 +228,8 @@ def test_vae_decoder_moves_the_marked_decoder_towards_clean_reconstruction(world
     entry = next(p for p in json.loads((store / "manifest.json").read_text())["prebuilt"]
                  if p["defense"] == "stable_signature")
     tensors = load_file(str(store / "prebuilt" / entry["key"][:2] / entry["key"] / "tensors.safetensors"))
-    overrides = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    # the stored embedding holds the tensors it changed under "model." (bench/stages.py, MODEL_PREFIX)
+    overrides = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     assert overrides and all(k.startswith("vae.decoder.") or k.startswith("vae.post_quant_conv.") for k in overrides)
     marked = apply_overrides(copy_pipeline(base), overrides)
 
