@@ -296,11 +296,12 @@ class _Builder:
                                     ("downstream_base", base))]
         return tuple(out)
 
-    def utility_losses(self, ma: PluginSpec, model: str, clean_model: str, base: str
+    def utility_losses(self, ma: PluginSpec, model: str, clean_model: str, base: str, start: str | None = None
                        ) -> tuple[tuple[str, str], ...]:
         """For the ``attacker_utility`` metric and a model attack with a downstream dataset (a world's task or a
         folder): the held-out denoising loss (:func:`bench.downstream.heldout_loss`) of the attacked watermarked
-        model, the equally attacked clean model and the unattacked base, one ``downstream_loss`` stage each, keyed by
+        model, the equally attacked clean model, the unattacked base and (``start``) the unattacked watermarked model,
+        its value before the attack, one ``downstream_loss`` stage each, keyed by
         the model's stage key and the loss protocol (a stage kind of its own: no other stage's key changes, and a
         cached model is read, not retrained). Nothing for any other attack."""
         if getattr(_cls(ma), "identity", False) or not any(m.name == "attacker_utility" for m in self.cfg.metrics):
@@ -320,7 +321,7 @@ class _Builder:
         return tuple((role, self.add("downstream_loss", (m,), None, 0, label=f"held-out loss {dataset}",
                                      protocol=protocol))
                      for role, m in (("heldout_loss_marked", model), ("heldout_loss_clean", clean_model),
-                                     ("heldout_loss_base", base)))
+                                     ("heldout_loss_base", base), *((("heldout_loss_start", start),) if start else ())))
 
     def trigger_probe(self, d: PluginSpec, dcls: type[Defense], model: str, embed: str, request: GenerationRequest,
                       seed: int, variant: str) -> tuple[tuple[str, str], ...]:
@@ -445,7 +446,7 @@ def build_plan(cfg: BenchConfig) -> Plan:
                 clean_model = b.attacked_model(base, ma, seed, attack_seed, embed, d)
                 clean_twins = b.plain_images(clean_model, request, seed)
                 utility = b.utility_images(ma, model, clean_model, base, request, seed)
-                losses = b.utility_losses(ma, model, clean_model, base)
+                losses = b.utility_losses(ma, model, clean_model, base, embed if modifies_model(dcls) else base)
                 for variant in dcls.variants:
                     if dcls.location is MarkLocation.POST_HOC:
                         unattacked = b.add("mark", (clean_twins, embed), d, seed, label=f"mark {d.label}")

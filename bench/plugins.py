@@ -822,8 +822,8 @@ class MeasureContext:
     image_attack: "ImageAttack | None" = None
     detections: Mapping[str, Callable[[], Detection]] = field(default_factory=dict)
     #: per-image values by name, loaded lazily: ``heldout_loss_marked`` / ``heldout_loss_clean`` /
-    #: ``heldout_loss_base`` (the held-out downstream loss of the attacked watermarked model, the equally attacked
-    #: clean model and the unattacked base, :func:`bench.downstream.heldout_loss`), when ``attacker_utility`` is
+    #: ``heldout_loss_base`` / ``heldout_loss_start`` (the held-out downstream loss of the attacked watermarked model,
+    #: the equally attacked clean model, the unattacked base and the unattacked watermarked model, :func:`bench.downstream.heldout_loss`), when ``attacker_utility`` is
     #: configured and the model attack trains on a downstream dataset
     values: Mapping[str, Callable[[], "torch.Tensor"]] = field(default_factory=dict)
 

@@ -47,7 +47,11 @@ def test_the_planner_adds_heldout_losses_for_downstream_fine_tunes_only(tmp_path
         if cell.model_attack.name != "lora":
             assert values == {}
             continue
-        assert set(values) == {"heldout_loss_marked", "heldout_loss_clean", "heldout_loss_base"}
+        assert set(values) == {"heldout_loss_marked", "heldout_loss_clean", "heldout_loss_base", "heldout_loss_start"}
+        # the starting point: the unattacked watermarked model (the embedding, or the base for a post-hoc mark)
+        start = plan.stages[values["heldout_loss_start"]].inputs[0]
+        assert plan.stages[start].kind in ("embed", "base")
+        assert plan.stages[start].kind == "base" or plan.stages[start].plugin.name == cell.defense.name
         assert set(values.values()) <= {s.key for s in plan.closure([cell])}
         assert plan.stages[values["heldout_loss_base"]].inputs == (base,)
         clean = plan.stages[values["heldout_loss_clean"]].inputs[0]

@@ -19,7 +19,9 @@ seeded noise and timesteps for every model, so the three values are paired image
 the model predicts the noise of the task's unseen images better.
 
 * ``utility_heldout_loss`` / ``utility_heldout_loss_clean`` / ``utility_heldout_loss_base``: the attacked watermarked
-  model, the equally attacked clean model, the unattacked base; mean over images, 95% t-interval.
+  model, the equally attacked clean model, the unattacked base; ``utility_heldout_loss_start``: the unattacked
+  watermarked model (where the attacked one started: a mark can cost held-out loss before any attack); mean over
+  images, 95% t-interval.
 
 Quality kept (every model attack; the attacker's whole goal for ``goal = "compression"``: pruning, quantisation):
 the model's ordinary images (the run's captions and seeds, no trigger) against the unattacked clean base's images
@@ -74,7 +76,7 @@ class AttackerUtility(Metric):
     """
 
     # 2: the tiny world's recognition requires the caption's content (noise no longer counts); 3: the held-out loss
-    version = "3"
+    version = "4"
     needs_images = True
     higher_is_better = True
     clip_model: str = param(DEFAULT_CLIP_MODEL,
@@ -88,6 +90,7 @@ class AttackerUtility(Metric):
     def outputs(cls, params, target_fprs):
         names = ["utility_downstream", "utility_downstream_clean", "utility_downstream_base",
                  "utility_heldout_loss", "utility_heldout_loss_clean", "utility_heldout_loss_base",
+                 "utility_heldout_loss_start",
                  "utility_clip_delta", "utility_clip_delta_clean"]
         if params.get("fid", True):
             names += ["utility_fid", "utility_fid_clean"]
@@ -132,10 +135,12 @@ class AttackerUtility(Metric):
             return []
         dataset = attack.downstream_dataset()
         out = []
-        for role, name, who in zip(roles, ("utility_heldout_loss", "utility_heldout_loss_clean",
-                                           "utility_heldout_loss_base"),
+        start = ("heldout_loss_start",) if "heldout_loss_start" in ctx.values else ()
+        for role, name, who in zip(roles + start, ("utility_heldout_loss", "utility_heldout_loss_clean",
+                                                   "utility_heldout_loss_base", "utility_heldout_loss_start"),
                                    ("the attacked watermarked model", "the equally attacked clean model",
-                                    "the unattacked clean base (before the attack)")):
+                                    "the unattacked clean base (before the attack)",
+                                    "the unattacked watermarked model (its starting point)")):
             values = np.asarray(ctx.values[role](), dtype=float).ravel()
             if values.size == 0:
                 continue
