@@ -150,3 +150,19 @@ def test_a_non_finite_heldout_loss_is_reported_as_no_number_with_a_note_not_a_cr
     assert out["utility_heldout_loss_clean"].value == pytest.approx(0.03)
     assert out["utility_heldout_loss_clean"].samples == pytest.approx((0.02, 0.04))
     assert not out["utility_heldout_loss_base"].higher_is_better
+
+
+def test_a_dataset_without_heldout_images_is_reported_as_no_number_with_a_note():
+    from markbench.plugins import Detection, MeasureContext
+    from markbench.registries import metrics, model_attacks
+
+    from .test_utility import _Bits
+
+    empty = lambda: torch.zeros(0)  # noqa: E731 - what the stage stores for a folder with no held-out images
+    values = {"heldout_loss_marked": empty, "heldout_loss_clean": empty, "heldout_loss_base": empty}
+    ctx = MeasureContext(defense=_Bits(), detection=Detection(), negatives=Detection(), message=None,
+                         target_fprs=(), generator=torch.Generator().manual_seed(0), values=values,
+                         model_attack=model_attacks.get("lora")(dataset="tiny:subject"))
+    out = {m.name: m for m in metrics.get("attacker_utility")(fid=False).compute(ctx)}
+    assert out["utility_heldout_loss"].value != out["utility_heldout_loss"].value  # NaN: no number
+    assert out["utility_heldout_loss"].n == 0 and "has no held-out images" in out["utility_heldout_loss"].note

@@ -142,7 +142,11 @@ class AttackerUtility(Metric):
                                     "the unattacked clean base (before the attack)",
                                     "the unattacked watermarked model (its starting point)")):
             values = np.asarray(ctx.values[role](), dtype=float).ravel()
-            if values.size == 0:
+            if values.size == 0:  # a folder with no image beyond those the attack trains on: said, not silent
+                out.append(Measurement(
+                    name=name, value=math.nan, n=0, higher_is_better=False,
+                    note=(f"no held-out loss of {who}: {dataset} has no held-out images (a folder's held-out "
+                          f"split is the images after the ones the attack trains on); {threat}")))
                 continue
             if not np.isfinite(values).all():  # a model broken to NaN / inf: no number, said in the note
                 out.append(Measurement(
