@@ -260,10 +260,13 @@ def test_strength_clashes_only_with_the_parameters_it_sets(tmp_path):
         _plan(tmp_path, 'name = "rinse"\ntotal_noise_step = 100\nstrength = 1.0')
 
 
-def test_the_stable_diffusion_attack_config_has_every_attack_of_the_tiny_grid_at_its_papers_settings(tmp_path):
-    """configs/attacks-sd.toml (issue 27: every attack has a Stable Diffusion configuration): it reads, names every
-    image attack of configs/attacks-tiny.toml, leaves UnMarker at its paper's defaults (the tiny grid scales its steps),
-    and plans on the SD-architecture micro pipeline with its model swapped in (no weights here)."""
+def test_the_stable_diffusion_attack_config_names_every_tiny_attack_at_the_published_budgets_and_plans(tmp_path):
+    """configs/attacks-sd.toml (issue 27: every attack has a Stable Diffusion configuration): it reads, is at 512 px
+    and 50 steps, names every image attack of configs/attacks-tiny.toml, sets the budgets the papers fix (WAVES'
+    noise steps 40 / 120 / 200 and Rinse 2x / 4x, its PGD budgets 2/255 and 8/255, UnMarker's 2000 + 500 steps and
+    SSIM budgets at its mid strength, the surrogate's 7,500 images per class, both forgeries), and plans on the
+    SD-architecture micro pipeline with its model swapped in (no weights here)."""
+    import tomllib
     from pathlib import Path
 
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -271,9 +274,24 @@ def test_the_stable_diffusion_attack_config_has_every_attack_of_the_tiny_grid_at
     tiny = load_config(configs / "attacks-tiny.toml", check_output=False)
     assert (sd.model.height, sd.model.width, sd.model.num_inference_steps) == (512, 512, 50)
     assert {s.name for s in tiny.image_attacks} <= {s.name for s in sd.image_attacks}
-    unmarker = next(s for s in sd.image_attacks if s.name == "unmarker").instantiate()
-    defaults = type(unmarker)()
-    assert (unmarker.stage1_steps, unmarker.stage2_steps) == (defaults.stage1_steps, defaults.stage2_steps) == (2000, 500)
+    entries = tomllib.loads((configs / "attacks-sd.toml").read_text())["image_attacks"]
+
+    strengths = {tuple(e["strength"]) if isinstance(e["strength"], list) else (e["strength"],)
+                 for e in entries if e["name"] == "regen_diffusion" and "model" not in e}
+    assert strengths == {(0.0, 0.5, 1.0)}  # noise steps 40 / 120 / 200
+    regen = image_attacks.get("regen_diffusion")
+    assert [regen.from_strength(s)["noise_step"] for s in (0.0, 0.5, 1.0)] == [40, 120, 200]
+    assert any(e["name"] == "rinse" and e.get("passes") == [2, 4] and e.get("strength") == 1.0 for e in entries)
+    adv = image_attacks.get("adv_embedding")
+    assert [round(adv.from_strength(s)["eps"] * 255, 6) for s in (0.0, 1.0)] == [2.0, 8.0]
+    assert any(e["name"] == "adv_embedding" and e.get("strength") == [0.0, 1.0] and "encoder" not in e for e in entries)
+    unmarker = next(e for e in entries if e["name"] == "unmarker")
+    assert set(unmarker) == {"name"}  # the plugin's defaults: the paper's steps and the mid budgets
+    u = image_attacks.get("unmarker")()
+    assert (u.stage1_steps, u.stage2_steps, u.stage1_budget, u.stage2_budget) == (2000, 500, 0.011, 0.0275)
+    surrogate = next(e for e in entries if e["name"] == "adv_surrogate")
+    assert surrogate["train_images"] == 7500 and surrogate["mode"] == ["remove", "forge"]
+    assert any(e["name"] == "averaging" and e.get("mode") == "forge" for e in entries)
     text = (configs / "attacks-sd.toml").read_text()
     text = text.replace('hub_id = "stabilityai/stable-diffusion-2-1-base"', 'builtin = "micro-sd"')
     text = text.replace("height = 512", "height = 64").replace("width = 512", "width = 64")
