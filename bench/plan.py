@@ -296,7 +296,7 @@ class _Builder:
                                     ("downstream_base", base))]
         return tuple(out)
 
-    def utility_losses(self, ma: PluginSpec, model: str, clean_model: str, base: str, start: str | None = None
+    def utility_losses(self, ma: PluginSpec, model: str, clean_model: str, base: str, start: str
                        ) -> tuple[tuple[str, str], ...]:
         """For the ``attacker_utility`` metric and a model attack with a downstream dataset (a world's task or a
         folder): the held-out denoising loss (:func:`bench.downstream.heldout_loss`) of the attacked watermarked
@@ -321,7 +321,7 @@ class _Builder:
         return tuple((role, self.add("downstream_loss", (m,), None, 0, label=f"held-out loss {dataset}",
                                      protocol=protocol))
                      for role, m in (("heldout_loss_marked", model), ("heldout_loss_clean", clean_model),
-                                     ("heldout_loss_base", base), *((("heldout_loss_start", start),) if start else ())))
+                                     ("heldout_loss_base", base), ("heldout_loss_start", start)))
 
     def trigger_probe(self, d: PluginSpec, dcls: type[Defense], model: str, embed: str, request: GenerationRequest,
                       seed: int, variant: str) -> tuple[tuple[str, str], ...]:
