@@ -267,21 +267,57 @@ def model_fingerprint(model_cfg) -> str:
     h = hashlib.sha256()
     h.update(model_cfg.dtype.encode())
     if model_cfg.builtin:
-        from .world import world_of_model
-
-        world = world_of_model(model_cfg.builtin)
-        h.update(f"builtin:{model_cfg.builtin}:v{world.models()[model_cfg.builtin]}".encode())
-        for part in world.model_identity(model_cfg.builtin):
+        for part in _builtin_identity(model_cfg.builtin):
             h.update(part.encode())
     elif model_cfg.path:
-        root = Path(model_cfg.path)
-        for f in sorted(root.rglob("*")):
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        for part in _folder_identity(Path(model_cfg.path)):
+            h.update(part.encode())
     else:
         h.update(f"hub:{model_cfg.hub_id}@{model_cfg.revision}".encode())
     return h.hexdigest()
+
+
+def _builtin_identity(name: str) -> list[str]:
+    """A built-in model's name, builder version and what its world says identifies the weights (checksums)."""
+    from .world import world_of_model
+
+    world = world_of_model(name)
+    return [f"builtin:{name}:v{world.models()[name]}", *world.model_identity(name)]
+
+
+def _folder_identity(root: Path) -> list[str]:
+    """A folder's file names, sizes and modification times (not contents: an 8 GB folder stays cheap)."""
+    out = []
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            out.append(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
+    return out
+
+
+def named_model_identity(kind: str, source: str) -> str:
+    """A cheap fingerprint of the weights a plugin parameter names (:attr:`bench.params.Param.names_model`), for the
+    stage's cache key: a rebuilt shipped model, or a changed folder, gives another key, so cached attacks through
+    the old weights are never read for the new ones. ``kind``: ``"vae"`` (:func:`vae_source`), ``"pipeline"``
+    (:func:`pipeline_source`) or ``"clip"`` (a CLIP scorer: a world's, identified by its world, else an open_clip
+    architecture name). A shipped model is identified by its world's checksums (the manifest), a folder by its
+    files' names, sizes and times. ``""`` for ``"base"`` (the run's base model, keyed by its own fingerprint)."""
+    from .world import autoencoder_world, world_for_clip_model
+
+    if source == BASE:
+        return ""
+    if kind == "clip":
+        world = world_for_clip_model(source)
+        parts = [f"clip:{source}", *(world.clip_identity(source) if world is not None else ())]
+    else:
+        what, folder = (vae_source if kind == "vae" else pipeline_source)(source, kind)
+        if what == "autoencoder":
+            parts = [f"autoencoder:{source}", *autoencoder_world(source).autoencoder_identity(source)]
+        elif what == "model":
+            parts = _builtin_identity(source)
+        else:
+            parts = [f"folder:{kind}", *_folder_identity(folder)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------

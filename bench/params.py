@@ -62,6 +62,12 @@ class Param:
     #: is keyed at its declared default, :meth:`bench.config.PluginSpec.embedding_spec`), so two config entries that
     #: differ only in verifier parameters share one embedding and one set of images, read two ways.
     verifier: bool = False
+    #: What kind of model the parameter's value names, if it names one the plugin loads besides the run's base model
+    #: (``"vae"``: :func:`bench.models.vae_source`; ``"pipeline"``: :func:`bench.models.pipeline_source`; ``"clip"``:
+    #: a CLIP scorer's name): the planner then keys the stage by a fingerprint of those weights
+    #: (:func:`bench.models.named_model_identity`), not by the name alone, so rebuilt weights are never read from a
+    #: stale cache. ``""``: a plain value. The value ``"base"`` names the run's base model, keyed already.
+    names_model: str = ""
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values."""
@@ -116,6 +122,10 @@ class Param:
         return value
 
 
+#: The kinds of model a parameter may name (:attr:`Param.names_model`).
+MODEL_KINDS = ("vae", "pipeline", "clip")
+
+
 class Declared(Param):
     """What :func:`param` returns: a :class:`Param` still waiting for its name and type, which the class
     attribute it is assigned to gives (its name, its annotation)."""
@@ -123,16 +133,17 @@ class Declared(Param):
 
 def param(default: Any, doc: str = "", *, low: float | None = None, high: float | None = None,
           choices: Sequence[Any] | None = None, optional: bool = False, keyed_at_default: bool = True,
-          verifier: bool = False) -> Any:
+          verifier: bool = False, names_model: str = "") -> Any:
     """Declare a plugin parameter as a typed class attribute: ``steps: int = param(200, "optimiser steps", low=0)``.
 
     The type comes from the annotation (``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``list[int]``,
     ``list[float]``; ``X | None`` makes it optional, i.e. ``None`` means "not set"). ``keyed_at_default=False``:
     see :class:`Param`. ``verifier=True`` (defences only): read by the detector alone, keyed by the detect stage
-    only (see :class:`Param`).
+    only (see :class:`Param`). ``names_model``: the kind of model the value names (``"vae"``, ``"pipeline"``,
+    ``"clip"``), keyed by its weights' fingerprint (see :class:`Param`).
     """
     return Declared("", "", default, doc, low, high, tuple(choices) if choices is not None else None, optional,
-                    keyed_at_default, verifier)
+                    keyed_at_default, verifier, names_model)
 
 
 def annotation_type(annotation: Any) -> tuple[str, bool]:
@@ -173,7 +184,7 @@ def params_from_attributes(owner: str, namespace: Mapping[str, Any], annotations
         except ValueError as exc:
             raise PluginValidationError(f"{owner}: parameter '{name}': {exc}") from None
         own.append(Param(name, typ, d.default, d.doc, d.low, d.high, d.choices, d.optional or optional,
-                         d.keyed_at_default, d.verifier))
+                         d.keyed_at_default, d.verifier, d.names_model))
     by_name = {p.name: p for p in own}
     merged = [by_name.pop(p.name, p) for p in inherited]
     return tuple(merged) + tuple(p for p in own if p.name in by_name)
@@ -202,6 +213,9 @@ def validate_declarations(owner: str, params: Sequence[Param]) -> None:
             )
         if p.low is not None and p.high is not None and p.low > p.high:
             raise PluginValidationError(f"{owner}: parameter '{p.name}' has low > high")
+        if p.names_model and (p.names_model not in MODEL_KINDS or p.type != "str"):
+            raise PluginValidationError(f"{owner}: parameter '{p.name}' has names_model={p.names_model!r}; a str "
+                                        f"parameter may name one of: {', '.join(MODEL_KINDS)}")
         try:
             p.check(p.default)
         except ValueError as exc:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .cache import stable_hash
 from .config import BenchConfig, PluginSpec
-from .models import model_fingerprint
+from .models import model_fingerprint, named_model_identity
 from .plugins import Defense, GenerationRequest, MarkLocation, NegativePolicy, ThreatTier, Verification
 
 STAGE_KINDS = ("base", "embed", "model_attack", "generate", "mark", "image_attack", "forge", "surrogate", "detect",
@@ -253,7 +253,7 @@ class _Builder:
             extra["second_marked"] = len(inputs)
             inputs = (*inputs, self.second_marked_model(defense, seed))
         return self.add("model_attack", inputs, ma, seed, label=f"model attack {ma.label}", **self.run_data(ma),
-                        **extra)
+                        **self.named_models(ma), **extra)
 
     def second_marked_model(self, defense: PluginSpec, seed: int) -> str:
         """The model of a second, independent embedding of ``defense`` (another key), or the base model for a
@@ -345,13 +345,14 @@ class _Builder:
             return images_key
         inputs = (images_key, surrogate) if surrogate else (images_key,)
         return self.add("image_attack", inputs, ia, seed, label=f"image attack {ia.label}",
-                        **self.attack_model(ia))
+                        **self.attack_model(ia), **self.named_models(ia))
 
     def forged_images(self, clean_key: str, marked_key: str, ia: PluginSpec, seed: int, surrogate: str = "") -> str:
         """A forgery's stage: the clean images ``clean_key`` made to read as marked, the mark learnt from the
         marked images ``marked_key`` (a stage kind of its own, so no removal stage's key changes)."""
         inputs = (clean_key, marked_key) + ((surrogate,) if surrogate else ())
-        return self.add("forge", inputs, ia, seed, label=f"forge {ia.label}", **self.attack_model(ia))
+        return self.add("forge", inputs, ia, seed, label=f"forge {ia.label}", **self.attack_model(ia),
+                        **self.named_models(ia))
 
     def surrogate(self, ia: PluginSpec, d: PluginSpec, dcls: type[Defense], model: str, clean_model: str, embed: str,
                   seed: int) -> str:
@@ -391,6 +392,19 @@ class _Builder:
         spec = dataclasses.replace(ia, params=tuple((k, v if k in train else defaults.get(k, v)) for k, v in ia.params),
                                    given=tuple(k for k in ia.given if k in train), display="")
         return self.add("surrogate", (marked, clean), spec, seed, label=f"train surrogate {ia.name}")
+
+    @staticmethod
+    def named_models(spec: PluginSpec) -> dict[str, Any]:
+        """The fingerprints of the models an attack's parameters name (:meth:`bench.Plugin.named_models`: an
+        attacker's own VAE, pipeline or CLIP), part of its stage key: rebuilt weights give new keys. An attack that
+        names none keeps its key."""
+        try:
+            named = spec.instantiate().named_models()
+        except Exception:  # bad input is refused by the preflight, in one sentence; a broken plugin fails its cells
+            return {}
+        if not named:
+            return {}
+        return {"attacker_models": {k: named_model_identity(kind, value) for k, (kind, value) in sorted(named.items())}}
 
     def attack_model(self, ia: PluginSpec) -> dict[str, Any]:
         """The model an image attack declares it needs (``needs_model``), by fingerprint: part of its stage key, so

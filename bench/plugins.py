@@ -361,6 +361,14 @@ class Plugin:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
+    def named_models(self) -> dict[str, tuple[str, str]]:
+        """The models this configured plugin loads besides the run's base model, by parameter: ``{param: (kind,
+        value)}`` for every parameter declared with ``names_model`` whose value is not ``"base"``. The planner keys
+        the plugin's stages by those weights' fingerprints (:func:`bench.models.named_model_identity`). A plugin
+        whose parameters name a model only in some settings overrides this."""
+        return {p.name: (p.names_model, self.params[p.name]) for p in type(self).params  # type: ignore[union-attr]
+                if p.names_model and self.params[p.name] != "base"}
+
     def describe(self) -> str:
         """``name(k=v, ...)`` with the parameters that differ from the defaults."""
         defaults = {p.name: p.default for p in type(self).params}  # type: ignore[union-attr]

@@ -85,6 +85,13 @@ class World:
         """A diffusers ``AutoencoderKL`` folder (``config.json`` + weights) for the autoencoder ``name``."""
         raise UserError(f"world '{self.name}' has no autoencoder {name!r}")
 
+    def autoencoder_identity(self, name: str) -> tuple[str, ...]:
+        """Strings that identify the autoencoder ``name``'s weights, for cache keys (e.g. checksums of shipped files).
+        Default: its folder's file names, sizes and modification times."""
+        folder = self.autoencoder_folder(name)
+        return tuple(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                     for f in sorted(folder.rglob("*")) if f.is_file())
+
     # -- prompts and data ---------------------------------------------------------------------------------------
     def prompt_sets(self) -> Mapping[str, Callable[[], Sequence[str]]]:
         """Named prompt sets: name -> a function returning the prompts (built on first use)."""
@@ -114,6 +121,11 @@ class World:
     def clip_scorer(self, model: str, pretrained: str | None, device: str, batch_size: int) -> Any:
         """The CLIP scorer this world recommends (for ``clip_score``'s ``model`` in :attr:`clip_models`)."""
         raise UserError(f"world '{self.name}' has no CLIP scorer")
+
+    def clip_identity(self, model: str) -> tuple[str, ...]:
+        """Strings that identify the weights of this world's CLIP scorer ``model`` (in :attr:`clip_models`), for cache
+        keys (e.g. the checksum of its shipped file)."""
+        return ()
 
     def register_open_clip(self) -> None:
         """Make this world's own open_clip architectures known to open_clip (called before creating one)."""
@@ -188,13 +200,18 @@ def autoencoder_names() -> dict[str, str]:
     return out
 
 
-def autoencoder_folder(name: str) -> Path:
-    """The folder of the shipped autoencoder ``name`` (``config.json`` + weights)."""
+def autoencoder_world(name: str) -> World:
+    """The world that ships the autoencoder ``name``."""
     names = autoencoder_names()
     if name not in names:
         raise UserError(f"autoencoder {name!r} is unknown{suggest(name, names)}; available: "
                         f"{', '.join(sorted(names)) or 'none'}")
-    return get_world(names[name]).autoencoder_folder(name)
+    return get_world(names[name])
+
+
+def autoencoder_folder(name: str) -> Path:
+    """The folder of the shipped autoencoder ``name`` (``config.json`` + weights)."""
+    return autoencoder_world(name).autoencoder_folder(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -117,6 +117,82 @@ def test_the_new_parameters_leave_existing_stage_keys_alone_at_their_defaults():
         assert spec({**default, key: other}).identity()["params"][key] == other
 
 
+def _attack_stage_extras(tmp_path, attack: str) -> list[dict]:
+    from markbench.config import load_config
+    from markbench.plan import build_plan
+
+    text = MICRO_TOML.replace('name = "jpeg"\nquality = [90, 50]', attack)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(write_config(tmp_path, text, output=str(tmp_path / "out")), check_output=False)
+    return [s.extra_dict for s in build_plan(cfg).stages.values() if s.kind in ("image_attack", "model_attack")]
+
+
+def test_an_attack_through_a_named_folder_is_keyed_by_its_weights_not_its_path(vae_folder, tmp_path):
+    """The stage key holds a fingerprint of the weights a parameter names (``Param.names_model``): the same path with
+    changed weights is another stage (before, a rebuilt attacker model reused the old model's cached attacks)."""
+    import shutil
+
+    folder = tmp_path / "attacker"
+    shutil.copytree(vae_folder, folder / "vae")
+    attack = f'name = "regen_vae"\nvae = "{folder}"'
+    first = _attack_stage_extras(tmp_path / "a", attack)
+    assert first and all(set(e["attacker_models"]) == {"vae"} for e in first)
+    assert first == _attack_stage_extras(tmp_path / "b", attack)  # deterministic: same weights, same key
+    weights = next(f for f in (folder / "vae").iterdir() if f.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes() + b"\0")  # rebuilt weights at the same path
+    changed = _attack_stage_extras(tmp_path / "c", attack)
+    assert [e["attacker_models"]["vae"] for e in changed] != [e["attacker_models"]["vae"] for e in first]
+    # the base model is keyed by the base's own fingerprint; naming it adds nothing
+    assert all("attacker_models" not in e for e in _attack_stage_extras(tmp_path / "d", 'name = "regen_vae"'))
+
+
+@pytest.mark.parametrize("attack, param, kind", [
+    ('name = "regen_vae"\nvae = "micro-sd"', "vae", "vae"),
+    ('name = "regen_diffusion"\nmodel = "micro-sd"', "model", "pipeline"),
+    ('name = "rinse"\nmodel = "micro-sd"', "model", "pipeline"),
+    ('name = "adv_embedding"\nencoder = "micro-sd"', "encoder", "vae"),
+    ('name = "adv_embedding"\nencoder = "clip"\nclip_model = "tiny-world"', "clip_model", "clip"),
+])
+def test_every_attacker_model_parameter_puts_that_models_fingerprint_in_the_key(tmp_path, attack, param, kind):
+    from markbench.models import named_model_identity
+
+    extras = [e for e in _attack_stage_extras(tmp_path, attack) if "attacker_models" in e]
+    value = attack.rsplit("= ", 1)[1].strip('"')
+    assert extras and all(e["attacker_models"] == {param: named_model_identity(kind, value)} for e in extras)
+
+
+def test_the_clip_scorer_is_keyed_only_when_the_encoder_is_clip():
+    cls = image_attacks.get("adv_embedding")
+    assert cls(encoder="clip").named_models() == {"clip_model": ("clip", "tiny-world")}
+    assert cls(encoder="micro-sd").named_models() == {"encoder": ("vae", "micro-sd")}
+    assert cls().named_models() == {}  # the base model's encoder, keyed by the base's fingerprint
+
+
+def test_a_rebuilt_shipped_attacker_model_changes_its_fingerprint(monkeypatch):
+    """A shipped model is identified by its rows of the world's manifest (tiny world: ``fingerprint(name)``): a
+    rebuild that changes them changes the identity of every attacker model built on it."""
+    import markbench.worlds.tiny as tiny
+    from markbench.models import named_model_identity
+
+    before = {(k, v): named_model_identity(k, v) for k, v in (("vae", "tiny-vae-ind"), ("pipeline", "tiny-sd-ind"),
+                                                             ("clip", "tiny-world"))}
+    real = tiny.fingerprint
+    for rebuilt, affected in (("tiny-vae-ind", {("vae", "tiny-vae-ind"), ("pipeline", "tiny-sd-ind")}),
+                              ("tiny-sd-ind", {("pipeline", "tiny-sd-ind")}), ("tiny-clip", {("clip", "tiny-world")})):
+        monkeypatch.setattr(tiny, "fingerprint", lambda m="tiny-sd", r=rebuilt: "rebuilt" if m == r else real(m))
+        after = {k: named_model_identity(*k) for k in before}
+        assert {k for k in before if after[k] != before[k]} == affected, rebuilt
+    assert named_model_identity("vae", "base") == ""
+
+
+def test_a_parameter_can_name_only_a_known_kind_of_model():
+    from markbench import ImageAttack, PluginValidationError, param
+
+    with pytest.raises(PluginValidationError, match="names_model='unet'.*vae, pipeline, clip"):
+        class Bad(ImageAttack):  # noqa: F841
+            other: str = param("base", "a model", names_model="unet")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # regen_vae and regen_diffusion through the attacker's model
 # ---------------------------------------------------------------------------------------------------------------

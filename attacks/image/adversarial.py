@@ -56,10 +56,11 @@ class AdvEmbedding(ImageAttack):
     batch_size: int = param(16, "images attacked at once", low=1, high=1024)
     encoder: str = param(BASE, "the encoder attacked: 'base' (grey-box: the base model's VAE encoder), 'clip' (the "
             "image tower of clip_model), or another VAE's encoder: a shipped attacker autoencoder (e.g. "
-            "'tiny-vae-ind'), a built-in model (e.g. 'tiny-sd-rt') or a VAE folder", keyed_at_default=False)
+            "'tiny-vae-ind'), a built-in model (e.g. 'tiny-sd-rt') or a VAE folder", keyed_at_default=False,
+            names_model="vae")
     clip_model: str = param("tiny-world", "with encoder = 'clip': the CLIP scorer whose image tower is attacked "
             "(clip_score's model: 'tiny-world', a world's scorer, or an open_clip architecture)",
-            keyed_at_default=False)
+            keyed_at_default=False, names_model="clip")
 
     def __init__(self, **given: Any):
         super().__init__(**given)
@@ -69,6 +70,12 @@ class AdvEmbedding(ImageAttack):
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
         return {"eps": (2.0 + 6.0 * s) / 255.0}
+
+    def named_models(self) -> dict[str, tuple[str, str]]:
+        # the CLIP scorer's weights are loaded only when the encoder is 'clip'; otherwise the encoder names a VAE
+        if self.encoder == CLIP:
+            return {"clip_model": ("clip", self.clip_model)}
+        return {"encoder": ("vae", self.encoder)} if self.encoder != BASE else {}
 
     def embedding(self, ctx: AttackContext) -> Callable[[torch.Tensor], torch.Tensor]:
         """``E``: float images ``[N, 3, H, W]`` in [0, 1] on ``ctx.device`` -> the embedding PGD moves (float32),

@@ -50,7 +50,7 @@ class RegenVAE(ImageAttack):
     ``vae``: ``"base"`` (the default), or a VAE the defender never saw: a shipped attacker autoencoder (the tiny
     world's ``tiny-vae-ind``: tiny-sd's architecture, trained from another seed on other images), a built-in model's
     VAE (e.g. ``tiny-sd-rt``) or a VAE folder (:func:`bench.models.vae_source`); the noise is then in that VAE's own
-    scaled latent units. A name is keyed by its name (a folder by its path): give changed weights a new one.
+    scaled latent units. The stage is keyed by a fingerprint of the named weights (``Param.names_model``).
     """
 
     version = "1"
@@ -62,7 +62,7 @@ class RegenVAE(ImageAttack):
     batch_size: int = param(16, "images encoded at once", low=1, high=1024)
     vae: str = param(BASE, "the attacker's VAE: 'base' (the base model's), a shipped attacker autoencoder (e.g. "
             "'tiny-vae-ind', trained independently of tiny-sd), a built-in model (e.g. 'tiny-sd-rt') or a VAE folder",
-            keyed_at_default=False)
+            keyed_at_default=False, names_model="vae")
 
     def __init__(self, **given: Any):
         super().__init__(**given)
@@ -167,7 +167,8 @@ class RegenDiffusion(ImageAttack):
             "steps)", low=1, high=1000)
     batch_size: int = param(16, "images regenerated at once", low=1, high=1024)
     model: str = param(BASE, "the attacker's pipeline: 'base' (the base model), a built-in model (e.g. "
-            "'tiny-sd-rt', or 'tiny-sd-ind': independent of tiny-sd) or a pipeline folder", keyed_at_default=False)
+            "'tiny-sd-rt', or 'tiny-sd-ind': independent of tiny-sd) or a pipeline folder", keyed_at_default=False,
+            names_model="pipeline")
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:
@@ -214,7 +215,8 @@ class Rinse(ImageAttack):
     num_inference_steps: int = param(50, "the sampler's schedule length per pass", low=1, high=1000)
     batch_size: int = param(16, "images regenerated at once", low=1, high=1024)
     model: str = param(BASE, "the attacker's pipeline: 'base' (the base model), a built-in model (e.g. "
-            "'tiny-sd-rt', or 'tiny-sd-ind': independent of tiny-sd) or a pipeline folder", keyed_at_default=False)
+            "'tiny-sd-rt', or 'tiny-sd-ind': independent of tiny-sd) or a pipeline folder", keyed_at_default=False,
+            names_model="pipeline")
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:

@@ -18,8 +18,9 @@ class VAESwap(ModelAttack):
     e.g. ``"tiny-sd-rt"``, tiny-sd with a decoder trained for round trips, the tiny world's ft-MSE) or a diffusers
     model folder with a ``vae/`` subfolder, or a standalone autoencoder a world ships (``tiny-vae-ind``: tiny-sd's
     architecture and latent shape but trained independently, so *not* its latent space: the swap then shows what a
-    foreign decoder or encoder does, not a benign replacement). A folder is named by its path in the cache key: give a
-    changed folder a new path. The latent space must match (channels and downsampling factor); the swap changes no
+    foreign decoder or encoder does, not a benign replacement). The cache key holds a fingerprint of the weights
+    ``source`` names (a shipped model's checksums, a folder's file names, sizes and times), so changed weights are
+    attacked anew. The latent space must match (channels and downsampling factor); the swap changes no
     other weight and costs no training.
     """
 
@@ -29,7 +30,7 @@ class VAESwap(ModelAttack):
                     "model's, or a public fine-tuned one); no key, no training")
     source: str = param("base", "the VAE swapped in: 'base' (the public base model's), a built-in model name (e.g. "
                         "'tiny-sd-rt'), a shipped autoencoder (e.g. 'tiny-vae-ind') or a diffusers model folder "
-                        "with a vae/ subfolder")
+                        "with a vae/ subfolder", names_model="vae")
     components: list[str] = param(["decoder"], "what is swapped: the decoder side (decoder, post_quant_conv: what "
                                   "generation uses) and/or the encoder side (encoder, quant_conv: what a latent "
                                   "verifier reads images through)", choices=("decoder", "encoder"))

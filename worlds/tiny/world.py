@@ -89,6 +89,9 @@ class TinyWorld(World):
                                 "tiny-sd's VAE never saw, about a quarter of its training (bench zoo build --only "
                                 "vae-ind); its own latent space, not tiny-sd's"}
 
+    def autoencoder_identity(self, name: str) -> tuple[str, ...]:
+        return (_pkg.fingerprint(name),)  # its rows of the manifest's file table: a rebuild changes them
+
     def autoencoder_folder(self, name: str) -> Path:
         if name != "tiny-vae-ind":
             return super().autoencoder_folder(name)
@@ -128,6 +131,9 @@ class TinyWorld(World):
         from .clip_model import scorer
 
         return scorer(pretrained, device, batch_size, default=_pkg.TINY_CLIP)
+
+    def clip_identity(self, model: str) -> tuple[str, ...]:
+        return (_pkg.fingerprint("tiny-clip"),)
 
     def register_open_clip(self) -> None:
         from .clip_model import register
