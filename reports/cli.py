@@ -97,8 +97,9 @@ def add_parsers(sub: Any, cfg_args: Callable[..., None]) -> dict[str, Callable[[
                                     "columns: defenses=a,b model_attacks=... image_attacks=... metrics=m1,m2 "
                                     "(labels), and a view: view=utility (detection against attacker utility at each "
                                     "point of each model attack's sweep: the leaderboard's utility curves), "
-                                    "view=threats (the threat-tier matrix) or view=threats-verdict (which tier breaks "
-                                    "each defence, at what quality).",
+                                    "view=threats (the threat-tier matrix), view=threats-verdict (which tier breaks "
+                                    "each defence, at what quality) or view=attacks (the image-attack matrix: "
+                                    "removal, the attacker's joint success and cost, forgery).",
                         epilog=textwrap.dedent("""\
                             examples:
                               bench readme                              README.md and docs/*.md from results/

@@ -205,6 +205,10 @@ def _cost(c: CellRow) -> dict[str, Any]:
     out = {k: cost.get(k) for k in ("seconds", "model_evals", "attacker_images", "images") if cost.get(k) is not None}
     if n and cost.get("seconds") is not None:
         out["seconds_per_image"] = cost["seconds"] / n
+    surrogate = c.costs.get("surrogate") or {}  # a surrogate-detector attack's training (its own cached stage)
+    if surrogate:
+        out["surrogate"] = {k: surrogate[k] for k in ("attacker_images", "seconds", "train_accuracy")
+                            if surrogate.get(k) is not None}
     return out
 
 

@@ -114,11 +114,12 @@ def update(readme: str | Path, leaderboard: str | Path, check: bool = False) -> 
 #: ``<!-- results:begin source=results/x.json defenses=a,b metrics=m1,m2 -->`` ... ``<!-- results:end -->``;
 #: ``view=<name>``: how a block shows its cells (default ``cells``: one row per cell, one column per metric);
 #: ``view=utility``: detection against attacker utility (the leaderboard's ``utility_curves``);
-#: ``view=threats`` / ``view=threats-verdict``: the threat-tier matrix / verdict sentences (reports/threats.py)
+#: ``view=threats`` / ``view=threats-verdict``: the threat-tier matrix / verdict sentences (reports/threats.py);
+#: ``view=attacks``: the image-attack matrix: removal, joint success and cost, forgery (reports/attack_matrix.py)
 _DOC_BLOCK = re.compile(r"<!-- results:begin source=(?P<source>\S+)(?P<opts>[^>]*?)\s*-->.*?<!-- results:end -->",
                         re.S)
 _SELECTORS = ("defenses", "model_attacks", "image_attacks", "metrics", "view")
-_VIEWS = ("cells", "utility", "threats", "threats-verdict")
+_VIEWS = ("cells", "utility", "threats", "threats-verdict", "attacks")
 
 
 def _options(text: str) -> dict[str, list[str]]:
@@ -311,9 +312,10 @@ def update_docs(doc: str | Path, root: str | Path, check: bool = False) -> bool:
         if view in ("cells", "utility"):
             return render_table(board, source, selection)
         selection.pop("view")
+        from .attack_matrix import render_attacks
         from .threats import render_threats, render_verdict
 
-        render = render_threats if view == "threats" else render_verdict
+        render = {"threats": render_threats, "threats-verdict": render_verdict, "attacks": render_attacks}[view]
         return render(board, source, selection, opts=f"view={view}")
 
     new = _DOC_BLOCK.sub(render, text)
