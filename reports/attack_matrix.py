@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .leaderboard import image_attack_cost_text as cost_text
 from .readme import END, format_interval, fpr_meaning
 from .threats import conditions_sentence
 
@@ -38,24 +39,6 @@ def _tpr(rows: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
         return f"tpr@{_FPR}", None
     empirical = sorted(m for m in rows if m.startswith("tpr@fpr<="))
     return (empirical[0], empirical[0]) if empirical else (f"tpr@{_FPR}", None)
-
-
-def cost_text(cost: dict[str, Any] | None) -> str:
-    """An image attack's recorded cost in a few words (the leaderboard's ``cost`` of an attacker or forgery row)."""
-    cost = cost or {}
-    parts = []
-    if cost.get("seconds_per_image") is not None:
-        parts.append(f"{1000 * cost['seconds_per_image']:.1f} ms/img")
-    if cost.get("model_evals") is not None:
-        parts.append(f"{cost['model_evals']} evals")
-    if cost.get("attacker_images") is not None:
-        parts.append(f"{cost['attacker_images']} attacker img")
-    s = cost.get("surrogate")
-    if s:
-        acc = s.get("train_accuracy")
-        parts.append(f"surrogate: {s.get('attacker_images', '?')} img, {s.get('seconds', 0):.0f} s"
-                     + (f", train acc {acc:.2f}" if acc is not None else ""))
-    return ", ".join(parts) or "-"
 
 
 def _order(board: dict[str, Any]) -> dict[str, int]:

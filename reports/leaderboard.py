@@ -263,7 +263,10 @@ def _fmt_v(v: dict[str, Any] | None) -> str:
     return f"{fmt(v['value'])} [{fmt(v['low'])}, {fmt(v['high'])}]"
 
 
-def _fmt_cost(cost: dict[str, Any]) -> str:
+def image_attack_cost_text(cost: dict[str, Any] | None) -> str:
+    """An image attack's recorded cost (the ``cost`` of a forgery or attacker row) in a few words: time per image,
+    model evaluations, images the attacker needed, and a surrogate detector's training where it had one."""
+    cost = cost or {}
     parts = []
     if cost.get("seconds_per_image") is not None:
         parts.append(f"{1000 * cost['seconds_per_image']:.1f} ms/image")
@@ -271,6 +274,11 @@ def _fmt_cost(cost: dict[str, Any]) -> str:
         parts.append(f"{cost['model_evals']} model evals")
     if cost.get("attacker_images") is not None:
         parts.append(f"{cost['attacker_images']} attacker images")
+    s = cost.get("surrogate")
+    if s:
+        acc = s.get("train_accuracy")
+        parts.append(f"surrogate: {s.get('attacker_images', '?')} images, {s.get('seconds', 0):.0f} s"
+                     + (f", training accuracy {acc:.2f}" if acc is not None else ""))
     return ", ".join(parts) or "-"
 
 
@@ -290,7 +298,7 @@ def forgery_markdown(board: dict[str, Any]) -> list[str]:
         lines.append(f"| {_md(r['defense_label'])} | {_md(r['model_attack_label'])} | {_md(r['image_attack_label'])}"
                      " | " + " | ".join(f"{_fmt_v(r['forged_fpr'].get(f))} ({_fmt_v(r['clean_fpr'].get(f))})"
                                       for f in fprs)
-                     + f" | {_fmt_v(jf)} | {q} | {_fmt_cost(r['cost'])} |")
+                     + f" | {_fmt_v(jf)} | {q} | {image_attack_cost_text(r['cost'])} |")
     return lines
 
 
@@ -305,7 +313,7 @@ def attacker_markdown(board: dict[str, Any]) -> list[str]:
     for r in rows:
         lines.append(f"| {_md(r['defense_label'])} | {_md(r['model_attack_label'])} | {_md(r['image_attack_label'])}"
                      " | " + " | ".join(_fmt_v(r["joint_evasion"].get(f)) for f in fprs)
-                     + f" | {_fmt_v(r['quality_kept'])} | {_fmt_v(r['content_kept'])} | {_fmt_cost(r['cost'])} |")
+                     + f" | {_fmt_v(r['quality_kept'])} | {_fmt_v(r['content_kept'])} | {image_attack_cost_text(r['cost'])} |")
     return lines
 
 

@@ -72,11 +72,11 @@ def test_removal_rows_follow_the_grid_and_compute_the_clip_change_from_the_file(
 def test_joint_and_forgery_tables_read_the_rates_at_1e_2_and_the_recorded_costs():
     text = render_attacks(_board(), "results/a.json", {}, "view=attacks")
     assert _table(text, "Joint success and cost (removal)") == [
-        "| bits | none | regen | 0.500 [0.300, 0.700] | 0.750 [0.600, 0.900] | 1.000 | 100.0 ms/img, 64 evals, "
-        "0 attacker img, surrogate: 128 img, 42 s, train acc 0.55 |"]
+        "| bits | none | regen | 0.500 [0.300, 0.700] | 0.750 [0.600, 0.900] | 1.000 | 100.0 ms/image, 64 model evals, "
+        "0 attacker images, surrogate: 128 images, 42 s, training accuracy 0.55 |"]
     assert _table(text, "Forgery (clean images made to read as marked)") == [
         "| bits | none | forge | 32 | 1.000 [0.891, 1.000] | 0.031 [0.001, 0.162] | 0.500 [0.300, 0.700] | "
-        "0.312 [0.160, 0.500] | 26.7 | 0.800 | 22.6 ms/img, 32 attacker img |"]
+        "0.312 [0.160, 0.500] | 26.7 | 0.800 | 22.6 ms/image, 32 attacker images |"]
     assert "Not finished: other/forge (error)" in text
 
 
@@ -87,9 +87,9 @@ def test_a_selection_keeps_only_its_cells_in_every_table():
     assert "Not finished" not in text  # other's failed forgery is not selected
 
 
-@pytest.mark.parametrize("cost, text", [({}, "-"), ({"seconds_per_image": 0.0005}, "0.5 ms/img"),
+@pytest.mark.parametrize("cost, text", [({}, "-"), ({"seconds_per_image": 0.0005}, "0.5 ms/image"),
                                         ({"surrogate": {"attacker_images": 64, "seconds": 9.4}},
-                                         "surrogate: 64 img, 9 s")])
+                                         "surrogate: 64 images, 9 s")])
 def test_cost_text_says_only_what_was_recorded(cost, text):
     assert cost_text(cost) == text
 
