@@ -346,8 +346,8 @@ def cmd_validate(args) -> int:
     from .preflight import preflight
 
     cfg = _load(args)
+    preflight(cfg, model=not args.no_model)  # first: a plugin's bad parameter is refused naming the config file
     plan = build_plan(cfg)
-    preflight(cfg, model=not args.no_model)
     from .plan import attack_runs
 
     runs = len(attack_runs(cfg))

@@ -286,31 +286,43 @@ def _builtin_identity(name: str) -> list[str]:
 
 
 def _folder_identity(root: Path) -> list[str]:
-    """A folder's file names, sizes and modification times (not contents: an 8 GB folder stays cheap)."""
+    """A folder's file names, sizes and modification times (not contents: an 8 GB folder stays cheap), following
+    linked subfolders (a variant pipeline folder links its components in). A file rewritten with its old size and
+    time is not noticed: give changed weights a new file or a new time."""
     out = []
-    for f in sorted(root.rglob("*")):
-        if f.is_file():
-            st = f.stat()
-            out.append(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
+    for folder, _, files in sorted(os.walk(root, followlinks=True)):
+        for name in sorted(files):
+            f = Path(folder) / name
+            if f.is_file():
+                st = f.stat()
+                out.append(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
     return out
 
 
-def named_model_identity(kind: str, source: str) -> str:
+def named_model_identity(kind: str, source: str, where: str = "") -> str:
     """A cheap fingerprint of the weights a plugin parameter names (:attr:`bench.params.Param.names_model`), for the
     stage's cache key: a rebuilt shipped model, or a changed folder, gives another key, so cached attacks through
     the old weights are never read for the new ones. ``kind``: ``"vae"`` (:func:`vae_source`), ``"pipeline"``
-    (:func:`pipeline_source`) or ``"clip"`` (a CLIP scorer: a world's, identified by its world, else an open_clip
-    architecture name). A shipped model is identified by its world's checksums (the manifest), a folder by its
-    files' names, sizes and times. ``""`` for ``"base"`` (the run's base model, keyed by its own fingerprint)."""
+    (:func:`pipeline_source`), ``"clip"`` (a CLIP scorer: a world's, identified by its world; a ``local-dir:``
+    folder by its files; else by its name) or ``"file"`` (a weights file). A shipped model is identified by its
+    world's checksums (the manifest: ``bench zoo info --check`` verifies the files against it), a folder or file by
+    its files' names, sizes and modification times. ``""`` for ``"base"`` or ``""`` (the run's base model, keyed by
+    its own fingerprint; no model). ``where`` names the parameter in an error."""
     from .world import autoencoder_world, world_for_clip_model
 
-    if source == BASE:
+    if source in (BASE, ""):
         return ""
-    if kind == "clip":
+    if kind == "file":
+        f = Path(source).expanduser()
+        st = f.stat()
+        parts = [f"file:{f.name}:{st.st_size}:{st.st_mtime_ns}"]
+    elif kind == "clip":
         world = world_for_clip_model(source)
-        parts = [f"clip:{source}", *(world.clip_identity(source) if world is not None else ())]
+        local = Path(source[len("local-dir:"):]) if source.startswith("local-dir:") else None
+        parts = [f"clip:{source}", *(world.clip_identity(source) if world is not None else ()),
+                 *(_folder_identity(local) if local is not None and local.is_dir() else ())]
     else:
-        what, folder = (vae_source if kind == "vae" else pipeline_source)(source, kind)
+        what, folder = (vae_source if kind == "vae" else pipeline_source)(source, where or kind)
         if what == "autoencoder":
             parts = [f"autoencoder:{source}", *autoencoder_world(source).autoencoder_identity(source)]
         elif what == "model":

@@ -123,7 +123,7 @@ class Param:
 
 
 #: The kinds of model a parameter may name (:attr:`Param.names_model`).
-MODEL_KINDS = ("vae", "pipeline", "clip")
+MODEL_KINDS = ("vae", "pipeline", "clip", "file")
 
 
 class Declared(Param):

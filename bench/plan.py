@@ -262,6 +262,7 @@ class _Builder:
         if not modifies_model(_cls(defense)):
             return base
         return self.add("embed", (base,), defense, seed, label=f"embed {defense.label} (second release)",
+                        **self.named_models(defense, "named_models"),
                         **self.run_data(defense), release=2)
 
     def plain_images(self, model_key: str, request: GenerationRequest, run_seed: int) -> str:
@@ -394,17 +395,18 @@ class _Builder:
         return self.add("surrogate", (marked, clean), spec, seed, label=f"train surrogate {ia.name}")
 
     @staticmethod
-    def named_models(spec: PluginSpec) -> dict[str, Any]:
-        """The fingerprints of the models an attack's parameters name (:meth:`bench.Plugin.named_models`: an
-        attacker's own VAE, pipeline or CLIP), part of its stage key: rebuilt weights give new keys. An attack that
-        names none keeps its key."""
+    def named_models(spec: PluginSpec, field: str = "attacker_models") -> dict[str, Any]:
+        """The fingerprints of the models a plugin's parameters name (:meth:`bench.Plugin.named_models`: an
+        attacker's own VAE, pipeline or CLIP; a defence's pre-trained extractor), part of its stage key under
+        ``field``: rebuilt weights give new keys. A plugin that names none keeps its key."""
         try:
             named = spec.instantiate().named_models()
+            if not named:
+                return {}
+            return {field: {k: named_model_identity(kind, value, f"{spec.name}.{k}")
+                                        for k, (kind, value) in sorted(named.items())}}
         except Exception:  # bad input is refused by the preflight, in one sentence; a broken plugin fails its cells
             return {}
-        if not named:
-            return {}
-        return {"attacker_models": {k: named_model_identity(kind, value) for k, (kind, value) in sorted(named.items())}}
 
     def attack_model(self, ia: PluginSpec) -> dict[str, Any]:
         """The model an image attack declares it needs (``needs_model``), by fingerprint: part of its stage key, so
@@ -454,7 +456,8 @@ def build_plan(cfg: BenchConfig) -> Plan:
         reference = b.plain_images(base, request, seed)
         for d in cfg.defenses:
             dcls = _cls(d)
-            embed = b.add("embed", (base,), d, seed, label=f"embed {d.label}", **b.run_data(d))
+            embed = b.add("embed", (base,), d, seed, label=f"embed {d.label}", **b.run_data(d),
+                          **b.named_models(d, "named_models"))
             for ma, attack_seed in attack_runs(cfg):
                 model = b.attacked_model(embed if modifies_model(dcls) else base, ma, seed, attack_seed, embed, d)
                 clean_model = b.attacked_model(base, ma, seed, attack_seed, embed, d)

@@ -363,11 +363,12 @@ class Plugin:
 
     def named_models(self) -> dict[str, tuple[str, str]]:
         """The models this configured plugin loads besides the run's base model, by parameter: ``{param: (kind,
-        value)}`` for every parameter declared with ``names_model`` whose value is not ``"base"``. The planner keys
-        the plugin's stages by those weights' fingerprints (:func:`bench.models.named_model_identity`). A plugin
-        whose parameters name a model only in some settings overrides this."""
+        value)}`` for every parameter declared with ``names_model`` whose value is not ``"base"`` or ``""``. The
+        planner keys the plugin's stages by those weights' fingerprints (:func:`bench.models.named_model_identity`):
+        an attack's stage, a defence's embedding. A plugin whose parameters name a model only in some settings
+        overrides this."""
         return {p.name: (p.names_model, self.params[p.name]) for p in type(self).params  # type: ignore[union-attr]
-                if p.names_model and self.params[p.name] != "base"}
+                if p.names_model and self.params[p.name] not in ("base", "")}
 
     def describe(self) -> str:
         """``name(k=v, ...)`` with the parameters that differ from the defaults."""

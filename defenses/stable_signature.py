@@ -231,7 +231,7 @@ class StableSignature(Defense):
     gen_guidance_scale: float = param(7.5, "guidance scale when train_source = 'generated'", low=0.0, high=50.0)
     # -- extractor (revisited HiDDeN) ------------------------------------------------------------------------
     extractor_path: str = param("", "a pre-trained extractor (safetensors from save_extractor); empty: train one in "
-            "embed")
+            "embed", names_model="file")
     extractor_image_size: int = param(256, "extractor training side (official 256); 0 = the run's resolution", low=0,
             high=4096)
     extractor_train_images: int = param(82_783, "extractor training images (official: COCO train2014)", low=1,

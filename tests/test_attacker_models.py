@@ -185,6 +185,54 @@ def test_a_rebuilt_shipped_attacker_model_changes_its_fingerprint(monkeypatch):
     assert named_model_identity("vae", "base") == ""
 
 
+def test_a_pipeline_folder_with_linked_components_is_keyed_by_the_linked_weights(vae_folder, tmp_path):
+    """A variant pipeline folder links its components in (bench.models.variant_folder): the fingerprint follows the
+    links, so changed weights behind a link change it."""
+    import shutil
+
+    from markbench.models import named_model_identity
+
+    shutil.copytree(vae_folder, tmp_path / "real-vae")
+    pipe_dir = tmp_path / "pipe"
+    pipe_dir.mkdir()
+    (pipe_dir / "model_index.json").write_text("{}")
+    (pipe_dir / "vae").symlink_to(tmp_path / "real-vae", target_is_directory=True)
+    before = named_model_identity("pipeline", str(pipe_dir))
+    weights = next(f for f in (tmp_path / "real-vae").iterdir() if f.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert named_model_identity("pipeline", str(pipe_dir)) != before
+
+
+def test_a_defences_pretrained_extractor_file_keys_its_embedding(tmp_path):
+    """Stable Signature's ``extractor_path`` names a weights file: the embed stage holds its fingerprint, so a new file
+    at the same path is a new embedding; without one (the default: train it in embed) the key is unchanged."""
+    from markbench.config import load_config
+    from markbench.plan import build_plan
+
+    extractor = tmp_path / "extractor.safetensors"
+    extractor.write_bytes(b"weights-1")
+
+    def embeds(text_extra: str, sub: str) -> list[dict]:
+        text = MICRO_TOML.replace('name = "dwtdctsvd"', 'name = "stable_signature"' + text_extra, 1)
+        (tmp_path / sub).mkdir()
+        cfg = load_config(write_config(tmp_path / sub, text, output=str(tmp_path / sub / "out")), check_output=False)
+        return [s.extra_dict for s in build_plan(cfg).stages.values()
+                if s.kind == "embed" and s.plugin.name == "stable_signature"]
+
+    first = embeds(f'\nextractor_path = "{extractor}"', "a")
+    assert first and all(set(e["named_models"]) == {"extractor_path"} for e in first)
+    extractor.write_bytes(b"weights-22")  # another file at the same path
+    assert [e["named_models"] for e in embeds(f'\nextractor_path = "{extractor}"', "b")] != \
+        [e["named_models"] for e in first]
+    assert all("named_models" not in e for e in embeds("", "c"))
+
+
+def test_adv_embedding_refuses_a_clip_it_cannot_have():
+    with pytest.raises(ConfigError, match=r"adv_embedding\.clip_model = 'RN50' is neither a world's CLIP scorer"):
+        image_attacks.get("adv_embedding")(encoder="clip", clip_model="RN50")
+    assert image_attacks.get("adv_embedding")(encoder="clip", clip_model="tiny-world").clip_model == "tiny-world"
+
+
 def test_a_parameter_can_name_only_a_known_kind_of_model():
     from markbench import ImageAttack, PluginValidationError, param
 

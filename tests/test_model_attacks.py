@@ -252,12 +252,27 @@ def test_vae_swap_takes_another_builtin_models_decoder():
     assert any(not torch.equal(want_dec[k], want_enc[k]) for k in got if k.startswith("decoder."))  # a real change
 
 
-def test_vae_swap_names_a_source_it_cannot_use(pipe, tmp_path):
-    from markbench.errors import PluginError
+def test_vae_swap_names_a_source_it_cannot_use_when_the_config_is_read(tmp_path):
+    from markbench.errors import ConfigError
 
+    with pytest.raises(ConfigError, match=r"^vae_swap\.source = '.*nowhere' is neither 'base', a shipped autoencoder"):
+        model_attacks.get("vae_swap")(source=str(tmp_path / "nowhere"))
+
+
+def test_vae_swap_takes_a_bare_vae_folder_as_the_regeneration_attacks_do(pipe, tmp_path):
+    """A diffusers VAE folder without a vae/ subfolder (what regen_vae and adv_embedding accept) is swapped in: the
+    decoder side equals the folder's weights, the encoder side stays the released model's."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        other = AutoencoderKL(**{k: v for k, v in pipe.vae.config.items() if not k.startswith("_")})
+    other.save_pretrained(tmp_path / "bare")
     ctx = StageContext(torch.Generator().manual_seed(0), data=Resources(lambda: pipe, 64, 64))
-    with pytest.raises(PluginError, match=r"vae_swap: source '.*nowhere' is neither 'base', a built-in model"):
-        model_attacks.get("vae_swap")(source=str(tmp_path / "nowhere")).apply(copy_pipeline(pipe), ctx)
+    out = model_attacks.get("vae_swap")(source=str(tmp_path / "bare")).apply(copy_pipeline(pipe), ctx)
+    got, theirs, mine = out.vae.state_dict(), other.state_dict(), pipe.vae.state_dict()
+    for k, v in got.items():
+        assert torch.equal(v, (theirs if k.startswith(("decoder.", "post_quant_conv")) else mine)[k]), k
 
 
 def test_low_rank_compensation_adds_the_truncated_svd_of_the_quantization_error(pipe):

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from markbench import AttackContext, image_attacks, ImageAttack, param
+from markbench import AttackContext, ConfigError, image_attacks, ImageAttack, param
 from markbench.latents import to_latent
 from markbench.models import BASE, load_vae, vae_source
 
@@ -66,6 +66,14 @@ class AdvEmbedding(ImageAttack):
         super().__init__(**given)
         if self.encoder != CLIP:
             vae_source(self.encoder, "adv_embedding.encoder")  # a name or folder that is none: refused here
+        else:
+            from markbench.world import world_for_clip_model
+
+            if world_for_clip_model(self.clip_model) is None and not self.clip_model.startswith(("hf-hub:",
+                                                                                                  "local-dir:")):
+                raise ConfigError(f"adv_embedding.clip_model = {self.clip_model!r} is neither a world's CLIP scorer "
+                                  f"nor an 'hf-hub:' / 'local-dir:' open_clip model: a bare architecture name would "
+                                  f"be a randomly initialised network, not a CLIP the attacker has")
 
     @classmethod
     def from_strength(cls, s: float) -> dict[str, Any]:

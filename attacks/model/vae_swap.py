@@ -29,8 +29,8 @@ class VAESwap(ModelAttack):
     attacker_has = ("the released watermarked pipeline and a public autoencoder of the same latent space (the base "
                     "model's, or a public fine-tuned one); no key, no training")
     source: str = param("base", "the VAE swapped in: 'base' (the public base model's), a built-in model name (e.g. "
-                        "'tiny-sd-rt'), a shipped autoencoder (e.g. 'tiny-vae-ind') or a diffusers model folder "
-                        "with a vae/ subfolder", names_model="vae")
+                        "'tiny-sd-rt'), a shipped autoencoder (e.g. 'tiny-vae-ind'), a diffusers VAE folder or a "
+                        "model folder with a vae/ subfolder", names_model="vae")
     components: list[str] = param(["decoder"], "what is swapped: the decoder side (decoder, post_quant_conv: what "
                                   "generation uses) and/or the encoder side (encoder, quant_conv: what a latent "
                                   "verifier reads images through)", choices=("decoder", "encoder"))
@@ -60,23 +60,17 @@ class VAESwap(ModelAttack):
         ctx.record_cost(steps=0, swapped_params=swapped)
         return pipe
 
+    def __init__(self, **given):
+        super().__init__(**given)
+        if self.source != "base":
+            from markbench.models import vae_source
+
+            vae_source(self.source, "vae_swap.source")  # a name or folder that is none: refused when the config is read
+
     def _other_vae(self, ctx):
         if self.source == "base":
             return ctx.data.verifier_pipeline().vae
-        from markbench.world import autoencoder_names
+        from markbench.models import load_vae
 
-        if self.source in autoencoder_names():
-            from markbench.models import load_vae
-
-            return load_vae(self.source, where="vae_swap.source")
-        from pathlib import Path
-
-        from diffusers import AutoencoderKL
-
-        from markbench.models import builtin_folder, builtin_models
-
-        folder = builtin_folder(self.source) if self.source in builtin_models() else Path(self.source)
-        if not (folder / "vae").is_dir():
-            raise PluginError(f"vae_swap: source {self.source!r} is neither 'base', a built-in model "
-                              f"({', '.join(sorted(builtin_models()))}) nor a model folder with a vae/ subfolder")
-        return AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True, use_safetensors=True)
+        # shared and read-only: apply() copies its tensors into the pipeline's own VAE
+        return load_vae(self.source, where="vae_swap.source")
