@@ -271,6 +271,10 @@ class Measurement:
     #: that several seeds (embeddings, attack runs) can be combined by a hierarchical bootstrap
     #: (:func:`bench.stats.hierarchical_bootstrap`) rather than by pooling images.
     samples: tuple[float, ...] | None = field(default=None, repr=False)
+    #: For a two-sample statistic (ROC AUC): the negatives' per-image values, ``samples`` holding the positives'
+    #: (each image's placement among the other sample: :class:`bench.stats.Placements`), so that several seeds
+    #: combine by a bootstrap that resamples both (:func:`bench.stats.hierarchical_auc`).
+    samples_neg: tuple[float, ...] | None = field(default=None, repr=False)
 
 
 class StageContext:

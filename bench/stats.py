@@ -36,6 +36,7 @@ __all__ = [
     "log10_binomial_pvalue", "bit_threshold", "bootstrap", "bit_accuracy", "mean_t_interval", "rate",
     "tpr_at_fpr_bits", "roc_auc", "empirical_threshold", "tpr_at_fpr_scores", "empirical_fpr_label",
     "analytic_fpr_label", "hierarchical_bootstrap", "hierarchical_rate", "hierarchical_replicates", "is_binary",
+    "Placements", "auc_placements", "hierarchical_auc",
 ]
 
 _EPS = 1e-9  # relative tolerance when turning fpr * n into a count (0.29 * 100 must give 29, not 28)
@@ -185,9 +186,66 @@ def bootstrap(values: Any, statistic: str | Callable[[np.ndarray], np.ndarray] =
     return Estimate(value, float(lo), float(hi), n)
 
 
+@dataclass(frozen=True)
+class Placements:
+    """One ROC AUC's structural components (DeLong, DeLong & Clarke-Pearson 1988): ``pos``, each positive's placement
+    among the negatives (the share of negatives below it, ties counting half), and ``neg``, each negative's among the
+    positives (the share of positives above it, ties half). Both means are the AUC. A leaf of a hierarchical
+    bootstrap (:func:`hierarchical_auc`): one repetition's AUC with both of its samples."""
+
+    pos: np.ndarray
+    neg: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.pos.size + self.neg.size)
+
+    def mean(self) -> float:
+        return float(self.pos.mean())
+
+    def replicates(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        """``k`` bootstrap replicates of the AUC, positives and negatives resampled apart (stratified), through its
+        linearisation: ``mean(pos*) + mean(neg*) - AUC``, whose variance is DeLong's ``var(pos)/m + var(neg)/n``."""
+        auc = self.mean()
+        p = self.pos[rng.integers(0, self.pos.size, size=(k, self.pos.size))].mean(axis=1)
+        q = self.neg[rng.integers(0, self.neg.size, size=(k, self.neg.size))].mean(axis=1)
+        return p + q - auc
+
+
+def auc_placements(pos_scores: Any, neg_scores: Any) -> Placements:
+    """The :class:`Placements` of positives' and negatives' scores (higher = more likely marked)."""
+    pos = np.asarray(pos_scores, dtype=float).ravel()
+    neg = np.asarray(neg_scores, dtype=float).ravel()
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("AUC placements need positives and negatives")
+    sn, sp = np.sort(neg), np.sort(pos)
+    v10 = (np.searchsorted(sn, pos, side="left") + np.searchsorted(sn, pos, side="right")) / (2.0 * neg.size)
+    v01 = 1.0 - (np.searchsorted(sp, neg, side="left") + np.searchsorted(sp, neg, side="right")) / (2.0 * pos.size)
+    return Placements(v10, v01)
+
+
+def hierarchical_auc(groups: Any, *, seed: int = 0, n_boot: int = 2000, alpha: float = 0.05) -> Estimate:
+    """The mean AUC over repetitions with a ``1 - alpha`` percentile interval from a multi-level bootstrap:
+    repetitions (run seeds, then the attack runs within each, nested as for :func:`hierarchical_bootstrap`) are
+    resampled, and within each drawn repetition its positives and negatives apart (:meth:`Placements.replicates`),
+    so the interval holds the spread between embeddings and attack runs and both samples' variance. ``groups``: a
+    list whose leaves are :class:`Placements`. ``n`` = positives plus negatives over all repetitions."""
+    groups = list(groups)
+    if not groups:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    tree = _as_tree(groups)
+    if not isinstance(tree, list):
+        tree = [tree]
+    reps = _tree_replicates(tree, np.random.default_rng(seed), n_boot)
+    lo, hi = np.percentile(reps, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return Estimate(_tree_mean(tree), float(lo), float(hi), _tree_size(tree))
+
+
 def _is_leaf(node: Any) -> bool:
     """A group of values (a 1-D array, or a sequence of numbers), as opposed to a group of groups (a 2-D array is
-    a group of its rows, as the same values given as nested lists are)."""
+    a group of its rows, as the same values given as nested lists are). :class:`Placements` are a leaf."""
+    if isinstance(node, Placements):
+        return True
     if isinstance(node, np.ndarray):
         return node.dtype != object and node.ndim <= 1
     if hasattr(node, "numpy") and hasattr(node, "shape"):  # a tensor
@@ -197,6 +255,8 @@ def _is_leaf(node: Any) -> bool:
 
 def _as_tree(node: Any) -> Any:
     """``node`` with every leaf a float array and every group of groups a list (checked: no empty group)."""
+    if isinstance(node, Placements):
+        return node
     if _is_leaf(node):
         a = np.asarray(node, dtype=float).ravel()
         if a.size == 0:
@@ -210,11 +270,13 @@ def _as_tree(node: Any) -> Any:
 
 
 def _tree_mean(tree: Any) -> float:
-    return float(tree.mean()) if isinstance(tree, np.ndarray) else float(np.mean([_tree_mean(c) for c in tree]))
+    if isinstance(tree, (np.ndarray, Placements)):
+        return float(tree.mean())
+    return float(np.mean([_tree_mean(c) for c in tree]))
 
 
 def _tree_size(tree: Any) -> int:
-    return int(tree.size) if isinstance(tree, np.ndarray) else sum(_tree_size(c) for c in tree)
+    return int(tree.size) if isinstance(tree, (np.ndarray, Placements)) else sum(_tree_size(c) for c in tree)
 
 
 def _tree_replicates(tree: Any, rng: np.random.Generator, k: int) -> np.ndarray:
@@ -222,6 +284,8 @@ def _tree_replicates(tree: Any, rng: np.random.Generator, k: int) -> np.ndarray:
     members as it has, with replacement, and each drawn slot is one independent replicate of that member."""
     if isinstance(tree, np.ndarray):
         return tree[rng.integers(0, tree.size, size=(k, tree.size))].mean(axis=1)
+    if isinstance(tree, Placements):
+        return tree.replicates(rng, k)
     n = len(tree)
     picks = rng.integers(0, n, size=(k, n))
     means = np.empty((k, n))
@@ -270,14 +334,16 @@ def hierarchical_bootstrap(groups: Any, *, seed: int = 0, n_boot: int = 2000, al
     return Estimate(_tree_mean(tree), float(lo), float(hi), _tree_size(tree))
 
 
-def _tree_leaves(tree: Any) -> list[np.ndarray]:
-    return [tree] if isinstance(tree, np.ndarray) else [leaf for c in tree for leaf in _tree_leaves(c)]
+def _tree_leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, (np.ndarray, Placements)):
+        return [tree]
+    return [leaf for c in tree for leaf in _tree_leaves(c)]
 
 
 def is_binary(groups: Any) -> bool:
     """Whether every per-image value of ``groups`` (nested as :func:`hierarchical_bootstrap` takes them) is 0 or 1."""
     leaves = _tree_leaves(_as_tree(list(groups)))
-    return bool(leaves) and all(np.isin(leaf, (0.0, 1.0)).all() for leaf in leaves)
+    return bool(leaves) and all(isinstance(leaf, np.ndarray) and np.isin(leaf, (0.0, 1.0)).all() for leaf in leaves)
 
 
 def hierarchical_rate(groups: Any, *, seed: int = 0, n_boot: int = 2000, alpha: float = 0.05) -> Estimate:

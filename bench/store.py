@@ -3,7 +3,8 @@
 Tables: ``runs`` (one row per invocation: config, versions, git hash), ``cells`` (one row per cell: status,
 parameters, timings, costs, error and traceback), ``results`` (one row per cell and metric: value, interval, N, note),
 ``samples`` (the per-image values behind a mean or rate, where the metric gives them: for combining seeds by a
-hierarchical bootstrap; a database written before this table existed simply has none).
+hierarchical bootstrap; a database written before this table existed simply has none; a two-sample statistic's
+negatives' values, ROC AUC's, under the metric's name with :data:`NEGATIVE_SAMPLES` appended).
 The view ``results_full`` joins them into one row per cell and metric with everything that made the number. Every
 cell is committed as soon as it is measured, so an interrupted run loses nothing already computed.
 """
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SCHEMA_VERSION = 2
+#: appended to a metric's name in the ``samples`` table for its negatives' per-image values (``Measurement.samples_neg``)
+NEGATIVE_SAMPLES = ":negatives"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -159,8 +162,11 @@ class ResultStore:
             )
             self.con.executemany(
                 "INSERT INTO samples VALUES (?,?,?)",
-                [(cell.key, m.name, json.dumps([round(float(v), 6) for v in m.samples]))
-                 for m in measurements if getattr(m, "samples", None) is not None],
+                [(cell.key, m.name + suffix, json.dumps([round(float(v), 6) for v in values]))
+                 for m in measurements
+                 for suffix, values in (("", getattr(m, "samples", None)),
+                                        (NEGATIVE_SAMPLES, getattr(m, "samples_neg", None)))
+                 if values is not None],
             )
 
     def relabel(self, cell) -> bool:

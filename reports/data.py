@@ -11,6 +11,7 @@ does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,6 +22,7 @@ from typing import Any, Iterable
 from urllib.parse import quote
 
 from markbench.errors import UserError
+from markbench.store import NEGATIVE_SAMPLES
 
 #: The registered name of the identity plugin, for image attacks and model attacks alike.
 IDENTITY = "none"
@@ -41,6 +43,8 @@ class Value:
     higher_is_better: bool | None = None
     #: the per-image values behind a mean or rate, where stored (``samples`` table): for combining seeds
     samples: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
+    #: a two-sample statistic's negatives' values (ROC AUC's placements; ``samples`` then holds the positives')
+    samples_neg: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"value": self.value, "low": self.low, "high": self.high, "n": self.n}
@@ -382,10 +386,13 @@ def load_results(db_path: str | Path, cells: Iterable[str] | None = None) -> Res
         has_samples = con.execute("SELECT 1 FROM sqlite_master WHERE name='samples'").fetchone() is not None
         for r in (con.execute("SELECT * FROM samples") if has_samples else ()):
             cell = by_id.get(r["cell_id"])
-            v = cell.metrics.get(r["metric"]) if cell is not None else None
+            metric, negatives = r["metric"], r["metric"].endswith(NEGATIVE_SAMPLES)
+            if negatives:
+                metric = metric[:-len(NEGATIVE_SAMPLES)]
+            v = cell.metrics.get(metric) if cell is not None else None
             if v is not None:
-                cell.metrics[r["metric"]] = Value(v.value, v.low, v.high, v.n, v.note, v.higher_is_better,
-                                                  tuple(float(x) for x in _json(r["values_json"], [])))
+                values = tuple(float(x) for x in _json(r["values_json"], []))
+                cell.metrics[metric] = dataclasses.replace(v, **{"samples_neg" if negatives else "samples": values})
     finally:
         con.close()
     latest: dict[tuple, CellRow] = {}

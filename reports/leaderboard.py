@@ -38,7 +38,10 @@ def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | No
     cell, attack run): the mean of the seeds' values with a hierarchical-bootstrap interval (seeds resampled, then
     images within each: :func:`bench.stats.hierarchical_bootstrap`) where every cell stored its per-image values,
     else no interval; a rate (every per-image value 0 or 1) gets the envelope of that interval and the pooled
-    count's exact Clopper-Pearson interval (:func:`bench.stats.hierarchical_rate`). ``n_embeddings`` / ``n_attack_runs`` say how many independent repetitions stand behind it.
+    count's exact Clopper-Pearson interval (:func:`bench.stats.hierarchical_rate`); ROC AUC (positives' and
+    negatives' placements stored) resamples each repetition's positives and negatives apart
+    (:func:`bench.stats.hierarchical_auc`). ``n_embeddings`` / ``n_attack_runs`` say how many independent
+    repetitions stand behind it.
 
     ``seeds``: the run seed of each value. Repeated attack runs (``[run] attack_seeds``) share their run seed's key
     and embedding, so the values of one run seed are nested in it: the bootstrap resamples run seeds, then the
@@ -63,11 +66,22 @@ def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | No
         nested, value = [], mean(v.value for v in vals)
     out = {"value": value, "low": None, "high": None, "n": sum(v.n for v in vals), "n_cells": len(vals), **reps}
     if all(v.samples for v in vals):
+        import numpy as np
+
         from markbench import stats
 
-        groups = ([[v.samples for v in g] if len(g) > 1 else g[0].samples for g in nested] if nested
-                  else [v.samples for v in vals])
-        if stats.is_binary(groups):  # a rate: never narrower than the pooled count's exact interval
+        def leaf(v: Value) -> Any:  # a two-sample statistic (ROC AUC) resamples its positives and negatives apart
+            if not v.samples_neg:
+                return v.samples
+            return stats.Placements(np.asarray(v.samples, dtype=float), np.asarray(v.samples_neg, dtype=float))
+
+        groups = ([[leaf(v) for v in g] if len(g) > 1 else leaf(g[0]) for g in nested] if nested
+                  else [leaf(v) for v in vals])
+        if all(v.samples_neg for v in vals):
+            est = stats.hierarchical_auc(groups)
+            out.update(value=est.value, low=est.low, high=est.high, n=est.n,
+                       interval="hierarchical bootstrap, positives and negatives resampled apart")
+        elif stats.is_binary(groups):  # a rate: never narrower than the pooled count's exact interval
             est = stats.hierarchical_rate(groups)
             out.update(value=est.value, low=est.low, high=est.high, n=est.n,
                        interval="envelope of hierarchical bootstrap and pooled Clopper-Pearson")

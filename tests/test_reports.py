@@ -550,3 +550,44 @@ def test_leaderboard_combines_seeds_by_a_hierarchical_bootstrap_and_counts_embed
     per = entry["per_attack_summary"]
     assert all(s["n_embeddings"] == 2 and s["n_attack_runs"] == 0 and s["value"] == 0.0 for s in per.values())
     assert "(2 embeddings)" in to_markdown(board)
+
+
+def test_leaderboard_combines_auc_over_seeds_resampling_positives_and_negatives(tmp_path):
+    """ROC AUC stores both samples' placements (the negatives' under ``auc:negatives`` in the samples table): two
+    seeds of a defence give the mean AUC with the two-sample hierarchical interval (bench.stats.hierarchical_auc),
+    computed here from the same placements."""
+    import numpy as np
+
+    from markbench import stats
+    from markbench.config import load_config
+    from markbench.measures.detection import _measurement
+    from markbench.plan import build_plan
+    from markbench.reports.data import load_results
+    from markbench.reports.leaderboard import build
+    from markbench.store import ResultStore
+    from tests.conftest import write_config
+
+    cfg = load_config(write_config(tmp_path), {"run.seeds": [0, 1], "run.primary_metric": "auc"})
+    cells = [c for c in build_plan(cfg).cells if c.defense.name == "dwtdctsvd"]
+    rng = np.random.default_rng(0)
+    neg = rng.normal(0, 1, 16)
+    placements = {0: stats.auc_placements(rng.normal(3, 1, 16), neg), 1: stats.auc_placements(rng.normal(0.5, 1, 16),
+                                                                                              neg)}
+    store = ResultStore(cfg.output / "results.sqlite")
+    store.start_run("r1", "test", "bench.toml", {"run": {"primary_metric": "auc"}}, {}, "abc")
+    for c in cells:
+        pl = placements[c.seed]
+        m = _measurement("auc", stats.Estimate(pl.mean(), 0.0, 1.0, 32), samples=pl.pos, samples_neg=pl.neg)
+        store.write_cell("r1", c, "ok", [m], n_images=16, negatives="attacked")
+    store.close()
+    results = load_results(cfg.output / "results.sqlite")
+    v = results.value(next(c for c in results.cells if c.defense_label == "dwtdctsvd" and c.seed == 1), "auc")
+    np.testing.assert_allclose(v.samples, placements[1].pos, atol=1e-6)
+    np.testing.assert_allclose(v.samples_neg, placements[1].neg, atol=1e-6)
+    clean = next(e for e in build(results)["entries"] if e["defense"] == "dwtdctsvd")["clean"]
+    rounded = [stats.Placements(np.round(p.pos, 6), np.round(p.neg, 6)) for p in (placements[0], placements[1])]
+    ref = stats.hierarchical_auc(rounded)
+    assert clean["value"] == pytest.approx((placements[0].mean() + placements[1].mean()) / 2, abs=1e-6)
+    assert (clean["low"], clean["high"]) == pytest.approx((ref.low, ref.high))
+    assert clean["interval"] == "hierarchical bootstrap, positives and negatives resampled apart"
+    assert clean["n"] == 64 and clean["n_embeddings"] == 2

@@ -428,3 +428,54 @@ def test_hierarchical_bootstrap_reads_a_2d_array_as_a_group_of_its_rows_like_nes
     assert (as_arrays.value, as_arrays.low, as_arrays.high) == pytest.approx((as_lists.value, as_lists.low, as_lists.high))
     pooled = stats.hierarchical_bootstrap([g.ravel() for g in runs], seed=0)
     assert as_arrays.high - as_arrays.low > 2 * (pooled.high - pooled.low)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ROC AUC over several repetitions: placements and the two-sample hierarchical bootstrap
+# ---------------------------------------------------------------------------------------------------------------
+def _brute_placements(pos, neg):
+    v10 = [sum(1.0 if p > q else 0.5 if p == q else 0.0 for q in neg) / len(neg) for p in pos]
+    v01 = [sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos) / len(pos) for q in neg]
+    return v10, v01
+
+
+def test_auc_placements_match_a_pairwise_count_with_ties_and_both_means_are_the_auc():
+    rng = np.random.default_rng(5)
+    pos = rng.integers(20, 48, size=23).astype(float)  # matching bits: many ties
+    neg = rng.integers(14, 34, size=31).astype(float)
+    pl = stats.auc_placements(pos, neg)
+    v10, v01 = _brute_placements(pos, neg)
+    np.testing.assert_allclose(pl.pos, v10, atol=1e-12)
+    np.testing.assert_allclose(pl.neg, v01, atol=1e-12)
+    auc = stats.roc_auc(pos, neg).value
+    assert pl.pos.mean() == pytest.approx(auc, abs=1e-12) and pl.neg.mean() == pytest.approx(auc, abs=1e-12)
+
+
+def test_hierarchical_auc_of_one_repetition_has_delongs_spread_and_roc_aucs_value():
+    """One repetition: the value is roc_auc's; the bootstrap's standard deviation is DeLong's standard error
+    (var(V10)/m + var(V01)/n, computed here from the pairwise placements), and its interval is close to roc_auc's
+    stratified bootstrap."""
+    rng = np.random.default_rng(11)
+    pos, neg = rng.normal(0.8, 1.0, 64), rng.normal(0.0, 1.0, 48)
+    pl = stats.auc_placements(pos, neg)
+    v10, v01 = map(np.asarray, _brute_placements(pos, neg))
+    delong_se = math.sqrt(v10.var(ddof=1) / v10.size + v01.var(ddof=1) / v01.size)
+    reps = stats._tree_replicates([pl], np.random.default_rng(0), 20000)
+    assert reps.std() == pytest.approx(delong_se, rel=0.05)
+    est, ref = stats.hierarchical_auc([pl]), stats.roc_auc(pos, neg)
+    assert est.value == pytest.approx(ref.value, abs=1e-12) and est.n == 112
+    assert abs(est.low - ref.low) < 0.02 and abs(est.high - ref.high) < 0.02
+
+
+def test_hierarchical_auc_puts_the_spread_between_repetitions_into_the_interval():
+    rng = np.random.default_rng(3)
+    neg = rng.normal(0.0, 1.0, 32)
+    strong = stats.auc_placements(rng.normal(2.5, 1.0, 32), neg)
+    weak = stats.auc_placements(rng.normal(0.3, 1.0, 32), neg)
+    both = stats.hierarchical_auc([strong, weak])
+    assert both.value == pytest.approx((strong.mean() + weak.mean()) / 2)
+    one = stats.hierarchical_auc([strong])
+    assert both.high - both.low > 2 * (one.high - one.low)  # disagreeing repetitions widen it
+    nested = stats.hierarchical_auc([[strong, weak]])  # attack runs nested in one run seed: the same draws
+    assert nested.value == pytest.approx(both.value)
+    assert not stats.is_binary([strong, weak])

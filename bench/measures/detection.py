@@ -28,13 +28,15 @@ _SEED = 0  # bootstrap seed: intervals depend on the data only
 
 
 def _measurement(name: str, est: stats.Estimate, *, note: str = "",
-                 higher_is_better: bool | None = None, samples: Any = None) -> Measurement:
+                 higher_is_better: bool | None = None, samples: Any = None, samples_neg: Any = None) -> Measurement:
     def clean(x: float) -> float | None:
         return None if x is None or not math.isfinite(x) else float(x)
 
     return Measurement(name=name, value=float(est.value), low=clean(est.low), high=clean(est.high), n=int(est.n),
                        note=note, higher_is_better=higher_is_better,
-                       samples=None if samples is None else tuple(float(v) for v in np.asarray(samples).ravel()))
+                       samples=None if samples is None else tuple(float(v) for v in np.asarray(samples).ravel()),
+                       samples_neg=None if samples_neg is None else tuple(float(v)
+                                                                          for v in np.asarray(samples_neg).ravel()))
 
 
 def _kind(ctx: MeasureContext) -> DetectionKind:
@@ -231,7 +233,8 @@ class ROCAUC(Metric):
         if pos.size == 0 or neg.size == 0:
             return []
         est = stats.roc_auc(pos, neg, seed=_SEED)
-        return [_measurement("auc", est, higher_is_better=True,
+        placements = stats.auc_placements(pos, neg)  # stored: several seeds combine by stats.hierarchical_auc
+        return [_measurement("auc", est, higher_is_better=True, samples=placements.pos, samples_neg=placements.neg,
                              note=f"{pos.size} positives vs {neg.size} negatives; {what}; ties count half; "
                                   f"95% stratified bootstrap")]
 
