@@ -55,14 +55,22 @@ def render_attacks(board: dict[str, Any], source: str, sel: dict[str, list[str]]
     """The attack-matrix block (markers included)."""
     order = _order(board)
 
-    def sort_key(defense: str, attack: str) -> tuple[int, int]:
-        return order.get(defense, 1 << 30), order.get(attack, 1 << 30)
+    # several seeds (embeddings): every seed its own row, named in the defence column
+    several = len({c.get("seed") for c in board.get("cells", [])}) > 1
 
-    cells: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    def who(r: dict[str, Any]) -> str:
+        return f"{r['defense_label']} (seed {r.get('seed')})" if several else r["defense_label"]
+
+    def sort_key(r: dict[str, Any]) -> tuple[int, int, int]:
+        return order.get(r["defense_label"], 1 << 30), order.get(r["image_attack_label"], 1 << 30), r.get("seed") or 0
+
+    cells: dict[tuple, dict[str, dict[str, Any]]] = {}
+    first: dict[tuple, dict[str, Any]] = {}
     for c in board.get("cells", []):
         if _keep(sel, c["defense_label"], c["model_attack_label"], c["image_attack_label"]):
-            key = (c["defense_label"], c["model_attack_label"], c["image_attack_label"])
+            key = (c["defense_label"], c["model_attack_label"], c["image_attack_label"], c.get("seed"))
             cells.setdefault(key, {})[c["metric"]] = c
+            first.setdefault(key, c)
     extra = " ".join([opts] + [f"{k}={','.join(v)}" for k, v in sel.items() if v]).strip()
     lines = [f"<!-- results:begin source={source}{' ' + extra if extra else ''} -->", "",
              conditions_sentence(board, source)]
@@ -73,7 +81,7 @@ def render_attacks(board: dict[str, Any], source: str, sel: dict[str, list[str]]
               "| defence | model attack | image attack | N | bit accuracy [95% CI] | TPR@1e-2 [95% CI] | AUC | "
               "PSNR to input (dB) | SSIM to input | CLIP score | CLIP change |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for key in sorted(cells, key=lambda k: sort_key(k[0], k[2])):
+    for key in sorted(cells, key=lambda k: sort_key(first[k])):
         rows = cells[key]
         metric, named = _tpr(rows)
         tpr = _ci(rows.get(metric)) + (f" (`{named}`)" if named else "")
@@ -84,8 +92,8 @@ def render_attacks(board: dict[str, Any], source: str, sel: dict[str, list[str]]
         clip, clip_in = rows.get("clip_score"), rows.get("clip_score_watermark")
         change = (f"{100 * (clip['value'] / clip_in['value'] - 1):+.1f} %"
                   if clip and clip_in and clip.get("value") is not None and clip_in.get("value") else "-")
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {n or '-'} | {_ci(rows.get('bit_accuracy'))} | {tpr} | "
-                     f"{_ci(rows.get('auc'))} | {quality} | {_ci(clip)} | {change} |")
+        lines.append(f"| {who(first[key])} | {key[1]} | {key[2]} | {n or '-'} | {_ci(rows.get('bit_accuracy'))} | "
+                     f"{tpr} | {_ci(rows.get('auc'))} | {quality} | {_ci(clip)} | {change} |")
     if not cells:
         lines.append("| (no cell of the file matches this block's selection) |" + " |" * 10)
 
@@ -95,9 +103,9 @@ def render_attacks(board: dict[str, Any], source: str, sel: dict[str, list[str]]
         lines += ["", "#### Joint success and cost (removal)", "",
                   "| defence | model attack | image attack | joint evasion@1e-2 [95% CI] | quality kept | content kept "
                   "| cost |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in sorted(joint, key=lambda r: sort_key(r["defense_label"], r["image_attack_label"])):
+        for r in sorted(joint, key=sort_key):
             je = r["joint_evasion"].get(_FPR) or next((v for k, v in r["joint_evasion"].items() if "fpr<=" in k), None)
-            lines.append(f"| {r['defense_label']} | {r['model_attack_label']} | {r['image_attack_label']} | "
+            lines.append(f"| {who(r)} | {r['model_attack_label']} | {r['image_attack_label']} | "
                          f"{_ci(je)} | {_ci(r.get('quality_kept'))} | {_ci(r.get('content_kept'))} | "
                          f"{cost_text(r.get('cost'))} |")
 
@@ -108,12 +116,12 @@ def render_attacks(board: dict[str, Any], source: str, sel: dict[str, list[str]]
                   "| defence | model attack | forgery | N | forged FPR@1e-2 [95% CI] | clean FPR@1e-2 | "
                   "forged FPR@1e-6 [95% CI] | joint forgery@1e-2 | PSNR to clean input (dB) | SSIM | cost |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in sorted(forged, key=lambda r: sort_key(r["defense_label"], r["image_attack_label"])):
+        for r in sorted(forged, key=sort_key):
             f2 = r["forged_fpr"].get(_FPR)
             psnr, ssim = r.get("psnr"), r.get("ssim")
             quality = (f"{psnr['value']:.1f} | {ssim['value']:.3f}" if psnr and ssim and psnr.get("value") is not None
                        and ssim.get("value") is not None else "- | -")
-            lines.append(f"| {r['defense_label']} | {r['model_attack_label']} | {r['image_attack_label']} | "
+            lines.append(f"| {who(r)} | {r['model_attack_label']} | {r['image_attack_label']} | "
                          f"{(f2 or {}).get('n') or '-'} | {_ci(f2)} | {_ci(r['clean_fpr'].get(_FPR))} | "
                          f"{_ci(r['forged_fpr'].get('1e-06'))} | {_ci(r['joint_forgery'].get(_FPR))} | {quality} | "
                          f"{cost_text(r.get('cost'))} |")

@@ -104,3 +104,13 @@ def test_attacks_block_is_rewritten_from_its_file_and_then_up_to_date(tmp_path):
     text = doc.read_text()
     assert "OLD" not in text and "| bits | none | regen | 32 | 0.600 [0.550, 0.650] |" in text
     assert text.count("<!-- results:end -->") == 1
+
+
+def test_several_seeds_get_a_row_each_named_by_their_seed():
+    board = _board()
+    board["cells"] = board["cells"] + [dict(c, seed=1, value=0.42, low=0.40, high=0.44) for c in board["cells"]
+                                       if c["defense_label"] == "bits" and c["image_attack_label"] == "none"]
+    rows = _table(render_attacks(board, "results/a.json", {"defenses": ["bits"]}, "view=attacks"), "Removal")
+    assert [r.split(" | ")[0] + " | " + r.split(" | ")[2] for r in rows] == [
+        "| bits (seed 0) | none", "| bits (seed 1) | none", "| bits (seed 0) | regen"]
+    assert rows[1].split(" | ")[4] == "0.420 [0.400, 0.440]"  # seed 1's own numbers, not overwritten by seed 0's
