@@ -108,8 +108,9 @@ def test_attacks_block_is_rewritten_from_its_file_and_then_up_to_date(tmp_path):
 
 def test_several_seeds_get_a_row_each_named_by_their_seed():
     board = _board()
-    board["cells"] = board["cells"] + [dict(c, seed=1, value=0.42, low=0.40, high=0.44) for c in board["cells"]
-                                       if c["defense_label"] == "bits" and c["image_attack_label"] == "none"]
+    seed1 = [dict(c, seed=1, value=0.42, low=0.40, high=0.44) for c in board["cells"]
+             if c["defense_label"] == "bits" and c["image_attack_label"] == "none"]
+    board["cells"] = board["cells"] + seed1
     rows = _table(render_attacks(board, "results/a.json", {"defenses": ["bits"]}, "view=attacks"), "Removal")
     assert [r.split(" | ")[0] + " | " + r.split(" | ")[2] for r in rows] == [
         "| bits (seed 0) | none", "| bits (seed 1) | none", "| bits (seed 0) | regen"]
