@@ -270,7 +270,7 @@ def model_fingerprint(model_cfg) -> str:
         for part in _builtin_identity(model_cfg.builtin):
             h.update(part.encode())
     elif model_cfg.path:
-        for part in _folder_identity(Path(model_cfg.path)):
+        for part in folder_identity(Path(model_cfg.path)):
             h.update(part.encode())
     else:
         h.update(f"hub:{model_cfg.hub_id}@{model_cfg.revision}".encode())
@@ -285,7 +285,7 @@ def _builtin_identity(name: str) -> list[str]:
     return [f"builtin:{name}:v{world.models()[name]}", *world.model_identity(name)]
 
 
-def _folder_identity(root: Path) -> list[str]:
+def folder_identity(root: Path) -> list[str]:
     """A folder's file names, sizes and modification times (not contents: an 8 GB folder stays cheap), following
     linked subfolders (a variant pipeline folder links its components in). A file rewritten with its old size and
     time is not noticed: give changed weights a new file or a new time."""
@@ -320,7 +320,7 @@ def named_model_identity(kind: str, source: str, where: str = "") -> str:
         world = world_for_clip_model(source)
         local = Path(source[len("local-dir:"):]) if source.startswith("local-dir:") else None
         parts = [f"clip:{source}", *(world.clip_identity(source) if world is not None else ()),
-                 *(_folder_identity(local) if local is not None and local.is_dir() else ())]
+                 *(folder_identity(local) if local is not None and local.is_dir() else ())]
     else:
         what, folder = (vae_source if kind == "vae" else pipeline_source)(source, where or kind)
         if what == "autoencoder":
@@ -328,7 +328,7 @@ def named_model_identity(kind: str, source: str, where: str = "") -> str:
         elif what == "model":
             parts = _builtin_identity(source)
         else:
-            parts = [f"folder:{kind}", *_folder_identity(folder)]
+            parts = [f"folder:{kind}", *folder_identity(folder)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -64,7 +64,7 @@ class Param:
     verifier: bool = False
     #: What kind of model the parameter's value names, if it names one the plugin loads besides the run's base model
     #: (``"vae"``: :func:`bench.models.vae_source`; ``"pipeline"``: :func:`bench.models.pipeline_source`; ``"clip"``:
-    #: a CLIP scorer's name): the planner then keys the stage by a fingerprint of those weights
+    #: a CLIP scorer's name; ``"file"``: a weights file): the planner then keys the stage by a fingerprint of those weights
     #: (:func:`bench.models.named_model_identity`), not by the name alone, so rebuilt weights are never read from a
     #: stale cache. ``""``: a plain value. The value ``"base"`` names the run's base model, keyed already.
     names_model: str = ""
@@ -140,7 +140,7 @@ def param(default: Any, doc: str = "", *, low: float | None = None, high: float 
     ``list[float]``; ``X | None`` makes it optional, i.e. ``None`` means "not set"). ``keyed_at_default=False``:
     see :class:`Param`. ``verifier=True`` (defences only): read by the detector alone, keyed by the detect stage
     only (see :class:`Param`). ``names_model``: the kind of model the value names (``"vae"``, ``"pipeline"``,
-    ``"clip"``), keyed by its weights' fingerprint (see :class:`Param`).
+    ``"clip"``, ``"file"``), keyed by its weights' fingerprint (see :class:`Param`).
     """
     return Declared("", "", default, doc, low, high, tuple(choices) if choices is not None else None, optional,
                     keyed_at_default, verifier, names_model)

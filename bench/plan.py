@@ -192,6 +192,7 @@ class _Builder:
         self.cfg = cfg
         self.plan = Plan()
         self._run_data: dict[str, Any] | None = None
+        self._named: dict[PluginSpec, dict[str, str]] = {}
 
     def add(self, kind: str, inputs: tuple[str, ...], plugin: PluginSpec | None = None, seed: int = 0,
             label: str = "", **extra: Any) -> str:
@@ -394,19 +395,19 @@ class _Builder:
                                    given=tuple(k for k in ia.given if k in train), display="")
         return self.add("surrogate", (marked, clean), spec, seed, label=f"train surrogate {ia.name}")
 
-    @staticmethod
-    def named_models(spec: PluginSpec, field: str = "attacker_models") -> dict[str, Any]:
+    def named_models(self, spec: PluginSpec, field: str = "attacker_models") -> dict[str, Any]:
         """The fingerprints of the models a plugin's parameters name (:meth:`bench.Plugin.named_models`: an
         attacker's own VAE, pipeline or CLIP; a defence's pre-trained extractor), part of its stage key under
-        ``field``: rebuilt weights give new keys. A plugin that names none keeps its key."""
-        try:
-            named = spec.instantiate().named_models()
-            if not named:
-                return {}
-            return {field: {k: named_model_identity(kind, value, f"{spec.name}.{k}")
-                                        for k, (kind, value) in sorted(named.items())}}
-        except Exception:  # bad input is refused by the preflight, in one sentence; a broken plugin fails its cells
-            return {}
+        ``field``: rebuilt weights give new keys. A plugin that names none keeps its key. Computed once per plugin
+        entry and plan (every cell's stage of that entry names the same weights)."""
+        if spec not in self._named:
+            try:
+                named = spec.instantiate().named_models()
+                self._named[spec] = {k: named_model_identity(kind, value, f"{spec.name}.{k}")
+                                     for k, (kind, value) in sorted(named.items())}
+            except Exception:  # bad input is refused by the preflight, in one sentence; a broken plugin fails its cells
+                self._named[spec] = {}
+        return {field: dict(self._named[spec])} if self._named[spec] else {}
 
     def attack_model(self, ia: PluginSpec) -> dict[str, Any]:
         """The model an image attack declares it needs (``needs_model``), by fingerprint: part of its stage key, so

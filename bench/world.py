@@ -87,10 +87,10 @@ class World:
 
     def autoencoder_identity(self, name: str) -> tuple[str, ...]:
         """Strings that identify the autoencoder ``name``'s weights, for cache keys (e.g. checksums of shipped files).
-        Default: its folder's file names, sizes and modification times."""
-        folder = self.autoencoder_folder(name)
-        return tuple(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                     for f in sorted(folder.rglob("*")) if f.is_file())
+        Default: its folder's file names, sizes and modification times (:func:`bench.models.folder_identity`)."""
+        from .models import folder_identity
+
+        return tuple(folder_identity(self.autoencoder_folder(name)))
 
     # -- prompts and data ---------------------------------------------------------------------------------------
     def prompt_sets(self) -> Mapping[str, Callable[[], Sequence[str]]]:

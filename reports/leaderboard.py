@@ -327,7 +327,8 @@ def attacker_markdown(board: dict[str, Any]) -> list[str]:
     for r in rows:
         lines.append(f"| {_md(r['defense_label'])} | {_md(r['model_attack_label'])} | {_md(r['image_attack_label'])}"
                      " | " + " | ".join(_fmt_v(r["joint_evasion"].get(f)) for f in fprs)
-                     + f" | {_fmt_v(r['quality_kept'])} | {_fmt_v(r['content_kept'])} | {image_attack_cost_text(r['cost'])} |")
+                     + f" | {_fmt_v(r['quality_kept'])} | {_fmt_v(r['content_kept'])} | "
+                       f"{image_attack_cost_text(r['cost'])} |")
     return lines
 
 

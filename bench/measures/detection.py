@@ -32,11 +32,12 @@ def _measurement(name: str, est: stats.Estimate, *, note: str = "",
     def clean(x: float) -> float | None:
         return None if x is None or not math.isfinite(x) else float(x)
 
+    def floats(a: Any) -> tuple[float, ...] | None:
+        return None if a is None else tuple(float(v) for v in np.asarray(a).ravel())
+
     return Measurement(name=name, value=float(est.value), low=clean(est.low), high=clean(est.high), n=int(est.n),
-                       note=note, higher_is_better=higher_is_better,
-                       samples=None if samples is None else tuple(float(v) for v in np.asarray(samples).ravel()),
-                       samples_neg=None if samples_neg is None else tuple(float(v)
-                                                                          for v in np.asarray(samples_neg).ravel()))
+                       note=note, higher_is_better=higher_is_better, samples=floats(samples),
+                       samples_neg=floats(samples_neg))
 
 
 def _kind(ctx: MeasureContext) -> DetectionKind:
