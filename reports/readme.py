@@ -31,8 +31,10 @@ def fpr_meaning(metric: str) -> str:
     """What the FPR in a detection metric's name means, in words."""
     m = re.fullmatch(r"tpr@fpr<=(\d+)/(\d+)", metric)
     if m:
-        return (f"an empirical threshold: the largest score of the negatives, which at N = {m.group(2)} negatives "
-                f"resolves an FPR of at most {m.group(1)}/{m.group(2)}")
+        k, n = m.group(1), m.group(2)
+        return (f"an empirical threshold set on the N = {n} negatives: at most {k} of them score above it (with "
+                f"fewer negatives than 1/FPR, none: the threshold is their largest score), so it resolves an FPR of "
+                f"at most {k}/{n}")
     m = re.fullmatch(r"tpr@([0-9.e+-]+)", metric)
     if m:
         return (f"the analytic binomial threshold for a false-positive rate of {m.group(1)} (multi-bit defences: "

@@ -45,6 +45,19 @@ def test_fpr_label_meaning_distinguishes_analytic_from_empirical():
     assert "empirical" in empirical and "1/32" in empirical and "analytic" not in empirical
 
 
+def test_fpr_label_meaning_does_not_call_a_threshold_with_one_negative_above_it_the_largest():
+    # target 1e-2 on 128 negatives: floor(1.28) = 1 negative may score above the threshold (bench.stats), so the
+    # threshold is the second-largest negative score; the text must say so, not "the largest score"
+    from markbench.stats import empirical_fpr_label, empirical_threshold
+
+    neg = list(range(128))
+    label = empirical_fpr_label(128, 1e-2)
+    threshold, _ = empirical_threshold(neg, 1e-2)
+    assert label == "fpr<=1/128" and threshold == 126.0
+    text = fpr_meaning(f"tpr@{label}")
+    assert "N = 128 negatives: at most 1 of them score above it" in text and "at most 1/128" in text
+
+
 def test_check_reports_a_stale_block_and_the_command_rewrites_it(tmp_path):
     readme = tmp_path / "README.md"
     board = tmp_path / "lb.json"
