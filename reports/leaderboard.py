@@ -32,6 +32,15 @@ SCHEMA_VERSION = 1
 KIND = "markbench-leaderboard"
 
 
+def short_hash(git_hash: Any) -> str:
+    """A results file's commit as the generated headers show it: 12 hex digits, and ``+dirty`` kept when the run was
+    made from a tree with uncommitted changes (the hash alone would name a commit that may lack the config)."""
+    if not git_hash:
+        return "?"
+    h = str(git_hash)
+    return h[:12] + ("+dirty" if h.endswith("+dirty") else "")
+
+
 def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | None = None,
              seeds: list[int] | None = None) -> dict[str, Any] | None:
     """One cell: its value, interval and N. Several (one per run seed: each a new key, embedding and, in an attacked
@@ -470,7 +479,7 @@ def to_markdown(board: dict[str, Any], per_attack: bool = True) -> str:
              f"{len(grid.get('model_attacks', []))} model attack(s) x {len(grid.get('image_attacks', []))} "
              f"image attack(s)"]
     if src.get("git_hash"):
-        facts.append(f"code {_code(src['git_hash'][:12] + ('+dirty' if src['git_hash'].endswith('+dirty') else ''))}")
+        facts.append(f"code {_code(short_hash(src['git_hash']))}")
     lines.append("; ".join(facts) + ". Clean = no attack, with its 95% interval; mean and worst over the attacked "
                                     "cells. Quality: the mark's cost (marked vs. the clean model's images made the "
                                     "same way, the right twin) and keyless visibility (AUC 0.5 = invisible).")

@@ -164,3 +164,11 @@ def test_docs_block_with_a_missing_file_or_bad_option_is_one_sentence(tmp_path):
     doc.write_text("<!-- results:begin source=results/x.json colour=red -->\n<!-- results:end -->\n")
     with pytest.raises(ValueError, match="unknown option 'colour=red'"):
         update_docs(doc, tmp_path)
+
+
+def test_generated_header_keeps_the_dirty_mark_of_a_results_file_made_from_uncommitted_changes():
+    from markbench.reports.readme import short_hash
+
+    assert short_hash("8717fc72ccfbe48a3674b55d4d7576852467e3b2+dirty") == "8717fc72ccfb+dirty"
+    assert short_hash("8717fc72ccfbe48a3674b55d4d7576852467e3b2") == "8717fc72ccfb"
+    assert short_hash(None) == "?"
