@@ -64,9 +64,9 @@ class Param:
     verifier: bool = False
     #: What kind of model the parameter's value names, if it names one the plugin loads besides the run's base model
     #: (``"vae"``: :func:`bench.models.vae_source`; ``"pipeline"``: :func:`bench.models.pipeline_source`; ``"clip"``:
-    #: a CLIP scorer's name; ``"file"``: a weights file): the planner then keys the stage by a fingerprint of those weights
-    #: (:func:`bench.models.named_model_identity`), not by the name alone, so rebuilt weights are never read from a
-    #: stale cache. ``""``: a plain value. The value ``"base"`` names the run's base model, keyed already.
+    #: a CLIP scorer's name; ``"file"``: a weights file): the planner then keys the stage by a fingerprint of those
+    #: weights (:func:`bench.models.named_model_identity`), not by the name alone, so rebuilt weights are never read
+    #: from a stale cache. ``""``: a plain value. The value ``"base"`` names the run's base model, keyed already.
     names_model: str = ""
 
     def allowed(self) -> str:

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         for i, arr in enumerate(images):
             canvas.paste(Image.fromarray(arr), (LABEL_W + i * (CELL + 2), y))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    canvas.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)  # a docs figure: 256 colours
+    # a docs figure: 256 colours keep it small
+    canvas.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)
     print(f"wrote {args.out}: {len(rows)} rows of {args.n}")
     return 0
 
