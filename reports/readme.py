@@ -172,7 +172,7 @@ def _conditions(board: dict[str, Any], source: str, sel: dict[str, list[str]], n
             f"{board.get('generated', '?')}, git {short_hash(src.get('git_hash'))}); do not edit by hand. "
             f"N = {', '.join(str(n) for n in sorted(ns)) or '?'} per number (images; image pairs for fidelity; "
             f"marked plus clean images for AUC); "
-            f"{len(seeds)} seed(s)"
+            f"{len(seeds)} seed(s)" + (f" ({', '.join(str(s) for s in seeds)})" if seeds else "")
             + (f", {', '.join(str(e) for e in embeddings)} independent embedding(s) per defence" if embeddings else "")
             + runs + spread + f"; negatives: {board.get('negatives')}; 95% intervals in brackets."]
 

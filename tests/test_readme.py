@@ -63,7 +63,10 @@ def test_check_reports_a_stale_block_and_the_command_rewrites_it(tmp_path):
     board = tmp_path / "lb.json"
     board.write_text(json.dumps(_board()))
     readme.write_text("intro\n<!-- results:begin -->\nold numbers 0.99\n<!-- results:end -->\noutro\n")
-    cmd = [sys.executable, "-m", "markbench.cli", "readme", "--readme", str(readme), "--leaderboard", str(board)]
+    # --docs '': the command runs in the repository, and would otherwise rewrite its docs/*.md blocks, which hid a
+    # stale docs block from the freshness test below (it ran after this one)
+    cmd = [sys.executable, "-m", "markbench.cli", "readme", "--readme", str(readme), "--leaderboard", str(board),
+           "--docs", ""]
     stale = subprocess.run(cmd + ["--check"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert stale.returncode == 1 and "STALE" in stale.stdout
     assert "old numbers" in readme.read_text()  # --check changes nothing
@@ -150,6 +153,24 @@ def test_docs_block_of_a_several_seed_file_shows_every_seed_not_the_last_under_a
     assert "| mark | none | none | 0 | 0.988 [0.978, 0.998] |" in text
     assert "| mark | none | none | 1 | 0.788 [0.778, 0.798] |" in text
     assert "one row per seed" in text and "spread between seeds" not in text
+
+
+def test_docs_block_header_names_the_seeds_of_the_results_file(tmp_path):
+    """A results file made with ``--set run.seeds=[2]`` names its config, whose own seeds differ: the header says
+    which seeds (deployments) the numbers are, not only how many."""
+    from markbench.reports.readme import update_docs
+
+    board = _cells_board()
+    board["grid"]["seeds"] = [2]
+    board["cells"] = [dict(c, seed=2) for c in board["cells"]]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "x.json").write_text(json.dumps(board))
+    doc = tmp_path / "m.md"
+    doc.write_text("<!-- results:begin source=results/x.json defenses=mark metrics=bit_accuracy -->\n"
+                   "<!-- results:end -->\n")
+    update_docs(doc, tmp_path)
+    text = doc.read_text()
+    assert "1 seed(s) (2)," in text and "1 seed(s) (0)" not in text
 
 
 def test_docs_block_with_a_missing_file_or_bad_option_is_one_sentence(tmp_path):
