@@ -85,7 +85,7 @@ def test_a_readme_without_markers_is_one_sentence_exit_2(tmp_path):
     board = tmp_path / "lb.json"
     board.write_text(json.dumps(_board()))
     out = subprocess.run([sys.executable, "-m", "markbench.cli", "readme", "--readme", str(readme), "--leaderboard",
-                          str(board)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          str(board), "--docs", ""], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "results block" in out.stderr and "Traceback" not in out.stderr
 
 
