@@ -289,8 +289,9 @@ def cmd_run(args) -> int:
     console = _console()
     err = _console(stderr=True)
     show_bars = not args.no_progress and err.is_terminal
-    runner = Runner(cfg, progress=Progress(enabled=show_bars, console=err),
-                    log=(lambda m: None) if show_bars else (lambda m: err.print(m, markup=False, soft_wrap=True)),
+    text_log = None if show_bars else (lambda m: err.print(m, markup=False, soft_wrap=True))
+    runner = Runner(cfg, progress=Progress(enabled=show_bars, console=err, log=text_log),
+                    log=text_log or (lambda m: None),
                     warn=lambda m: err.print(m, markup=False, soft_wrap=True))
     cells = runner.plan.select(args.only)
     if args.only and not cells:
@@ -598,8 +599,16 @@ def _print_matrix(cfg, metric: str | None, fmt: str, console, transpose: bool | 
         from .plan import grid_labels
 
         df = _grid_frame(cfg, grid_labels(cfg))
-    metric = metric or cfg.run.primary_metric
+    asked, metric = metric, metric or cfg.run.primary_metric
     available = sorted(df["metric"].unique()) if not df.empty else []
+    if metric not in available and asked is None and not df.empty:
+        from .config import shown_metric
+
+        shown = shown_metric(metric, available)
+        if shown is not None:  # the config's ranking metric, not the user's --metric: show what the results have
+            console.print(f"note: the run's primary metric {metric!r} is not in its results (no analytic threshold "
+                          f"for these defences); showing {shown!r} (another: --metric)")
+            metric = shown
     if metric not in available:
         if df.empty:
             console.print("no results yet")

@@ -20,7 +20,7 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
 from .params import Param
@@ -427,6 +427,19 @@ def metric_outputs(metrics: list[PluginSpec], target_fprs: list[float]) -> set[s
 
 
 _EMPIRICAL = re.compile(r"(tpr|fpr)@fpr<=\d+/\d+")
+
+
+def shown_metric(primary: str, available: Sequence[str]) -> str | None:
+    """What to rank or show when the run's primary metric is not among its results, which happens only with the
+    default (``tpr@1e-06``, accepted unchecked) and defences without an analytic threshold (zero-bit marks report
+    ``tpr@fpr<=k/N``): the same family at another operating point, else ``auc``, else ``bit_accuracy``, else None."""
+    if primary in available:
+        return primary
+    family = primary.split("@")[0]
+    for m in [m for m in available if m.startswith(family + "@")] + ["auc", "bit_accuracy"]:
+        if m in available:
+            return m
+    return None
 
 
 def _check_primary_metric(run: RunConfig, metrics: list[PluginSpec], path: str) -> None:

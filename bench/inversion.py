@@ -197,13 +197,14 @@ _RECENT_MAX = 4
 
 def invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, method: str = "ddim",
                   fixed_point_iters: int = 3, batch_size: int = 16, decoder_steps: int = 0,
-                  decoder_lr: float = 0.05) -> torch.Tensor:
+                  decoder_lr: float = 0.05, progress: Any = None) -> torch.Tensor:
     """Images ``[N, 3, H, W]`` in [0, 1] -> the initial noise ``[N, C, h, w]`` (float32, CPU) they came from.
 
     VAE posterior mean (refined by :func:`decoder_invert` when ``decoder_steps > 0``), empty prompt, guidance 1, DDIM
     inversion over ``num_inference_steps`` (see the module docstring for ``method``). Images whose size is not the pipeline's multiple are an error, not a silent resize.
     The last few results are kept in memory (keyed by the pipeline object and the images' bytes): two sampling-time
     defences verifying the same negatives invert them once. The result is a deterministic function of both.
+    ``progress``: a stage context's ``progress`` (``iterable, total=, description=``), told of each finished batch.
     """
     latent_shape(pipe, images.shape[-2], images.shape[-1])  # checks the size
     digest = hashlib.sha256(images.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
@@ -213,7 +214,7 @@ def invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, 
         _RECENT.move_to_end(key)
         return _RECENT[key].clone()
     z = _invert_images(pipe, images, num_inference_steps, method=method, fixed_point_iters=fixed_point_iters,
-                       batch_size=batch_size, decoder_steps=decoder_steps, decoder_lr=decoder_lr)
+                       batch_size=batch_size, decoder_steps=decoder_steps, decoder_lr=decoder_lr, progress=progress)
     _RECENT[key] = z.clone()
     while len(_RECENT) > _RECENT_MAX:
         _RECENT.popitem(last=False)
@@ -221,11 +222,15 @@ def invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, 
 
 
 def _invert_images(pipe: Any, images: torch.Tensor, num_inference_steps: int, *, method: str,
-                   fixed_point_iters: int, batch_size: int, decoder_steps: int = 0, decoder_lr: float = 0.05
-                   ) -> torch.Tensor:
+                   fixed_point_iters: int, batch_size: int, decoder_steps: int = 0, decoder_lr: float = 0.05,
+                   progress: Any = None) -> torch.Tensor:
     device = pipe.unet.device
     out = []
-    for i in range(0, images.shape[0], batch_size):
+    starts: Any = range(0, images.shape[0], batch_size)
+    if progress is not None:
+        starts = progress(starts, total=len(starts),
+                          description=f"inversion of {images.shape[0]} images (batches of {batch_size})")
+    for i in starts:
         z0 = encode(pipe, images[i:i + batch_size], batch_size=batch_size, device=device)
         if decoder_steps:
             z0 = decoder_invert(pipe, images[i:i + batch_size], z0, steps=decoder_steps, lr=decoder_lr)

@@ -208,9 +208,22 @@ class Runner:
             deps = [self._futures[k] for k in stage.inputs if k in self._futures]
             self._futures[stage.key] = self.executor.submit_stage(stage, env, deps, stage_resources(stage, self.cfg))
             self._owner[stage.key] = p.index
+            self._log_long_stage(stage, self._futures[stage.key])
             if stage_bar is not None:
                 self.progress.update(stage_bar, total=len(self._futures))
         return p
+
+    #: a stage computed in this process that took at least this long gets a line of its own in the plain-text log
+    LONG_STAGE_SECONDS = 30.0
+
+    def _log_long_stage(self, stage: Stage, fut: Future) -> None:
+        """In the plain-text log (no bars), a line for each long stage finished in this process, with its time: a
+        long run in a log file says where it is between its cells' ``[ok]`` lines."""
+        if not fut.done() or fut.exception() is not None:
+            return
+        seconds = float((fut.result() or {}).get("seconds") or 0.0)
+        if seconds >= self.LONG_STAGE_SECONDS:
+            self.log(f"  {stage.label or stage.kind} (seed {stage.seed}): {seconds:.0f} s")
 
     def _generation_group(self, stage: Stage, env: StageEnv) -> list[Stage] | None:
         """With ``run.batch_across_cells`` and the in-process executor: ``stage`` and every other plain generate

@@ -144,5 +144,5 @@ class GaussianShading(Defense):
         steps = self.inversion_steps or getattr(ctx.data, "num_inference_steps", None) or 50
         z = invert_images(ctx.data.verifier_pipeline(), images, steps, method=self.inversion,
                           fixed_point_iters=self.fixed_point_iters, decoder_steps=self.decoder_inversion_steps,
-                          decoder_lr=self.decoder_inversion_lr)
+                          decoder_lr=self.decoder_inversion_lr, progress=ctx.progress)
         return Detection(bits=self.decode(secret, z))

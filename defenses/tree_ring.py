@@ -167,7 +167,7 @@ class TreeRing(Defense):
         steps = self.inversion_steps or getattr(ctx.data, "num_inference_steps", None) or 50
         return invert_images(ctx.data.verifier_pipeline(), images, steps, method=self.inversion,
                              fixed_point_iters=self.fixed_point_iters, decoder_steps=self.decoder_inversion_steps,
-                             decoder_lr=self.decoder_inversion_lr)
+                             decoder_lr=self.decoder_inversion_lr, progress=ctx.progress)
 
     def detect(self, secret: Secret, images: torch.Tensor, ctx) -> Detection:
         key, mask = self.key(secret)

@@ -102,8 +102,11 @@ def _summary(values: list[Value], attacked: bool = False, n_embeddings: int | No
 
 def build(results: Results, metric: str | None = None) -> dict[str, Any]:
     """The leaderboard document (schema version 1) of a loaded results database."""
-    metric = metric or results.primary_metric
     available = results.metric_order
+    if metric is None:  # the run's primary metric, or what its results have (markbench.config.shown_metric)
+        from markbench.config import shown_metric
+
+        metric = shown_metric(results.primary_metric, available) or results.primary_metric
     if available and metric not in available:
         from markbench.registry import suggest
 

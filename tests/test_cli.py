@@ -120,3 +120,34 @@ def test_gpu_session_scripts_are_valid_bash():
     text = (folder / "session.sh").read_text()
     for needed in ("tests/test_gpu.py", "experiments/stable_signature_extractor.py", "experiments/aqualora_ppft_bits.py"):
         assert needed in text
+
+
+def test_a_zero_bit_run_under_the_default_primary_metric_exits_0_and_shows_its_empirical_tpr(tmp_path, capsys):
+    """The default run.primary_metric (tpr@1e-06, accepted unchecked) is not computed for a zero-bit defence (it
+    reports tpr@fpr<=k/N). `bench run` used to finish its cells and then exit 2 with an error about a --metric nobody
+    passed; it now shows the empirical TPR with a note, and so do `bench show` and `bench leaderboard`. An explicit
+    --metric that does not exist is still an error."""
+    import json
+
+    from .test_progress_text import TREE_RING_MICRO
+
+    cfg = write_config(tmp_path, TREE_RING_MICRO)
+    assert main(["run", "--config", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "showing 'tpr@fpr<=1/4'" in out and "tpr@fpr<=1/4: value" in out
+    assert main(["show", "--config", str(cfg)]) == 0 and "showing 'tpr@fpr<=1/4'" in capsys.readouterr().out
+    lb = tmp_path / "lb.json"
+    assert main(["leaderboard", "--config", str(cfg), "-q", "--out-json", str(lb),
+                 "--out-md", str(tmp_path / "lb.md")]) == 0
+    assert json.loads(lb.read_text())["metric"] == "tpr@fpr<=1/4"
+    assert main(["show", "--config", str(cfg), "--metric", "tpr@1e-06"]) == 2
+
+
+def test_shown_metric_prefers_the_same_family_then_auc_then_bit_accuracy():
+    from markbench.config import shown_metric
+
+    assert shown_metric("tpr@1e-06", ["auc", "tpr@1e-06"]) == "tpr@1e-06"
+    assert shown_metric("tpr@1e-06", ["auc", "fpr@fpr<=1/32", "tpr@fpr<=1/32"]) == "tpr@fpr<=1/32"
+    assert shown_metric("tpr@1e-06", ["auc", "psnr"]) == "auc"
+    assert shown_metric("tpr@1e-06", ["bit_accuracy", "psnr"]) == "bit_accuracy"
+    assert shown_metric("tpr@1e-06", ["psnr"]) is None
