@@ -222,8 +222,9 @@ class Runner:
         if not fut.done() or fut.exception() is not None:
             return
         seconds = float((fut.result() or {}).get("seconds") or 0.0)
-        if seconds >= self.LONG_STAGE_SECONDS:
-            self.log(f"  {stage.label or stage.kind} (seed {stage.seed}): {seconds:.0f} s")
+        if seconds >= self.LONG_STAGE_SECONDS:  # a stage without a plugin (the clean model's images) has no run seed
+            seed = f" (seed {stage.seed})" if stage.plugin is not None else ""
+            self.log(f"  {stage.label or stage.kind}{seed}: {seconds:.0f} s")
 
     def _generation_group(self, stage: Stage, env: StageEnv) -> list[Stage] | None:
         """With ``run.batch_across_cells`` and the in-process executor: ``stage`` and every other plain generate

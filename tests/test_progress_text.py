@@ -51,10 +51,12 @@ def test_a_run_without_bars_logs_its_long_stages_and_the_inversions_batches(tmp_
     summary = Runner(cfg, progress=Progress(enabled=False, log=lines.append, interval=0.0), log=lines.append).run()
     assert summary.ok
     text = "\n".join(lines)
-    # each computed stage, with its seed and time; the cell's [ok] after its stages
-    for label in ("generate", "embed tree_ring", "detect tree_ring"):
+    # each computed stage with its time, and the run seed where the stage has one (not the clean model's images);
+    # the cell's [ok] after its stages
+    for label in ("embed tree_ring", "generate tree_ring", "detect tree_ring"):
         assert any(line.startswith(f"  {label}") and "(seed 0): " in line and line.endswith(" s")
                    for line in lines), (label, text)
+    assert any(line.startswith("  generate: ") and line.endswith(" s") for line in lines), text
     assert lines[-1].startswith("[ok] tree_ring")
     # the verifier's inversion (marked images, then negatives: 4 each, in one batch of 16) reports its batches
     batches = [line for line in lines if "inversion of 4 images (batches of 16): 1/1 in " in line]
