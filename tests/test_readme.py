@@ -131,25 +131,31 @@ def test_docs_block_selects_cells_and_columns_and_states_conditions(tmp_path):
     assert update_docs(doc, tmp_path, check=True)  # idempotent: now fresh
 
 
-def test_docs_block_of_a_several_seed_file_shows_every_seed_not_the_last_under_all_their_labels(tmp_path):
-    """A results file with several seeds (embeddings) has one cell per seed at the same position: the block shows
-    each seed's row with its own interval and says so (it showed the last seed's numbers alone, under a sentence
-    claiming the spread between seeds)."""
+def _render_bit_accuracy_block(tmp_path, board) -> str:
+    """Write ``board`` as results/x.json under ``tmp_path`` and return a doc whose one block shows its defence
+    ``mark``'s bit accuracy, rendered by ``bench readme``'s docs path."""
     from markbench.reports.readme import update_docs
 
-    board = _cells_board()
-    extra = [dict(c, seed=1, value=c["value"] - 0.2, low=c["low"] - 0.2, high=c["high"] - 0.2)
-             for c in board["cells"] if c["defense_label"] == "mark"
-             and c["model_attack_label"] == "none" and c["metric"] == "bit_accuracy"]
-    board["cells"] = board["cells"] + extra
-    board["grid"]["seeds"] = [0, 1]
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "x.json").write_text(json.dumps(board))
     doc = tmp_path / "m.md"
     doc.write_text("<!-- results:begin source=results/x.json defenses=mark metrics=bit_accuracy -->\n"
                    "<!-- results:end -->\n")
     update_docs(doc, tmp_path)
-    text = doc.read_text()
+    return doc.read_text()
+
+
+def test_docs_block_of_a_several_seed_file_shows_every_seed_not_the_last_under_all_their_labels(tmp_path):
+    """A results file with several seeds (embeddings) has one cell per seed at the same position: the block shows
+    each seed's row with its own interval and says so (it showed the last seed's numbers alone, under a sentence
+    claiming the spread between seeds)."""
+    board = _cells_board()
+    extra = [dict(c, seed=1, value=c["value"] - 0.2, low=c["low"] - 0.2, high=c["high"] - 0.2)
+             for c in board["cells"] if c["defense_label"] == "mark"
+             and c["model_attack_label"] == "none" and c["metric"] == "bit_accuracy"]
+    board["cells"] = board["cells"] + extra
+    board["grid"]["seeds"] = [0, 1]
+    text = _render_bit_accuracy_block(tmp_path, board)
     assert "| mark | none | none | 0 | 0.988 [0.978, 0.998] |" in text
     assert "| mark | none | none | 1 | 0.788 [0.778, 0.798] |" in text
     assert "one row per seed" in text and "spread between seeds" not in text
@@ -158,18 +164,10 @@ def test_docs_block_of_a_several_seed_file_shows_every_seed_not_the_last_under_a
 def test_docs_block_header_names_the_seeds_of_the_results_file(tmp_path):
     """A results file made with ``--set run.seeds=[2]`` names its config, whose own seeds differ: the header says
     which seeds (deployments) the numbers are, not only how many."""
-    from markbench.reports.readme import update_docs
-
     board = _cells_board()
     board["grid"]["seeds"] = [2]
     board["cells"] = [dict(c, seed=2) for c in board["cells"]]
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "x.json").write_text(json.dumps(board))
-    doc = tmp_path / "m.md"
-    doc.write_text("<!-- results:begin source=results/x.json defenses=mark metrics=bit_accuracy -->\n"
-                   "<!-- results:end -->\n")
-    update_docs(doc, tmp_path)
-    text = doc.read_text()
+    text = _render_bit_accuracy_block(tmp_path, board)
     assert "1 seed(s) (2)," in text and "1 seed(s) (0)" not in text
 
 
