@@ -54,17 +54,17 @@ class Progress:
 
     def track(self, iterable: Iterable, total: int | None = None, description: str = "") -> Iterable:
         """Iterate with a transient sub-bar (used by ``StageContext.progress``)."""
+        if total is None:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
         if self._p is None:
             if self.enabled or self.log is None:
                 yield from iterable
             else:
                 yield from self._track_text(iterable, total, description)
             return
-        if total is None:
-            try:
-                total = len(iterable)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
         task = self._p.add_task(f"  {description}", total=total)
         try:
             for item in iterable:
@@ -76,11 +76,6 @@ class Progress:
     def _track_text(self, iterable: Iterable, total: int | None, description: str) -> Iterable:
         """``track`` without bars: a line through ``log`` after an item when ``interval`` seconds have passed since
         the loop started or since the last line."""
-        if total is None:
-            try:
-                total = len(iterable)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
         start = last = time.monotonic()
         done = 0
         for item in iterable:

@@ -35,7 +35,8 @@ def fpr_meaning(metric: str) -> str:
         return (f"an empirical threshold set on the N = {n} negatives: at most {k} of them score above it (with "
                 f"fewer negatives than 1/FPR, none: the threshold is their largest score), so it resolves an FPR of "
                 f"at most {k}/{n}; on new clean images such a threshold's expected FPR is (j + 1)/({n} + 1), j the "
-                f"number of the {n} negatives above it (exchangeable scores): about 1/{n} more than the label")
+                f"number of the {n} negatives above it (exchangeable scores): 1/({n} + 1) when none is, about 1/{n} "
+                f"more than the label when j = {k}")
     m = re.fullmatch(r"tpr@([0-9.e+-]+)", metric)
     if m:
         return (f"the analytic binomial threshold for a false-positive rate of {m.group(1)} (multi-bit defences: "

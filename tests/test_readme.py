@@ -43,8 +43,10 @@ def test_fpr_label_meaning_distinguishes_analytic_from_empirical():
     assert "analytic binomial threshold" in fpr_meaning("tpr@1e-06")
     empirical = fpr_meaning("tpr@fpr<=1/32")
     assert "empirical" in empirical and "1/32" in empirical and "analytic" not in empirical
-    # the label is the FPR on the negatives the threshold was set on; on new images it is higher by about 1/N
-    assert "(j + 1)/(32 + 1)" in empirical and "about 1/32 more than the label" in empirical
+    # the label is the FPR on the negatives the threshold was set on; on new images it is (j + 1)/(N + 1): 1/(N + 1)
+    # with no negative above the threshold (below the label), about 1/N above the label with k of them above it
+    assert "(j + 1)/(32 + 1)" in empirical and "1/(32 + 1) when none is" in empirical
+    assert "about 1/32 more than the label when j = 1" in empirical
 
 
 def test_fpr_label_meaning_does_not_call_a_threshold_with_one_negative_above_it_the_largest():
